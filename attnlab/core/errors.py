@@ -1,0 +1,25 @@
+"""Errors of attnlab. Each derives from a built-in so callers may catch either."""
+from __future__ import annotations
+
+
+class ShapeError(ValueError):
+    """A tensor has the wrong rank or size."""
+
+
+class MaskError(ValueError):
+    """A mask has the wrong shape or content."""
+
+
+class DTypeError(TypeError):
+    """A tensor has the wrong dtype."""
+
+
+class ParameterError(ValueError):
+    """A mechanism parameter is out of range or of the wrong type."""
+
+
+class UnknownNameError(KeyError):
+    """A name is not in the catalogue; the message lists the close matches."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""

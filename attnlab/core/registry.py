@@ -1,0 +1,321 @@
+"""The catalogue: every mechanism, analysis method, task, initialisation and inference
+technique of attnlab, each with the paper it comes from.
+
+    @register(name="alibi", paper=Paper("P212", "...", 2022, "2205.09921"), family="C", ...)
+    class ALiBiAttention(Attention): ...
+
+    attnlab.build("alibi", dim=64, heads=4)
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ParameterError, UnknownNameError
+
+Kind = Literal["mechanism", "analysis", "task", "init", "inference"]
+KINDS: tuple[str, ...] = ("mechanism", "analysis", "task", "init", "inference")
+FAMILIES = {
+    "A": "attention operator",
+    "B": "token mixer",
+    "C": "positions, heads, gating, pooling",
+    "D": "initialisation",
+    "E": "analysis",
+    "F": "inference, KV cache",
+    "G": "synthetic task",
+}
+_MISSING: Any = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper: `id` is its Pnnn in shared/PAPERS.md, or None for one outside the seeds."""
+
+    id: str | None
+    title: str
+    year: int
+    arxiv: str | None = None
+
+    def cite(self) -> str:
+        ref = f"{self.id} " if self.id else ""
+        arx = f", arXiv:{self.arxiv}" if self.arxiv else ""
+        return f"{ref}{self.title} ({self.year}{arx})"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a user may set, with its type, default and range."""
+
+    name: str
+    type: type | tuple[type, ...]
+    default: Any = _MISSING
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    optional: bool = False  # None is accepted
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def validate(self, owner: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return value
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in types:
+            raise ParameterError(f"{owner}: parameter {self.name!r} expected {self.type_name()}, got bool {value!r}")
+        if (tuple in types or list in types) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        if not isinstance(value, types):
+            raise ParameterError(
+                f"{owner}: parameter {self.name!r} expected {self.type_name()}, got {type(value).__name__} {value!r}"
+            )
+        if self.choices is not None and value not in self.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ParameterError(
+                f"{owner}: parameter {self.name!r} expected one of {list(self.choices)}, got {value!r}{hint}"
+            )
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                if self.low is not None and item < self.low:
+                    raise ParameterError(f"{owner}: parameter {self.name!r} expected >= {self.low}, got {value!r}")
+                if self.high is not None and item > self.high:
+                    raise ParameterError(f"{owner}: parameter {self.name!r} expected <= {self.high}, got {value!r}")
+        return value
+
+    def type_name(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        name = " or ".join(t.__name__ for t in types)
+        return f"{name} or None" if self.optional else name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type_name(),
+            "default": None if self.required else _jsonable(self.default),
+            "required": self.required,
+            "doc": self.doc,
+            "low": self.low,
+            "high": self.high,
+            "choices": list(self.choices) if self.choices else None,
+        }
+
+
+@dataclass(frozen=True)
+class Supports:
+    """What a mechanism supports."""
+
+    causal: bool = False
+    key_padding: bool = False
+    attn_mask: bool = False  # arbitrary bool/additive (n_q, n_k) masks
+    cross: bool = False  # n_q != n_k, keys from a context
+    grids: tuple[int, ...] = (1,)  # ranks of the position grid
+    decode: bool = False  # incremental decoding (KV cache or recurrent state)
+    materialize: bool = True
+    dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16")
+
+    def flags(self) -> list[str]:
+        out = [name for name in ("causal", "key_padding", "attn_mask", "cross", "decode", "materialize") if getattr(self, name)]
+        out.append("grid " + "/".join(f"{g}d" for g in self.grids))
+        return out
+
+
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param("dim", int, doc="model width", low=1),
+    Param("heads", int, 8, "number of heads", low=1),
+    Param("head_dim", int, None, "width of a head (default dim // heads)", low=1, optional=True),
+    Param("qkv_bias", bool, True, "bias in the q, k, v projections"),
+)
+CAUSAL_PARAM = Param("causal", bool, False, "mask the future (bottom-right aligned when n_q < n_k)")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A catalogue entry."""
+
+    name: str
+    kind: str
+    paper: Paper
+    factory: Callable[..., Any]
+    summary: str = ""
+    family: str | None = None
+    cost: str | None = None  # e.g. "O(N²d)"
+    exponent: float | None = None  # declared cost exponent in N
+    supports: Supports | None = None
+    params: tuple[Param, ...] = ()
+    normalized: bool = False  # materialize rows sum to 1 (softmax-normalised)
+    test_params: dict[str, Any] = field(default_factory=dict)  # a small config for the conformance suite
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise self._unknown_param(name)
+
+    def _unknown_param(self, name: str) -> ParameterError:
+        names = [p.name for p in self.params]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return ParameterError(f"{self.name}: unknown parameter {name!r}{hint} (parameters: {', '.join(names)})")
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Check every parameter against its Param; fill defaults; raise on unknown or missing ones."""
+        known = {p.name for p in self.params}
+        for key in params:
+            if key not in known:
+                raise self._unknown_param(key)
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in params:
+                out[p.name] = p.validate(self.name, params[p.name])
+            elif p.required:
+                raise ParameterError(f"{self.name}: parameter {p.name!r} is required ({p.doc or p.type_name()})")
+        return out
+
+    def build(self, **params: Any) -> Any:
+        return self.factory(**self.validate(params))
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "summary": self.summary,
+            "paper": {"id": self.paper.id, "title": self.paper.title, "year": self.paper.year, "arxiv": self.paper.arxiv},
+            "family": self.family,
+            "cost": self.cost,
+            "exponent": self.exponent,
+            "normalized": self.normalized,
+            "params": [p.as_dict() for p in self.params],
+        }
+        if self.supports is not None:
+            s = self.supports
+            d["supports"] = {
+                "causal": s.causal,
+                "key_padding": s.key_padding,
+                "attn_mask": s.attn_mask,
+                "cross": s.cross,
+                "grids": list(s.grids),
+                "decode": s.decode,
+                "materialize": s.materialize,
+                "dtypes": list(s.dtypes),
+            }
+        return d
+
+
+_CATALOGUE: dict[tuple[str, str], Spec] = {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def add(spec: Spec) -> Spec:
+    key = (spec.kind, spec.name)
+    if key in _CATALOGUE and _CATALOGUE[key].factory is not spec.factory:
+        raise ValueError(f"register: a {spec.kind} named {spec.name!r} is registered already")
+    if spec.kind not in KINDS:
+        raise ValueError(f"register: kind expected one of {KINDS}, got {spec.kind!r}")
+    if spec.family is not None and spec.family not in FAMILIES:
+        raise ValueError(f"register: family expected one of {sorted(FAMILIES)}, got {spec.family!r}")
+    _CATALOGUE[key] = spec
+    return spec
+
+
+def remove(name: str, kind: str = "mechanism") -> None:
+    """Take an entry out of the catalogue (for tests that plant one)."""
+    _CATALOGUE.pop((kind, name), None)
+
+
+def register(
+    *,
+    name: str,
+    paper: Paper,
+    family: str,
+    cost: str,
+    exponent: float,
+    supports: Supports,
+    params: Iterable[Param] = (),
+    summary: str = "",
+    normalized: bool = True,
+    test_params: dict[str, Any] | None = None,
+) -> Callable[[type], type]:
+    """Class decorator registering an attention module as a mechanism.
+
+    The module's parameters are the common ones (dim, heads, head_dim, qkv_bias,
+    causal when supported) followed by `params`.
+    """
+
+    def wrap(cls: type) -> type:
+        common = COMMON_PARAMS + ((CAUSAL_PARAM,) if supports.causal else ())
+        spec = Spec(
+            name=name,
+            kind="mechanism",
+            paper=paper,
+            factory=cls,
+            summary=summary or (inspect.getdoc(cls) or "").split("\n")[0],
+            family=family,
+            cost=cost,
+            exponent=exponent,
+            supports=supports,
+            params=common + tuple(params),
+            normalized=normalized,
+            test_params=dict(test_params or {}),
+        )
+        add(spec)
+        cls.spec = spec  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    from .. import mechanisms  # noqa: F401  (importing registers the built-in entries)
+
+
+def get(name: str, kind: str = "mechanism") -> Spec:
+    """The catalogue entry `name`; an unknown name raises UnknownNameError with the close matches."""
+    _ensure_loaded()
+    try:
+        return _CATALOGUE[(kind, name)]
+    except KeyError:
+        names = [n for (k, n) in _CATALOGUE if k == kind]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown {kind} {name!r}{hint} (see `attnlab list`)") from None
+
+
+def build(name: str, **params: Any) -> Any:
+    """Build the mechanism `name` with validated parameters: `build("alibi", dim=64, heads=4)`."""
+    return get(name).build(**params)
+
+
+def entries(kind: str | None = None) -> list[Spec]:
+    """All catalogue entries of a kind (or every kind), sorted by kind then name."""
+    _ensure_loaded()
+    return sorted((s for (k, _), s in _CATALOGUE.items() if kind is None or k == kind), key=lambda s: (s.kind, s.name))
+
+
+def list_mechanisms(family: str | None = None) -> list[Spec]:
+    """The registered mechanisms, optionally of one family (A–G)."""
+    if family is not None and family not in FAMILIES:
+        raise ParameterError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    return [s for s in entries("mechanism") if family is None or s.family == family]
+
+
+def papers() -> dict[str, list[Spec]]:
+    """Paper id (Pnnn) -> the entries that implement it."""
+    out: dict[str, list[Spec]] = {}
+    for spec in entries():
+        if spec.paper.id:
+            out.setdefault(spec.paper.id, []).append(spec)
+    return dict(sorted(out.items()))

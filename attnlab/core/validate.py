@@ -1,0 +1,112 @@
+"""Input checks in one place. Every message names the argument, what came and what was expected."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import DTypeError, MaskError, ShapeError
+
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+def check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_rank(name: str, t: Tensor, ranks: int | Sequence[int], meaning: str) -> None:
+    allowed = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if t.dim() not in allowed:
+        want = " or ".join(str(r) for r in allowed)
+        raise ShapeError(f"{name}: expected a {want}-D tensor {meaning}, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def check_floating(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf entries in a tensor of shape {tuple(t.shape)}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, positions: int = 1, same_length: bool = False) -> None:
+    """Check q, k, v of shape (batch, heads, *positions, head_dim), `positions` axes of positions.
+
+    q and k share head_dim; k and v share their positions; batch and heads agree;
+    the three share one floating dtype and device.
+    """
+    rank = positions + 3
+    layout = "(batch, heads, " + ", ".join(f"n{i}" for i in range(positions)) + ", head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        check_rank(name, t, rank, layout)
+        check_floating(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DTypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ShapeError(f"q, k, v: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ShapeError(
+            f"q, k, v: head counts differ: q has {q.shape[1]} heads, k {k.shape[1]}, v {v.shape[1]} "
+            "(expected the same number of heads at dim 1)"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"k: expected head_dim {q.shape[-1]} (as q), got {k.shape[-1]} in shape {tuple(k.shape)}")
+    if k.shape[2:-1] != v.shape[2:-1]:
+        raise ShapeError(f"v: expected positions {tuple(k.shape[2:-1])} (as k), got {tuple(v.shape[2:-1])}")
+    if same_length and q.shape[2:-1] != k.shape[2:-1]:
+        raise ShapeError(
+            f"k: this mechanism needs as many keys as queries, got q positions {tuple(q.shape[2:-1])} "
+            f"and k positions {tuple(k.shape[2:-1])}"
+        )
+
+
+def check_key_padding_mask(mask: Tensor | None, batch: int, n_k: int) -> None:
+    """key_padding_mask: bool (batch, n_k), True where the key is a real token."""
+    if mask is None:
+        return
+    check_tensor("key_padding_mask", mask)
+    if mask.dtype != torch.bool:
+        raise DTypeError(f"key_padding_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, n_k):
+        raise MaskError(f"key_padding_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}")
+
+
+def check_attn_mask(mask: Tensor | None, batch: int, heads: int, n_q: int, n_k: int) -> None:
+    """attn_mask: bool (True = attend) or additive float, shape (n_q, n_k) or broadcastable (batch, heads, n_q, n_k)."""
+    if mask is None:
+        return
+    check_tensor("attn_mask", mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise DTypeError(f"attn_mask: expected torch.bool (True = attend) or a float additive mask, got {mask.dtype}")
+    full = (batch, heads, n_q, n_k)
+    ok = mask.dim() == 2 and tuple(mask.shape) == (n_q, n_k)
+    if mask.dim() == 4:
+        ok = all(s in (1, f) for s, f in zip(mask.shape, full)) and tuple(mask.shape[-2:]) == (n_q, n_k)
+    if not ok:
+        raise MaskError(
+            f"attn_mask: expected shape (n_q, n_k) = {(n_q, n_k)} or one broadcastable to "
+            f"(batch, heads, n_q, n_k) = {full}, got {tuple(mask.shape)}"
+        )
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        raise MaskError("attn_mask: expected no NaN in an additive mask (use -inf to block), got NaN")
+
+
+def check_tokens(name: str, x: Tensor, dim: int, *, grid_rank: int = 1) -> None:
+    """x: (batch, *grid, dim) with `grid_rank` position axes."""
+    check_tensor(name, x)
+    axes = ", ".join(f"n{i}" for i in range(grid_rank)) if grid_rank > 1 else "n"
+    check_rank(name, x, grid_rank + 2, f"(batch, {axes}, dim)")
+    check_floating(name, x)
+    if x.shape[-1] != dim:
+        raise ShapeError(f"{name}: expected last dimension dim={dim}, got {x.shape[-1]} in shape {tuple(x.shape)}")
