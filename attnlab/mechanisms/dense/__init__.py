@@ -1,2 +1,1 @@
 """Dense attention: softmax attention and its positional schemes."""
-from . import softmax  # noqa: F401
