@@ -153,6 +153,7 @@ class Spec:
     params: tuple[Param, ...] = ()
     normalized: bool = False  # materialize rows sum to 1 (softmax-normalised)
     test_params: dict[str, Any] = field(default_factory=dict)  # a small config for the conformance suite
+    test_positions: tuple[int, ...] | None = None  # positions of the suite's inputs, e.g. (9,) or (4, 5)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -248,6 +249,7 @@ def register(
     summary: str = "",
     normalized: bool = True,
     test_params: dict[str, Any] | None = None,
+    test_positions: tuple[int, ...] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator registering an attention module as a mechanism.
 
@@ -270,6 +272,7 @@ def register(
             params=common + tuple(params),
             normalized=normalized,
             test_params=dict(test_params or {}),
+            test_positions=test_positions,
         )
         add(spec)
         cls.spec = spec  # type: ignore[attr-defined]

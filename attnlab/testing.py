@@ -1,0 +1,328 @@
+"""The conformance suite: checks every registered mechanism must pass.
+
+Each `check_*` function takes a registry entry and raises AssertionError on a
+failure; tests/conformance runs them over the whole registry, and a user can run them
+on a mechanism of their own (`run_all(attnlab.get("mine"))`). The module contract the
+checks rely on:
+
+* `forward(x, *, context=None, key_padding_mask=None, attn_mask=None, impl="fast"|"reference")`
+  with x (batch, *positions, dim) -> same shape;
+* `materialize(x, ...)` -> (batch, heads, n_q, n_k), n = product of the positions;
+* `step(x_t, state) -> (y_t, state)` when the entry supports decoding;
+* `attend(q, k, v, ...)` on projected heads when the module is a `core.module.Attention`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .core.module import Attention
+from .core.registry import Spec
+
+DIM, HEADS, BATCH = 16, 2, 2
+ATOL64 = 1e-8  # fast path vs reference, float64
+RTOL64 = 1e-6
+
+
+def positions(spec: Spec) -> tuple[int, ...]:
+    """The suite's input positions: the entry's `test_positions`, else 9 tokens."""
+    if spec.test_positions is not None:
+        return spec.test_positions
+    assert spec.supports is not None
+    rank = 1 if 1 in spec.supports.grids else min(spec.supports.grids)
+    return (9,) if rank == 1 else (5,) * rank
+
+
+def build(spec: Spec, *, causal: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The entry at the suite's small size, in `dtype`, eval mode."""
+    torch.manual_seed(seed)
+    params: dict[str, Any] = {"dim": DIM, "heads": HEADS, **spec.test_params}
+    if causal:
+        params["causal"] = True
+    return spec.build(**params).to(dtype).eval()
+
+
+def tokens(spec: Spec, *, batch: int = BATCH, seed: int = 1, dtype: torch.dtype = torch.float64, n: int | None = None) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    pos = positions(spec) if n is None else (n,)
+    return torch.randn(batch, *pos, DIM, generator=gen, dtype=dtype)
+
+
+def n_tokens(x: Tensor) -> int:
+    return math.prod(x.shape[1:-1])
+
+
+def _close(a: Tensor, b: Tensor, what: str, atol: float = ATOL64, rtol: float = RTOL64) -> None:
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not torch.allclose(a, b, atol=atol, rtol=rtol):
+        err = (a - b).abs().max().item()
+        raise AssertionError(f"{what}: max abs difference {err:.3e} > atol {atol:.1e}")
+
+
+def _grads(module: nn.Module, x: Tensor, out: Tensor, weight: Tensor) -> list[Tensor]:
+    inputs = [x] + [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+def _mask_cases(spec: Spec, x: Tensor) -> list[tuple[str, dict[str, Tensor]]]:
+    """Masks the entry supports, on input x: (label, forward kwargs)."""
+    assert spec.supports is not None
+    b, n = x.shape[0], n_tokens(x)
+    cases: list[tuple[str, dict[str, Tensor]]] = [("no mask", {})]
+    if spec.supports.key_padding:
+        kpm = torch.ones(b, n, dtype=torch.bool)
+        kpm[0, n - 3 :] = False
+        cases.append(("key_padding_mask", {"key_padding_mask": kpm}))
+    if spec.supports.attn_mask:
+        gen = torch.Generator().manual_seed(7)
+        keep = torch.rand(n, n, generator=gen) > 0.3
+        keep[:, 0] = True
+        cases.append(("bool attn_mask", {"attn_mask": keep}))
+        additive = torch.randn(b, 1, n, n, generator=gen, dtype=x.dtype)
+        cases.append(("additive attn_mask", {"attn_mask": additive}))
+    return cases
+
+
+def _variants(spec: Spec) -> list[bool]:
+    assert spec.supports is not None
+    return [False, True] if spec.supports.causal else [False]
+
+
+def check_shapes(spec: Spec) -> None:
+    """Output has the input's shape; materialize is (batch, heads, n_q, n_k); cross-attention keeps n_q."""
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        x = tokens(spec)
+        y = m(x)
+        assert y.shape == x.shape, f"forward: expected shape {tuple(x.shape)}, got {tuple(y.shape)}"
+        assert y.dtype == x.dtype, f"forward: expected dtype {x.dtype}, got {y.dtype}"
+        n = n_tokens(x)
+        a = m.materialize(x)
+        heads = getattr(m, "heads", HEADS)
+        assert a.shape == (x.shape[0], heads, n, n), f"materialize: expected {(x.shape[0], heads, n, n)}, got {tuple(a.shape)}"
+        assert spec.supports is not None
+        if spec.supports.cross and not causal:
+            ctx = tokens(spec, seed=5, n=n + 3)
+            y = m(x, context=ctx)
+            assert y.shape == x.shape, f"cross-attention: expected shape {tuple(x.shape)}, got {tuple(y.shape)}"
+            a = m.materialize(x, context=ctx)
+            assert a.shape[-2:] == (n, n + 3), f"cross materialize: expected (..., {n}, {n + 3}), got {tuple(a.shape)}"
+
+
+def check_fast_matches_reference(spec: Spec) -> None:
+    """Fast path == reference in float64, forward and backward, under every supported mask."""
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        x0 = tokens(spec)
+        for label, kw in _mask_cases(spec, x0):
+            x = x0.clone().requires_grad_(True)
+            fast = m(x, impl="fast", **kw)
+            ref = m(x, impl="reference", **kw)
+            what = f"{spec.name} (causal={causal}, {label})"
+            _close(fast, ref, f"{what} forward")
+            w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(3), dtype=fast.dtype)
+            for i, (gf, gr) in enumerate(zip(_grads(m, x, fast, w), _grads(m, x, ref, w))):
+                _close(gf, gr, f"{what} backward, input {i}")
+
+
+def check_no_future_leakage(spec: Spec) -> None:
+    """Causal: perturbing positions >= t changes neither outputs before t nor their gradients."""
+    assert spec.supports is not None
+    if not spec.supports.causal:
+        return
+    m = build(spec, causal=True)
+    x = tokens(spec)
+    flat = x.reshape(x.shape[0], -1, DIM)
+    n = flat.shape[1]
+    for t in (1, n // 2, n - 1):
+        later = flat.clone()
+        later[:, t:] += torch.randn(later[:, t:].shape, generator=torch.Generator().manual_seed(t), dtype=x.dtype)
+        for impl in ("fast", "reference"):
+            outs, grads = [], []
+            for inp in (flat, later):
+                xi = inp.reshape(x.shape).clone().requires_grad_(True)
+                y = m(xi, impl=impl).reshape(x.shape[0], -1, DIM)[:, :t]
+                (g,) = torch.autograd.grad(y.sum(), xi)
+                outs.append(y.detach())
+                grads.append(g.reshape(x.shape[0], -1, DIM))
+            _close(outs[0], outs[1], f"{spec.name} ({impl}) leaks the future: outputs before {t} changed")
+            _close(grads[0][:, :t], grads[1][:, :t], f"{spec.name} ({impl}) leaks the future: gradients before {t} changed")
+            future = grads[0][:, t:].abs().max().item()
+            assert future == 0.0, f"{spec.name} ({impl}) leaks the future: outputs before {t} depend on later inputs (grad {future:.2e})"
+        a = m.materialize(x)
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+        assert a[..., upper].abs().max().item() == 0.0, f"{spec.name}: materialize has weight on future positions"
+
+
+def check_key_padding(spec: Spec) -> None:
+    """Changing padded tokens changes nothing at the real tokens."""
+    assert spec.supports is not None
+    if not spec.supports.key_padding:
+        return
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        x = tokens(spec)
+        n = n_tokens(x)
+        kpm = torch.ones(x.shape[0], n, dtype=torch.bool)
+        kpm[:, n - 3 :] = False
+        flat = x.reshape(x.shape[0], n, DIM).clone()
+        flat[:, n - 3 :] = 100 * torch.randn(flat[:, n - 3 :].shape, dtype=x.dtype)
+        changed = flat.reshape(x.shape)
+        for impl in ("fast", "reference"):
+            a = m(x, key_padding_mask=kpm, impl=impl).reshape(x.shape[0], n, DIM)[:, : n - 3]
+            b = m(changed, key_padding_mask=kpm, impl=impl).reshape(x.shape[0], n, DIM)[:, : n - 3]
+            _close(a, b, f"{spec.name} ({impl}, causal={causal}) ignores key_padding_mask")
+        w = m.materialize(x, key_padding_mask=kpm)
+        assert w[..., n - 3 :].abs().max().item() == 0.0, f"{spec.name}: materialize puts weight on padded keys"
+
+
+def check_batch_independence(spec: Spec) -> None:
+    """Each batch element's output depends on that element alone."""
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        x = tokens(spec, batch=3)
+        for impl in ("fast", "reference"):
+            whole = m(x, impl=impl)
+            for i in range(3):
+                _close(whole[i : i + 1], m(x[i : i + 1], impl=impl), f"{spec.name} ({impl}): batch element {i} depends on the others")
+
+
+def check_fully_masked_rows(spec: Spec) -> None:
+    """A query with no visible key gives zeros (no NaN), forward and backward."""
+    assert spec.supports is not None
+    m = build(spec)
+    x = tokens(spec).requires_grad_(True)
+    n = n_tokens(x)
+    cases = []
+    if spec.supports.key_padding:
+        kpm = torch.ones(x.shape[0], n, dtype=torch.bool)
+        kpm[1] = False  # every key of element 1 is padding
+        cases.append(({"key_padding_mask": kpm}, (slice(1, 2), slice(None))))
+    if spec.supports.attn_mask:
+        keep = torch.ones(n, n, dtype=torch.bool)
+        keep[2] = False
+        cases.append(({"attn_mask": keep}, (slice(None), slice(2, 3))))
+    for kw, (bsel, qsel) in cases:
+        for impl in ("fast", "reference"):
+            if isinstance(m, Attention):
+                q, k, v = m.project(x.reshape(x.shape[0], n, DIM))
+                core = m.attend(q, k, v, impl=impl, **kw)
+                blocked = core[bsel][:, :, qsel]
+                assert blocked.abs().max().item() == 0.0, f"{spec.name} ({impl}): fully masked rows are not zero"
+                (g,) = torch.autograd.grad(core.sum(), x)
+            else:
+                y = m(x, impl=impl, **kw)
+                (g,) = torch.autograd.grad(y.sum(), x)
+                assert torch.isfinite(y).all(), f"{spec.name} ({impl}): NaN/Inf with fully masked rows"
+            assert torch.isfinite(g).all(), f"{spec.name} ({impl}): NaN/Inf gradient with fully masked rows"
+        w = m.materialize(x, **kw)
+        assert w[bsel][:, :, qsel].abs().max().item() == 0.0, f"{spec.name}: materialize rows of masked queries are not zero"
+
+
+def _raises(fn: Callable[[], Any], kinds: tuple[type[Exception], ...], what: str, needle: str) -> None:
+    try:
+        fn()
+    except kinds as exc:
+        assert needle in str(exc), f"{what}: message does not name {needle!r}: {exc}"
+        return
+    except Exception as exc:  # noqa: BLE001 — a wrong kind of error is a failure
+        raise AssertionError(f"{what}: expected {[k.__name__ for k in kinds]}, got {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"{what}: no error raised")
+
+
+def check_bad_inputs(spec: Spec) -> None:
+    """Documented bad inputs raise ValueError/TypeError naming the argument."""
+    assert spec.supports is not None
+    m = build(spec)
+    x = tokens(spec)
+    n = n_tokens(x)
+    _raises(lambda: m(x[0]), (ValueError,), "input of the wrong rank", "x")
+    _raises(lambda: m(torch.randn(*x.shape[:-1], DIM + 1, dtype=x.dtype)), (ValueError,), "wrong model width", "x")
+    _raises(lambda: m(x.to(torch.int64)), (TypeError,), "integer input", "x")
+    nan = x.clone()
+    nan.reshape(-1)[5] = float("nan")
+    _raises(lambda: m(nan), (ValueError,), "NaN input", "x")
+    if spec.supports.key_padding:
+        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n + 1, dtype=torch.bool)), (ValueError,), "key_padding_mask of the wrong shape", "key_padding_mask")
+        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n, dtype=torch.int64)), (TypeError,), "key_padding_mask of the wrong dtype", "key_padding_mask")
+    else:
+        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n, dtype=torch.bool)), (ValueError,), "unsupported key_padding_mask", "key_padding_mask")
+    if spec.supports.attn_mask:
+        _raises(lambda: m(x, attn_mask=torch.ones(n, n + 1, dtype=torch.bool)), (ValueError,), "attn_mask of the wrong shape", "attn_mask")
+        _raises(lambda: m(x, attn_mask=torch.ones(n, n, dtype=torch.int32)), (TypeError,), "attn_mask of the wrong dtype", "attn_mask")
+    if isinstance(m, Attention):
+        q, k, v = m.project(x.reshape(x.shape[0], n, DIM))
+        _raises(lambda: m.attend(q, k[:, :1], v[:, :1]), (ValueError,), "head-count mismatch", "head")
+        _raises(lambda: m.attend(q, k.float(), v), (TypeError,), "dtype mismatch between q, k, v", "dtype")
+        _raises(lambda: m.attend(q[0], k[0], v[0]), (ValueError,), "q of the wrong rank", "q")
+
+
+def check_materialize(spec: Spec) -> None:
+    """materialize is finite; its rows sum to 1 where the entry normalises with softmax."""
+    assert spec.supports is not None
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        x = tokens(spec)
+        a = m.materialize(x)
+        assert torch.isfinite(a).all(), f"{spec.name}: materialize has NaN/Inf"
+        if spec.normalized:
+            _close(a.sum(-1), torch.ones_like(a.sum(-1)), f"{spec.name} (causal={causal}): materialize rows do not sum to 1")
+
+
+def check_state_dict(spec: Spec) -> None:
+    """A state_dict loaded into a fresh module reproduces the output."""
+    a, b = build(spec, seed=0), build(spec, seed=1)
+    x = tokens(spec)
+    b.load_state_dict(a.state_dict())
+    _close(a(x), b(x), f"{spec.name}: state_dict round trip changes the output", atol=0.0, rtol=0.0)
+
+
+def check_decode(spec: Spec) -> None:
+    """Decoding token by token with `step` reproduces the causal forward."""
+    assert spec.supports is not None
+    if not spec.supports.decode:
+        return
+    m = build(spec, causal=True)
+    x = tokens(spec, n=positions(spec)[0] if len(positions(spec)) == 1 else 9)
+    full = m(x)
+    state = None
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t : t + 1], state)
+        outs.append(y)
+    _close(torch.cat(outs, dim=1), full, f"{spec.name}: step-by-step decoding differs from the causal forward")
+
+
+def check_float32(spec: Spec) -> None:
+    """float32 runs and stays within 1e-4 of float64, forward and backward."""
+    m64 = build(spec)
+    m32 = build(spec, dtype=torch.float32)
+    x = tokens(spec)
+    _close(m32(x.float()).double(), m64(x), f"{spec.name}: float32 forward", atol=1e-4, rtol=1e-3)
+
+
+CHECKS: dict[str, Callable[[Spec], None]] = {
+    "shapes": check_shapes,
+    "fast_matches_reference": check_fast_matches_reference,
+    "no_future_leakage": check_no_future_leakage,
+    "key_padding": check_key_padding,
+    "batch_independence": check_batch_independence,
+    "fully_masked_rows": check_fully_masked_rows,
+    "bad_inputs": check_bad_inputs,
+    "materialize": check_materialize,
+    "state_dict": check_state_dict,
+    "decode": check_decode,
+    "float32": check_float32,
+}
+
+
+def run_all(spec: Spec) -> None:
+    """Run every check on one entry; the first failure raises AssertionError."""
+    for check in CHECKS.values():
+        check(spec)
