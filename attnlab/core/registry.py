@@ -154,6 +154,7 @@ class Spec:
     normalized: bool = False  # materialize rows sum to 1 (softmax-normalised)
     test_params: dict[str, Any] = field(default_factory=dict)  # a small config for the conformance suite
     test_positions: tuple[int, ...] | None = None  # positions of the suite's inputs, e.g. (9,) or (4, 5)
+    flops: Callable[[int, int, int, bool], float] | None = None  # (n, heads, head_dim, causal) -> forward FLOPs, batch 1
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -250,6 +251,7 @@ def register(
     normalized: bool = True,
     test_params: dict[str, Any] | None = None,
     test_positions: tuple[int, ...] | None = None,
+    flops: Callable[[int, int, int, bool], float] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator registering an attention module as a mechanism.
 
@@ -273,6 +275,7 @@ def register(
             normalized=normalized,
             test_params=dict(test_params or {}),
             test_positions=test_positions,
+            flops=flops,
         )
         add(spec)
         cls.spec = spec  # type: ignore[attr-defined]

@@ -24,6 +24,11 @@ from ...core.validate import check_qkv
 VASWANI = Paper(None, "Attention Is All You Need", 2017, "1706.03762")
 
 
+def dense_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of q kᵀ and A v for one sequence: 4·h·n²·d, half of it when causal."""
+    return 4.0 * heads * n * n * head_dim * (0.5 if causal else 1.0)
+
+
 def _mask(
     q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
 ) -> Tensor | None:
@@ -91,6 +96,7 @@ class ScoreTerm(nn.Module, ABC):
     exponent=2.0,
     supports=Supports(causal=True, key_padding=True, attn_mask=True, cross=True, decode=True),
     summary="Scaled dot-product softmax attention (SDPA fast path).",
+    flops=dense_flops,
 )
 class SoftmaxAttention(Attention):
     """Multi-head softmax attention; positional schemes plug in as score terms or a q/k rotation."""

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and scaling; MQAR recall; the results store and the report."""
