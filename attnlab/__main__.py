@@ -1,0 +1,4 @@
+"""`python -m attnlab ...` runs the `attnlab` command."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The `attnlab` command: browse the catalogue, and (when installed) benchmark and explain.
+
+    attnlab list [--family A] [--json]     the mechanisms
+    attnlab info NAME                      one mechanism: paper, cost, supports, parameters, example
+    attnlab papers [--json]                every paper id and what implements it
+    attnlab --version
+
+Other parts of attnlab add subcommands: a module listed in `PLUGINS` defines
+`add_subcommands(subparsers)`, which adds parsers whose `func` default (set with
+`parser.set_defaults(func=...)`) takes the parsed arguments and returns the exit code.
+A user error (unknown name, bad parameter) exits with 2 and a message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .core.errors import ParameterError, UnknownNameError
+from .core.registry import FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
+
+PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
+EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
+
+
+class UsageError(Exception):
+    """A user error the CLI reports in one line on stderr, exit status 2."""
+
+
+# -- formatting -------------------------------------------------------------------------
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain left-aligned text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def supports_text(spec: Spec) -> str:
+    return ", ".join(spec.supports.flags()) if spec.supports else ""
+
+
+def paper_text(spec: Spec) -> str:
+    return f"{spec.paper.id or '-'} {spec.paper.title} ({spec.paper.year})"
+
+
+def family_text(family: str | None) -> str:
+    return f"{family} ({FAMILIES[family]})" if family in FAMILIES else "-"
+
+
+def _py(value: Any) -> str:
+    """Python source for a value, strings in double quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=repr)
+
+
+def _range_text(p: dict[str, Any]) -> str:
+    if p["choices"]:
+        return "one of " + ", ".join(map(str, p["choices"]))
+    low, high = p["low"], p["high"]
+    if low is not None and high is not None:
+        return f"[{low:g}, {high:g}]"
+    if low is not None:
+        return f">= {low:g}"
+    if high is not None:
+        return f"<= {high:g}"
+    return ""
+
+
+def example(spec: Spec) -> str:
+    """A call of `attnlab.build` that works: the required parameters come from the spec's test config."""
+    required = {p.name: spec.test_params[p.name] for p in spec.params if p.required and p.name in spec.test_params}
+    missing = [p.name for p in spec.params if p.required and p.name not in ("dim", *required)]
+    attempts = [{"dim": dim, "heads": heads, **required} for dim, heads in EXAMPLE_SIZES]
+    chosen = attempts[0]
+    if not missing:
+        for kwargs in attempts:
+            try:
+                spec.build(**kwargs)
+            except (ValueError, TypeError):
+                continue
+            chosen = kwargs
+            break
+    args = [_py(spec.name), *(f"{k}={_py(v)}" for k, v in chosen.items()), *(f"{m}=..." for m in missing)]
+    return f"attnlab.build({', '.join(args)})"
+
+
+# -- subcommands ------------------------------------------------------------------------
+def _mechanisms(family: str | None) -> list[Spec]:
+    if family is None:
+        return list_mechanisms()
+    if family.upper() not in FAMILIES:
+        known = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
+        raise UsageError(f"unknown family {family!r}; families: {known}")
+    return list_mechanisms(family.upper())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    specs = _mechanisms(args.family)
+    if args.json:
+        print(_dumps([s.as_dict() for s in specs]))
+        return 0
+    if not specs:
+        print(f"no mechanism of family {family_text(args.family.upper())} yet" if args.family else "no mechanisms")
+        return 0
+    rows = [(s.name, s.family or "-", s.cost or "-", supports_text(s), paper_text(s)) for s in specs]
+    print(table(rows, ("name", "family", "cost", "supports", "paper")))
+    print(f"\n{len(specs)} mechanism{'s' * (len(specs) != 1)}; `attnlab info NAME` tells more about one")
+    return 0
+
+
+def lookup(name: str) -> Spec:
+    """The mechanism `name`, else the entry of another kind with that name."""
+    others = [s for s in entries() if s.name == name and s.kind != "mechanism"]
+    return others[0] if others and name not in {s.name for s in list_mechanisms()} else get(name)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    spec = lookup(args.name)
+    d = spec.as_dict()
+    title = f"{spec.name} ({spec.kind})" if spec.kind != "mechanism" else spec.name
+    out = [f"{title}: {spec.summary}" if spec.summary else title, ""]
+    out.append(f"  paper      {spec.paper.cite()}")
+    out.append(f"  family     {family_text(spec.family)}")
+    if spec.cost or spec.exponent is not None:
+        exponent = f", exponent {spec.exponent:g} in N" if spec.exponent is not None else ""
+        out.append(f"  cost       {spec.cost or '-'}{exponent}")
+    if spec.supports is not None:
+        out.append(f"  supports   {supports_text(spec)}")
+        out.append(f"  dtypes     {', '.join(spec.supports.dtypes)}")
+    out.append(f"  normalized {'yes: rows of materialize sum to 1' if spec.normalized else 'no'}")
+    rows = [
+        (p["name"], p["type"], "required" if p["required"] else repr(p["default"]), _range_text(p), p["doc"])
+        for p in d["params"]
+    ]
+    out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"))]
+    if spec.kind == "mechanism":
+        out += ["", "example:", f"  {example(spec)}"]
+    print("\n".join(out))
+    return 0
+
+
+def paper_table() -> dict[str, dict[str, Any]]:
+    """Paper id -> title, year, arXiv id and the artifacts implementing it, grouped by kind."""
+    out: dict[str, dict[str, Any]] = {}
+    for pid, specs in papers().items():
+        paper = max(specs, key=lambda s: s.paper.arxiv is not None).paper  # the most complete citation
+        by_kind = {kind: [s.name for s in specs if s.kind == kind] for kind in KINDS}
+        out[pid] = {
+            "title": paper.title,
+            "year": paper.year,
+            "arxiv": paper.arxiv,
+            "artifacts": {kind: names for kind, names in by_kind.items() if names},
+        }
+    return out
+
+
+def cmd_papers(args: argparse.Namespace) -> int:
+    table_ = paper_table()
+    if args.json:
+        print(_dumps(table_))
+        return 0
+    lines = []
+    for pid, row in table_.items():
+        lines.append(f"{pid}  {row['title']} ({row['year']})")
+        lines += [f"      {kind:<10} {', '.join(names)}" for kind, names in row["artifacts"].items()]
+    outside = [s for s in entries() if not s.paper.id]
+    n_artifacts = sum(len(names) for row in table_.values() for names in row["artifacts"].values())
+    lines.append(f"\n{len(table_)} papers, {n_artifacts} artifacts")
+    if outside:
+        lines.append("outside the seed papers: " + ", ".join(f"{s.name} ({s.paper.title}, {s.paper.year})" for s in outside))
+    print("\n".join(lines))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------
+def add_plugin(subparsers: argparse._SubParsersAction, module_name: str) -> bool:
+    """Let `module_name` add its subcommands; False when that module is not there."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name in (module_name, module_name.rpartition(".")[0]):  # the plugin (or its package) is absent
+            return False
+        raise  # the plugin is there but something it imports is not: a real error
+    module.add_subcommands(subparsers)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnlab", description="attnlab: the attention laboratory for PyTorch."
+    )
+    parser.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", help="list the mechanisms", description="List the registered mechanisms.")
+    p.add_argument("--family", metavar="F", help="only family F: " + ", ".join(f"{k} {v}" for k, v in FAMILIES.items()))
+    p.add_argument("--json", action="store_true", help="a JSON array with every field of each mechanism")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="everything about one mechanism", description="Describe one mechanism.")
+    p.add_argument("name", help="a mechanism name (see `attnlab list`)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("papers", help="paper ids and what implements them",
+                       description="Every paper id attnlab implements, with the artifacts implementing it.")
+    p.add_argument("--json", action="store_true", help="a JSON object: paper id -> paper and artifacts by kind")
+    p.set_defaults(func=cmd_papers)
+
+    for module_name in PLUGINS:
+        add_plugin(sub, module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `attnlab` with `argv` (default sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, UnknownNameError, ParameterError) as err:
+        print(f"attnlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `attnlab list | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

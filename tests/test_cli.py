@@ -1,0 +1,252 @@
+"""The `attnlab` command: list, info, papers, --version, errors, and the subcommand hook."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attnlab
+from attnlab.cli import add_plugin, main
+from attnlab.core import registry
+from attnlab.core.registry import Paper, Spec, Supports
+from attnlab.mechanisms.dense.softmax import SoftmaxAttention
+
+SCRIPT = Path(sys.executable).parent / "attnlab"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def mechanisms() -> list[Spec]:
+    return [s for s in registry.entries() if s.kind == "mechanism"]
+
+
+@pytest.fixture
+def planted():
+    """Two entries of one seed paper (a mechanism and an analysis) and one of another paper."""
+
+    @registry.register(
+        name="test-planted-mech",
+        paper=Paper("P998", "A Planted Paper", 2001, "0101.00001"),
+        family="B",
+        cost="O(Nd)",
+        exponent=1.0,
+        supports=Supports(),
+        params=(registry.Param("width", int, doc="a required width", low=2, high=9),),
+        summary="A mechanism planted by the CLI tests.",
+        test_params={"width": 3},
+    )
+    class Planted(SoftmaxAttention):
+        def __init__(self, dim: int, heads: int = 8, *, head_dim=None, qkv_bias=True, width: int) -> None:
+            super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
+            self.width = width
+
+    registry.add(Spec("test-planted-analysis", "analysis", Paper("P998", "A Planted Paper", 2001), factory=dict))
+    registry.add(Spec("test-planted-task", "task", Paper("P997", "Another Planted Paper", 2002), factory=dict))
+    yield Planted
+    registry.remove("test-planted-mech")
+    registry.remove("test-planted-analysis", "analysis")
+    registry.remove("test-planted-task", "task")
+
+
+def test_list_names_every_mechanism_with_its_paper_and_cost(capsys):
+    code, out, err = run(capsys, "list")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    for spec in mechanisms():
+        row = next(line for line in lines if line.split()[:1] == [spec.name])
+        assert spec.paper.title in row and spec.cost in row and (spec.paper.id or "") in row
+        assert row.split()[1] == spec.family
+
+
+def test_list_family_filters(capsys, planted):
+    code, out, _ = run(capsys, "list", "--family", "b")  # case-insensitive
+    assert code == 0
+    rows = out.split("\n\n")[0].splitlines()[2:]  # below the header and its rule, above the count
+    names = {row.split()[0] for row in rows}
+    assert names == {s.name for s in mechanisms() if s.family == "B"}
+    assert "test-planted-mech" in names and "softmax" not in names
+
+
+def test_list_json_has_every_mechanism_and_field(capsys, planted):
+    code, out, _ = run(capsys, "list", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    expected = {s.name: s for s in mechanisms()}
+    assert [r["name"] for r in rows] == sorted(expected)
+    for row in rows:
+        spec = expected[row["name"]]
+        assert row["paper"]["id"] == spec.paper.id and row["paper"]["title"] == spec.paper.title
+        assert row["family"] == spec.family and row["cost"] == spec.cost and row["exponent"] == spec.exponent
+        assert [p["name"] for p in row["params"]] == [p.name for p in spec.params]
+        assert set(row["supports"]) >= {"causal", "key_padding", "cross", "grids", "decode", "materialize"}
+    planted_row = next(r for r in rows if r["name"] == "test-planted-mech")
+    assert planted_row["paper"] == {"id": "P998", "title": "A Planted Paper", "year": 2001, "arxiv": "0101.00001"}
+    assert planted_row["params"][-1] == {
+        "name": "width", "type": "int", "default": None, "required": True, "doc": "a required width",
+        "low": 2, "high": 9, "choices": None,
+    }
+
+
+def test_list_json_family_filter(capsys, planted):
+    rows = json.loads(run(capsys, "list", "--family", "B", "--json")[1])
+    assert [r["name"] for r in rows] == sorted(s.name for s in mechanisms() if s.family == "B")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["info", "sofmax"], "did you mean 'softmax'"),
+        (["info", "softmx"], "did you mean 'softmax'"),
+        (["list", "--family", "Z"], "unknown family 'Z'"),
+    ],
+)
+def test_unknown_names_exit_2_with_a_hint(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_family_lists_the_families(capsys):
+    err = run(capsys, "list", "--family", "Z")[2]
+    for letter, meaning in registry.FAMILIES.items():
+        assert f"{letter} ({meaning})" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "frobnicate")[0] == 2
+    assert run(capsys)[0] == 2
+    assert "invalid choice" in run(capsys, "frobnicate")[2]
+
+
+def test_info_prints_every_parameter_and_the_paper(capsys):
+    for spec in mechanisms():
+        code, out, err = run(capsys, "info", spec.name)
+        assert code == 0 and err == ""
+        assert spec.paper.title in out and str(spec.paper.year) in out and spec.cost in out
+        params = out.split("parameters:")[1].split("example:")[0].splitlines()
+        for p in spec.params:
+            row = next(line for line in params if line.split()[:1] == [p.name])
+            assert row.split()[1] == p.type_name().split()[0]
+            assert ("required" if p.required else repr(p.default)) in row
+            assert p.doc in row
+
+
+def test_info_example_builds_the_mechanism(capsys):
+    for spec in mechanisms():
+        out = run(capsys, "info", spec.name)[1]
+        line = out.split("example:")[1].strip()
+        assert line.startswith(f'attnlab.build("{spec.name}", dim=')
+        module = eval(line, {"attnlab": attnlab})
+        assert isinstance(module, spec.factory)
+
+
+def test_info_of_a_planted_mechanism(capsys, planted):
+    out = run(capsys, "info", "test-planted-mech")[1]
+    assert "P998 A Planted Paper (2001, arXiv:0101.00001)" in out
+    assert "B (token mixer)" in out and "O(Nd), exponent 1 in N" in out
+    width = next(line for line in out.splitlines() if line.startswith("width"))
+    assert width.split()[:3] == ["width", "int", "required"] and "[2, 9]" in width
+    example = out.split("example:")[1].strip()
+    assert example == 'attnlab.build("test-planted-mech", dim=64, heads=4, width=3)'
+    assert eval(example, {"attnlab": attnlab}).width == 3
+
+
+def test_papers_json_maps_each_paper_to_its_artifacts(capsys, planted):
+    code, out, _ = run(capsys, "papers", "--json")
+    assert code == 0
+    got = json.loads(out)
+    expected: dict[str, dict[str, list[str]]] = {}
+    for spec in registry.entries():
+        if spec.paper.id is not None:
+            expected.setdefault(spec.paper.id, {}).setdefault(spec.kind, []).append(spec.name)
+    assert {pid: row["artifacts"] for pid, row in got.items()} == {
+        pid: {k: sorted(v) for k, v in kinds.items()} for pid, kinds in expected.items()
+    }
+    assert got["P998"] == {
+        "title": "A Planted Paper", "year": 2001, "arxiv": "0101.00001",
+        "artifacts": {"mechanism": ["test-planted-mech"], "analysis": ["test-planted-analysis"]},
+    }
+    assert got["P997"]["artifacts"] == {"task": ["test-planted-task"]}
+    assert list(got) == sorted(got)
+
+
+def test_papers_text_groups_by_kind(capsys, planted):
+    code, out, _ = run(capsys, "papers")
+    assert code == 0
+    lines = out.splitlines()
+    i = lines.index("P998  A Planted Paper (2001)")
+    assert lines[i + 1].split() == ["mechanism", "test-planted-mech"]
+    assert lines[i + 2].split() == ["analysis", "test-planted-analysis"]
+    assert "softmax (Attention Is All You Need, 2017)" in out  # no seed id: listed apart
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"attnlab {importlib.metadata.version('attnlab')}"
+
+
+def test_installed_script_runs_in_a_subprocess():
+    assert SCRIPT.exists(), f"{SCRIPT} is not installed; pip install -e ."
+    done = subprocess.run([str(SCRIPT), "list", "--json"], capture_output=True, text=True, timeout=120, check=True)
+    rows = json.loads(done.stdout)
+    assert {r["name"]: r["paper"]["id"] for r in rows} == {s.name: s.paper.id for s in mechanisms()}
+    assert "Traceback" not in done.stderr
+
+
+def test_python_dash_m_attnlab(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["attnlab", "info", "sofmax"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("attnlab", run_name="__main__")
+    assert exit_.value.code == 2 and "did you mean 'softmax'" in capsys.readouterr().err
+
+
+# -- the hook through which bench/ and analysis/ add subcommands --------------------------
+def _subparsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser()
+    return parser, parser.add_subparsers(dest="command")
+
+
+def test_plugin_adds_its_subcommands(tmp_path, monkeypatch):
+    pkg = tmp_path / "plugpkg_ok"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text(
+        "def add_subcommands(sub):\n"
+        "    p = sub.add_parser('hello')\n"
+        "    p.set_defaults(func=lambda args: 7)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parser, sub = _subparsers()
+    assert add_plugin(sub, "plugpkg_ok.cli") is True
+    args = parser.parse_args(["hello"])
+    assert args.func(args) == 7
+
+
+def test_plugin_absent_is_skipped(tmp_path, monkeypatch):
+    (tmp_path / "plugpkg_empty").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, sub = _subparsers()
+    assert add_plugin(sub, "plugpkg_empty.cli") is False
+    assert add_plugin(sub, "plugpkg_nowhere.cli") is False
+    assert sub.choices == {}
+
+
+def test_plugin_with_a_broken_import_raises(tmp_path, monkeypatch):
+    pkg = tmp_path / "plugpkg_broken"
+    pkg.mkdir()
+    (pkg / "cli.py").write_text("import no_such_module_for_attnlab_tests\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, sub = _subparsers()
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_for_attnlab_tests"):
+        add_plugin(sub, "plugpkg_broken.cli")
