@@ -90,7 +90,10 @@ def _mask_cases(spec: Spec, x: Tensor) -> list[tuple[str, dict[str, Tensor]]]:
 
 
 def _variants(spec: Spec) -> list[bool]:
+    """The causal settings to check: both, only True for causal-only entries, only False otherwise."""
     assert spec.supports is not None
+    if spec.supports.causal_only:
+        return [True]
     return [False, True] if spec.supports.causal else [False]
 
 

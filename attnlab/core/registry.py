@@ -114,6 +114,7 @@ class Supports:
     """What a mechanism supports."""
 
     causal: bool = False
+    causal_only: bool = False  # causal by construction (a left-to-right scan): causal=True is the only value
     key_padding: bool = False
     attn_mask: bool = False  # arbitrary bool/additive (n_q, n_k) masks
     cross: bool = False  # n_q != n_k, keys from a context
@@ -124,6 +125,8 @@ class Supports:
 
     def flags(self) -> list[str]:
         out = [name for name in ("causal", "key_padding", "attn_mask", "cross", "decode", "materialize") if getattr(self, name)]
+        if self.causal_only:
+            out[0] = "causal only"
         out.append("grid " + "/".join(f"{g}d" for g in self.grids))
         return out
 
@@ -135,6 +138,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("qkv_bias", bool, True, "bias in the q, k, v projections"),
 )
 CAUSAL_PARAM = Param("causal", bool, False, "mask the future (bottom-right aligned when n_q < n_k)")
+CAUSAL_ONLY_PARAM = Param("causal", bool, True, "causal by construction: True is the only value", choices=(True,))
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class Spec:
             s = self.supports
             d["supports"] = {
                 "causal": s.causal,
+                "causal_only": s.causal_only,
                 "key_padding": s.key_padding,
                 "attn_mask": s.attn_mask,
                 "cross": s.cross,
@@ -260,7 +265,10 @@ def register(
     """
 
     def wrap(cls: type) -> type:
-        common = COMMON_PARAMS + ((CAUSAL_PARAM,) if supports.causal else ())
+        if supports.causal_only and not supports.causal:
+            raise ValueError(f"register {name!r}: causal_only needs causal=True in Supports")
+        causal = (CAUSAL_ONLY_PARAM,) if supports.causal_only else (CAUSAL_PARAM,) if supports.causal else ()
+        common = COMMON_PARAMS + causal
         spec = Spec(
             name=name,
             kind="mechanism",

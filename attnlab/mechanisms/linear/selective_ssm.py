@@ -272,10 +272,10 @@ def _inverse_softplus(x: Tensor) -> Tensor:
 @register(
     name="mamba",
     paper=HIDDEN_ATTENTION,
-    family="E",
+    family="B",
     cost="O(N d N_s)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
+    supports=Supports(causal=True, causal_only=True, key_padding=True, decode=True, materialize=True),
     params=(
         Param("d_state", int, 16, "state size N_s per channel", low=1),
         Param("d_conv", int, 4, "kernel of the causal depthwise conv", low=1),
