@@ -1,0 +1,316 @@
+"""`attnlab report` on the results of a tiny real bench run, checked in headless Chromium.
+
+The module fixture plants a mechanism whose name is an HTML <script> element (and
+which fails above N=64, so the run records errors), runs the real speed and recall
+suites on tiny settings into a fresh store, and writes the report. The page must load
+without console errors or network requests, decode every plot, escape the planted
+name, and list every registered mechanism; the Markdown and JSON exports must agree
+with the store, value by value.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import math
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+from attnlab.bench.env import environment
+from attnlab.bench.peers import Peer, peer_configs, run_peer_configs
+from attnlab.bench.report import write_report
+from attnlab.bench.speed import SpeedOptions, run_speed
+from attnlab.bench.store import ResultStore
+from attnlab.cli import main
+from attnlab.core import registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from browser import open_page  # noqa: E402  (tests/browser.py)
+
+PLANTED = '<script>alert("planted")</script>'
+FAILS_ABOVE = 64
+LENGTHS = (32, 64, 128)
+PROBE = """
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const probe = document.createElement('div');
+  probe.id = 'attnlab-probe';
+  probe.dataset.images = images.length;
+  probe.dataset.decoded = images.length - broken.length;
+  probe.dataset.scripts = document.scripts.length;
+  probe.textContent = JSON.stringify(broken);
+  document.body.appendChild(probe);
+});
+"""
+PLANTED_MODULE = f'''
+from attnlab.core.registry import Paper, register
+from attnlab.mechanisms.dense.softmax import SoftmaxAttention
+
+
+@register(name={PLANTED!r}, paper=Paper(None, "planted", 2024), family="A", cost="O(N²d)", exponent=2.0,
+          supports=SoftmaxAttention.spec.supports)
+class Planted(SoftmaxAttention):
+    def attend_fast(self, q, k, v, mask):
+        if q.shape[-2] > {FAILS_ABOVE}:
+            raise RuntimeError("planted failure")
+        return super().attend_fast(q, k, v, mask)
+'''
+
+
+class _TorchPeer(Peer):
+    """A peer library planted by this test: torch's SDPA (plus `offset`), forward only."""
+
+    package = module = "torch"
+    summary = "torch SDPA, planted by the report test"
+    mechanisms = {"softmax": "the same"}
+    modes = ("fwd",)
+    offset = 0.0
+
+    def prepare(self, q, k, v, config):
+        return lambda: F.scaled_dot_product_attention(q, k, v) + self.offset
+
+
+class AgreeingPeer(_TorchPeer):
+    name = "planted-agree"
+
+
+class DisagreeingPeer(_TorchPeer):
+    name = "planted-disagree"
+    offset = 0.01  # far above the float32 tolerance: recorded "disagree", never timed
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    """(store, report.html) after tiny real runs: speed of softmax and the planted mechanism, two planted
+    peers of softmax."""
+    root = tmp_path_factory.mktemp("report")
+    (root / "planted_mechanism_for_report.py").write_text(textwrap.dedent(PLANTED_MODULE), encoding="utf-8")
+    sys.path.insert(0, str(root))  # the speed worker processes get this path and import the module too
+    try:
+        importlib.import_module("planted_mechanism_for_report")
+        store = ResultStore(root / "results.sqlite")
+        options = SpeedOptions(lengths=LENGTHS, budget_s=0.2, repeats=3, threads=1, quiet=True)
+        results = run_speed(store, [PLANTED], options)
+        peers = {p.name: p for p in (AgreeingPeer(), DisagreeingPeer())}
+        configs = peer_configs([r.config for r in results if r.config["mechanism"] == "softmax"], peers)
+        run_peer_configs(configs, store, {**environment(), "threads": 1}, peers=peers, budget_s=0.2, repeats=3, quiet=True)
+        page = write_report(store, root / "report")
+        yield store, page
+    finally:
+        registry.remove(PLANTED)
+        sys.modules.pop("planted_mechanism_for_report", None)
+        sys.path.remove(str(root))
+
+
+def _family_of(name: str) -> str:
+    return "A" if name == PLANTED else registry.get(name).family
+
+
+def test_browser_helper_catches_console_errors(tmp_path: Path) -> None:
+    page = tmp_path / "page.html"
+    page.write_text(
+        "<!DOCTYPE html><html><body><p>x</p>"
+        "<script>console.log('just a log'); console.error('deliberate error 123');</script>"
+        "<script>notDefinedAnywhere();</script><img alt='gone' src='missing.png'></body></html>",
+        encoding="utf-8",
+    )
+    seen = open_page(page, probe="document.body.insertAdjacentHTML('beforeend', '<i id=\"marker\">m</i>')")
+    assert any("deliberate error 123" in e for e in seen.errors), seen.errors
+    assert any("notDefinedAnywhere" in e for e in seen.errors), seen.errors
+    assert any("missing.png" in e for e in seen.errors), seen.errors
+    assert not any("just a log" in e for e in seen.errors)
+    assert ("log", "just a log") in seen.console
+    assert '<i id="marker">m</i>' in seen.dom
+    assert list(tmp_path.iterdir()) == [page]  # the probe's copy is gone
+
+
+def test_page_loads_cleanly_with_every_plot(run) -> None:
+    store, page = run
+    seen = open_page(page, probe=PROBE)
+    assert seen.errors == []
+    assert seen.remote_requests == []
+    marker = re.search(r'<div id="attnlab-probe" data-images="(\d+)" data-decoded="(\d+)" data-scripts="(\d+)">'
+                       r"(.*?)</div>", seen.dom)
+    assert marker, "the probe did not run"
+    images, decoded, scripts, broken = int(marker[1]), int(marker[2]), int(marker[3]), json.loads(html.unescape(marker[4]))
+    speed = store.results("speed")
+    panels = {(_family_of(r.config["mechanism"]), r.config["mode"]) for r in speed if r.status == "ok"}
+    heatmaps = {(r.config["d_model"], r.config["seq_len"]) for r in store.results("recall")}
+    assert len(panels) == 2  # family A, fwd and fwd+bwd
+    assert images == len(panels) + len(heatmaps)
+    assert decoded == images, broken
+    assert scripts == 1  # the probe's own: the planted <script> name stayed text
+
+
+def test_planted_script_name_is_escaped(run) -> None:
+    _, page = run
+    text = page.read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    assert html.escape(PLANTED, quote=True) in text
+    assert "planted failure" in text  # the error note of N=128, in a title attribute
+
+
+def test_every_registered_mechanism_is_listed(run) -> None:
+    store, page = run
+    text = page.read_text(encoding="utf-8")
+    coverage = text[text.index("id='coverage'"):text.index("id='speed'")]
+    rows = {html.unescape(m[1]): re.findall(r"<td>(.*?)</td>", m[0])
+            for m in re.finditer(r"<tr><td><code>(.*?)</code>.*?</tr>", coverage)}
+    registered = {s.name for s in registry.list_mechanisms()}
+    assert PLANTED in registered and registered <= set(rows)
+    for name in registered:
+        for suite, cell in (("speed", rows[name][-2]), ("recall", rows[name][-1])):
+            measured = any(r.config["mechanism"] == name for r in store.results(suite))
+            assert ("not measured" in cell) == (not measured), (name, suite, cell)
+    assert re.fullmatch(r"4 ok, 2 error", rows[PLANTED][-2])  # N=32, 64 ok and N=128 failing, two modes
+
+
+def test_json_export_agrees_with_the_store(run) -> None:
+    store, page = run
+    export = json.loads((page.parent / "results.json").read_text(encoding="utf-8"))
+    stored = {r.config_hash: r for r in store.results()}
+    assert len(export["results"]) == len(stored)
+    for row in export["results"]:
+        r = stored[row["config_hash"]]
+        assert (row["suite"], row["config"], row["status"], row["metrics"]) == (r.suite, r.config, r.status, r.metrics)
+        assert export["environments"][row["environment"]] == r.env
+    by_name = {m["name"]: m for m in export["mechanisms"]}
+    for spec in registry.list_mechanisms():
+        assert by_name[spec.name]["measured"] == any(r.config["mechanism"] == spec.name for r in stored.values())
+
+    speed = [r for r in stored.values() if r.suite == "speed" and r.config["impl"] == "attnlab"]
+    ok = {(r.config["mechanism"], r.config["mode"], r.config["n"]): r.metrics["median_s"] for r in speed if r.status == "ok"}
+    for row in (x for x in export["exponents"] if x["impl"] == "attnlab"):  # measured: least squares of log time on log N, fitted here independently
+        points = sorted((n, t) for (m, mode, n), t in ok.items() if (m, mode) == (row["mechanism"], row["mode"]))
+        assert row["points"] == len(points)
+        if len(points) >= 3:
+            slope = np.polyfit(np.log([n for n, _ in points]), np.log([t for _, t in points]), 1)[0]
+            assert row["measured"] == pytest.approx(slope, rel=1e-9)
+        assert row["declared"] == 2.0
+    ratios = [row for row in export["ratios"] if row["mechanism"] == PLANTED]
+    assert {(row["mode"], row["n"]) for row in ratios} == {(m, n) for m in ("fwd", "fwd+bwd") for n in LENGTHS}
+    for row in ratios:
+        key = (PLANTED, row["mode"], row["n"])
+        if key in ok:
+            assert row["over_sdpa"] == pytest.approx(ok[key] / ok[("softmax", row["mode"], row["n"])])
+        else:
+            assert row["n"] > FAILS_ABOVE and row["status"] == "error" and row["over_sdpa"] is None
+
+
+def _seconds(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}[unit]
+
+
+def _md_rows(markdown: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table under `heading`, cells stripped."""
+    lines = markdown[markdown.index(heading):].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[first + 2:end]]
+
+
+def test_markdown_summary_agrees_with_the_store(run) -> None:
+    store, page = run
+    markdown = (page.parent / "summary.md").read_text(encoding="utf-8")
+    assert re.search(r"(?<!\\)<", markdown) is None  # every < escaped, as in \<script\>
+    rows = _md_rows(markdown, "## Speed: median time by N")
+    peer_rows = [row for row in rows if "planted-" in row[0]]
+    rows = [row for row in rows if row not in peer_rows]
+    speed = [r for r in store.results("speed") if r.config["impl"] == "attnlab"]
+    md_name = {"softmax": "softmax", PLANTED: PLANTED.replace("<", "\\<").replace(">", "\\>")}
+    assert len(rows) == len({(r.config["mechanism"], r.config["mode"]) for r in speed})
+    for r in speed:
+        row = next(row for row in rows if row[0] == md_name[r.config["mechanism"]] and row[1] == r.config["mode"])
+        cell = row[2 + LENGTHS.index(r.config["n"])]
+        if r.status == "ok":  # three significant digits
+            assert _seconds(cell) == pytest.approx(r.metrics["median_s"], rel=5e-3)
+        else:
+            assert cell == r.status.replace("_", " ")
+    # the peers: the agreeing one timed, the disagreeing one never
+    assert [row[:2] for row in peer_rows] == [["softmax \\[planted-agree\\]", "fwd"], ["softmax \\[planted-disagree\\]", "fwd"]]
+    agree = {r.config["n"]: r.metrics["median_s"] for r in _peer_results(store, "planted-agree")}
+    assert [_seconds(cell) for cell in peer_rows[0][2:]] == pytest.approx([agree[n] for n in LENGTHS], rel=5e-3)
+    assert peer_rows[1][2:] == ["disagree"] * len(LENGTHS)
+    ratios = _md_rows(markdown, "## attnlab time / peer time")
+    assert [row[:2] for row in ratios] == [row[:2] for row in peer_rows]
+    assert [float(c.rstrip("×")) for c in ratios[0][2:]] == pytest.approx(
+        [_softmax_time(store, n) / agree[n] for n in LENGTHS], rel=5e-3)
+    assert ratios[1][2:] == ["disagree"] * len(LENGTHS)
+    assert "- softmax \\[planted-agree\\], fwd+bwd: planted-agree supports modes fwd" in markdown
+
+    missing = {s.name for s in registry.list_mechanisms()} - {r.config["mechanism"] for r in store.results()}
+    listed = re.findall(r"^- (\S+) \(family", markdown[markdown.index("## Not measured"):], re.M)
+    assert set(listed) == missing
+
+
+def _peer_results(store: ResultStore, peer: str, mode: str = "fwd") -> list:
+    return [r for r in store.results("speed") if r.config["impl"] == peer and r.config["mode"] == mode]
+
+
+def _softmax_time(store: ResultStore, n: int, mode: str = "fwd") -> float:
+    (r,) = [r for r in store.results("speed") if (r.config["mechanism"], r.config["impl"], r.config["mode"],
+                                                     r.config["n"]) == ("softmax", "attnlab", mode, n)]
+    return r.metrics["median_s"]
+
+
+def test_peers_show_ratios_and_disagreement_never_a_time(run) -> None:
+    store, page = run
+    agree, disagree = _peer_results(store, "planted-agree"), _peer_results(store, "planted-disagree")
+    assert [r.status for r in agree] == ["ok"] * len(LENGTHS)  # what the planted peers did for real
+    assert [r.status for r in disagree] == ["disagree"] * len(LENGTHS)
+    assert {r.status for r in _peer_results(store, "planted-agree", "fwd+bwd")} == {"unsupported"}
+    text = page.read_text(encoding="utf-8")
+    section = text[text.index("id='peers'"):text.index("id='recall'")]
+    rows = {m[1]: re.findall(r"<td>(.*?)</td>", m[0])[2:] for m in re.finditer(r"<tr><td>(.*?)</td>.*?</tr>", section)}
+    assert set(rows) == {"softmax [planted-agree]", "softmax [planted-disagree]"}
+    shown = [float(re.sub(r"<.*?>", "", cell).rstrip("×")) for cell in rows["softmax [planted-agree]"]]
+    expected = [_softmax_time(store, r.config["n"]) / r.metrics["median_s"] for r in agree]
+    assert shown == pytest.approx(expected, rel=5e-3)
+    for cell in rows["softmax [planted-disagree]"]:
+        assert re.fullmatch(r"<span class='status s-disagree' title='max \|attnlab − peer\| = 0\.01'>disagree</span>",
+                            cell), cell
+    speed = text[text.index("id='speed'"):text.index("id='exponents'")]
+    row = re.search(r"<tr><td>softmax \[planted-disagree\]</td>(.*?)</tr>", speed)[1]
+    assert row.count(">disagree<") == len(LENGTHS) and not re.search(r"\d (s|ms|µs|ns)<", row)
+    export = json.loads((page.parent / "results.json").read_text(encoding="utf-8"))
+    for r in agree + disagree:
+        (row,) = [x for x in export["ratios"] if (x["impl"], x["mode"], x["n"]) == (r.config["impl"], "fwd", r.config["n"])]
+        if r.status == "ok":
+            assert row["attnlab_over_peer"] == pytest.approx(_softmax_time(store, r.config["n"]) / r.metrics["median_s"])
+        else:
+            assert row["attnlab_over_peer"] is None and row["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_command_prints_path_markdown_and_json(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store, _ = run
+    out = tmp_path / "out"
+    assert main(["report", "--db", str(store.path), "--out", str(out), "--quiet", "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# attnlab results")
+    assert printed.strip().splitlines()[-1] == str(out / "report.html")  # the path is the last line
+    assert {p.name for p in out.iterdir()} == {"report.html", "results.json", "summary.md"}
+
+    assert main(["report", "--db", str(store.path), "--out", str(out), "--quiet", "--json", "-"]) == 0
+    export = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
+    assert sorted(r["config_hash"] for r in export["results"]) == sorted(r.config_hash for r in store.results())
+
+    assert main(["report", "--db", str(tmp_path / "none.sqlite"), "--out", str(out)]) == 2
+    assert "no results database" in capsys.readouterr().err
+    assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_time_and_size_formats() -> None:
+    from attnlab.bench.report import fmt_accuracy, fmt_bytes, fmt_time
+
+    assert [fmt_time(x) for x in (2.5, 0.00123, 8.12e-4, 3e-8)] == ["2.5 s", "1.23 ms", "812 µs", "30 ns"]
+    assert [fmt_bytes(x) for x in (512, 1536, 32 * 2**20)] == ["512 B", "1.5 KiB", "32 MiB"]
+    assert [fmt_accuracy(x) for x in (0.9899, 0.99, 1.0)] == ["0.98", "0.99", "1.00"]
+    assert math.isclose(_seconds("812 µs"), 8.12e-4)
