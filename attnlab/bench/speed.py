@@ -192,11 +192,8 @@ def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mappi
 
 
 def causal_only(spec: Spec) -> bool:
-    """Whether the mechanism runs only causally (a scan, say): it supports causal and its module defaults to it."""
-    if spec.supports is None or not spec.supports.causal:
-        return False
-    param = inspect.signature(spec.factory).parameters.get("causal")
-    return param is not None and param.default is True
+    """Whether the mechanism runs only causally (a scan, say), as its registry entry declares."""
+    return spec.supports is not None and spec.supports.causal_only
 
 
 def unsupported(spec: Spec, config: Mapping[str, Any]) -> str | None:
