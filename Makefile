@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev,hf,report,analysis]'
+	# peers for `attnlab bench speed --peers` and their tests, pinned and without dependency
+	# resolution so that nothing can replace torch 2.13.0 (NATTEN builds pure Python on CPU)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps einops natten==0.21.7 local-attention==1.11.2 \
+	  linear-attention-transformer==0.19.1 hyper-connections==0.4.11 torch-einops-utils==0.2.0 \
+	  axial-positional-embedding==0.3.12 linformer==0.2.3 product-key-memory==0.3.0 colt5-attention==0.11.2
 	touch $(STAMP)
 
 test: $(STAMP) browser
