@@ -1,0 +1,233 @@
+"""Efficient Attention (Shen, Zhang, Zhao, Yi & Li, WACV 2021): linear complexities.
+
+    E(Q, K, V) = ρ_q(Q) (ρ_k(K)ᵀ V)
+
+softmax normalisation: ρ_q = softmax over the d_k features of each query (rows sum to 1),
+ρ_k = softmax over the tokens of each key feature (columns sum to 1), so the implicit
+matrix A = ρ_q(Q) ρ_k(K)ᵀ has rows summing to 1. No 1/√d temperature (the paper has none).
+scaling normalisation: ρ_q(Q) = Q/√n, ρ_k(K) = K/√n, so E = (QKᵀ/n) V exactly, the
+dot-product attention with scaling normalisation, with n the number of (real) keys.
+Memory O(d n + d²) and time O(n d²): the d_k × d_v context ρ_k(K)ᵀV replaces the n × n matrix.
+
+Causal (attnlab's extension; the paper is bidirectional). Query i sees the keys j <= i, so
+"over the tokens" becomes "over the prefix":
+    softmax: A_ij = Σ_c ρ_q(q_i)_c · exp(k_jc) / Σ_{j'<=i} exp(k_j'c)      (rows still sum to 1)
+    scaling: A_ij = q_i·k_j / n_i with n_i = the number of real keys up to i.
+The softmax form is a linear attention with per-channel decay: with L_i = log Σ_{j<=i} exp(k_j),
+φ(k_j) = exp(k_j − L_j) and log α_i = L_{i−1} − L_i <= 0 the engine's state is Σ_j exp(k_j − L_i) v_jᵀ,
+so the chunked form, the recurrent step and the reference all hold; nothing overflows.
+Padded keys drop out of every softmax and count (n, n_i).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...core.errors import ParameterError
+from ...core.registry import Paper, Param, Supports, register
+from ...core.validate import check_qkv
+from .engine import (
+    LinearAttention,
+    LinearState,
+    LinearTerms,
+    check_chunk_size,
+    linear_attention,
+    linear_attention_step,
+    linear_flops,
+    padding_of,
+)
+
+EFFICIENT = Paper("P228", "Efficient Attention: Attention with Linear Complexities", 2021, "1812.01243")
+NORMALIZATIONS: tuple[str, ...] = ("softmax", "scaling")
+
+
+def _check_normalization(normalization: object) -> str:
+    if normalization not in NORMALIZATIONS:
+        raise ParameterError(f"normalization: expected one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    return str(normalization)
+
+
+def _key_counts(k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    """Number of real keys, (b, 1, n_q or 1, 1): per prefix when causal, else in total."""
+    b, n = k.shape[0], k.shape[2]
+    real = torch.ones(b, n, dtype=k.dtype, device=k.device) if key_padding_mask is None else key_padding_mask.to(k.dtype)
+    counts = real.cumsum(-1) if causal else real.sum(-1, keepdim=True)
+    return counts.clamp_min(1.0)[:, None, :, None]
+
+
+def _token_softmax(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """softmax over the real tokens (axis 2) of each channel; a column with no real token gives 0."""
+    if key_padding_mask is not None:
+        k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    top = k.amax(dim=2, keepdim=True).detach()
+    e = torch.exp(k - torch.where(torch.isfinite(top), top, 0.0))
+    total = e.sum(dim=2, keepdim=True)
+    return e / torch.where(total > 0, total, 1.0)
+
+
+def _prefix_log_norm(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """L_i = log Σ_{j<=i, real} exp(k_j) per channel, (b, h, n, d); −inf before the first real key."""
+    if key_padding_mask is not None:
+        k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    return torch.logcumsumexp(k, dim=2)
+
+
+def efficient_terms(
+    q: Tensor, k: Tensor, v: Tensor, *, normalization: str, causal: bool, key_padding_mask: Tensor | None
+) -> LinearTerms:
+    """ρ_q(q), ρ_k(k) (and the decay of the causal softmax form) for the engine, normalize=False."""
+    if normalization == "scaling":
+        counts = _key_counts(k, key_padding_mask, causal)
+        return LinearTerms(q / counts, k, v) if causal else LinearTerms(q, k / counts, v)
+    rho_q = torch.softmax(q, dim=-1)
+    if not causal:
+        return LinearTerms(rho_q, _token_softmax(k, key_padding_mask), v)
+    log_norm = _prefix_log_norm(k, key_padding_mask)
+    previous = torch.cat([torch.full_like(log_norm[:, :, :1], float("-inf")), log_norm[:, :, :-1]], dim=2)
+    real = torch.isfinite(log_norm)  # at or after the first real key
+    # where() twice: the unselected branch holds ±inf, and must give neither a value nor a NaN gradient
+    rho_k = torch.where(real, torch.exp(torch.where(real, k - log_norm, 0.0)), 0.0)
+    if key_padding_mask is not None:
+        rho_k = rho_k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    carried = real & torch.isfinite(previous)  # the state exists before this key; elsewhere α is irrelevant
+    log_decay = torch.where(carried, torch.where(carried, previous - log_norm, 0.0), 0.0).clamp_max(0.0)
+    return LinearTerms(rho_q, rho_k, v, log_decay=log_decay)
+
+
+def efficient_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalization: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """ρ_q(Q)(ρ_k(K)ᵀV) over (batch, heads, n, head_dim); causal forms as in the module docstring."""
+    _check_normalization(normalization)
+    check_chunk_size(chunk_size)
+    check_qkv(q, k, v)
+    t = efficient_terms(q, k, v, normalization=normalization, causal=causal, key_padding_mask=key_padding_mask)
+    return linear_attention(
+        t.q, t.k, t.v, causal=causal, key_padding_mask=key_padding_mask, log_decay=t.log_decay,
+        normalize=False, chunk_size=chunk_size,
+    )
+
+
+def efficient_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalization: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, weights) with A (batch, heads, n_q, n_k) built directly in float64: A = ρ_q(Q)ρ_k(K)ᵀ
+    (softmax over the visible keys of each query's prefix when causal), or QKᵀ/n (n_i when causal)."""
+    _check_normalization(normalization)
+    check_qkv(q, k, v, same_length=causal)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    n_q, n_k = q.shape[2], k.shape[2]
+    visible = torch.ones(q.shape[0], 1, n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible & torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    if normalization == "scaling":
+        counts = visible.sum(-1, keepdim=True).clamp_min(1).double()
+        weights = (q64 @ k64.transpose(-1, -2)).masked_fill(~visible, 0.0) / counts
+    else:
+        # per query i and channel c: softmax over the visible keys j of k_jc, (b, h, i, j, c)
+        logits = k64[:, :, None, :, :].expand(-1, -1, n_q, -1, -1).masked_fill(~visible[..., None], float("-inf"))
+        top = logits.amax(dim=3, keepdim=True)
+        e = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
+        total = e.sum(dim=3, keepdim=True)
+        rho_k = e / torch.where(total > 0, total, 1.0)
+        weights = torch.einsum("bhic,bhijc->bhij", torch.softmax(q64, dim=-1), rho_k)
+    return (weights @ v64).to(q.dtype), weights.to(q.dtype)
+
+
+@dataclass
+class EfficientState:
+    """Decoding state: the engine's memory, the running log Σ exp(k) per channel (softmax), the key count."""
+
+    memory: LinearState
+    log_norm: Tensor | None
+    count: int
+
+
+def efficient_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs at the default chunk: 4·h·n·d² bidirectional; causal (per-channel decay) as `linear_flops`."""
+    return linear_flops(n, heads, head_dim, causal, channel_decay=causal)
+
+
+@register(
+    name="efficient",
+    paper=EFFICIENT,
+    family="A",
+    cost="O(Nd²)",
+    exponent=1.0,
+    supports=Supports(causal=True, key_padding=True, attn_mask=False, cross=True, decode=True, materialize=True),
+    params=(
+        Param("normalization", str, "softmax", "ρ: 'softmax' (features of q, tokens of k) or 'scaling' (1/√n each)",
+              choices=NORMALIZATIONS),
+        Param("chunk_size", int, 64, "chunk of the causal fast path", low=1),
+    ),
+    summary="Efficient Attention: ρ_q(Q)(ρ_k(K)ᵀV), softmax over q's features and k's tokens, O(n d²).",
+    normalized=True,  # the default softmax normalisation; 'scaling' rows do not sum to 1
+    flops=efficient_flops,
+)
+class EfficientAttention(LinearAttention):
+    """Efficient Attention: ρ_q(Q)(ρ_k(K)ᵀV) with softmax or scaling normalisation; causal over the prefix.
+
+    Rows of `materialize` sum to 1 with normalization='softmax' (the registry's `normalized`
+    refers to it); with 'scaling' they are q_i·k_j/n. Arbitrary attention masks are refused:
+    they need the n × n matrix.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        normalization: str = "softmax",
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(
+            dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, normalize=False, chunk_size=chunk_size
+        )
+        self.normalization = _check_normalization(normalization)
+
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+        return efficient_terms(q, k, v, normalization=self.normalization, causal=self.causal, key_padding_mask=key_padding_mask)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        return efficient_attention_reference(
+            q, k, v, normalization=self.normalization, causal=self.causal, key_padding_mask=padding_of(mask)
+        )
+
+    def step(self, x_t: Tensor, state: EfficientState | None = None) -> tuple[Tensor, EfficientState]:  # type: ignore[override]
+        """Decode one token: the prefix softmax (or count) is carried in the state; equal to the causal forward."""
+        self.check_step(x_t)
+        q, k, v = self.project(x_t)
+        memory = None if state is None else state.memory
+        count = 1 if state is None else state.count + 1
+        if self.normalization == "scaling":
+            out, memory = linear_attention_step(q / count, k, v, memory, normalize=False)
+            return self.out_proj(self.merge_heads(out)), EfficientState(memory, None, count)
+        log_norm = k if state is None or state.log_norm is None else torch.logaddexp(state.log_norm, k)
+        log_decay = None if state is None or state.log_norm is None else (state.log_norm - log_norm).clamp_max(0.0)
+        out, memory = linear_attention_step(
+            torch.softmax(q, dim=-1), torch.exp(k - log_norm), v, memory, log_decay=log_decay, normalize=False
+        )
+        return self.out_proj(self.merge_heads(out)), EfficientState(memory, log_norm, count)
+
+    def extra_repr(self) -> str:
+        return f"normalization={self.normalization!r}, causal={self.causal}, chunk_size={self.chunk_size}"

@@ -1,0 +1,676 @@
+"""The engine of the linear family: attention through a d_k × d_v state instead of an N × N matrix.
+
+A mechanism of the family supplies feature-mapped queries and keys φ(q), φ(k)
+(batch, heads, n, d_k), values v (batch, heads, n, d_v) and, optionally, a decay α and
+a delta-rule step size β. The engine computes the one recurrence they all share,
+
+    S_t = T_t S_{t−1} + w_t φ(k_t) v_tᵀ,        z_t = T_t z_{t−1} + φ(k_t)
+    out_t = S_tᵀ φ(q_t)  [ / max(φ(q_t)ᵀ z_t, floor)  when normalize=True ]
+
+    Hebbian (linear attention):   T_t = diag(α_t)                      w_t = 1
+    delta rule:                   T_t = α_t (I − β_t φ(k_t) φ(k_t)ᵀ)    w_t = β_t
+
+α_t = 1 (no decay), a scalar per head and position (`log_decay` of shape (batch, heads, n))
+or a vector over the d_k channels of the state (`log_decay` (batch, heads, n, d_k)); the
+decay is given as log α ≤ 0, so products of many decays are sums, never underflowing
+products. The delta rule takes a scalar decay (gated delta rule) or none.
+
+Forms (all equal where they overlap; tests/mechanisms/test_linear_engine.py checks it):
+
+* bidirectional, no decay and no delta rule: out_i = φ(q_i)ᵀ S / φ(q_i)ᵀ z with
+  S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j); O(N d²), any n_q and n_k.
+* bidirectional with a decay or the delta rule: the recurrence read forwards and backwards,
+  A = A→ + A← − diag (the backward pass is the causal form on the reversed sequence); this
+  is RMT's γ^|i−j| for a fixed scalar decay. Needs n_q = n_k.
+* causal, chunk-parallel (`chunk_size` C, any N): within a chunk a C × C causal block, across
+  chunks the running state; O(N·C·d + N·d²) work and no N × N tensor. A per-channel decay
+  has no C × C factorisation that cannot overflow, so pairs inside sub-blocks of up to 16
+  tokens are built elementwise (rebuilt in the backward, never stored) and sub-blocks meet
+  through the decay at a sub-block boundary as a matrix product with exponents <= 0. The delta
+  rule solves a unit lower-triangular C × C system per chunk (the WY form of Yang et al., 2024,
+  "Parallelizing Linear Transformers with the Delta Rule over Sequence Length").
+* recurrent, one token at a time with a constant-size `LinearState` (`linear_attention_step`).
+* reference: the N × N matrix A_ij built naively in float64 (decay products from cumulative
+  sums of log α; for the delta rule, products of the per-step transition matrices T_t), out = A v.
+
+Numerics. Decays enter only as exp of non-positive sums of log α within a chunk, so nothing
+overflows. A normaliser is clamped below at `normalizer_floor(dtype)` = √(finfo(dtype).tiny)
+(1.1e-19 in float32, 1.5e-154 in float64): it leaves every row whose weights sum above it
+untouched, whatever the scale of the features; a row with no weight (all keys padded, every
+weight underflowed) gives 0; and 1/floor stays far from overflow in the backward pass.
+Normalisation needs non-negative features (the denominator is then a sum of non-negative
+weights), so it is refused with the delta rule. In float32 the causal form stays within 1e-5
+of float64 (relative to the largest output) at N = 16,384; bfloat16 triangular solves run in float32.
+
+Key padding: a padded key contributes nothing and is skipped, not decayed through (its φ(k),
+v, log α and β are zeroed), so the real tokens' outputs equal those of the sequence without it.
+
+Building a mechanism: subclass `LinearAttention` and implement `terms(q, k, v, key_padding_mask)`
+returning `LinearTerms` (feature-mapped q, k, values, optional log_decay and beta); the class
+supplies the fast path, the reference, `materialize`, the padding-only mask and `step`.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ...core.errors import DTypeError, ParameterError, ShapeError
+from ...core.masks import padding_to_mask
+from ...core.module import Attention
+from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tensor, check_tokens
+
+PAIRWISE_BLOCK = 1 << 22  # elements of one block of the per-channel pairwise decay tensor
+SUB_BLOCK = 16  # per-channel decay: largest sub-block whose pairs are built elementwise
+
+
+@dataclass
+class LinearState:
+    """Recurrent state: memory S (batch, heads, d_k, d_v); normaliser z (batch, heads, d_k) when normalised."""
+
+    memory: Tensor
+    normalizer: Tensor | None = None
+
+
+@dataclass
+class LinearTerms:
+    """What a mechanism hands the engine: φ(q) (b, h, n_q, d_k), φ(k) (b, h, n_k, d_k), v (b, h, n_k, d_v),
+    log α (b, h, n_k) or (b, h, n_k, d_k) or None, β (b, h, n_k) or None."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    log_decay: Tensor | None = None
+    beta: Tensor | None = None
+
+
+def normalizer_floor(dtype: torch.dtype) -> float:
+    """The smallest denominator used: √(finfo(dtype).tiny)."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def linear_flops(
+    n: int,
+    heads: int,
+    head_dim: int,
+    causal: bool,
+    *,
+    chunk_size: int = 64,
+    channel_decay: bool = False,
+    delta: bool = False,
+    two_scans: bool = False,
+) -> float:
+    """Forward FLOPs for one sequence (multiply-add = 2; an entry of the pairwise decay tensor = 4).
+
+    One-pass bidirectional: φ(k)ᵀv and φ(q)ᵀS, 4·n·d². Causal, chunk C: the C × C block and its
+    product with v, 4·n·C·d (plus 2·n·C·d for per-channel decays), the chunk states and their
+    reads, 4·n·d²; the delta rule adds its kkᵀ block, the triangular solves and W_k S, 4·n·C·d + 2·n·d².
+    `two_scans` (bidirectional with a decay or the delta rule) doubles the causal count.
+    """
+    d, c = head_dim, min(chunk_size, n)
+    if not causal and not two_scans:
+        return 4.0 * heads * n * d * d
+    per_head = 4.0 * n * c * d + 4.0 * n * d * d
+    if channel_decay:
+        per_head += 2.0 * n * c * d
+    if delta:
+        per_head += 4.0 * n * c * d + 2.0 * n * d * d
+    return heads * per_head * (2.0 if two_scans else 1.0)
+
+
+# -- input checks -----------------------------------------------------------------------------
+def _check_gate(name: str, t: Tensor, full: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    check_tensor(name, t)
+    if not t.is_floating_point():
+        raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != len(full) or any(s not in (1, f) for s, f in zip(t.shape, full)):
+        raise ShapeError(f"{name}: expected a shape broadcastable to {full}, got {tuple(t.shape)}")
+    check_finite(name, t)
+    return t.to(dtype).expand(full)
+
+
+def _decay_mode(log_decay: Tensor | None) -> str:
+    if log_decay is None:
+        return "none"
+    return "scalar" if log_decay.dim() == 3 else "channel"
+
+
+def _prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    log_decay: Tensor | None,
+    beta: Tensor | None,
+    normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Check the inputs; return k, v, log α, β with padded keys zeroed (and gates expanded)."""
+    check_qkv(q, k, v)
+    b, h, n, dk = k.shape
+    if causal and q.shape[2] != n:
+        raise ShapeError(
+            f"k: causal linear attention needs as many keys as queries, got {q.shape[2]} queries and {n} keys "
+            "(decode one token at a time with `step`)"
+        )
+    if log_decay is not None:
+        if log_decay.dim() not in (3, 4):
+            raise ShapeError(
+                f"log_decay: expected (batch, heads, n) for a scalar decay or (batch, heads, n, d_k) per channel, "
+                f"got shape {tuple(log_decay.shape)}"
+            )
+        full = (b, h, n) if log_decay.dim() == 3 else (b, h, n, dk)
+        log_decay = _check_gate("log_decay", log_decay, full, q.dtype)
+        if bool((log_decay > 0).any()):
+            raise ValueError(f"log_decay: expected log α <= 0 (a decay, not a growth), got max {log_decay.max().item():.3g}")
+    if beta is not None:
+        beta = _check_gate("beta", beta, (b, h, n), q.dtype)
+        if log_decay is not None and log_decay.dim() == 4:
+            raise ValueError("log_decay: the delta rule takes a scalar decay (batch, heads, n), got one per channel")
+        if normalize:
+            raise ValueError("normalize: the delta rule's weights may be negative; expected normalize=False with beta")
+    if not (q.shape[2] == n or (log_decay is None and beta is None)):
+        raise ShapeError(f"k: a decay or the delta rule needs as many keys as queries, got {q.shape[2]} and {n}")
+    check_key_padding_mask(key_padding_mask, b, n)
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask[:, None, :]  # (b, 1, n)
+        k = k.masked_fill(pad[..., None], 0.0)
+        v = v.masked_fill(pad[..., None], 0.0)
+        if log_decay is not None:
+            log_decay = log_decay.masked_fill(pad if log_decay.dim() == 3 else pad[..., None], 0.0)
+        if beta is not None:
+            beta = beta.masked_fill(pad, 0.0)
+    return k, v, log_decay, beta
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """chunk_size must be an int >= 1 (ParameterError otherwise)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ParameterError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+
+
+# -- normalisation through an extra value column ------------------------------------------------
+def _with_normalizer(run: Callable[[Tensor], Tensor], v: Tensor, normalize: bool) -> Tensor:
+    """run(v) when not normalising; else run([v, 1]) and divide by the last column (the denominator)."""
+    if not normalize:
+        return run(v)
+    out = run(torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1))
+    num, den = out[..., :-1], out[..., -1:]
+    return num / den.clamp_min(normalizer_floor(out.dtype))
+
+
+# -- the chunk-parallel causal form -----------------------------------------------------------
+def _chunks(x: Tensor, c: int) -> Tensor:
+    """(b, h, n, ...) -> (b, h, m, c, ...), zero-padding n up to m·c."""
+    b, h, n = x.shape[:3]
+    m = -(-n // c)
+    if m * c != n:
+        x = torch.cat([x, x.new_zeros(b, h, m * c - n, *x.shape[3:])], dim=2)
+    return x.reshape(b, h, m, c, *x.shape[3:])
+
+
+def _unchunk(x: Tensor, n: int) -> Tensor:
+    b, h, m, c = x.shape[:4]
+    return x.reshape(b, h, m * c, *x.shape[4:])[:, :, :n]
+
+
+def _tri(c: int, device: torch.device, diagonal: int = 0) -> Tensor:
+    return torch.ones(c, c, dtype=torch.bool, device=device).tril(diagonal)
+
+
+class _ChannelDecayScores(torch.autograd.Function):
+    """A_ts = Σ_c q_tc k_sc exp(g_tc − g_sc) for s <= t, 0 above, over chunks (B, C, d_k).
+
+    The (C, C, d_k) pairwise decays E are built one block of chunks at a time in the forward and
+    again in the backward, so memory stays O(B·C·(C + d_k)). Gradients: dq_tc = Σ_s dA_ts E_tsc k_sc,
+    dk_sc = Σ_t dA_ts E_tsc q_tc, dg = q ⊙ dq − k ⊙ dk.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(q, k, g)
+        nb, c, d = q.shape
+        tri = _tri(c, q.device)
+        out = q.new_empty(nb, c, c)
+        step = max(1, PAIRWISE_BLOCK // (c * c * d))
+        for i in range(0, nb, step):
+            sl = slice(i, i + step)
+            ek = _pair_decay_channel(g[sl], tri).mul_(k[sl, None, :, :])  # (b, t, s, c)
+            out[sl] = (ek.flatten(0, 1) @ q[sl].flatten(0, 1)[..., None]).view(-1, c, c)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        q, k, g = ctx.saved_tensors
+        nb, c, d = q.shape
+        tri = _tri(c, q.device)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        step = max(1, PAIRWISE_BLOCK // (c * c * d))
+        for i in range(0, nb, step):
+            sl = slice(i, i + step)
+            e = _pair_decay_channel(g[sl], tri).mul_(grad[sl, :, :, None])  # dA_ts E_tsc
+            dq[sl] = (e * k[sl, None, :, :]).sum(2)
+            dk[sl] = e.mul_(q[sl, :, None, :]).sum(1)
+        return dq, dk, q * dq - k * dk
+
+
+def _pair_decay_channel(g: Tensor, tri: Tensor) -> Tensor:
+    """exp(g_tc − g_sc) for s <= t (else 0): (..., C, d) -> (..., C, C, d)."""
+    diff = g[..., :, None, :] - g[..., None, :, :]
+    return diff.masked_fill_(~tri[..., None], float("-inf")).exp_()
+
+
+def _channel_scores(q: Tensor, k: Tensor, g: Tensor) -> Tensor:
+    """The causal C × C block under per-channel decay, A_ts = Σ_c q_tc k_sc exp(g_tc − g_sc), chunks (B, C, d).
+
+    Split into sub-blocks of `sub` (the largest divisor of C up to SUB_BLOCK): pairs inside a
+    sub-block go through the pairwise decays (`_ChannelDecayScores`); a query sub-block I and an
+    earlier key sub-block J meet through the decay at the end of sub-block I − 1, r, as the matrix
+    product (q ⊙ e^(g − r)) (k ⊙ e^(r − g))ᵀ, both exponents <= 0.
+    """
+    nb, c, d = q.shape
+    sub = max(x for x in range(1, min(c, SUB_BLOCK) + 1) if c % x == 0)
+    s = c // sub
+    if s == 1:
+        return _ChannelDecayScores.apply(q, k, g)
+    qs, ks, gs = (t.reshape(nb, s, sub, d) for t in (q, k, g))
+    diag = _ChannelDecayScores.apply(q.reshape(-1, sub, d), k.reshape(-1, sub, d), g.reshape(-1, sub, d))
+    ref = gs[:, :-1, -1, :]  # (nb, s − 1, d): the reference of query sub-blocks 1..s−1
+    q_scaled = qs[:, 1:] * torch.exp(gs[:, 1:] - ref[:, :, None, :])
+    earlier = _tri(s - 1, q.device)[:, :, None, None]  # key sub-block J <= I − 1
+    exponent = (ref[:, :, None, None, :] - gs[:, None, :-1]).masked_fill(~earlier, float("-inf"))
+    k_scaled = torch.exp(exponent) * ks[:, None, :-1]  # (nb, I, J, sub, d)
+    lower = q_scaled[:, :, None] @ k_scaled.transpose(-1, -2)  # (nb, s − 1, s − 1, sub, sub)
+    lower = F.pad(lower, (0, 0, 0, 0, 0, 1, 1, 0))  # rows I = 0..s−1, columns J = 0..s−1
+    blocks = lower + torch.diag_embed(diag.reshape(nb, s, sub, sub).permute(0, 2, 3, 1)).permute(0, 3, 4, 1, 2)
+    return blocks.transpose(2, 3).reshape(nb, c, c)
+
+
+def _pair_decay_scalar(g: Tensor, tri: Tensor) -> Tensor:
+    """exp(g_t − g_s) for s <= t (else 0): (..., C) -> (..., C, C)."""
+    diff = g[..., :, None] - g[..., None, :]
+    return torch.exp(diff.masked_fill(~tri, float("-inf")))
+
+
+def _scan(increments: Tensor, decay: Tensor | None) -> Tensor:
+    """States before each chunk: S_0 = 0, S_{m+1} = decay_m ⊙ S_m + increments_m, over axis 2."""
+    if decay is None:
+        total = increments.cumsum(dim=2)
+        return torch.cat([torch.zeros_like(total[:, :, :1]), total[:, :, :-1]], dim=2)
+    # unbind (not indexing) along a leading axis: its backward stacks the slices' gradients
+    # instead of scattering each one into a zero tensor of the full size
+    states, s = [], torch.zeros_like(increments[:, :, 0])
+    for inc, dec in zip(increments.movedim(2, 0).unbind(0), decay.expand_as(increments).movedim(2, 0).unbind(0)):
+        states.append(s)
+        s = dec * s + inc
+    return torch.stack(states, dim=2)
+
+
+def _causal_hebbian(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, c: int) -> Tensor:
+    n = q.shape[2]
+    qc, kc, vc = _chunks(q, c), _chunks(k, c), _chunks(v, c)
+    tri = _tri(c, q.device)
+    mode = _decay_mode(log_decay)
+    if mode == "none":
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~tri, 0.0)
+        states = _scan(kc.transpose(-1, -2) @ vc, None)
+        inter = qc @ states
+    elif mode == "scalar":
+        assert log_decay is not None
+        g = _chunks(log_decay, c).cumsum(dim=-1)  # (b, h, m, C): log of the decay since the chunk start
+        last = g[..., -1:]
+        scores = (qc @ kc.transpose(-1, -2)) * _pair_decay_scalar(g, tri)
+        increments = (kc * torch.exp(last - g)[..., None]).transpose(-1, -2) @ vc
+        states = _scan(increments, torch.exp(last)[..., None])
+        inter = (qc * torch.exp(g)[..., None]) @ states
+    else:
+        assert log_decay is not None
+        g = _chunks(log_decay, c).cumsum(dim=-2)  # (b, h, m, C, d_k)
+        last = g[..., -1:, :]
+        shape = qc.shape
+        flat = (-1, c, shape[-1])
+        scores = _channel_scores(qc.reshape(flat), kc.reshape(flat), g.reshape(flat)).reshape(*shape[:-1], c)
+        increments = (kc * torch.exp(last - g)).transpose(-1, -2) @ vc
+        states = _scan(increments, torch.exp(last).transpose(-1, -2))
+        inter = (qc * torch.exp(g)) @ states
+    return _unchunk(scores @ vc + inter, n)
+
+
+def _solve_unit_lower(system: Tensor, rhs: Tensor) -> Tensor:
+    """system⁻¹ rhs for unit lower-triangular systems (..., C, C); batch axes flattened (much faster on CPU).
+
+    Half-precision inputs are solved in float32 (CPU has no bfloat16 triangular solve) and cast back.
+    """
+    c = system.shape[-1]
+    work = torch.promote_types(system.dtype, torch.float32)
+    out = torch.linalg.solve_triangular(
+        system.reshape(-1, c, c).to(work), rhs.reshape(-1, c, rhs.shape[-1]).to(work), upper=False, unitriangular=True
+    )
+    return out.reshape(rhs.shape).to(rhs.dtype)
+
+
+def _causal_delta(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor, c: int) -> Tensor:
+    """S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ in chunks.
+
+    With γ_t the decay since the chunk start and S_0 the state entering it, the written values
+    u_t = β_t (v_t − α_t S_{t−1}ᵀ k_t) solve (I + L) U = diag(β) V − diag(β γ) K S_0 with
+    L_ts = β_t (γ_t/γ_s) k_tᵀk_s (s < t), so U = W_v − W_k S_0; then out = diag(γ) Q S_0 + (QKᵀ ⊙ Γ) U
+    and the next state is γ_C S_0 + Σ_s (γ_C/γ_s) k_s u_sᵀ.
+    """
+    n = q.shape[2]
+    qc, kc, vc, bc = _chunks(q, c), _chunks(k, c), _chunks(v, c), _chunks(beta, c)
+    tri, strict = _tri(c, q.device), _tri(c, q.device, -1)
+    g = _chunks(log_decay, c).cumsum(dim=-1) if log_decay is not None else torch.zeros_like(bc)
+    decay = _pair_decay_scalar(g, tri)
+    gamma, to_end = torch.exp(g), torch.exp(g[..., -1:] - g)
+    lower = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * decay).masked_fill(~strict, 0.0)
+    system = lower + torch.eye(c, dtype=q.dtype, device=q.device)
+    w_v = _solve_unit_lower(system, bc[..., None] * vc)
+    w_k = _solve_unit_lower(system, (bc * gamma)[..., None] * kc)
+    scores = (qc @ kc.transpose(-1, -2)) * decay
+    per_chunk = (  # chunk axis first, contiguous, unbound: see _scan
+        t.movedim(2, 0).contiguous().unbind(0)
+        for t in (w_v, w_k, qc * gamma[..., None], scores, kc * to_end[..., None], gamma[..., -1, None, None])
+    )
+    state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+    outs = []
+    for wv, wk, q_in, block, k_out, carry in zip(*per_chunk):
+        u = wv - wk @ state
+        outs.append(q_in @ state + block @ u)
+        state = carry * state + k_out.transpose(-1, -2) @ u
+    return _unchunk(torch.stack(outs, dim=2), n)
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor | None, c: int) -> Tensor:
+    if beta is None:
+        return _causal_hebbian(q, k, v, log_decay, c)
+    return _causal_delta(q, k, v, log_decay, beta, c)
+
+
+def _flip(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.flip(2)
+
+
+def _diagonal_weight(q: Tensor, k: Tensor, beta: Tensor | None) -> Tensor:
+    """A_ii = w_i φ(q_i)ᵀφ(k_i), (b, h, n, 1): the term both scans of the bidirectional form contain."""
+    diag = (q * k).sum(-1, keepdim=True)
+    return diag if beta is None else diag * beta[..., None]
+
+
+# -- public functional forms ------------------------------------------------------------------
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    normalize: bool = True,
+    chunk_size: int = 64,
+) -> Tensor:
+    """The fast path on feature-mapped q = φ(q), k = φ(k): (batch, heads, n_q, d_v).
+
+    causal: chunk-parallel with `chunk_size`; bidirectional: one pass, or two scans with a
+    decay or the delta rule (see the module docstring). key_padding_mask (batch, n_k), True = real.
+    """
+    check_chunk_size(chunk_size)
+    k, v, log_decay, beta = _prepare(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+    )
+    if causal:
+        return _with_normalizer(lambda vv: _causal(q, k, vv, log_decay, beta, chunk_size), v, normalize)
+    if log_decay is None and beta is None:
+        return _with_normalizer(lambda vv: q @ (k.transpose(-1, -2) @ vv), v, normalize)
+
+    def both_ways(vv: Tensor) -> Tensor:
+        forward = _causal(q, k, vv, log_decay, beta, chunk_size)
+        backward = _causal(q.flip(2), k.flip(2), vv.flip(2), _flip(log_decay), _flip(beta), chunk_size).flip(2)
+        return forward + backward - _diagonal_weight(q, k, beta) * vv
+
+    return _with_normalizer(both_ways, v, normalize)
+
+
+def _step(
+    q: Tensor, k: Tensor, v: Tensor, state: LinearState | None, log_decay: Tensor | None, beta: Tensor | None, normalize: bool
+) -> tuple[Tensor, LinearState]:
+    b, h, _, dk = k.shape
+    kt = k[:, :, 0, :, None]  # (b, h, d_k, 1)
+    vt = v[:, :, 0, None, :]  # (b, h, 1, d_v)
+    memory = state.memory if state is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    z = None
+    if normalize:
+        z = state.normalizer[..., None] if state is not None and state.normalizer is not None else q.new_zeros(b, h, dk, 1)
+    if log_decay is not None:
+        alpha = torch.exp(log_decay)
+        alpha = alpha[..., None] if log_decay.dim() == 3 else alpha.transpose(-1, -2)  # (b, h, 1, 1) or (b, h, d_k, 1)
+        memory = alpha * memory
+        z = None if z is None else alpha * z
+    if beta is None:
+        memory = memory + kt * vt
+    else:
+        rate = beta[..., None]  # (b, h, 1, 1)
+        memory = memory + rate * kt * (vt - kt.transpose(-1, -2) @ memory)
+    out = q @ memory
+    if z is not None:
+        z = z + kt
+        out = out / (q @ z).clamp_min(normalizer_floor(out.dtype))
+    return out, LinearState(memory, None if z is None else z[..., 0])
+
+
+def linear_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: LinearState | None = None,
+    *,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, LinearState]:
+    """One token: q, k (batch, heads, 1, d_k), v (batch, heads, 1, d_v), log_decay (b, h, 1) or (b, h, 1, d_k),
+    beta (b, h, 1); returns (out (batch, heads, 1, d_v), new state). state None = the empty memory."""
+    if q.dim() == 4 and q.shape[2] != 1:
+        raise ShapeError(f"q: expected one position (batch, heads, 1, d_k), got shape {tuple(q.shape)}")
+    k, v, log_decay, beta = _prepare(
+        q, k, v, causal=True, key_padding_mask=None, log_decay=log_decay, beta=beta, normalize=normalize
+    )
+    if state is not None:
+        want = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+        if tuple(state.memory.shape) != want:
+            raise ShapeError(f"state: expected memory of shape {want}, got {tuple(state.memory.shape)}")
+        if normalize and state.normalizer is None:
+            raise ValueError("state: normalize=True needs a state with a normalizer, got None")
+    return _step(q, k, v, state, log_decay, beta, normalize)
+
+
+def linear_attention_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """The causal form computed one token at a time with a constant-size state."""
+    k, v, log_decay, beta = _prepare(
+        q, k, v, causal=True, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+    )
+    state, outs = None, []
+    for t in range(q.shape[2]):
+        sl = slice(t, t + 1)
+        out, state = _step(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], state,
+            None if log_decay is None else log_decay[:, :, sl],
+            None if beta is None else beta[:, :, sl],
+            normalize,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def _causal_matrix(q: Tensor, k: Tensor, log_decay: Tensor | None, beta: Tensor | None) -> Tensor:
+    """The causal implicit matrix (b, h, n, n), naively."""
+    n = q.shape[2]
+    tri = _tri(n, q.device)
+    if beta is None:
+        if log_decay is None:
+            return (q @ k.transpose(-1, -2)).masked_fill(~tri, 0.0)
+        total = log_decay.cumsum(dim=2)  # Σ_{s<=i} log α_s, so Π_{s=j+1..i} α_s = exp(total_i − total_j)
+        if log_decay.dim() == 3:
+            return (q @ k.transpose(-1, -2)) * _pair_decay_scalar(total, tri)
+        return torch.einsum("bhic,bhjc,bhijc->bhij", q, k, _pair_decay_channel(total, tri))
+    # delta rule: out_i = Σ_j β_j (k_jᵀ T_{j+1} ⋯ T_i q_i) v_j with T_t = α_t (I − β_t k_t k_tᵀ);
+    # sweep j downwards carrying R_i = T_{j+1} ⋯ T_i q_i for every query i >= j.
+    b, h, _, dk = q.shape
+    alpha = torch.exp(log_decay) if log_decay is not None else q.new_ones(b, h, n)
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    rows = torch.arange(n, device=q.device)[:, None]
+    carried, columns = q, []
+    for j in reversed(range(n)):
+        kj = k[:, :, j]
+        columns.append(beta[:, :, j, None] * (carried @ kj[..., None])[..., 0] * (rows[:, 0] >= j))
+        transition = alpha[:, :, j, None, None] * (eye - beta[:, :, j, None, None] * kj[..., :, None] * kj[..., None, :])
+        carried = torch.where(rows >= j, carried @ transition.transpose(-1, -2), carried)
+    return torch.stack(columns[::-1], dim=-1)
+
+
+def linear_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(out, weights): the implicit matrix A (batch, heads, n_q, n_k) built in float64, out = A v.
+
+    A_ij = w_j φ(k_j)ᵀ T_{j+1} ⋯ T_i φ(q_i) for j <= i (causal; decay products from cumulative
+    sums of log α, delta-rule products from the transition matrices); bidirectional without
+    gates A = φ(Q)φ(K)ᵀ, with gates A→ + A← − diag; normalised rows divide by their sum
+    clamped at `normalizer_floor`. Results are cast back to q's dtype.
+    """
+    k, v, log_decay, beta = _prepare(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+    )
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    ld64 = None if log_decay is None else log_decay.double()
+    b64 = None if beta is None else beta.double()
+    if causal or ld64 is not None or b64 is not None:
+        weights = _causal_matrix(q64, k64, ld64, b64)
+        if not causal:
+            backward = _causal_matrix(q64.flip(2), k64.flip(2), _flip(ld64), _flip(b64)).flip(-1, -2)
+            weights = weights + backward - torch.diag_embed(weights.diagonal(dim1=-2, dim2=-1))
+    else:
+        weights = q64 @ k64.transpose(-1, -2)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(normalizer_floor(torch.float64))
+    out = weights @ v64
+    return out.to(q.dtype), weights.to(q.dtype)
+
+
+# -- the module base ----------------------------------------------------------------------------
+def padding_of(mask: Tensor | None) -> Tensor | None:
+    """The key padding (batch, n_k) of the mask `LinearAttention.combined_mask` builds, or None."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise ValueError(
+            f"mask: the linear family takes a key padding mask only, as bool (batch, 1, 1, n_k); got "
+            f"dtype {mask.dtype} and shape {tuple(mask.shape)}"
+        )
+    return mask[:, 0, 0, :]
+
+
+class LinearAttention(Attention):
+    """Base module of the linear family: subclasses implement `terms`, the rest is shared.
+
+    `normalize`: divide each output by φ(q)ᵀz (rows of the implicit matrix sum to 1);
+    `chunk_size`: the chunk of the causal fast path. The mask given to `attend_*` carries key
+    padding only — causality is `self.causal`, since a causal mask would be an N × N tensor.
+    Arbitrary attention masks are not supported: they need the N × N matrix.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        normalize: bool = True,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        check_chunk_size(chunk_size)
+        self.normalize, self.chunk_size = normalize, chunk_size
+
+    @abstractmethod
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+        """Feature maps and gates on projected heads (batch, heads, n, head_dim)."""
+
+    def combined_mask(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+    ) -> Tensor | None:
+        supports = self.spec.supports
+        assert supports is not None
+        if key_padding_mask is not None and not supports.key_padding:
+            raise ValueError(f"key_padding_mask: {self.spec.name} does not support a key padding mask")
+        if attn_mask is not None:
+            raise ValueError(
+                f"attn_mask: {self.spec.name} does not support an arbitrary attention mask "
+                "(it would need the N × N matrix the linear family avoids)"
+            )
+        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+        return None if key_padding_mask is None else padding_to_mask(key_padding_mask)
+
+    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        keep = padding_of(mask)
+        t = self.terms(q, k, v, keep)
+        return linear_attention(
+            t.q, t.k, t.v, causal=self.causal, key_padding_mask=keep, log_decay=t.log_decay, beta=t.beta,
+            normalize=self.normalize, chunk_size=self.chunk_size,
+        )
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        keep = padding_of(mask)
+        t = self.terms(q, k, v, keep)
+        return linear_attention_reference(
+            t.q, t.k, t.v, causal=self.causal, key_padding_mask=keep, log_decay=t.log_decay, beta=t.beta,
+            normalize=self.normalize,
+        )
+
+    def check_step(self, x_t: Tensor) -> None:
+        """The checks every `step` makes: decoding supported, causal module, x_t (batch, 1, dim)."""
+        if not self.spec.supports or not self.spec.supports.decode:
+            raise ValueError(f"step: {self.spec.name} does not support incremental decoding")
+        if not self.causal:
+            raise ValueError("step: decoding needs a causal module (build it with causal=True)")
+        check_tokens("x_t", x_t, self.dim)
+        check_finite("x_t", x_t)
+        if x_t.shape[1] != 1:
+            raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
+
+    def step(self, x_t: Tensor, state: LinearState | None = None) -> tuple[Tensor, LinearState]:  # type: ignore[override]
+        """Decode one token with a constant-size state: (y_t (batch, 1, dim), state), equal to the causal forward."""
+        self.check_step(x_t)
+        q, k, v = self.project(x_t)
+        t = self.terms(q, k, v, None)
+        out, state = linear_attention_step(
+            t.q, t.k, t.v, state, log_decay=t.log_decay, beta=t.beta, normalize=self.normalize
+        )
+        return self.out_proj(self.merge_heads(out)), state
