@@ -1,0 +1,39 @@
+"""Analysis: see what attention does, on every attnlab mechanism and on Hugging Face models.
+
+The foundation is `capture`: a context manager that records the attention probabilities of every
+layer and head (and, on request, their gradients) from attnlab modules (through `materialize`) and
+from transformers models (through a registered attention implementation), batched and padded.
+Everything else reads its result, `Attentions`, or plain maps (batch, heads, n_q, n_k) per layer:
+
+    from attnlab.analysis import capture, load_minilm, rollout, attention_flow, attention_entropy
+    model, tok = load_minilm()
+    batch = tok(["The cat sat on the mat.", "It was tired."], return_tensors="pt", padding=True)
+    with capture(model) as att:
+        model(**batch)
+    r = rollout(att)                  # (batch, n, n): share of input j in output i   (P008)
+    f = attention_flow(att)           # (batch, n, n): exact max-flow from j to i      (P008)
+    h = attention_entropy(att)        # (layers, batch, heads)
+
+Padded tokens carry no mass in any result. Methods are listed in the catalogue as kind
+"analysis" (`attnlab papers`). `transformers` is imported only when a transformers model is used.
+"""
+from .capture import Attentions, Record, capture
+from .heads import (
+    attention_entropy,
+    duplicate_token_score,
+    induction_score,
+    mean_attention_distance,
+    offset_attention,
+    previous_token_score,
+    query_key_nmi,
+)
+from .models import load_minilm, minilm_path, tiny_llama
+from .rollout import attention_flow, fuse_heads, max_flow_layered, residual_attention, rollout
+
+__all__ = [
+    "Attentions", "Record", "capture",
+    "attention_entropy", "duplicate_token_score", "induction_score", "mean_attention_distance",
+    "offset_attention", "previous_token_score", "query_key_nmi",
+    "load_minilm", "minilm_path", "tiny_llama",
+    "attention_flow", "fuse_heads", "max_flow_layered", "residual_attention", "rollout",
+]

@@ -1,0 +1,424 @@
+"""Capture the attention probabilities of a model, per layer and head, without editing its code.
+
+    with capture(model) as att:            # any nn.Module: attnlab layers and/or a transformers model
+        model(**inputs)
+    att.layers        # list of (batch, heads, n_q, n_k) tensors, one per attention call, in call order
+    att.attention_mask  # (batch, n) bool, True = real token
+    att.names         # the module that made each record, e.g. "encoder.layer.3.attention.self"
+
+    with capture(model, grads=True) as att:
+        loss = model(**inputs).logits[0, label]
+        loss.backward()
+    att.grads         # d loss / d attention, same shapes as att.layers
+
+Two sources are recorded, both at once when a model mixes them:
+
+* attnlab mechanisms — every submodule whose `spec` is a catalogue mechanism that supports
+  `materialize` (the outermost one when they nest). A forward hook calls
+  `module.materialize(x, context=..., key_padding_mask=..., attn_mask=...)` on the same inputs
+  and masks as the forward. Cost: a second projection of the inputs and the reference path of the
+  mechanism, i.e. O(n_q·n_k) memory per layer and head whatever the fast path costs. Mechanisms
+  without `materialize` are listed in `Attentions.skipped`. With `grads=True` the matrix A must
+  reach the loss: the recorded A is a fresh leaf and the hook adds
+  `W_out·merge_heads((A − stop_grad(A))·v)` to the module's output — exactly zero, so outputs and
+  all other gradients are unchanged — which makes d loss / dA the gradient A would get were the
+  core output computed as A v (the conformance suite checks out = A v). This needs
+  the common `attnlab.core.module.Attention` interface (project, merge_heads, out_proj); other
+  modules raise TypeError under `grads=True`.
+* Hugging Face `transformers` models — an attention implementation named "attnlab_capture" is
+  registered in `transformers.AttentionInterface` (eager attention: softmax(q kᵀ·scale + mask) v,
+  softmax in float32 as the eager code does, GQA heads repeated, soft-capping and sink logits
+  honoured), together with the mask builder of "eager" in `AttentionMaskInterface`: without that
+  second registration transformers builds no padding mask for an unknown implementation and the
+  probabilities would silently include padded keys. Inside the context the model (and its
+  sub-models) run with `attn_implementation="attnlab_capture"`; the previous implementation of
+  every config is restored on exit, also after an error. `transformers` is imported only when the
+  model is a transformers model.
+
+Padding convention: in every result padded positions carry no mass — rows of padded queries and
+columns of padded keys are zero. Padded keys are the keys no query may see (read from the mask the
+model applies); padded queries are the padded keys of the same sequence for self-attention
+(queries bottom-right aligned with the keys, as with a KV cache). Cross-attention queries are never
+treated as padding: for attnlab modules a call with `context=` is cross-attention; for transformers
+a module with `is_cross_attention = True`, or whose name has a part containing "cross", or named
+"encoder_attn" / "EncDecAttention". Recorded tensors keep their raw values in `Record.weights`.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.module import Attention
+from ..core.registry import Spec
+
+IMPLEMENTATION = "attnlab_capture"
+_CROSS_NAMES = ("encoder_attn", "EncDecAttention")
+
+
+@dataclass
+class Record:
+    """One attention call: raw probabilities and which queries/keys are real tokens."""
+
+    name: str
+    weights: Tensor  # (batch, heads, n_q, n_k) as the model computed them
+    query_mask: Tensor  # bool (batch, n_q), True = real query
+    key_mask: Tensor  # bool (batch, n_k), True = real key
+    source: str  # "attnlab" or "transformers"
+
+    def masked(self, t: Tensor) -> Tensor:
+        keep = self.query_mask[:, None, :, None] & self.key_mask[:, None, None, :]
+        return t * keep.to(t.dtype)
+
+
+@dataclass
+class Attentions:
+    """What `capture` recorded: one `Record` per attention call, in call order."""
+
+    records: list[Record] = field(default_factory=list)
+    tokens: Tensor | None = None  # input ids of the model call, when given (transformers)
+    input_mask: Tensor | None = None  # bool (batch, n) from the model call's attention_mask
+    skipped: list[str] = field(default_factory=list)  # attnlab modules without materialize
+    grads_requested: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.records[i].masked(self.records[i].weights)
+
+    @property
+    def layers(self) -> list[Tensor]:
+        """Attention probabilities (batch, heads, n_q, n_k) per call; padded rows/columns are 0."""
+        return [r.masked(r.weights) for r in self.records]
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """d loss / d attention per call (after `backward`), same shapes and padding rule as `layers`."""
+        if not self.grads_requested:
+            raise ValueError("grads: capture(model, grads=True) records gradients; this capture had grads=False")
+        out = []
+        for r in self.records:
+            if r.weights.grad is None:
+                raise ValueError(f"grads: no gradient reached {r.name!r}; call backward() on a loss inside or after the context")
+            out.append(r.masked(r.weights.grad))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    @property
+    def query_masks(self) -> list[Tensor]:
+        return [r.query_mask for r in self.records]
+
+    @property
+    def key_masks(self) -> list[Tensor]:
+        return [r.key_mask for r in self.records]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """bool (batch, n): the real tokens of the input (the model call's mask, else the first record's queries)."""
+        if self.input_mask is not None:
+            return self.input_mask
+        if not self.records:
+            raise ValueError("attention_mask: nothing was captured")
+        return self.records[0].query_mask
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_heads(self) -> int:
+        heads = {r.weights.shape[1] for r in self.records}
+        if len(heads) != 1:
+            raise ValueError(f"num_heads: the records have different head counts {sorted(heads)}")
+        return heads.pop()
+
+    @property
+    def lengths(self) -> Tensor:
+        """Number of real tokens per sequence, (batch,)."""
+        return self.attention_mask.sum(-1)
+
+    def stack(self) -> Tensor:
+        """All records as one tensor (layers, batch, heads, n_q, n_k); they must share a shape."""
+        layers = self.layers
+        shapes = {tuple(t.shape) for t in layers}
+        if len(shapes) != 1:
+            raise ValueError(f"stack: records have different shapes {sorted(shapes)}; use select() first")
+        return torch.stack(layers)
+
+    def select(self, pattern: str) -> Attentions:
+        """The records whose module name matches the regular expression `pattern` (re.search)."""
+        rx = re.compile(pattern)
+        return Attentions(
+            [r for r in self.records if rx.search(r.name)],
+            self.tokens,
+            self.input_mask,
+            list(self.skipped),
+            self.grads_requested,
+        )
+
+    def sequence(self, b: int) -> list[Tensor]:
+        """The records of sequence `b` cropped to its real queries and keys: (heads, n_q_real, n_k_real) each."""
+        out = []
+        for r in self.records:
+            w = r.masked(r.weights)[b]
+            out.append(w[:, r.query_mask[b]][:, :, r.key_mask[b]])
+        return out
+
+
+# -- attnlab modules -------------------------------------------------------------------------
+def _is_mechanism(module: nn.Module) -> bool:
+    spec = getattr(module, "spec", None)
+    return isinstance(spec, Spec) and spec.kind == "mechanism"
+
+
+def _attnlab_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Outermost attnlab mechanisms in `model` (a mechanism inside another is not hooked twice)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not _is_mechanism(module):
+            continue
+        if any(name.startswith(outer + ".") or outer == "" for outer, _ in found):
+            continue
+        found.append((name, module))
+    return found
+
+
+def _flat_mask(mask: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    return mask.reshape(batch, -1).to(torch.bool)
+
+
+def _attnlab_hook(att: Attentions, name: str, grads: bool) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
+        x = args[0] if args else kwargs["x"]
+        given = {k: kwargs[k] for k in ("context", "key_padding_mask", "attn_mask") if kwargs.get(k) is not None}
+        with torch.no_grad():
+            weights = module.materialize(x, **given)  # type: ignore[operator]
+        batch, _, n_q, n_k = weights.shape
+        kpm = given.get("key_padding_mask")
+        key_mask = _flat_mask(kpm, batch, n_k, weights.device)
+        query_mask = key_mask[:, n_k - n_q :] if "context" not in given else _flat_mask(None, batch, n_q, weights.device)
+        if not grads:
+            att.records.append(Record(name, weights, query_mask, key_mask, "attnlab"))
+            return None
+        leaf = weights.requires_grad_()
+        att.records.append(Record(name, leaf, query_mask, key_mask, "attnlab"))
+        # a zero term through which d loss / dA reaches `leaf` as if out = A v (module docstring);
+        # A is a fresh leaf so that no second gradient path runs through q, k or v
+        with torch.no_grad():
+            _, _, v = module.project(x.reshape(batch, -1, x.shape[-1]), given.get("context"))  # type: ignore[operator]
+        zero = (leaf - leaf.detach()) @ v.to(leaf.dtype)
+        weight = module.out_proj.weight.detach()  # type: ignore[union-attr]
+        delta = nn.functional.linear(module.merge_heads(zero).to(output.dtype), weight)  # type: ignore[operator]
+        return output + delta.reshape(output.shape)
+
+    return hook
+
+
+# -- transformers models ---------------------------------------------------------------------
+_ACTIVE: list[tuple[Attentions, dict[int, str]]] = []  # open captures: (result, id(module) -> name)
+
+
+def _find_capture(module: nn.Module) -> tuple[Attentions, str] | None:
+    for att, names in reversed(_ACTIVE):
+        name = names.get(id(module))
+        if name is not None:
+            return att, name
+    return None
+
+
+def _is_cross(module: nn.Module, name: str) -> bool:
+    if getattr(module, "is_cross_attention", False) is True:
+        return True
+    parts = name.split(".")
+    return any("cross" in p.lower() or p in _CROSS_NAMES for p in parts)
+
+
+def _visible_keys(mask: Tensor | None, batch: int, n_k: int, device: torch.device) -> Tensor:
+    """bool (batch, n_k): keys that at least one query may see under the 4-D mask transformers built."""
+    if mask is None:
+        return torch.ones(batch, n_k, dtype=torch.bool, device=device)
+    mask = mask[..., :n_k]
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    visible = visible.any(dim=-2).any(dim=1)  # over queries, then heads
+    return visible.expand(batch, n_k)
+
+
+def capture_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """The "attnlab_capture" implementation: eager attention that records its probabilities.
+
+    query (batch, heads, n_q, d), key/value (batch, kv_heads, n_k, d) -> (out (batch, n_q, heads, d), probs).
+    """
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        extra = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        scores = torch.cat([scores, extra], dim=-1)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    found = _find_capture(module)
+    if found is not None:
+        att, name = found
+        batch, _, n_q, n_k = probs.shape
+        key_mask = _visible_keys(attention_mask, batch, n_k, probs.device)
+        if _is_cross(module, name):
+            query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device)
+        else:
+            query_mask = key_mask[:, n_k - n_q :]
+        if att.grads_requested and probs.requires_grad:
+            probs.retain_grad()
+            att.records.append(Record(name, probs, query_mask, key_mask, "transformers"))
+        else:
+            att.records.append(Record(name, probs.detach(), query_mask, key_mask, "transformers"))
+    weights = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _register_with_transformers() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every config of the model and its sub-models, with their sub-configs, each once."""
+    seen: dict[int, Any] = {}
+    todo = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "sub_configs")]
+    while todo:
+        cfg = todo.pop()
+        if id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        todo.extend(sub for key in cfg.sub_configs if (sub := getattr(cfg, key, None)) is not None)
+    return list(seen.values())
+
+
+def _input_hook(att: Attentions) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        mask = kwargs.get("attention_mask")
+        if att.tokens is None and isinstance(ids, Tensor) and not ids.is_floating_point():
+            att.tokens = ids
+        if att.input_mask is None and isinstance(mask, Tensor) and mask.dim() == 2:
+            att.input_mask = mask.to(torch.bool)
+
+    return hook
+
+
+@contextmanager
+def capture(model: nn.Module, *, grads: bool = False) -> Iterator[Attentions]:
+    """Record the attention probabilities of every attention call of `model` inside the context.
+
+    grads: keep the probabilities in the autograd graph with `retain_grad`, so that after a
+    `backward()` `Attentions.grads` holds d loss / d attention (module docstring).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    att = Attentions(grads_requested=grads)
+    handles = []
+    mechanisms = _attnlab_modules(model)
+    for name, module in mechanisms:
+        spec = module.spec  # type: ignore[union-attr]
+        if spec.supports is None or not spec.supports.materialize:
+            att.skipped.append(name or type(module).__name__)
+            continue
+        if grads and not isinstance(module, Attention):
+            raise TypeError(
+                f"grads: module {name or type(module).__name__!r} ({spec.name}) is not built on "
+                "attnlab.core.module.Attention, so its attention matrix has no path to the loss; use grads=False"
+            )
+        handles.append(module.register_forward_hook(_attnlab_hook(att, name or spec.name, grads), with_kwargs=True))
+    hf = _is_transformers_model(model)
+    saved: list[tuple[Any, Any]] = []
+    try:
+        if hf:
+            _register_with_transformers()
+            saved = [(cfg, cfg._attn_implementation_internal) for cfg in _configs(model)]
+            model.set_attn_implementation(IMPLEMENTATION)  # type: ignore[operator]
+            if model.config._attn_implementation != IMPLEMENTATION:  # type: ignore[union-attr]
+                raise TypeError(
+                    f"model: {type(model).__name__} does not dispatch attention through transformers' "
+                    "AttentionInterface, so its attention cannot be captured"
+                )
+            names = {id(m): n for n, m in model.named_modules()}
+            _ACTIVE.append((att, names))
+            handles.append(model.register_forward_pre_hook(_input_hook(att), with_kwargs=True))
+        elif not mechanisms:
+            raise TypeError(
+                f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model; "
+                "nothing to capture"
+            )
+        yield att
+    finally:
+        for h in handles:
+            h.remove()
+        if hf:
+            _ACTIVE[:] = [entry for entry in _ACTIVE if entry[0] is not att]
+            for cfg, impl in saved:
+                cfg._attn_implementation_internal = impl
+
+
+def as_layers(attentions: Attentions | Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """Attention maps as a list of (batch, heads, n_q, n_k) tensors, from a capture or given directly."""
+    if isinstance(attentions, Attentions):
+        return attentions.layers
+    if isinstance(attentions, Tensor):
+        if attentions.dim() == 4:
+            return [attentions]
+        if attentions.dim() == 5:
+            return list(attentions.unbind(0))
+        raise ValueError(
+            f"attentions: expected (batch, heads, n_q, n_k) or (layers, batch, heads, n_q, n_k), got shape {tuple(attentions.shape)}"
+        )
+    layers = list(attentions)
+    for i, t in enumerate(layers):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"attentions[{i}]: expected a (batch, heads, n_q, n_k) tensor, got {shape}")
+    return layers
