@@ -371,7 +371,7 @@ class Sleeper(Dense):
 
 
 @register(name="test-speed-causal-only", paper=PAPER, family="A", cost="O(N^2)", exponent=2.0,
-          supports=Supports(causal=True), params=(Param("width", int, 2, low=1),))
+          supports=Supports(causal=True, causal_only=True), params=(Param("width", int, 2, low=1),))
 class CausalOnly(Dense):
     def __init__(self, dim, heads=8, *, head_dim=None, qkv_bias=True, causal=True, width=2):
         if not causal:
