@@ -139,3 +139,10 @@ def test_flow_normalize_and_bad_arguments(minilm_capture):
         rollout(att, discard_ratio=1.0)
     with pytest.raises(ValueError, match="outputs"):
         attention_flow(att, outputs=[99])
+
+
+def test_flow_in_worker_processes_agrees(minilm_capture):
+    att, _, _ = minilm_capture
+    one = attention_flow(att, outputs=[0, 1, 2, 3, 4], workers=1)
+    two = attention_flow(att, outputs=[0, 1, 2, 3, 4], workers=2)
+    assert torch.equal(one, two)
