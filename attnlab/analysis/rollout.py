@@ -186,8 +186,12 @@ def _levels(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndarray], f
 
 
 def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndarray], fs: np.ndarray, ct: np.ndarray,
-                   ft: np.ndarray, lev: np.ndarray, depth: int, tol: float) -> None:
+                   ft: np.ndarray, lev: np.ndarray, depth: int, tol: float, bound: float) -> float | None:
     """Add a blocking flow of the level graph to (fs, flows, ft) in place (waves with proportional pushes).
+
+    Returns the flow value early, leaving the state unfinished, once the sink has received `bound`
+    (min of source and sink capacity): what reaches the sink in a preflow is the value of a flow
+    (the excess left at nodes can always be returned to the source), and no flow exceeds `bound`.
 
     Block k holds the edges between middle layers k and k+1, indexed [node at k+1, node at k]:
     `up` the capacity left on level-graph edges k -> k+1 (of `rf` at the start of the phase),
@@ -245,6 +249,9 @@ def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndar
                 excess[k, xi] = left * stuck
                 if stuck.any():  # blocked: it takes no more pushes this phase
                     free[k, xi[stuck]] = 0.0
+        received = float((ft + rt - sink).sum())
+        if received >= bound - tol:
+            return received
         if not (excess > tol).any():
             break
         for d in range(depth - 1, 0, -1):  # backward wave: blocked nodes return their excess
@@ -276,6 +283,7 @@ def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndar
     for k in range(m - 1):
         flows[k] += (rf[k] - up[k]) - (rb[k] - down[k])
     ft += rt - sink
+    return None
 
 
 def max_flow_layered(caps: np.ndarray, source: int, sink: int, *, tol: float = TOL) -> float:
@@ -311,7 +319,9 @@ def _max_flow(caps: np.ndarray, source: int, sink: int, tol: float) -> float:
         lev, depth = _levels(cs, blocks, flows, fs, ct, ft, tol)
         if depth == _FAR:
             break
-        _blocking_flow(cs, blocks, flows, fs, ct, ft, lev, depth, tol)
+        done = _blocking_flow(cs, blocks, flows, fs, ct, ft, lev, depth, tol, bound)
+        if done is not None:
+            return done
     return float(ft.sum())
 
 
