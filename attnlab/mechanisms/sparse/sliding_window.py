@@ -1,0 +1,151 @@
+"""Sliding-window attention (Longformer, Beltagy et al., 2020; causal as in Mistral 7B), exact band.
+
+Query i attends to the keys within w positions:
+
+    out_i = Σ_{j : |i − j| ≤ w} softmax_j(q_i · k_j / √d) v_j          (and j ≤ i when causal)
+
+On the block-sparse engine: query block I reads key blocks I − a … I + a with
+a = ⌈w / B⌉ (I − a … I when causal), and the mask_mod |i − j| ≤ w (j ≤ i) makes the band
+exact inside them. Cost O(N (2a + 1) B d) = O(N w d). Decoding keeps a sliding KV cache
+of the last w + 1 keys. P199's multi-scale heads (attnlab "multiscale") are the per-head
+generalisation: one band width per head, on dense SDPA.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...core.errors import ParameterError
+from ...core.module import KVCache
+from ...core.registry import Paper, Param, Supports, register
+from ...core.validate import check_qkv
+from .block_sparse import (
+    BlockLayout,
+    BlockSparseAttention,
+    MaskMod,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+)
+
+LONGFORMER = Paper(None, "Longformer: The Long-Document Transformer", 2020, "2004.05150")
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def window_block_rows(rows: Tensor, *, window: int, block_size: int, causal: bool) -> Tensor:
+    """Candidate key blocks (len(rows), C) of query blocks `rows`: I − ⌈w/B⌉ … I (+ ⌈w/B⌉ unless causal)."""
+    reach = math.ceil(_check_int("window", window, 0) / _check_int("block_size", block_size, 1))
+    offsets = torch.arange(-reach, 1 if causal else reach + 1, device=rows.device)
+    return rows.to(torch.int64)[:, None] + offsets
+
+
+def window_layout(n: int, *, window: int, block_size: int = 64, causal: bool = False, device: torch.device | None = None) -> BlockLayout:
+    """The block layout of sliding-window attention over n tokens."""
+    nb = -(-_check_int("n", n, 0) // _check_int("block_size", block_size, 1))
+    rows = window_block_rows(torch.arange(nb, device=device), window=window, block_size=block_size, causal=causal)
+    return BlockLayout.from_candidates(rows, block_size, nb)
+
+
+def band_mod(window: int, causal: bool) -> MaskMod:
+    """mask_mod of the band: key j visible from query i when |i − j| ≤ window (and j ≤ i when causal)."""
+    _check_int("window", window, 0)
+
+    def mod(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        rel = q_idx - kv_idx
+        keep = rel.abs() <= window
+        return keep & (rel >= 0) if causal else keep
+
+    return mod
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    causal: bool = False,
+    block_size: int = 64,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of each query to the keys with |i − j| ≤ window (j ≤ i when causal), block-sparse engine."""
+    check_qkv(q, k, v, same_length=True)
+    layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
+    return block_sparse_attention(q, k, v, layout, mask_mod=band_mod(window, causal), key_padding_mask=key_padding_mask, scale=scale)
+
+
+def sliding_window_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    causal: bool = False,
+    block_size: int = 64,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, weights) of `sliding_window_attention`: the dense band-masked matrix in float64."""
+    check_qkv(q, k, v, same_length=True)
+    layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
+    return block_sparse_attention_reference(
+        q, k, v, layout, mask_mod=band_mod(window, causal), key_padding_mask=key_padding_mask, scale=scale
+    )
+
+
+@register(
+    name="sliding-window",
+    paper=LONGFORMER,
+    family="A",
+    cost="O(N w d)",
+    exponent=1.0,
+    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
+    params=(
+        Param("window", int, 256, "w: keys with |i − j| ≤ w are seen (j ≤ i when causal)", low=0),
+        Param("block_size", int, 64, "tokens per block B of the block-sparse engine", low=1),
+    ),
+    summary="Sliding-window attention: each query sees the keys within w positions (exact band, block-sparse engine).",
+    test_params={"window": 2, "block_size": 2},
+)
+class SlidingWindowAttention(BlockSparseAttention):
+    """Multi-head sliding-window attention, causal or bidirectional, on the block-sparse engine."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        window: int = 256,
+        block_size: int = 64,
+    ) -> None:
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        self.window = _check_int("window", window, 0)
+        self.block_size = _check_int("block_size", block_size, 1)
+        self._mod = band_mod(window, causal)
+
+    def block_rows(self, rows: Tensor, n_k_blocks: int) -> Tensor:
+        return window_block_rows(rows, window=self.window, block_size=self.block_size, causal=self.causal)
+
+    def mask_mod(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self._mod(q_idx, kv_idx)
+
+    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        """Decode one token with a sliding KV cache: the last w + 1 keys, all inside the window."""
+        q, k, v = self.step_inputs(x_t, state)
+        k, v = k[:, :, -(self.window + 1):], v[:, :, -(self.window + 1):]
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(self.merge_heads(out)), KVCache(k, v)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, block_size={self.block_size}, causal={self.causal}"
