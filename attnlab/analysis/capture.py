@@ -42,6 +42,14 @@ model applies); padded queries are the padded keys of the same sequence for self
 treated as padding: for attnlab modules a call with `context=` is cross-attention; for transformers
 a module with `is_cross_attention = True`, or whose name has a part containing "cross", or named
 "encoder_attn" / "EncDecAttention". Recorded tensors keep their raw values in `Record.weights`.
+
+Building on the capture (relevance, sinks, lookback, explain, ...): take `Attentions` or plain maps
+and turn them into a list with `as_layers`; `att.layers[l]` / `att.grads[l]` belong to the same
+call l (gradients are never shifted by a layer); `att.query_masks` / `att.key_masks` give the real
+tokens of each call, `att.attention_mask` and `att.tokens` those of the model input,
+`att.sequence(b)` crops sequence b to its real tokens, `att.select(regex)` keeps some modules
+(e.g. the cross-attention of an encoder–decoder), `att.stack()` gives (layers, batch, heads, n, n).
+Without `grads` the records are detached; with it they are the tensors of the forward pass.
 """
 from __future__ import annotations
 
