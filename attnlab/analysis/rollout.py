@@ -215,21 +215,27 @@ def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndar
     ps = rs.copy()  # the source pushes all it can at once
     excess = np.zeros((m, n))
     excess[0] = rs
-    free = np.ones((m, n))  # 1.0 = not blocked
+    free = np.ones((m, n))  # 1.0 = not blocked (multiplies pushes), as bool in `open_`
+    open_ = np.ones((m, n), dtype=bool)
+    any_blocked = [False] * m
     steps = [[(k, lev[k] == d) for k in range(m) if (lev[k] == d).any()] for d in range(depth)]
     while True:
         for d in range(1, depth):  # forward wave
             for k, here in steps[d]:
-                xi = np.flatnonzero(here & (free[k] > 0) & (excess[k] > tol))
+                xi = (here & open_[k] & (excess[k] > tol)).nonzero()[0]
                 if xi.size == 0:
                     continue
                 e = excess[k, xi]
                 out = np.zeros(xi.size)
                 if k < m - 1:
-                    u = up[k][:, xi] * free[k + 1][:, None]
+                    u = up[k][:, xi]
+                    if any_blocked[k + 1]:
+                        u *= free[k + 1][:, None]
                     out += u.sum(0)
                 if k > 0 and has_down[k - 1]:
-                    dn = down[k - 1][xi] * free[k - 1]
+                    dn = down[k - 1][xi]
+                    if any_blocked[k - 1]:
+                        dn *= free[k - 1]
                     out += dn.sum(1)
                 if k == m - 1:
                     out += sink[xi]
@@ -249,6 +255,8 @@ def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndar
                 excess[k, xi] = left * stuck
                 if stuck.any():  # blocked: it takes no more pushes this phase
                     free[k, xi[stuck]] = 0.0
+                    open_[k, xi[stuck]] = False
+                    any_blocked[k] = True
         received = float((ft + rt - sink).sum())
         if received >= bound - tol:
             return received
@@ -256,7 +264,7 @@ def _blocking_flow(cs: np.ndarray, blocks: list[np.ndarray], flows: list[np.ndar
             break
         for d in range(depth - 1, 0, -1):  # backward wave: blocked nodes return their excess
             for k, here in steps[d]:
-                yi = np.flatnonzero(here & (free[k] == 0) & (excess[k] > tol))
+                yi = (here & ~open_[k] & (excess[k] > tol)).nonzero()[0]
                 if yi.size == 0:
                     continue
                 e = excess[k, yi]
@@ -315,8 +323,13 @@ def _max_flow(caps: np.ndarray, source: int, sink: int, tol: float) -> float:
     bound = min(cs.sum(), ct.sum())
     fs, ft = np.zeros(n), np.zeros(n)
     flows = [np.zeros((n, n)) for _ in blocks]
+    m = len(blocks) + 1
+    dense = bool((cs > tol).all() and (ct > tol).any() and all((c > tol).all() for c in blocks))
     while ft.sum() < bound - tol:
-        lev, depth = _levels(cs, blocks, flows, fs, ct, ft, tol)
+        if dense and not fs.any():  # first phase on a complete graph: levels are the layers
+            lev, depth = np.broadcast_to(np.arange(1, m + 1)[:, None], (m, n)), m + 1
+        else:
+            lev, depth = _levels(cs, blocks, flows, fs, ct, ft, tol)
         if depth == _FAR:
             break
         done = _blocking_flow(cs, blocks, flows, fs, ct, ft, lev, depth, tol, bound)
