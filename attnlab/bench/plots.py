@@ -106,9 +106,9 @@ def heatmap(
     """A rows × columns heat map of values in [0, 1], each cell annotated with its note; None cells grey."""
     data = np.ma.masked_invalid(np.array([[math.nan if v is None else v for v in row] for row in values], dtype=float))
     left = 0.3 + 0.075 * max(map(len, rows), default=1)
-    width, height = left + 0.8 * len(columns) + 1.3, 1.5 + 0.4 * len(rows)
+    width, height = left + 1.0 * len(columns) + 1.3, 1.15 + 0.4 * len(rows)
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=left / width, right=1 - 1.3 / width, top=1 - 0.5 / height, bottom=0.8 / height)
+    fig.subplots_adjust(left=left / width, right=1 - 1.3 / width, top=1 - 0.45 / height, bottom=0.7 / height)
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -117,11 +117,12 @@ def heatmap(
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             dark = value is not None and value < 0.6
-            ax.text(j, i, notes[i][j], ha="center", va="center", fontsize="small", parse_math=False,
+            ax.text(j, i, notes[i][j], ha="center", va="center", parse_math=False,
+                    fontsize="small" if value is not None else "x-small",
                     color="white" if dark else "black")
     ax.set_xlabel(xlabel, parse_math=False)
     ax.set_title(title, parse_math=False)
-    cax = fig.add_axes((1 - 1.05 / width, 0.8 / height, 0.15 / width, 1 - 1.3 / height))
+    cax = fig.add_axes((1 - 1.05 / width, 0.7 / height, 0.15 / width, 1 - 1.15 / height))
     bar = fig.colorbar(image, cax=cax)
     bar.set_label(colorbar_label, parse_math=False)
     return _png(fig)

@@ -49,6 +49,7 @@ STATUS_TEXT = {
 }
 NOT_MEASURED = "not measured"
 MATPLOTLIB_HINT = "pip install 'attnlab[report]'"
+PEER_ENV_KEYS = ("peer", "peer_package", "peer_version")  # what peers add to the environment they record
 
 
 # -- formatting -------------------------------------------------------------------------
@@ -604,11 +605,15 @@ class Report:
         if not self.environments:
             parts.append("<p class='empty'>No results yet.</p>")
         elif len(self.environments) > 1:
-            parts.append(f"<p class='warn'>The results were measured in {len(self.environments)} different "
-                         "environments; compare times only within one.</p>")
+            differ = sorted({k for env in self.environments for k in env
+                             if len({canonical(e.get(k)) for e in self.environments}) > 1})
+            machine = [k for k in differ if k not in PEER_ENV_KEYS + ("threads", "interop_threads")]
+            parts.append(f"<p class='{'warn' if machine else 'meta'}'>{len(self.environments)} environments, "
+                         f"differing in {_e(', '.join(differ))}"
+                         + ("; compare times only within one.</p>" if machine else ".</p>"))
         for i, env in enumerate(self.environments):
             rows = [[_e(k), _e(", ".join(map(str, v)) if isinstance(v, list) else v)] for k, v in env.items()]
-            parts.append(f"<h3>Environment {i + 1} ({self.env_counts[i]} results)</h3>" + _table(["", ""], rows))
+            parts.append(f"<h3>Environment {i + 1} ({self.env_counts[i]} results)</h3>" + _table(["", "value"], rows))
         parts.append("</section>")
         return "".join(parts)
 

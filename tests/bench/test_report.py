@@ -1,11 +1,12 @@
-"""`attnlab report` on the results of a tiny real bench run, checked in headless Chromium.
+"""`attnlab report` on the results of tiny real bench runs, checked in headless Chromium.
 
-The module fixture plants a mechanism whose name is an HTML <script> element (and
-which fails above N=64, so the run records errors), runs the real speed and recall
-suites on tiny settings into a fresh store, and writes the report. The page must load
-without console errors or network requests, decode every plot, escape the planted
-name, and list every registered mechanism; the Markdown and JSON exports must agree
-with the store, value by value.
+The module fixture plants a mechanism whose name is an HTML <script> element (it fails
+above N=64, so the speed run records errors, and has no causal mode, so the recall run
+records it as unsupported) and two peer libraries of softmax (one agreeing, one off by
+0.01), runs the real speed, peer and recall code on tiny settings into a fresh store,
+and writes the report. The page must load without console errors or network requests,
+decode every plot, escape the planted name and list every registered mechanism; the
+Markdown and JSON exports must agree with the store, value by value.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 
 from attnlab.bench.env import environment
 from attnlab.bench.peers import Peer, peer_configs, run_peer_configs
+from attnlab.bench.recall import Grid, grid_configs, run_recall
 from attnlab.bench.report import write_report
 from attnlab.bench.speed import SpeedOptions, run_speed
 from attnlab.bench.store import ResultStore
@@ -33,6 +36,7 @@ from attnlab.core import registry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from browser import open_page  # noqa: E402  (tests/browser.py)
 
+pytestmark = pytest.mark.xdist_group("report")  # one process runs the module's costly fixture (--dist loadgroup)
 PLANTED = '<script>alert("planted")</script>'
 FAILS_ABOVE = 64
 LENGTHS = (32, 64, 128)
@@ -49,13 +53,15 @@ window.addEventListener('load', () => {
   document.body.appendChild(probe);
 });
 """
+RECALL = Grid(cells=((16, 2), (16, 4)), d_models=(16,), lrs=(3e-3,), vocab_size=64, max_epochs=1,
+              train_examples=64, test_examples=32, cell_seconds=10.0)
 PLANTED_MODULE = f'''
-from attnlab.core.registry import Paper, register
+from attnlab.core.registry import Paper, Supports, register
 from attnlab.mechanisms.dense.softmax import SoftmaxAttention
 
 
 @register(name={PLANTED!r}, paper=Paper(None, "planted", 2024), family="A", cost="O(N²d)", exponent=2.0,
-          supports=SoftmaxAttention.spec.supports)
+          supports=Supports(causal=False))
 class Planted(SoftmaxAttention):
     def attend_fast(self, q, k, v, mask):
         if q.shape[-2] > {FAILS_ABOVE}:
@@ -89,7 +95,7 @@ class DisagreeingPeer(_TorchPeer):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory):
     """(store, report.html) after tiny real runs: speed of softmax and the planted mechanism, two planted
-    peers of softmax."""
+    peers of softmax, MQAR recall of softmax (two seeds) and of the planted mechanism."""
     root = tmp_path_factory.mktemp("report")
     (root / "planted_mechanism_for_report.py").write_text(textwrap.dedent(PLANTED_MODULE), encoding="utf-8")
     sys.path.insert(0, str(root))  # the speed worker processes get this path and import the module too
@@ -101,6 +107,13 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         peers = {p.name: p for p in (AgreeingPeer(), DisagreeingPeer())}
         configs = peer_configs([r.config for r in results if r.config["mechanism"] == "softmax"], peers)
         run_peer_configs(configs, store, {**environment(), "threads": 1}, peers=peers, budget_s=0.2, repeats=3, quiet=True)
+        recall = grid_configs(RECALL, ["softmax"], seeds=(0, 1)) + grid_configs(RECALL, [PLANTED])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models: one thread is faster, much faster on a busy machine
+        try:
+            run_recall(store, recall, quiet=True)
+        finally:
+            torch.set_num_threads(threads)
         page = write_report(store, root / "report")
         yield store, page
     finally:
@@ -143,7 +156,7 @@ def test_page_loads_cleanly_with_every_plot(run) -> None:
     speed = store.results("speed")
     panels = {(_family_of(r.config["mechanism"]), r.config["mode"]) for r in speed if r.status == "ok"}
     heatmaps = {(r.config["d_model"], r.config["seq_len"]) for r in store.results("recall")}
-    assert len(panels) == 2  # family A, fwd and fwd+bwd
+    assert len(panels) == 2 and len(heatmaps) == 1  # family A, fwd and fwd+bwd; d_model=16, seq_len=16
     assert images == len(panels) + len(heatmaps)
     assert decoded == images, broken
     assert scripts == 1  # the probe's own: the planted <script> name stayed text
@@ -287,6 +300,38 @@ def test_peers_show_ratios_and_disagreement_never_a_time(run) -> None:
             assert row["attnlab_over_peer"] == pytest.approx(_softmax_time(store, r.config["n"]) / r.metrics["median_s"])
         else:
             assert row["attnlab_over_peer"] is None and row["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_recall_tables_agree_with_the_store(run) -> None:
+    store, page = run
+    recall = store.results("recall")
+    assert {r.status for r in recall if r.config["mechanism"] == PLANTED} == {"unsupported"}  # no causal mode
+    softmax = [r for r in recall if r.config["mechanism"] == "softmax"]
+    assert {r.status for r in softmax} == {"ok"} and len(softmax) == 4
+    kvs = [kv for _, kv in RECALL.cells]
+    mean = {kv: np.mean([r.metrics["accuracy"] for r in softmax if r.config["num_kv_pairs"] == kv]) for kv in kvs}
+    shown = {kv: f"{math.floor(mean[kv] * 100 + 1e-9) / 100:.2f}" for kv in kvs}  # the mean over seeds, rounded down
+
+    text = page.read_text(encoding="utf-8")
+    section = text[text.index("id='recall'"):text.index("id='environment'")]
+    assert len(re.findall(r"<h3>MQAR accuracy, d_model=16, seq_len=16</h3>\s*<img ", section)) == 1
+    table = section[:section.index("<details>")]
+    rows = {m[1]: re.findall(r"<td>(.*?)</td>", m[0])[1:] for m in re.finditer(r"<tr><td>(.*?)</td>.*?</tr>", table)}
+    assert rows["softmax"] == [shown[kv] for kv in kvs]
+    assert rows[html.escape(PLANTED)] == ["<span class='status s-unsupported'>unsupported</span>"] * len(kvs)
+    details = section[section.index("<details>"):]
+    assert details.count("<tr><td>") == len(recall)  # every run listed
+
+    markdown = (page.parent / "summary.md").read_text(encoding="utf-8")
+    md = {row[0]: row[1:] for row in _md_rows(markdown, "## MQAR accuracy, d_model=16, seq_len=16")}
+    assert md == {"softmax": [shown[kv] for kv in kvs],
+                  PLANTED.replace("<", "\\<").replace(">", "\\>"): ["unsupported"] * len(kvs)}
+
+    export = json.loads((page.parent / "results.json").read_text(encoding="utf-8"))
+    cells = {(c["mechanism"], c["num_kv_pairs"]): c for c in export["recall"]}
+    for kv in kvs:
+        assert cells[("softmax", kv)]["accuracy"] == pytest.approx(mean[kv]) and cells[("softmax", kv)]["runs"] == 2
+        assert cells[(PLANTED, kv)]["accuracy"] is None and cells[(PLANTED, kv)]["status"] == "unsupported"
 
 
 def test_command_prints_path_markdown_and_json(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
