@@ -309,5 +309,5 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
             quiet=args.quiet)
         print(Path(args.db).resolve())
         return 0
-    print(report.write_report(store, Path(args.db).parent, quiet=args.quiet))
+    print(report.write_report(store, Path(args.db).parent / "report", quiet=args.quiet))
     return 0
