@@ -278,7 +278,7 @@ def test_default_suite_runs_speed_recall_report(tiny, monkeypatch, capsys):
     assert calls == [(db, True, len(results))]  # recall ran after speed, on the same store
     last = Path(out.splitlines()[-1])
     if real("attnlab.bench.report") is not None:
-        assert last.suffix == ".html" and last.exists() and last.parent == db.parent
+        assert last.suffix == ".html" and last.exists() and last.parent == db.parent / "report"
     else:
         assert last == db.resolve()
 
