@@ -29,7 +29,7 @@ from .capture import Attentions, _attnlab_modules
 from .heads import _finish, _prepare
 
 P068 = Paper("P068", "Geometric View of Attention Sinks (reference frames)", 2025, None)
-P248 = Paper("P248", "Unveiling and Harnessing Hidden Attention Sinks: Training-Free Attention Calibration", 2024, "2406.15765")
+P248 = Paper("P248", "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without Training through Attention Calibration", 2024, "2406.15765")
 
 Maps = Attentions | Sequence[Tensor] | Tensor
 
