@@ -28,7 +28,9 @@ from .heads import (
     query_key_nmi,
 )
 from .models import load_minilm, minilm_path, tiny_llama
+from .rank_collapse import rank_collapse_experiment, relative_residual, residual, residual_norm
 from .rollout import attention_flow, fuse_heads, max_flow_layered, residual_attention, rollout
+from .sinks import calibrate, calibration, sink_scores, sink_tokens
 
 __all__ = [
     "Attentions", "Record", "capture",
@@ -36,4 +38,6 @@ __all__ = [
     "offset_attention", "previous_token_score", "query_key_nmi",
     "load_minilm", "minilm_path", "tiny_llama",
     "attention_flow", "fuse_heads", "max_flow_layered", "residual_attention", "rollout",
+    "rank_collapse_experiment", "relative_residual", "residual", "residual_norm",
+    "calibrate", "calibration", "sink_scores", "sink_tokens",
 ]
