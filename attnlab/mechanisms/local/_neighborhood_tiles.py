@@ -1,0 +1,449 @@
+"""Tiled neighborhood attention: the GEMM formulation of "Faster Neighborhood Attention"
+(Hassani et al., 2024), written for the CPU, with a backward that recomputes.
+
+Positions are cut into tiles *within a dilation group* (the positions of an axis with one
+residue modulo δ; inside a group the window is undilated). A tile holds T_a consecutive
+group coordinates per axis; its halo is the box of H_a = min(T_a + k_a − 1, L) group
+coordinates per axis that holds the clamped window of every query of the tile. Per tile,
+for a batch of (batch·head, tile) pairs at once:
+
+    S = (scale · Q_tile) K_haloᵀ + B,   P = softmax(S),   O_tile = P V_halo
+
+where the additive B is −inf outside each query's own window (plus the relative position
+bias and the key padding inside it). The tables that map positions to tile slots are
+integer arithmetic, built once per (grid, kernel, dilation, causal, tile) and cached.
+
+Work goes in chunks of (batch·head, tile) pairs whose scores fit in cache. The backward
+recomputes a chunk's scores (as FlashAttention does) instead of keeping P: memory is
+q, k, v, the output and one chunk per worker thread, never N × N.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache, partial
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# Scores of one chunk stay in cache through mask, softmax and the second matmul. Measured on
+# a 2-core AMD EPYC (see benchmarks/neighborhood.py): 1–4 MiB chunks are alike, all tiles at
+# once is 1.3–1.7× slower (page faults of the large temporaries, scores read back from memory).
+CHUNK_BYTES = 2 << 20
+# The backward splits its work into at least this many units when it can (a constant, not the thread
+# count, so that the sums of partial gradients, and so the result, do not depend on the threads).
+UNITS = 8
+
+
+# -- tables ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AxisTiles:
+    """Tiles of one axis: `tiles` tiles of `tile` query slots, each against a halo of `halo` keys.
+
+    q_pos (tiles, tile) / k_pos (tiles, halo): the axis position of every query / key slot
+    (slots past the end of a group repeat its last position); real (tiles, tile): the slot
+    is the one that answers for its position (not such a repeat); keep (tiles, tile, halo):
+    key slot u is in the window of query slot t; rel (tiles, tile, halo): the relative
+    position (key − query, in group coordinates) + k − 1, the index into the bias table.
+    """
+
+    tiles: int
+    tile: int
+    halo: int
+    q_pos: Tensor
+    k_pos: Tensor
+    real: Tensor
+    keep: Tensor
+    rel: Tensor
+
+
+def axis_tiles(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> AxisTiles:
+    """The tiles of one axis (needs kernel · dilation <= length, checked by the caller)."""
+    group = torch.arange(dilation)
+    group_len = (length - group + dilation - 1) // dilation  # L_g, the longest first
+    longest = int(group_len[0])
+    tile = max(1, min(tile, longest))
+    halo = min(tile + kernel - 1, longest)
+    per_group = (group_len + tile - 1) // tile
+    first = torch.cumsum(per_group, 0) - per_group
+    g = torch.repeat_interleave(group, per_group)  # group of each tile
+    index = torch.arange(int(per_group.sum())) - first[g]  # tile index inside its group
+    glen = group_len[g][:, None]
+    slot = index[:, None] * tile + torch.arange(tile)
+    j = torch.minimum(slot, glen - 1)  # query group coordinates
+    if causal:  # keys j − k < j' <= j, not shifted at the start
+        lo, hi = j - kernel + 1, j
+        box = index * tile - kernel + 1
+    else:  # k keys, the window shifted to stay inside the group
+        lo = torch.minimum((j - kernel // 2).clamp(min=0), glen - kernel)
+        hi = lo + kernel - 1
+        box = lo[:, 0]
+    box = torch.minimum(box, (glen[:, 0] - halo).clamp(min=0)).clamp(min=0)
+    kj = box[:, None] + torch.arange(halo)  # key group coordinates (may pass the group's end)
+    key = kj[:, None, :]
+    return AxisTiles(
+        tiles=int(g.numel()),
+        tile=tile,
+        halo=halo,
+        q_pos=g[:, None] + dilation * j,
+        k_pos=g[:, None] + dilation * torch.minimum(kj, glen - 1),
+        real=slot < glen,
+        keep=(key >= lo[..., None]) & (key <= hi[..., None]),
+        rel=(key - j[..., None] + kernel - 1).clamp(0, 2 * kernel - 2),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Tiles of a grid (the outer product of the axes' tiles), positions in raster order.
+
+    q_index (tiles, tq), k_index (tiles, hk): the raster position of every query / halo key
+    slot; q_dest (tiles, tq): the position a query slot answers for, −1 for repeats;
+    keep (tiles, tq, hk): the key slot is in the query's window; axes: the axes' tables,
+    for `relative_index`.
+    """
+
+    n: int
+    tiles: int
+    tq: int
+    hk: int
+    q_index: Tensor
+    k_index: Tensor
+    q_dest: Tensor
+    keep: Tensor
+    axes: tuple[AxisTiles, ...]
+    kernel: tuple[int, ...]
+
+
+def _outer(parts: list[Tensor], reduce: str) -> Tensor:
+    """Combine per-axis tables (tiles_a, *slots_a) into (tiles_1, …, tiles_r, *slots_1, …, *slots_r)."""
+    rank, groups = len(parts), parts[0].dim()
+    out: Tensor | None = None
+    for axis, part in enumerate(parts):
+        shape = [1] * (rank * groups)
+        for i, size in enumerate(part.shape):
+            shape[rank * i + axis] = size
+        view = part.reshape(shape)
+        out = view if out is None else (out & view if reduce == "and" else out + view)
+    assert out is not None
+    return out
+
+
+@lru_cache(maxsize=16)
+def plan(
+    grid: tuple[int, ...],
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    causal: tuple[bool, ...],
+    tile: tuple[int, ...],
+    device: torch.device,
+) -> Plan:
+    """The tiling of `grid` (cached; the caller has checked the arguments)."""
+    axes = [axis_tiles(*args) for args in zip(grid, kernel, dilation, causal, tile)]
+    strides = [math.prod(grid[a + 1 :]) for a in range(len(grid))]
+    tiles = math.prod(ax.tiles for ax in axes)
+    tq = math.prod(ax.tile for ax in axes)
+    hk = math.prod(ax.halo for ax in axes)
+    q_index = _outer([ax.q_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, tq)
+    real = _outer([ax.real for ax in axes], "and").reshape(tiles, tq)
+    return Plan(
+        n=math.prod(grid),
+        tiles=tiles,
+        tq=tq,
+        hk=hk,
+        q_index=q_index.to(device),
+        k_index=_outer([ax.k_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, hk).to(device),
+        q_dest=torch.where(real, q_index, -1).to(device),
+        keep=_outer([ax.keep for ax in axes], "and").reshape(tiles, tq, hk).to(device),
+        axes=tuple(axes),
+        kernel=kernel,
+    )
+
+
+@lru_cache(maxsize=16)
+def window_bias(p: Plan, dtype: torch.dtype) -> Tensor:
+    """(tiles, tq, hk) additive: 0 inside each query's window, −inf outside (an add is much faster
+    than masked_fill_ on the CPU)."""
+    return torch.zeros(p.keep.shape, dtype=dtype, device=p.keep.device).masked_fill_(~p.keep, float("-inf"))
+
+
+@lru_cache(maxsize=4)
+def relative_index(p: Plan) -> Tensor:
+    """(tiles, tq, hk): flat index of every (query, key) slot pair into the relative position bias
+    table (2k_1 − 1, …, 2k_r − 1) (only for the bias: it is 8 bytes a pair)."""
+    rank = len(p.kernel)
+    table = [math.prod(2 * k - 1 for k in p.kernel[a + 1 :]) for a in range(rank)]
+    rel = _outer([ax.rel * s for ax, s in zip(p.axes, table)], "add")
+    return rel.reshape(p.tiles, p.tq, p.hk).to(p.q_index.device)
+
+
+# -- workers -----------------------------------------------------------------------------------
+# Every torch kernel called from one thread opens an OpenMP parallel region and waits at its end
+# for all intra-op threads. On a loaded machine a waiting thread may not run for a whole time
+# slice: with 2 threads and 6 busy processes on 2 cores one small kernel took 16 ms instead of
+# 45 µs. A chunked computation calls hundreds of kernels, so chunks run on workers instead:
+# torch.get_num_threads() Python threads, each running its kernels on one thread and taking the
+# next chunk when done (a slow worker holds up nothing but its own chunk). The caller waits once.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+_WORKER = threading.local()
+
+
+def _init_worker(barrier: threading.Barrier) -> None:
+    torch.set_num_threads(1)  # this thread's OpenMP and MKL thread counts
+    _WORKER.active = True
+    barrier.wait()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            barrier = threading.Barrier(n + 1)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="attnlab-neighborhood", initializer=_init_worker,
+                                      initargs=(barrier,))
+            for _ in range(n):
+                pool.submit(int)
+            barrier.wait()  # every worker has set its own thread count ...
+            torch.set_num_threads(n)  # ... and the process-wide default (read by new threads) is n again
+            _POOLS[n] = pool
+        return pool
+
+
+def _forget_pools() -> None:
+    _POOLS.clear()  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def run(jobs: list[Callable[[], None]], device: torch.device) -> None:
+    """Run every job, on the workers when there are several CPU threads to use. Jobs run without
+    autograd and without autocast (in the inputs' dtype), in the caller's inference mode."""
+    n = min(torch.get_num_threads(), len(jobs))
+    inference = torch.is_inference_mode_enabled()
+    queue = iter(jobs)  # shared: next() on a list iterator is atomic under the GIL
+
+    def work() -> None:
+        with torch.inference_mode(inference), torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for job in queue:
+                job()
+
+    if n <= 1 or device.type != "cpu" or getattr(_WORKER, "active", False):
+        work()
+        return
+
+    pool = _pool(torch.get_num_threads())
+    for future in [pool.submit(work) for _ in range(n)]:
+        future.result()
+
+
+# -- the computation ---------------------------------------------------------------------------
+Chunk = tuple[int, int, int, int]  # batch·head rows [r0, r1) × tiles [t0, t1)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What every chunk needs: q, k, v, out as (B·H·n, d) rows, and the additive terms."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    plan: Plan
+    heads: int
+    scale: float
+    rpb: Tensor | None  # (H, R)
+    key_bias: Tensor | None  # (B, n) additive
+    valid: Tensor | None  # (B, tiles, tq): 0 where a window is fully masked
+    bias: Tensor  # (tiles, tq, hk): window_bias
+    rel: Tensor | None  # (tiles, tq, hk): relative_index, with rpb
+
+    def chunks(self, rows: int) -> list[Chunk]:
+        """Ranges of rows and tiles with about CHUNK_BYTES of scores each."""
+        p = self.plan
+        per = max(1, CHUNK_BYTES // (p.tq * p.hk * self.q.element_size()))
+        if per >= p.tiles:
+            step = per // p.tiles
+            return [(r, min(r + step, rows), 0, p.tiles) for r in range(0, rows, step)]
+        return [(r, r + 1, t, min(t + per, p.tiles)) for r in range(rows) for t in range(0, p.tiles, per)]
+
+    def slots(self, c: Chunk) -> tuple[Tensor, Tensor, Tensor]:
+        """(query rows, destination rows — the dummy row B·H·n for repeats —, halo rows) of a chunk."""
+        p, (r0, r1, t0, t1) = self.plan, c
+        base = (torch.arange(r0, r1, device=self.q.device) * p.n)[:, None, None]
+        dest = p.q_dest[t0:t1]
+        dest = torch.where(dest >= 0, base + dest, self.q.shape[0]).reshape(-1)
+        return (base + p.q_index[t0:t1]).reshape(-1), dest, (base + p.k_index[t0:t1]).reshape(-1)
+
+    def weight(self, c: Chunk) -> Tensor | None:
+        """(chunk, tq, 1): 0 on query slots whose window is fully masked, else None."""
+        if self.valid is None:
+            return None
+        r0, r1, t0, t1 = c
+        b = torch.arange(r0, r1, device=self.q.device) // self.heads
+        return self.valid[b, t0:t1].reshape(-1, self.plan.tq, 1)
+
+    def probs(self, c: Chunk, q_rows: Tensor, k_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale·q tiles, k halos, P (chunk, tq, hk)) of a chunk."""
+        p, (r0, r1, t0, t1) = self.plan, c
+        count, d = (r1 - r0) * (t1 - t0), self.q.shape[-1]
+        qt = self.q.index_select(0, q_rows).view(count, p.tq, d).mul_(self.scale)
+        kh = self.k.index_select(0, k_rows).view(count, p.hk, d)
+        s = torch.bmm(qt, kh.transpose(1, 2)).view(r1 - r0, t1 - t0, p.tq, p.hk)
+        s += self.bias[t0:t1]
+        rows = torch.arange(r0, r1, device=self.q.device)
+        if self.rpb is not None:
+            assert self.rel is not None
+            s += self.rpb.index_select(0, rows % self.heads)[:, self.rel[t0:t1]]
+        if self.key_bias is not None:
+            s += self.key_bias.index_select(0, rows // self.heads)[:, p.k_index[t0:t1]][:, :, None, :]
+        return qt, kh, torch.softmax(s.view(count, p.tq, p.hk), dim=-1)
+
+
+def _units(chunks: list[Chunk], parts: int) -> list[list[Chunk]]:
+    """Chunks grouped for the backward: by rows when there are `parts` rows or more (units then
+    own disjoint rows of dk, dv), else each row's tiles cut into runs."""
+    rows: dict[int, list[Chunk]] = {}
+    for c in chunks:
+        rows.setdefault(c[0], []).append(c)
+    if len(rows) >= parts:
+        return list(rows.values())
+    split = -(-parts // len(rows))
+    out = []
+    for run in rows.values():
+        size = -(-len(run) // split)
+        out.extend(run[i : i + size] for i in range(0, len(run), size))
+    return out
+
+
+class TiledAttention(torch.autograd.Function):
+    """out = softmax((scale·q) kᵀ + bias) v on the tiles of a plan, chunk by chunk.
+
+    q, k, v: (B, H, n, d); rpb: (H, R) or None; key_bias: (B, n) additive or None; valid:
+    (B, tiles, tq), 0 where a query's window is fully masked (output and gradients 0), or
+    None. Output rows are written through a buffer with one dummy row that takes the
+    repeated slots of partial tiles.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rpb: Tensor | None,
+        key_bias: Tensor | None,
+        valid: Tensor | None,
+        p: Plan,
+        scale: float,
+    ) -> Tensor:
+        b, h, n, d = q.shape
+        e = v.shape[-1]  # value width
+        prob = _Problem(q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, e), p, h, scale, rpb, key_bias, valid,
+                        window_bias(p, q.dtype), None if rpb is None else relative_index(p))
+        out = q.new_empty(b * h * n + 1, e)
+
+        def chunk(c: Chunk) -> None:
+            q_rows, dest, k_rows = prob.slots(c)
+            _, _, probs = prob.probs(c, q_rows, k_rows)
+            o = torch.bmm(probs, prob.v.index_select(0, k_rows).view(-1, p.hk, e))
+            w = prob.weight(c)
+            if w is not None:
+                o *= w
+            out.index_copy_(0, dest, o.view(-1, e))
+
+        run([partial(chunk, c) for c in prob.chunks(b * h)], q.device)
+        result = out[:-1].view(b, h, n, e)
+        ctx.save_for_backward(q, k, v, rpb, key_bias, valid, result)
+        ctx.plan, ctx.scale = p, scale  # type: ignore[attr-defined]
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, rpb, key_bias, valid, out = ctx.saved_tensors  # type: ignore[attr-defined]
+        p: Plan = ctx.plan  # type: ignore[attr-defined]
+        b, h, n, d = q.shape
+        e = v.shape[-1]  # value width
+        prob = _Problem(q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, e), p, h, ctx.scale,  # type: ignore[attr-defined]
+                        rpb, key_bias, valid, window_bias(p, q.dtype), None if rpb is None else relative_index(p))
+        g, o = grad.contiguous().view(-1, e), out.reshape(-1, e)
+        dq = q.new_empty(b * h * n + 1, d)
+        dk, dv = torch.zeros_like(prob.k), torch.zeros_like(prob.v)
+        want_rpb = rpb is not None and ctx.needs_input_grad[3]  # type: ignore[attr-defined]
+        units = _units(prob.chunks(b * h), UNITS)
+        shared = len({u[0][0] for u in units}) == len(units)  # units own disjoint rows of dk, dv
+        partials: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+        def unit(i: int) -> None:
+            row = units[i][0][0]
+            if shared:
+                uk, uv, base = dk, dv, 0
+            else:  # this unit's share of one row of dk, dv, summed below in a fixed order
+                uk, uv, base = k.new_zeros(n, d), v.new_zeros(n, e), row * n
+            udr = torch.zeros_like(rpb) if want_rpb else None
+            for c in units[i]:
+                q_rows, dest, k_rows = prob.slots(c)
+                qt, kh, probs = prob.probs(c, q_rows, k_rows)
+                real = (dest < g.shape[0]).view(-1, p.tq, 1)
+                dot = g.index_select(0, q_rows).view(-1, p.tq, e) * real  # dO on the slots that answer
+                w = prob.weight(c)
+                if w is not None:
+                    dot *= w
+                delta = (dot * o.index_select(0, q_rows).view(-1, p.tq, e)).sum(-1, keepdim=True)
+                uv.index_add_(0, k_rows - base, torch.bmm(probs.transpose(1, 2), dot).view(-1, e))
+                ds = torch.bmm(dot, prob.v.index_select(0, k_rows).view(-1, p.hk, e).transpose(1, 2))
+                ds -= delta
+                ds *= probs
+                del probs
+                if udr is not None:
+                    heads = torch.arange(c[0], c[1], device=q.device) % h
+                    assert prob.rel is not None
+                    index = heads[:, None] * udr.shape[1] + prob.rel[c[2] : c[3]].reshape(1, -1)
+                    udr.view(-1).index_add_(0, index.reshape(-1), ds.reshape(-1))
+                dq.index_copy_(0, dest, torch.bmm(ds, kh).view(-1, d))
+                uk.index_add_(0, k_rows - base, torch.bmm(ds.transpose(1, 2), qt).view(-1, d))
+            partials[i] = (uk, uv, udr)
+
+        partials.extend((dk, dv, None) for _ in units)
+        run([partial(unit, i) for i in range(len(units))], q.device)
+        drpb = torch.zeros_like(rpb) if want_rpb else None
+        for i, (uk, uv, udr) in enumerate(partials):
+            if not shared:
+                row = units[i][0][0]
+                dk[row * n : (row + 1) * n] += uk
+                dv[row * n : (row + 1) * n] += uv
+            if drpb is not None and udr is not None:
+                drpb += udr
+        dq = dq[:-1].mul_(ctx.scale).view(q.shape)  # type: ignore[attr-defined]
+        return dq, dk.view(k.shape), dv.view(v.shape), drpb, None, None, None, None
+
+
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Plan,
+    *,
+    scale: float,
+    rpb: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Neighborhood attention of q, k, v (B, H, n, d) (positions flattened in raster order) on plan `p`.
+
+    rpb: (H, 2k_1 − 1, …) relative position bias; key_padding_mask: bool (B, n), True = real.
+    """
+    b, h, n, d = q.shape
+    key_bias = valid = None
+    if key_padding_mask is not None:
+        key_bias = torch.zeros(b, n, dtype=q.dtype, device=q.device)
+        key_bias.masked_fill_(~key_padding_mask, torch.finfo(q.dtype).min / 2)
+        real = key_padding_mask[:, p.k_index].view(b, p.tiles, 1, p.hk)
+        valid = (p.keep & real).any(dim=-1).to(q.dtype)
+    table = None if rpb is None else rpb.reshape(h, -1)
+    return TiledAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, key_bias, valid, p, scale)

@@ -1,0 +1,477 @@
+"""Neighborhood attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023) with
+dilation (Hassani & Shi, "Dilated Neighborhood Attention Transformer", 2022), on 1-D, 2-D and 3-D
+grids, as NATTEN defines it:
+
+    out_i = Σ_{j ∈ N(i)} softmax_j(q_i·k_j·scale + B[i, j]) v_j
+
+N(i) is a product over axes. On an axis of length L with kernel k and dilation δ, the query at
+position i belongs to the group of positions ≡ i (mod δ), where it sits at c = ⌊i/δ⌋ among
+L_g of them; its keys are the group's positions with coordinates
+  s, …, s + k − 1,   s = clamp(c − ⌊k/2⌋, 0, L_g − k)   (the window shifted, not cut, at a border),
+or, causal, c − k < c' <= c (not shifted: the first queries see fewer keys). Every query sees
+exactly k keys per axis when not causal; k = L (δ = 1) is full attention. B is the relative
+position bias rpb[h, c'_1 − c_1 + k_1 − 1, …] (group coordinates; NATTEN's (heads, 2k − 1, …)
+table; not with causal axes) plus −inf on padded keys.
+
+The fast path is the tiled GEMM formulation with a recomputing backward (_neighborhood_tiles).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...core.errors import DTypeError, ParameterError, ShapeError
+from ...core.module import Attention, Impl, KVCache
+from ...core.reference import masked_softmax
+from ...core.registry import Paper, Param, Supports, register
+from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tensor, check_tokens
+from ._neighborhood_tiles import plan, tiled_attention
+
+NAT = Paper("P019", "Neighborhood Attention Transformer", 2023, "2204.07143")
+KERNEL_SIZE = 7
+
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
+
+
+def neighborhood_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of q·k and A·v at the default kernel_size 7 on a sequence: 4·h·d·Σ_i |N(i)|."""
+    keys = n * min(KERNEL_SIZE, n)
+    if causal:
+        first = min(KERNEL_SIZE, n)
+        keys -= first * (first - 1) // 2
+    return 4.0 * heads * head_dim * keys
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def _per_axis(name: str, value: object, rank: int, kind: type) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if len(values) != rank or not all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool)) for x in values):
+        what = "an int" if kind is int else "a bool"
+        raise ParameterError(f"{name}: expected {what} or {rank} of them (one per grid axis), got {value!r}")
+    return values
+
+
+def neighborhood_args(
+    rank: int, kernel_size: IntOrTuple, dilation: IntOrTuple, causal: BoolOrTuple
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """(kernel, dilation, causal) per axis of a grid of `rank` axes, checked: k >= 1, δ >= 1, k odd
+    where not causal."""
+    kernel = _per_axis("kernel_size", kernel_size, rank, int)
+    dil = _per_axis("dilation", dilation, rank, int)
+    caus = _per_axis("causal", causal, rank, bool)
+    for axis, (k, d, c) in enumerate(zip(kernel, dil, caus)):
+        if k < 1 or d < 1:
+            raise ParameterError(f"kernel_size, dilation: expected >= 1, got kernel_size={k}, dilation={d} on axis {axis}")
+        if not c and k % 2 == 0:
+            raise ParameterError(
+                f"kernel_size: expected an odd size on a non-causal axis (the window is centred on the query), "
+                f"got {k} on axis {axis}"
+            )
+    return kernel, dil, caus
+
+
+def check_grid(grid: Sequence[int], kernel: Sequence[int], dilation: Sequence[int]) -> None:
+    """Every axis holds its dilated window: kernel_size · dilation <= the axis length."""
+    for axis, (length, k, d) in enumerate(zip(grid, kernel, dilation)):
+        if k * d > length:
+            raise ShapeError(
+                f"kernel_size: kernel_size={k} × dilation={d} = {k * d} exceeds the length {length} of axis {axis} "
+                f"of the grid {tuple(grid)}; expected kernel_size · dilation <= {length}"
+            )
+
+
+def tile_shape(kernel: Sequence[int]) -> tuple[int, ...]:
+    """Query tile of the fast path per axis (in dilation-group coordinates), chosen by measurement on a
+    2-core AMD EPYC (fwd+bwd CPU time, 8 heads of 64): smaller tiles waste fewer halo keys, larger ones
+    make larger matrix products."""
+    big = max(kernel)
+    if len(kernel) == 1:
+        return (32,) if big < 64 else (64,)
+    if len(kernel) == 2:
+        return (4, 8) if big <= 13 else (8, 8)
+    return (2, 4, 4) if big <= 3 else (4, 4, 4)
+
+
+def _check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple,
+    causal: BoolOrTuple,
+    rpb: Tensor | None,
+    key_padding_mask: Tensor | None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...], Tensor | None]:
+    """(grid, kernel, dilation, causal, key_padding_mask (batch, N)) after checking everything."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    if not 4 <= q.dim() <= 6:
+        raise ShapeError(
+            f"q: expected (batch, heads, *grid, head_dim) with a grid of 1, 2 or 3 axes, got shape {tuple(q.shape)}"
+        )
+    grid = tuple(q.shape[2:-1])
+    check_qkv(q, k, v, positions=len(grid), same_length=True)
+    kernel, dil, caus = neighborhood_args(len(grid), kernel_size, dilation, causal)
+    check_grid(grid, kernel, dil)
+    if rpb is not None:
+        check_tensor("rpb", rpb)
+        if any(caus):
+            raise ParameterError("rpb: a relative position bias is not defined with causal axes (as in NATTEN)")
+        want = (q.shape[1], *(2 * x - 1 for x in kernel))
+        if tuple(rpb.shape) != want:
+            raise ShapeError(f"rpb: expected shape (heads, 2·kernel_size − 1 per axis) = {want}, got {tuple(rpb.shape)}")
+        if rpb.dtype != q.dtype:
+            raise DTypeError(f"rpb: expected dtype {q.dtype} (as q), got {rpb.dtype}")
+    n = math.prod(grid)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask)
+        if tuple(key_padding_mask.shape) == (q.shape[0], *grid):
+            key_padding_mask = key_padding_mask.reshape(q.shape[0], n)
+        check_key_padding_mask(key_padding_mask, q.shape[0], n)
+    return grid, kernel, dil, caus, key_padding_mask
+
+
+# -- the fast path -----------------------------------------------------------------------------
+def neighborhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    causal: BoolOrTuple = False,
+    rpb: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Neighborhood attention of q, k, v (batch, heads, *grid, head_dim), a grid of 1, 2 or 3 axes.
+
+    kernel_size, dilation, causal: one value or one per axis; rpb: (heads, 2k_1 − 1, …);
+    key_padding_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
+    query whose window holds no real key gives 0); scale defaults to 1/√head_dim.
+    Forward and backward are tiled (memory O(N·window), never N×N); see _neighborhood_tiles.
+    """
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = plan(grid, kernel, dil, caus, tile_shape(kernel), q.device)
+    out = tiled_attention(
+        q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]), p,
+        scale=scale, rpb=rpb, key_padding_mask=kpm,
+    )
+    return out.view(b, h, *grid, v.shape[-1])
+
+
+# -- the reference and the plain implementation --------------------------------------------------
+def axis_windows(length: int, kernel: int, dilation: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Each query's keys on one axis, written out: (positions (L, k), real (L, k), bias index (L, k)).
+
+    Non-causal keys are the group coordinates s … s + k − 1 around c; causal ones c − k + 1 … c, those
+    below 0 not real (their position is clamped to the group's first); the bias index is c' − c + k − 1.
+    """
+    i = torch.arange(length)
+    g, c = i % dilation, i // dilation
+    t = torch.arange(kernel)
+    if causal:
+        cj = c[:, None] - kernel + 1 + t
+        real = cj >= 0
+        cj = cj.clamp(min=0)
+    else:
+        group_len = (length - g + dilation - 1) // dilation
+        start = torch.minimum((c - kernel // 2).clamp(min=0), group_len - kernel)
+        cj = start[:, None] + t
+        real = torch.ones(length, kernel, dtype=torch.bool)
+    return g[:, None] + dilation * cj, real, cj - c[:, None] + kernel - 1
+
+
+def neighborhood_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    causal: BoolOrTuple = False,
+    rpb: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, weights (batch, heads, N, N)) in float64 over the full masked matrix (positions in raster
+    order), cast back to q's dtype."""
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    n, rank = math.prod(grid), len(grid)
+    allowed = torch.ones((1,) * (2 * rank), dtype=torch.bool)
+    bias_index: list[Tensor] = []
+    for axis, args in enumerate(zip(grid, kernel, dil, caus)):
+        pos, real, rel = axis_windows(*args)
+        length = args[0]
+        keep = torch.zeros(length, length, dtype=torch.bool)
+        keep[torch.arange(length)[:, None].expand_as(pos)[real], pos[real]] = True  # keep[i, key]
+        offset = torch.zeros(length, length, dtype=torch.long)
+        offset[torch.arange(length)[:, None].expand_as(pos), pos] = rel
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = length, length
+        allowed = allowed & keep.view(shape)
+        bias_index.append(offset.view(shape))
+    mask = allowed.reshape(n, n).to(q.device)[None, None]
+    if kpm is not None:
+        mask = mask & kpm[:, None, None, :]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q64, k64, v64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k, v))
+    scores = torch.einsum("bhid,bhjd->bhij", q64, k64) * scale
+    if rpb is not None:
+        index = tuple(torch.broadcast_tensors(*bias_index))
+        scores = scores + rpb.double()[(slice(None), *index)].reshape(h, n, n).to(q.device)
+    weights = masked_softmax(scores, mask)
+    out = torch.einsum("bhij,bhjd->bhid", weights, v64).reshape(b, h, *grid, v.shape[-1])
+    return out.to(q.dtype), weights.to(q.dtype)
+
+
+def neighborhood_attention_unfold(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    causal: BoolOrTuple = False,
+    rpb: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The plain PyTorch way, the baseline of benchmarks/neighborhood.py: gather each query's
+    k_1⋯k_r keys and values into (batch, heads, N, k_1⋯k_r, head_dim) tensors and attend over them."""
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    n, rank = math.prod(grid), len(grid)
+    index = torch.zeros((1,) * (2 * rank), dtype=torch.long)
+    real = torch.ones((1,) * (2 * rank), dtype=torch.bool)
+    bias = torch.zeros((1,) * (2 * rank), dtype=torch.long)
+    for axis, args in enumerate(zip(grid, kernel, dil, caus)):
+        pos, axis_real, rel = axis_windows(*args)
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = args[0], args[1]
+        index = index + pos.view(shape) * math.prod(grid[axis + 1 :])
+        real = real & axis_real.view(shape)
+        bias = bias + rel.view(shape) * math.prod(2 * x - 1 for x in kernel[axis + 1 :])
+    window = math.prod(kernel)
+    index, real = index.reshape(n, window).to(q.device), real.reshape(n, window).to(q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keys = k.reshape(b, h, n, d)[:, :, index]  # (b, h, N, K, d)
+    values = v.reshape(b, h, n, v.shape[-1])[:, :, index]
+    scores = torch.einsum("bhnd,bhnkd->bhnk", q.reshape(b, h, n, d) * scale, keys)
+    if rpb is not None:
+        scores = scores + rpb.reshape(h, -1)[:, bias.reshape(n, window).to(q.device)]
+    keep = None if bool(real.all()) else real
+    if kpm is not None:
+        keep = kpm[:, None, index] & (real if keep is None else keep)  # (b, 1, N, K)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        weights = weights * keep.any(dim=-1, keepdim=True)  # a window without a real key gives 0
+    out = torch.einsum("bhnk,bhnkd->bhnd", weights, values)
+    return out.reshape(b, h, *grid, v.shape[-1])
+
+
+# -- the module --------------------------------------------------------------------------------
+def _rank_of(value: object) -> int | None:
+    """The grid rank a per-axis tuple fixes (None for one int)."""
+    return len(value) if isinstance(value, (tuple, list)) else None
+
+
+@register(
+    name="neighborhood",
+    paper=NAT,
+    family="A",
+    cost="O(N k^r d)",
+    exponent=1.0,
+    supports=Supports(causal=True, key_padding=True, grids=(1, 2, 3), decode=True, materialize=True),
+    params=(
+        Param("kernel_size", (int, tuple), KERNEL_SIZE, "window per axis: one int or one per axis (odd unless causal)",
+              low=1),
+        Param("dilation", (int, tuple), 1, "dilation per axis (DiNAT): one int or one per axis", low=1),
+        Param("rel_pos_bias", bool, False, "learnable relative position bias (heads, 2k − 1, …), not with causal"),
+        Param("grid_rank", int, None, "axes of the position grid (1, 2 or 3); default: those of the input, or as "
+              "many as kernel_size / dilation give", choices=(1, 2, 3), optional=True),
+    ),
+    summary="Neighborhood attention (NAT/DiNAT): each token attends to its k^r nearest, windows clamped at borders.",
+    test_params={"kernel_size": 3},
+    flops=neighborhood_flops,
+)
+class NeighborhoodAttention(Attention):
+    """Multi-head neighborhood attention on a 1-, 2- or 3-D grid of tokens.
+
+    Inputs are (batch, n, dim), (batch, H, W, dim) or (batch, D, H, W, dim): the grid rank is that of
+    the input unless grid_rank (or a kernel_size / dilation per axis) fixes it. key_padding_mask is
+    bool (batch, N) in raster order or (batch, *grid). `attend(q, k, v)` takes the projected heads as
+    (batch, heads, *grid, head_dim), or flattened as (batch, heads, N, head_dim) together with
+    `grid=(H, W, …)`, and answers in the same layout. `materialize` is (batch, heads, N, N) in raster
+    order; `step` decodes a causal module on a sequence with a sliding-window KV cache.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        kernel_size: IntOrTuple = KERNEL_SIZE,
+        dilation: IntOrTuple = 1,
+        rel_pos_bias: bool = False,
+        grid_rank: int | None = None,
+    ) -> None:
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        if grid_rank is not None and grid_rank not in (1, 2, 3):
+            raise ParameterError(f"grid_rank: expected 1, 2, 3 or None, got {grid_rank!r}")
+        ranks = {r for r in (grid_rank, _rank_of(kernel_size), _rank_of(dilation)) if r}
+        if len(ranks) > 1:
+            raise ParameterError(
+                f"kernel_size, dilation, grid_rank: expected one grid rank, got kernel_size={kernel_size!r}, "
+                f"dilation={dilation!r}, grid_rank={grid_rank!r}"
+            )
+        self.grid_rank: int | None = ranks.pop() if ranks else None
+        neighborhood_args(self.grid_rank or 1, kernel_size, dilation, causal)  # (one int each when no rank)
+        self.kernel_size, self.dilation = kernel_size, dilation
+        if rel_pos_bias and causal:
+            raise ParameterError("rel_pos_bias: a relative position bias is not defined with causal=True (as in NATTEN)")
+        self.rpb: nn.Parameter | None = None
+        if rel_pos_bias:
+            if self.grid_rank is None:
+                raise ParameterError("rel_pos_bias: the bias table needs the grid rank: give grid_rank or a kernel_size per axis")
+            kernel = neighborhood_args(self.grid_rank, kernel_size, dilation, causal)[0]
+            self.rpb = nn.Parameter(torch.zeros(heads, *(2 * k - 1 for k in kernel)))
+            nn.init.trunc_normal_(self.rpb, std=0.02)
+
+    def _options(self) -> dict[str, object]:
+        return {"kernel_size": self.kernel_size, "dilation": self.dilation, "causal": self.causal, "rpb": self.rpb}
+
+    # -- the two paths, on (batch, heads, *grid, head_dim) and a key padding mask (batch, N) ----------
+    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Fast path; here `mask` is the key padding mask (batch, N) or None (no N×N mask is ever built)."""
+        return neighborhood_attention(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
+        return neighborhood_attention_reference(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+
+    def _grid_view(self, q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (batch, heads, *grid, head_dim)."""
+        check_tensor("q", q)
+        if grid is None:
+            rank = q.dim() - 3
+            if rank not in (1, 2, 3) or rank != (self.grid_rank or rank):
+                want = f"{self.grid_rank} grid axes" if self.grid_rank else "1, 2 or 3 grid axes"
+                raise ShapeError(
+                    f"q: expected (batch, heads, *grid, head_dim) with {want}, or flat (batch, heads, N, head_dim) "
+                    f"with grid=..., got shape {tuple(q.shape)}"
+                )
+            return q, k, v
+        grid = tuple(int(g) for g in grid)
+        if not 1 <= len(grid) <= 3 or len(grid) != (self.grid_rank or len(grid)):
+            raise ShapeError(f"grid: expected {self.grid_rank or '1, 2 or 3'} axes, got {grid}")
+        if q.dim() != 4:
+            raise ShapeError(f"q: with grid=..., expected flat (batch, heads, N, head_dim), got shape {tuple(q.shape)}")
+        check_qkv(q, k, v, same_length=True)
+        if q.shape[2] != math.prod(grid):
+            raise ShapeError(
+                f"grid: {grid} holds {math.prod(grid)} positions, but q, k, v have {q.shape[2]} (at dim 2)"
+            )
+        return tuple(t.reshape(*t.shape[:2], *grid, t.shape[-1]) for t in (q, k, v))  # type: ignore[return-value]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        impl: Impl = "fast",
+        grid: Sequence[int] | None = None,
+    ) -> Tensor:
+        """The attention core on projected heads: (batch, heads, *grid, head_dim), or flat with `grid`."""
+        if attn_mask is not None:
+            raise ValueError("attn_mask: neighborhood attention takes no attention mask (only key_padding_mask)")
+        qg, kg, vg = self._grid_view(q, k, v, grid)
+        check_qkv(qg, kg, vg, positions=qg.dim() - 3, same_length=True)
+        if qg.shape[1] != self.heads:
+            raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {qg.shape[1]} in shape {tuple(q.shape)}")
+        if impl == "fast":
+            out = self.attend_fast(qg, kg, vg, key_padding_mask)
+        elif impl == "reference":
+            out = self.attend_reference(qg, kg, vg, key_padding_mask)[0]
+        else:
+            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        return out.reshape(*q.shape[:-1], v.shape[-1])
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        check_tensor("x", x)
+        rank = self.grid_rank or min(max(x.dim() - 2, 1), 3)
+        check_tokens("x", x, self.dim, grid_rank=rank)
+        check_finite("x", x)
+        return tuple(  # type: ignore[return-value]
+            proj(x).unflatten(-1, (self.heads, self.head_dim)).movedim(-2, 1)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+
+    @staticmethod
+    def _no_context(context: Tensor | None, attn_mask: Tensor | None) -> None:
+        if context is not None:
+            raise ValueError("context: neighborhood attention does not support cross-attention")
+        if attn_mask is not None:
+            raise ValueError("attn_mask: neighborhood attention takes no attention mask (only key_padding_mask)")
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        impl: Impl = "fast",
+    ) -> Tensor:
+        """x (batch, *grid, dim) -> the same shape."""
+        self._no_context(context, attn_mask)
+        q, k, v = self._heads(x)
+        out = self.attend(q, k, v, key_padding_mask=key_padding_mask, impl=impl)
+        return self.out_proj(out.movedim(1, -2).flatten(-2))
+
+    def materialize(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The attention matrix (batch, heads, N, N), positions in raster order."""
+        self._no_context(context, attn_mask)
+        q, k, v = self._heads(x)
+        return self.attend_reference(q, k, v, key_padding_mask)[1]
+
+    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        """Decode one position of a causal module on a sequence: x_t (batch, 1, dim) -> (y_t, state).
+        The cache keeps the last (k − 1)·δ + 1 keys and values; the query attends to every δ-th of them."""
+        if not self.causal or (self.grid_rank or 1) != 1:
+            raise ValueError("step: decoding needs a causal module on a sequence (causal=True, one grid axis)")
+        check_tokens("x_t", x_t, self.dim)
+        if x_t.shape[1] != 1:
+            raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
+        q, k, v = self.project(x_t)
+        if state is not None:
+            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        (kernel,), (dil,), _ = neighborhood_args(1, self.kernel_size, self.dilation, True)
+        span = (kernel - 1) * dil + 1
+        k, v = k[:, :, -span:], v[:, :, -span:]
+        picked = torch.arange(k.shape[2] - 1, -1, -dil, device=k.device)[:kernel]
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k[:, :, picked]) / math.sqrt(self.head_dim)
+        out = torch.softmax(scores, dim=-1) @ v[:, :, picked]
+        return self.out_proj(self.merge_heads(out)), KVCache(k, v)

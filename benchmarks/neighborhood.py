@@ -1,0 +1,194 @@
+"""Neighborhood attention on the CPU: the tiled fast path against the plain unfold implementation
+and dense SDPA, forward + backward, in one run.
+
+    .venv/bin/python benchmarks/neighborhood.py                       # every case, 3 rounds
+    .venv/bin/python benchmarks/neighborhood.py --cases 2d-7 --rounds 5 --json out.json
+
+Batch 1, 8 heads, head dim 64, float32. Each call is the forward of the attention core on q, k, v
+that require grad and the backward of (out · g).sum() for a fixed random g. Cases:
+
+* 2d-7, 2d-13   — a 64×64 grid, 7×7 / 13×13 windows: `neighborhood_attention` (fast),
+                  `neighborhood_attention_unfold` (gathers every query's k² keys) and dense SDPA
+                  over the 4,096 tokens without a mask;
+* 1d-causal-256 — N = 16,384, a causal window of 256: fast against causal SDPA;
+* memory        — peak memory of the fast path at 64×64 and 128×128 (7×7 and 13×13).
+
+Times: every round times every contender of every case once more (`attnlab.bench.timing.measure`:
+the median of the calls that fit in --budget seconds, at least one), after one warm-up call
+each; ratios are taken within a round (the machine may be shared) and the median over rounds is
+reported. Peak memory is the rise of the resident set during one call, measured in a fresh
+process started with MALLOC_MMAP_THRESHOLD_=65536 (see attnlab.bench.timing); the times are taken
+in this process, with the allocator's defaults.
+
+Acceptance targets (issue 5): 2-D fwd+bwd >= 5× faster than unfold and >= 3× than dense SDPA;
+memory 64×64 -> 128×128 <= 4.6×; causal 1-D >= 4× faster than causal SDPA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.bench.timing import MMAP_THRESHOLD_ENV, measure
+from attnlab.mechanisms.local.neighborhood import neighborhood_attention, neighborhood_attention_unfold
+
+HEADS, HEAD_DIM = 8, 64
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    grid: tuple[int, ...]
+    kernel: int
+    causal: bool
+    contenders: tuple[str, ...]
+
+
+CASES = {
+    "2d-7": Case("2d-7", (64, 64), 7, False, ("fast", "unfold", "sdpa")),
+    "2d-13": Case("2d-13", (64, 64), 13, False, ("fast", "unfold", "sdpa")),
+    "1d-causal-256": Case("1d-causal-256", (16384,), 256, True, ("fast", "sdpa")),
+}
+MEMORY = [("2d-7", (64, 64)), ("2d-7", (128, 128)), ("2d-13", (64, 64)), ("2d-13", (128, 128))]
+TARGETS = {  # (case, slower contender): least speed-up of the fast path
+    ("2d-7", "unfold"): 5.0,
+    ("2d-7", "sdpa"): 3.0,
+    ("2d-13", "unfold"): 5.0,
+    ("2d-13", "sdpa"): 3.0,
+    ("1d-causal-256", "sdpa"): 4.0,
+}
+MEMORY_RATIO_MAX = 4.6
+
+
+def call(case: Case, contender: str, grid: tuple[int, ...] | None = None) -> Callable[[], None]:
+    """One forward + backward of `contender` on fresh inputs of the case (grid overridable)."""
+    grid = case.grid if grid is None else grid
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, *grid, HEAD_DIM, generator=gen).requires_grad_(True) for _ in range(3))
+    g = torch.randn(1, HEADS, *grid, HEAD_DIM, generator=gen)
+
+    def forward() -> torch.Tensor:
+        if contender == "fast":
+            return neighborhood_attention(q, k, v, kernel_size=case.kernel, causal=case.causal)
+        if contender == "unfold":
+            return neighborhood_attention_unfold(q, k, v, kernel_size=case.kernel, causal=case.causal)
+        if contender == "sdpa":  # dense over the flattened grid (causal: causal SDPA), no mask
+            flat = [t.flatten(2, -2) for t in (q, k, v)]
+            return F.scaled_dot_product_attention(*flat, is_causal=case.causal).view(g.shape)
+        raise ValueError(f"contender: expected fast, unfold or sdpa, got {contender!r}")
+
+    def run() -> None:
+        forward().backward(g)
+        for t in (q, k, v):  # the gradients are part of the call: freed after it, not before the next
+            t.grad = None
+
+    return run
+
+
+def memory_of(case: str, contender: str, grid: tuple[int, ...]) -> int | None:
+    """Peak bytes of one call, measured in a fresh process with MALLOC_MMAP_THRESHOLD_ set."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", case, contender, ",".join(map(str, grid))]
+    env = {**os.environ, **MMAP_THRESHOLD_ENV}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def memory_worker(case: str, contender: str, grid: str) -> None:
+    fn = call(CASES[case], contender, tuple(int(x) for x in grid.split(",")))
+    timing = measure(fn, warmup=1, repeats=1, budget_s=1e-3, memory=True)
+    print(json.dumps({"peak_bytes": timing.peak_mem_bytes}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=3, help="times every contender this many times (default 3)")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement (at least one call)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurements")
+    parser.add_argument("--json", default="attnlab-results/neighborhood-bench.json", help="where to write the results")
+    parser.add_argument("--memory-worker", nargs=3, metavar=("CASE", "CONTENDER", "GRID"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(*args.memory_worker)
+        return 0
+    cases = [CASES[name] for name in args.cases.split(",")]
+    fns = {(c.name, who): call(c, who) for c in cases for who in c.contenders}
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+    for r in range(args.rounds):
+        for key, fn in fns.items():
+            times[key].append(measure(fn, warmup=0, repeats=5, budget_s=args.budget).median_s)
+            print(f"round {r + 1}/{args.rounds}  {key[0]:<14} {key[1]:<7} {times[key][-1]:8.3f} s", file=sys.stderr)
+    ratios = {
+        key: [t / f for t, f in zip(ts, times[(key[0], "fast")])] for key, ts in times.items() if key[1] != "fast"
+    }
+    peaks: dict[str, int | None] = {}
+    if not args.no_memory:
+        for c in cases:
+            for who in c.contenders:
+                peaks[f"{c.name}/{who}/{'x'.join(map(str, c.grid))}"] = memory_of(c.name, who, c.grid)
+        for name, grid in MEMORY:
+            key = f"{name}/fast/{'x'.join(map(str, grid))}"
+            if key not in peaks:
+                peaks[key] = memory_of(name, "fast", grid)
+
+    print(f"\nneighborhood attention, fwd+bwd, batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'case':<15}{'contender':<10}{'median s':>10}{'peak MiB':>10}{'× fast (median, min)':>24}{'target':>9}")
+    checks: dict[str, bool] = {}
+    for c in cases:
+        for who in c.contenders:
+            key = (c.name, who)
+            peak = peaks.get(f"{c.name}/{who}/{'x'.join(map(str, c.grid))}")
+            mib = f"{peak / 2**20:.0f}" if peak is not None else "-"
+            rel, target = "", ""
+            if who != "fast":
+                rel = f"{statistics.median(ratios[key]):.1f}, {min(ratios[key]):.1f}"
+                goal = TARGETS.get(key)
+                if goal is not None:
+                    ok = statistics.median(ratios[key]) >= goal
+                    checks[f"{c.name}: fast >= {goal}x {who}"] = ok
+                    target = f">={goal:.0f} {'ok' if ok else 'MISS'}"
+            print(f"{c.name:<15}{who:<10}{statistics.median(times[key]):>10.3f}{mib:>10}{rel:>24}{target:>9}")
+    memory_ratios = {}
+    for name in {n for n, _ in MEMORY}:
+        small, large = peaks.get(f"{name}/fast/64x64"), peaks.get(f"{name}/fast/128x128")
+        if small and large:
+            memory_ratios[name] = large / small
+            ok = memory_ratios[name] <= MEMORY_RATIO_MAX
+            checks[f"{name}: memory 128x128 / 64x64 <= {MEMORY_RATIO_MAX}"] = ok
+            print(f"memory {name}: 64×64 {small / 2**20:.0f} MiB, 128×128 {large / 2**20:.0f} MiB, "
+                  f"ratio {memory_ratios[name]:.2f} (<= {MEMORY_RATIO_MAX} {'ok' if ok else 'MISS'})")
+    result = {
+        "env": {
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "loadavg": os.getloadavg(), "rounds": args.rounds, "budget_s": args.budget,
+        },
+        "times_s": {f"{c}/{w}": ts for (c, w), ts in times.items()},
+        "ratios_to_fast": {f"{c}/{w}": rs for (c, w), rs in ratios.items()},
+        "peak_bytes": peaks,
+        "memory_ratios": memory_ratios,
+        "targets_met": checks,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.json}; targets met: {sum(checks.values())}/{len(checks)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
