@@ -1,0 +1,593 @@
+"""`attnlab bench recall`: multi-query associative recall (MQAR, Zoology P243) for every causal mechanism.
+
+    attnlab bench recall                               the CPU-scale default grid, every causal mechanism
+    attnlab bench recall --grid panel                  the small panel of `make bench`
+    attnlab bench recall --grid zoology --mechanisms softmax     Zoology's Figure 2 grid (GPU scale)
+    attnlab bench recall --mechanisms softmax,rope --seq-lens 64 --kv 4 --d-models 64 --json -
+
+The model is a 2-layer causal language model: token embedding plus a learned absolute
+position embedding (as Zoology's attention models), then twice a pre-norm residual
+mixer — the mechanism, built with `attnlab.build(name, dim=d_model, heads=HEADS,
+causal=True, **params)` — and a pre-norm residual MLP (4·d_model, GELU), a final
+LayerNorm and a linear LM head. (Zoology ties the head to the embedding; untied, with
+PyTorch's default initialisation, the dense baseline leaves the "any value of the
+prefix" plateau at 25 % accuracy several times sooner, which is what makes a CPU-sized
+run possible.) The loss is the cross-entropy on the queried positions (the only
+labelled ones), the accuracy the fraction of queried positions whose arg-max is the
+paired value, on a held-out set drawn with another seed (seed + 10, as Zoology). AdamW
+(weight decay 0.1), linear warm-up over 10 % of the steps, then cosine decay to 0 at
+`max_epochs`; training stops once the validation accuracy, measured after every epoch,
+reaches 0.99. Model, data and batch order are seeded from the configuration's seed; the
+batch size is 64, or Zoology's (512 for L ≤ 128, 256, 128 for L = 512) for Zoology's
+data size; both it and the rest of the recipe are recorded in the metrics ("recipe").
+The non-query positions of the inputs are 0 (`random_non_queries=False`, as Zoology's
+Figure 2 runs).
+
+A mechanism without a causal mode is recorded as "unsupported" (a bidirectional mixer
+would see the answer), as is one without 1-D token sequences. A configuration already in
+the store is skipped (resume); its stored result is reported.
+
+Grids (4·kv > L cells are skipped): "default" L ∈ {64, 128, 256}, kv ∈ {4, 8, 16, 32},
+d_model ∈ {64, 128}, CPU-sized: vocabulary 512, 8 000 training and 1 000 test examples,
+lr 3e-3, at most 16 epochs and 60 s of training per configuration; "zoology" Zoology's Figure 2 — (L, kv) ∈ {(64, 4),
+(128, 8), (256, 16), (512, 64)}, d_model ∈ {64, 128, 256, 512}, learning rates
+logspace(-4, -2, 4), vocabulary 8192, 100 000 training and 3 000 test examples, 64
+epochs, batch 512/512/256/128 by L (each learning rate is its own configuration: the
+report takes the best, as Zoology does); "panel" the `make bench` panel, dense softmax at
+L=64, kv=4, d_model=64 (no time cap: it converges in 5 epochs, about a minute on one
+core) and then every other mechanism at that cell (60 s cap each), starting nothing after
+150 s; the cells left are trained by the next run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.errors import ParameterError
+from ..core.registry import CAUSAL_PARAM, COMMON_PARAMS, Spec, get, list_mechanisms
+from ..tasks.mqar import IGNORE_INDEX, check_mqar, mqar
+from .env import environment
+from .progress import progress, say
+from .store import DEFAULT_DB, ResultStore, canonical
+
+SUITE = "recall"
+LAYERS = 2
+HEADS = 1  # Zoology's attention baseline is single-headed
+MLP_RATIO = 4
+WARMUP_FRACTION = 0.1
+TARGET_ACCURACY = 0.99
+WEIGHT_DECAY = 0.1
+THREADS = 1  # these models are small: one thread wastes nothing waiting on another, and suffers least from load
+TEST_SEED_OFFSET = 10  # the held-out set's seed is the training seed + 10, as Zoology's
+_COMMON_NAMES = {p.name for p in COMMON_PARAMS} | {CAUSAL_PARAM.name}
+
+
+# -- the model --------------------------------------------------------------------------------
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, mixer: nn.Module, d_model: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, MLP_RATIO * d_model), nn.GELU(), nn.Linear(MLP_RATIO * d_model, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class RecallModel(nn.Module):
+    """A causal language model with `layers` blocks whose mixer is the mechanism `mechanism`."""
+
+    def __init__(
+        self,
+        mechanism: str,
+        params: dict[str, Any],
+        *,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int,
+        layers: int = LAYERS,
+        heads: int = HEADS,
+    ) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(get(mechanism).build(dim=d_model, heads=heads, causal=True, **params), d_model) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """(batch, n) token ids -> (batch, n, d_model) final-norm states."""
+        n = tokens.shape[1]
+        if n > self.seq_len:
+            raise ValueError(f"tokens: expected at most seq_len={self.seq_len} positions, got {n}")
+        h = self.embed(tokens) + self.position[:n]
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(batch, n) token ids -> (batch, n, vocab_size) next-token logits."""
+        return self.head(self.hidden(tokens))
+
+    def query_logits(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and labels at the queried positions only, (q, vocab_size) and (q,)."""
+        mask = labels != IGNORE_INDEX
+        return self.head(self.hidden(tokens)[mask]), labels[mask]
+
+
+# -- configurations ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A family of configurations: (seq_len, kv) cells × d_models × learning rates, one data recipe."""
+
+    cells: tuple[tuple[int, int], ...]
+    d_models: tuple[int, ...]
+    lrs: tuple[float, ...]
+    vocab_size: int
+    max_epochs: int
+    train_examples: int
+    test_examples: int
+    cell_seconds: float | None  # time cap of one configuration's training, None for none
+
+
+def _product(seq_lens: Iterable[int], kvs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((n, kv) for n in seq_lens for kv in kvs if 4 * kv <= n)
+
+
+GRIDS: dict[str, Grid] = {
+    "default": Grid(_product((64, 128, 256), (4, 8, 16, 32)), (64, 128), (3e-3,), 512, 16, 8_000, 1_000, 60.0),
+    "zoology": Grid(
+        ((64, 4), (128, 8), (256, 16), (512, 64)),
+        (64, 128, 256, 512),
+        tuple(float(f"{x:.6g}") for x in torch.logspace(-4, -2, 4, dtype=torch.float64).tolist()),
+        8192, 64, 100_000, 3_000, None,
+    ),
+    "panel": Grid(((64, 4),), (64,), (3e-3,), 512, 16, 8_000, 1_000, 60.0),
+}
+PANEL_MECHANISM = "softmax"  # the acceptance cell: dense softmax reaches 0.99 at L=64, kv=4, d_model=64
+PANEL_SECONDS = 150.0  # the panel starts no configuration after this (the next run does the rest)
+CPU_BATCH = 64
+ZOOLOGY_TRAIN_EXAMPLES = 100_000
+
+
+def batch_size(config: dict[str, Any]) -> int:
+    """The batch size of a configuration: Zoology's (by L) at Zoology's data size, else 64 (CPU scale)."""
+    if config["train_examples"] >= ZOOLOGY_TRAIN_EXAMPLES:
+        n = config["seq_len"]
+        return 512 if n <= 128 else 256 if n <= 256 else 128 if n <= 512 else 64
+    return min(CPU_BATCH, config["train_examples"])
+
+
+def mechanism_params(spec: Spec) -> dict[str, Any]:
+    """The mechanism's own parameters: defaults, and the registry's test value of required ones."""
+    out: dict[str, Any] = {}
+    for p in spec.params:
+        if p.name in _COMMON_NAMES:
+            continue
+        if not p.required:
+            out[p.name] = p.default
+        elif p.name in spec.test_params:
+            out[p.name] = spec.test_params[p.name]
+    return json.loads(canonical(out))  # tuples -> lists, as stored
+
+
+def make_config(
+    mechanism: str,
+    params: dict[str, Any],
+    *,
+    seq_len: int,
+    num_kv_pairs: int,
+    d_model: int,
+    vocab_size: int,
+    seed: int,
+    lr: float,
+    max_epochs: int,
+    train_examples: int,
+    test_examples: int,
+    layers: int = LAYERS,
+) -> dict[str, Any]:
+    """A recall configuration with the agreed keys (see the store's formats); checks the MQAR setting."""
+    check_mqar(seq_len, num_kv_pairs, vocab_size)
+    for name, value in (("d_model", d_model), ("max_epochs", max_epochs), ("train_examples", train_examples),
+                        ("test_examples", test_examples), ("layers", layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected > 0, got {lr!r}")
+    return {
+        "mechanism": mechanism, "params": params, "seq_len": seq_len, "num_kv_pairs": num_kv_pairs,
+        "d_model": d_model, "vocab_size": vocab_size, "seed": seed, "lr": float(lr), "max_epochs": max_epochs,
+        "train_examples": train_examples, "test_examples": test_examples, "layers": layers,
+    }
+
+
+def grid_configs(
+    grid: Grid,
+    mechanisms: Sequence[str],
+    *,
+    seeds: Sequence[int] = (0,),
+    seq_lens: Sequence[int] | None = None,
+    kvs: Sequence[int] | None = None,
+    d_models: Sequence[int] | None = None,
+    lrs: Sequence[float] | None = None,
+    max_epochs: int | None = None,
+    vocab_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """The configurations of `grid` for `mechanisms`, with any dimension overridden; 4·kv > L cells skipped."""
+    cells = grid.cells
+    if seq_lens is not None or kvs is not None:
+        cells = _product(seq_lens or sorted({n for n, _ in grid.cells}), kvs or sorted({kv for _, kv in grid.cells}))
+    out = []
+    for name in mechanisms:
+        params = mechanism_params(get(name))
+        for n, kv in cells:
+            for d in d_models or grid.d_models:
+                for lr in lrs or grid.lrs:
+                    for seed in seeds:
+                        out.append(make_config(
+                            name, params, seq_len=n, num_kv_pairs=kv, d_model=d, vocab_size=vocab_size or grid.vocab_size,
+                            seed=seed, lr=lr, max_epochs=max_epochs or grid.max_epochs,
+                            train_examples=grid.train_examples, test_examples=grid.test_examples,
+                        ))
+    return out
+
+
+# -- training ---------------------------------------------------------------------------------
+def unsupported_reason(spec: Spec) -> str | None:
+    """Why `spec` cannot be the mixer of a causal language model, or None."""
+    supports = spec.supports
+    if supports is None:
+        return None
+    if not supports.causal:
+        return f"{spec.name} has no causal mode: a bidirectional mixer would see the answers"
+    if 1 not in supports.grids:
+        return f"{spec.name} runs on {'/'.join(f'{g}-D' for g in supports.grids)} grids, not token sequences"
+    return None
+
+
+def empty_metrics(note: str) -> dict[str, Any]:
+    return {"accuracy": None, "best_accuracy": None, "epochs": 0, "train_seconds": 0.0, "converged": False, "note": note}
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at `step`: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@torch.no_grad()
+def accuracy(model: RecallModel, inputs: Tensor, labels: Tensor, *, batch: int = 256) -> float:
+    """The fraction of queried positions whose arg-max prediction is the paired value."""
+    model.eval()
+    right = total = 0
+    for i in range(0, inputs.shape[0], batch):
+        logits, target = model.query_logits(inputs[i : i + batch], labels[i : i + batch])
+        right += int((logits.argmax(-1) == target).sum())
+        total += target.numel()
+    return right / max(total, 1)
+
+
+def _label(config: dict[str, Any]) -> str:
+    return (f"{config['mechanism']} L={config['seq_len']} kv={config['num_kv_pairs']} "
+            f"d={config['d_model']} lr={config['lr']:g}")
+
+
+def train_recall(
+    config: dict[str, Any], *, time_budget_s: float | None = None, quiet: bool = False
+) -> tuple[str, dict[str, Any]]:
+    """Train the configuration's model on MQAR; (status, metrics) in the agreed format.
+
+    Stops at validation accuracy >= 0.99 (checked after every epoch), after `max_epochs`,
+    or, when `time_budget_s` is given, at the first step past it (then evaluated, with a
+    note). A mechanism that cannot run causally is "unsupported"; one the registry refuses
+    to build with these parameters too; an exception while training is an "error".
+    """
+    spec = get(config["mechanism"])
+    why = unsupported_reason(spec)
+    if why:
+        return "unsupported", empty_metrics(why)
+    n, kv, vocab, seed = config["seq_len"], config["num_kv_pairs"], config["vocab_size"], config["seed"]
+    train = mqar(config["train_examples"], n, kv, vocab_size=vocab, seed=seed, random_non_queries=False)
+    test = mqar(config["test_examples"], n, kv, vocab_size=vocab, seed=seed + TEST_SEED_OFFSET, random_non_queries=False)
+    bs = batch_size(config)
+    steps_per_epoch = math.ceil(config["train_examples"] / bs)
+    total_steps = steps_per_epoch * config["max_epochs"]
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    recipe = {"batch_size": bs, "heads": HEADS, "warmup_steps": warmup, "mlp_ratio": MLP_RATIO,
+              "weight_decay": WEIGHT_DECAY, "random_non_queries": False}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = RecallModel(config["mechanism"], config["params"], vocab_size=vocab, seq_len=n,
+                                d_model=config["d_model"], layers=config["layers"])
+        except ParameterError as err:
+            return "unsupported", empty_metrics(f"{spec.name} does not build here: {err}")
+        except Exception as err:  # a broken mechanism is a result, not a crash of the run
+            return "error", empty_metrics(f"building the model: {type(err).__name__}: {err}")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=WEIGHT_DECAY)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup))
+        order = torch.Generator().manual_seed(seed)
+        history: list[float] = []
+        note = None
+        start = time.perf_counter()
+        try:
+            for epoch in range(config["max_epochs"]):
+                model.train()
+                perm = torch.randperm(config["train_examples"], generator=order)
+                last = f"acc {history[-1]:.3f}" if history else "acc -"
+                desc = f"{_label(config)} epoch {epoch + 1}/{config['max_epochs']} {last}"
+                for i in progress(range(steps_per_epoch), total=steps_per_epoch, desc=desc, quiet=quiet):
+                    idx = perm[i * bs : (i + 1) * bs]
+                    logits, target = model.query_logits(train.inputs[idx], train.labels[idx])
+                    loss = F.cross_entropy(logits, target)
+                    if not torch.isfinite(loss):
+                        note = f"the loss became {loss.item()} in epoch {epoch + 1}"
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                        note = f"stopped at the time budget of {time_budget_s:g} s in epoch {epoch + 1}"
+                        break
+                history.append(accuracy(model, test.inputs, test.labels))
+                if note or history[-1] >= TARGET_ACCURACY:
+                    break
+        except Exception as err:  # likewise a mechanism failing inside the model
+            return "error", {**empty_metrics(f"{type(err).__name__}: {err}"), "epochs": len(history)}
+    metrics: dict[str, Any] = {
+        "accuracy": history[-1] if history else None,
+        "best_accuracy": max(history) if history else None,
+        "epochs": len(history),
+        "train_seconds": round(time.perf_counter() - start, 3),
+        "converged": bool(history) and history[-1] >= TARGET_ACCURACY,
+        "history": [round(a, 4) for a in history],
+        "recipe": recipe,
+    }
+    if note:
+        metrics["note"] = note
+    return "ok", metrics
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def run_recall(
+    store: ResultStore,
+    configs: Sequence[dict[str, Any]],
+    *,
+    cell_seconds: float | None = None,
+    total_seconds: float | None = None,
+    threads: int = THREADS,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Train every configuration not in the store yet and record it; the results of `configs`, in order.
+
+    A configuration already stored is not trained again (resume). After `total_seconds`
+    no configuration is started (the next run does them); each trains for at most
+    `cell_seconds`. Training uses `threads` torch threads (recorded in the environment;
+    the caller's setting is restored). Returns {"config", "status", "metrics"} for every configuration with a
+    result, stored ones included.
+    """
+    deadline = None if total_seconds is None else time.monotonic() + total_seconds
+    not_reached = 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        env = environment()
+        for config in progress(configs, total=len(configs), desc="recall", quiet=quiet):
+            if store.done(SUITE, config):
+                continue
+            why = unsupported_reason(get(config["mechanism"]))
+            if why is None and deadline is not None and time.monotonic() > deadline:
+                not_reached += 1  # (an unsupported one costs nothing: it is recorded all the same)
+                continue
+            if why is None:
+                status, metrics = train_recall(config, time_budget_s=cell_seconds, quiet=quiet)
+            else:
+                status, metrics = "unsupported", empty_metrics(why)
+            store.record(SUITE, config, status, metrics, env)
+            say(f"recall: {_label(config)}: {_summary(status, metrics)}", quiet=quiet)
+    finally:
+        torch.set_num_threads(before)
+    if not_reached:
+        say(f"recall: {not_reached} configurations not reached within {total_seconds:g} s; run again to train them",
+            quiet=quiet)
+    wanted = {canonical(c): i for i, c in enumerate(configs)}
+    found = [r for r in store.results(SUITE) if canonical(r.config) in wanted]
+    found.sort(key=lambda r: wanted[canonical(r.config)])
+    return [{"config": r.config, "status": r.status, "metrics": r.metrics} for r in found]
+
+
+def _summary(status: str, metrics: dict[str, Any]) -> str:
+    if status != "ok":
+        return f"{status} ({metrics.get('note', '')})"
+    done = "converged" if metrics["converged"] else "not converged"
+    note = f"; {metrics['note']}" if metrics.get("note") else ""
+    return (f"accuracy {metrics['accuracy']:.3f} after {metrics['epochs']} epochs, "
+            f"{metrics['train_seconds']:.0f} s, {done}{note}")
+
+
+def panel_order(mechanisms: Sequence[str]) -> list[str]:
+    """The mechanisms without repeats, dense softmax (the acceptance cell) first."""
+    return sorted(dict.fromkeys(mechanisms), key=lambda name: name != PANEL_MECHANISM)
+
+
+def panel_configs() -> list[dict[str, Any]]:
+    """The `make bench` panel: dense softmax first, then every other mechanism, at L=64, kv=4, d_model=64."""
+    return grid_configs(GRIDS["panel"], panel_order(["softmax", *(s.name for s in list_mechanisms())]))
+
+
+def run_panel(
+    store: ResultStore,
+    configs: Sequence[dict[str, Any]],
+    *,
+    cell_seconds: float | None,
+    total_seconds: float | None,
+    threads: int = THREADS,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Run panel configurations: the acceptance cell (dense softmax, first) without a time cap, the rest with one.
+
+    The acceptance cell trains until it converges or reaches its epoch limit; the time it
+    takes counts against `total_seconds`, after which no further configuration starts.
+    """
+    first = [c for c in configs[:1] if c["mechanism"] == PANEL_MECHANISM]
+    start = time.monotonic()
+    out = run_recall(store, first, threads=threads, quiet=quiet)
+    left = None if total_seconds is None else max(0.0, total_seconds - (time.monotonic() - start))
+    rest = configs[len(first) :]
+    return out + run_recall(store, rest, cell_seconds=cell_seconds, total_seconds=left, threads=threads, quiet=quiet)
+
+
+def run_default_panel(store: ResultStore, quiet: bool = False) -> list[dict[str, Any]]:
+    """The recall part of `make bench`: the panel (see `panel_configs`), starting nothing after PANEL_SECONDS.
+
+    Cells not reached in time are trained by the next run (the finished ones are kept).
+    """
+    configs = panel_configs()
+    say(f"bench: recall panel (MQAR L=64, kv=4, d_model=64) of {len(configs)} mechanisms for about "
+        f"{PANEL_SECONDS:g} s", quiet=quiet)
+    return run_panel(store, configs, cell_seconds=GRIDS["panel"].cell_seconds, total_seconds=PANEL_SECONDS,
+                     quiet=quiet)
+
+
+# -- command line -------------------------------------------------------------------------------
+def _list_of(kind: type, what: str, minimum: float = 1) -> Any:
+    """An argparse type: comma-separated values of `kind`, each >= minimum."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} >= {minimum:g}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `attnlab bench recall`."""
+    parser.add_argument("--mechanisms", default="all", metavar="A,B|all",
+                        help="mechanisms to train (default all; one without a causal mode is recorded as unsupported)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
+                        help="default: CPU scale, L 64/128/256 × kv 4/8/16/32 × d_model 64/128; zoology: Zoology's "
+                        "Figure 2 grid (GPU scale); panel: the small panel of `make bench`")
+    parser.add_argument("--seq-lens", type=_list_of(int, "lengths"), metavar="L,..", help="sequence lengths (even)")
+    parser.add_argument("--kv", type=_list_of(int, "kv pair counts"), metavar="K,..", help="key-value pairs per example")
+    parser.add_argument("--d-models", type=_list_of(int, "widths"), metavar="D,..", help="model widths")
+    parser.add_argument("--lr", type=_list_of(float, "learning rates", 0.0), metavar="LR,..",
+                        help="learning rates (each its own configuration)")
+    parser.add_argument("--epochs", type=_positive(int), metavar="E", help="most epochs of training (default: the grid's)")
+    parser.add_argument("--seed", type=_list_of(int, "seeds", 0), default=(0,), metavar="S,..",
+                        help="seeds of data and model (default 0)")
+    parser.add_argument("--vocab", type=_positive(int), metavar="V",
+                        help="vocabulary size (must exceed L; default: the grid's, 512 or 8192 for zoology)")
+    parser.add_argument("--cell-seconds", type=_positive(float), default=None, metavar="S",
+                        help="time cap of one configuration's training (default: the grid's: 60 s default, "
+                        "60 s panel but none for its dense softmax cell, none zoology)")
+    parser.add_argument("--total-seconds", type=_positive(float), default=None, metavar="S",
+                        help="start no configuration after S seconds; the next run trains the rest "
+                        f"(default: no limit, {PANEL_SECONDS:g} s for the panel)")
+    parser.add_argument("--threads", type=_positive(int), default=THREADS, metavar="N",
+                        help=f"torch threads for training (default {THREADS})")
+    parser.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or to stdout with -")
+    parser.add_argument("--db", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"the results database (default {DEFAULT_DB})")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or status lines (stderr)")
+
+
+def _mechanisms(text: str) -> list[str]:
+    if text.strip() == "all":
+        return [s.name for s in list_mechanisms()]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get(name)  # an unknown name raises UnknownNameError with the close matches
+    return names
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain text table of recall results."""
+    header = ("mechanism", "L", "kv", "d_model", "lr", "seed", "status", "accuracy", "epochs", "seconds")
+    body = []
+    for r in rows:
+        c, m = r["config"], r["metrics"]
+        acc = m.get("accuracy")
+        body.append((c["mechanism"], str(c["seq_len"]), str(c["num_kv_pairs"]), str(c["d_model"]), f"{c['lr']:g}",
+                     str(c["seed"]), r["status"] + ("" if r["status"] != "ok" or m.get("converged") else " (not conv.)"),
+                     "-" if acc is None else f"{acc:.3f}", str(m.get("epochs", "-")),
+                     f"{m.get('train_seconds', 0):.0f}"))
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_recall_command(args: argparse.Namespace) -> int:
+    """`attnlab bench recall`: train the chosen grid, record it, print the table (or JSON)."""
+    quiet = getattr(args, "quiet", False)
+    store = ResultStore(getattr(args, "db", DEFAULT_DB))
+    grid = GRIDS[args.grid]
+    mechanisms = _mechanisms(args.mechanisms)
+    if args.grid == "panel":
+        mechanisms = panel_order(mechanisms)
+    try:
+        configs = grid_configs(
+            grid, mechanisms, seeds=args.seed, seq_lens=args.seq_lens, kvs=args.kv, d_models=args.d_models,
+            lrs=args.lr, max_epochs=args.epochs, vocab_size=args.vocab,
+        )
+    except ValueError as err:  # an invalid MQAR setting (vocabulary not above L, ...)
+        raise ParameterError(str(err)) from None
+    cell = args.cell_seconds if args.cell_seconds is not None else grid.cell_seconds
+    if not configs:
+        say("recall: no configuration (every cell has 4·kv > L)", quiet=quiet)
+    say(f"recall: {len(configs)} configurations ({args.grid} grid); results in {getattr(args, 'db', DEFAULT_DB)}",
+        quiet=quiet)
+    if args.grid == "panel":
+        total = PANEL_SECONDS if args.total_seconds is None else args.total_seconds
+        rows = run_panel(store, configs, cell_seconds=cell, total_seconds=total, threads=args.threads, quiet=quiet)
+    else:
+        rows = run_recall(store, configs, cell_seconds=cell, total_seconds=args.total_seconds, threads=args.threads,
+                          quiet=quiet)
+    if args.json:
+        dump = json.dumps(rows, indent=2)
+        if args.json == "-":
+            print(dump)
+            return 0
+        Path(args.json).write_text(dump + "\n", encoding="utf-8")
+    print(results_table(rows))
+    return 0

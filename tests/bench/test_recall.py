@@ -1,0 +1,245 @@
+"""`attnlab bench recall`: real (tiny) training into the store, causality, resume, unsupported mechanisms."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import attnlab
+from attnlab.bench import recall
+from attnlab.bench.store import ResultStore
+from attnlab.core.errors import ParameterError
+from attnlab.core.module import Attention
+from attnlab.core.reference import softmax_attention_reference
+from attnlab.core.registry import Paper, Supports, register, remove
+
+AGREED_CONFIG = {"mechanism", "params", "seq_len", "num_kv_pairs", "d_model", "vocab_size", "seed", "lr",
+                 "max_epochs", "train_examples", "test_examples", "layers"}
+AGREED_METRICS = {"accuracy", "best_accuracy", "epochs", "train_seconds", "converged"}
+CAUSAL = [s.name for s in attnlab.list_mechanisms() if s.supports.causal and 1 in s.supports.grids]
+
+
+def tiny(mechanism: str = "softmax", **over: object) -> dict:
+    kw = {"seq_len": 16, "num_kv_pairs": 2, "d_model": 32, "vocab_size": 64, "seed": 0, "lr": 3e-3,
+          "max_epochs": 2, "train_examples": 96, "test_examples": 32, **over}
+    return recall.make_config(mechanism, recall.mechanism_params(attnlab.get(mechanism)), **kw)
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultStore:
+    return ResultStore(tmp_path / "r.sqlite")
+
+
+def test_a_tiny_real_training_run_lands_in_the_store(store: ResultStore) -> None:
+    config = tiny()
+    threads = torch.get_num_threads()
+    rows = recall.run_recall(store, [config], threads=1, quiet=True)
+    assert torch.get_num_threads() == threads, "the caller's thread setting is restored"
+    [result] = store.results("recall")
+    assert result.config == config and set(config) == AGREED_CONFIG
+    assert result.status == "ok" and rows == [{"config": config, "status": "ok", "metrics": result.metrics}]
+    m = result.metrics
+    assert AGREED_METRICS <= set(m)
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy"] <= m["best_accuracy"] <= 1.0
+    assert 1 <= m["epochs"] <= 2 and len(m["history"]) == m["epochs"] and m["history"][-1] == pytest.approx(m["accuracy"], abs=1e-4)
+    assert m["converged"] == (m["accuracy"] >= 0.99)
+    assert m["train_seconds"] > 0
+    assert result.env["torch"] == torch.__version__ and result.env["threads"] == 1
+
+
+def test_training_is_reproducible_and_leaves_the_global_rng_alone(store: ResultStore) -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = recall.train_recall(tiny(max_epochs=1), quiet=True)[1]
+    after = torch.rand(1)
+    b = recall.train_recall(tiny(max_epochs=1), quiet=True)[1]
+    assert a["history"] == b["history"]
+    assert torch.equal(before, after), "training must not consume the caller's random stream"
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_the_model_is_causal(name: str) -> None:
+    torch.manual_seed(0)
+    try:
+        model = recall.RecallModel(name, recall.mechanism_params(attnlab.get(name)), vocab_size=40, seq_len=16, d_model=32)
+    except ParameterError as err:  # recorded as unsupported by the bench; nothing to check here
+        pytest.skip(f"{name} does not build as a recall mixer: {err}")
+    model.eval()
+    tokens = torch.randint(0, 40, (2, 16))
+    changed = tokens.clone()
+    t = 9
+    changed[:, t] = (changed[:, t] + 7) % 40
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (2, 16, 40)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-4, "the changed position itself sees its token"
+
+
+def test_query_logits_are_the_logits_at_labelled_positions() -> None:
+    torch.manual_seed(0)
+    model = recall.RecallModel("softmax", {}, vocab_size=40, seq_len=16, d_model=32).eval()
+    tokens = torch.randint(0, 40, (2, 16))
+    labels = torch.full((2, 16), -100)
+    labels[0, 5], labels[1, 3], labels[1, 12] = 7, 8, 9
+    with torch.no_grad():
+        full = model(tokens)
+        logits, target = model.query_logits(tokens, labels)
+    torch.testing.assert_close(logits, torch.stack([full[0, 5], full[1, 3], full[1, 12]]))
+    assert target.tolist() == [7, 8, 9]
+
+
+class _Bidirectional(Attention):
+    """Planted: plain softmax attention with no causal mode."""
+
+    def attend_fast(self, q, k, v, mask):  # noqa: ANN001, ANN201
+        return softmax_attention_reference(q, k, v)[0].to(q.dtype)
+
+    def attend_reference(self, q, k, v, mask):  # noqa: ANN001, ANN201
+        return softmax_attention_reference(q, k, v)
+
+
+@pytest.fixture
+def bidirectional():
+    name = "planted_bidirectional_recall"
+    register(name=name, paper=Paper(None, "planted", 2024), family="A", cost="O(N²d)", exponent=2.0,
+             supports=Supports(causal=False))(_Bidirectional)
+    yield name
+    remove(name)
+
+
+def test_a_mechanism_without_causal_mode_is_unsupported(store: ResultStore, bidirectional: str) -> None:
+    config = tiny(bidirectional)
+    [row] = recall.run_recall(store, [config], quiet=True)
+    assert row["status"] == "unsupported" and "causal" in row["metrics"]["note"]
+    assert row["metrics"]["accuracy"] is None
+    assert store.done("recall", config)
+
+
+def test_resume_skips_a_finished_configuration(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    done, todo = tiny(max_epochs=1), tiny(max_epochs=1, seed=1)
+    first = recall.run_recall(store, [done], quiet=True)
+    trained = []
+    real = recall.train_recall
+
+    def spy(config, **kw):  # noqa: ANN001, ANN202
+        trained.append(config)
+        return real(config, **kw)
+
+    monkeypatch.setattr(recall, "train_recall", spy)
+    rows = recall.run_recall(store, [done, todo], quiet=True)
+    assert trained == [todo], "only the configuration without a result is trained"
+    assert rows[0] == first[0] and [r["config"] for r in rows] == [done, todo]
+    assert store.count("recall") == 2
+
+
+def test_time_budget_stops_training_with_a_note() -> None:
+    status, m = recall.train_recall(tiny(max_epochs=50, train_examples=640), time_budget_s=1e-9, quiet=True)
+    assert status == "ok" and m["epochs"] == 1 and "time budget" in m["note"] and not m["converged"]
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    total, warmup = 100, 10
+    f = [recall.cosine_with_warmup(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)  # half-way through the decay
+    assert f[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert recall.cosine_with_warmup(100, total, warmup) == pytest.approx(0.0)
+
+
+def test_default_grid_skips_cells_with_too_many_pairs() -> None:
+    configs = recall.grid_configs(recall.GRIDS["default"], ["softmax"])
+    cells = {(c["seq_len"], c["num_kv_pairs"]) for c in configs}
+    expected = {(64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (128, 16), (128, 32),
+                (256, 4), (256, 8), (256, 16), (256, 32)}  # 4·kv <= L
+    assert cells == expected
+    assert {c["d_model"] for c in configs} == {64, 128} and len(configs) == 22
+    assert all(c["vocab_size"] > c["seq_len"] for c in configs)
+
+
+def test_zoology_grid_is_figure_2() -> None:
+    configs = recall.grid_configs(recall.GRIDS["zoology"], ["softmax"])
+    assert {(c["seq_len"], c["num_kv_pairs"]) for c in configs} == {(64, 4), (128, 8), (256, 16), (512, 64)}
+    assert {c["d_model"] for c in configs} == {64, 128, 256, 512}
+    np.testing.assert_allclose(sorted({c["lr"] for c in configs}), np.logspace(-4, -2, 4), rtol=1e-5)
+    assert {c["vocab_size"] for c in configs} == {8192}
+    assert {(c["train_examples"], c["test_examples"], c["max_epochs"], c["layers"]) for c in configs} == {(100_000, 3_000, 64, 2)}
+    assert {c["seq_len"]: recall.batch_size(c) for c in configs} == {64: 512, 128: 512, 256: 256, 512: 128}
+
+
+def test_panel_starts_with_the_acceptance_cell() -> None:
+    configs = recall.panel_configs()
+    first = configs[0]
+    assert (first["mechanism"], first["seq_len"], first["num_kv_pairs"], first["d_model"]) == ("softmax", 64, 4, 64)
+    assert {c["mechanism"] for c in configs} == {s.name for s in attnlab.list_mechanisms()}
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="num_kv_pairs=8.*seq_len=16"):
+        tiny(num_kv_pairs=8)
+    with pytest.raises(ValueError, match="d_model"):
+        tiny(d_model=0)
+    with pytest.raises(ValueError, match="lr"):
+        tiny(lr=0.0)
+
+
+def command(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    recall.add_recall_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_command_trains_and_prints_json(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                        bidirectional: str) -> None:
+    small = replace(recall.GRIDS["default"], train_examples=64, test_examples=16, max_epochs=1)
+    monkeypatch.setitem(recall.GRIDS, "default", small)
+    db = tmp_path / "r.sqlite"
+    args = command(["--mechanisms", f"softmax,{bidirectional}", "--seq-lens", "16", "--kv", "2,8", "--d-models", "32",
+                    "--vocab", "64", "--json", "-", "--db", str(db), "--quiet"])
+    assert recall.run_recall_command(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["config"]["mechanism"], r["status"]) for r in rows] == [("softmax", "ok"), (bidirectional, "unsupported")]
+    assert all(r["config"]["num_kv_pairs"] == 2 for r in rows), "kv=8 > 16/4 is skipped"
+    assert ResultStore(db).count("recall") == 2
+    # again: nothing is trained, the same results come back, as a table this time
+    monkeypatch.setattr(recall, "train_recall", lambda *a, **k: pytest.fail("trained a finished configuration"))
+    args = command(["--mechanisms", f"softmax,{bidirectional}", "--seq-lens", "16", "--kv", "2", "--d-models", "32",
+                    "--vocab", "64", "--db", str(db), "--quiet"])
+    assert recall.run_recall_command(args) == 0
+    table = capsys.readouterr().out
+    assert "softmax" in table and "unsupported" in table
+
+
+def test_command_refuses_an_invalid_setting(tmp_path) -> None:
+    args = command(["--mechanisms", "softmax", "--seq-lens", "64", "--kv", "4", "--vocab", "64",
+                    "--db", str(tmp_path / "r.sqlite"), "--quiet"])
+    with pytest.raises(ValueError, match="vocab_size"):
+        recall.run_recall_command(args)
+
+
+def test_after_the_deadline_nothing_starts_but_unsupported_cells_are_recorded(store: ResultStore,
+                                                                               bidirectional: str) -> None:
+    trainable, refused = tiny(), tiny(bidirectional)
+    rows = recall.run_recall(store, [trainable, refused], total_seconds=1e-9, quiet=True)
+    assert [(r["config"]["mechanism"], r["status"]) for r in rows] == [(bidirectional, "unsupported")]
+    assert not store.done("recall", trainable), "the next run trains it"
+
+
+def test_panel_gives_the_acceptance_cell_no_time_cap(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    budgets = {}
+
+    def spy(config, *, time_budget_s=None, quiet=False):  # noqa: ANN001, ANN202
+        budgets[config["mechanism"]] = time_budget_s
+        return "ok", {**recall.empty_metrics("spy"), "accuracy": 0.5, "best_accuracy": 0.5, "epochs": 1}
+
+    monkeypatch.setattr(recall, "train_recall", spy)
+    other = next(name for name in CAUSAL if name != "softmax")
+    rows = recall.run_panel(store, [tiny(), tiny(other)], cell_seconds=5.0, total_seconds=100.0, quiet=True)
+    assert budgets == {"softmax": None, other: 5.0}
+    assert [r["config"]["mechanism"] for r in rows] == ["softmax", other]
