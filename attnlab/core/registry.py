@@ -293,7 +293,7 @@ def register(
 
 
 def _ensure_loaded() -> None:
-    from .. import analysis, mechanisms  # noqa: F401  (importing registers the built-in entries)
+    from .. import analysis, mechanisms, tasks  # noqa: F401  (importing registers the built-in entries)
 
 
 def get(name: str, kind: str = "mechanism") -> Spec:
