@@ -285,7 +285,11 @@ def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
     takes_grid = grid is not None and "grid" in inspect.signature(target).parameters
     positions = tuple(grid) if grid is not None and not takes_grid else (n,)
     if isinstance(module, Attention):
-        shapes = [(batch, heads, *positions, head_dim)] * 3
+        # the widths `attend` takes are those `project` makes (head_dim, or more: based's q, k
+        # carry [window | Taylor] channels)
+        with torch.no_grad():
+            probe = module.project(torch.zeros(1, 1, module.dim, dtype=dtype))
+        shapes = [(batch, heads, *positions, t.shape[-1]) for t in probe]
     else:
         shapes = [(batch, *positions, heads * head_dim)]
     backward = config["mode"] == "fwd+bwd"
