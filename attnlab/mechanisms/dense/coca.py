@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import ParameterError
 from ...core.masks import combine_masks
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_qkv
-from .rope import apply_rope, check_base, check_even_head_dim, rope_angles, rope_positions
+from .rope import apply_rope, check_base, check_even_head_dim, check_rotary_module, rope_angles, rope_positions
 from .softmax import dense_flops, sdpa
 
 COCA = Paper(
@@ -172,12 +171,7 @@ class CoCAAttention(Attention):
         base: float = 10000.0,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
-        if self.head_dim % 2:
-            raise ParameterError(
-                f"head_dim: CoCA works on rotary planes (pairs of channels), expected an even head_dim, "
-                f"got {self.head_dim} (dim={dim}, heads={heads})"
-            )
-        check_base(base)
+        check_rotary_module("CoCA", self.head_dim, dim, heads, base)
         self.base = float(base)
 
     @property

@@ -31,6 +31,16 @@ def check_base(base: float) -> None:
         raise ParameterError(f"base: expected a positive number, got {base!r}")
 
 
+def check_rotary_module(scheme: str, head_dim: int, dim: int, heads: int, base: float) -> None:
+    """A rotary module's head_dim must be even (pairs of channels are rotated) and its base positive."""
+    if head_dim % 2:
+        raise ParameterError(
+            f"head_dim: {scheme} rotates pairs of channels, expected an even head_dim, got {head_dim} "
+            f"(dim={dim}, heads={heads})"
+        )
+    check_base(base)
+
+
 def check_even_head_dim(name: str, t: Tensor) -> None:
     """Rotary schemes rotate pairs of channels: the last axis of `t` must be even."""
     if t.shape[-1] % 2:
@@ -147,12 +157,7 @@ class RoPEAttention(SoftmaxAttention):
         base: float = 10000.0,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
-        if self.head_dim % 2:
-            raise ParameterError(
-                f"head_dim: RoPE rotates pairs of channels, expected an even head_dim, got {self.head_dim} "
-                f"(dim={dim}, heads={heads})"
-            )
-        check_base(base)
+        check_rotary_module("RoPE", self.head_dim, dim, heads, base)
         self.base = float(base)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
