@@ -300,7 +300,10 @@ def register(
 
 
 def _ensure_loaded() -> None:
-    from .. import analysis, mechanisms, tasks  # noqa: F401  (importing registers the built-in entries)
+    from .. import catalogue  # the top-level loader: built-ins, then installed plugins
+
+    catalogue.load_builtins()
+    catalogue.load_plugins()
 
 
 def get(name: str, kind: str = "mechanism") -> Spec:
