@@ -84,6 +84,15 @@ def combine_masks(
     return additive if keep is None else additive + to_additive(keep, dtype)
 
 
+def restrict(mask: Tensor | None, keep: Tensor) -> Tensor:
+    """A combined mask (None, bool or additive) further limited to `keep` (bool, True = attend), broadcast."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask + to_additive(keep, mask.dtype)
+
+
 def add_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
     """Add a score bias (broadcastable to (batch, heads, n_q, n_k)) to a combined mask."""
     if mask is None:

@@ -7,8 +7,11 @@ A mechanism subclasses `Attention` and supplies
 
 where q, k, v are (batch, heads, n, head_dim) and `mask` is the combined mask of
 `core.masks.combine_masks` (None, bool with True = attend, or additive float),
-broadcastable to (batch, heads, n_q, n_k). Everything else — projections,
-validation, cross-attention, `materialize`, the KV cache for decoding — lives here.
+broadcastable to (batch, heads, n_q, n_k). A mechanism whose kernel applies causality
+itself (`causal_in_kernel = True`, e.g. SDPA's `is_causal`) gets on its fast path a
+mask without the causal part and reads `self.causal`; the reference path always gets
+the full combined mask. Everything else — projections, validation, cross-attention,
+`materialize`, the KV cache for decoding — lives here.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class Attention(nn.Module, ABC):
     """Multi-head attention over tokens (batch, n, dim) with a pluggable core."""
 
     spec: ClassVar[Spec]
+    causal_in_kernel: ClassVar[bool] = False  # True: attend_fast applies self.causal itself, mask holds the rest
 
     def __init__(
         self,
@@ -93,6 +97,12 @@ class Attention(nn.Module, ABC):
     def combined_mask(
         self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
+        """The mask of padding, attn_mask and causality (self.causal) for q, k."""
+        return self._combine(q, k, key_padding_mask, attn_mask, self.causal)
+
+    def _combine(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, causal: bool
+    ) -> Tensor | None:
         supports = self.spec.supports
         assert supports is not None
         if key_padding_mask is not None and not supports.key_padding:
@@ -104,7 +114,7 @@ class Attention(nn.Module, ABC):
             heads=q.shape[1],
             n_q=q.shape[2],
             n_k=k.shape[2],
-            causal=self.causal,
+            causal=causal,
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             dtype=q.dtype,
@@ -125,11 +135,12 @@ class Attention(nn.Module, ABC):
         check_qkv(q, k, v)
         if q.shape[1] != self.heads:
             raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {q.shape[1]} in shape {tuple(q.shape)}")
-        mask = self.combined_mask(q, k, key_padding_mask, attn_mask)
+        if impl == "fast" and self.causal_in_kernel:
+            return self.attend_fast(q, k, v, self._combine(q, k, key_padding_mask, attn_mask, False))
         if impl == "fast":
-            return self.attend_fast(q, k, v, mask)
+            return self.attend_fast(q, k, v, self.combined_mask(q, k, key_padding_mask, attn_mask))
         if impl == "reference":
-            return self.attend_reference(q, k, v, mask)[0]
+            return self.attend_reference(q, k, v, self.combined_mask(q, k, key_padding_mask, attn_mask))[0]
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
 
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:

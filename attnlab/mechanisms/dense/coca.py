@@ -116,7 +116,7 @@ def coca_attention(
     _check(q, t, v)
     check_base(base)
     a, b = coca_factors(q, t, base=base)
-    return sdpa(a, b, v, _mask(q, t, causal, key_padding_mask, attn_mask), scale=_scale(q, scale))
+    return sdpa(a, b, v, _mask(q, t, False, key_padding_mask, attn_mask), scale=_scale(q, scale), causal=causal)
 
 
 def coca_attention_reference(
@@ -157,6 +157,7 @@ class CoCAAttention(RotaryAttention):
     """
 
     rotary_scheme = "CoCA"
+    causal_in_kernel = True  # attend_fast hands causality to SDPA
 
     @property
     def scale(self) -> float:
@@ -164,7 +165,7 @@ class CoCAAttention(RotaryAttention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         a, b = coca_factors(q, k, base=self.base)
-        return sdpa(a, b, v, mask, scale=self.scale)
+        return sdpa(a, b, v, mask, scale=self.scale, causal=self.causal)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return _attend_reference(q, k, v, mask, self.base, self.scale)

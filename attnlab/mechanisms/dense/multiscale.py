@@ -156,7 +156,7 @@ class MultiScaleAttention(SoftmaxAttention):
         return with_scales(mask, multiscale_mask(self.windows, q.shape[2], k.shape[2], q.device))
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return sdpa(q, k, v, self._with_scales(q, k, mask), scale=self.scale)
+        return sdpa(q, k, v, self._with_scales(q, k, mask), scale=self.scale, causal=self.causal)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return _reference(q, k, v, mask=self._with_scales(q, k, mask), scale=self.scale)

@@ -3,7 +3,9 @@
     Attention(Q, K, V) = softmax(Q Kᵀ / √d + B + M) V
 
 B is an optional score bias (positional terms), M the combined mask. The fast path is
-torch's `scaled_dot_product_attention`; fully masked rows give zeros.
+torch's `scaled_dot_product_attention` in its fastest applicable causal form (`sdpa`):
+`is_causal=True`, torch's lower-right `CausalBias` or no mask at all, and a materialised
+mask only when padding, an attn_mask or a score bias needs one; fully masked rows give zeros.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
-from ...core.masks import add_bias, combine_masks
+from ...core.masks import add_bias, causal_mask, combine_masks, restrict
 from ...core.module import Attention
 from ...core.reference import softmax_attention_reference as _reference
 from ...core.registry import Paper, Supports, register
@@ -40,8 +43,32 @@ def _mask(
     )
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """SDPA over a combined mask and an optional score bias; fully masked rows give 0."""
+def sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    *,
+    causal: bool = False,
+) -> Tensor:
+    """SDPA over a mask (True = attend, or additive), an optional score bias and causality; fully masked rows give 0.
+
+    Causality (bottom-right aligned) takes SDPA's fastest form when nothing else is masked:
+    `is_causal=True` for n_q == n_k, no mask for n_q == 1 (the last query sees every key),
+    torch's lower-right `CausalBias` for n_q < n_k. A mask is materialised only when `mask`,
+    `bias` or n_q > n_k (rows that see no key) requires one.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    if causal and mask is None and bias is None and n_q <= n_k:
+        if n_q == n_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if n_q == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scale)
+    if causal:
+        mask = restrict(mask, causal_mask(n_q, n_k, q.device))
     if bias is not None:
         mask = add_bias(mask, bias.to(q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -60,7 +87,7 @@ def softmax_attention(
 ) -> Tensor:
     """softmax(q kᵀ·scale + bias + mask) v over (batch, heads, n, head_dim); scale defaults to 1/√head_dim."""
     check_qkv(q, k, v)
-    return sdpa(q, k, v, _mask(q, k, causal, key_padding_mask, attn_mask), bias, scale)
+    return sdpa(q, k, v, _mask(q, k, False, key_padding_mask, attn_mask), bias, scale, causal=causal)
 
 
 def softmax_attention_reference(
@@ -109,6 +136,8 @@ class ScoreTerm(nn.Module, ABC):
 class SoftmaxAttention(Attention):
     """Multi-head softmax attention; positional schemes plug in as score terms or a q/k rotation."""
 
+    causal_in_kernel = True  # attend_fast hands causality to SDPA (is_causal / lower-right bias)
+
     def __init__(
         self,
         dim: int,
@@ -135,7 +164,7 @@ class SoftmaxAttention(Attention):
         return bias
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return sdpa(q, k, v, mask, self.score_bias(q, k), self.scale)
+        return sdpa(q, k, v, mask, self.score_bias(q, k), self.scale, causal=self.causal)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return _reference(q, k, v, mask=mask, bias=self.score_bias(q, k), scale=self.scale)
