@@ -17,13 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..catalogue import add_import_argument
 from ..core.errors import ParameterError
-from ..core.registry import list_mechanisms
+from ..core.registry import get, list_mechanisms
 from . import peers, recall, report
 from . import speed as speed_module
 from .env import environment
 from .progress import say
 from .speed import (
+    BASELINE,
     DEFAULT_LENGTHS,
     DTYPES,
     MODES,
@@ -31,7 +33,9 @@ from .speed import (
     SpeedOptions,
     WorkerDied,
     fit_exponents,
+    import_user_modules,
     machine_memory_bytes,
+    parse_params,
     quick_budget_s,
     run_speed,
     sdpa_ratios,
@@ -125,7 +129,18 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=_names, default=None, metavar="P,Q",
                         help="also run the same shapes through other libraries (natten, flex, local-attention, "
                         "linear-attention-transformer) and compare")
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="MECH.NAME=VALUE",
+                        help="a mechanism's parameter, e.g. sliding-window.window=64 (VALUE read as JSON, else a "
+                        "string); repeatable; part of the configuration")
     _add_store_options(parser, leaf=True)
+    _add_imports(parser, leaf=True)
+
+
+def _add_imports(parser: argparse.ArgumentParser, *, leaf: bool) -> None:
+    """--import MODULE (repeatable); on a leaf, added to what `attnlab bench --import X` gave."""
+    add_import_argument(parser)
+    if leaf:  # (not set_defaults: the parser's own defaults are applied even when SUPPRESS)
+        next(a for a in parser._actions if a.dest == "imports").default = argparse.SUPPRESS
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -137,6 +152,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "report's path. An interrupted run resumes where it stopped.",
     )
     _add_store_options(bench, leaf=False)
+    _add_imports(bench, leaf=False)
     bench.add_argument("--speed-seconds", type=_positive(float), default=QUICK_SPEED_SECONDS, metavar="S",
                        help=f"the speed part starts no configuration after S seconds (default {QUICK_SPEED_SECONDS:g}); "
                        "the next run measures the rest")
@@ -152,12 +168,20 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = suites.add_parser("recall", help="multi-query associative recall (MQAR, Zoology)",
                           description=recall.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     recall.add_recall_arguments(p)
+    _add_imports(p, leaf=True)
     p.set_defaults(func=recall.run_recall_command)
 
     p = subparsers.add_parser("report", help="render the results as a self-contained HTML page",
                               description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_report_arguments(p)
-    p.set_defaults(func=report.run_report_command)
+    _add_imports(p, leaf=False)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`attnlab report`, after importing the user's modules (their mechanisms are listed by name)."""
+    import_user_modules(getattr(args, "imports", []))
+    return report.run_report_command(args)
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -211,12 +235,12 @@ def speed_json(results: Sequence[Result]) -> dict[str, Any]:
 
 
 # -- commands -------------------------------------------------------------------------------
-def speed_options(args: argparse.Namespace) -> SpeedOptions:
+def speed_options(args: argparse.Namespace, mechanisms: Sequence[str] = ()) -> SpeedOptions:
     return SpeedOptions(
         lengths=args.lengths, modes=args.modes, dtype=args.dtype, causal=args.causal, batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, threads=args.threads, budget_s=args.budget_seconds,
         memory_budget_bytes=int(args.memory_budget * 1e9), repeats=args.repeats, total_s=args.total_seconds,
-        rerun=args.rerun, quiet=args.quiet,
+        rerun=args.rerun, quiet=args.quiet, params=parse_params(args.params, [BASELINE, *mechanisms]),
     )
 
 
@@ -229,16 +253,20 @@ def _mechanism_names(requested: Sequence[str]) -> list[str]:
 def cmd_speed(args: argparse.Namespace) -> int:
     db, quiet = getattr(args, "db", DEFAULT_DB), getattr(args, "quiet", False)
     args.db, args.quiet = db, quiet
+    import_user_modules(getattr(args, "imports", []))
     if args.peers:
         peers.select_peers(args.peers)  # an unknown peer is a usage error before anything runs
+    names = _mechanism_names(args.mechanisms)
+    for name in names:
+        get(name)  # an unknown name is a usage error (with the close matches) before anything runs
     try:
-        options = speed_options(args)
+        options = speed_options(args, names)
     except ValueError as err:
         raise ParameterError(str(err)) from None
     store = ResultStore(db)
     say(f"speed: results in {db}", quiet=quiet)
     try:
-        results = run_speed(store, _mechanism_names(args.mechanisms), options)
+        results = run_speed(store, names, options)
     except WorkerDied as err:
         print(f"attnlab bench speed: error: {err}", file=sys.stderr)
         return 1
@@ -264,6 +292,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_default_suite(args: argparse.Namespace) -> int:
+    import_user_modules(args.imports)
     store = ResultStore(args.db)
     names = [s.name for s in list_mechanisms()]
     options = SpeedOptions(lengths=QUICK_LENGTHS, budget_s=quick_budget_s(len(names), args.speed_seconds),

@@ -59,6 +59,7 @@ from ..tasks.mqar import IGNORE_INDEX, check_mqar, mqar
 from .env import environment
 from .progress import progress, say
 from .speed import bench_params as mechanism_params  # defaults, and the test value of required parameters
+from .speed import import_user_modules, parse_params
 from .store import DEFAULT_DB, ResultStore, canonical
 
 SUITE = "recall"
@@ -218,20 +219,24 @@ def grid_configs(
     lrs: Sequence[float] | None = None,
     max_epochs: int | None = None,
     vocab_size: int | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The configurations of `grid` for `mechanisms`, with any dimension overridden; 4·kv > L cells skipped."""
+    """The configurations of `grid` for `mechanisms`, with any dimension overridden; 4·kv > L cells skipped.
+
+    `params` maps a mechanism to parameter values of its own (`--param`, checked by `speed.parse_params`).
+    """
     cells = grid.cells
     if seq_lens is not None or kvs is not None:
         cells = _product(seq_lens or sorted({n for n, _ in grid.cells}), kvs or sorted({kv for _, kv in grid.cells}))
     out = []
     for name in mechanisms:
-        params = mechanism_params(get(name))
+        mech_params = mechanism_params(get(name), (params or {}).get(name))
         for n, kv in cells:
             for d in d_models or grid.d_models:
                 for lr in lrs or grid.lrs:
                     for seed in seeds:
                         out.append(make_config(
-                            name, params, seq_len=n, num_kv_pairs=kv, d_model=d, vocab_size=vocab_size or grid.vocab_size,
+                            name, mech_params, seq_len=n, num_kv_pairs=kv, d_model=d, vocab_size=vocab_size or grid.vocab_size,
                             seed=seed, lr=lr, max_epochs=max_epochs or grid.max_epochs,
                             train_examples=grid.train_examples, test_examples=grid.test_examples,
                         ))
@@ -511,6 +516,9 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: no limit, {PANEL_SECONDS:g} s for the panel)")
     parser.add_argument("--threads", type=_positive(int), default=THREADS, metavar="N",
                         help=f"torch threads for training (default {THREADS})")
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="MECH.NAME=VALUE",
+                        help="a mechanism's parameter, e.g. sliding-window.window=16 (VALUE read as JSON, else a "
+                        "string); repeatable")
     parser.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or to stdout with -")
     parser.add_argument("--db", type=Path, default=argparse.SUPPRESS, metavar="PATH",
                         help=f"the results database (default {DEFAULT_DB})")
@@ -546,6 +554,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def run_recall_command(args: argparse.Namespace) -> int:
     """`attnlab bench recall`: train the chosen grid, record it, print the table (or JSON)."""
+    import_user_modules(getattr(args, "imports", []))
     quiet = getattr(args, "quiet", False)
     store = ResultStore(getattr(args, "db", DEFAULT_DB))
     grid = GRIDS[args.grid]
@@ -556,6 +565,7 @@ def run_recall_command(args: argparse.Namespace) -> int:
         configs = grid_configs(
             grid, mechanisms, seeds=args.seed, seq_lens=args.seq_lens, kvs=args.kv, d_models=args.d_models,
             lrs=args.lr, max_epochs=args.epochs, vocab_size=args.vocab,
+            params=parse_params(args.params, mechanisms),
         )
     except ValueError as err:  # an invalid MQAR setting (vocabulary not above L, ...)
         raise ParameterError(str(err)) from None

@@ -63,6 +63,7 @@ from typing import IO, Any
 
 import torch
 
+from ..catalogue import import_modules, imported_modules
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
 from ..core.registry import CAUSAL_PARAM, COMMON_PARAMS, Spec, get
@@ -109,6 +110,7 @@ class SpeedOptions:
     total_s: float | None = None  # start no configuration after this many seconds (the rest: next run)
     rerun: bool = False
     quiet: bool = False
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # mechanism -> its --param values
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 1 for n in self.lengths):
@@ -150,8 +152,9 @@ def grid_rank(spec: Spec) -> int:
     return 1 if 1 in grids else min(grids)
 
 
-def bench_params(spec: Spec) -> dict[str, Any]:
-    """The mechanism's own parameters for the benchmark: defaults, and the test value of required ones.
+def bench_params(spec: Spec, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The mechanism's own parameters for the benchmark: defaults, the test value of required ones,
+    then `overrides` (a user's `--param`, checked by `parse_params`).
 
     A required parameter without a value in the registry's `test_params` is left out
     (building the module then fails and the configuration is recorded as an error).
@@ -164,7 +167,42 @@ def bench_params(spec: Spec) -> dict[str, Any]:
             out[p.name] = p.default
         elif p.name in spec.test_params:
             out[p.name] = spec.test_params[p.name]
+    out.update(overrides or {})
     return json.loads(canonical(out))  # tuples -> lists, as stored
+
+
+def import_user_modules(names: Sequence[str] | None) -> None:
+    """Import a user's `--import` modules not imported yet in this process (a .py file runs once)."""
+    import_modules([name for name in names or () if name not in imported_modules()])
+
+
+def parse_params(items: Sequence[str], mechanisms: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`--param MECHANISM.NAME=VALUE` items -> {mechanism: {name: value}}, each checked by its registry Param.
+
+    VALUE is read as JSON (`64`, `0.5`, `true`, `[2, 4]`, `null`), else taken as a string. The
+    mechanism must be among `mechanisms` (those the run measures); the width, heads and causal
+    flag are the benchmark's own options, not parameters. Errors are ParameterError naming the item.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, text = item.partition("=")
+        mechanism, dot, name = head.strip().rpartition(".")
+        if not eq or not dot or not mechanism or not name:
+            raise ParameterError(f"--param: expected MECHANISM.NAME=VALUE (e.g. sliding-window.window=64), got {item!r}")
+        if mechanism not in mechanisms:
+            raise ParameterError(
+                f"--param: expected one of the measured mechanisms ({', '.join(mechanisms)}), got {mechanism!r} in {item!r}"
+            )
+        spec = get(mechanism)
+        if name in _COMMON_NAMES:
+            raise ParameterError(f"--param: {name!r} is set by the benchmark's own options, not per mechanism ({item!r})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        checked = spec.param(name).validate(spec.name, value)  # ParameterError: unknown name, type, range
+        out.setdefault(mechanism, {})[name] = json.loads(canonical(checked))
+    return out
 
 
 def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
@@ -180,7 +218,7 @@ def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mappi
     for spec in specs:
         causal = options.causal or causal_only(spec)
         rank = grid_rank(spec)
-        params = bench_params(spec)
+        params = bench_params(spec, options.params.get(spec.name))
         ns = (lengths or {}).get(spec.name, options.lengths)
         module = None
         if summary_keys(spec):
@@ -432,6 +470,7 @@ def worker_main(argv: Sequence[str]) -> int:
     torch.randn(256, 256) @ torch.randn(256, 256)  # start the thread pool before the first measurement
     hello = json.loads(sys.stdin.readline() or "{}")
     sys.path.extend(p for p in hello.get("sys_path", []) if p not in sys.path)
+    import_user_modules(hello.get("imports", []))  # a user's --import modules, before any mechanism is resolved
     if args.memory_limit is not None and sys.platform.startswith("linux"):
         _limit_address_space(args.memory_limit)
 
@@ -468,7 +507,7 @@ class Worker:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
-        self._send({"sys_path": [p for p in sys.path if p]})
+        self._send({"sys_path": [p for p in sys.path if p], "imports": imported_modules()})
         hello = self.receive(STARTUP_TIMEOUT_S)
         if hello is None:
             self.kill()
