@@ -20,13 +20,14 @@ import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 from .core.errors import ParameterError
 
 ENTRY_POINT_GROUP = "attnlab.mechanisms"
 
 _loaded = False
-_imported: list[str] = []
+_modules: dict[str, ModuleType] = {}  # dotted name or absolute .py path -> module, in import order
 
 
 class PluginError(ImportError):
@@ -54,11 +55,17 @@ def load_plugins() -> None:
             ) from err
 
 
-def import_module(name: str) -> None:
-    """Import a user's module by dotted name or `.py` path, registering its entries."""
+def import_module(name: str) -> ModuleType:
+    """Import a user's module by dotted name or `.py` path, registering its entries; the module.
+
+    A name imported before in this process is not run again (its entries are registered already).
+    """
     if not isinstance(name, str) or not name.strip():
         raise ParameterError(f"--import: expected a module name or a .py file, got {name!r}")
     path = Path(name)
+    key = str(path.resolve()) if name.endswith(".py") else name  # a file is one module whatever the path's spelling
+    if key in _modules:
+        return _modules[key]
     try:
         if name.endswith(".py"):
             if not path.is_file():
@@ -72,13 +79,13 @@ def import_module(name: str) -> None:
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))  # like `python -m`, the current folder is searched first
-            importlib.import_module(name)
+            module = importlib.import_module(name)
     except ParameterError:
         raise
     except Exception as err:
         raise ParameterError(f"--import: could not import {name!r}: {type(err).__name__}: {err}") from err
-    if name not in _imported:
-        _imported.append(name)
+    _modules[key] = module
+    return module
 
 
 def import_modules(names: Iterable[str] | None) -> None:
@@ -88,8 +95,8 @@ def import_modules(names: Iterable[str] | None) -> None:
 
 
 def imported_modules() -> list[str]:
-    """The user modules imported in this process, in order (passed on to worker processes)."""
-    return list(_imported)
+    """The user modules imported in this process, in order (`.py` files as absolute paths), for worker processes."""
+    return list(_modules)
 
 
 def add_import_argument(parser: argparse.ArgumentParser) -> None:

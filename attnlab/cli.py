@@ -1,9 +1,14 @@
 """The `attnlab` command: browse the catalogue, and (when installed) benchmark and explain.
 
-    attnlab list [--family A] [--json]     the mechanisms
-    attnlab info NAME                      one mechanism: paper, cost, supports, parameters, example
-    attnlab papers [--json]                every paper id and what implements it
+    attnlab list [--family A] [--wide] [--json]   the mechanisms (--wide: every column, past 100 columns)
+    attnlab info NAME                             one mechanism: paper, cost, supports, parameters, source file
+    attnlab papers [--json]                       every paper id and what implements it
     attnlab --version
+
+`--import MODULE` (repeatable; before the command or after it) imports a module — a dotted name
+or a `.py` file — that registers mechanisms, so that every command sees them; installed packages
+register theirs through the entry-point group `attnlab.mechanisms` (attnlab/catalogue.py). Text
+output fits 100 columns (`list --wide` and `info` excepted).
 
 Other parts of attnlab add subcommands: a module listed in `PLUGINS` defines
 `add_subcommands(subparsers)`, which adds parsers whose `func` default (set with
@@ -14,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, catalogue
 from .core.errors import ParameterError, UnknownNameError
 from .core.registry import FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
 
 PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
 EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
+WIDTH = 100  # columns of the text output (`list` without --wide, `papers`)
 
 
 class UsageError(Exception):
@@ -33,12 +41,34 @@ class UsageError(Exception):
 
 
 # -- formatting -------------------------------------------------------------------------
-def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """A plain left-aligned text table."""
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the cut marked with "…"."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], width: int | None = None) -> str:
+    """A plain left-aligned text table; with `width`, cells are cut (…) until lines fit: the last
+    column first (down to 24 characters), then the widest."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    if width is not None:
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        widths[-1] -= max(min(over, widths[-1] - 24), 0)
+        floor = [len(h) for h in header]
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
+            if widths[i] <= floor[i]:
+                break  # every column is down to its header: nothing left to cut
+            widths[i] -= 1
+    lines = [
+        "  ".join(clip(str(c), w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def wrap(text: str, indent: int = 0) -> list[str]:
+    """`text` in lines of at most WIDTH columns; continuation lines indented by `indent`."""
+    return textwrap.wrap(text, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False) or [""]
 
 
 def supports_text(spec: Spec) -> str:
@@ -47,6 +77,16 @@ def supports_text(spec: Spec) -> str:
 
 def paper_text(spec: Spec) -> str:
     return f"{spec.paper.id or '-'} {spec.paper.title} ({spec.paper.year})"
+
+
+def source_text(spec: Spec) -> str:
+    """`path:line` of the class or function that implements `spec`, or "-" when Python cannot tell."""
+    try:
+        path = inspect.getsourcefile(spec.factory)
+        line = inspect.getsourcelines(spec.factory)[1]
+    except (TypeError, OSError):
+        return "-"
+    return f"{path}:{line}" if path else "-"
 
 
 def family_text(family: str | None) -> str:
@@ -111,9 +151,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not specs:
         print(f"no mechanism of family {family_text(args.family.upper())} yet" if args.family else "no mechanisms")
         return 0
-    rows = [(s.name, s.family or "-", s.cost or "-", supports_text(s), paper_text(s)) for s in specs]
-    print(table(rows, ("name", "family", "cost", "supports", "paper")))
-    print(f"\n{len(specs)} mechanism{'s' * (len(specs) != 1)}; `attnlab info NAME` tells more about one")
+    if args.wide:
+        rows = [(s.name, s.family or "-", s.cost or "-", supports_text(s), paper_text(s)) for s in specs]
+        print(table(rows, ("name", "family", "cost", "supports", "paper")))
+    else:
+        rows = [(s.name, s.family or "-", s.cost or "-", paper_text(s)) for s in specs]
+        print(table(rows, ("name", "family", "cost", "paper"), WIDTH))
+    more = "`attnlab info NAME` tells more" + ("" if args.wide else ", `attnlab list --wide` shows what each supports")
+    print(f"\n{len(specs)} mechanism{'s' * (len(specs) != 1)}; {more}")
     return 0
 
 
@@ -137,6 +182,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         out.append(f"  supports   {supports_text(spec)}")
         out.append(f"  dtypes     {', '.join(spec.supports.dtypes)}")
     out.append(f"  normalized {'yes: rows of materialize sum to 1' if spec.normalized else 'no'}")
+    out.append(f"  source     {source_text(spec)}")
     rows = [
         (p["name"], p["type"], "required" if p["required"] else repr(p["default"]), _range_text(p), p["doc"])
         for p in d["params"]
@@ -170,13 +216,16 @@ def cmd_papers(args: argparse.Namespace) -> int:
         return 0
     lines = []
     for pid, row in table_.items():
-        lines.append(f"{pid}  {row['title']} ({row['year']})")
-        lines += [f"      {kind:<10} {', '.join(names)}" for kind, names in row["artifacts"].items()]
+        lines += wrap(f"{pid}  {row['title']} ({row['year']})", 6)
+        for kind, names in row["artifacts"].items():
+            lines += wrap(f"      {kind:<10} {', '.join(names)}", 17)
     outside = [s for s in entries() if not s.paper.id]
     n_artifacts = sum(len(names) for row in table_.values() for names in row["artifacts"].values())
-    lines.append(f"\n{len(table_)} papers, {n_artifacts} artifacts")
+    lines += ["", f"{len(table_)} papers, {n_artifacts} artifacts"]
     if outside:
-        lines.append("outside the seed papers: " + ", ".join(f"{s.name} ({s.paper.title}, {s.paper.year})" for s in outside))
+        lines.append("outside the seed papers:")
+        for s in outside:
+            lines += wrap(f"  {s.name} ({s.paper.title}, {s.paper.year})", 4)
     print("\n".join(lines))
     return 0
 
@@ -199,20 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnlab", description="attnlab: the attention laboratory for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    parser.add_argument(
+        "--import", dest="global_imports", action="append", default=[], metavar="MODULE",
+        help="import a module (dotted name or .py file) that registers mechanisms, for any command; repeatable",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("list", help="list the mechanisms", description="List the registered mechanisms.")
     p.add_argument("--family", metavar="F", help="only family F: " + ", ".join(f"{k} {v}" for k, v in FAMILIES.items()))
+    p.add_argument("--wide", action="store_true", help="every column (supports, full titles), past 100 columns")
     p.add_argument("--json", action="store_true", help="a JSON array with every field of each mechanism")
+    catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("info", help="everything about one mechanism", description="Describe one mechanism.")
     p.add_argument("name", help="a mechanism name (see `attnlab list`)")
+    catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("papers", help="paper ids and what implements them",
                        description="Every paper id attnlab implements, with the artifacts implementing it.")
     p.add_argument("--json", action="store_true", help="a JSON object: paper id -> paper and artifacts by kind")
+    catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_papers)
 
     for module_name in PLUGINS:
@@ -228,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, usage errors
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
     try:
+        catalogue.import_modules([*args.global_imports, *getattr(args, "imports", [])])
         return int(args.func(args) or 0)
-    except (UsageError, UnknownNameError, ParameterError) as err:
+    except (UsageError, UnknownNameError, ParameterError, catalogue.PluginError) as err:
         print(f"attnlab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `attnlab list | head`: stop quietly

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import attnlab
-from attnlab.cli import add_plugin, main
+from attnlab.cli import WIDTH, add_plugin, main, table
 from attnlab.core import registry
 from attnlab.core.registry import Paper, Spec, Supports
 from attnlab.mechanisms.dense.softmax import SoftmaxAttention
@@ -64,8 +65,53 @@ def test_list_names_every_mechanism_with_its_paper_and_cost(capsys):
     lines = out.splitlines()
     for spec in mechanisms():
         row = next(line for line in lines if line.split()[:1] == [spec.name])
-        assert spec.paper.title in row and spec.cost in row and (spec.paper.id or "") in row
+        assert spec.cost in row and f"  {spec.paper.id or '-'} {spec.paper.title[:10]}" in row
         assert row.split()[1] == spec.family
+
+
+def test_list_wide_has_supports_and_whole_titles(capsys):
+    code, out, err = run(capsys, "list", "--wide")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "family", "cost", "supports", "paper"]
+    for spec in mechanisms():
+        row = next(line for line in lines if line.split()[:1] == [spec.name])
+        assert row.endswith(f"{spec.paper.id or '-'} {spec.paper.title} ({spec.paper.year})")
+        assert spec.cost in row and ", ".join(spec.supports.flags()) in row
+    assert max(map(len, lines)) > WIDTH  # the wide form is the one that does not fit
+
+
+def test_table_cuts_the_last_column_first_then_the_widest():
+    rows = [("a" * 30, "b" * 50, "c" * 60)]
+    lines = table(rows, ("x", "y", "z"), width=100).splitlines()
+    # 30 + 50 + 60 + 4 = 144: z is cut to 24 (108), then y, the widest, by 8
+    assert lines[1] == "-" * 30 + "  " + "-" * 42 + "  " + "-" * 24
+    assert lines[2] == "a" * 30 + "  " + "b" * 41 + "…" + "  " + "c" * 23 + "…"
+    assert table(rows, ("x", "y", "z")).splitlines()[2] == "  ".join(rows[0])  # no width: nothing cut
+
+
+@pytest.mark.parametrize("columns", [None, "100"])
+@pytest.mark.parametrize("argv", [["list"], ["papers"], ["list", "--family", "A"], ["--help"], ["list", "--help"]])
+def test_text_output_fits_100_columns(argv, columns):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    done = subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) > 5
+    too_wide = [line for line in lines if len(line) > WIDTH]
+    assert too_wide == []
+
+
+def test_papers_wraps_long_lines_without_losing_words(capsys):
+    out = run(capsys, "papers")[1]
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= WIDTH
+    words = " ".join(lines).split()
+    for spec in registry.entries():
+        assert spec.name.rstrip(",") in " ".join(words).replace(",", " ").split()
+        assert " ".join(spec.paper.title.split()) in " ".join(words)  # each title whole, line breaks aside
 
 
 def test_list_family_filters(capsys, planted):
