@@ -70,7 +70,7 @@ from ..core.registry import CAUSAL_PARAM, COMMON_PARAMS, Spec, get
 from .env import environment
 from .progress import progress, say
 from .store import Result, ResultStore, canonical, config_hash
-from .timing import MMAP_THRESHOLD_ENV, measure
+from .timing import MMAP_THRESHOLD_ENV, measure, peak_memory
 
 SUITE = "speed"
 MODES = ("fwd", "fwd+bwd")
@@ -407,12 +407,22 @@ def flops_of(spec: Spec, config: Mapping[str, Any]) -> float | None:
     return fwd * (BACKWARD_FLOPS_FACTOR if config["mode"] == "fwd+bwd" else 1.0)
 
 
-def measure_config(config: Mapping[str, Any], *, budget_s: float, repeats: int, module: str | None = None) -> tuple[str, dict[str, Any]]:
+def measure_config(
+    config: Mapping[str, Any],
+    *,
+    budget_s: float,
+    repeats: int,
+    module: str | None = None,
+    memory_budget_bytes: int | None = None,
+) -> tuple[str, dict[str, Any]]:
     """Measure one configuration in this process: (status, metrics).
 
     A warm-up call, then timed calls until `repeats` are made, or TARGET_S (1 s) is
     spent with three made, or the next would take the configuration past `budget_s`;
-    the first timed call also gives the peak memory.
+    the first timed call also gives the peak memory. With `memory_budget_bytes`, the
+    warm-up's peak is read too: when it and a second call's both exceed the budget, the
+    configuration is "over_memory" at once, without timed calls (so that the verdict is
+    the budget rule's, whatever the machine's speed).
     """
     try:
         spec = _spec(config["mechanism"], module)
@@ -423,7 +433,20 @@ def measure_config(config: Mapping[str, Any], *, budget_s: float, repeats: int, 
             fn = prepare_call(spec, config)
         except ParameterError as err:  # the mechanism refuses this configuration: not a failure of it
             return "unsupported", empty_metrics(f"{spec.name} cannot be built so: {err}"[:600], budget_s=budget_s)
-        timing = measure(fn, warmup=1, repeats=repeats, budget_s=min(TARGET_S, budget_s), limit_s=budget_s, memory=True)
+        warmup = 1
+        if memory_budget_bytes is not None:
+            warmup = 0
+            peak = peak_memory(fn)  # the warm-up (its peak includes code loaded on first use)
+            if peak is not None and peak > memory_budget_bytes:
+                peak = peak_memory(fn)
+                if peak is not None and peak > memory_budget_bytes:
+                    return "over_memory", empty_metrics(
+                        f"peak {peak / 2**20:.0f} MiB exceeds the memory budget of "
+                        f"{memory_budget_bytes / 2**20:.0f} MiB (not timed)",
+                        budget_s=budget_s, peak_mem_bytes=peak, load_1m=os.getloadavg()[0],
+                    )
+        timing = measure(fn, warmup=warmup, repeats=repeats, budget_s=min(TARGET_S, budget_s), limit_s=budget_s,
+                         memory=True)
         peak = timing.peak_mem_bytes
     except Exception as err:  # the run goes on; the message is the result
         message = f"{type(err).__name__}: {err}"[:600]
@@ -482,7 +505,8 @@ def worker_main(argv: Sequence[str]) -> int:
     for line in sys.stdin:
         request = json.loads(line)
         status, metrics = measure_config(
-            request["config"], budget_s=request["budget_s"], repeats=request["repeats"], module=request.get("module")
+            request["config"], budget_s=request["budget_s"], repeats=request["repeats"], module=request.get("module"),
+            memory_budget_bytes=request.get("memory_budget_bytes"),
         )
         send({"status": status, "metrics": metrics})
     return 0
@@ -539,8 +563,12 @@ class Worker:
             raise WorkerDied(f"the speed worker exited with status {code}: {self.stderr_tail()}")
         return json.loads(line)
 
-    def request(self, config: Mapping[str, Any], *, budget_s: float, repeats: int, module: str, timeout: float) -> dict[str, Any] | None:
-        self._send({"config": config, "budget_s": budget_s, "repeats": repeats, "module": module})
+    def request(
+        self, config: Mapping[str, Any], *, budget_s: float, repeats: int, module: str, timeout: float,
+        memory_budget_bytes: int | None = None,
+    ) -> dict[str, Any] | None:
+        self._send({"config": config, "budget_s": budget_s, "repeats": repeats, "module": module,
+                    "memory_budget_bytes": memory_budget_bytes})
         return self.receive(timeout)
 
     def stderr_tail(self, chars: int = 400) -> str:
@@ -636,6 +664,7 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
                     answer = worker.request(
                         config, budget_s=options.budget_s, repeats=options.repeats,
                         module=spec.factory.__module__, timeout=timeout,
+                        memory_budget_bytes=options.memory_budget_bytes,
                     )
                 except WorkerDied as died:
                     worker.kill()
