@@ -1,6 +1,7 @@
 """Open a local HTML page in headless Chromium, for tests of the pages attnlab writes.
 
     page = open_page(path, probe="...js...")   # pytest.skip when chromium is not installed
+    screenshot(path, "shot.png", selector="#headline")  # what a reader sees, as a PNG
     assert page.errors == []                   # console.error/assert, uncaught exceptions, failed loads
     assert 'id="probe"' in page.dom            # the DOM after the page's scripts (and the probe) ran
 
@@ -15,6 +16,7 @@ what --dump-dom prints.
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -24,6 +26,8 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,17 +178,12 @@ def with_probe(path: Path, probe: str) -> Path:
     return copy
 
 
-def open_page(path: str | Path, *, probe: str | None = None, settle: float = 0.2, timeout: float = 60.0) -> Page:
-    """Load the local page `path` in headless Chromium and return what it saw (see the module doc).
-
-    `settle` seconds after the load event let timers and late errors land before the DOM is read.
-    The test is skipped when Chromium is not installed.
-    """
+@contextmanager
+def _browser(target: Path, *, timeout: float) -> Iterator[tuple[_DevTools, str]]:
+    """Headless Chromium with `target` loaded (load event fired): its DevTools connection and page session."""
     exe = find_chromium()
     if exe is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; `make test` installs it)")
-    path = Path(path).resolve()
-    target = with_probe(path, probe) if probe is not None else path
     profile = tempfile.mkdtemp(prefix="attnlab-chromium-")
     chrome_reads, we_write = os.pipe()
     we_read, chrome_writes = os.pipe()
@@ -212,17 +211,11 @@ def open_page(path: str | Path, *, probe: str | None = None, settle: float = 0.2
         if navigated.get("errorText"):
             raise RuntimeError(f"chromium could not open {target}: {navigated['errorText']}")
         tools.wait_for("Page.loadEventFired", session, timeout=timeout)
-        tools.call("Runtime.evaluate", {"expression": f"new Promise(r => setTimeout(r, {int(settle * 1000)}))",
-                                        "awaitPromise": True}, session, timeout=timeout)
-        dom = tools.call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML",
-                                              "returnByValue": True}, session, timeout=timeout)
-        page = Page(dom=dom["result"]["value"])
-        _collect(tools.events, page)
+        yield tools, session
         try:
             tools.call("Browser.close", timeout=10)
         except (RuntimeError, TimeoutError):
             pass  # the browser may close its pipe before answering
-        return page
     except (RuntimeError, TimeoutError) as err:
         log.seek(0)
         tail = log.read().decode(errors="replace")[-3000:]
@@ -237,5 +230,55 @@ def open_page(path: str | Path, *, probe: str | None = None, settle: float = 0.2
             proc.wait()
         log.close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def _evaluate(tools: _DevTools, session: str, expression: str, *, timeout: float) -> Any:
+    reply = tools.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                       session, timeout=timeout)
+    return reply["result"].get("value")
+
+
+def open_page(path: str | Path, *, probe: str | None = None, settle: float = 0.2, timeout: float = 60.0) -> Page:
+    """Load the local page `path` in headless Chromium and return what it saw (see the module doc).
+
+    `settle` seconds after the load event let timers and late errors land before the DOM is read.
+    The test is skipped when Chromium is not installed.
+    """
+    path = Path(path).resolve()
+    target = with_probe(path, probe) if probe is not None else path
+    try:
+        with _browser(target, timeout=timeout) as (tools, session):
+            _evaluate(tools, session, f"new Promise(r => setTimeout(r, {int(settle * 1000)}))", timeout=timeout)
+            page = Page(dom=_evaluate(tools, session, "document.documentElement.outerHTML", timeout=timeout))
+            _collect(tools.events, page)
+            return page
+    finally:
         if target != path:
             target.unlink(missing_ok=True)
+
+
+def screenshot(path: str | Path, out: str | Path, *, selector: str | None = None, width: int = 1400,
+               height: int = 2000, open_details: bool = False, timeout: float = 60.0) -> dict[str, int]:
+    """A PNG of the page `path` as a reader sees it at `width` px: the element `selector` (all of it) or the
+    first `height` px; `open_details` unfolds every <details> first. Returns the page's full height and the
+    shot's size in CSS px ({"page_height", "width", "height"})."""
+    path = Path(path).resolve()
+    with _browser(path, timeout=timeout) as (tools, session):
+        tools.call("Emulation.setDeviceMetricsOverride",
+                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+        if open_details:
+            _evaluate(tools, session, "document.querySelectorAll('details').forEach(d => d.open = true)", timeout=timeout)
+        page_height = int(_evaluate(tools, session, "document.documentElement.scrollHeight", timeout=timeout))
+        if selector is None:
+            clip = {"x": 0, "y": 0, "width": width, "height": min(height, page_height)}
+        else:
+            box = _evaluate(tools, session, f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                            "if (!e) return null; const r = e.getBoundingClientRect(); "
+                            "return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })()", timeout=timeout)
+            if box is None:
+                raise ValueError(f"selector: expected an element of {path.name}, got none for {selector!r}")
+            clip = {"x": box[0], "y": box[1], "width": box[2], "height": box[3]}
+        shot = tools.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                     "clip": {**clip, "scale": 1}}, session, timeout=timeout)
+        Path(out).write_bytes(base64.b64decode(shot["data"]))
+        return {"page_height": page_height, "width": int(clip["width"]), "height": int(clip["height"])}

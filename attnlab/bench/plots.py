@@ -3,6 +3,12 @@
 Text from users (mechanism names, parameters) is drawn as plain text: math parsing is
 off, and legend labels are passed explicitly, so a name with `$` or a leading `_` shows
 as written.
+
+Speed figures are small multiples: one row per panel (a mode and causality), time and
+peak memory side by side on log-log axes. In every panel the reference (SDPA) is the
+thick black line with a grey band; each other series has a colour and marker of its own
+within the figure (a mechanism's peers share its colour, dashed, with other markers), so
+no two series of a panel look alike; spreads are error bars.
 """
 from __future__ import annotations
 
@@ -13,28 +19,49 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 DPI = 100
-MARKERS = "osD^v<>ph*"
+PALETTE = tuple(colormaps["tab10"](i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))  # tab10 without its grey (black and grey are the reference's)
+MARKERS = "osD^vPXh<>"
+PEER_MARKERS = "x+1*"
+REFERENCE = {"color": "black", "linewidth": 2.6, "marker": "_", "markersize": 10, "zorder": 5}
+REFERENCE_BAND = "#bbbbbb"
 MAX_LABEL = 48  # legend and tick labels longer than this are cut with "…"
 
 
 @dataclass(frozen=True)
 class Line:
-    """One curve: y against N for a mechanism (solid) or a peer library running it (dashed)."""
+    """One curve: y against N, with an optional spread (low, high) per point.
+
+    Lines with the same `key` share a colour (a mechanism and its peers); a peer is dashed.
+    """
 
     label: str
     n: Sequence[int]
-    y: Sequence[float]
+    y: Sequence[float | None]
+    low: Sequence[float | None] = ()
+    high: Sequence[float | None] = ()
     peer: bool = False
-    colour_key: str = ""  # curves with the same key share a colour (a mechanism and its peers)
+    key: str = ""
 
 
-def _png(fig: Figure) -> bytes:
+@dataclass(frozen=True)
+class SpeedPanel:
+    """One row of a speed figure: a title, the reference's time and memory lines (None when not measured),
+    and the series' time and memory lines."""
+
+    title: str
+    reference_time: Line | None
+    reference_memory: Line | None
+    time: Sequence[Line]
+    memory: Sequence[Line]
+
+
+def png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # a fixed layout: tight_layout and tight bboxes double the cost
@@ -45,52 +72,163 @@ def _short(text: str, width: int = MAX_LABEL) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _styles(lines: Sequence[Line]) -> dict[str, tuple[object, str]]:
-    """colour key -> (colour, marker), stable in the order the keys first appear."""
-    keys = list(dict.fromkeys(line.colour_key or line.label for line in lines))
-    cmap = colormaps["tab10" if len(keys) <= 10 else "tab20"]
-    return {key: (cmap(i % cmap.N), MARKERS[(i // cmap.N) % len(MARKERS)]) for i, key in enumerate(keys)}
+def styles(lines: Sequence[Line]) -> dict[str, tuple[tuple[float, ...], str, str]]:
+    """label -> (colour, marker, line style), no two labels alike: each key its colour and marker (the first
+    len(PALETTE) keys differ in both), a peer its key's colour, dashed, with a peer marker.
 
-
-def scaling_figure(title: str, panels: Sequence[tuple[str, Sequence[Line]]]) -> bytes:
-    """Side-by-side log-log panels (e.g. time and peak memory against N) with one legend below them.
-
-    `panels` is a sequence of (y-axis label, lines); points with y <= 0 or None are left out.
+    ValueError when the lines are too many to tell apart this way (a panel is split long before).
     """
-    styles = _styles([line for _, lines in panels for line in lines])
-    labels = list(dict.fromkeys(line.label for _, lines in panels for line in lines))
-    columns = max(1, min(len(labels), int(5.2 * len(panels) // (0.4 + 0.075 * max(map(len, labels), default=1)))))
-    legend_rows = math.ceil(len(labels) / columns)
-    axes_h, top_h, bottom_h, legend_h = 3.4, 0.45, 0.55, 0.22 * legend_rows + 0.2
-    height = top_h + axes_h + bottom_h + legend_h
-    fig = Figure(figsize=(5.2 * len(panels), height))
-    fig.subplots_adjust(left=0.08, right=0.98, wspace=0.28, top=1 - top_h / height, bottom=(bottom_h + legend_h) / height)
-    handles: dict[str, Line2D] = {}
-    for index, (ylabel, lines) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), index + 1)
-        for line in lines:
-            points = sorted((n, y) for n, y in zip(line.n, line.y) if y is not None and y > 0 and n > 0)
-            if not points:
-                continue
-            colour, marker = styles[line.colour_key or line.label]
-            (artist,) = ax.plot(
-                [p[0] for p in points], [p[1] for p in points], color=colour, marker=marker, markersize=4,
-                linestyle="--" if line.peer else "-", linewidth=1.4,
-            )
-            handles.setdefault(line.label, artist)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel(ylabel, parse_math=False)
-        ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle(title, parse_math=False)
-    if handles:
-        legend = fig.legend(list(handles.values()), [_short(label) for label in handles], loc="lower center",
-                            ncol=columns, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0))
+    keys = list(dict.fromkeys(line.key or line.label for line in lines))
+    base = {key: (i, PALETTE[i % len(PALETTE)], MARKERS[(i % len(PALETTE) + i // len(PALETTE)) % len(MARKERS)])
+            for i, key in enumerate(keys)}
+    out: dict[str, tuple[tuple[float, ...], str, str]] = {}
+    peers_of: dict[str, int] = {}
+    for line in lines:
+        if line.label in out:
+            continue
+        key = line.key or line.label
+        index, colour, marker = base[key]
+        if line.peer:
+            marker = PEER_MARKERS[(index // len(PALETTE) + peers_of.get(key, 0)) % len(PEER_MARKERS)]
+            peers_of[key] = peers_of.get(key, 0) + 1
+        out[line.label] = (colour, marker, "--" if line.peer else "-")
+    if len(set(out.values())) < len(out):
+        raise ValueError(f"lines: expected series that can be told apart by colour and marker, got {len(keys)} "
+                         f"mechanisms and {sum(peers_of.values())} peers in one figure")
+    return out
+
+
+def _points(line: Line) -> tuple[list[int], list[float], list[float], list[float]]:
+    low = list(line.low) or [None] * len(line.n)
+    high = list(line.high) or [None] * len(line.n)
+    rows = sorted((n, y, lo, hi) for n, y, lo, hi in zip(line.n, line.y, low, high) if y is not None and y > 0 and n > 0)
+    ns = [r[0] for r in rows]
+    ys = [r[1] for r in rows]
+    below = [r[1] - r[2] if r[2] is not None and 0 < r[2] <= r[1] else 0.0 for r in rows]
+    above = [r[3] - r[1] if r[3] is not None and r[3] >= r[1] else 0.0 for r in rows]
+    return ns, ys, below, above
+
+
+def _draw(ax: Axes, line: Line, style: tuple[tuple[float, ...], str, str]) -> None:
+    ns, ys, below, above = _points(line)
+    if not ns:
+        return
+    colour, marker, linestyle = style
+    (artist,) = ax.plot(ns, ys, color=colour, marker=marker, markersize=6, linestyle=linestyle, linewidth=1.5,
+                        label=line.label, markerfacecolor="none" if line.peer else colour, markeredgewidth=1.4)
+    artist.set_gid("series")
+    if any(below) or any(above):
+        ax.errorbar(ns, ys, yerr=[below, above], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, alpha=0.8)
+
+
+def _draw_reference(ax: Axes, line: Line, extent: tuple[int, int] | None) -> None:
+    ns, ys, below, above = _points(line)
+    if extent is not None:
+        keep = [i for i, n in enumerate(ns) if extent[0] <= n <= extent[1]]
+        ns, ys, below, above = ([x[i] for i in keep] for x in (ns, ys, below, above))
+    if not ns:
+        return
+    lows = [y - b for y, b in zip(ys, below)]
+    highs = [y + a for y, a in zip(ys, above)]
+    if any(below) or any(above):
+        ax.fill_between(ns, lows, highs, color=REFERENCE_BAND, alpha=0.6, linewidth=0, zorder=1)
+    (artist,) = ax.plot(ns, ys, label=line.label, **REFERENCE)
+    artist.set_gid("reference")
+
+
+def seconds_text(value: float) -> str:
+    """An axis label for a time: 500 µs, 2 ms, 1.5 s."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if value >= scale * 0.999:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def _log_axes(ax: Axes, ylabel: str, title: str, *, seconds: bool) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: seconds_text(value) if seconds else f"{value:g}"))
+    ax.set_xlabel("N (tokens)")
+    ax.set_ylabel(ylabel, parse_math=False)
+    ax.set_title(title, parse_math=False, fontsize="medium", loc="left")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def speed_figure(title: str, panels: Sequence[SpeedPanel], *, time_label: str = "median time",
+                 memory_label: str = "peak memory (MiB)") -> Figure:
+    """Rows of (time, memory) log-log axes, one row per panel, one legend below them all; `title` (shown by the
+    page above the image) is the figure's label."""
+    lines = [line for p in panels for line in (*p.time, *p.memory)]
+    style = styles(lines)
+    labels = list(dict.fromkeys(line.label for line in lines if line.label in style))
+    references = list(dict.fromkeys(ref.label for p in panels for ref in (p.reference_time, p.reference_memory)
+                                    if ref is not None))
+    entries = len(labels) + len(references)
+    longest = max((len(_short(x)) for x in labels + references), default=1)
+    columns = max(1, min(entries, int(10.4 / (0.55 + 0.075 * longest))))
+    legend_h = 0.26 * math.ceil(entries / columns) + 0.25
+    row_h, top_h = 3.3, 0.3
+    height = top_h + row_h * len(panels) + legend_h
+    fig = Figure(figsize=(11.0, height))
+    fig.subplots_adjust(left=0.075, right=0.985, wspace=0.22, hspace=0.55, top=1 - top_h / height,
+                        bottom=(legend_h + 0.55) / height)
+    handles: dict[str, object] = {}
+    for row, panel in enumerate(panels):
+        extent = None
+        ns = [n for line in panel.time for n, y in zip(line.n, line.y) if y]
+        if ns:
+            extent = (min(ns), max(ns))
+        for column, (ylabel, ref, series) in enumerate(((time_label, panel.reference_time, panel.time),
+                                                        (memory_label, panel.reference_memory, panel.memory))):
+            ax = fig.add_subplot(len(panels), 2, 2 * row + column + 1)
+            if ref is not None:
+                _draw_reference(ax, ref, extent)
+            for line in series:
+                _draw(ax, line, style[line.label])
+            _log_axes(ax, ylabel, f"{panel.title} — {'time' if column == 0 else 'peak memory'}", seconds=column == 0)
+            for artist in ax.get_lines():
+                handles.setdefault(artist.get_label(), artist)
+    fig.set_label(title)
+    order = [x for x in references + labels if x in handles]
+    if order:
+        legend = fig.legend([handles[x] for x in order], [_short(x) for x in order], loc="lower center", ncol=columns,
+                            fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0))
         for text in legend.get_texts():
             text.set_parse_math(False)
-    return _png(fig)
+    return fig
+
+
+def exponent_figure(title: str, rows: Sequence[tuple[str, float, float | None]]) -> Figure:
+    """A dot plot: per row (label, measured, declared) a filled dot at the measured exponent and a hollow
+    diamond at the declared one, joined by a line; rows top to bottom as given."""
+    height = 0.9 + 0.24 * max(1, len(rows))
+    left = 0.3 + 0.07 * max((len(_short(r[0], 40)) for r in rows), default=1)
+    fig = Figure(figsize=(7.5, height))
+    fig.subplots_adjust(left=left / 7.5, right=0.97, top=1 - 0.45 / height, bottom=0.45 / height)
+    ax = fig.add_subplot(1, 1, 1)
+    ys = np.arange(len(rows))[::-1]
+    for y, (_, measured, declared) in zip(ys, rows):
+        if declared is not None:
+            ax.plot([declared, measured], [y, y], color="#999999", linewidth=1.0, zorder=1)
+            ax.plot([declared], [y], marker="D", markerfacecolor="white", markeredgecolor="black", markersize=6,
+                    linestyle="none", zorder=2)
+        ax.plot([measured], [y], marker="o", color=PALETTE[0], markersize=6, linestyle="none", zorder=3)
+    ax.set_yticks(ys, [_short(r[0], 40) for r in rows], parse_math=False, fontsize="small")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("exponent e of N (time ∝ N^e)", parse_math=False)
+    low = min([r[1] for r in rows] + [r[2] for r in rows if r[2] is not None], default=0.0)
+    high = max([r[1] for r in rows] + [r[2] for r in rows if r[2] is not None], default=2.0)
+    ax.set_xlim(min(0.0, low - 0.1), max(2.0, high) + 0.5)  # room on the right for the legend
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(title, parse_math=False, fontsize="medium", loc="left")
+    ax.plot([], [], marker="o", color=PALETTE[0], linestyle="none", label="measured")
+    ax.plot([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none", label="declared")
+    ax.legend(loc="upper right", fontsize="small", framealpha=1.0)
+    return fig
 
 
 def heatmap(
@@ -125,4 +263,4 @@ def heatmap(
     cax = fig.add_axes((1 - 1.05 / width, 0.7 / height, 0.15 / width, 1 - 1.15 / height))
     bar = fig.colorbar(image, cax=cax)
     bar.set_label(colorbar_label, parse_math=False)
-    return _png(fig)
+    return png(fig)

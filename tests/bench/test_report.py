@@ -157,7 +157,10 @@ def test_page_loads_cleanly_with_every_plot(run) -> None:
     panels = {(_family_of(r.config["mechanism"]), r.config["mode"]) for r in speed if r.status == "ok"}
     heatmaps = {(r.config["d_model"], r.config["seq_len"]) for r in store.results("recall")}
     assert len(panels) == 2 and len(heatmaps) == 1  # family A, fwd and fwd+bwd; d_model=16, seq_len=16
-    assert images == len(panels) + len(heatmaps)
+    # the headline's exponent dot plot; one speed figure per mechanism group of family A: the planted
+    # mechanism's ("other": not under attnlab/mechanisms) and dense (the peers of softmax; softmax itself
+    # is the reference line); one heat map
+    assert images == 1 + 2 + len(heatmaps)
     assert decoded == images, broken
     assert scripts == 1  # the probe's own: the planted <script> name stayed text
 
@@ -173,7 +176,7 @@ def test_planted_script_name_is_escaped(run) -> None:
 def test_every_registered_mechanism_is_listed(run) -> None:
     store, page = run
     text = page.read_text(encoding="utf-8")
-    coverage = text[text.index("id='coverage'"):text.index("id='speed'")]
+    coverage = text[text.index("id='coverage'"):text.index("id='environment'")]
     rows = {html.unescape(m[1]): re.findall(r"<td>(.*?)</td>", m[0])
             for m in re.finditer(r"<tr><td><code>(.*?)</code>.*?</tr>", coverage)}
     registered = {s.name for s in registry.list_mechanisms()}
@@ -311,15 +314,17 @@ def test_recall_tables_agree_with_the_store(run) -> None:
     kvs = [kv for _, kv in RECALL.cells]
     mean = {kv: np.mean([r.metrics["accuracy"] for r in softmax if r.config["num_kv_pairs"] == kv]) for kv in kvs}
     shown = {kv: f"{math.floor(mean[kv] * 100 + 1e-9) / 100:.2f}" for kv in kvs}  # the mean over seeds, rounded down
+    converged = {kv: all(r.metrics["converged"] for r in softmax if r.config["num_kv_pairs"] == kv) for kv in kvs}
+    marked = {kv: shown[kv] + ("" if converged[kv] else " ◐") for kv in kvs}  # ◐: stopped before converging
 
     text = page.read_text(encoding="utf-8")
-    section = text[text.index("id='recall'"):text.index("id='environment'")]
+    section = text[text.index("id='recall'"):text.index("id='coverage'")]
     assert len(re.findall(r"<h3>MQAR accuracy, d_model=16, seq_len=16</h3>\s*<img ", section)) == 1
-    table = section[:section.index("<details>")]
+    table = section[:section.index("<details><summary>Every recall run")]
     rows = {m[1]: re.findall(r"<td>(.*?)</td>", m[0])[1:] for m in re.finditer(r"<tr><td>(.*?)</td>.*?</tr>", table)}
-    assert rows["softmax"] == [shown[kv] for kv in kvs]
+    assert rows["softmax"] == [marked[kv] for kv in kvs]
     assert rows[html.escape(PLANTED)] == ["<span class='status s-unsupported'>unsupported</span>"] * len(kvs)
-    details = section[section.index("<details>"):]
+    details = section[section.index("<details><summary>Every recall run"):]
     assert details.count("<tr><td>") == len(recall)  # every run listed
 
     markdown = (page.parent / "summary.md").read_text(encoding="utf-8")
@@ -353,9 +358,225 @@ def test_command_prints_path_markdown_and_json(run, tmp_path: Path, capsys: pyte
 
 
 def test_time_and_size_formats() -> None:
-    from attnlab.bench.report import fmt_accuracy, fmt_bytes, fmt_time
+    from attnlab.bench.report import fmt_accuracy, fmt_mib, fmt_time
 
     assert [fmt_time(x) for x in (2.5, 0.00123, 8.12e-4, 3e-8)] == ["2.5 s", "1.23 ms", "812 µs", "30 ns"]
-    assert [fmt_bytes(x) for x in (512, 1536, 32 * 2**20)] == ["512 B", "1.5 KiB", "32 MiB"]
+    assert [fmt_mib(x) for x in (512 * 1024, 1536 * 2**20, 32 * 2**20)] == ["0.5 MiB", "1.54e+03 MiB", "32 MiB"]
     assert [fmt_accuracy(x) for x in (0.9899, 0.99, 1.0)] == ["0.98", "0.99", "1.00"]
     assert math.isclose(_seconds("812 µs"), 8.12e-4)
+
+
+# -- a hand-made store: known times, so that every headline fact is checked against numbers set here ----------
+MS = 1e-3
+SHAPE = {"dtype": "float32", "batch": 1, "heads": 8, "head_dim": 64, "threads": 1}
+OLD_RUN, NEW_RUN = "20261207T050000Z-00000001", "20261207T060000Z-00000002"
+# median seconds at N = 256, 512, 1024
+SDPA = (1 * MS, 4 * MS, 16 * MS)
+CAUSAL_SDPA = (0.6 * MS, 2.4 * MS, 9.6 * MS)
+TIMES = {  # (mechanism, causal) -> times; ratios to the right SDPA in the comments
+    ("linear", False): (2 * MS, 4 * MS, 8 * MS),  # 2, 1, 0.5: faster from N=1024 (1 is not faster), 2× there
+    ("efficient", False): (3 * MS, 6 * MS, 12 * MS),  # 3, 1.5, 0.75: faster from 1024, 1.33×
+    ("retention", False): (2 * MS, 1.5 * MS, 20 * MS),  # 2, 0.375, 1.25: faster at 512 only: not faster
+    ("neighborhood", True): (0.5 * MS, 1.2 * MS, 2.4 * MS),  # vs causal SDPA 0.833, 0.5, 0.25: from 256, 4×
+    ("twins-gsa", False): (0.5 * MS, 1 * MS, 2 * MS),  # peak memory 0 B at every N: memory flagged
+}
+PEER = "linear-attention-transformer"
+PEER_TIMES = (6 * MS, 12 * MS, 24 * MS)  # efficient's attnlab / peer = 0.5; the peer disagrees at N=1024
+
+
+def _hand_speed(mechanism: str, n: int, median: float, *, causal: bool = False, impl: str = "attnlab",
+                status: str = "ok", peak: int | None = None, run: str = NEW_RUN, load: float = 0.5) -> tuple:
+    from attnlab.bench.speed import bench_params
+
+    config = {"mechanism": mechanism, "impl": impl, "params": bench_params(registry.get(mechanism)), "n": n,
+              "mode": "fwd", "causal": causal, **SHAPE}
+    metrics = {"median_s": median, "min_s": median * 0.9, "max_s": median * 1.2, "repeats": 5,
+               "peak_mem_bytes": n * 4096 if peak is None else peak, "load_1m": load}
+    if status != "ok":
+        metrics = {"note": "planted", "max_abs_diff": 0.5}
+    return "speed", config, status, metrics, {"cpu": "hand", "run_id": run}
+
+
+def _hand_recall(mechanism: str, accuracy: float, *, converged: bool, note: str | None = None, epochs: int = 4,
+                 max_epochs: int = 4) -> tuple:
+    from attnlab.bench.recall import make_config
+    from attnlab.bench.speed import bench_params
+
+    config = make_config(mechanism, bench_params(registry.get(mechanism)), seq_len=64, num_kv_pairs=4, d_model=64,
+                         vocab_size=128, seed=0, lr=3e-3, max_epochs=max_epochs, train_examples=100, test_examples=10)
+    metrics = {"accuracy": accuracy, "best_accuracy": accuracy, "epochs": epochs, "train_seconds": 10.0,
+               "converged": converged}
+    if note:
+        metrics["note"] = note
+    return "recall", config, "ok", metrics, {"cpu": "hand", "run_id": NEW_RUN}
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory: pytest.TempPathFactory):
+    """(store, Report) of hand-made results with known times: SDPA and causal SDPA, four mechanisms, one of them
+    measured in an older run (reused), twins-gsa with 0 B peaks, a peer, and MQAR results at two budgets."""
+    from attnlab.bench.report import Report
+
+    rows = []
+    for i, n in enumerate(LENGTHS_HAND):
+        rows.append(_hand_speed("softmax", n, SDPA[i]))
+        rows.append(_hand_speed("softmax", n, CAUSAL_SDPA[i], causal=True))
+        for (mechanism, causal), times in TIMES.items():
+            rows.append(_hand_speed(mechanism, n, times[i], causal=causal, peak=0 if mechanism == "twins-gsa" else None,
+                                    run=OLD_RUN if mechanism == "retention" else NEW_RUN, load=0.25 + i))
+        rows.append(_hand_speed("efficient", n, PEER_TIMES[i], impl=PEER, status="disagree" if n == 1024 else "ok"))
+    rows += [
+        _hand_recall("softmax", 1.0, converged=True, epochs=2),
+        _hand_recall("linear", 0.8, converged=False),  # all 4 epochs: stopped before converging
+        _hand_recall("based", 0.5, converged=False, epochs=1, note="stopped at the time budget of 20 s in epoch 2"),
+        _hand_recall("retention", 0.9, converged=False, max_epochs=8, epochs=8),  # another budget: another board
+    ]
+    store = ResultStore(tmp_path_factory.mktemp("hand") / "results.sqlite")
+    for row in rows:
+        assert store.record(*row)
+    return store, Report.from_store(store)
+
+
+LENGTHS_HAND = (256, 512, 1024)
+
+
+def test_headline_beats_sdpa_from_known_times(hand) -> None:
+    from attnlab.bench.report import headline
+
+    _, report = hand
+    facts = {(b.series.mechanism, b.series.causal): b for b in headline.beats_sdpa(report)}
+    assert set(facts) == set(TIMES)
+    expected = {  # (faster from N, ratio at N=1024, reference), worked out by hand from the tables above
+        ("linear", False): (1024, 0.5, "SDPA"),
+        ("efficient", False): (1024, 0.75, "SDPA"),
+        ("retention", False): (None, 1.25, "SDPA"),
+        ("neighborhood", True): (256, 0.25, "causal SDPA"),  # against plain SDPA it would be 0.15
+        ("twins-gsa", False): (256, 0.125, "SDPA"),
+    }
+    for key, (from_n, at_max, reference) in expected.items():
+        b = facts[key]
+        assert (b.from_n, b.n_max, b.reference) == (from_n, 1024, reference), key
+        assert b.at_max == pytest.approx(at_max)
+    assert facts[("neighborhood", True)].ratios == pytest.approx({256: 0.5 / 0.6, 512: 0.5, 1024: 0.25})
+    # the page says it in words: faster from which N and by how much
+    text = (Path(write_report(hand[0], Path(hand[0].path).parent / "report")).read_text(encoding="utf-8"))
+    section = text[text.index("id='headline'"):text.index("id='speed'")]
+    row = re.search(r"<tr><td><b>neighborhood causal</b></td>(.*?)</tr>", section)[1]
+    assert "causal SDPA" in row and "N ≥ 256" in row and "4× faster at N=1024" in row
+    row = re.search(r"<tr><td><b>retention</b></td>(.*?)</tr>", section)[1]
+    assert "not faster" in row and "1.25× slower at N=1024" in row
+
+
+def test_headline_exponents_leaderboards_and_peers(hand) -> None:
+    from attnlab.bench.report import headline
+
+    _, report = hand
+    exps = {(x["mechanism"], x["causal"]): x["measured"] for x in headline.exponent_rows(report)}
+    assert exps[("softmax", False)] == pytest.approx(2.0) and exps[("linear", False)] == pytest.approx(1.0)
+    assert exps[("neighborhood", True)] == pytest.approx(np.polyfit(np.log(LENGTHS_HAND), np.log(TIMES[("neighborhood", True)]), 1)[0])
+    assert [x["measured"] for x in headline.exponent_rows(report)] == sorted(exps.values())
+
+    boards = headline.leaderboards(report)
+    assert [b.budget for b in boards] == ["≤ 4 epochs of 100 examples", "≤ 8 epochs of 100 examples"]
+    first = boards[0]
+    assert [row["mechanism"] for row in first.rows] == ["softmax", "linear", "based"]  # retention: another budget
+    assert [row["mean"] for row in first.rows] == pytest.approx([1.0, 0.8, 0.5])
+    assert [bool(row["stopped"]) for row in first.rows] == [False, True, True]
+    assert first.rows[2]["stopped"][4] == "stopped at the time budget of 20 s in epoch 2"
+    assert first.rows[1]["stopped"][4] == "stopped after 4 of 4 epochs"
+
+    (standing,) = headline.peer_standing(report)
+    assert (standing.series.impl, standing.agreed, standing.disagreed) == (PEER, 2, 1)
+    assert standing.ratios == pytest.approx({256: 0.5, 512: 0.5})  # attnlab 3, 6 ms against the peer's 6, 12 ms
+
+
+def _figures(report):
+    from attnlab.bench.report import html as page
+
+    return [(title, panels, fig) for _, panels in report.families() for title, panels, fig in page.group_figures(report, panels)]
+
+
+def test_every_speed_panel_has_its_sdpa_line_and_distinct_series(hand) -> None:
+    _, report = hand
+    figures = _figures(report)
+    assert figures
+    seen_causal = False
+    for title, panels, fig in figures:
+        axes = fig.get_axes()
+        assert len(axes) == 2 * len(panels)  # time and memory per panel
+        for panel, (time_ax, memory_ax) in zip(panels, zip(axes[::2], axes[1::2])):
+            times = CAUSAL_SDPA if panel.causal else SDPA  # the hand-made baseline this panel must show
+            for ax, values in ((time_ax, times), (memory_ax, [n * 4096 / 2**20 for n in LENGTHS_HAND])):
+                (line,) = [x for x in ax.get_lines() if x.get_gid() == "reference"]
+                assert list(line.get_ydata()) == pytest.approx(values), (title, panel)  # plain or causal, as the panel
+            seen_causal |= panel.causal
+            for ax, value in ((time_ax, "time"), (memory_ax, "memory")):
+                series = [x for x in ax.get_lines() if x.get_gid() == "series"]
+                looks = [(tuple(x.get_color()) if not isinstance(x.get_color(), str) else x.get_color(),
+                          x.get_marker(), x.get_linestyle()) for x in series]
+                drawn = [s for s in panel.series if any(getattr(p, value) for p in report.series[s].values())]
+                assert len(series) == len(drawn) and len(set(looks)) == len(looks), (title, looks)
+                assert all(look[0] != "black" for look in looks)
+    assert seen_causal
+
+
+def test_a_crowded_group_is_split_and_styles_never_repeat() -> None:
+    from attnlab.bench import plots
+    from attnlab.bench.report.model import PANEL_SIZE
+
+    lines = [plots.Line(f"m{i}", [1, 2], [1.0, 2.0], key=f"m{i}") for i in range(36)]
+    lines += [plots.Line(f"m{i} [peer]", [1, 2], [1.0, 2.0], peer=True, key=f"m{i}") for i in range(36)]
+    looks = plots.styles(lines)
+    assert len(set(looks.values())) == len(lines)
+    first = [looks[f"m{i}"] for i in range(len(plots.PALETTE))]  # these differ in colour and in marker
+    assert len({c for c, _, _ in first}) == len({m for _, m, _ in first}) == len(plots.PALETTE)
+    assert PANEL_SIZE <= len(plots.PALETTE)  # so one panel's mechanisms differ in both
+    crowd = [plots.Line(f"m{i}", [1], [1.0], key="m") for i in range(2)]
+    crowd += [plots.Line(f"p{i}", [1], [1.0], peer=True, key="m") for i in range(len(plots.PEER_MARKERS) + 1)]
+    with pytest.raises(ValueError, match="told apart"):
+        plots.styles(crowd)  # more peers of one mechanism than peer markers
+
+
+def test_implausible_values_are_listed_not_plotted(hand) -> None:
+    store, report = hand
+    (twins,) = [s for s in report.series if s.mechanism == "twins-gsa"]
+    assert [p.memory for p in report.series[twins].values()] == [None] * 3
+    assert all(p.time is not None for p in report.series[twins].values())  # the time stays: only the peak is wrong
+    for _, panels, fig in _figures(report):
+        for panel, memory_ax in zip(panels, fig.get_axes()[1::2]):
+            if twins in panel.series:
+                labels = [x.get_label() for x in memory_ax.get_lines()]
+                assert not any(label.startswith("twins-gsa") for label in labels)
+    text = write_report(store, Path(store.path).parent / "flagged").read_text(encoding="utf-8")
+    listed = re.findall(r"<p class='flag'>Not plotted \(implausible\): (.*?)</p>", text)
+    assert len(listed) == 1 and listed[0].count("twins-gsa") == 3 and "peak memory of 0" in listed[0]
+
+
+def test_reused_rows_and_load_are_marked(hand) -> None:
+    store, report = hand
+    text = write_report(store, Path(store.path).parent / "reused").read_text(encoding="utf-8")
+    speed = text[text.index("id='speed'"):text.index("id='exponents'")]
+    rows = dict(re.findall(r"<tr><td>([^<]*)</td><td>fwd</td>(.*?)</tr>", speed))
+    assert rows["retention"].count("class='reused'") == 3  # measured in the older run
+    assert all("class='reused'" not in row for name, row in rows.items() if name != "retention")
+    assert re.findall(r"load (\d\.\d\d)", rows["linear"]) == ["0.25", "1.25", "2.25"]
+    assert "3 speed results reused from earlier runs" in text
+    markdown = (Path(store.path).parent / "reused" / "summary.md").read_text(encoding="utf-8")
+    assert [row[2:] for row in _md_rows(markdown, "## Speed: median time by N") if row[0] == "retention"] == [
+        ["2 ms (reused)", "1.5 ms (reused)", "20 ms (reused)"]]
+
+
+def test_one_memory_unit_throughout(hand) -> None:
+    store, report = hand
+    out = Path(store.path).parent / "units"
+    text = write_report(store, out).read_text(encoding="utf-8")
+    shown = re.sub(r"data:image/png;base64,[^']*", "", text)
+    assert re.findall(r"\d (B|KiB|GiB|kB|MB|GB)\b", shown) == []
+    assert len(re.findall(r"\d MiB", shown)) >= 3 * len(TIMES)
+    markdown = (out / "summary.md").read_text(encoding="utf-8")
+    peaks = {r.config["n"]: r.metrics["peak_mem_bytes"] for r in store.results("speed")
+             if (r.config["mechanism"], r.config["causal"], r.config["impl"]) == ("linear", False, "attnlab")}
+    (row,) = [row for row in _md_rows(markdown, "## Peak memory (MiB) by N") if row[0] == "linear"]
+    assert [float(c) for c in row[2:]] == pytest.approx([peaks[n] / 2**20 for n in LENGTHS_HAND], rel=1e-3)
+    for _, _, fig in _figures(report):
+        assert {ax.get_ylabel() for ax in fig.get_axes()[1::2]} == {"peak memory (MiB)"}

@@ -1,0 +1,170 @@
+"""The report as a Markdown summary (summary.md): the headline first, then the tables of the page."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from . import headline
+from .fmt import (
+    MEMORY_UNIT,
+    NOT_MEASURED,
+    fmt_accuracy,
+    fmt_num,
+    fmt_ratio,
+    fmt_speedup,
+    fmt_time,
+    md,
+    mib,
+    status_text,
+)
+from .model import PEER_BASE, Point, Report, SpeedSeries
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _env_line(env: dict) -> str:
+    keys = ("cpu", "threads", "torch", "attnlab", "git_commit", "python", "peer", "peer_version")
+    return ", ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None)
+
+
+def _time_cell(point: Point | None) -> str:
+    if point is None:
+        return ""
+    if point.result.status != "ok":
+        return status_text(point.result.status)
+    text = fmt_time(point.result.metrics.get("median_s"))
+    if point.reused:
+        text += " (reused)"
+    return text + (" (flagged)" if point.time_flagged else "")
+
+
+def _memory_cell(point: Point | None) -> str:
+    if point is None or point.result.status != "ok":
+        return ""
+    return "flagged" if point.memory is None and point.flags else fmt_num(mib(point.memory), 3)
+
+
+def _peer_cell(report: Report, s: SpeedSeries, n: int) -> str:
+    point = report.series[s].get(n)
+    if point is None:
+        return ""
+    if point.result.status != "ok":
+        return status_text(point.result.status)
+    ours = report.twin(s, n)
+    if ours is None:
+        return f"{PEER_BASE} {NOT_MEASURED}"
+    if ours.result.status != "ok":
+        return f"{PEER_BASE} {status_text(ours.result.status)}"
+    return fmt_ratio(report.peer_ratio(s, n))
+
+
+def render(report: Report) -> str:
+    """The Markdown summary of `report`."""
+    r = report
+    out = ["# attnlab results", ""]
+    out.append(f"{len(r.speed)} speed and {len(r.recall)} recall results from {md(r.database)}, "
+               f"{len(r.environments)} environment{'s' * (len(r.environments) != 1)}; "
+               f"report generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(r.generated))}.")
+    for i, env in enumerate(r.environments):
+        out.append(f"- environment {i + 1}: {md(_env_line(env))}")
+    loads = r.loads()
+    out.append(f"- load average at measurement: {loads[0]:.2f}–{loads[-1]:.2f}" if loads
+               else "- load average at measurement: not recorded")
+    out += _headline(r)
+    ns = sorted({n for points in r.series.values() for n in points})
+    ordered = sorted(r.series, key=lambda s: (s.mode,) + r.series_order(s))
+    if r.series:
+        out += ["", "## Speed: median time by N", ""]
+        if r.common_shape():
+            out += [md(r.common_shape()), ""]
+        rows = [[md(r.label(s)), md(s.mode), *(_time_cell(r.series[s].get(n)) for n in ns)] for s in ordered]
+        out += _table(["run", "mode", *map(str, ns)], rows)
+        out += ["", f"## Peak memory ({MEMORY_UNIT}) by N", ""]
+        rows = [[md(r.label(s)), md(s.mode), *(_memory_cell(r.series[s].get(n)) for n in ns)] for s in ordered]
+        out += _table(["run", "mode", *map(str, ns)], rows)
+        flagged = r.flagged()
+        if flagged:
+            out += ["", "## Not plotted (implausible values)", ""]
+            out += [f"- {md(r.label(s))}, {md(s.mode)}, N={p.n}: {md('; '.join(p.flags))}" for s, p in flagged]
+        out += ["", "## Cost exponents (log-log slope of time against N)", ""]
+        rows = [[md(r.label_row(x)), md(x["mode"]), fmt_num(x["declared"]), fmt_num(x["measured"]),
+                 fmt_num(x["measured_memory"]), str(x["points"])] for x in r.exponents()]
+        out += _table(["run", "mode", "declared", "measured (time)", "measured (memory)", "points"], rows)
+        out += ["", "## Time relative to SDPA (causal SDPA for causal runs)", ""]
+        rows = []
+        for s in (s for s in ordered if not s.peer):
+            cells = []
+            for n in ns:
+                point = r.series[s].get(n)
+                ratio = r.sdpa_ratio(s, n)
+                cells.append("" if point is None else status_text(point.result.status) if point.result.status != "ok"
+                             else fmt_ratio(ratio) if ratio is not None else "no SDPA")
+            rows.append([md(r.label(s)), md(s.mode), *cells])
+        out += _table(["run", "mode", *map(str, ns)], rows)
+        peers = [s for s in ordered if s.peer]
+        if peers:
+            out += ["", "## attnlab time / peer time", ""]
+            rows = [[md(r.label(s)), md(s.mode), *(md(_peer_cell(r, s, n)) for n in ns)] for s in peers]
+            out += _table(["peer run", "mode", *map(str, ns)], rows)
+    cells = r.recall_cells()
+    several = len({budget for _, _, budget in cells}) > 1
+    for (d_model, seq_len, budget), rows_ in cells.items():
+        kvs = sorted({kv for c in rows_.values() for kv in c}, key=lambda kv: (str(type(kv)), kv))
+        title = f"## MQAR accuracy, d_model={md(d_model)}, seq_len={md(seq_len)}" + (f", {md(budget)}" if several else "")
+        out += ["", title, ""]
+        rows = []
+        for (mechanism, params), by_kv in sorted(rows_.items()):
+            row = [md(r.recall_row_label(mechanism, params))]
+            for kv in kvs:
+                cell = by_kv.get(kv)
+                row.append("" if cell is None else fmt_accuracy(cell["accuracy"]) if cell["status"] == "ok"
+                           else status_text(cell["status"]))
+            rows.append(row)
+        out += _table(["mechanism", *(f"kv={md(kv)}" for kv in kvs)], rows)
+    if r.not_run:
+        out += ["", "## Not run", ""]
+        out += [f"- {md(r.label(s))}, {md(s.mode)}: {md('; '.join(why))}" for s, why in r.not_run.items()]
+    missing = [c for c in r.coverage() if c["registered"] and not c["measured"]]
+    if missing:
+        out += ["", "## Not measured", ""]
+        out += [f"- {md(c['name'])} (family {md(c['family'])})" for c in missing]
+    return "\n".join(out) + "\n"
+
+
+def _headline(r: Report) -> list[str]:
+    out = ["", "## Headline", ""]
+    beats = headline.beats_sdpa(r)
+    if beats:
+        out += ["### Against SDPA (causal runs against causal SDPA)", ""]
+        rows = [[md(b.label), md(b.series.mode), b.reference, f"N ≥ {b.from_n}" if b.from_n is not None else "not faster",
+                 f"{fmt_speedup(b.at_max)} at N={b.n_max}",
+                 ", ".join(f"{fmt_ratio(x)} @{n}" for n, x in sorted(b.ratios.items()))] for b in beats]
+        out += _table(["run", "mode", "against", "faster from", "at the largest N", "time / reference"], rows)
+    exps = headline.exponent_rows(r)
+    if exps:
+        out += ["", "### Cost exponents, lowest first", ""]
+        out += _table(["run", "mode", "measured", "declared"],
+                      [[md(r.label_row(x)), md(x["mode"]), fmt_num(x["measured"]), fmt_num(x["declared"])] for x in exps])
+    for board in headline.leaderboards(r):
+        out += ["", f"### MQAR recall, d_model {md(board.d_model)}, L {md(board.seq_len)}, equal budget: "
+                    f"{md(board.budget)}", ""]
+        rows = []
+        for rank, row in enumerate(board.rows, 1):
+            cells = []
+            for kv in board.kvs:
+                cell = row["cells"].get(kv)
+                cells.append("" if cell is None else status_text(cell["status"]) if cell["status"] != "ok"
+                             else fmt_accuracy(cell["accuracy"]) + (" (stopped before converging)" if cell["stopped"] else ""))
+            rows.append([str(rank) if row["mean"] is not None else "-", md(row["label"]), fmt_accuracy(row["mean"]), *cells])
+        out += _table(["#", "mechanism", "mean", *(f"kv={md(kv)}" for kv in board.kvs)], rows)
+    standing = headline.peer_standing(r)
+    if standing:
+        out += ["", "### Peers (attnlab time / peer time)", ""]
+        rows = [[md(p.series.impl), md(p.series.mechanism), md(p.series.mode),
+                 ", ".join(f"{fmt_ratio(x)} @{n}" for n, x in sorted(p.ratios.items())) or "-",
+                 f"{p.agreed} agreed, {p.disagreed} disagreed"] for p in standing]
+        out += _table(["peer", "mechanism", "mode", "attnlab / peer", "outputs"], rows)
+    return out

@@ -1,0 +1,473 @@
+"""The report's data, computed once from the store: speed series and their points, panels, ratios, recall cells.
+
+A speed result becomes a `Point` of its `SpeedSeries`: the median time with its spread
+(IQR when stored, else min–max), the peak memory, the load average at measurement,
+whether it was reused from an earlier run, and the values withheld from the plots
+because they are implausible (a flag stored with the result, or a 0 B peak). Ratios to
+SDPA and to peers come from the bench's own functions, so the page shows what the CLI
+computes; the headline facts built from all of this are in `headline.py`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.registry import FAMILIES, Spec, list_mechanisms
+from ..peers import peer_ratios
+from ..speed import BASELINE, bench_params, fit_exponents, loglog_slope, sdpa_ratios
+from ..store import Result, ResultStore, canonical
+from .fmt import fmt_params
+
+PEER_BASE = "attnlab"  # impl of attnlab's own measurements; any other impl is a peer library
+SHAPE_KEYS = ("dtype", "batch", "heads", "head_dim", "threads")
+PANEL_SIZE = 6  # at most this many mechanisms (each with its peers) in one plot; a larger group is split
+LOAD_KEYS = ("load_avg_1m", "loadavg_1m", "load_1m", "load_avg", "loadavg", "load")  # where a load average is kept
+
+
+@dataclass(frozen=True)
+class SpeedSeries:
+    """One speed curve: a mechanism (with its params), one impl, mode, causality, grid rank and shape."""
+
+    mechanism: str
+    impl: str
+    params: str  # canonical JSON of the mechanism's params
+    mode: str
+    causal: bool
+    rank: int  # 1 for sequences, 2/3 for grids
+    shape: tuple[Any, ...]  # values of SHAPE_KEYS
+
+    @property
+    def peer(self) -> bool:
+        return self.impl != PEER_BASE
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return json.loads(self.params)
+
+    def fields(self) -> dict[str, Any]:
+        """The series as the stored configuration keys it shares (params as a dict), with its grid rank."""
+        return {"mechanism": self.mechanism, "impl": self.impl, "params": self.params_dict, "mode": self.mode,
+                "causal": self.causal, "grid_rank": self.rank, **dict(zip(SHAPE_KEYS, self.shape))}
+
+    def with_impl(self, impl: str) -> SpeedSeries:
+        return SpeedSeries(self.mechanism, impl, self.params, self.mode, self.causal, self.rank, self.shape)
+
+
+def speed_series(result: Result) -> SpeedSeries:
+    c = result.config
+    grid = c.get("grid")
+    return SpeedSeries(
+        mechanism=str(c.get("mechanism")),
+        impl=str(c.get("impl", PEER_BASE)),
+        params=canonical(c.get("params") or {}),
+        mode=str(c.get("mode", "fwd")),
+        causal=bool(c.get("causal", False)),
+        rank=len(grid) if grid else 1,
+        shape=tuple(c.get(k) for k in SHAPE_KEYS),
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def load_of(result: Result) -> float | None:
+    """The 1-minute load average when the result was measured (metrics first, then its environment)."""
+    for source in (result.metrics, result.env):
+        for key in LOAD_KEYS:
+            value = source.get(key)
+            if isinstance(value, (list, tuple)) and value:
+                value = value[0]
+            if _number(value) is not None:
+                return float(value)
+    return None
+
+
+def run_of(result: Result) -> str | None:
+    """The run a result was measured in (its environment's run id), None when the store did not record one."""
+    for source in (result.metrics, result.env):
+        value = source.get("run_id") or source.get("run")
+        if value is not None:
+            return str(value)
+    return None
+
+
+def value_flags(result: Result) -> tuple[list[str], list[str]]:
+    """(reasons the time is implausible, reasons the peak memory is): the result's stored flags, and a 0 B peak."""
+    time_flags: list[str] = []
+    memory_flags: list[str] = []
+    for flag in result.metrics.get("flags") or []:
+        if isinstance(flag, dict):
+            text = str(flag.get("reason") or flag.get("note") or flag)
+            metric = str(flag.get("metric") or flag.get("key") or "")
+        else:
+            text = metric = str(flag)
+        (memory_flags if "mem" in metric.lower() or "peak" in metric.lower() else time_flags).append(text)
+    peak = _number(result.metrics.get("peak_mem_bytes"))
+    if result.status == "ok" and peak is not None and peak <= 0 and not memory_flags:
+        memory_flags.append("peak memory of 0: nothing was measured")
+    return time_flags, memory_flags
+
+
+@dataclass(frozen=True)
+class Point:
+    """One speed result as plotted and tabled: values withheld from plots when flagged."""
+
+    n: int
+    result: Result
+    time: float | None  # median seconds (ok, not flagged)
+    low: float | None  # spread of the time: IQR when stored, else min–max
+    high: float | None
+    spread: str  # "IQR" or "min–max" or ""
+    memory: float | None  # peak bytes (ok, measured, not flagged)
+    flags: tuple[str, ...]  # why a value is withheld (time's reasons, then memory's)
+    time_flagged: bool  # the time is withheld (the memory may be too: see `memory`)
+    load: float | None
+    reused: bool  # measured in an earlier run than the newest in the store
+
+    @property
+    def ok(self) -> bool:
+        return self.result.status == "ok"
+
+
+def make_point(result: Result, *, reused: bool) -> Point:
+    m = result.metrics
+    time_flags, memory_flags = value_flags(result)
+    ok = result.status == "ok"
+    median = _number(m.get("median_s")) if ok and not time_flags else None
+    low, high, spread = _number(m.get("q1_s")), _number(m.get("q3_s")), "IQR"
+    if low is None or high is None:
+        low, high, spread = _number(m.get("min_s")), _number(m.get("max_s")), "min–max"
+    if median is None or low is None or high is None:
+        low = high = None
+        spread = ""
+    peak = _number(m.get("peak_mem_bytes")) if ok and not memory_flags else None
+    return Point(n=int(result.config.get("n", 0)), result=result, time=median if median and median > 0 else None,
+                 low=low, high=high, spread=spread, memory=peak, flags=tuple(time_flags + memory_flags),
+                 time_flagged=bool(time_flags),
+                 load=load_of(result), reused=reused)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot: the series of a group of mechanisms at one mode, causality and shape, and its SDPA reference."""
+
+    family: str
+    group: str  # the mechanisms' folder (linear, local, ...), with "1/2" when the group is split
+    mode: str
+    causal: bool
+    shape: tuple[Any, ...]
+    series: tuple[SpeedSeries, ...]
+    reference: SpeedSeries | None  # softmax (attnlab, default params) at the same mode, causality and shape
+
+    @property
+    def reference_label(self) -> str:
+        return "causal SDPA" if self.causal else "SDPA"
+
+
+@dataclass
+class Report:
+    """Everything the page, the summary and the export show, computed once from the store."""
+
+    results: list[Result]
+    specs: dict[str, Spec]
+    database: str = ""
+    generated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.speed = [r for r in self.results if r.suite == "speed"]
+        self.recall = [r for r in self.results if r.suite == "recall"]
+        runs = {run_of(r): r.created for r in sorted(self.speed, key=lambda r: r.created)}
+        self.latest_run = max(runs, key=lambda k: runs[k]) if runs and None not in runs else None
+        by_series: dict[SpeedSeries, dict[int, Result]] = defaultdict(dict)
+        for r in self.speed:
+            by_series[speed_series(r)][int(r.config.get("n", 0))] = r
+        # a series with nothing but "unsupported" (a peer not installed, a mode a mechanism lacks) is listed
+        # once with its reason instead of filling tables with that word
+        idle = {s for s, points in by_series.items() if all(r.status == "unsupported" for r in points.values())}
+        self.series: dict[SpeedSeries, dict[int, Point]] = {
+            s: {n: make_point(r, reused=self.is_reused(r)) for n, r in sorted(points.items())}
+            for s, points in by_series.items() if s not in idle
+        }
+        self.not_run = {s: sorted({str(r.metrics.get("note") or "unsupported") for r in by_series[s].values()})
+                        for s in sorted(idle, key=self.series_order)}
+        # per result (by config hash): its time over SDPA's, and for a peer attnlab's time over the peer's
+        self._sdpa = {r.config_hash: row for r, row in zip(self.speed, sdpa_ratios(self.speed))}
+        peer_results = [r for r in self.speed if r.config.get("impl", PEER_BASE) != PEER_BASE]
+        self._peer = {r.config_hash: row for r, row in zip(peer_results, peer_ratios(self.speed))}
+        self.environments: list[dict[str, Any]] = []
+        self.env_counts: Counter[int] = Counter()
+        self.env_of: dict[str, int] = {}
+        for r in self.results:
+            key = canonical(r.env)
+            if key not in self.env_of:
+                self.env_of[key] = len(self.environments)
+                self.environments.append(r.env)
+            self.env_counts[self.env_of[key]] += 1
+
+    @classmethod
+    def from_store(cls, store: ResultStore) -> Report:
+        return cls(store.results(), {s.name: s for s in list_mechanisms()}, database=str(store.path))
+
+    def is_reused(self, result: Result) -> bool:
+        """Whether `result` comes from an earlier run than the newest one in the store (needs run ids)."""
+        return self.latest_run is not None and run_of(result) != self.latest_run
+
+    # -- names and groups ----------------------------------------------------------------
+    def family(self, mechanism: str) -> str:
+        spec = self.specs.get(mechanism)
+        return spec.family if spec is not None and spec.family else "?"
+
+    def group(self, mechanism: str) -> str:
+        """The mechanism's folder under attnlab/mechanisms (dense, linear, local, ...), "other" outside it."""
+        spec = self.specs.get(mechanism)
+        module = getattr(spec.factory, "__module__", "") if spec is not None else ""
+        parts = module.split(".")
+        return parts[2] if len(parts) > 3 and parts[:2] == ["attnlab", "mechanisms"] else "other"
+
+    def varying_shape_keys(self) -> list[int]:
+        """Indices of SHAPE_KEYS whose value differs between speed results (they go into labels)."""
+        return [i for i in range(len(SHAPE_KEYS)) if len({s.shape[i] for s in self.series}) > 1]
+
+    def common_shape(self) -> str:
+        shared = [i for i in range(len(SHAPE_KEYS)) if i not in self.varying_shape_keys()]
+        if not self.series:
+            return ""
+        shape = next(iter(self.series)).shape
+        return ", ".join(f"{SHAPE_KEYS[i]} {shape[i]}" for i in shared)
+
+    def label(self, s: SpeedSeries, *, with_params: bool | None = True, context: bool = True) -> str:
+        """A run's name: mechanism, params (None: only when the mechanism ran with several), peer, and with
+        `context` its causality, grid rank and the shape keys that vary in the store."""
+        if with_params is None:
+            with_params = len({x.params for x in self.series if x.mechanism == s.mechanism}) > 1
+        parts = [s.mechanism]
+        shown = self.own_params(s)
+        if with_params and shown:
+            parts.append(f"({fmt_params(shown)})")
+        if s.peer:
+            parts.append(f"[{s.impl}]")
+        if context:
+            if s.causal:
+                parts.append("causal")
+            if s.rank > 1:
+                parts.append(f"{s.rank}-D")
+            parts += [f"{SHAPE_KEYS[i]}={s.shape[i]}" for i in self.varying_shape_keys()]
+        return " ".join(parts)
+
+    def label_row(self, row: dict[str, Any], *, with_params: bool | None = True) -> str:
+        """The label of the series of an exported row (`SpeedSeries.fields` keys)."""
+        s = SpeedSeries(row["mechanism"], row["impl"], canonical(row["params"]), row["mode"], row["causal"],
+                        row["grid_rank"], tuple(row[k] for k in SHAPE_KEYS))
+        return self.label(s, with_params=with_params)
+
+    def defaults(self, mechanism: str) -> dict[str, Any]:
+        """The parameters the bench gives `mechanism` unless told otherwise ({} when it is not registered)."""
+        spec = self.specs.get(mechanism)
+        return bench_params(spec) if spec is not None else {}
+
+    def own_params(self, s: SpeedSeries) -> dict[str, Any]:
+        """The series' parameters that differ from the bench's defaults for its mechanism."""
+        defaults = self.defaults(s.mechanism)
+        return {k: v for k, v in s.params_dict.items() if k not in defaults or defaults[k] != v}
+
+    @staticmethod
+    def series_order(s: SpeedSeries) -> tuple[Any, ...]:
+        return (s.mechanism, s.params, s.causal, s.rank, s.peer, s.impl, tuple(map(str, s.shape)))
+
+    def is_reference(self, s: SpeedSeries) -> bool:
+        """Whether `s` is the SDPA baseline itself (softmax, attnlab, default params), drawn as the reference."""
+        return s.mechanism == BASELINE and not s.peer and not self.own_params(s)
+
+    def reference_of(self, mode: str, causal: bool, shape: tuple[Any, ...]) -> SpeedSeries | None:
+        ref = SpeedSeries(BASELINE, PEER_BASE, canonical(self.defaults(BASELINE)), mode, causal, 1, shape)
+        return ref if ref in self.series else None
+
+    # -- panels --------------------------------------------------------------------------
+    def families(self) -> list[tuple[str, list[Panel]]]:
+        """Per family with speed results (A-G order), its panels: one per mechanism group (folder, split into
+        PANEL_SIZE mechanisms), mode, causality and shape; the SDPA baseline is each panel's reference."""
+        groups: dict[tuple[str, str], dict[tuple[str, str, int], list[SpeedSeries]]] = defaultdict(dict)
+        for s in self.series:
+            if self.is_reference(s):
+                continue
+            key = (self.family(s.mechanism), self.group(s.mechanism))
+            groups[key].setdefault((s.mechanism, s.params, s.rank), []).append(s)
+        family_order = {f: i for i, f in enumerate(sorted(FAMILIES))}
+        modes = {"fwd": 0, "fwd+bwd": 1}
+        out: dict[str, list[Panel]] = defaultdict(list)
+        for family, group in sorted(groups, key=lambda k: (family_order.get(k[0], len(family_order)), k[1])):
+            members = sorted(groups[(family, group)])
+            chunks = [members[i:i + PANEL_SIZE] for i in range(0, len(members), PANEL_SIZE)]
+            for index, chunk in enumerate(chunks):
+                name = group if len(chunks) == 1 else f"{group} {index + 1}/{len(chunks)}"
+                series = [s for key in chunk for s in groups[(family, group)][key]]
+                layers: dict[tuple[str, bool, tuple[Any, ...]], list[SpeedSeries]] = defaultdict(list)
+                for s in series:
+                    layers[(s.mode, s.causal, s.shape)].append(s)
+                for mode, causal, shape in sorted(layers, key=lambda k: (modes.get(k[0], 2), k[0], k[1], str(k[2]))):
+                    members_here = tuple(sorted(layers[(mode, causal, shape)], key=self.series_order))
+                    out[family].append(Panel(family, name, mode, causal, shape, members_here,
+                                             self.reference_of(mode, causal, shape)))
+        return list(out.items())
+
+    # -- ratios --------------------------------------------------------------------------
+    def sdpa_ratio(self, s: SpeedSeries, n: int) -> float | None:
+        """Time / SDPA time at the same N, mode, causality and shape (from `speed.sdpa_ratios`); None without one."""
+        point = self.series[s].get(n)
+        if point is None or point.time is None:
+            return None
+        row = self._sdpa.get(point.result.config_hash) or {}
+        return _number(row.get("ratio"))
+
+    def peer_ratio(self, peer: SpeedSeries, n: int) -> float | None:
+        """attnlab time / peer time at N (from `peers.peer_ratios`); None unless both were timed."""
+        point = self.series[peer].get(n)
+        if point is None or point.time is None:
+            return None
+        return _number((self._peer.get(point.result.config_hash) or {}).get("ratio"))
+
+    def twin(self, peer: SpeedSeries, n: int) -> Point | None:
+        """attnlab's own measurement of the configuration a peer ran."""
+        return self.series.get(peer.with_impl(PEER_BASE), {}).get(n)
+
+    def ratio_rows(self) -> list[dict[str, Any]]:
+        """Every (series, N) with its ratio to SDPA, and for peers attnlab/peer (machine-readable)."""
+        rows = []
+        for s in sorted(self.series, key=self.series_order):
+            for n, p in self.series[s].items():
+                row = {**s.fields(), "n": n, "grid": p.result.config.get("grid"), "status": p.result.status,
+                       "reused": p.reused, "flags": list(p.flags)}
+                if s.peer:
+                    row["attnlab_over_peer"] = self.peer_ratio(s, n)
+                    row["max_abs_diff"] = p.result.metrics.get("max_abs_diff")
+                else:
+                    row["over_sdpa"] = self.sdpa_ratio(s, n)
+                rows.append(row)
+        return rows
+
+    def exponents(self) -> list[dict[str, Any]]:
+        """Per series, the measured exponent of `speed.fit_exponents` (time), the declared one, and the
+        log-log slope of peak memory against N (over the ok points with a plausible peak)."""
+        fits = {series_key(row): row for row in fit_exponents(self.speed)}
+        rows = []
+        for s in sorted(self.series, key=lambda s: (s.mode,) + self.series_order(s)):
+            fit = fits.get(series_key(s.fields()), {})
+            memory = [(float(n), p.memory) for n, p in self.series[s].items() if p.memory]
+            spec = self.specs.get(s.mechanism)
+            rows.append({
+                **s.fields(),
+                "declared": spec.exponent if spec is not None else fit.get("declared"),
+                "measured": fit.get("measured"), "measured_memory": loglog_slope(memory),
+                "points": fit.get("points", 0), "n_min": fit.get("n_min"), "n_max": fit.get("n_max"),
+            })
+        return rows
+
+    def flagged(self) -> list[tuple[SpeedSeries, Point]]:
+        """Every point with a value withheld from the plots, in series order."""
+        return [(s, p) for s in sorted(self.series, key=self.series_order) for p in self.series[s].values() if p.flags]
+
+    def loads(self) -> list[float]:
+        return sorted(p.load for points in self.series.values() for p in points.values() if p.load is not None)
+
+    # -- recall --------------------------------------------------------------------------
+    def recall_cells(self) -> dict[tuple[Any, ...], dict[tuple[str, str], dict[Any, dict[str, Any]]]]:
+        """(d_model, seq_len, budget) -> (mechanism, params) -> kv pairs -> cell.
+
+        A cell's accuracy is the mean over seeds of each setting (learning rate, ...), then the
+        best setting, as Zoology reports a learning-rate sweep; "converged" holds when every seed
+        of that setting reached the target, "stopped" says why one did not. Without an ok run the
+        cell shows the status of its runs. `budget` is the stated training budget (`budget_of`).
+        """
+        groups: dict[tuple[Any, ...], list[Result]] = defaultdict(list)
+        for r in self.recall:
+            c = r.config
+            groups[(c.get("d_model"), c.get("seq_len"), budget_of(r), c.get("mechanism"),
+                    canonical(c.get("params") or {}), c.get("num_kv_pairs"))].append(r)
+        out: dict[tuple[Any, ...], dict[tuple[str, str], dict[Any, dict[str, Any]]]] = {}
+        for (d_model, seq_len, budget, mechanism, params, kv), runs in groups.items():
+            settings: dict[str, list[Result]] = defaultdict(list)
+            for r in runs:
+                if r.status == "ok" and _number(r.metrics.get("accuracy")) is not None:
+                    rest = {k: v for k, v in r.config.items() if k != "seed"}
+                    settings[canonical(rest)].append(r)
+            statuses = Counter(r.status for r in runs if r.status != "ok")
+            cell: dict[str, Any] = {"accuracy": None, "runs": len(runs), "converged": False, "stopped": None,
+                                    "epochs": None, "train_seconds": None,
+                                    "status": statuses.most_common(1)[0][0] if statuses else "ok"}
+            if settings:
+                best = max(settings.values(), key=lambda rs: sum(float(r.metrics["accuracy"]) for r in rs) / len(rs))
+                cell.update(
+                    accuracy=sum(float(r.metrics["accuracy"]) for r in best) / len(best),
+                    status="ok",
+                    converged=all(bool(r.metrics.get("converged")) for r in best),
+                    epochs=max(int(r.metrics.get("epochs") or 0) for r in best),
+                    train_seconds=max(float(r.metrics.get("train_seconds") or 0.0) for r in best),
+                )
+                if not cell["converged"]:
+                    cell["stopped"] = stop_reason(next(r for r in best if not r.metrics.get("converged")))
+            out.setdefault((d_model, seq_len, budget), {}).setdefault((str(mechanism), params), {})[kv] = cell
+        return dict(sorted(out.items(), key=lambda kv: tuple(_sort_key(x) for x in kv[0])))
+
+    def recall_row_label(self, mechanism: str, params: str) -> str:
+        several = len({canonical(r.config.get("params") or {}) for r in self.recall
+                       if r.config.get("mechanism") == mechanism}) > 1
+        defaults = self.defaults(mechanism)
+        p = {k: v for k, v in json.loads(params).items() if k not in defaults or defaults[k] != v}
+        return f"{mechanism} ({fmt_params(p)})" if several and p else mechanism
+
+    # -- coverage ------------------------------------------------------------------------
+    def coverage(self) -> list[dict[str, Any]]:
+        """Every registered mechanism (and every other one attnlab measured), with its results by suite and status."""
+        counts: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: {"speed": Counter(), "recall": Counter()})
+        for r in self.results:  # attnlab's own measurements: a peer's say nothing of attnlab's mechanism
+            if r.suite in ("speed", "recall") and r.config.get("impl", PEER_BASE) == PEER_BASE:
+                counts[str(r.config.get("mechanism"))][r.suite][r.status] += 1
+        rows = []
+        for name in sorted(set(self.specs) | set(counts)):
+            spec = self.specs.get(name)
+            c = counts.get(name, {"speed": Counter(), "recall": Counter()})
+            rows.append({
+                "name": name,
+                "registered": spec is not None,
+                "family": spec.family if spec is not None else None,
+                "cost": spec.cost if spec is not None else None,
+                "declared_exponent": spec.exponent if spec is not None else None,
+                "speed": dict(c["speed"]),
+                "recall": dict(c["recall"]),
+                "measured": bool(c["speed"] or c["recall"]),
+            })
+        return rows
+
+
+BUDGET_KEYS = ("max_epochs", "train_examples", "cell_seconds")
+
+
+def budget_of(result: Result) -> str:
+    """The stated training budget of a recall result: epochs over examples, and the time cap when stored."""
+    c = result.config
+    text = f"≤ {c.get('max_epochs')} epochs of {c.get('train_examples')} examples"
+    cap = c.get("cell_seconds", result.metrics.get("cell_seconds"))
+    if _number(cap) is not None:
+        text += f", ≤ {cap:g} s"
+    return text
+
+
+def stop_reason(result: Result) -> str:
+    """Why a recall run ended below the target accuracy: its note (a time cap, a diverging loss), else its epochs."""
+    note = result.metrics.get("note")
+    if note:
+        return str(note)
+    return f"stopped after {result.metrics.get('epochs')} of {result.config.get('max_epochs')} epochs"
+
+
+def series_key(fields: dict[str, Any]) -> str:
+    return canonical([fields.get(k) for k in ("mechanism", "impl", "params", "mode", "causal", *SHAPE_KEYS)])
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
