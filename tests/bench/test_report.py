@@ -385,7 +385,8 @@ PEER_TIMES = (6 * MS, 12 * MS, 24 * MS)  # efficient's attnlab / peer = 0.5; the
 
 
 def _hand_speed(mechanism: str, n: int, median: float, *, causal: bool = False, impl: str = "attnlab",
-                status: str = "ok", peak: int | None = None, run: str = NEW_RUN, load: float = 0.5) -> tuple:
+                status: str = "ok", peak: int | None = None, run: str = NEW_RUN, load: float = 0.5,
+                cpu: str = "hand") -> tuple:
     from attnlab.bench.speed import bench_params
 
     config = {"mechanism": mechanism, "impl": impl, "params": bench_params(registry.get(mechanism)), "n": n,
@@ -394,7 +395,7 @@ def _hand_speed(mechanism: str, n: int, median: float, *, causal: bool = False, 
                "peak_mem_bytes": n * 4096 if peak is None else peak, "load_1m": load}
     if status != "ok":
         metrics = {"note": "planted", "max_abs_diff": 0.5}
-    return "speed", config, status, metrics, {"cpu": "hand", "run_id": run}
+    return "speed", config, status, metrics, {"cpu": cpu, "run_id": run}
 
 
 def _hand_recall(mechanism: str, accuracy: float, *, converged: bool, note: str | None = None, epochs: int = 4,
@@ -424,6 +425,8 @@ def hand(tmp_path_factory: pytest.TempPathFactory):
         for (mechanism, causal), times in TIMES.items():
             rows.append(_hand_speed(mechanism, n, times[i], causal=causal, peak=0 if mechanism == "twins-gsa" else None,
                                     run=OLD_RUN if mechanism == "retention" else NEW_RUN, load=0.25 + i))
+        # measured on another machine, where SDPA was not: no ratio ("not comparable"), never in the headline
+        rows.append(_hand_speed("galerkin", n, SDPA[i] / 10, cpu="another", run="20261207T040000Z-00000003"))
         rows.append(_hand_speed("efficient", n, PEER_TIMES[i], impl=PEER, status="disagree" if n == 1024 else "ok"))
     rows += [
         _hand_recall("softmax", 1.0, converged=True, epochs=2),
@@ -558,9 +561,13 @@ def test_reused_rows_and_load_are_marked(hand) -> None:
     speed = text[text.index("id='speed'"):text.index("id='exponents'")]
     rows = dict(re.findall(r"<tr><td>([^<]*)</td><td>fwd</td>(.*?)</tr>", speed))
     assert rows["retention"].count("class='reused'") == 3  # measured in the older run
-    assert all("class='reused'" not in row for name, row in rows.items() if name != "retention")
+    assert rows["galerkin"].count("class='reused'") == 3  # and in another one, elsewhere
+    assert all("class='reused'" not in row for name, row in rows.items() if name not in ("retention", "galerkin"))
     assert re.findall(r"load (\d\.\d\d)", rows["linear"]) == ["0.25", "1.25", "2.25"]
-    assert "3 speed results reused from earlier runs" in text
+    assert "6 speed results reused from earlier runs" in text
+    sdpa = text[text.index("id='sdpa'"):text.index("id='peers'")]
+    galerkin = re.search(r"<tr><td>galerkin</td><td>fwd</td>(.*?)</tr>", sdpa)[1]
+    assert galerkin.count(">not comparable<") == 3 and "×" not in galerkin
     markdown = (Path(store.path).parent / "reused" / "summary.md").read_text(encoding="utf-8")
     assert [row[2:] for row in _md_rows(markdown, "## Speed: median time by N") if row[0] == "retention"] == [
         ["2 ms (reused)", "1.5 ms (reused)", "20 ms (reused)"]]

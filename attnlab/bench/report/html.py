@@ -38,6 +38,7 @@ from .model import PEER_BASE, SHAPE_KEYS, Panel, Point, Report, SpeedSeries
 
 REFERENCE_LABEL = "SDPA (causal SDPA on causal rows)"
 REUSED_MARK = "↺"
+RUN_KEYS = ("run_id", "time", "load_1m", "matmul_gflops", "peer", "peer_package", "peer_version")  # per run, not machine
 FLAG_MARK = "⚠"
 
 
@@ -217,8 +218,10 @@ class Page:
         loads = r.loads()
         reused = sum(p.reused for points in r.series.values() for p in points.values())
         flagged = r.flagged()
-        items = [f"{len(r.speed)} speed and {len(r.recall)} recall results in {len(r.environments)} "
-                 f"environment{'s' * (len(r.environments) != 1)}"]
+        runs = {str(x.env.get("run_id")) for x in r.results}
+        items = [f"{len(r.speed)} speed and {len(r.recall)} recall results from {len(runs)} run{'s' * (len(runs) != 1)} "
+                 f"in {len(r.machines)} environment{'s' * (len(r.machines) != 1)} (machine and software); ratios "
+                 "only between results of one run or one environment"]
         if r.common_shape():
             items.append(f"every speed run: {r.common_shape()}")
         items.append(f"load average at measurement {loads[0]:.2f}–{loads[-1]:.2f}" if loads
@@ -374,7 +377,12 @@ class Page:
         if point.result.status != "ok":
             return _ratio_cell(None, status_text(point.result.status))
         ratio = self.r.sdpa_ratio(s, n)
-        return _ratio_cell(ratio, fmt_ratio(ratio)) if ratio is not None else _ratio_cell(None, "no SDPA")
+        if ratio is not None:
+            return _ratio_cell(ratio, fmt_ratio(ratio))
+        if point.time is None:
+            return _ratio_cell(None, "flagged", "; ".join(point.flags))
+        return _ratio_cell(None, "not comparable" if self.r.incomparable(s, n) else "no SDPA",
+                           "SDPA measured only in another environment" if self.r.incomparable(s, n) else "")
 
     def peers(self) -> str:
         r = self.r
@@ -409,7 +417,9 @@ class Page:
         if ours.result.status != "ok":
             return None, f"{PEER_BASE} {status_text(ours.result.status)}"
         ratio = self.r.peer_ratio(peer, n)
-        return (ratio, fmt_ratio(ratio)) if ratio is not None else (None, "no time")
+        if ratio is not None:
+            return ratio, fmt_ratio(ratio)
+        return None, "not comparable" if self.r.incomparable(peer, n) else "no time"
 
     def recall(self, figures: Any) -> str:
         r = self.r
@@ -481,17 +491,30 @@ class Page:
         parts = []
         if not r.environments:
             parts.append("<p class='empty'>No results yet.</p>")
-        elif len(r.environments) > 1:
-            differ = sorted({k for env in r.environments for k in env
-                             if len({canonical(e.get(k)) for e in r.environments}) > 1})
-            parts.append(f"<p class='meta'>{len(r.environments)} environments, differing in {esc(', '.join(differ))}; "
-                         "ratios are computed only between comparable measurements.</p>")
-        for i, env in enumerate(r.environments):
-            rows = [[esc(k), esc(", ".join(map(str, v)) if isinstance(v, list) else v)] for k, v in env.items()]
-            parts.append(f"<details><summary>Environment {i + 1} ({r.env_counts[i]} results)</summary>"
+        else:
+            parts.append("<p>Results are compared (ratios, exponents) only within one run or one environment "
+                         "fingerprint: the same attnlab, commit, torch, Python, platform, CPU and threads.</p>")
+        for i, (fp, results) in enumerate(r.machines.items(), 1):
+            env = results[0].env
+            runs: dict[str, list[Any]] = {}
+            for res in results:
+                runs.setdefault(str(res.env.get("run_id") or "-"), []).append(res)
+            rows = [[esc(k), esc(", ".join(map(str, v)) if isinstance(v, list) else v)] for k, v in env.items()
+                    if k not in RUN_KEYS]
+            run_rows = []
+            for run_id, members in runs.items():
+                first = members[0].env
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first["time"])) if first.get("time") else "-"
+                run_rows.append([esc(run_id), esc(when), esc(len(members)), esc(fmt_num(first.get("load_1m"))),
+                                 esc(fmt_num(first.get("matmul_gflops"), 1)),
+                                 esc(", ".join(sorted({str(m.env.get("peer")) for m in members if m.env.get("peer")})))])
+            parts.append(f"<details{' open' if len(r.machines) > 1 else ''}><summary>Environment {i} "
+                         f"(fingerprint {esc(fp or '-')}): {len(results)} results in {len(runs)} "
+                         f"run{'s' * (len(runs) != 1)}</summary>"
+                         + _table(["run", "started", "results", "load at start", "matmul GFLOP/s", "peers"], run_rows)
                          + _table(["", "value"], rows) + "</details>")
         return _fold("environment", "Environment", "".join(parts),
-                     summary=f"{len(r.environments)} environment{'s' * (len(r.environments) != 1)}")
+                     summary=f"{len(r.machines)} environment fingerprint{'s' * (len(r.machines) != 1)}")
 
 
 def _cell_note(cell: dict[str, Any] | None) -> str:

@@ -58,7 +58,8 @@ def _peer_cell(report: Report, s: SpeedSeries, n: int) -> str:
         return f"{PEER_BASE} {NOT_MEASURED}"
     if ours.result.status != "ok":
         return f"{PEER_BASE} {status_text(ours.result.status)}"
-    return fmt_ratio(report.peer_ratio(s, n))
+    ratio = report.peer_ratio(s, n)
+    return fmt_ratio(ratio) if ratio is not None else "not comparable" if report.incomparable(s, n) else "no time"
 
 
 def render(report: Report) -> str:
@@ -101,7 +102,8 @@ def render(report: Report) -> str:
                 point = r.series[s].get(n)
                 ratio = r.sdpa_ratio(s, n)
                 cells.append("" if point is None else status_text(point.result.status) if point.result.status != "ok"
-                             else fmt_ratio(ratio) if ratio is not None else "no SDPA")
+                             else fmt_ratio(ratio) if ratio is not None else "flagged" if point.time is None
+                             else "not comparable" if r.incomparable(s, n) else "no SDPA")
             rows.append([md(r.label(s)), md(s.mode), *cells])
         out += _table(["run", "mode", *map(str, ns)], rows)
         peers = [s for s in ordered if s.peer]

@@ -2,10 +2,12 @@
 
 A speed result becomes a `Point` of its `SpeedSeries`: the median time with its spread
 (IQR when stored, else min–max), the peak memory, the load average at measurement,
-whether it was reused from an earlier run, and the values withheld from the plots
-because they are implausible (a flag stored with the result, or a 0 B peak). Ratios to
-SDPA and to peers come from the bench's own functions, so the page shows what the CLI
-computes; the headline facts built from all of this are in `headline.py`.
+whether it was reused from an earlier run than the newest in the store, and the values
+withheld from the plots because they are implausible (`compare.flags`, stored with the
+result or computed for an older one). Ratios to SDPA and to peers, and the fitted
+exponents, come from `compare` (only between comparable results: same run or same
+environment fingerprint), so the page shows what the CLI computes; the headline facts
+built from all of this are in `headline.py`.
 """
 from __future__ import annotations
 
@@ -16,15 +18,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...core.registry import FAMILIES, Spec, list_mechanisms
-from ..peers import peer_ratios
-from ..speed import BASELINE, bench_params, fit_exponents, loglog_slope, sdpa_ratios
+from ..compare import (
+    ABOVE_MATMUL,
+    BASELINE,
+    ZERO_PEAK,
+    fingerprint,
+    fit_exponents,
+    flags,
+    loglog_slope,
+    peer_ratios,
+    sdpa_ratios,
+)
+from ..speed import bench_params
 from ..store import Result, ResultStore, canonical
 from .fmt import fmt_params
 
 PEER_BASE = "attnlab"  # impl of attnlab's own measurements; any other impl is a peer library
 SHAPE_KEYS = ("dtype", "batch", "heads", "head_dim", "threads")
 PANEL_SIZE = 6  # at most this many mechanisms (each with its peers) in one plot; a larger group is split
-LOAD_KEYS = ("load_avg_1m", "loadavg_1m", "load_1m", "load_avg", "loadavg", "load")  # where a load average is kept
+FLAG_TEXT = {  # compare's flag codes, as the page says them, and which value each withholds
+    ZERO_PEAK: ("memory", "peak memory of 0 (below the probe's resolution, or not measured)"),
+    ABOVE_MATMUL: ("time", "FLOP rate above the matmul rate measured in the same run (a wrong time)"),
+}
 
 
 @dataclass(frozen=True)
@@ -75,41 +90,30 @@ def _number(value: Any) -> float | None:
 
 
 def load_of(result: Result) -> float | None:
-    """The 1-minute load average when the result was measured (metrics first, then its environment)."""
+    """The 1-minute load average when the result was measured (its metrics), else at the start of its run."""
     for source in (result.metrics, result.env):
-        for key in LOAD_KEYS:
-            value = source.get(key)
-            if isinstance(value, (list, tuple)) and value:
-                value = value[0]
-            if _number(value) is not None:
-                return float(value)
+        value = _number(source.get("load_1m"))
+        if value is not None:
+            return value
     return None
 
 
 def run_of(result: Result) -> str | None:
-    """The run a result was measured in (its environment's run id), None when the store did not record one."""
-    for source in (result.metrics, result.env):
-        value = source.get("run_id") or source.get("run")
-        if value is not None:
-            return str(value)
-    return None
+    """The id of the run a result was measured in (None for results stored before runs had ids)."""
+    value = result.env.get("run_id")
+    return None if value is None else str(value)
 
 
 def value_flags(result: Result) -> tuple[list[str], list[str]]:
-    """(reasons the time is implausible, reasons the peak memory is): the result's stored flags, and a 0 B peak."""
-    time_flags: list[str] = []
-    memory_flags: list[str] = []
-    for flag in result.metrics.get("flags") or []:
-        if isinstance(flag, dict):
-            text = str(flag.get("reason") or flag.get("note") or flag)
-            metric = str(flag.get("metric") or flag.get("key") or "")
-        else:
-            text = metric = str(flag)
-        (memory_flags if "mem" in metric.lower() or "peak" in metric.lower() else time_flags).append(text)
-    peak = _number(result.metrics.get("peak_mem_bytes"))
-    if result.status == "ok" and peak is not None and peak <= 0 and not memory_flags:
-        memory_flags.append("peak memory of 0: nothing was measured")
-    return time_flags, memory_flags
+    """(why the time is implausible, why the peak memory is): `compare.flags`, stored or computed now."""
+    codes = list(dict.fromkeys([*(result.metrics.get("flags") or []), *flags(result.metrics, result.env)]))
+    if result.status != "ok":
+        return [], []
+    out: dict[str, list[str]] = {"time": [], "memory": []}
+    for code in codes:
+        value, text = FLAG_TEXT.get(code, ("time", str(code)))
+        out[value].append(text)
+    return out["time"], out["memory"]
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,8 @@ class Report:
     def __post_init__(self) -> None:
         self.speed = [r for r in self.results if r.suite == "speed"]
         self.recall = [r for r in self.results if r.suite == "recall"]
-        runs = {run_of(r): r.created for r in sorted(self.speed, key=lambda r: r.created)}
-        self.latest_run = max(runs, key=lambda k: runs[k]) if runs and None not in runs else None
+        newest = max(self.speed, key=lambda r: r.created, default=None)
+        self.latest_run = run_of(newest) if newest is not None else None  # rows of other runs are "reused"
         by_series: dict[SpeedSeries, dict[int, Result]] = defaultdict(dict)
         for r in self.speed:
             by_series[speed_series(r)][int(r.config.get("n", 0))] = r
@@ -195,18 +199,20 @@ class Report:
         self.not_run = {s: sorted({str(r.metrics.get("note") or "unsupported") for r in by_series[s].values()})
                         for s in sorted(idle, key=self.series_order)}
         # per result (by config hash): its time over SDPA's, and for a peer attnlab's time over the peer's
-        self._sdpa = {r.config_hash: row for r, row in zip(self.speed, sdpa_ratios(self.speed))}
+        self._sdpa = {r.config_hash: row for r, row in zip(self.speed, sdpa_ratios(self.speed, self.latest_run))}
         peer_results = [r for r in self.speed if r.config.get("impl", PEER_BASE) != PEER_BASE]
-        self._peer = {r.config_hash: row for r, row in zip(peer_results, peer_ratios(self.speed))}
-        self.environments: list[dict[str, Any]] = []
+        self._peer = {r.config_hash: row for r, row in zip(peer_results, peer_ratios(self.speed, self.latest_run))}
+        self.environments: list[dict[str, Any]] = []  # every distinct env as stored (one per run and peer)
         self.env_counts: Counter[int] = Counter()
         self.env_of: dict[str, int] = {}
+        self.machines: dict[str | None, list[Result]] = defaultdict(list)  # fingerprint -> its results
         for r in self.results:
             key = canonical(r.env)
             if key not in self.env_of:
                 self.env_of[key] = len(self.environments)
                 self.environments.append(r.env)
             self.env_counts[self.env_of[key]] += 1
+            self.machines[fingerprint(r.env)].append(r)
 
     @classmethod
     def from_store(cls, store: ResultStore) -> Report:
@@ -316,15 +322,25 @@ class Report:
 
     # -- ratios --------------------------------------------------------------------------
     def sdpa_ratio(self, s: SpeedSeries, n: int) -> float | None:
-        """Time / SDPA time at the same N, mode, causality and shape (from `speed.sdpa_ratios`); None without one."""
+        """Time / SDPA time at the same N, mode, causality and shape (`compare.sdpa_ratios`: comparable results
+        only); None without one, or when this time is flagged implausible."""
         point = self.series[s].get(n)
         if point is None or point.time is None:
             return None
         row = self._sdpa.get(point.result.config_hash) or {}
         return _number(row.get("ratio"))
 
+    def incomparable(self, s: SpeedSeries, n: int) -> bool:
+        """Whether `s` at N has a baseline (SDPA, or attnlab's twin for a peer) but none measured comparably."""
+        point = self.series[s].get(n)
+        if point is None:
+            return False
+        rows = self._peer if s.peer else self._sdpa
+        return bool((rows.get(point.result.config_hash) or {}).get("incomparable"))
+
     def peer_ratio(self, peer: SpeedSeries, n: int) -> float | None:
-        """attnlab time / peer time at N (from `peers.peer_ratios`); None unless both were timed."""
+        """attnlab time / peer time at N (`compare.peer_ratios`: comparable results only); None unless both
+        were timed."""
         point = self.series[peer].get(n)
         if point is None or point.time is None:
             return None
@@ -350,9 +366,9 @@ class Report:
         return rows
 
     def exponents(self) -> list[dict[str, Any]]:
-        """Per series, the measured exponent of `speed.fit_exponents` (time), the declared one, and the
-        log-log slope of peak memory against N (over the ok points with a plausible peak)."""
-        fits = {series_key(row): row for row in fit_exponents(self.speed)}
+        """Per series, the measured exponent of `compare.fit_exponents` (time, comparable points), the declared
+        one, and the log-log slope of peak memory against N (over the ok points with a plausible peak)."""
+        fits = {series_key(row): row for row in fit_exponents(self.speed, self.latest_run)}
         rows = []
         for s in sorted(self.series, key=lambda s: (s.mode,) + self.series_order(s)):
             fit = fits.get(series_key(s.fields()), {})
@@ -363,6 +379,7 @@ class Report:
                 "declared": spec.exponent if spec is not None else fit.get("declared"),
                 "measured": fit.get("measured"), "measured_memory": loglog_slope(memory),
                 "points": fit.get("points", 0), "n_min": fit.get("n_min"), "n_max": fit.get("n_max"),
+                "left_out": fit.get("left_out", 0),
             })
         return rows
 
