@@ -5,8 +5,11 @@ failure; tests/conformance runs them over the whole registry, and a user can run
 on a mechanism of their own (`run_all(attnlab.get("mine"))`). The module contract the
 checks rely on:
 
-* `forward(x, *, context=None, key_padding_mask=None, attn_mask=None, impl="fast"|"reference")`
-  with x (batch, *positions, dim) -> same shape;
+* `forward(x, *, context=None, attention_mask=None, key_padding_mask=None, attn_mask=None,
+  impl="fast"|"reference")` with x (batch, *positions, dim) -> same shape; padding comes as
+  `attention_mask` (batch, n), True = attend, or `key_padding_mask` (batch, n), True = padding
+  (PyTorch's convention), never both;
+* with a `batch_first` parameter in the entry: `batch_first=False` takes and returns (n, batch, dim);
 * `materialize(x, ...)` -> (batch, heads, n_q, n_k), n = product of the positions;
 * with `Supports(summary_keys=True)` (keys that are summaries of the tokens): `key_count(positions)`
   -> m and `key_values(x)` -> (k, v) of (batch, heads, m, ·); materialize is then (batch, heads,
@@ -81,7 +84,7 @@ def _mask_cases(spec: Spec, x: Tensor) -> list[tuple[str, dict[str, Tensor]]]:
     if spec.supports.key_padding:
         kpm = torch.ones(b, n, dtype=torch.bool)
         kpm[0, n - 3 :] = False
-        cases.append(("key_padding_mask", {"key_padding_mask": kpm}))
+        cases.append(("attention_mask", {"attention_mask": kpm}))
     if spec.supports.attn_mask:
         gen = torch.Generator().manual_seed(7)
         keep = torch.rand(n, n, generator=gen) > 0.3
@@ -180,7 +183,8 @@ def check_no_future_leakage(spec: Spec) -> None:
 
 
 def check_key_padding(spec: Spec) -> None:
-    """Changing padded tokens changes nothing at the real tokens."""
+    """Changing padded tokens changes nothing at the real tokens; the padding given as attention_mask (bool or 0/1
+    integers, True = attend) and as key_padding_mask (True = padding, PyTorch's convention) gives the same result."""
     assert spec.supports is not None
     if not spec.supports.key_padding:
         return
@@ -188,19 +192,46 @@ def check_key_padding(spec: Spec) -> None:
         m = build(spec, causal=causal)
         x = tokens(spec)
         n = n_tokens(x)
-        kpm = torch.ones(x.shape[0], n, dtype=torch.bool)
-        kpm[:, n - 3 :] = False
+        keep = torch.ones(x.shape[0], n, dtype=torch.bool)
+        keep[:, n - 3 :] = False
         flat = x.reshape(x.shape[0], n, DIM).clone()
         flat[:, n - 3 :] = 100 * torch.randn(flat[:, n - 3 :].shape, dtype=x.dtype)
         changed = flat.reshape(x.shape)
         for impl in ("fast", "reference"):
-            a = m(x, key_padding_mask=kpm, impl=impl).reshape(x.shape[0], n, DIM)[:, : n - 3]
-            b = m(changed, key_padding_mask=kpm, impl=impl).reshape(x.shape[0], n, DIM)[:, : n - 3]
-            _close(a, b, f"{spec.name} ({impl}, causal={causal}) ignores key_padding_mask")
+            a = m(x, attention_mask=keep, impl=impl)
+            b = m(changed, attention_mask=keep, impl=impl).reshape(x.shape[0], n, DIM)[:, : n - 3]
+            _close(a.reshape(x.shape[0], n, DIM)[:, : n - 3], b, f"{spec.name} ({impl}, causal={causal}) ignores attention_mask")
+            _close(m(x, key_padding_mask=~keep, impl=impl), a, f"{spec.name} ({impl}): key_padding_mask=~keep differs from attention_mask=keep")
+            _close(m(x, attention_mask=keep.long(), impl=impl), a, f"{spec.name} ({impl}): a 0/1 attention_mask differs from the bool one")
         if not spec.supports.materialize:
             continue
-        w = m.materialize(x, key_padding_mask=kpm)
+        w = m.materialize(x, attention_mask=keep)
         assert w[..., n - 3 :].abs().max().item() == 0.0, f"{spec.name}: materialize puts weight on padded keys"
+        _close(m.materialize(x, key_padding_mask=~keep), w, f"{spec.name}: materialize with key_padding_mask differs")
+
+
+def check_batch_first(spec: Spec) -> None:
+    """With batch_first=False (entries that have the parameter) the module takes and returns (n, batch, dim) and
+    equals the batch-first module on the transposed input (with padding, and context when supported)."""
+    if not any(p.name == "batch_first" for p in spec.params):
+        return
+    assert spec.supports is not None
+    first, second = build(spec), build(spec)
+    second.load_state_dict(first.state_dict())
+    second.batch_first = False  # the same weights; the constructor argument is checked by tests/core
+    x = tokens(spec)
+    n = n_tokens(x)
+    kw: dict[str, Tensor] = {}
+    if spec.supports.key_padding:
+        kw["key_padding_mask"] = torch.zeros(x.shape[0], n, dtype=torch.bool)
+        kw["key_padding_mask"][0, n - 2 :] = True
+    _close(second(x.transpose(0, 1), **kw), first(x, **kw).transpose(0, 1), f"{spec.name}: batch_first=False differs from transposing")
+    if spec.supports.materialize:
+        _close(second.materialize(x.transpose(0, 1), **kw), first.materialize(x, **kw), f"{spec.name}: batch_first=False materialize")
+    if spec.supports.cross:
+        ctx = tokens(spec, seed=5, n=n + 2)
+        _close(second(x.transpose(0, 1), context=ctx.transpose(0, 1)), first(x, context=ctx).transpose(0, 1),
+               f"{spec.name}: batch_first=False cross-attention differs from transposing")
 
 
 def check_batch_independence(spec: Spec) -> None:
@@ -224,7 +255,7 @@ def check_fully_masked_rows(spec: Spec) -> None:
     if spec.supports.key_padding:
         kpm = torch.ones(x.shape[0], n, dtype=torch.bool)
         kpm[1] = False  # every key of element 1 is padding
-        cases.append(({"key_padding_mask": kpm}, (slice(1, 2), slice(None))))
+        cases.append(({"attention_mask": kpm}, (slice(1, 2), slice(None))))
     if spec.supports.attn_mask:
         keep = torch.ones(n, n, dtype=torch.bool)
         keep[2] = False
@@ -271,11 +302,17 @@ def check_bad_inputs(spec: Spec) -> None:
     nan = x.clone()
     nan.reshape(-1)[5] = float("nan")
     _raises(lambda: m(nan), (ValueError,), "NaN input", "x")
+    ones = torch.ones(x.shape[0], n, dtype=torch.bool)
     if spec.supports.key_padding:
-        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n + 1, dtype=torch.bool)), (ValueError,), "key_padding_mask of the wrong shape", "key_padding_mask")
-        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n, dtype=torch.int64)), (TypeError,), "key_padding_mask of the wrong dtype", "key_padding_mask")
+        _raises(lambda: m(x, attention_mask=torch.ones(x.shape[0], n + 1, dtype=torch.bool)), (ValueError,), "attention_mask of the wrong shape", "attention_mask")
+        _raises(lambda: m(x, attention_mask=ones.to(x.dtype)), (TypeError,), "attention_mask of a float dtype", "attention_mask")
+        _raises(lambda: m(x, attention_mask=2 * ones.long()), (ValueError,), "attention_mask with values other than 0/1", "attention_mask")
+        _raises(lambda: m(x, key_padding_mask=(~ones).to(x.dtype)), (TypeError,), "a float key_padding_mask", "key_padding_mask")
+        _raises(lambda: m(x, key_padding_mask=~ones[:, :-1]), (ValueError,), "key_padding_mask of the wrong shape", "key_padding_mask")
+        _raises(lambda: m(x, attention_mask=ones, key_padding_mask=~ones), (ValueError,), "both padding masks", "key_padding_mask")
     else:
-        _raises(lambda: m(x, key_padding_mask=torch.ones(x.shape[0], n, dtype=torch.bool)), (ValueError,), "unsupported key_padding_mask", "key_padding_mask")
+        _raises(lambda: m(x, attention_mask=ones), (ValueError,), "unsupported attention_mask", "attention_mask")
+        _raises(lambda: m(x, key_padding_mask=~ones), (ValueError,), "unsupported key_padding_mask", "key_padding_mask")
     if spec.supports.attn_mask:
         _raises(lambda: m(x, attn_mask=torch.ones(n, n + 1, dtype=torch.bool)), (ValueError,), "attn_mask of the wrong shape", "attn_mask")
         _raises(lambda: m(x, attn_mask=torch.ones(n, n, dtype=torch.int32)), (TypeError,), "attn_mask of the wrong dtype", "attn_mask")
@@ -380,6 +417,7 @@ CHECKS: dict[str, Callable[[Spec], None]] = {
     "fast_matches_reference": check_fast_matches_reference,
     "no_future_leakage": check_no_future_leakage,
     "key_padding": check_key_padding,
+    "batch_first": check_batch_first,
     "batch_independence": check_batch_independence,
     "fully_masked_rows": check_fully_masked_rows,
     "bad_inputs": check_bad_inputs,

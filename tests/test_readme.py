@@ -38,12 +38,13 @@ def test_usage_example_runs():
 
 def test_usage_example_covers_the_promised_steps():
     body = blocks("python")[0]
-    for needle in ("attnlab.build(", "key_padding_mask=", ".materialize(", 'impl="reference"'):
+    for needle in ("attnlab.build(", "attention_mask=", "key_padding_mask=~", ".materialize(", 'impl="reference"'):
         assert needle in body
 
 
 def test_conventions_are_stated():
-    for needle in ("(batch, heads, n, head_dim)", "(batch, n, dim)", "True = attend", "True = real", "bottom-right"):
+    for needle in ("(batch, heads, n, head_dim)", "(batch, n, dim)", "True = attend", "True = real", "True = padding",
+                   "batch_first", "bottom-right"):
         assert needle in README
 
 

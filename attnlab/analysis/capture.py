@@ -19,7 +19,7 @@ Two sources are recorded, both at once when a model mixes them:
 
 * attnlab mechanisms — every submodule whose `spec` is a catalogue mechanism that supports
   `materialize` (the outermost one when they nest). A forward hook calls
-  `module.materialize(x, context=..., key_padding_mask=..., attn_mask=...)` on the same inputs
+  `module.materialize(x, context=..., attention_mask=..., key_padding_mask=..., attn_mask=...)` on the same inputs
   and masks as the forward. Cost: a second projection of the inputs and the reference path of the
   mechanism, i.e. O(n_q·n_k) memory per layer and head whatever the fast path costs. Mechanisms
   without `materialize` are listed in `Attentions.skipped`. With `grads=True` the matrix A must
@@ -259,16 +259,24 @@ def _attnlab_qk(module: nn.Module, x: Tensor, context: Tensor | None, batch: int
 def _attnlab_hook(att: Attentions, name: str, grads: bool) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
         x = args[0] if args else kwargs["x"]
-        given = {k: kwargs[k] for k in ("context", "key_padding_mask", "attn_mask") if kwargs.get(k) is not None}
+        names = ("context", "attention_mask", "key_padding_mask", "attn_mask")
+        given = {k: kwargs[k] for k in names if kwargs.get(k) is not None}
         with torch.no_grad():
             weights = module.materialize(x, **given)  # type: ignore[operator]
         batch, _, n_q, n_k = weights.shape
-        kpm = given.get("key_padding_mask")
-        key_mask = _flat_mask(kpm, batch, n_k, weights.device)
+        # the keep-mask (True = attend) of either padding argument (key_padding_mask: True = padding, as in PyTorch)
+        pad = given.get("key_padding_mask")
+        keep = given.get("attention_mask") if pad is None else ~pad.reshape(batch, -1)
+        key_mask = _flat_mask(keep, batch, n_k, weights.device)
         # cross-attention, or keys that are summaries of the tokens (Supports.summary_keys): no query is padding
         own_keys = "context" not in given and not module.spec.supports.summary_keys  # type: ignore[union-attr]
         query_mask = key_mask[:, n_k - n_q :] if own_keys else _flat_mask(None, batch, n_q, weights.device)
-        qk = _attnlab_qk(module, x, given.get("context"), batch) if att.qk_requested else (None, None, None)
+        if att.qk_requested:  # project from batch-major tokens (a module built with batch_first=False takes (n, batch, dim))
+            major = getattr(module, "batch_major", None)
+            xb, cb = major(x, given.get("context")) if major is not None else (x, given.get("context"))
+            qk = _attnlab_qk(module, xb, cb, batch)
+        else:
+            qk = (None, None, None)
         if not grads:
             att.records.append(Record(name, weights, query_mask, key_mask, "attnlab", *qk))
             return None
@@ -276,7 +284,7 @@ def _attnlab_hook(att: Attentions, name: str, grads: bool) -> Callable[..., Any]
         att.records.append(Record(name, leaf, query_mask, key_mask, "attnlab", *qk))
         # a zero term through which d loss / dA reaches `leaf` along the module's attention path
         # (module docstring); A is a fresh leaf so that no second gradient path runs through q, k or v
-        path = {k: given.get(k) for k in ("context", "key_padding_mask")}
+        path = {"context": given.get("context"), "attention_mask": keep}
         delta = module.attention_path(x, leaf, **path) - module.attention_path(x, leaf.detach(), **path)  # type: ignore[operator]
         delta = delta.to(output.dtype)
         return output + delta.reshape(output.shape)

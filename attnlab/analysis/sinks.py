@@ -148,11 +148,12 @@ def _calibrate_attnlab(found: list[tuple[str, nn.Module]], heads: Collection[tup
 
             module.attend_reference = attend_reference  # type: ignore[method-assign]
             module.attend_fast = attend_fast  # type: ignore[method-assign]
+            module.causal_in_kernel = False  # the patched fast path is the reference: it needs the full mask
             patched.append(module)
         yield [n or m.spec.name for n, m in found if m in patched]  # type: ignore[union-attr]
     finally:
         for module in patched:
-            del module.attend_reference, module.attend_fast
+            del module.attend_reference, module.attend_fast, module.causal_in_kernel
 
 
 @contextmanager

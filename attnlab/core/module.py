@@ -15,6 +15,7 @@ the full combined mask. Everything else — projections, validation, cross-atten
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ParameterError, ShapeError
-from .masks import combine_masks
-from .validate import check_finite, check_qkv, check_tokens
+from .masks import combine_masks, module_keep_mask
+from .validate import check_finite, check_qkv, check_tensor, check_tokens
 
 if TYPE_CHECKING:
     from .registry import Spec
@@ -45,7 +46,12 @@ class KVCache:
 
 
 class Attention(nn.Module, ABC):
-    """Multi-head attention over tokens (batch, n, dim) with a pluggable core."""
+    """Multi-head attention over tokens (batch, n, dim) with a pluggable core.
+
+    Padding is given as `attention_mask` (batch, n_k), True/1 = attend (transformers' convention), or
+    as `key_padding_mask` (batch, n_k), True = padding (PyTorch's); `batch_first=False` takes and
+    returns (n, batch, dim) as nn.MultiheadAttention does.
+    """
 
     spec: ClassVar[Spec]
     causal_in_kernel: ClassVar[bool] = False  # True: attend_fast applies self.causal itself, mask holds the rest
@@ -58,13 +64,17 @@ class Attention(nn.Module, ABC):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(batch_first, bool):
+            raise ParameterError(f"batch_first: expected a bool, got {batch_first!r}")
         if head_dim is None:
             if dim % heads:
                 raise ParameterError(f"heads: dim={dim} is not divisible by heads={heads}; set head_dim explicitly")
             head_dim = dim // heads
         self.dim, self.heads, self.head_dim, self.causal = dim, heads, head_dim, causal
+        self.batch_first = batch_first  # False: x, context and the output are (n, batch, dim), as in nn.MultiheadAttention
         inner = heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, inner, bias=qkv_bias)
@@ -95,18 +105,18 @@ class Attention(nn.Module, ABC):
         return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src)), self.split_heads(self.v_proj(src))
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         """The mask of padding, attn_mask and causality (self.causal) for q, k."""
-        return self._combine(q, k, key_padding_mask, attn_mask, self.causal)
+        return self._combine(q, k, attention_mask, attn_mask, self.causal)
 
     def _combine(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, causal: bool
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None, causal: bool
     ) -> Tensor | None:
         supports = self.spec.supports
         assert supports is not None
-        if key_padding_mask is not None and not supports.key_padding:
-            raise ValueError(f"key_padding_mask: {self.spec.name} does not support a key padding mask")
+        if attention_mask is not None and not supports.key_padding:
+            raise ValueError(f"attention_mask: {self.spec.name} does not support a padding mask (attention_mask or key_padding_mask)")
         if attn_mask is not None and not supports.attn_mask:
             raise ValueError(f"attn_mask: {self.spec.name} does not support an arbitrary attention mask")
         return combine_masks(
@@ -115,7 +125,7 @@ class Attention(nn.Module, ABC):
             n_q=q.shape[2],
             n_k=k.shape[2],
             causal=causal,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             attn_mask=attn_mask,
             dtype=q.dtype,
             device=q.device,
@@ -127,7 +137,7 @@ class Attention(nn.Module, ABC):
         k: Tensor,
         v: Tensor,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
@@ -136,11 +146,11 @@ class Attention(nn.Module, ABC):
         if q.shape[1] != self.heads:
             raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {q.shape[1]} in shape {tuple(q.shape)}")
         if impl == "fast" and self.causal_in_kernel:
-            return self.attend_fast(q, k, v, self._combine(q, k, key_padding_mask, attn_mask, False))
+            return self.attend_fast(q, k, v, self._combine(q, k, attention_mask, attn_mask, False))
         if impl == "fast":
-            return self.attend_fast(q, k, v, self.combined_mask(q, k, key_padding_mask, attn_mask))
+            return self.attend_fast(q, k, v, self.combined_mask(q, k, attention_mask, attn_mask))
         if impl == "reference":
-            return self.attend_reference(q, k, v, self.combined_mask(q, k, key_padding_mask, attn_mask))[0]
+            return self.attend_reference(q, k, v, self.combined_mask(q, k, attention_mask, attn_mask))[0]
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
 
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
@@ -152,64 +162,98 @@ class Attention(nn.Module, ABC):
             check_tokens("context", context, self.dim)
             check_finite("context", context)
             if context.shape[0] != x.shape[0]:
-                raise ShapeError(f"context: expected batch {x.shape[0]} (as x), got {context.shape[0]}")
+                seq_first = self.batch_first and context.shape[1] == x.shape[1]
+                hint = " (sequence-first input? build the module with batch_first=False)" if seq_first else ""
+                raise ShapeError(f"context: expected batch {x.shape[0]} (as x), got {context.shape[0]}{hint}")
             if context.dtype != x.dtype:
                 raise TypeError(f"context: expected dtype {x.dtype} (as x), got {context.dtype}")
+
+    def batch_major(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x and context as (batch, n, dim): transposed from (n, batch, dim) when batch_first is False."""
+        if self.batch_first:
+            return x, context
+        check_tensor("x", x)
+        if context is not None:
+            check_tensor("context", context)
+        return x.transpose(0, 1), None if context is None else context.transpose(0, 1)
+
+    def keep_mask(
+        self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None, key_padding_mask: Tensor | None
+    ) -> Tensor | None:
+        """The keep-mask (batch, n_k), True = attend, of a call's padding arguments (`core.masks.module_keep_mask`):
+        n_k tokens of context (or x), batch-major; on a grid the masks may also be (batch, *grid)."""
+        src = x if context is None else context
+        grid = tuple(src.shape[1:-1])
+        return module_keep_mask(attention_mask, key_padding_mask, x.shape[0], math.prod(grid), grid)
 
     def forward(
         self,
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
-        """x (batch, n, dim) [attending to context (batch, m, dim)] -> (batch, n, dim)."""
+        """x (batch, n, dim) [attending to context (batch, m, dim)] -> (batch, n, dim); (n, batch, dim) with batch_first=False.
+
+        Padding: attention_mask (batch, m), True/1 = attend, or key_padding_mask (batch, m), True = padding.
+        """
+        x, context = self.batch_major(x, context)
         self._check_inputs(x, context)
+        keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
-        out = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, impl=impl)
-        return self.out_proj(self.merge_heads(out))
+        out = self.out_proj(self.merge_heads(self.attend(q, k, v, attention_mask=keep, attn_mask=attn_mask, impl=impl)))
+        return out if self.batch_first else out.transpose(0, 1)
 
     def materialize(
         self,
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """The attention matrix (batch, heads, n_q, n_k) this module applies to x."""
+        """The attention matrix (batch, heads, n_q, n_k) this module applies to x (arguments as `forward`)."""
+        x, context = self.batch_major(x, context)
         self._check_inputs(x, context)
+        keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
         check_qkv(q, k, v)
-        mask = self.combined_mask(q, k, key_padding_mask, attn_mask)
+        mask = self.combined_mask(q, k, keep, attn_mask)
         return self.attend_reference(q, k, v, mask)[1]
 
     def attention_path(
-        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, key_padding_mask: Tensor | None = None
+        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
-        """out_proj's matrix applied to merge_heads(weights · v), without bias: (batch, n_q, dim).
+        """out_proj's matrix applied to merge_heads(weights · v), without bias: (batch, n_q, dim), in the layout of forward.
 
         The part of the output that is linear in the attention matrix, as if out = A v; analysis
         (`capture(model, grads=True)`) adds path(A) − path(stop_grad(A)), which is zero, to route
-        d loss / dA to a recorded A.
+        d loss / dA to a recorded A. `attention_mask` is the keep-mask of the call (unused here).
         """
+        x, context = self.batch_major(x, context)
         with torch.no_grad():
             v = self.project(x.reshape(x.shape[0], -1, x.shape[-1]), context)[2]
-        return nn.functional.linear(self.merge_heads(weights @ v.to(weights.dtype)), self.out_proj.weight.to(weights.dtype))
+        out = nn.functional.linear(self.merge_heads(weights @ v.to(weights.dtype)), self.out_proj.weight.to(weights.dtype))
+        return out if self.batch_first else out.transpose(0, 1)
 
     def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Decode one position: x_t (batch, 1, dim) -> (y_t, state), equal to the causal forward."""
+        """Decode one position: x_t (batch, 1, dim) ((1, batch, dim) with batch_first=False) -> (y_t, state),
+        equal to the causal forward."""
         if not self.spec.supports or not self.spec.supports.decode:
             raise ValueError(f"step: {self.spec.name} does not support incremental decoding")
         if not self.causal:
             raise ValueError("step: decoding needs a causal module (build it with causal=True)")
+        x_t = self.batch_major(x_t)[0]
         check_tokens("x_t", x_t, self.dim)
         if x_t.shape[1] != 1:
-            raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
+            layout = "(batch, 1, dim)" if self.batch_first else "(1, batch, dim) (batch_first=False)"
+            raise ShapeError(f"x_t: expected one position {layout}, got shape {tuple(self.batch_major(x_t)[0].shape)}")
         q, k, v = self.project(x_t)
         if state is not None:
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        out = self.attend(q, k, v)
-        return self.out_proj(self.merge_heads(out)), KVCache(k, v)
+        out = self.out_proj(self.merge_heads(self.attend(q, k, v)))
+        return (out if self.batch_first else out.transpose(0, 1)), KVCache(k, v)

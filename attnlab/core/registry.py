@@ -144,6 +144,9 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("qkv_bias", bool, True, "bias in the q, k, v projections"),
 )
 CAUSAL_PARAM = Param("causal", bool, False, "mask the future (bottom-right aligned when n_q < n_k)")
+BATCH_FIRST_PARAM = Param(
+    "batch_first", bool, True, "tokens (batch, n, dim); False: (n, batch, dim) in and out, as nn.MultiheadAttention"
+)
 CAUSAL_ONLY_PARAM = Param("causal", bool, True, "causal by construction: True is the only value", choices=(True,))
 
 
@@ -268,7 +271,7 @@ def register(
     """Class decorator registering an attention module as a mechanism.
 
     The module's parameters are the common ones (dim, heads, head_dim, qkv_bias,
-    causal when supported) followed by `params`.
+    causal when supported, batch_first when the constructor takes it) followed by `params`.
     """
 
     def wrap(cls: type) -> type:
@@ -276,6 +279,8 @@ def register(
             raise ValueError(f"register {name!r}: causal_only needs causal=True in Supports")
         causal = (CAUSAL_ONLY_PARAM,) if supports.causal_only else (CAUSAL_PARAM,) if supports.causal else ()
         common = COMMON_PARAMS + causal
+        if "batch_first" in inspect.signature(cls).parameters:
+            common += (BATCH_FIRST_PARAM,)
         spec = Spec(
             name=name,
             kind="mechanism",

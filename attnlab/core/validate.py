@@ -72,15 +72,29 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, positions: int = 1, same_lengt
         )
 
 
-def check_key_padding_mask(mask: Tensor | None, batch: int, n_k: int) -> None:
-    """key_padding_mask: bool (batch, n_k), True where the key is a real token."""
+def check_attention_mask(mask: Tensor | None, batch: int, n_k: int) -> None:
+    """attention_mask: bool (batch, n_k), True where the key is a real token (transformers' convention)."""
     if mask is None:
         return
+    check_tensor("attention_mask", mask)
+    if mask.dtype != torch.bool:
+        raise DTypeError(f"attention_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, n_k):
+        hint = " (sequence-first? modules take batch_first=False)" if tuple(mask.shape) == (n_k, batch) else ""
+        raise MaskError(f"attention_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}{hint}")
+
+
+def check_key_padding_mask(mask: Tensor, batch: int, n_k: int) -> None:
+    """key_padding_mask in PyTorch's sense (nn.MultiheadAttention): bool (batch, n_k), True where the key is padding."""
     check_tensor("key_padding_mask", mask)
     if mask.dtype != torch.bool:
-        raise DTypeError(f"key_padding_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+        raise DTypeError(
+            "key_padding_mask: expected dtype torch.bool with True = padding (PyTorch's convention; a keep-mask with "
+            f"True/1 = attend goes in attention_mask), got {mask.dtype}"
+        )
     if tuple(mask.shape) != (batch, n_k):
-        raise MaskError(f"key_padding_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}")
+        hint = " (sequence-first? modules take batch_first=False)" if tuple(mask.shape) == (n_k, batch) else ""
+        raise MaskError(f"key_padding_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}{hint}")
 
 
 def check_attn_mask(mask: Tensor | None, batch: int, heads: int, n_q: int, n_k: int) -> None:

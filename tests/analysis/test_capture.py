@@ -112,8 +112,8 @@ class _Padded(nn.Module):
         self.a, self.b = a, b
 
     def forward(self, x, kpm):
-        x = x + self.a(x, key_padding_mask=kpm)
-        return x + self.b(x, key_padding_mask=kpm)
+        x = x + self.a(x, attention_mask=kpm)
+        return x + self.b(x, attention_mask=kpm)
 
 
 def test_attnlab_sequential_equals_materialize():
@@ -144,10 +144,10 @@ def test_attnlab_padding_and_grads():
     assert a0[0, :, 3:].abs().max() == 0 and a0[0, :, :, 3:].abs().max() == 0
     # independent gradient of the first layer's matrix: out = out_proj(merge(A v)), A a leaf
     layer = model.a
-    leaf = layer.materialize(x, key_padding_mask=kpm).detach().requires_grad_()
+    leaf = layer.materialize(x, attention_mask=kpm).detach().requires_grad_()
     _, _, v = layer.project(x)
     h = x + layer.out_proj(layer.merge_heads(leaf @ v))
-    h2 = h + model.b(h, key_padding_mask=kpm)
+    h2 = h + model.b(h, attention_mask=kpm)
     (h2[:, :3] ** 2).sum().backward()
     keep = kpm[:, None, :, None] & kpm[:, None, None, :]
     torch.testing.assert_close(att.grads[0], leaf.grad * keep, rtol=1e-4, atol=1e-6)

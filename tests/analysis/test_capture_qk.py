@@ -72,8 +72,8 @@ class _Padded(nn.Module):
         self.a, self.b = a, b
 
     def forward(self, x, kpm):
-        x = x + self.a(x, key_padding_mask=kpm)
-        return x + self.b(x, key_padding_mask=kpm)
+        x = x + self.a(x, attention_mask=kpm)
+        return x + self.b(x, attention_mask=kpm)
 
 
 def test_attnlab_modules_record_their_projections():
@@ -86,7 +86,7 @@ def test_attnlab_modules_record_their_projections():
     with torch.no_grad():
         with capture(model, qk=True) as att:
             model(x, kpm)
-        h = x + first(x, key_padding_mask=kpm)
+        h = x + first(x, attention_mask=kpm)
     inputs = (x, h)
     for layer, (module, causal) in enumerate(((first, False), (second, True))):
         w_q = module.q_proj.weight.view(2, 8, 16)

@@ -27,7 +27,7 @@ class Stack(nn.Module):
 
     def forward(self, x: torch.Tensor, kpm: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = x + block(x, key_padding_mask=kpm)
+            x = x + block(x, attention_mask=kpm)
         return x
 
 
@@ -43,7 +43,7 @@ def _layer_inputs(model: Stack, x: torch.Tensor, kpm: torch.Tensor) -> list[torc
     out = []
     for block in model.blocks:
         out.append(x)
-        x = x + block(x, key_padding_mask=kpm)
+        x = x + block(x, attention_mask=kpm)
     return out
 
 
@@ -56,7 +56,7 @@ def test_capture_records_the_implicit_matrix_of_each_layer(name):
         with capture(model) as att:
             model(x, kpm)
         inputs = _layer_inputs(model, x, kpm)
-        expected = [blk.materialize(h, key_padding_mask=kpm) for blk, h in zip(model.blocks, inputs)]
+        expected = [blk.materialize(h, attention_mask=kpm) for blk, h in zip(model.blocks, inputs)]
     assert len(att) == 2
     for got, want in zip(att.layers, expected):
         keep = kpm[:, None, :, None] & kpm[:, None, None, :]
@@ -74,7 +74,7 @@ def test_rollout_over_linear_and_recurrent_layers_is_the_explicit_product():
         with capture(model) as att:
             model(x, kpm)
         inputs = _layer_inputs(model, x, kpm)
-        mats = [blk.materialize(h, key_padding_mask=kpm) for blk, h in zip(model.blocks, inputs)]
+        mats = [blk.materialize(h, attention_mask=kpm) for blk, h in zip(model.blocks, inputs)]
     r = rollout(att)
     for b in range(2):
         n = int(kpm[b].sum())
@@ -116,10 +116,10 @@ def test_relevance_gradient_of_a_linear_layer_is_the_gradient_of_its_matrix():
     with capture(model, grads=True) as att:
         model(x, kpm)[:, 2].pow(2).sum().backward()
     first = model.blocks[0]
-    leaf = first.materialize(x, key_padding_mask=kpm).detach().requires_grad_()
+    leaf = first.materialize(x, attention_mask=kpm).detach().requires_grad_()
     _, _, v = first.project(x)
     h = x + first.out_proj(first.merge_heads(leaf @ v))
-    (h + model.blocks[1](h, key_padding_mask=kpm))[:, 2].pow(2).sum().backward()
+    (h + model.blocks[1](h, attention_mask=kpm))[:, 2].pow(2).sum().backward()
     keep = kpm[:, None, :, None] & kpm[:, None, None, :]
     torch.testing.assert_close(att.grads[0], leaf.grad * keep)
 
@@ -133,16 +133,16 @@ def test_mamba_gradient_of_its_hidden_attention_is_the_gradient_through_the_gate
     with capture(model, grads=True) as att:
         model(x, kpm)[:, 4].pow(2).sum().backward()
     first = model.blocks[0]
-    leaf = first.materialize(x, key_padding_mask=kpm).detach().requires_grad_()
+    leaf = first.materialize(x, attention_mask=kpm).detach().requires_grad_()
     with torch.no_grad():
         p = first.ssm_inputs(x, kpm)
-        base = first(x, key_padding_mask=kpm)
+        base = first(x, attention_mask=kpm)
     b, n, d = p.x.shape
     heads = first.heads
     y = torch.stack([(leaf[:, c // (d // heads)] @ p.x[:, :, c, None])[..., 0] for c in range(d)], dim=-1)  # (b, n, d) by channel
     path = first.out_proj(y * torch.nn.functional.silu(p.z))
     h = x + base + path - path.detach()
-    (h + model.blocks[1](h, key_padding_mask=kpm))[:, 4].pow(2).sum().backward()
+    (h + model.blocks[1](h, attention_mask=kpm))[:, 4].pow(2).sum().backward()
     keep = kpm[:, None, :, None] & kpm[:, None, None, :]
     torch.testing.assert_close(att.grads[0], leaf.grad * keep)
 

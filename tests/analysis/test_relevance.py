@@ -267,9 +267,9 @@ class _OneLayer(nn.Module):
         self.attn = attnlab.build("softmax", dim=16, heads=2)
         self.head = nn.Linear(16, 3)
 
-    def forward(self, x, key_padding_mask):
-        o = self.attn(x, key_padding_mask=key_padding_mask)
-        m = key_padding_mask.to(o.dtype)[..., None]
+    def forward(self, x, attention_mask):
+        o = self.attn(x, attention_mask=attention_mask)
+        m = attention_mask.to(o.dtype)[..., None]
         return self.head((o * m).sum(1) / m.sum(1))
 
 
@@ -333,7 +333,7 @@ def test_lrp_hand_checked_on_an_attnlab_layer():
     model = _OneLayer().double().eval()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     keep = torch.tensor([[True, True, True, False, False], [True] * 5])
-    rel = lrp_relevance(model, {"x": x, "key_padding_mask": keep})
+    rel = lrp_relevance(model, {"x": x, "attention_mask": keep})
     assert rel.names == ["attn"] and len(rel.attention_relevance) == 1
     for b in range(2):
         r_a, grad_a = _lrp_by_hand(model, x, keep, b)

@@ -94,14 +94,14 @@ def test_runtime_calibration_on_an_attnlab_model():
     model = attnlab.build("softmax", dim=8, heads=2, causal=True).double()
     x = torch.randn(2, 7, 8, dtype=torch.float64)
     kpm = torch.tensor([[True] * 7, [False] + [True] * 6])
-    before = model(x, key_padding_mask=kpm)
+    before = model(x, attention_mask=kpm)
     with torch.no_grad():
-        a = model.materialize(x, key_padding_mask=kpm)
+        a = model.materialize(x, attention_mask=kpm)
     assert sink_tokens(a, alpha=1.2, attention_mask=kpm)[..., 2:].any()  # there is something to calibrate
     with calibration(model, beta=0.3, alpha=1.2) as names:
-        fast = model(x, key_padding_mask=kpm)
-        ref = model(x, key_padding_mask=kpm, impl="reference")
-        inside = model.materialize(x, key_padding_mask=kpm)
+        fast = model(x, attention_mask=kpm)
+        ref = model(x, attention_mask=kpm, impl="reference")
+        inside = model.materialize(x, attention_mask=kpm)
     assert names == ["softmax"]
     expected_a = _slow_calibrate(a, 0.3, 1.2, kpm)
     torch.testing.assert_close(inside, expected_a)
@@ -110,7 +110,7 @@ def test_runtime_calibration_on_an_attnlab_model():
     torch.testing.assert_close(fast, expected)
     torch.testing.assert_close(ref, expected)
     assert not torch.allclose(fast, before)
-    torch.testing.assert_close(model(x, key_padding_mask=kpm), before)  # restored on exit
+    torch.testing.assert_close(model(x, attention_mask=kpm), before)  # restored on exit
 
 
 def test_registered():

@@ -23,7 +23,7 @@ def test_relative_positions_and_band() -> None:
 def test_combine_bool_masks_intersects() -> None:
     kpm = torch.tensor([[True, True, False]])
     attn = torch.tensor([[True, False, True]] * 3)
-    m = combine_masks(batch=1, heads=2, n_q=3, n_k=3, causal=True, key_padding_mask=kpm, attn_mask=attn)
+    m = combine_masks(batch=1, heads=2, n_q=3, n_k=3, causal=True, attention_mask=kpm, attn_mask=attn)
     assert m is not None and m.dtype == torch.bool
     expected = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.bool)
     assert torch.equal(m.expand(1, 2, 3, 3)[0, 1], expected)
@@ -32,7 +32,7 @@ def test_combine_bool_masks_intersects() -> None:
 def test_combine_additive_with_bool_gives_additive() -> None:
     add = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
     kpm = torch.tensor([[True, False]])
-    m = combine_masks(batch=1, heads=1, n_q=2, n_k=2, key_padding_mask=kpm, attn_mask=add)
+    m = combine_masks(batch=1, heads=1, n_q=2, n_k=2, attention_mask=kpm, attn_mask=add)
     assert m is not None and m.dtype == torch.float32
     assert m[0, 0, 0, 0].item() == 0.5 and m[0, 0, 1, 0].item() == 2.0
     assert torch.isneginf(m[0, 0, :, 1]).all()
@@ -83,8 +83,8 @@ def test_reference_grad_finite_with_fully_masked_rows() -> None:
 @pytest.mark.parametrize(
     ("kw", "kind", "needle"),
     [
-        ({"key_padding_mask": torch.ones(2, 4, dtype=torch.bool)}, MaskError, "(batch, n_k) = (1, 3)"),
-        ({"key_padding_mask": torch.ones(1, 3)}, DTypeError, "torch.bool"),
+        ({"attention_mask": torch.ones(2, 4, dtype=torch.bool)}, MaskError, "(batch, n_k) = (1, 3)"),
+        ({"attention_mask": torch.ones(1, 3)}, DTypeError, "torch.bool"),
         ({"attn_mask": torch.ones(3, 4, dtype=torch.bool)}, MaskError, "got (3, 4)"),
         ({"attn_mask": torch.ones(3, 3, dtype=torch.int64)}, DTypeError, "torch.int64"),
         ({"attn_mask": torch.full((3, 3), float("nan"))}, MaskError, "NaN"),

@@ -177,12 +177,12 @@ def test_errors_name_the_values() -> None:
     m7 = attnlab.build("aggregated", dim=8, heads=2, kernel_size=3, pool_size=7)
     with pytest.raises(ValueError, match=r"pool_size.*\(5, 6\).*pool_size=7"):
         m7(torch.randn(1, 5, 6, 8))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m.materialize(torch.randn(1, 4, 4, 8, dtype=torch.float64), key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.materialize(torch.randn(1, 4, 4, 8, dtype=torch.float64), attention_mask=torch.ones(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"pool_size.*\(5, 6\).*pool_size=7"):
         m7.key_count((5, 6))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m(torch.randn(1, 4, 4, 8, dtype=torch.float64), key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.randn(1, 4, 4, 8, dtype=torch.float64), attention_mask=torch.ones(1, 16, dtype=torch.bool))
     q = torch.randn(1, 2, 16, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"grid: \(4, 5\) holds 20 positions.*16"):
         m.attend(q, q, q, grid=(4, 5))

@@ -88,7 +88,7 @@ def test_fast_equals_reference_and_hand_forward_backward(causal):
     pad = torch.ones(2, 6, dtype=torch.bool)
     pad[1, 4:] = False
     add = torch.randn(6, 6, dtype=F64)
-    kwargs = dict(causal=causal, key_padding_mask=pad, attn_mask=add)
+    kwargs = dict(causal=causal, attention_mask=pad, attn_mask=add)
     fast = alibi_attention(q, k, v, **kwargs)
     ref, weights = alibi_attention_reference(q, k, v, **kwargs)
 
@@ -125,7 +125,7 @@ def test_fully_masked_row_gives_zeros_and_finite_gradients():
     q, k, v = _qkv()
     pad = torch.ones(2, 6, dtype=torch.bool)
     pad[0] = False
-    for out in (alibi_attention(q, k, v, key_padding_mask=pad), alibi_attention_reference(q, k, v, key_padding_mask=pad)[0]):
+    for out in (alibi_attention(q, k, v, attention_mask=pad), alibi_attention_reference(q, k, v, attention_mask=pad)[0]):
         assert torch.isfinite(out).all()
         assert (out[0] == 0).all()
         grads = torch.autograd.grad(out.sum(), (q, k, v))

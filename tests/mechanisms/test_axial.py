@@ -71,9 +71,9 @@ def test_key_padding_matches_dense_and_grid_layout() -> None:
     kpm = torch.rand(2, 12, generator=torch.Generator().manual_seed(4)) > 0.4
     kpm[1, 8:] = False  # the last row of element 1: its row-attention queries see no key
     want = _dense(q, k, v, grid, [0, 1], True, kpm)
-    fast = axial_attention(q, k, v, causal=True, key_padding_mask=kpm)
+    fast = axial_attention(q, k, v, causal=True, attention_mask=kpm)
     torch.testing.assert_close(fast, want, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(axial_attention(q, k, v, causal=True, key_padding_mask=kpm.reshape(2, 3, 4)), fast)
+    torch.testing.assert_close(axial_attention(q, k, v, causal=True, attention_mask=kpm.reshape(2, 3, 4)), fast)
     assert fast[1, 1, 2].abs().max() == 0.0  # fully masked rows give zeros
 
 
@@ -84,8 +84,8 @@ def test_fast_matches_reference_3d_with_gradients() -> None:
     kpm[0, ::4] = False
     g = torch.randn(2, 4, *grid, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for causal in (False, True):
-        fast = axial_attention(q, k, v, causal=causal, key_padding_mask=kpm)
-        ref = axial_attention_reference(q, k, v, causal=causal, key_padding_mask=kpm)[0]
+        fast = axial_attention(q, k, v, causal=causal, attention_mask=kpm)
+        ref = axial_attention_reference(q, k, v, causal=causal, attention_mask=kpm)[0]
         torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-8)
         gf = torch.autograd.grad((fast * g).sum(), (q, k, v))
         gr = torch.autograd.grad((ref * g).sum(), (q, k, v))
@@ -164,8 +164,8 @@ def test_errors_name_the_values() -> None:
         AxialAttention(8, 2, axis=2)
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(1, 12, 8))  # a sequence, not a 2-D grid
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        axial_attention(q, k, v, key_padding_mask=torch.ones(2, 13, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        axial_attention(q, k, v, attention_mask=torch.ones(2, 13, dtype=torch.bool))
     with pytest.raises(ValueError, match="context"):
         m(torch.randn(1, 3, 4, 8), context=torch.randn(1, 3, 4, 8))
     with pytest.raises(ValueError, match="q"):

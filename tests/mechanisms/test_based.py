@@ -110,7 +110,7 @@ def test_window_smaller_than_n_with_padding(causal: bool, window: int) -> None:
     keep[1, 3] = False
     want = merged(m, taylor_part(m, x, causal, keep) + window_part(m, x, causal, window, keep))
     for impl in ("fast", "reference"):
-        torch.testing.assert_close(m(x, key_padding_mask=keep, impl=impl), want)
+        torch.testing.assert_close(m(x, attention_mask=keep, impl=impl), want)
 
 
 def test_sliding_window_functional_forms_agree() -> None:
@@ -120,8 +120,8 @@ def test_sliding_window_functional_forms_agree() -> None:
     keep[1, :5] = False  # query 0..4 of element 1 see no key at window 2 when causal: zeros
     for causal in (False, True):
         for window in (1, 2, 4, 13, 40):
-            out, weights = sliding_window_attention_reference(q, k, v, window=window, causal=causal, key_padding_mask=keep)
-            fast = sliding_window_attention(q, k, v, window=window, causal=causal, key_padding_mask=keep)
+            out, weights = sliding_window_attention_reference(q, k, v, window=window, causal=causal, attention_mask=keep)
+            fast = sliding_window_attention(q, k, v, window=window, causal=causal, attention_mask=keep)
             torch.testing.assert_close(fast, out)
             torch.testing.assert_close(weights @ v, out)
             band = weights[0, 0] != 0
@@ -129,7 +129,7 @@ def test_sliding_window_functional_forms_agree() -> None:
             rel = pos[:, None] - pos[None, :]
             allowed = (rel >= 0) & (rel < window) if causal else rel.abs() < window
             assert not bool((band & ~allowed).any())
-    causal_out = sliding_window_attention(q, k, v, window=2, causal=True, key_padding_mask=keep)
+    causal_out = sliding_window_attention(q, k, v, window=2, causal=True, attention_mask=keep)
     assert causal_out[1, :, :5].abs().max().item() == 0.0
 
 

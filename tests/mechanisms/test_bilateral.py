@@ -206,5 +206,5 @@ def test_errors_name_the_values() -> None:
         m.attend(qh, qh, qh, grid=(3, 4))
     with pytest.raises(ValueError, match="grid"):
         m.attend(qh, qh, qh)
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m(torch.randn(1, 4, 4, 8), key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.randn(1, 4, 4, 8), attention_mask=torch.ones(1, 16, dtype=torch.bool))

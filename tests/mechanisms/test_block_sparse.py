@@ -76,8 +76,8 @@ def test_engine_matches_a_dense_computation_forward_and_backward(case):
         kpm[1] = False  # every key of batch element 1 is padding
     layout = BlockLayout.from_mask(blocks, bs)
     want, _ = hand_attention(q, k, v, blocks, bs, mod, kpm)
-    got = block_sparse_attention(q, k, v, layout, mask_mod=mod, key_padding_mask=kpm, chunk=chunk)
-    ref, _ = block_sparse_attention_reference(q, k, v, layout, mask_mod=mod, key_padding_mask=kpm)
+    got = block_sparse_attention(q, k, v, layout, mask_mod=mod, attention_mask=kpm, chunk=chunk)
+    ref, _ = block_sparse_attention_reference(q, k, v, layout, mask_mod=mod, attention_mask=kpm)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(ref, want, atol=1e-12, rtol=1e-10)
     assert got[:, :, : min(bs, n)].abs().max().item() == 0.0
@@ -122,7 +122,7 @@ def test_worker_threads_give_the_dense_result(monkeypatch):
     torch.set_num_threads(2)
     try:
         assert len(block_sparse._make_plan(layout, odd_sum, kpm, 30, 4, 1, torch.float64).spans) == 2
-        got = block_sparse_attention(q, k, v, layout, mask_mod=odd_sum, key_padding_mask=kpm, chunk=1)
+        got = block_sparse_attention(q, k, v, layout, mask_mod=odd_sum, attention_mask=kpm, chunk=1)
         got_grads = grads(got, (q, k, v))
         assert torch.get_num_threads() == 2
     finally:
@@ -229,8 +229,8 @@ def test_bad_calls_name_the_argument():
         block_sparse_attention(q, k, v, lay, backend="triton")
     with pytest.raises(ParameterError, match="chunk"):
         block_sparse_attention(q, k, v, lay, chunk=0)
-    with pytest.raises(DTypeError, match="key_padding_mask"):
-        block_sparse_attention(q, k, v, lay, key_padding_mask=torch.ones(2, 10))
+    with pytest.raises(DTypeError, match="attention_mask"):
+        block_sparse_attention(q, k, v, lay, attention_mask=torch.ones(2, 10))
 
 
 # -- memory: no N × N tensor ---------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_flex_backend_matches_the_dense_computation():
     kpm = torch.rand(2, n, generator=g) > 0.2
     layout = BlockLayout.from_mask(blocks, bs)
     with torch.no_grad():
-        got = block_sparse_attention(q, k, v, layout, mask_mod=odd_sum, key_padding_mask=kpm, backend="flex")
+        got = block_sparse_attention(q, k, v, layout, mask_mod=odd_sum, attention_mask=kpm, backend="flex")
     want, _ = hand_attention(q.double(), k.double(), v.double(), blocks, bs, odd_sum, kpm)
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
     assert got[:, :, bs : 2 * bs].abs().max().item() == 0.0

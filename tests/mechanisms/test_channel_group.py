@@ -69,8 +69,8 @@ def test_fast_and_reference_gradients_agree() -> None:
     kpm = torch.ones(2, 9, dtype=torch.bool)
     kpm[1, 6:] = False
     w = torch.randn(2, 2, 9, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    fast = torch.autograd.grad((channel_group_attention(*leaves, key_padding_mask=kpm) * w).sum(), leaves)
-    ref = torch.autograd.grad((channel_group_attention_reference(*leaves, key_padding_mask=kpm)[0] * w).sum(), leaves)
+    fast = torch.autograd.grad((channel_group_attention(*leaves, attention_mask=kpm) * w).sum(), leaves)
+    ref = torch.autograd.grad((channel_group_attention_reference(*leaves, attention_mask=kpm)[0] * w).sum(), leaves)
     for gf, gr in zip(fast, ref):
         torch.testing.assert_close(gf, gr)
 
@@ -79,7 +79,7 @@ def test_padding_is_removed() -> None:
     """Padded tokens: zero output, and the real tokens' result is that of the real tokens alone."""
     q, k, v = _qkv(4, n=6)
     kpm = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    out = channel_group_attention(q, k, v, key_padding_mask=kpm)
+    out = channel_group_attention(q, k, v, attention_mask=kpm)
     torch.testing.assert_close(out[0, :, :4], channel_group_attention(q[:1, :, :4], k[:1, :, :4], v[:1, :, :4])[0])
     assert out[0, :, 4:].abs().max() == 0.0
 
@@ -103,7 +103,7 @@ def test_errors() -> None:
         channel_group_attention(q, k, v[..., :2])
     with pytest.raises(ValueError, match="k: this mechanism needs as many keys as queries"):
         channel_group_attention(q, k[:, :, :4], v[:, :, :4])
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        channel_group_attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        channel_group_attention(q, k, v, attention_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="causal"):
         attnlab.build("channel-group", dim=8, heads=2, causal=True)

@@ -85,9 +85,9 @@ def test_equals_loops_and_reference(grid: tuple[int, int], radius: float, padded
         kpm = torch.rand(2, math.prod(grid), generator=torch.Generator().manual_seed(3)) > 0.5
         kpm[1] = False  # every key of element 1 is padding: zeros
     want = _loops(q, k, v, radius, kpm)
-    torch.testing.assert_close(circular_window_attention(q, k, v, radius=radius, key_padding_mask=kpm), want,
+    torch.testing.assert_close(circular_window_attention(q, k, v, radius=radius, attention_mask=kpm), want,
                                atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(circular_window_attention_reference(q, k, v, radius=radius, key_padding_mask=kpm)[0],
+    torch.testing.assert_close(circular_window_attention_reference(q, k, v, radius=radius, attention_mask=kpm)[0],
                                want, atol=1e-12, rtol=1e-10)
 
 
@@ -97,8 +97,8 @@ def test_fast_matches_reference_with_gradients(grid: tuple[int, ...], radius: fl
     q, k, v = (t.requires_grad_(True) for t in _qkv(grid, batch=1))
     kpm = torch.ones(1, math.prod(grid), dtype=torch.bool)
     kpm[0, ::5] = False
-    fast = circular_window_attention(q, k, v, radius=radius, key_padding_mask=kpm)
-    ref = circular_window_attention_reference(q, k, v, radius=radius, key_padding_mask=kpm)[0]
+    fast = circular_window_attention(q, k, v, radius=radius, attention_mask=kpm)
+    ref = circular_window_attention_reference(q, k, v, radius=radius, attention_mask=kpm)[0]
     torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
     g = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((fast * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
@@ -113,7 +113,7 @@ def test_module_layouts() -> None:
     flat = [t.reshape(2, 2, 24, 4) for t in (q, k, v)]
     torch.testing.assert_close(m.attend(*flat, grid=(4, 6)), m.attend(q, k, v).reshape(2, 2, 24, 4))
     kpm = torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(2)) > 0.3
-    torch.testing.assert_close(m(x, key_padding_mask=kpm), m(x, key_padding_mask=kpm.reshape(2, 24), impl="reference"))
+    torch.testing.assert_close(m(x, attention_mask=kpm), m(x, attention_mask=kpm.reshape(2, 24), impl="reference"))
     y3 = m(torch.randn(1, 2, 3, 4, 8, dtype=torch.float64))  # 3-D grids too
     assert y3.shape == (1, 2, 3, 4, 8)
 
@@ -137,5 +137,5 @@ def test_errors_name_the_values() -> None:
     fixed = CircularWindowAttention(8, 2, radius=1, grid_shape=(4, 5))
     with pytest.raises(ValueError, match=r"x: expected the grid \(4, 5\).*got \(5, 4\)"):
         fixed(torch.randn(1, 5, 4, 8))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m(torch.randn(1, 4, 5, 8), key_padding_mask=torch.ones(1, 21, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.randn(1, 4, 5, 8), attention_mask=torch.ones(1, 21, dtype=torch.bool))

@@ -122,7 +122,7 @@ def test_fast_matches_reference_with_masks(causal):
     kpm = torch.ones(2, 6, dtype=torch.bool)
     kpm[0, 4:] = False
     extra = torch.randn(6, 6, generator=g, dtype=torch.float64)
-    kw = {"causal": causal, "key_padding_mask": kpm, "attn_mask": extra, "base": 30.0}
+    kw = {"causal": causal, "attention_mask": kpm, "attn_mask": extra, "base": 30.0}
     out, w = coca_attention_reference(q, t, v, **kw)
     torch.testing.assert_close(coca_attention(q, t, v, **kw), out)
     # weights by hand from the hand scores

@@ -67,7 +67,7 @@ def test_matches_the_formula_by_loops(causal, pooling, log_size, n, b):
     kpm = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3
     kpm[:, 0] = True
     for mask in (None, kpm):
-        kw = {"block_size": b, "causal": causal, "pooling": pooling, "log_size": log_size, "key_padding_mask": mask}
+        kw = {"block_size": b, "causal": causal, "pooling": pooling, "log_size": log_size, "attention_mask": mask}
         want, want_w = by_loops(q.detach(), k.detach(), v.detach(), b, causal, pooling, log_size, mask)
         ref, ref_w = combiner_attention_reference(q, k, v, **kw)
         torch.testing.assert_close(combiner_attention(q, k, v, **kw), want)
@@ -82,7 +82,7 @@ def test_fast_equals_reference_forward_and_backward(causal, pooling, same_grads)
     kpm = torch.rand(2, 23, generator=torch.Generator().manual_seed(2)) > 0.25
     for mask in (None, kpm):
         for b in (None, 4, 5):
-            kw = {"block_size": b, "causal": causal, "pooling": pooling, "key_padding_mask": mask}
+            kw = {"block_size": b, "causal": causal, "pooling": pooling, "attention_mask": mask}
             fast = combiner_attention(q, k, v, **kw)
             ref, _ = combiner_attention_reference(q, k, v, **kw)
             torch.testing.assert_close(fast, ref)

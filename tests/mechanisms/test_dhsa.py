@@ -77,7 +77,7 @@ def test_matches_the_rule_by_loops_with_gradients(query_rep, n, b, top, same_gra
     for mask in (None, kpm):
         keep = keep_by_loops(q, k, b, top, query_rep, mask)
         want, want_w = dense(q, k, v, keep)
-        kw = {"chunk_size": b, "top_chunks": top, "query_rep": query_rep, "key_padding_mask": mask}
+        kw = {"chunk_size": b, "top_chunks": top, "query_rep": query_rep, "attention_mask": mask}
         fast = dhsa_attention(q, k, v, **kw)
         ref, ref_w = dhsa_attention_reference(q, k, v, **kw)
         torch.testing.assert_close(fast, want)
@@ -93,8 +93,8 @@ def test_fast_equals_reference_forward_and_backward(same_grads):
     kpm = torch.rand(2, 50, generator=torch.Generator().manual_seed(5)) > 0.2
     for mask in (None, kpm):
         for b, top in ((4, 3), (8, 2), (5, 1), (16, 1)):
-            fast = dhsa_attention(q, k, v, chunk_size=b, top_chunks=top, key_padding_mask=mask)
-            ref, _ = dhsa_attention_reference(q, k, v, chunk_size=b, top_chunks=top, key_padding_mask=mask)
+            fast = dhsa_attention(q, k, v, chunk_size=b, top_chunks=top, attention_mask=mask)
+            ref, _ = dhsa_attention_reference(q, k, v, chunk_size=b, top_chunks=top, attention_mask=mask)
             torch.testing.assert_close(fast, ref)
             w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
             same_grads(ref, (fast,), (q, k, v), w)
@@ -111,7 +111,7 @@ def test_all_chunks_kept_is_causal_softmax_attention(query_rep):
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         for b in (1, 3, 5, 21, 40):
             top = math.ceil(21 / b)
-            got = dhsa_attention(q, k, v, chunk_size=b, top_chunks=top, query_rep=query_rep, key_padding_mask=mask)
+            got = dhsa_attention(q, k, v, chunk_size=b, top_chunks=top, query_rep=query_rep, attention_mask=mask)
             torch.testing.assert_close(got, want)
 
 

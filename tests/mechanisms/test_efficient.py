@@ -40,7 +40,7 @@ def test_scaling_variant_equals_dot_product_attention_with_scaling_normalisation
     close(efficient_attention(q, k, v, normalization="scaling"), (q / math.sqrt(n)) @ ((k / math.sqrt(n)).transpose(-1, -2) @ v))
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[0, [1, 4, 8]] = False  # n counts real keys only: the padded result is that of the 6 real keys
-    padded = efficient_attention(q, k, v, normalization="scaling", key_padding_mask=keep)
+    padded = efficient_attention(q, k, v, normalization="scaling", attention_mask=keep)
     real = keep[0]
     close(padded[0], (q[0] @ k[0, :, real].transpose(-1, -2) / 6) @ v[0, :, real])
 
@@ -58,14 +58,14 @@ def test_softmax_variant_rho_q_rows_and_rho_k_columns_sum_to_one_and_so_do_the_r
     q, k, v = qkv(n=8, m=11)
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[1, -4:] = False
-    t = efficient_terms(q, k, v, normalization="softmax", causal=False, key_padding_mask=keep)
+    t = efficient_terms(q, k, v, normalization="softmax", causal=False, attention_mask=keep)
     close(t.q.sum(-1), torch.ones(2, 2, 8, dtype=F64))  # ρ_q: softmax over features
     close(t.k.sum(2), torch.ones(2, 2, 4, dtype=F64))  # ρ_k: softmax over (real) tokens, per column
     assert t.k[1, :, -4:].abs().max() == 0
-    out, a = efficient_attention_reference(q, k, v, key_padding_mask=keep)
+    out, a = efficient_attention_reference(q, k, v, attention_mask=keep)
     close(a.sum(-1), torch.ones(2, 2, 8, dtype=F64))  # hence A = ρ_q ρ_kᵀ has rows summing to 1
     close(a[0], torch.softmax(q[0], -1) @ torch.softmax(k[0], dim=1).transpose(-1, -2))  # written out
-    close(efficient_attention(q, k, v, key_padding_mask=keep), a @ v)  # out = A v, the O(n d²) path
+    close(efficient_attention(q, k, v, attention_mask=keep), a @ v)  # out = A v, the O(n d²) path
 
 
 def test_causal_softmax_on_two_tokens_by_hand():
@@ -94,7 +94,7 @@ def test_causal_chunked_equals_reference_forward_and_backward(normalization, chu
     keep[0, :3] = False
     keep[1, [5, 11]] = False
     w = torch.randn(2, 2, 12, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
-    kw = dict(normalization=normalization, causal=True, key_padding_mask=keep)
+    kw = dict(normalization=normalization, causal=True, attention_mask=keep)
     fast = efficient_attention(q, k, v, chunk_size=chunk, **kw)
     ref, a = efficient_attention_reference(q, k, v, **kw)
     close(fast, ref)
@@ -129,10 +129,10 @@ def test_inputs_of_scale_1e3_give_finite_outputs_and_gradients(normalization, ca
     x = (1e3 * torch.randn(2, 20, 16)).requires_grad_()
     keep = torch.ones(2, 20, dtype=torch.bool)
     keep[1, :5] = False
-    y = m(x, key_padding_mask=keep)
+    y = m(x, attention_mask=keep)
     (g,) = torch.autograd.grad(y.square().mean(), x)
     assert torch.isfinite(y).all() and torch.isfinite(g).all()
-    assert torch.isfinite(m.materialize(x, key_padding_mask=keep)).all()
+    assert torch.isfinite(m.materialize(x, attention_mask=keep)).all()
 
 
 @pytest.mark.parametrize("causal", [False, True])

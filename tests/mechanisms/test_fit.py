@@ -55,7 +55,7 @@ def test_structure_of_the_stages() -> None:
     q, k, _, u = _qkv(12, m=2)
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[0, 8:] = False  # group 2 of element 0 is all padding
-    mats = fit_matrices(q, k, u, group_size=4, key_padding_mask=kpm)
+    mats = fit_matrices(q, k, u, group_size=4, attention_mask=kpm)
     group = torch.arange(12) // 4
     latent_group = torch.arange(6) // 2
     assert (mats["local"][..., group[:, None] != group[None, :]] == 0).all()
@@ -76,8 +76,8 @@ def test_fast_matches_reference_forward_and_backward(n: int, group: int, m: int,
     kpm[1, 0] = False
     w = torch.randn(2, 2, n, 4, dtype=torch.float64)
     for mask in (None, kpm):
-        fast = fit_attention(q, k, v, u, group_size=group, key_padding_mask=mask)
-        ref = fit_attention_reference(q, k, v, u, group_size=group, key_padding_mask=mask)[0]
+        fast = fit_attention(q, k, v, u, group_size=group, attention_mask=mask)
+        ref = fit_attention_reference(q, k, v, u, group_size=group, attention_mask=mask)[0]
         torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-8)
         same_grads(ref, (fast,), (q, k, v, u), w, atol=1e-10, rtol=1e-8)
 

@@ -167,16 +167,16 @@ def test_finite_and_accurate_at_input_scale_1e3(causal: bool, float32_accurate) 
     float32_accurate(m32, m64, x)
 
 
-def test_grid_key_padding_mask_may_be_given_per_cell() -> None:
+def test_grid_attention_mask_may_be_given_per_cell() -> None:
     m = build(grid=2, kernel_size=3)
     x = tokens(2, 3, 4)
     keep = torch.ones(2, 3, 4, dtype=torch.bool)
     keep[1, 2] = False
     changed = x.clone()
     changed[1, 2] = 50.0
-    y1, y2 = m(x, key_padding_mask=keep), m(changed, key_padding_mask=keep.reshape(2, 12))
+    y1, y2 = m(x, attention_mask=keep), m(changed, attention_mask=keep.reshape(2, 12))
     torch.testing.assert_close(y1[1, :1], y2[1, :1])  # row 0 is beyond the kernel's reach of row 2
-    torch.testing.assert_close(m.materialize(x, key_padding_mask=keep)[..., 8:].sum(-1)[1], torch.zeros(2, 12, dtype=x.dtype))
+    torch.testing.assert_close(m.materialize(x, attention_mask=keep)[..., 8:].sum(-1)[1], torch.zeros(2, 12, dtype=x.dtype))
 
 
 def test_bad_parameters_are_refused() -> None:

@@ -74,7 +74,7 @@ def test_module_matches_the_paper_formula(name: str, causal: bool) -> None:
     for kpm in (None, keep):
         want = by_formula(m, x, causal, kpm)
         for impl in ("fast", "reference"):
-            got = m(x, key_padding_mask=kpm, impl=impl)
+            got = m(x, attention_mask=kpm, impl=impl)
             torch.testing.assert_close(got, want)
 
 
@@ -85,7 +85,7 @@ def test_padding_counts_only_the_real_tokens(name: str) -> None:
     x = tokens(1, 10)
     keep = torch.ones(1, 10, dtype=torch.bool)
     keep[0, 7:] = False
-    torch.testing.assert_close(m(x, key_padding_mask=keep)[:, :7], m(x[:, :7]))
+    torch.testing.assert_close(m(x, attention_mask=keep)[:, :7], m(x[:, :7]))
 
 
 def test_galerkin_is_independent_of_the_ordering_of_tokens() -> None:
@@ -121,11 +121,11 @@ def test_functional_forms_agree_with_their_references() -> None:
     keep = torch.ones(2, 10, dtype=torch.bool)
     keep[1, 4:] = False
     for causal in (False, True):
-        out, weights = galerkin_attention_reference(q, k, v, causal=causal, key_padding_mask=keep)
-        torch.testing.assert_close(galerkin_attention(q, k, v, causal=causal, key_padding_mask=keep, chunk_size=3), out)
+        out, weights = galerkin_attention_reference(q, k, v, causal=causal, attention_mask=keep)
+        torch.testing.assert_close(galerkin_attention(q, k, v, causal=causal, attention_mask=keep, chunk_size=3), out)
         torch.testing.assert_close(weights @ v, out)
-        out, weights = fourier_attention_reference(q, k, v, causal=causal, key_padding_mask=keep)
-        torch.testing.assert_close(fourier_attention(q, k, v, causal=causal, key_padding_mask=keep), out)
+        out, weights = fourier_attention_reference(q, k, v, causal=causal, attention_mask=keep)
+        torch.testing.assert_close(fourier_attention(q, k, v, causal=causal, attention_mask=keep), out)
         n = keep.sum(-1).clamp_min(1)[:, None, None, None] if not causal else keep.cumsum(-1).clamp_min(1)[:, None, :, None]
         mask = keep[:, None, None, :] & (torch.ones(10, 10, dtype=torch.bool).tril() if causal else True)
         torch.testing.assert_close(weights, (q @ k.transpose(-1, -2)).masked_fill(~mask, 0) / n)

@@ -75,8 +75,8 @@ def test_equals_loops_and_reference(grid: tuple[int, int], b: int, h: int, padde
         kpm = torch.rand(2, math.prod(grid), generator=torch.Generator().manual_seed(9)) > 0.4
         kpm[1, :] = False  # every key of element 1 is padding: zeros
     want = _dense_loops(q, k, v, b, h, rel_h, rel_w, kpm)
-    fast = halo_attention(q, k, v, block_size=b, halo=h, rel_h=rel_h, rel_w=rel_w, key_padding_mask=kpm)
-    ref = halo_attention_reference(q, k, v, block_size=b, halo=h, rel_h=rel_h, rel_w=rel_w, key_padding_mask=kpm)[0]
+    fast = halo_attention(q, k, v, block_size=b, halo=h, rel_h=rel_h, rel_w=rel_w, attention_mask=kpm)
+    ref = halo_attention_reference(q, k, v, block_size=b, halo=h, rel_h=rel_h, rel_w=rel_w, attention_mask=kpm)[0]
     torch.testing.assert_close(fast, want, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(ref, want, atol=1e-12, rtol=1e-10)
 
@@ -89,7 +89,7 @@ def test_gradients_match_reference() -> None:
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[0, ::3] = False
     g = _rand(2, 2, *grid, 3, seed=7)
-    kw = {"block_size": b, "halo": h, "rel_h": rel_h, "rel_w": rel_w, "key_padding_mask": kpm}
+    kw = {"block_size": b, "halo": h, "rel_h": rel_h, "rel_w": rel_w, "attention_mask": kpm}
     fast = halo_attention(q, k, v, **kw)
     ref = halo_attention_reference(q, k, v, **kw)[0]
     for a, r in zip(torch.autograd.grad((fast * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
@@ -134,7 +134,7 @@ def test_module_materialize_pattern_and_rows() -> None:
     flat = [t.reshape(1, 2, 24, -1) for t in (q, k, v)]
     torch.testing.assert_close(m.attend(*flat, grid=(4, 6)), m.attend(q, k, v).reshape(1, 2, 24, -1))
     kpm = torch.rand(1, 4, 6, generator=torch.Generator().manual_seed(1)) > 0.3
-    torch.testing.assert_close(m(x, key_padding_mask=kpm), m(x, key_padding_mask=kpm.reshape(1, 24), impl="reference"))
+    torch.testing.assert_close(m(x, attention_mask=kpm), m(x, attention_mask=kpm.reshape(1, 24), impl="reference"))
 
 
 def test_errors_name_the_values() -> None:

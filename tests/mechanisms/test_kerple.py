@@ -76,7 +76,7 @@ def test_fast_equals_reference_and_hand_forward_backward(variant, causal):
     r2 = torch.tensor([0.4, 1.6], dtype=F64, requires_grad=True)
     pad = torch.ones(2, 6, dtype=torch.bool)
     pad[0, 5] = False
-    kw = dict(variant=variant, r1=r1, r2=r2, causal=causal, key_padding_mask=pad)
+    kw = dict(variant=variant, r1=r1, r2=r2, causal=causal, attention_mask=pad)
     fast = kerple_attention(q, k, v, **kw)
     ref, _ = kerple_attention_reference(q, k, v, **kw)
 

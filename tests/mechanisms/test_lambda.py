@@ -60,8 +60,8 @@ def test_matches_loops(positions, r):
     kpm[0, 1] = kpm[0, -1] = False
     for mask in (None, kpm):
         want = hand_lambda(q, k, v, emb, mask)
-        torch.testing.assert_close(lambda_attention(q, k, v, embeddings=emb, key_padding_mask=mask), want)
-        torch.testing.assert_close(lambda_attention_reference(q, k, v, embeddings=emb, key_padding_mask=mask)[0], want)
+        torch.testing.assert_close(lambda_attention(q, k, v, embeddings=emb, attention_mask=mask), want)
+        torch.testing.assert_close(lambda_attention_reference(q, k, v, embeddings=emb, attention_mask=mask)[0], want)
 
 
 @pytest.mark.parametrize("grid,shape", [(1, (2, 8, 12)), (2, (2, 3, 4, 12))])
@@ -90,11 +90,11 @@ def test_materialize_explains_the_output(grid, shape):
     kpm = torch.ones(2, n, dtype=torch.bool)
     kpm[1, :3] = False
     for mask in (None, kpm):
-        a = m.materialize(x, key_padding_mask=mask)
+        a = m.materialize(x, attention_mask=mask)
         assert a.shape == (2, 2, n, n)
         v = m.v_proj(x.reshape(2, n, 8))
         y = torch.einsum("bhnm,bmv->bnhv", a, v).reshape(2, n, 8)
-        torch.testing.assert_close(m(x, key_padding_mask=mask), m.out_proj(y).reshape(shape))
+        torch.testing.assert_close(m(x, attention_mask=mask), m.out_proj(y).reshape(shape))
         if mask is not None:
             assert a[1, :, :, :3].abs().max().item() == 0.0
 
@@ -139,15 +139,15 @@ def test_grid_mask_may_be_given_as_a_grid():
     m = attnlab.build("lambda", dim=8, heads=2, key_dim=3, scope=3, grid=2).double()
     x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
     kpm = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0)) > 0.3
-    torch.testing.assert_close(m(x, key_padding_mask=kpm), m(x, key_padding_mask=kpm.reshape(2, 12)))
+    torch.testing.assert_close(m(x, attention_mask=kpm), m(x, attention_mask=kpm.reshape(2, 12)))
 
 
 def test_fully_padded_element_has_no_lambda():
     q, k, v, emb = inputs(5, (6,))
     kpm = torch.ones(2, 6, dtype=torch.bool)
     kpm[1] = False
-    for out in (lambda_attention(q, k, v, embeddings=emb, key_padding_mask=kpm),
-                lambda_attention_reference(q, k, v, embeddings=emb, key_padding_mask=kpm)[0]):
+    for out in (lambda_attention(q, k, v, embeddings=emb, attention_mask=kpm),
+                lambda_attention_reference(q, k, v, embeddings=emb, attention_mask=kpm)[0]):
         assert out[1].abs().max().item() == 0.0
 
 

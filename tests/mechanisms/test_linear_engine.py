@@ -71,7 +71,7 @@ def close(a, b, atol=1e-10, rtol=1e-9):
 def test_chunked_equals_recurrent_equals_reference(mode, chunk, padded):
     q, k, v, ld, beta, tensors = inputs(mode, grad=True)
     normalize = beta is None
-    kw = dict(key_padding_mask=padding() if padded else None, log_decay=ld, beta=beta, normalize=normalize)
+    kw = dict(attention_mask=padding() if padded else None, log_decay=ld, beta=beta, normalize=normalize)
     shape = v.shape
     ref, g_ref = value_and_grads(lambda: linear_attention_reference(q, k, v, causal=True, **kw)[0], tensors, shape)
     rec, g_rec = value_and_grads(lambda: linear_attention_recurrent(q, k, v, **kw), tensors, shape)
@@ -86,7 +86,7 @@ def test_chunked_equals_recurrent_equals_reference(mode, chunk, padded):
 @pytest.mark.parametrize("mode", MODES)
 def test_bidirectional_equals_reference_forward_and_backward(mode):
     q, k, v, ld, beta, tensors = inputs(mode, grad=True)
-    kw = dict(key_padding_mask=padding(), log_decay=ld, beta=beta, normalize=beta is None)
+    kw = dict(attention_mask=padding(), log_decay=ld, beta=beta, normalize=beta is None)
     ref, g_ref = value_and_grads(lambda: linear_attention_reference(q, k, v, **kw)[0], tensors, v.shape)
     fast, g_fast = value_and_grads(lambda: linear_attention(q, k, v, chunk_size=5, **kw), tensors, v.shape)
     close(fast, ref)
@@ -98,7 +98,7 @@ def test_bidirectional_plain_form_by_hand_with_more_keys_than_queries():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.rand(1, 1, 3, 2, generator=g, dtype=F64), torch.rand(1, 1, 5, 2, generator=g, dtype=F64), torch.randn(1, 1, 5, 3, generator=g, dtype=F64)
     keep = torch.tensor([[True, True, False, True, True]])
-    out = linear_attention(q, k, v, key_padding_mask=keep)
+    out = linear_attention(q, k, v, attention_mask=keep)
     for i in range(3):
         num = sum((q[0, 0, i] @ k[0, 0, j]) * v[0, 0, j] for j in range(5) if keep[0, j])
         den = sum(q[0, 0, i] @ k[0, 0, j] for j in range(5) if keep[0, j])
@@ -180,7 +180,7 @@ def test_delta_rule_overwrites_where_the_hebbian_memory_adds():
 @pytest.mark.parametrize("mode", MODES)
 def test_materialized_matrix_times_v_is_the_output(mode, causal):
     q, k, v, ld, beta, _ = inputs(mode)
-    kw = dict(causal=causal, key_padding_mask=padding(), log_decay=ld, beta=beta, normalize=beta is None)
+    kw = dict(causal=causal, attention_mask=padding(), log_decay=ld, beta=beta, normalize=beta is None)
     weights = linear_attention_reference(q, k, v, **kw)[1]
     close(weights @ v, linear_attention(q, k, v, chunk_size=5, **kw))
     assert weights[0, ..., -3:].abs().max() == 0  # padded keys carry no weight
@@ -197,7 +197,7 @@ def test_padded_keys_are_skipped_not_decayed_through(mode):
     keep[0, [0, 5, 6]] = False
     real = keep[0]
     kw = dict(causal=True, normalize=beta is None, chunk_size=4)
-    padded = linear_attention(q, k, v, key_padding_mask=keep, log_decay=ld, beta=beta, **kw)
+    padded = linear_attention(q, k, v, attention_mask=keep, log_decay=ld, beta=beta, **kw)
     removed = linear_attention(
         q[:, :, real], k[:, :, real], v[:, :, real], log_decay=None if ld is None else ld[:, :, real],
         beta=None if beta is None else beta[:, :, real], **kw,
@@ -270,7 +270,7 @@ def test_normalizer_floor_fully_padded_rows_give_zero_and_small_features_are_exa
     keep[1] = False
     for causal in (False, True):
         qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-        out = linear_attention(qq, kk, v, causal=causal, key_padding_mask=keep)
+        out = linear_attention(qq, kk, v, causal=causal, attention_mask=keep)
         assert out[1].abs().max() == 0
         grads = torch.autograd.grad(out.sum(), (qq, kk))
         assert all(torch.isfinite(g).all() for g in grads)

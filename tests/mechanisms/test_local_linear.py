@@ -78,7 +78,7 @@ def test_values_affine_in_the_keys_are_recovered_with_zero_ridge() -> None:
     want = c + q @ G.T
     kpm = torch.ones(2, 16, dtype=torch.bool)
     kpm[0, 10:] = False  # 10 visible keys still determine a 3-d affine map
-    for kw in ({}, {"key_padding_mask": kpm}):
+    for kw in ({}, {"attention_mask": kpm}):
         torch.testing.assert_close(local_linear_attention(q, k, v, ridge=0.0, **kw), want, atol=1e-8, rtol=1e-8)
         torch.testing.assert_close(local_linear_attention_reference(q, k, v, ridge=0.0, **kw)[0], want, atol=1e-8, rtol=1e-8)
     # softmax attention cannot do it: it averages values
@@ -111,7 +111,7 @@ def test_fully_masked_rows_are_zero_even_with_zero_ridge() -> None:
     q, k, v = qkv(n=8, d=2, seed=7)
     kpm = torch.ones(2, 8, dtype=torch.bool)
     kpm[1] = False
-    out = local_linear_attention(q, k, v, ridge=0.0, key_padding_mask=kpm)
+    out = local_linear_attention(q, k, v, ridge=0.0, attention_mask=kpm)
     assert out[1].abs().max().item() == 0.0 and torch.isfinite(out).all()
 
 

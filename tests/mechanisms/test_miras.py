@@ -150,7 +150,7 @@ def test_padding_equals_removing_the_padded_tokens(name):
     x = torch.randn(1, 11, 8, dtype=F64)
     keep = torch.ones(1, 11, dtype=torch.bool)
     keep[0, [0, 4, 5, 9]] = False
-    close(m(x, key_padding_mask=keep)[:, keep[0]], m(x[:, keep[0]]))
+    close(m(x, attention_mask=keep)[:, keep[0]], m(x[:, keep[0]]))
 
 
 # -- the three computations, decoding, numerics --------------------------------------------------------
@@ -213,7 +213,7 @@ def test_reference_function_matches_the_fast_one_with_padding():
     keep[1, :4] = False
     log_decay = F.logsigmoid(torch.randn(2, 2, 10, 3, generator=g, dtype=F64))
     for causal in (False, True):
-        kw = dict(feature_map="elu+1", log_decay=log_decay, normalize=True, causal=causal, key_padding_mask=keep)
+        kw = dict(feature_map="elu+1", log_decay=log_decay, normalize=True, causal=causal, attention_mask=keep)
         out, weights = memory_attention_reference(q, k, v, **kw)
         close(memory_attention(q, k, v, chunk_size=3, **kw), out)
         close(weights @ v, out)

@@ -81,8 +81,8 @@ def test_matches_the_definition_by_loops_with_gradients(n, b, m, same_grads):
     kpm[:, ::b] = True  # a real token in every block: no tied coarse logits (a padded block's row is all 0)
     for mask in (None, kpm):
         want, want_w = by_loops(q, k, v, b, m, mask)
-        fast = mra_attention(q, k, v, block_size=b, blocks=m, key_padding_mask=mask)
-        ref, ref_w = mra_attention_reference(q, k, v, block_size=b, blocks=m, key_padding_mask=mask)
+        fast = mra_attention(q, k, v, block_size=b, blocks=m, attention_mask=mask)
+        ref, ref_w = mra_attention_reference(q, k, v, block_size=b, blocks=m, attention_mask=mask)
         torch.testing.assert_close(fast, want)
         torch.testing.assert_close(ref, want)
         torch.testing.assert_close(ref_w, want_w.detach())
@@ -96,8 +96,8 @@ def test_fast_equals_reference_forward_and_backward(same_grads):
     kpm = torch.rand(2, 45, generator=torch.Generator().manual_seed(5)) > 0.2
     for mask in (None, kpm):
         for b, m in ((4, 3), (8, 2), (5, 1), (16, 2)):
-            fast = mra_attention(q, k, v, block_size=b, blocks=m, key_padding_mask=mask)
-            ref, _ = mra_attention_reference(q, k, v, block_size=b, blocks=m, key_padding_mask=mask)
+            fast = mra_attention(q, k, v, block_size=b, blocks=m, attention_mask=mask)
+            ref, _ = mra_attention_reference(q, k, v, block_size=b, blocks=m, attention_mask=mask)
             torch.testing.assert_close(fast, ref)
             w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
             same_grads(ref, (fast,), (q, k, v), w)
@@ -112,8 +112,8 @@ def test_every_block_refined_is_softmax_attention():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         for b in (1, 3, 4, 20):
             m = math.ceil(20 / b)
-            torch.testing.assert_close(mra_attention(q, k, v, block_size=b, blocks=m, key_padding_mask=mask), want)
-            torch.testing.assert_close(mra_attention(q, k, v, block_size=b, blocks=m + 5, key_padding_mask=mask), want)
+            torch.testing.assert_close(mra_attention(q, k, v, block_size=b, blocks=m, attention_mask=mask), want)
+            torch.testing.assert_close(mra_attention(q, k, v, block_size=b, blocks=m + 5, attention_mask=mask), want)
 
 
 def test_block_constant_off_the_refined_blocks():

@@ -50,7 +50,7 @@ def test_equals_softmax_per_window(causal: bool, padded: bool) -> None:
         kpm[1, 0:6] = False  # windows of element 1 with no real key: zeros
     want = _per_window(q, k, v, sizes, causal, kpm)
     for fn in (multi_window_attention, lambda *a, **kw: multi_window_attention_reference(*a, **kw)[0]):
-        got = fn(q, k, v, windows=sizes, causal=causal, key_padding_mask=kpm)
+        got = fn(q, k, v, windows=sizes, causal=causal, attention_mask=kpm)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
@@ -80,7 +80,7 @@ def test_gradients_match_reference() -> None:
     kpm[0, ::5] = False
     g = torch.randn(2, 4, 12, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for causal in (False, True):
-        kw = {"windows": (3, 0, 6, 3), "causal": causal, "key_padding_mask": kpm}
+        kw = {"windows": (3, 0, 6, 3), "causal": causal, "attention_mask": kpm}
         fast, ref = multi_window_attention(q, k, v, **kw), multi_window_attention_reference(q, k, v, **kw)[0]
         for a, b in zip(torch.autograd.grad((fast * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

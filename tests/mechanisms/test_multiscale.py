@@ -51,7 +51,7 @@ def test_windows_wider_than_the_sequence_give_plain_softmax(causal):
     s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
     want = torch.softmax(s, dim=-1) @ v
     for windows in ((7, 9), (6, None), (-1, 100)):
-        kw = {"windows": windows, "causal": causal, "key_padding_mask": kpm}
+        kw = {"windows": windows, "causal": causal, "attention_mask": kpm}
         torch.testing.assert_close(multiscale_attention(q, k, v, **kw), want)
         torch.testing.assert_close(multiscale_attention_reference(q, k, v, **kw)[0], want)
 
@@ -81,7 +81,7 @@ def test_mixed_scales_match_hand_computation(causal):
     kpm = torch.ones(2, 8, dtype=torch.bool)
     kpm[1, 6:] = False
     want, w_want = hand_attention(q, k, v, windows, causal=causal, kpm=kpm)
-    kw = {"windows": windows, "causal": causal, "key_padding_mask": kpm}
+    kw = {"windows": windows, "causal": causal, "attention_mask": kpm}
     fast = multiscale_attention(q, k, v, **kw)
     torch.testing.assert_close(fast, want)
     assert fast[1, 0, 7].abs().max().item() == 0.0  # window 1 around 7 holds only padded keys 6, 7

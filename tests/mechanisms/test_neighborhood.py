@@ -143,7 +143,7 @@ def _case(grid, kernel, dil, causal, rpb, kpm, seed=0):
     if kpm:
         mask = torch.rand(2, math.prod(grid), generator=g) > 0.3
         mask[1] = False  # every key of element 1 is padding
-    kw = dict(kernel_size=kernel, dilation=dil, causal=causal, rpb=table, key_padding_mask=mask)
+    kw = dict(kernel_size=kernel, dilation=dil, causal=causal, rpb=table, attention_mask=mask)
     oracle = dict(kernel=ks, dil=ds, causal=(causal,) * rank, rpb=table, kpm=mask)
     return (q, k, v), table, kw, oracle
 
@@ -160,7 +160,7 @@ def test_matches_loops_forward_and_backward(config):
         torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8, msg=f"{name} forward")
         for i, (a, b) in enumerate(zip(torch.autograd.grad((out * g).sum(), inputs), want_grads)):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=f"{name} backward, input {i}")
-    if kw["key_padding_mask"] is not None:
+    if kw["attention_mask"] is not None:
         assert neighborhood_attention(q, k, v, **kw)[1].abs().max() == 0  # no real key: zeros
 
 

@@ -108,7 +108,7 @@ def test_attention_matches_a_dense_computation(n, bs, local, sink):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     kpm = torch.rand(2, n, generator=g) > 0.25
-    kw = {"block_size": bs, "local_blocks": local, "sink_blocks": sink, "key_padding_mask": kpm}
+    kw = {"block_size": bs, "local_blocks": local, "sink_blocks": sink, "attention_mask": kpm}
     want, weights = hand_power(q, k, v, bs, local, sink, kpm)
     got = power_attention(q, k, v, **kw)
     ref, ref_w = power_attention_reference(q, k, v, **kw)

@@ -76,7 +76,7 @@ def test_fast_matches_reference_forward_and_backward(
     kpm[1, 1] = False
     w = torch.randn(2, 2, *shape, 4, dtype=torch.float64)
     for mask in (None, kpm):
-        kw = {"window": window, "proxy": proxy, "seed": 5, "shift": shift, "key_padding_mask": mask}
+        kw = {"window": window, "proxy": proxy, "seed": 5, "shift": shift, "attention_mask": mask}
         fast = proxy_token_attention(q, k, v, **kw)
         ref = proxy_token_attention_reference(q, k, v, **kw)[0]
         torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-8)
@@ -109,13 +109,13 @@ def test_selection_rows() -> None:
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[0, 3] = False  # first token of window 1 is padding
     kpm[0, 9:] = False  # window 3 is all padding
-    first = proxy_token_matrices(q, k, window=3, proxy="first", key_padding_mask=kpm)["select"][0, 0]
+    first = proxy_token_matrices(q, k, window=3, proxy="first", attention_mask=kpm)["select"][0, 0]
     assert first.nonzero().tolist() == [[0, 0], [1, 4], [2, 6]]  # window 3: no proxy
-    mean = proxy_token_matrices(q, k, window=3, proxy="mean", key_padding_mask=kpm)["select"][0, 0]
+    mean = proxy_token_matrices(q, k, window=3, proxy="mean", attention_mask=kpm)["select"][0, 0]
     torch.testing.assert_close(mean[1, 3:6], torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64))
     assert mean[3].abs().max() == 0
     for seed in range(5):  # random: one real token of the window, weight 1
-        sel = proxy_token_matrices(q, k, window=3, proxy="random", seed=seed, key_padding_mask=kpm)["select"][0, 0]
+        sel = proxy_token_matrices(q, k, window=3, proxy="random", seed=seed, attention_mask=kpm)["select"][0, 0]
         rows, cols = sel.nonzero().unbind(-1)
         assert rows.tolist() == [0, 1, 2] and ((cols // 3) == rows).all() and kpm[0, cols].all()
         assert (sel.sum(-1)[:3] == 1).all()

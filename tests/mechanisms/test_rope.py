@@ -81,8 +81,8 @@ def test_functional_matches_hand_computation(causal):
     kpm = torch.ones(2, 7, dtype=torch.bool)
     kpm[1, 5:] = False
     want, w_want = hand_rope_attention(q, k, v, causal=causal, kpm=kpm)
-    torch.testing.assert_close(rope_attention(q, k, v, causal=causal, key_padding_mask=kpm), want)
-    out, w = rope_attention_reference(q, k, v, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(rope_attention(q, k, v, causal=causal, attention_mask=kpm), want)
+    out, w = rope_attention_reference(q, k, v, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(w, w_want)
 

@@ -115,7 +115,7 @@ def test_attention_is_zero_across_clusters_and_matches_loops(causal: bool) -> No
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[0, 9:] = False
     mq, mk = hand_members(q, k, mu, causal, kpm)
-    out, weights = routing_attention_reference(q, k, v, centroids=mu, causal=causal, key_padding_mask=kpm)
+    out, weights = routing_attention_reference(q, k, v, centroids=mu, causal=causal, attention_mask=kpm)
     share = (mq[..., :, None] & mk[..., None, :]).any(2)
     assert bool((weights[~share] == 0).all())
     assert bool((weights[..., ~kpm[0]][0] == 0).all())
@@ -123,7 +123,7 @@ def test_attention_is_zero_across_clusters_and_matches_loops(causal: bool) -> No
         assert bool((weights.triu(1) == 0).all())
     want = hand_attention(q, k, v, mq, mk, causal, kpm)
     torch.testing.assert_close(out, want)
-    torch.testing.assert_close(routing_attention(q, k, v, centroids=mu, causal=causal, key_padding_mask=kpm), want)
+    torch.testing.assert_close(routing_attention(q, k, v, centroids=mu, causal=causal, attention_mask=kpm), want)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -131,9 +131,9 @@ def test_fast_equals_reference_forward_and_backward_for_one_assignment(causal: b
     q, k, v = (t.requires_grad_(True) for t in qkv(n=13, seed=3))
     mu = centroids(2, 4, 4, seed=5)
     kpm = torch.rand(2, 13, generator=torch.Generator().manual_seed(2)) > 0.2
-    r = route(q, k, mu, causal=causal, key_padding_mask=kpm)
-    fast = routing_attention(q, k, v, routing=r, causal=causal, key_padding_mask=kpm)
-    ref, _ = routing_attention_reference(q, k, v, routing=r, causal=causal, key_padding_mask=kpm)
+    r = route(q, k, mu, causal=causal, attention_mask=kpm)
+    fast = routing_attention(q, k, v, routing=r, causal=causal, attention_mask=kpm)
+    ref, _ = routing_attention_reference(q, k, v, routing=r, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-8)
     w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     gf = torch.autograd.grad((fast * w).sum(), (q, k, v), allow_unused=True)
@@ -191,7 +191,7 @@ def test_ema_update_by_hand() -> None:
     assert not torch.equal(new, mu)
     # padding leaves the padded tokens' vectors out; an empty cluster keeps its centroid
     kpm = torch.tensor([[True, False, True]])
-    new_p = ema_centroids(mu, q, k, decay=lam, key_padding_mask=kpm)
+    new_p = ema_centroids(mu, q, k, decay=lam, attention_mask=kpm)
     keep = torch.tensor([True, False, True, True, False, True])
     for c in range(2):
         mine = vecs[(nearest == c) & keep]

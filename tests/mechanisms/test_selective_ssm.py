@@ -142,8 +142,8 @@ def test_key_padding_skips_positions() -> None:
     padded = torch.cat([junk, real], dim=1)
     kpm = torch.tensor([[False] * 3 + [True] * 7])
     for impl in ("fast", "reference"):
-        torch.testing.assert_close(m(padded, key_padding_mask=kpm, impl=impl)[:, 3:], m(real, impl=impl), atol=1e-10, rtol=1e-8)
-    a = m.materialize(padded, key_padding_mask=kpm)
+        torch.testing.assert_close(m(padded, attention_mask=kpm, impl=impl)[:, 3:], m(real, impl=impl), atol=1e-10, rtol=1e-8)
+    a = m.materialize(padded, attention_mask=kpm)
     assert a[..., :3].abs().max().item() == 0.0
     torch.testing.assert_close(a[..., 3:, 3:], m.materialize(real))
 
@@ -156,14 +156,14 @@ def test_unified_attention_explains_the_gated_output() -> None:
     kpm[1, 4:6] = False
     spec = attnlab.get("unified-implicit-attention", kind="analysis")
     assert spec.paper.id == "P031"
-    unified = spec.build(module=m, x=x, key_padding_mask=kpm, per_channel=True)
+    unified = spec.build(module=m, x=x, attention_mask=kpm, per_channel=True)
     xs = m.in_proj(x).chunk(2, dim=-1)[0].masked_fill(~kpm[..., None], 0.0)
     p = m.ssm_inputs(x, kpm)
-    alpha = m.materialize_channels(x, key_padding_mask=kpm)
+    alpha = m.materialize_channels(x, attention_mask=kpm)
     bias_path = torch.einsum("bcij,bjc->bic", alpha, torch.sigmoid(p.conv) * m.conv.bias)
     gated = torch.einsum("bcij,bjc->bic", unified, xs) + F.silu(p.z) * (m.D * p.x + bias_path)
-    torch.testing.assert_close(m.out_proj(gated), m(x, key_padding_mask=kpm), atol=1e-10, rtol=1e-8)
-    mean = spec.build(module=m, x=x, key_padding_mask=kpm)
+    torch.testing.assert_close(m.out_proj(gated), m(x, attention_mask=kpm), atol=1e-10, rtol=1e-8)
+    mean = spec.build(module=m, x=x, attention_mask=kpm)
     torch.testing.assert_close(mean, unified.view(2, 2, m.inner // 2, 10, 10).mean(2))
     assert unified.triu(1).abs().max().item() == 0.0
 

@@ -40,7 +40,7 @@ def test_band_is_exact(n, w, bs, causal):
     q, k, v = qkv(n + w, n)
     kpm = torch.rand(2, n, generator=torch.Generator().manual_seed(w)) > 0.2
     want = hand_window(q, k, v, w, causal, kpm)
-    kw = {"window": w, "causal": causal, "block_size": bs, "key_padding_mask": kpm}
+    kw = {"window": w, "causal": causal, "block_size": bs, "attention_mask": kpm}
     got = sliding_window_attention(q, k, v, **kw)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(sliding_window_attention_reference(q, k, v, **kw)[0], want)

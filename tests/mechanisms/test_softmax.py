@@ -117,7 +117,7 @@ def test_padding_still_materialises_and_fully_masked_rows_give_zeros(sdpa_calls:
     q, k, v = qkv(9, 9)
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, :3] = False  # sequence 1: queries 0..2 see no key
-    out = m.attend(q, k, v, key_padding_mask=keep)
+    out = m.attend(q, k, v, attention_mask=keep)
     torch.testing.assert_close(out, plain_causal(q, k, v, keep).float(), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[1, :, :3], torch.zeros_like(out[1, :, :3]))
     assert isinstance(sdpa_calls[0]["attn_mask"], Tensor) and not sdpa_calls[0]["is_causal"]

@@ -76,7 +76,7 @@ def test_token_weights_over_real_tokens(token_norm):
     m = attnlab.build("swiftformer", dim=8, heads=2, token_norm=token_norm).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     kpm = torch.tensor([[True, True, False, True, True, False], [True] * 6])
-    alpha = m.token_weights(x, key_padding_mask=kpm)
+    alpha = m.token_weights(x, attention_mask=kpm)
     assert alpha.shape == (2, 2, 6)
     assert alpha[0, :, ~kpm[0]].abs().max().item() == 0.0
     if token_norm == "softmax":
@@ -94,7 +94,7 @@ def test_padding_equals_the_real_tokens_alone(token_norm, impl):
     kpm = torch.tensor([[True, False, True, True, False, True, True], [True] * 4 + [False] * 3])
     noisy = x.clone()
     noisy[~kpm] = 1e3 * torch.randn(int((~kpm).sum()), 8, dtype=torch.float64)
-    y = m(noisy, key_padding_mask=kpm, impl=impl)
+    y = m(noisy, attention_mask=kpm, impl=impl)
     for b in range(2):
         alone = m(x[b : b + 1, kpm[b]], impl=impl)
         torch.testing.assert_close(y[b : b + 1, kpm[b]], alone)
@@ -113,8 +113,8 @@ def test_fully_padded_element_has_no_global_query():
     q, k, w_a = tiny()
     kpm = torch.zeros(1, 3, dtype=torch.bool)
     for token_norm in ("l2", "softmax"):
-        u = additive_attention(q, k, w_a, key_padding_mask=kpm, token_norm=token_norm)
-        u_ref, alpha = additive_attention_reference(q, k, w_a, key_padding_mask=kpm, token_norm=token_norm)
+        u = additive_attention(q, k, w_a, attention_mask=kpm, token_norm=token_norm)
+        u_ref, alpha = additive_attention_reference(q, k, w_a, attention_mask=kpm, token_norm=token_norm)
         assert u.abs().max().item() == 0.0 and u_ref.abs().max().item() == 0.0 and alpha.abs().max().item() == 0.0
 
 

@@ -45,8 +45,8 @@ def test_lsa_equals_attention_window_by_window(grid: tuple[int, int], window: tu
     kpm = torch.rand(2, math.prod(grid), generator=torch.Generator().manual_seed(4)) > 0.3
     for mask in (None, kpm):
         want = _windows_by_loops(q, k, v, window, mask)
-        torch.testing.assert_close(lsa_attention(q, k, v, window=window, key_padding_mask=mask), want)
-        torch.testing.assert_close(lsa_attention_reference(q, k, v, window=window, key_padding_mask=mask)[0], want)
+        torch.testing.assert_close(lsa_attention(q, k, v, window=window, attention_mask=mask), want)
+        torch.testing.assert_close(lsa_attention_reference(q, k, v, window=window, attention_mask=mask)[0], want)
 
 
 def test_lsa_fast_and_reference_gradients_agree() -> None:
@@ -55,8 +55,8 @@ def test_lsa_fast_and_reference_gradients_agree() -> None:
     kpm = torch.ones(2, 5, 7, dtype=torch.bool)
     kpm[0, 4, 6] = False
     w = torch.randn(2, 2, *grid, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    fast = torch.autograd.grad((lsa_attention(*leaves, window=window, key_padding_mask=kpm) * w).sum(), leaves)
-    ref = torch.autograd.grad((lsa_attention_reference(*leaves, window=window, key_padding_mask=kpm)[0] * w).sum(), leaves)
+    fast = torch.autograd.grad((lsa_attention(*leaves, window=window, attention_mask=kpm) * w).sum(), leaves)
+    ref = torch.autograd.grad((lsa_attention_reference(*leaves, window=window, attention_mask=kpm)[0] * w).sum(), leaves)
     for gf, gr in zip(fast, ref):
         torch.testing.assert_close(gf, gr)
 
@@ -103,15 +103,15 @@ def test_lsa_errors_name_the_values() -> None:
         m.attend(*flat, grid=(3, 5))
     with pytest.raises(ValueError, match="grid_shape"):
         attnlab.build("twins-lsa", dim=8, heads=2, window=5, grid_shape=(4, 4))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        lsa_attention(q, k, v, window=2, key_padding_mask=torch.ones(2, 11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        lsa_attention(q, k, v, window=2, attention_mask=torch.ones(2, 11, dtype=torch.bool))
 
 
 def test_lsa_fully_padded_window_gives_zeros() -> None:
     q, k, v = _qkv((4, 4))
     kpm = torch.ones(2, 4, 4, dtype=torch.bool)
     kpm[:, :2, :2] = False  # the top-left 2×2 window holds only padding
-    out = lsa_attention(q, k, v, window=2, key_padding_mask=kpm)
+    out = lsa_attention(q, k, v, window=2, attention_mask=kpm)
     assert out[:, :, :2, :2].abs().max() == 0.0 and torch.isfinite(out).all()
 
 
@@ -224,10 +224,10 @@ def test_gsa_errors_name_the_values() -> None:
         m(torch.randn(1, 5, 4, 8))
     with pytest.raises(ValueError, match=r"grid: the grid \(5, 4\) is not a multiple of sr_ratio=2"):
         m.key_count((5, 4))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m.materialize(torch.randn(1, 4, 4, 8), key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m(torch.randn(1, 4, 4, 8), key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.materialize(torch.randn(1, 4, 4, 8), attention_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.randn(1, 4, 4, 8), attention_mask=torch.ones(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="sr_ratio"):
         attnlab.build("twins-gsa", dim=8, heads=2, sr_ratio=0)
     with pytest.raises(ValueError, match="q"):

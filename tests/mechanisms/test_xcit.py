@@ -89,7 +89,7 @@ def test_padded_tokens_enter_neither_the_norms_nor_the_covariance():
     for t in (q_pad, k_pad, v_pad):
         t[~kpm[:, None, :, None].expand_as(t)] = 1e3  # huge padded tokens would dominate any norm they entered
     for fn in (xca_attention, lambda *a, **kw: xca_attention_reference(*a, **kw)[0]):
-        out = fn(q_pad, k_pad, v_pad, temperature=1.3, key_padding_mask=kpm)
+        out = fn(q_pad, k_pad, v_pad, temperature=1.3, attention_mask=kpm)
         for b in range(2):
             real = kpm[b]
             alone = xca_attention_reference(q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real], temperature=1.3)[0]
@@ -102,11 +102,11 @@ def test_fully_padded_element_gives_zeros_and_finite_gradients():
     x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
     kpm = torch.ones(2, 6, dtype=torch.bool)
     kpm[1] = False
-    a = m.channel_attention(x, key_padding_mask=kpm)
+    a = m.channel_attention(x, attention_mask=kpm)
     assert a[1].abs().max().item() == 0.0
     torch.testing.assert_close(a[0].sum(-1), torch.ones(2, 4, dtype=torch.float64))
     for impl in ("fast", "reference"):
-        y = m(x, key_padding_mask=kpm, impl=impl)
+        y = m(x, attention_mask=kpm, impl=impl)
         torch.testing.assert_close(y[1], m.out_proj.bias.expand(6, 8))
         (g,) = torch.autograd.grad(y.sum(), x)
         assert torch.isfinite(g).all()
@@ -150,8 +150,8 @@ def test_bad_inputs_name_the_argument():
         xca_attention(q, k[:, :, :4], v[:, :, :4])
     with pytest.raises(ParameterError, match="^temperature:"):
         xca_attention(q, k, v, temperature=torch.ones(3))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        xca_attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        xca_attention(q, k, v, attention_mask=torch.ones(2, 5, dtype=torch.bool))
     m = attnlab.build("xcit", dim=8, heads=2)
     with pytest.raises(ValueError, match="context"):
         m(torch.randn(1, 4, 8), context=torch.randn(1, 4, 8))

@@ -77,7 +77,7 @@ def alibi_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
@@ -85,7 +85,7 @@ def alibi_attention(
     check_qkv(q, k, v)
     bias = alibi_bias(q.shape[1], q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
     return softmax_attention(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=bias, scale=scale
+        q, k, v, causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, bias=bias, scale=scale
     )
 
 
@@ -95,7 +95,7 @@ def alibi_attention_reference(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -103,7 +103,7 @@ def alibi_attention_reference(
     check_qkv(q, k, v)
     bias = alibi_bias(q.shape[1], q.shape[2], k.shape[2], device=q.device, dtype=torch.float64)
     return softmax_attention_reference(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=bias, scale=scale
+        q, k, v, causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, bias=bias, scale=scale
     )
 
 
@@ -141,5 +141,6 @@ class ALiBiAttention(SoftmaxAttention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, score_terms=(ALiBi(heads),))
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first, score_terms=(ALiBi(heads),))

@@ -78,10 +78,10 @@ def coca_scores_reference(q: Tensor, t: Tensor, *, base: float = 10000.0) -> Ten
     return torch.einsum("bhid,bhijd->bhij", q_rot, k_rot)
 
 
-def _mask(q: Tensor, t: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+def _mask(q: Tensor, t: Tensor, causal: bool, attention_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
     return combine_masks(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=t.shape[2], causal=causal,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
+        attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
     )
 
 
@@ -104,7 +104,7 @@ def coca_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     base: float = 10000.0,
     scale: float | None = None,
@@ -116,7 +116,7 @@ def coca_attention(
     _check(q, t, v)
     check_base(base)
     a, b = coca_factors(q, t, base=base)
-    return sdpa(a, b, v, _mask(q, t, False, key_padding_mask, attn_mask), scale=_scale(q, scale), causal=causal)
+    return sdpa(a, b, v, _mask(q, t, False, attention_mask, attn_mask), scale=_scale(q, scale), causal=causal)
 
 
 def coca_attention_reference(
@@ -125,7 +125,7 @@ def coca_attention_reference(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     base: float = 10000.0,
     scale: float | None = None,
@@ -136,7 +136,7 @@ def coca_attention_reference(
     """
     _check(q, t, v)
     check_base(base)
-    return _attend_reference(q, t, v, _mask(q, t, causal, key_padding_mask, attn_mask), base, _scale(q, scale))
+    return _attend_reference(q, t, v, _mask(q, t, causal, attention_mask, attn_mask), base, _scale(q, scale))
 
 
 @register_dense(

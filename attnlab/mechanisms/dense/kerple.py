@@ -115,7 +115,7 @@ def kerple_attention(
     r1: Coefficient,
     r2: Coefficient,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
@@ -127,7 +127,7 @@ def kerple_attention(
     check_qkv(q, k, v)
     bias = kerple_bias(q.shape[1], q.shape[2], k.shape[2], variant=variant, r1=r1, r2=r2, device=q.device, dtype=q.dtype)
     return softmax_attention(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=bias, scale=scale
+        q, k, v, causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, bias=bias, scale=scale
     )
 
 
@@ -140,7 +140,7 @@ def kerple_attention_reference(
     r1: Coefficient,
     r2: Coefficient,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -150,7 +150,7 @@ def kerple_attention_reference(
         q.shape[1], q.shape[2], k.shape[2], variant=variant, r1=r1, r2=r2, device=q.device, dtype=torch.float64
     )
     return softmax_attention_reference(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=bias, scale=scale
+        q, k, v, causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, bias=bias, scale=scale
     )
 
 
@@ -266,11 +266,12 @@ class KerpleAttention(SoftmaxAttention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
         variant: str = "log",
     ) -> None:
         variant = _check_variant(variant)
         term = KerpleLog(heads) if variant == "log" else KerplePower(heads)
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, score_terms=(term,))
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first, score_terms=(term,))
         self.variant = variant
 
     @property

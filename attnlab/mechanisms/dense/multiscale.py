@@ -74,13 +74,13 @@ def with_scales(mask: Tensor | None, bands: Tensor) -> Tensor:
 
 
 def _combined(
-    q: Tensor, k: Tensor, windows: Sequence[int | None], causal: bool, key_padding_mask: Tensor | None,
+    q: Tensor, k: Tensor, windows: Sequence[int | None], causal: bool, attention_mask: Tensor | None,
     attn_mask: Tensor | None,
 ) -> Tensor:
     scales = check_windows(windows, q.shape[1])
     mask = combine_masks(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=causal,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
+        attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
     )
     return with_scales(mask, multiscale_mask(scales, q.shape[2], k.shape[2], q.device))
 
@@ -92,13 +92,13 @@ def multiscale_attention(
     *,
     windows: Sequence[int | None],
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Softmax attention where head h sees keys with |i − j| ≤ windows[h] (−1/None = all); SDPA fast path."""
     check_qkv(q, k, v)
-    return sdpa(q, k, v, _combined(q, k, windows, causal, key_padding_mask, attn_mask), scale=scale)
+    return sdpa(q, k, v, _combined(q, k, windows, causal, attention_mask, attn_mask), scale=scale)
 
 
 def multiscale_attention_reference(
@@ -108,13 +108,13 @@ def multiscale_attention_reference(
     *,
     windows: Sequence[int | None],
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `multiscale_attention`, float64 with the weights materialised."""
     check_qkv(q, k, v)
-    return _reference(q, k, v, mask=_combined(q, k, windows, causal, key_padding_mask, attn_mask), scale=scale)
+    return _reference(q, k, v, mask=_combined(q, k, windows, causal, attention_mask, attn_mask), scale=scale)
 
 
 @register_dense(
@@ -147,9 +147,10 @@ class MultiScaleAttention(SoftmaxAttention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
         windows: Sequence[int | None] | None = None,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
         self.windows = default_windows(heads) if windows is None else check_windows(windows, heads)
 
     def _with_scales(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:

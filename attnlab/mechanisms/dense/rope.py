@@ -111,9 +111,10 @@ class RotaryAttention(Attention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
         base: float = 10000.0,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
         check_rotary_module(self.rotary_scheme, self.head_dim, dim, heads, base)
         self.base = float(base)
 
@@ -124,7 +125,7 @@ def rope_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     base: float = 10000.0,
     scale: float | None = None,
@@ -132,7 +133,7 @@ def rope_attention(
     """softmax(f(q)f(k)ᵀ·scale + mask) v with RoPE f; q, k, v (batch, heads, n, head_dim), head_dim even."""
     qr, kr = _rotate(q, k, base)
     return softmax_attention(
-        qr, kr, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=scale
+        qr, kr, v, causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, scale=scale
     )
 
 
@@ -142,7 +143,7 @@ def rope_attention_reference(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     base: float = 10000.0,
     scale: float | None = None,
@@ -150,7 +151,7 @@ def rope_attention_reference(
     """(out, weights) of `rope_attention`; the rotation and the softmax run in float64."""
     qr, kr = _rotate(q.double(), k.double(), base)
     out, weights = softmax_attention_reference(
-        qr, kr, v.double(), causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=scale
+        qr, kr, v.double(), causal=causal, attention_mask=attention_mask, attn_mask=attn_mask, scale=scale
     )
     return out.to(q.dtype), weights.to(q.dtype)
 

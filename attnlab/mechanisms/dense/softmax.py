@@ -35,11 +35,11 @@ def dense_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 
 def _mask(
-    q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+    q: Tensor, k: Tensor, causal: bool, attention_mask: Tensor | None, attn_mask: Tensor | None
 ) -> Tensor | None:
     return combine_masks(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=causal,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
+        attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
     )
 
 
@@ -80,14 +80,14 @@ def softmax_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     bias: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """softmax(q kᵀ·scale + bias + mask) v over (batch, heads, n, head_dim); scale defaults to 1/√head_dim."""
     check_qkv(q, k, v)
-    return sdpa(q, k, v, _mask(q, k, False, key_padding_mask, attn_mask), bias, scale, causal=causal)
+    return sdpa(q, k, v, _mask(q, k, False, attention_mask, attn_mask), bias, scale, causal=causal)
 
 
 def softmax_attention_reference(
@@ -96,14 +96,14 @@ def softmax_attention_reference(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     bias: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `softmax_attention`, computed in float64 with the weights materialised."""
     check_qkv(q, k, v)
-    return _reference(q, k, v, mask=_mask(q, k, causal, key_padding_mask, attn_mask), bias=bias, scale=scale)
+    return _reference(q, k, v, mask=_mask(q, k, causal, attention_mask, attn_mask), bias=bias, scale=scale)
 
 
 def register_dense(*, name: str, paper: Paper, family: str, summary: str, **entry: Any) -> Callable[[type], type]:
@@ -146,9 +146,10 @@ class SoftmaxAttention(Attention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
         score_terms: Sequence[ScoreTerm] = (),
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
         self.score_terms = nn.ModuleList(score_terms)
 
     @property

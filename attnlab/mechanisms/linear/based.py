@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ...core.errors import ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int, check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_int, check_qkv
 from .engine import (
     LinearAttention,
     LinearState,
@@ -83,7 +83,7 @@ def sliding_window_attention(
     *,
     window: int = WINDOW,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Exact softmax attention over the keys 0 ≤ i − j < window (causal) or |i − j| < window, (batch, heads, n, d).
@@ -95,7 +95,7 @@ def sliding_window_attention(
     check_qkv(q, k, v, same_length=True)
     check_int("window", window)
     b, h, n, d = q.shape
-    check_key_padding_mask(key_padding_mask, b, n)
+    check_attention_mask(attention_mask, b, n)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     c = min(window, n)
     m = -(-n // c)
@@ -106,7 +106,7 @@ def sliding_window_attention(
         x = F.pad(x, (0, 0, before, m * c - n + after))
         return x.unfold(-2, span, c).transpose(-1, -2)
 
-    real = torch.ones(1, n, 1, dtype=q.dtype, device=q.device) if key_padding_mask is None else key_padding_mask[..., None].to(q.dtype)
+    real = torch.ones(1, n, 1, dtype=q.dtype, device=q.device) if attention_mask is None else attention_mask[..., None].to(q.dtype)
     visible = neighbourhoods(real)[..., 0] > 0  # (b or 1, m, span): real keys inside the sequence
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(span, device=q.device)[None, :]
@@ -123,19 +123,19 @@ def sliding_window_attention_reference(
     *,
     window: int = WINDOW,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `sliding_window_attention`: the n × n banded softmax matrix in float64."""
     check_qkv(q, k, v, same_length=True)
     check_int("window", window)
     b, _, n, d = q.shape
-    check_key_padding_mask(key_padding_mask, b, n)
+    check_attention_mask(attention_mask, b, n)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     pos = torch.arange(n, device=q.device)
     keep = _in_window(pos[:, None] - pos[None, :], window, causal)[None, None]
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :]
     weights = masked_softmax((q.double() @ k.double().transpose(-1, -2)) * scale, keep)
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
 
@@ -149,7 +149,7 @@ def based_attention(
     k_feature: Tensor,
     window: int = WINDOW,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """Taylor linear attention on (q_feature, k_feature) + sliding-window softmax on (q, k), both over v.
@@ -159,9 +159,9 @@ def based_attention(
     check_qkv(q_feature, k_feature, v)
     linear = linear_attention(
         taylor_feature_map(q_feature), taylor_feature_map(k_feature), v,
-        causal=causal, key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        causal=causal, attention_mask=attention_mask, chunk_size=chunk_size,
     )
-    return linear + sliding_window_attention(q, k, v, window=window, causal=causal, key_padding_mask=key_padding_mask)
+    return linear + sliding_window_attention(q, k, v, window=window, causal=causal, attention_mask=attention_mask)
 
 
 def based_attention_reference(
@@ -173,16 +173,16 @@ def based_attention_reference(
     k_feature: Tensor,
     window: int = WINDOW,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights): A = A_taylor + A_window built in float64, out = A v; cast back to q's dtype."""
     check_qkv(q_feature, k_feature, v)
     _, taylor = linear_attention_reference(
         taylor_feature_map(q_feature.double()), taylor_feature_map(k_feature.double()), v.double(),
-        causal=causal, key_padding_mask=key_padding_mask,
+        causal=causal, attention_mask=attention_mask,
     )
     _, local = sliding_window_attention_reference(
-        q.double(), k.double(), v.double(), window=window, causal=causal, key_padding_mask=key_padding_mask
+        q.double(), k.double(), v.double(), window=window, causal=causal, attention_mask=attention_mask
     )
     weights = taylor + local
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
@@ -261,20 +261,20 @@ class BasedAttention(LinearAttention):
             )
         return t[..., : self.head_dim], t[..., self.head_dim :]
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
         return LinearTerms(taylor_feature_map(self._split(q, "q")[1]), taylor_feature_map(self._split(k, "k")[1]), v)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention(
             qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal,
-            key_padding_mask=padding_of(mask), chunk_size=self.chunk_size,
+            attention_mask=padding_of(mask), chunk_size=self.chunk_size,
         )
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention_reference(
-            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal, key_padding_mask=padding_of(mask)
+            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal, attention_mask=padding_of(mask)
         )
 
     def step(self, x_t: Tensor, state: BasedState | None = None) -> tuple[Tensor, BasedState]:  # type: ignore[override]

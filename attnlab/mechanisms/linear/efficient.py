@@ -49,48 +49,48 @@ def _check_normalization(normalization: object) -> str:
     return str(normalization)
 
 
-def _key_counts(k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+def _key_counts(k: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
     """Number of real keys, (b, 1, n_q or 1, 1): per prefix when causal, else in total."""
     b, n = k.shape[0], k.shape[2]
-    real = torch.ones(b, n, dtype=k.dtype, device=k.device) if key_padding_mask is None else key_padding_mask.to(k.dtype)
+    real = torch.ones(b, n, dtype=k.dtype, device=k.device) if attention_mask is None else attention_mask.to(k.dtype)
     counts = real.cumsum(-1) if causal else real.sum(-1, keepdim=True)
     return counts.clamp_min(1.0)[:, None, :, None]
 
 
-def _token_softmax(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def _token_softmax(k: Tensor, attention_mask: Tensor | None) -> Tensor:
     """softmax over the real tokens (axis 2) of each channel; a column with no real token gives 0."""
-    if key_padding_mask is not None:
-        k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    if attention_mask is not None:
+        k = k.masked_fill(~attention_mask[:, None, :, None], float("-inf"))
     top = k.amax(dim=2, keepdim=True).detach()
     e = torch.exp(k - torch.where(torch.isfinite(top), top, 0.0))
     total = e.sum(dim=2, keepdim=True)
     return e / torch.where(total > 0, total, 1.0)
 
 
-def _prefix_log_norm(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def _prefix_log_norm(k: Tensor, attention_mask: Tensor | None) -> Tensor:
     """L_i = log Σ_{j<=i, real} exp(k_j) per channel, (b, h, n, d); −inf before the first real key."""
-    if key_padding_mask is not None:
-        k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    if attention_mask is not None:
+        k = k.masked_fill(~attention_mask[:, None, :, None], float("-inf"))
     return torch.logcumsumexp(k, dim=2)
 
 
 def efficient_terms(
-    q: Tensor, k: Tensor, v: Tensor, *, normalization: str, causal: bool, key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, *, normalization: str, causal: bool, attention_mask: Tensor | None
 ) -> LinearTerms:
     """ρ_q(q), ρ_k(k) (and the decay of the causal softmax form) for the engine, normalize=False."""
     if normalization == "scaling":
-        counts = _key_counts(k, key_padding_mask, causal)
+        counts = _key_counts(k, attention_mask, causal)
         return LinearTerms(q / counts, k, v) if causal else LinearTerms(q, k / counts, v)
     rho_q = torch.softmax(q, dim=-1)
     if not causal:
-        return LinearTerms(rho_q, _token_softmax(k, key_padding_mask), v)
-    log_norm = _prefix_log_norm(k, key_padding_mask)
+        return LinearTerms(rho_q, _token_softmax(k, attention_mask), v)
+    log_norm = _prefix_log_norm(k, attention_mask)
     previous = torch.cat([torch.full_like(log_norm[:, :, :1], float("-inf")), log_norm[:, :, :-1]], dim=2)
     real = torch.isfinite(log_norm)  # at or after the first real key
     # where() twice: the unselected branch holds ±inf, and must give neither a value nor a NaN gradient
     rho_k = torch.where(real, torch.exp(torch.where(real, k - log_norm, 0.0)), 0.0)
-    if key_padding_mask is not None:
-        rho_k = rho_k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    if attention_mask is not None:
+        rho_k = rho_k.masked_fill(~attention_mask[:, None, :, None], 0.0)
     carried = real & torch.isfinite(previous)  # the state exists before this key; elsewhere α is irrelevant
     log_decay = torch.where(carried, torch.where(carried, previous - log_norm, 0.0), 0.0).clamp_max(0.0)
     return LinearTerms(rho_q, rho_k, v, log_decay=log_decay)
@@ -103,16 +103,16 @@ def efficient_attention(
     *,
     normalization: str = "softmax",
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """ρ_q(Q)(ρ_k(K)ᵀV) over (batch, heads, n, head_dim); causal forms as in the module docstring."""
     _check_normalization(normalization)
     check_chunk_size(chunk_size)
     check_qkv(q, k, v)
-    t = efficient_terms(q, k, v, normalization=normalization, causal=causal, key_padding_mask=key_padding_mask)
+    t = efficient_terms(q, k, v, normalization=normalization, causal=causal, attention_mask=attention_mask)
     return linear_attention(
-        t.q, t.k, t.v, causal=causal, key_padding_mask=key_padding_mask, log_decay=t.log_decay,
+        t.q, t.k, t.v, causal=causal, attention_mask=attention_mask, log_decay=t.log_decay,
         normalize=False, chunk_size=chunk_size,
     )
 
@@ -124,7 +124,7 @@ def efficient_attention_reference(
     *,
     normalization: str = "softmax",
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) with A (batch, heads, n_q, n_k) built directly in float64: A = ρ_q(Q)ρ_k(K)ᵀ
     (softmax over the visible keys of each query's prefix when causal), or QKᵀ/n (n_i when causal)."""
@@ -135,8 +135,8 @@ def efficient_attention_reference(
     visible = torch.ones(q.shape[0], 1, n_q, n_k, dtype=torch.bool, device=q.device)
     if causal:
         visible = visible & torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        visible = visible & attention_mask[:, None, None, :]
     if normalization == "scaling":
         counts = visible.sum(-1, keepdim=True).clamp_min(1).double()
         weights = (q64 @ k64.transpose(-1, -2)).masked_fill(~visible, 0.0) / counts
@@ -205,12 +205,12 @@ class EfficientAttention(LinearAttention):
         )
         self.normalization = _check_normalization(normalization)
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
-        return efficient_terms(q, k, v, normalization=self.normalization, causal=self.causal, key_padding_mask=key_padding_mask)
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
+        return efficient_terms(q, k, v, normalization=self.normalization, causal=self.causal, attention_mask=attention_mask)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return efficient_attention_reference(
-            q, k, v, normalization=self.normalization, causal=self.causal, key_padding_mask=padding_of(mask)
+            q, k, v, normalization=self.normalization, causal=self.causal, attention_mask=padding_of(mask)
         )
 
     def step(self, x_t: Tensor, state: EfficientState | None = None) -> tuple[Tensor, EfficientState]:  # type: ignore[override]

@@ -45,7 +45,7 @@ of float64 (relative to the largest output) at N = 16,384; bfloat16 triangular s
 Key padding: a padded key contributes nothing and is skipped, not decayed through (its φ(k),
 v, log α and β are zeroed), so the real tokens' outputs equal those of the sequence without it.
 
-Building a mechanism: subclass `LinearAttention` and implement `terms(q, k, v, key_padding_mask)`
+Building a mechanism: subclass `LinearAttention` and implement `terms(q, k, v, attention_mask)`
 returning `LinearTerms` (feature-mapped q, k, values, optional log_decay and beta); the class
 supplies the fast path, the reference, `materialize`, the padding-only mask and `step`.
 """
@@ -63,7 +63,7 @@ from torch.autograd.function import once_differentiable
 from ...core.errors import DTypeError, ShapeError
 from ...core.masks import padding_to_mask
 from ...core.module import Attention
-from ...core.validate import check_finite, check_int, check_key_padding_mask, check_qkv, check_tensor, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_int, check_qkv, check_tensor, check_tokens
 
 PAIRWISE_BLOCK = 1 << 22  # elements of one block of the per-channel pairwise decay tensor
 SUB_BLOCK = 16  # per-channel decay: largest sub-block whose pairs are built elementwise
@@ -146,7 +146,7 @@ def _prepare(
     v: Tensor,
     *,
     causal: bool,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     log_decay: Tensor | None,
     beta: Tensor | None,
     normalize: bool,
@@ -177,9 +177,9 @@ def _prepare(
             raise ValueError("normalize: the delta rule's weights may be negative; expected normalize=False with beta")
     if not (q.shape[2] == n or (log_decay is None and beta is None)):
         raise ShapeError(f"k: a decay or the delta rule needs as many keys as queries, got {q.shape[2]} and {n}")
-    check_key_padding_mask(key_padding_mask, b, n)
-    if key_padding_mask is not None:
-        pad = ~key_padding_mask[:, None, :]  # (b, 1, n)
+    check_attention_mask(attention_mask, b, n)
+    if attention_mask is not None:
+        pad = ~attention_mask[:, None, :]  # (b, 1, n)
         k = k.masked_fill(pad[..., None], 0.0)
         v = v.masked_fill(pad[..., None], 0.0)
         if log_decay is not None:
@@ -410,7 +410,7 @@ def linear_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     log_decay: Tensor | None = None,
     beta: Tensor | None = None,
     normalize: bool = True,
@@ -419,11 +419,11 @@ def linear_attention(
     """The fast path on feature-mapped q = φ(q), k = φ(k): (batch, heads, n_q, d_v).
 
     causal: chunk-parallel with `chunk_size`; bidirectional: one pass, or two scans with a
-    decay or the delta rule (see the module docstring). key_padding_mask (batch, n_k), True = real.
+    decay or the delta rule (see the module docstring). attention_mask (batch, n_k), True = real.
     """
     check_chunk_size(chunk_size)
     k, v, log_decay, beta = _prepare(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+        q, k, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta, normalize=normalize
     )
     if causal:
         return _with_normalizer(lambda vv: _causal(q, k, vv, log_decay, beta, chunk_size), v, normalize)
@@ -480,7 +480,7 @@ def linear_attention_step(
     if q.dim() == 4 and q.shape[2] != 1:
         raise ShapeError(f"q: expected one position (batch, heads, 1, d_k), got shape {tuple(q.shape)}")
     k, v, log_decay, beta = _prepare(
-        q, k, v, causal=True, key_padding_mask=None, log_decay=log_decay, beta=beta, normalize=normalize
+        q, k, v, causal=True, attention_mask=None, log_decay=log_decay, beta=beta, normalize=normalize
     )
     if state is not None:
         want = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
@@ -496,14 +496,14 @@ def linear_attention_recurrent(
     k: Tensor,
     v: Tensor,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     log_decay: Tensor | None = None,
     beta: Tensor | None = None,
     normalize: bool = True,
 ) -> Tensor:
     """The causal form computed one token at a time with a constant-size state."""
     k, v, log_decay, beta = _prepare(
-        q, k, v, causal=True, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+        q, k, v, causal=True, attention_mask=attention_mask, log_decay=log_decay, beta=beta, normalize=normalize
     )
     state, outs = None, []
     for t in range(q.shape[2]):
@@ -550,7 +550,7 @@ def linear_attention_reference(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     log_decay: Tensor | None = None,
     beta: Tensor | None = None,
     normalize: bool = True,
@@ -563,7 +563,7 @@ def linear_attention_reference(
     clamped at `normalizer_floor`. Results are cast back to q's dtype.
     """
     k, v, log_decay, beta = _prepare(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta, normalize=normalize
+        q, k, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta, normalize=normalize
     )
     q64, k64, v64 = q.double(), k.double(), v.double()
     ld64 = None if log_decay is None else log_decay.double()
@@ -619,29 +619,29 @@ class LinearAttention(Attention):
         self.normalize, self.chunk_size = normalize, chunk_size
 
     @abstractmethod
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
         """Feature maps and gates on projected heads (batch, heads, n, head_dim)."""
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         supports = self.spec.supports
         assert supports is not None
-        if key_padding_mask is not None and not supports.key_padding:
-            raise ValueError(f"key_padding_mask: {self.spec.name} does not support a key padding mask")
+        if attention_mask is not None and not supports.key_padding:
+            raise ValueError(f"attention_mask: {self.spec.name} does not support a padding mask (attention_mask or key_padding_mask)")
         if attn_mask is not None:
             raise ValueError(
                 f"attn_mask: {self.spec.name} does not support an arbitrary attention mask "
                 "(it would need the N × N matrix the linear family avoids)"
             )
-        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-        return None if key_padding_mask is None else padding_to_mask(key_padding_mask)
+        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+        return None if attention_mask is None else padding_to_mask(attention_mask)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         keep = padding_of(mask)
         t = self.terms(q, k, v, keep)
         return linear_attention(
-            t.q, t.k, t.v, causal=self.causal, key_padding_mask=keep, log_decay=t.log_decay, beta=t.beta,
+            t.q, t.k, t.v, causal=self.causal, attention_mask=keep, log_decay=t.log_decay, beta=t.beta,
             normalize=self.normalize, chunk_size=self.chunk_size,
         )
 
@@ -649,7 +649,7 @@ class LinearAttention(Attention):
         keep = padding_of(mask)
         t = self.terms(q, k, v, keep)
         return linear_attention_reference(
-            t.q, t.k, t.v, causal=self.causal, key_padding_mask=keep, log_decay=t.log_decay, beta=t.beta,
+            t.q, t.k, t.v, causal=self.causal, attention_mask=keep, log_decay=t.log_decay, beta=t.beta,
             normalize=self.normalize,
         )
 

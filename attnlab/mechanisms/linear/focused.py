@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import ParameterError, ShapeError
+from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tensor, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
 from .engine import (
     LinearAttention,
     LinearState,
@@ -101,12 +102,12 @@ def depthwise_conv(
     *,
     positions: tuple[int, ...] | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """DWC(V): v (batch, heads, N, head_dim) on the grid `positions` (default (N,)); weight (head_dim, 1, k[, k]).
 
     Zero padding, kernel centred (or, causal, over the k − 1 previous tokens and the token itself);
-    padded tokens (key_padding_mask False) contribute nothing.
+    padded tokens (attention_mask False) contribute nothing.
     """
     b, h, n, d = v.shape
     positions = _grid_of(positions or (n,), n)
@@ -116,9 +117,9 @@ def depthwise_conv(
         raise ShapeError(f"weight: expected shape {want} for a {g}-D grid of head_dim {d}, got {tuple(weight.shape)}")
     if causal and g != 1:
         raise ValueError(f"causal: the causal conv runs over sequences (1-D grids), got a {g}-D grid")
-    check_key_padding_mask(key_padding_mask, b, n)
-    if key_padding_mask is not None:
-        v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    check_attention_mask(attention_mask, b, n)
+    if attention_mask is not None:
+        v = v.masked_fill(~attention_mask[:, None, :, None], 0.0)
     x = v.permute(0, 1, 3, 2).reshape(b * h, d, *positions)
     if g == 1:
         x = F.pad(x, (k - 1, 0) if causal else (k // 2, k // 2))
@@ -164,7 +165,7 @@ def focused_linear_attention(
     dwc_bias: Tensor | None = None,
     positions: tuple[int, ...] | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """Focused linear attention + DWC(V) over (batch, heads, N, head_dim); no DWC when dwc_weight is None.
@@ -174,11 +175,11 @@ def focused_linear_attention(
     check_qkv(q, k, v)
     out = linear_attention(
         focusing_map(q, scale, power=power), focusing_map(k, scale, power=power), v,
-        causal=causal, key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        causal=causal, attention_mask=attention_mask, chunk_size=chunk_size,
     )
     if dwc_weight is None:
         return out
-    return out + depthwise_conv(v, dwc_weight, dwc_bias, positions=positions, causal=causal, key_padding_mask=key_padding_mask)
+    return out + depthwise_conv(v, dwc_weight, dwc_bias, positions=positions, causal=causal, attention_mask=attention_mask)
 
 
 def focused_linear_attention_reference(
@@ -192,7 +193,7 @@ def focused_linear_attention_reference(
     dwc_bias: Tensor | None = None,
     positions: tuple[int, ...] | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) in float64 arithmetic: weights = the attention matrix A (rows sum to 1), out = A v + D v + bias
     with the DWC's banded matrices D (`depthwise_conv_matrix`). Cast back to q's dtype."""
@@ -201,11 +202,11 @@ def focused_linear_attention_reference(
     s64 = scale.double()
     out, weights = linear_attention_reference(
         focusing_map(q64, s64, power=power), focusing_map(k64, s64, power=power), v64,
-        causal=causal, key_padding_mask=key_padding_mask,
+        causal=causal, attention_mask=attention_mask,
     )
     if dwc_weight is not None:
         positions = _grid_of(positions or (v.shape[2],), v.shape[2])
-        out = out + _conv_reference(v64, dwc_weight, dwc_bias, positions, causal, key_padding_mask)
+        out = out + _conv_reference(v64, dwc_weight, dwc_bias, positions, causal, attention_mask)
     return out.to(q.dtype), weights.to(q.dtype)
 
 
@@ -270,36 +271,39 @@ class FocusedLinearAttention(LinearAttention):
         """s = softplus(θ) > 0, (heads, head_dim)."""
         return F.softplus(self.scale)
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
         s = self.feature_scale()
         return LinearTerms(focusing_map(q, s, power=self.power), focusing_map(k, s, power=self.power), v)
 
-    def _tokens(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
-        """Check x (batch, *grid, dim); flatten the grid and a (batch, H, W) padding mask."""
+    def _tokens(
+        self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+        """Check x (batch, *grid, dim); flatten the grid; the keep-mask (batch, N) of the padding arguments, which
+        may also come on the grid (batch, H, W)."""
         check_tokens("x", x, self.dim, grid_rank=self.grid)
         check_finite("x", x)
         if context is not None:
             raise ValueError("context: focused-linear does not support cross-attention (the DWC runs on the query grid)")
         positions = tuple(x.shape[1:-1])
-        if isinstance(key_padding_mask, Tensor) and self.grid > 1 and tuple(key_padding_mask.shape) == (x.shape[0], *positions):
-            key_padding_mask = key_padding_mask.reshape(x.shape[0], -1)
-        return x.reshape(x.shape[0], -1, self.dim), positions, key_padding_mask
+        keep = module_keep_mask(attention_mask, key_padding_mask, x.shape[0], math.prod(positions), positions)
+        return x.reshape(x.shape[0], -1, self.dim), positions, keep
 
     def forward(
         self,
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Literal["fast", "reference"] = "fast",
     ) -> Tensor:
         """x (batch, n, dim) or (batch, H, W, dim) -> the same shape: out_proj(attention + DWC(V))."""
-        flat, positions, kpm = self._tokens(x, context, key_padding_mask)
+        flat, positions, kpm = self._tokens(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(flat)
-        out = self.attend(q, k, v, key_padding_mask=kpm, attn_mask=attn_mask, impl=impl)
+        out = self.attend(q, k, v, attention_mask=kpm, attn_mask=attn_mask, impl=impl)
         if impl == "fast":
-            out = out + depthwise_conv(v, self.dwc.weight, self.dwc.bias, positions=positions, causal=self.causal, key_padding_mask=kpm)
+            out = out + depthwise_conv(v, self.dwc.weight, self.dwc.bias, positions=positions, causal=self.causal, attention_mask=kpm)
         else:
             out = out + _conv_reference(v, self.dwc.weight, self.dwc.bias, positions, self.causal, kpm).to(out.dtype)
         return self.out_proj(self.merge_heads(out)).reshape(x.shape)
@@ -309,11 +313,12 @@ class FocusedLinearAttention(LinearAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The linear attention matrix A (batch, heads, N, N), rows summing to 1; the DWC part is `dwc_matrix`."""
-        flat, _, kpm = self._tokens(x, context, key_padding_mask)
+        flat, _, kpm = self._tokens(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(flat)
         check_qkv(q, k, v)
         return self.attend_reference(q, k, v, self.combined_mask(q, k, kpm, attn_mask))[1]

@@ -35,7 +35,7 @@ from ...core.errors import ShapeError
 from ...core.masks import combine_masks
 from ...core.module import Attention
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv
 from .engine import (
     LinearAttention,
     LinearState,
@@ -64,11 +64,11 @@ class HeadLayerNorm(nn.Module):
         return y * self.weight[:, None, :] + self.bias[:, None, :]
 
 
-def _inverse_counts(q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+def _inverse_counts(q: Tensor, k: Tensor, causal: bool, attention_mask: Tensor | None) -> Tensor:
     """1 / n_i broadcastable to (batch, 1, n_q, 1): n_i = the real keys query i sees (at least 1)."""
     n_q, n_k = q.shape[2], k.shape[2]
-    check_key_padding_mask(key_padding_mask, q.shape[0], n_k)
-    real = torch.ones(1, n_k, dtype=q.dtype, device=q.device) if key_padding_mask is None else key_padding_mask.to(q.dtype)
+    check_attention_mask(attention_mask, q.shape[0], n_k)
+    real = torch.ones(1, n_k, dtype=q.dtype, device=q.device) if attention_mask is None else attention_mask.to(q.dtype)
     if causal:
         if n_q != n_k:
             raise ShapeError(
@@ -87,25 +87,25 @@ def galerkin_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """z = q (k̃ᵀ ṽ) / n on layer-normalised k̃, ṽ (batch, heads, n, head_dim): O(n d²) through the engine."""
     check_qkv(q, k, v)
-    scaled = q * _inverse_counts(q, k, causal, key_padding_mask)
+    scaled = q * _inverse_counts(q, k, causal, attention_mask)
     return linear_attention(
-        scaled, k, v, causal=causal, key_padding_mask=key_padding_mask, normalize=False, chunk_size=chunk_size
+        scaled, k, v, causal=causal, attention_mask=attention_mask, normalize=False, chunk_size=chunk_size
     )
 
 
 def galerkin_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out, weights): A_ij = q_i·k̃_j / n_i over visible real keys, built in float64; out = A ṽ."""
     check_qkv(q, k, v)
-    q64 = q.double() * _inverse_counts(q.double(), k, causal, key_padding_mask)
+    q64 = q.double() * _inverse_counts(q.double(), k, causal, attention_mask)
     out, weights = linear_attention_reference(
-        q64, k.double(), v.double(), causal=causal, key_padding_mask=key_padding_mask, normalize=False
+        q64, k.double(), v.double(), causal=causal, attention_mask=attention_mask, normalize=False
     )
     return out.to(q.dtype), weights.to(q.dtype)
 
@@ -119,27 +119,27 @@ def _fourier_weights(q: Tensor, k: Tensor, keep: Tensor | None) -> Tensor:
     return scores.masked_fill(~keep, 0.0) / counts
 
 
-def _fourier_mask(q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor | None:
+def _fourier_mask(q: Tensor, k: Tensor, causal: bool, attention_mask: Tensor | None) -> Tensor | None:
     return combine_masks(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=causal,
-        key_padding_mask=key_padding_mask, dtype=q.dtype, device=q.device,
+        attention_mask=attention_mask, dtype=q.dtype, device=q.device,
     )
 
 
 def fourier_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attention_mask: Tensor | None = None
 ) -> Tensor:
     """z = (q̃ k̃ᵀ) v / n on layer-normalised q̃, k̃ (batch, heads, n, head_dim); causal is bottom-right aligned."""
     check_qkv(q, k, v)
-    return _fourier_weights(q, k, _fourier_mask(q, k, causal, key_padding_mask)) @ v
+    return _fourier_weights(q, k, _fourier_mask(q, k, causal, attention_mask)) @ v
 
 
 def fourier_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `fourier_attention` in float64, cast back to q's dtype."""
     check_qkv(q, k, v)
-    weights = _fourier_weights(q.double(), k.double(), _fourier_mask(q, k, causal, key_padding_mask))
+    weights = _fourier_weights(q.double(), k.double(), _fourier_mask(q, k, causal, attention_mask))
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
 
 
@@ -186,8 +186,8 @@ class GalerkinAttention(LinearAttention):
         q, k, v = super().project(x, context)
         return q, self.k_norm(k), self.v_norm(v)
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
-        return LinearTerms(q * _inverse_counts(q, k, self.causal, key_padding_mask), k, v)
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
+        return LinearTerms(q * _inverse_counts(q, k, self.causal, attention_mask), k, v)
 
     def step(self, x_t: Tensor, state: GalerkinState | None = None) -> tuple[Tensor, GalerkinState]:  # type: ignore[override]
         """Decode one token: (y_t (batch, 1, dim), state), equal to the causal forward."""

@@ -58,11 +58,11 @@ LLA = Paper(
 
 
 def _mask(
-    q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+    q: Tensor, k: Tensor, causal: bool, attention_mask: Tensor | None, attn_mask: Tensor | None
 ) -> Tensor | None:
     return combine_masks(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=causal,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
+        attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
     )
 
 
@@ -115,13 +115,13 @@ def local_linear_attention(
     *,
     ridge: float = 1.0,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """LLA over (batch, heads, n, head_dim): the intercept of the p-weighted ridge local linear fit at each query."""
     check_qkv(q, k, v)
-    return local_linear_weights(q, k, _mask(q, k, causal, key_padding_mask, attn_mask), ridge=ridge, scale=scale) @ v
+    return local_linear_weights(q, k, _mask(q, k, causal, attention_mask, attn_mask), ridge=ridge, scale=scale) @ v
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ridge: float, scale: float | None) -> tuple[Tensor, Tensor]:
@@ -154,14 +154,14 @@ def local_linear_attention_reference(
     *,
     ridge: float = 1.0,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `local_linear_attention`: each query's weighted least squares solved explicitly in
     float64; weights = the intercept row of the hat matrix, e₀ᵀ (XᵀWX + Λ)⁻¹ XᵀW."""
     check_qkv(q, k, v)
-    return _reference(q, k, v, _mask(q, k, causal, key_padding_mask, attn_mask), ridge, scale)
+    return _reference(q, k, v, _mask(q, k, causal, attention_mask, attn_mask), ridge, scale)
 
 
 @register(

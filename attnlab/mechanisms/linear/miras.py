@@ -122,7 +122,7 @@ def memory_attention(
     beta: Tensor | None = None,
     normalize: bool = True,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """The memory read y = M φ(q) over (batch, heads, n, head_dim), given the gates.
@@ -137,7 +137,7 @@ def memory_attention(
     check_qkv(q, k, v)
     fq, fk = feature_map_qk(q, k, feature_map, bias)
     return linear_attention(
-        fq, fk, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta,
+        fq, fk, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta,
         normalize=normalize, chunk_size=chunk_size,
     )
 
@@ -153,7 +153,7 @@ def memory_attention_reference(
     beta: Tensor | None = None,
     normalize: bool = True,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `memory_attention`, the implicit matrix built naively in float64."""
     retention = "none" if log_decay is None else ("scalar" if log_decay.dim() == 3 else "channel")
@@ -161,7 +161,7 @@ def memory_attention_reference(
     check_qkv(q, k, v)
     fq, fk = feature_map_qk(q, k, feature_map, bias)
     return linear_attention_reference(
-        fq, fk, v, causal=causal, key_padding_mask=key_padding_mask, log_decay=log_decay, beta=beta,
+        fq, fk, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta,
         normalize=normalize,
     )
 
@@ -271,7 +271,7 @@ class MemoryAttention(LinearAttention):
             beta = torch.sigmoid((k * self.beta_weight[:, None, :]).sum(-1) + self.beta_bias[:, None])
         return log_decay, beta
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> LinearTerms:
+    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
         log_decay, beta = self.gates(k)
         fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
         return LinearTerms(fq, fk, v, log_decay=log_decay, beta=beta)

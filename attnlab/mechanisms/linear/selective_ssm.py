@@ -53,8 +53,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ...core.errors import ParameterError, ShapeError
+from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Spec, Supports, add, register
-from ...core.validate import check_finite, check_key_padding_mask, check_rank, check_tensor, check_tokens
+from ...core.validate import check_finite, check_rank, check_tensor, check_tokens
 
 HIDDEN_ATTENTION = Paper("P065", "The Hidden Attention of Mamba Models", 2024, "2403.01590")
 UNIFIED_ATTENTION = Paper(
@@ -353,27 +354,31 @@ class SelectiveSSM(nn.Module):
         """A = −exp(A_log), (d_inner, d_state)."""
         return -torch.exp(self.A_log)
 
-    def _check(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> None:
+    def _check(
+        self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None, attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor | None:
+        """Check a call's arguments; the keep-mask (batch, n) of its padding arguments."""
         check_tokens("x", x, self.dim)
         check_finite("x", x)
         if context is not None:
             raise ValueError(f"context: {self.spec.name} does not support cross-attention (it mixes its own sequence)")
         if attn_mask is not None:
             raise ValueError(f"attn_mask: {self.spec.name} does not support an arbitrary attention mask (it is a scan)")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        return module_keep_mask(attention_mask, key_padding_mask, x.shape[0], x.shape[1])
 
-    def ssm_inputs(self, x: Tensor, key_padding_mask: Tensor | None = None) -> SSMInputs:
+    def ssm_inputs(self, x: Tensor, attention_mask: Tensor | None = None) -> SSMInputs:
         """The conv output (before and after SiLU), gate, Δ, B and C the block computes from x (batch, n, dim)."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        if key_padding_mask is not None:
-            xs = xs.masked_fill(~key_padding_mask[..., None], 0.0)
+        if attention_mask is not None:
+            xs = xs.masked_fill(~attention_mask[..., None], 0.0)
         conv = F.conv1d(F.pad(xs.transpose(1, 2), (self.d_conv - 1, 0)), self.conv.weight, self.conv.bias, groups=self.inner)
         conv = conv.transpose(1, 2)
         xt = F.silu(conv)
         dt, B, C = self.x_proj(xt).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))
-        if key_padding_mask is not None:
-            delta = delta.masked_fill(~key_padding_mask[..., None], 0.0)
+        if attention_mask is not None:
+            delta = delta.masked_fill(~attention_mask[..., None], 0.0)
         return SSMInputs(conv, xt, z, delta, B, C)
 
     def forward(
@@ -381,13 +386,14 @@ class SelectiveSSM(nn.Module):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Literal["fast", "reference"] = "fast",
     ) -> Tensor:
         """x (batch, n, dim) -> (batch, n, dim); impl "fast" (chunked scan) or "reference" (float64 loop)."""
-        self._check(x, context, key_padding_mask, attn_mask)
-        p = self.ssm_inputs(x, key_padding_mask)
+        keep = self._check(x, context, attention_mask, attn_mask, key_padding_mask)
+        p = self.ssm_inputs(x, keep)
         if impl == "fast":
             y = selective_scan(p.x, p.delta, self.A, p.B, p.C, self.D, chunk_size=self.chunk_size)
         elif impl == "reference":
@@ -402,31 +408,32 @@ class SelectiveSSM(nn.Module):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The hidden attention (batch, heads, n, n): α^c averaged over the channels of each head (module docstring)."""
-        self._check(x, context, key_padding_mask, attn_mask)
-        p = self.ssm_inputs(x, key_padding_mask)
+        keep = self._check(x, context, attention_mask, attn_mask, key_padding_mask)
+        p = self.ssm_inputs(x, keep)
         return hidden_attention(p.delta, self.A, p.B, p.C, heads=self.heads).to(x.dtype)
 
     def attention_path(
-        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, key_padding_mask: Tensor | None = None
+        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """out_proj((weights_h x̃^c) ⊙ SiLU(z^c)): each head's matrix (batch, heads, n, n) applied to every
         channel c of the head, gated — the output as if α^c = weights_h for all c, less the D skip."""
-        self._check(x, context, key_padding_mask, None)
+        keep = self._check(x, context, attention_mask, None)
         with torch.no_grad():
-            p = self.ssm_inputs(x, key_padding_mask)
+            p = self.ssm_inputs(x, keep)
         b, n, _ = p.x.shape
         xt = p.x.to(weights.dtype).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         y = (weights @ xt).transpose(1, 2).reshape(b, weights.shape[2], self.inner)
         return self.out_proj(y * F.silu(p.z.to(weights.dtype)))
 
-    def materialize_channels(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+    def materialize_channels(self, x: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """α^c for every channel, (batch, d_inner, n, n): y^c = α^c x̃^c + D^c x̃^c before the gate."""
-        self._check(x, None, key_padding_mask, None)
-        p = self.ssm_inputs(x, key_padding_mask)
+        keep = self._check(x, None, attention_mask, None)
+        p = self.ssm_inputs(x, keep)
         return hidden_attention(p.delta, self.A, p.B, p.C).to(x.dtype)
 
     def conv_matrix(self, n: int) -> Tensor:
@@ -438,7 +445,7 @@ class SelectiveSSM(nn.Module):
         return taps * inside
 
     def unified_attention(
-        self, x: Tensor, *, key_padding_mask: Tensor | None = None, per_channel: bool = False
+        self, x: Tensor, *, attention_mask: Tensor | None = None, per_channel: bool = False
     ) -> Tensor:
         """P031's unified implicit attention α̃^c = diag(SiLU(z^c)) α^c diag(σ(conv^c)) M^c, in float64.
 
@@ -447,14 +454,14 @@ class SelectiveSSM(nn.Module):
         leaves out, as the paper does, the D skip and the conv bias. Returns (batch, heads, n, n),
         the mean over each head's channels, or (batch, d_inner, n, n) with per_channel=True.
         """
-        self._check(x, None, key_padding_mask, None)
-        p = self.ssm_inputs(x, key_padding_mask)
+        keep = self._check(x, None, attention_mask, None)
+        p = self.ssm_inputs(x, keep)
         alpha = hidden_attention(p.delta, self.A, p.B, p.C)  # (b, d, n, n)
         gate = F.silu(p.z.double()).transpose(1, 2)[..., None]  # (b, d, n, 1)
         act = torch.sigmoid(p.conv.double()).transpose(1, 2)[:, :, None, :]  # (b, d, 1, n)
         conv = self.conv_matrix(x.shape[1]).to(device=x.device, dtype=torch.float64)
-        if key_padding_mask is not None:
-            conv = conv * key_padding_mask[:, None, None, :]
+        if keep is not None:
+            conv = conv * keep[:, None, None, :]
         unified = (gate * alpha * act) @ conv
         if not per_channel:
             unified = unified.view(x.shape[0], self.heads, self.head_dim, *unified.shape[-2:]).mean(2)
@@ -492,7 +499,7 @@ class SelectiveSSM(nn.Module):
 
 
 def unified_implicit_attention(
-    module: nn.Module, x: Tensor, key_padding_mask: Tensor | None = None, per_channel: bool = False
+    module: nn.Module, x: Tensor, attention_mask: Tensor | None = None, per_channel: bool = False
 ) -> Tensor:
     """P031's unified implicit attention of a layer that offers it (`unified_attention`), e.g. "mamba"."""
     if not hasattr(module, "unified_attention"):
@@ -500,7 +507,7 @@ def unified_implicit_attention(
             f"module: expected a layer with a unified implicit attention (e.g. attnlab.build('mamba', ...)), "
             f"got {type(module).__name__}"
         )
-    return module.unified_attention(x, key_padding_mask=key_padding_mask, per_channel=per_channel)
+    return module.unified_attention(x, attention_mask=attention_mask, per_channel=per_channel)
 
 
 add(
@@ -514,7 +521,7 @@ add(
         params=(
             Param("module", nn.Module, doc="the layer, e.g. attnlab.build('mamba', dim=...)"),
             Param("x", Tensor, doc="tokens (batch, n, dim)"),
-            Param("key_padding_mask", Tensor, None, "bool (batch, n), True = real token", optional=True),
+            Param("attention_mask", Tensor, None, "bool (batch, n), True = real token", optional=True),
             Param("per_channel", bool, False, "every channel's matrix instead of the mean per head"),
         ),
     )

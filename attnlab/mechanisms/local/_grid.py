@@ -21,7 +21,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.module import Attention, Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Param
-from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tensor, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
 
 
 def _either(ranks: Sequence[int]) -> str:
@@ -58,20 +58,20 @@ def check_grid_qkv(q: Tensor, k: Tensor, v: Tensor, ranks: Sequence[int] = (2,))
     return tuple(q.shape[2:-1])
 
 
-def grid_padding(key_padding_mask: Tensor | None, batch: int, grid: Sequence[int]) -> Tensor | None:
-    """key_padding_mask as bool (batch, N) in raster order, from (batch, N) or (batch, *grid), checked."""
-    if key_padding_mask is None:
+def grid_padding(attention_mask: Tensor | None, batch: int, grid: Sequence[int]) -> Tensor | None:
+    """attention_mask as bool (batch, N) in raster order, from (batch, N) or (batch, *grid), checked."""
+    if attention_mask is None:
         return None
-    check_tensor("key_padding_mask", key_padding_mask)
+    check_tensor("attention_mask", attention_mask)
     n = math.prod(grid)
-    if tuple(key_padding_mask.shape) == (batch, *grid):
-        key_padding_mask = key_padding_mask.reshape(batch, n)
-    check_key_padding_mask(key_padding_mask, batch, n)
-    return key_padding_mask
+    if tuple(attention_mask.shape) == (batch, *grid):
+        attention_mask = attention_mask.reshape(batch, n)
+    check_attention_mask(attention_mask, batch, n)
+    return attention_mask
 
 
 def masked_grid_reference(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, key_padding_mask: Tensor | None, scale: float | None
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attention_mask: Tensor | None, scale: float | None
 ) -> tuple[Tensor, Tensor]:
     """(out, weights (batch, heads, N, N)) in float64, cast back to q's dtype: softmax(q kᵀ·scale) of
     q, k, v (batch, heads, *grid, head_dim) over all N × N pairs in raster order where `keep`, bool
@@ -81,18 +81,21 @@ def masked_grid_reference(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q64, k64, v64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k, v))
     keep = keep.reshape(1, -1, n, n)
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :]
     weights = masked_softmax(torch.einsum("bhid,bhjd->bhij", q64, k64) * scale, keep)
     out = (weights @ v64).reshape(b, h, *grid, v.shape[-1])
     return out.to(q.dtype), weights.to(q.dtype)
 
 
-def refuse_masks(name: str, key_padding_mask: Tensor | None, attn_mask: Tensor | None, why: str) -> None:
+def refuse_masks(
+    name: str, attention_mask: Tensor | None, attn_mask: Tensor | None, why: str, key_padding_mask: Tensor | None = None
+) -> None:
     """ValueError naming the mask given to a mechanism `name` that takes none (`why`: the reason)."""
-    if key_padding_mask is not None or attn_mask is not None:
-        which = "key_padding_mask" if key_padding_mask is not None else "attn_mask"
-        raise ValueError(f"{which}: {name} takes no mask ({why})")
+    given = {"attention_mask": attention_mask, "key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
+    which = [k for k, m in given.items() if m is not None]
+    if which:
+        raise ValueError(f"{which[0]}: {name} takes no mask ({why})")
 
 
 class GridAttention(Attention):
@@ -182,16 +185,16 @@ class GridAttention(Attention):
         k: Tensor,
         v: Tensor,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
         grid: Sequence[int] | None = None,
     ) -> Tensor:
         """The attention core on projected heads: (batch, heads, *grid, head_dim), or flat with `grid`."""
         if attn_mask is not None:
-            raise ValueError(f"attn_mask: {self.spec.name} takes no attention mask (only key_padding_mask)")
+            raise ValueError(f"attn_mask: {self.spec.name} takes no attention mask (only attention_mask)")
         qg, kg, vg = self._grid_view(q, k, v, grid)
-        kpm = grid_padding(key_padding_mask, qg.shape[0], qg.shape[2:-1])
+        kpm = grid_padding(attention_mask, qg.shape[0], qg.shape[2:-1])
         return self._run(qg, kg, vg, kpm, impl).reshape(*q.shape[:-1], v.shape[-1])
 
     def _heads(
@@ -201,7 +204,7 @@ class GridAttention(Attention):
         if context is not None:
             raise ValueError(f"context: {self.spec.name} does not support cross-attention")
         if attn_mask is not None:
-            raise ValueError(f"attn_mask: {self.spec.name} takes no attention mask (only key_padding_mask)")
+            raise ValueError(f"attn_mask: {self.spec.name} takes no attention mask (only attention_mask)")
         check_tensor("x", x)
         ranks = self.grid_ranks
         rank = x.dim() - 2 if x.dim() - 2 in ranks else min(max(x.dim() - 2, min(ranks)), max(ranks))
@@ -218,13 +221,16 @@ class GridAttention(Attention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
-        """x (batch, *grid, dim) -> the same shape."""
+        """x (batch, *grid, dim) -> the same shape; padding as attention_mask (True = attend) or key_padding_mask
+        (True = padding), each (batch, N)."""
         q, k, v = self._heads(x, context, attn_mask)
-        out = self.attend(q, k, v, key_padding_mask=key_padding_mask, impl=impl)
+        keep = self.keep_mask(x, None, attention_mask, key_padding_mask)
+        out = self.attend(q, k, v, attention_mask=keep, impl=impl)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def materialize(
@@ -232,12 +238,14 @@ class GridAttention(Attention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The attention matrix (batch, heads, N, N), positions in raster order."""
         q, k, v = self._heads(x, context, attn_mask)
-        return self.attend_reference(q, k, v, grid_padding(key_padding_mask, x.shape[0], x.shape[1:-1]))[1]
+        keep = self.keep_mask(x, None, attention_mask, key_padding_mask)
+        return self.attend_reference(q, k, v, grid_padding(keep, x.shape[0], x.shape[1:-1]))[1]
 
 
 class SummaryKeyAttention(Attention):
@@ -264,7 +272,7 @@ class SummaryKeyAttention(Attention):
         """(k, v), each (batch, heads, m, head_dim): the keys and values the core attends to."""
 
     def attention_path(
-        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, key_padding_mask: Tensor | None = None
+        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """out_proj's matrix applied to merge_heads(weights · v), v the values of `key_values(x)`: (batch, N, dim)."""
         with torch.no_grad():

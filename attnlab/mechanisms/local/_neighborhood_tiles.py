@@ -432,18 +432,18 @@ def tiled_attention(
     *,
     scale: float,
     rpb: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Neighborhood attention of q, k, v (B, H, n, d) (positions flattened in raster order) on plan `p`.
 
-    rpb: (H, 2k_1 − 1, …) relative position bias; key_padding_mask: bool (B, n), True = real.
+    rpb: (H, 2k_1 − 1, …) relative position bias; attention_mask: bool (B, n), True = real.
     """
     b, h, n, d = q.shape
     key_bias = valid = None
-    if key_padding_mask is not None:
+    if attention_mask is not None:
         key_bias = torch.zeros(b, n, dtype=q.dtype, device=q.device)
-        key_bias.masked_fill_(~key_padding_mask, torch.finfo(q.dtype).min / 2)
-        real = key_padding_mask[:, p.k_index].view(b, p.tiles, 1, p.hk)
+        key_bias.masked_fill_(~attention_mask, torch.finfo(q.dtype).min / 2)
+        real = attention_mask[:, p.k_index].view(b, p.tiles, 1, p.hk)
         valid = (p.keep & real).any(dim=-1).to(q.dtype)
     table = None if rpb is None else rpb.reshape(h, -1)
     return TiledAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, key_bias, valid, p, scale)

@@ -370,7 +370,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         k: Tensor,
         v: Tensor,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
         grid: Sequence[int] | None = None,
@@ -378,7 +378,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         """Raw query heads (batch, heads, H, W, head_dim), or flat (batch, heads, N, head_dim) with `grid`;
         k, v: flat (batch, heads, N + p², head_dim), the N tokens' heads then the p² pooled features'
         (as `key_values(x)` gives them), or the tokens' alone in q's layout (pooled here by p×p averages)."""
-        refuse_masks("aggregated attention", key_padding_mask, attn_mask, WHY_NO_MASK)
+        refuse_masks("aggregated attention", attention_mask, attn_mask, WHY_NO_MASK)
         pooled = None
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t)
@@ -410,9 +410,10 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         _, k, v, (kp, vp) = self._all_heads(x, None, None, None)
         return torch.cat([k.flatten(2, 3), kp.flatten(2, 3)], 2), torch.cat([v.flatten(2, 3), vp.flatten(2, 3)], 2)
 
-    def _all_heads(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None,
-                   attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        refuse_masks("aggregated attention", key_padding_mask, None, WHY_NO_MASK)
+    def _all_heads(self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None,
+                   attn_mask: Tensor | None, key_padding_mask: Tensor | None = None,
+                   ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        refuse_masks("aggregated attention", attention_mask, None, WHY_NO_MASK, key_padding_mask)
         q, k, v = self._heads(x, context, attn_mask)
         check_geometry(tuple(x.shape[1:3]), self.kernel_size, self.pool_size)
         xp = self.pooled_features(x)
@@ -424,12 +425,13 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
         """x (batch, H, W, dim) -> the same shape."""
-        q, k, v, pooled = self._all_heads(x, context, key_padding_mask, attn_mask)
+        q, k, v, pooled = self._all_heads(x, context, attention_mask, attn_mask, key_padding_mask)
         out = self._run(q, k, v, None, impl, pooled)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
@@ -438,11 +440,12 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """(batch, heads, N, N + p²): the weights over [the N tokens (window weights + learnable-token
         affinities) ; the p² pooled summaries], raster order, so that out = W v_keys with the values of
         `key_values(x)`."""
-        q, k, v, pooled = self._all_heads(x, context, key_padding_mask, attn_mask)
+        q, k, v, pooled = self._all_heads(x, context, attention_mask, attn_mask, key_padding_mask)
         return self.attend_reference(q, k, v, None, pooled)[1]

@@ -67,11 +67,11 @@ def head_axes(heads: int, rank: int, axis: int | None) -> tuple[int, ...]:
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, axis: int | None, key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, axis: int | None, attention_mask: Tensor | None
 ) -> tuple[tuple[int, ...], tuple[int, ...], Tensor | None]:
-    """(grid, axis of each head, key_padding_mask (batch, N) or None) after checking everything."""
+    """(grid, axis of each head, attention_mask (batch, N) or None) after checking everything."""
     grid = check_grid_qkv(q, k, v, (2, 3))
-    return grid, head_axes(q.shape[1], len(grid), axis), grid_padding(key_padding_mask, q.shape[0], grid)
+    return grid, head_axes(q.shape[1], len(grid), axis), grid_padding(attention_mask, q.shape[0], grid)
 
 
 # -- the fast path -----------------------------------------------------------------------------
@@ -100,17 +100,17 @@ def axial_attention(
     *,
     axis: int | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Axial attention of q, k, v (batch, heads, *grid, head_dim), a grid of 2 or 3 axes.
 
     Each head attends along one axis (`axis`, or head h along axis h mod r when None), its
-    keys the tokens of its line; causal keeps c'_a <= c_a. key_padding_mask: bool (batch, N)
+    keys the tokens of its line; causal keeps c'_a <= c_a. attention_mask: bool (batch, N)
     in raster order or (batch, *grid), True = real token. scale defaults to 1/√head_dim.
     Returns (batch, heads, *grid, head_dim of v); a query whose line is all padding gives 0.
     """
-    grid, _, kpm = _check(q, k, v, axis, key_padding_mask)
+    grid, _, kpm = _check(q, k, v, axis, attention_mask)
     if axis is not None:
         return _along(q, k, v, axis, causal, kpm, scale)
     rank, heads = len(grid), q.shape[1]
@@ -148,12 +148,12 @@ def axial_attention_reference(
     *,
     axis: int | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `axial_attention` in float64: softmax(q kᵀ·scale) over all N × N pairs under
     the axial mask of `axial_mask` and the padding; weights (batch, heads, N, N) in raster order."""
-    grid, axes, kpm = _check(q, k, v, axis, key_padding_mask)
+    grid, axes, kpm = _check(q, k, v, axis, attention_mask)
     return masked_grid_reference(q, k, v, axial_mask(grid, axes, causal, q.device), kpm, scale)
 
 
@@ -180,7 +180,7 @@ def axial_attention_reference(
 class AxialAttention(GridAttention):
     """Multi-head axial attention on a 2-D or 3-D grid of tokens, one axis per head.
 
-    Inputs are (batch, H, W, dim) for grid_rank 2, (batch, D, H, W, dim) for 3; key_padding_mask is
+    Inputs are (batch, H, W, dim) for grid_rank 2, (batch, D, H, W, dim) for 3; attention_mask is
     bool (batch, N) in raster order or (batch, *grid). `attend(q, k, v)` takes the projected heads as
     (batch, heads, *grid, head_dim), or flat (batch, heads, N, head_dim) with `grid=(H, W, …)` (or
     the module's `grid_shape`), and answers in the same layout. `materialize` is (batch, heads, N,
@@ -212,8 +212,8 @@ class AxialAttention(GridAttention):
     # -- the two paths, on (batch, heads, *grid, head_dim) and a key padding mask (batch, N) ----------
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; here `mask` is the key padding mask (batch, N) or None (no N×N mask is built)."""
-        return axial_attention(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return axial_attention(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return axial_attention_reference(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return axial_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]

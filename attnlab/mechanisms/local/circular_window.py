@@ -56,10 +56,10 @@ def check_radius(radius: object) -> float:
     return float(radius)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, radius: float, key_padding_mask: Tensor | None) -> tuple[tuple[int, ...], float, Tensor | None]:
-    """(grid, radius, key_padding_mask (batch, N) or None) after checking everything."""
+def _check(q: Tensor, k: Tensor, v: Tensor, radius: float, attention_mask: Tensor | None) -> tuple[tuple[int, ...], float, Tensor | None]:
+    """(grid, radius, attention_mask (batch, N) or None) after checking everything."""
     grid = check_grid_qkv(q, k, v, (2, 3))
-    return grid, check_radius(radius), grid_padding(key_padding_mask, q.shape[0], grid)
+    return grid, check_radius(radius), grid_padding(attention_mask, q.shape[0], grid)
 
 
 # -- the fast path -----------------------------------------------------------------------------
@@ -82,22 +82,22 @@ def circular_window_attention(
     v: Tensor,
     *,
     radius: float = RADIUS,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Circular-window attention of q, k, v (batch, heads, *grid, head_dim), a grid of 2 or 3 axes.
 
     radius: r >= 0 in grid units (the query's own position is always in its disc);
-    key_padding_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
+    attention_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
     query whose disc holds no real key gives 0); scale defaults to 1/√head_dim.
     """
-    grid, radius, kpm = _check(q, k, v, radius, key_padding_mask)
+    grid, radius, kpm = _check(q, k, v, radius, attention_mask)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     p = circular_plan(grid, radius, q.device)
     out = tiled_attention(
         q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]), p,
-        scale=scale, key_padding_mask=kpm,
+        scale=scale, attention_mask=kpm,
     )
     return out.view(b, h, *grid, v.shape[-1])
 
@@ -116,12 +116,12 @@ def circular_window_attention_reference(
     v: Tensor,
     *,
     radius: float = RADIUS,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights (batch, heads, N, N)) of `circular_window_attention` in float64 over the full masked
     matrix (positions in raster order), cast back to q's dtype."""
-    grid, radius, kpm = _check(q, k, v, radius, key_padding_mask)
+    grid, radius, kpm = _check(q, k, v, radius, attention_mask)
     return masked_grid_reference(q, k, v, circular_mask(grid, radius, q.device), kpm, scale)
 
 
@@ -146,7 +146,7 @@ def circular_window_attention_reference(
 class CircularWindowAttention(GridAttention):
     """Multi-head circular-window attention on a 2-D or 3-D grid of tokens, (batch, *grid, dim).
 
-    key_padding_mask is bool (batch, N) in raster order or (batch, *grid). `attend(q, k, v)` takes the
+    attention_mask is bool (batch, N) in raster order or (batch, *grid). `attend(q, k, v)` takes the
     projected heads as (batch, heads, *grid, head_dim), or flat (batch, heads, N, head_dim) with
     `grid=(H, W)` (or the module's `grid_shape`), and answers in the same layout. `materialize` is
     (batch, heads, N, N) in raster order, zero outside each query's disc.
@@ -169,11 +169,11 @@ class CircularWindowAttention(GridAttention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path on (batch, heads, *grid, head_dim); `mask` is the key padding mask (batch, N) or None."""
-        return circular_window_attention(q, k, v, radius=self.radius, key_padding_mask=mask, scale=self.scale)
+        return circular_window_attention(q, k, v, radius=self.radius, attention_mask=mask, scale=self.scale)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return circular_window_attention_reference(q, k, v, radius=self.radius, key_padding_mask=mask, scale=self.scale)
+        return circular_window_attention_reference(q, k, v, radius=self.radius, attention_mask=mask, scale=self.scale)
 
     def extra_repr(self) -> str:
         return f"radius={self.radius:g}"

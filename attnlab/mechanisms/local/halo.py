@@ -15,7 +15,7 @@ attention HaloNets build on (Bello et al., 2019). Window positions outside the m
 masked (the paper pads; here padded positions are not keys, they get no weight).
 
 Choices: H and W must be multiples of b (the paper's blocked layout; pad the map yourself and
-pass key_padding_mask), and a halo reaching past every key (h > max(H, W) − b) is refused.
+pass attention_mask), and a halo reaching past every key (h > max(H, W) − b) is refused.
 
 The fast path unfolds each block's key / value window ((H/b)(W/b) windows of (b + 2h)²
 positions) and runs batched matmuls per block: memory O(N·(b + 2h)²/b²·d) for the windows and
@@ -62,9 +62,9 @@ def _check(
     halo: int,
     rel_h: Tensor | None,
     rel_w: Tensor | None,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
 ) -> tuple[tuple[int, int], Tensor | None]:
-    """(grid, key_padding_mask (batch, N) or None) after checking everything."""
+    """(grid, attention_mask (batch, N) or None) after checking everything."""
     height, width = check_grid_qkv(q, k, v)
     for name, value, low in (("block_size", block_size, 1), ("halo", halo, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -72,7 +72,7 @@ def _check(
     if height % block_size or width % block_size:
         raise ShapeError(
             f"block_size: the grid {(height, width)} is not a multiple of block_size={block_size} on every axis; "
-            "expected H and W divisible by the block size (pad the map and mask the padding with key_padding_mask)"
+            "expected H and W divisible by the block size (pad the map and mask the padding with attention_mask)"
         )
     if halo > max(height, width) - block_size:
         raise ShapeError(
@@ -88,7 +88,7 @@ def _check(
             raise ShapeError(f"{name}: expected shape (heads, 2(block_size + halo) − 1, head_dim) = {want}, got {tuple(table.shape)}")
         if table.dtype != q.dtype:
             raise DTypeError(f"{name}: expected dtype {q.dtype} (as q), got {table.dtype}")
-    return (height, width), grid_padding(key_padding_mask, q.shape[0], (height, width))
+    return (height, width), grid_padding(attention_mask, q.shape[0], (height, width))
 
 
 # -- the fast path -----------------------------------------------------------------------------
@@ -140,17 +140,17 @@ def halo_attention(
     halo: int = HALO_SIZE,
     rel_h: Tensor | None = None,
     rel_w: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Halo attention of q, k, v (batch, heads, H, W, head_dim).
 
     rel_h, rel_w: relative embeddings (heads, 2(block_size + halo) − 1, head_dim), row r for the
-    offset r − (block_size + halo − 1) (key − query); key_padding_mask: bool (batch, H·W) in raster
+    offset r − (block_size + halo − 1) (key − query); attention_mask: bool (batch, H·W) in raster
     order or (batch, H, W), True = real token (a query whose window holds no real key gives 0);
     scale defaults to 1/√head_dim. Returns (batch, heads, H, W, head_dim of v).
     """
-    (height, width), kpm = _check(q, k, v, block_size, halo, rel_h, rel_w, key_padding_mask)
+    (height, width), kpm = _check(q, k, v, block_size, halo, rel_h, rel_w, attention_mask)
     b, heads, d, e = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qb = _blocks(q * scale, block_size)  # (B, heads, nb, b², d)
@@ -206,12 +206,12 @@ def halo_attention_reference(
     halo: int = HALO_SIZE,
     rel_h: Tensor | None = None,
     rel_w: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights (batch, heads, N, N)) of `halo_attention` in float64 over the full masked
     matrix (positions in raster order), cast back to q's dtype."""
-    (height, width), kpm = _check(q, k, v, block_size, halo, rel_h, rel_w, key_padding_mask)
+    (height, width), kpm = _check(q, k, v, block_size, halo, rel_h, rel_w, attention_mask)
     b, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = height * width
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -254,7 +254,7 @@ def halo_attention_reference(
 class HaloAttention(GridAttention):
     """Multi-head halo attention on a 2-D grid of tokens (batch, H, W, dim).
 
-    key_padding_mask is bool (batch, N) in raster order or (batch, H, W). `attend(q, k, v)` takes the
+    attention_mask is bool (batch, N) in raster order or (batch, H, W). `attend(q, k, v)` takes the
     projected heads as (batch, heads, H, W, head_dim), or flat (batch, heads, N, head_dim) with
     `grid=(H, W)` (or the module's `grid_shape`), and answers in the same layout. `materialize` is
     (batch, heads, N, N) in raster order, zero outside each block's window.
@@ -290,11 +290,11 @@ class HaloAttention(GridAttention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path on (batch, heads, H, W, head_dim); `mask` is the key padding mask (batch, N) or None."""
-        return halo_attention(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return halo_attention(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return halo_attention_reference(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return halo_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, halo={self.halo}, rel_pos={self.rel_h is not None}"

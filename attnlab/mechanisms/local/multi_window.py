@@ -11,7 +11,7 @@ softmax attention. The heads are concatenated and projected by W_o as in multi-h
 
 Choices: `windows` holds one size per head, 0 meaning global (whatever N; a size equal to N
 is global too). Every other size must divide N (the paper draws the sizes from the divisors
-of N; pad the sequence and pass key_padding_mask otherwise). With windows=None the sizes
+of N; pad the sequence and pass attention_mask otherwise). With windows=None the sizes
 follow the paper's rule at each call: the last head is global and the other h − 1 take
 distinct divisors 1 < w < N, spread evenly over their sorted list (repeating when N has fewer
 than h − 1 of them; windows of 1 when N is prime). Causal (not in the paper, an encoder):
@@ -34,7 +34,7 @@ from ...core.errors import MaskError, ParameterError, ShapeError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv
 
 MWMAE = Paper(
     "P108", "Masked Autoencoders with Multi-Window Local-Global Attention Are Better Audio Learners", 2023, "2306.00561"
@@ -70,7 +70,7 @@ def window_sizes(windows: Sequence[int] | None, heads: int, n: int) -> tuple[int
         if w > n or (w and n % w):
             raise ShapeError(
                 f"windows: head {head} has window {w}, which does not divide the sequence length n={n}; expected "
-                "a divisor of n or 0 (global) — pad the sequence and pass key_padding_mask"
+                "a divisor of n or 0 (global) — pad the sequence and pass attention_mask"
             )
         out.append(w or n)
     return tuple(out)
@@ -83,7 +83,7 @@ def multi_window_flops(n: int, heads: int, head_dim: int, causal: bool) -> float
 
 def _check(q: Tensor, k: Tensor, v: Tensor, windows: Sequence[int] | None, kpm: Tensor | None) -> tuple[int, ...]:
     check_qkv(q, k, v, same_length=True)
-    check_key_padding_mask(kpm, q.shape[0], k.shape[2])
+    check_attention_mask(kpm, q.shape[0], k.shape[2])
     return window_sizes(windows, q.shape[1], q.shape[2])
 
 
@@ -109,23 +109,23 @@ def multi_window_attention(
     *,
     windows: Sequence[int] | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """MW-MHA of q, k, v (batch, heads, n, head_dim): head j attends within windows of windows[j]
-    (0 = global; None: `default_windows`). key_padding_mask: bool (batch, n), True = real token (a
+    (0 = global; None: `default_windows`). attention_mask: bool (batch, n), True = real token (a
     query whose window holds no real key gives 0); scale defaults to 1/√head_dim."""
-    sizes = _check(q, k, v, windows, key_padding_mask)
+    sizes = _check(q, k, v, windows, attention_mask)
     groups: dict[int, list[int]] = {}
     for head, w in enumerate(sizes):
         groups.setdefault(w, []).append(head)
     if len(groups) == 1:
-        return _windowed(q, k, v, sizes[0], causal, key_padding_mask, scale)
+        return _windowed(q, k, v, sizes[0], causal, attention_mask, scale)
     parts, order = [], []
     for w, heads in groups.items():
         index = torch.tensor(heads, device=q.device)
         sel = [t.index_select(1, index) for t in (q, k, v)]
-        parts.append(_windowed(*sel, w, causal, key_padding_mask, scale))
+        parts.append(_windowed(*sel, w, causal, attention_mask, scale))
         order += heads
     out = torch.cat(parts, dim=1)
     if order == sorted(order):
@@ -149,16 +149,16 @@ def multi_window_attention_reference(
     *,
     windows: Sequence[int] | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights (batch, heads, n, n)) of `multi_window_attention` in float64, cast back to q's dtype."""
-    sizes = _check(q, k, v, windows, key_padding_mask)
+    sizes = _check(q, k, v, windows, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q64, k64, v64 = q.double(), k.double(), v.double()
     keep = multi_window_mask(sizes, q.shape[2], causal, q.device)[None]
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :]
     weights = masked_softmax((q64 @ k64.transpose(-1, -2)) * scale, keep)
     return (weights @ v64).to(q.dtype), weights.to(q.dtype)
 
@@ -204,13 +204,13 @@ class MultiWindowAttention(Attention):
         return 1.0 / math.sqrt(self.head_dim)
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         """The key padding mask (batch, n_k) itself: causality and windows are applied by the paths."""
         if attn_mask is not None:
-            raise ValueError("attn_mask: multi-window attention takes no attention mask (only key_padding_mask)")
-        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-        return key_padding_mask
+            raise ValueError("attn_mask: multi-window attention takes no attention mask (only attention_mask)")
+        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+        return attention_mask
 
     def _padding(self, mask: Tensor | None) -> Tensor | None:
         if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2):
@@ -220,12 +220,12 @@ class MultiWindowAttention(Attention):
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; `mask` is the key padding mask (batch, n) or None."""
         return multi_window_attention(q, k, v, windows=self.windows, causal=self.causal,
-                                      key_padding_mask=self._padding(mask), scale=self.scale)
+                                      attention_mask=self._padding(mask), scale=self.scale)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, n, n)); `mask` as in attend_fast."""
         return multi_window_attention_reference(q, k, v, windows=self.windows, causal=self.causal,
-                                                key_padding_mask=self._padding(mask), scale=self.scale)
+                                                attention_mask=self._padding(mask), scale=self.scale)
 
     def extra_repr(self) -> str:
         return f"windows={self.windows}, causal={self.causal}"

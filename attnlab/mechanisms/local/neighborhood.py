@@ -105,9 +105,9 @@ def _check(
     dilation: IntOrTuple,
     causal: BoolOrTuple,
     rpb: Tensor | None,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...], Tensor | None]:
-    """(grid, kernel, dilation, causal, key_padding_mask (batch, N)) after checking everything."""
+    """(grid, kernel, dilation, causal, attention_mask (batch, N)) after checking everything."""
     grid = check_grid_qkv(q, k, v, (1, 2, 3))
     kernel, dil, caus = neighborhood_args(len(grid), kernel_size, dilation, causal)
     check_grid(grid, kernel, dil)
@@ -120,7 +120,7 @@ def _check(
             raise ShapeError(f"rpb: expected shape (heads, 2·kernel_size − 1 per axis) = {want}, got {tuple(rpb.shape)}")
         if rpb.dtype != q.dtype:
             raise DTypeError(f"rpb: expected dtype {q.dtype} (as q), got {rpb.dtype}")
-    return grid, kernel, dil, caus, grid_padding(key_padding_mask, q.shape[0], grid)
+    return grid, kernel, dil, caus, grid_padding(attention_mask, q.shape[0], grid)
 
 
 # -- the fast path -----------------------------------------------------------------------------
@@ -133,23 +133,23 @@ def neighborhood_attention(
     dilation: IntOrTuple = 1,
     causal: BoolOrTuple = False,
     rpb: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Neighborhood attention of q, k, v (batch, heads, *grid, head_dim), a grid of 1, 2 or 3 axes.
 
     kernel_size, dilation, causal: one value or one per axis; rpb: (heads, 2k_1 − 1, …);
-    key_padding_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
+    attention_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
     query whose window holds no real key gives 0); scale defaults to 1/√head_dim.
     Forward and backward are tiled (memory O(N·window), never N×N); see _neighborhood_tiles.
     """
-    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     p = plan(grid, kernel, dil, caus, tile_shape(kernel), q.device)
     out = tiled_attention(
         q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]), p,
-        scale=scale, rpb=rpb, key_padding_mask=kpm,
+        scale=scale, rpb=rpb, attention_mask=kpm,
     )
     return out.view(b, h, *grid, v.shape[-1])
 
@@ -185,12 +185,12 @@ def neighborhood_attention_reference(
     dilation: IntOrTuple = 1,
     causal: BoolOrTuple = False,
     rpb: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights (batch, heads, N, N)) in float64 over the full masked matrix (positions in raster
     order), cast back to q's dtype."""
-    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     n, rank = math.prod(grid), len(grid)
     allowed = torch.ones((1,) * (2 * rank), dtype=torch.bool)
@@ -229,12 +229,12 @@ def neighborhood_attention_unfold(
     dilation: IntOrTuple = 1,
     causal: BoolOrTuple = False,
     rpb: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """The plain PyTorch way, the baseline of benchmarks/neighborhood.py: gather each query's
     k_1⋯k_r keys and values into (batch, heads, N, k_1⋯k_r, head_dim) tensors and attend over them."""
-    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, key_padding_mask)
+    grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     n, rank = math.prod(grid), len(grid)
     index = torch.zeros((1,) * (2 * rank), dtype=torch.long)
@@ -296,7 +296,7 @@ class NeighborhoodAttention(GridAttention):
     """Multi-head neighborhood attention on a 1-, 2- or 3-D grid of tokens.
 
     Inputs are (batch, n, dim), (batch, H, W, dim) or (batch, D, H, W, dim): the grid rank is that of
-    the input unless grid_rank (or a kernel_size / dilation per axis) fixes it. key_padding_mask is
+    the input unless grid_rank (or a kernel_size / dilation per axis) fixes it. attention_mask is
     bool (batch, N) in raster order or (batch, *grid). `attend(q, k, v)` takes the projected heads as
     (batch, heads, *grid, head_dim), or flattened as (batch, heads, N, head_dim) together with
     `grid=(H, W, …)`, and answers in the same layout. `materialize` is (batch, heads, N, N) in raster
@@ -346,11 +346,11 @@ class NeighborhoodAttention(GridAttention):
     # -- the two paths, on (batch, heads, *grid, head_dim) and a key padding mask (batch, N) ----------
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; here `mask` is the key padding mask (batch, N) or None (no N×N mask is ever built)."""
-        return neighborhood_attention(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return neighborhood_attention(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return neighborhood_attention_reference(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return neighborhood_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
         """Decode one position of a causal module on a sequence: x_t (batch, 1, dim) -> (y_t, state).

@@ -67,14 +67,14 @@ def gsa_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 # -- LSA: the fast path ------------------------------------------------------------------------
 def _check_lsa(
-    q: Tensor, k: Tensor, v: Tensor, window: int | Sequence[int], key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, window: int | Sequence[int], attention_mask: Tensor | None
 ) -> tuple[tuple[int, int], tuple[int, int], Tensor | None]:
     height, width = check_grid_qkv(q, k, v)
     grid = (height, width)
     win = pair("window", window)
     if win[0] > grid[0] or win[1] > grid[1]:
         raise ValueError(f"window: expected a window within the grid {grid}, got window {win} (rows, columns)")
-    return grid, win, grid_padding(key_padding_mask, q.shape[0], grid)
+    return grid, win, grid_padding(attention_mask, q.shape[0], grid)
 
 
 def _to_windows(t: Tensor, win: tuple[int, int]) -> Tensor:
@@ -109,19 +109,19 @@ def lsa_attention(
     v: Tensor,
     *,
     window: int | Sequence[int] = WINDOW,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Locally-grouped self-attention of q, k, v (batch, heads, H, W, head_dim) in k1×k2 windows.
 
-    `window` is k or (k1, k2), within the grid; key_padding_mask bool (batch, N) in raster order
+    `window` is k or (k1, k2), within the grid; attention_mask bool (batch, N) in raster order
     or (batch, H, W), True = real token. A query whose window holds no real key gives 0.
     The grid is cut into up to four regions that windows of one shape tile exactly (the whole
     windows, and the short ones at the bottom, right and corner); each region's windows are cut
     by reshapes and attended with one batched SDPA, without a mask unless there is padding.
     Memory O(N·k1k2).
     """
-    (h, w), win, kpm = _check_lsa(q, k, v, window, key_padding_mask)
+    (h, w), win, kpm = _check_lsa(q, k, v, window, attention_mask)
     kpm3 = None if kpm is None else kpm.reshape(q.shape[0], h, w)
     rows = [(slice(0, h - h % win[0]), win[0]), (slice(h - h % win[0], h), h % win[0])]
     cols = [(slice(0, w - w % win[1]), win[1]), (slice(w - w % win[1], w), w % win[1])]
@@ -153,12 +153,12 @@ def lsa_attention_reference(
     v: Tensor,
     *,
     window: int | Sequence[int] = WINDOW,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `lsa_attention` in float64: softmax over all N × N pairs under the window
     mask of `lsa_mask` and the padding; weights (batch, heads, N, N) in raster order."""
-    grid, win, kpm = _check_lsa(q, k, v, window, key_padding_mask)
+    grid, win, kpm = _check_lsa(q, k, v, window, attention_mask)
     return masked_grid_reference(q, k, v, lsa_mask(grid, win, q.device), kpm, scale)
 
 
@@ -201,11 +201,11 @@ class TwinsLocalAttention(GridAttention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; `mask` is the key padding mask (batch, N) or None."""
-        return lsa_attention(q, k, v, window=self.window, key_padding_mask=mask, scale=self.scale)
+        return lsa_attention(q, k, v, window=self.window, attention_mask=mask, scale=self.scale)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return lsa_attention_reference(q, k, v, window=self.window, key_padding_mask=mask, scale=self.scale)
+        return lsa_attention_reference(q, k, v, window=self.window, attention_mask=mask, scale=self.scale)
 
 
 # -- GSA ---------------------------------------------------------------------------------------
@@ -299,12 +299,12 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         k: Tensor,
         v: Tensor,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
         """Queries (batch, heads, N | H, W, head_dim) attend to the summaries k, v (batch, heads, M | H', W', head_dim)."""
-        refuse_masks("twins-gsa", key_padding_mask, attn_mask, "its keys are summaries of s×s cells, not tokens")
+        refuse_masks("twins-gsa", attention_mask, attn_mask, "its keys are summaries of s×s cells, not tokens")
         q4, k4, v4 = (_flat_positions(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
         return super().attend(q4, k4, v4, impl=impl).reshape(*q.shape[:-1], v.shape[-1])
 
@@ -342,12 +342,13 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         k, v = (self._split(p(summaries)).flatten(2, 3) for p in (self.k_proj, self.v_proj))
         return k, v
 
-    def _heads(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None,
-               attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _heads(self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None,
+               attn_mask: Tensor | None, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """q (batch, heads, H, W, d) from the tokens, k, v (batch, heads, N/s², d) from the summaries."""
         if context is not None:
             raise ValueError("context: twins-gsa does not support cross-attention (its keys are summaries of x)")
-        refuse_masks("twins-gsa", key_padding_mask, attn_mask, "its keys are summaries of s×s cells, not tokens")
+        refuse_masks("twins-gsa", attention_mask, attn_mask, "its keys are summaries of s×s cells, not tokens",
+                     key_padding_mask)
         k, v = self.key_values(x)
         return self._split(self.q_proj(x)), k, v
 
@@ -356,12 +357,13 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
         """x (batch, H, W, dim) -> the same shape."""
-        q, k, v = self._heads(x, context, key_padding_mask, attn_mask)
+        q, k, v = self._heads(x, context, attention_mask, attn_mask, key_padding_mask)
         out = self.attend(q, k, v, impl=impl)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
@@ -370,10 +372,11 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The softmax weights (batch, heads, N, N/s²) of every token over the summaries of `key_values(x)`,
         both in raster order; the core output is these weights times the summaries' values."""
-        q, k, v = self._heads(x, context, key_padding_mask, attn_mask)
+        q, k, v = self._heads(x, context, attention_mask, attn_mask, key_padding_mask)
         return self.attend_reference(q, k, v, None)[1]

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ...core.errors import ShapeError
 from ...core.module import Attention
-from ...core.validate import check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv
 
 
-def check_channel_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, channels: str) -> None:
+def check_channel_qkv(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, channels: str) -> None:
     """q, k, v (batch, heads, n, d) on the same tokens, v with as many channels as k (`channels` names
     that count in the message, e.g. "head_dim 8" or "C_g = 8 channels"), and the key padding mask."""
     check_qkv(q, k, v, same_length=True)
@@ -23,17 +23,17 @@ def check_channel_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor 
         raise ShapeError(
             f"v: expected {channels} (as k: A mixes the value channels), got {v.shape[-1]} in shape {tuple(v.shape)}"
         )
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
 
 
-def drop_padding(t: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def drop_padding(t: Tensor, attention_mask: Tensor | None) -> Tensor:
     """t (batch, heads, n, d) with the padded tokens set to zero."""
-    return t if key_padding_mask is None else t * key_padding_mask[:, None, :, None].to(t.dtype)
+    return t if attention_mask is None else t * attention_mask[:, None, :, None].to(t.dtype)
 
 
-def any_real(a: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def any_real(a: Tensor, attention_mask: Tensor | None) -> Tensor:
     """The channel matrices a (batch, heads, d, d), zero for elements without a real token."""
-    return a if key_padding_mask is None else a * key_padding_mask.any(-1)[:, None, None, None].to(a.dtype)
+    return a if attention_mask is None else a * attention_mask.any(-1)[:, None, None, None].to(a.dtype)
 
 
 def key_padding(mask: Tensor | None) -> Tensor | None:
@@ -47,12 +47,12 @@ class ChannelAttention(Attention):
 
     channel_axes: ClassVar[str]
 
-    def channel_attention(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+    def channel_attention(self, x: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """A (batch, heads, d, d) for x (batch, n, dim): row i weighs the value channels mixed into output channel i."""
         self._check_inputs(x, None)
         q, k, v = self.project(x)
         check_qkv(q, k, v)
-        mask = self.combined_mask(q, k, key_padding_mask, None)
+        mask = self.combined_mask(q, k, attention_mask, None)
         return self.attend_reference(q, k, v, mask)[1]
 
     def materialize(
@@ -60,6 +60,7 @@ class ChannelAttention(Attention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:

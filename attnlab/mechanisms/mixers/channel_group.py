@@ -47,29 +47,29 @@ def channel_group_flops(n: int, heads: int, head_dim: int, causal: bool) -> floa
 
 
 def channel_group_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None, scale: float | None = None
 ) -> Tensor:
     """Channel group attention over (batch, groups, n, C_g): out = V Aᵀ, A = softmax(Qᵀ K·scale).
 
-    scale defaults to 1/√C_g; key_padding_mask (batch, n), True = real token. Two batched
+    scale defaults to 1/√C_g; attention_mask (batch, n), True = real token. Two batched
     matmuls of O(N·C_g²) per group, no N×N tensor.
     """
-    check_channel_qkv(q, k, v, key_padding_mask, f"C_g = {k.shape[-1]} channels")
+    check_channel_qkv(q, k, v, attention_mask, f"C_g = {k.shape[-1]} channels")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q, k, v = (drop_padding(t, key_padding_mask) for t in (q, k, v))
+    q, k, v = (drop_padding(t, attention_mask) for t in (q, k, v))
     a = torch.softmax((q.transpose(-2, -1) @ k) * scale, dim=-1)
-    return v @ any_real(a, key_padding_mask).transpose(-2, -1)
+    return v @ any_real(a, attention_mask).transpose(-2, -1)
 
 
 def channel_group_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out, A) of `channel_group_attention` in float64: A (batch, groups, C_g, C_g), out_n = A v_n token by token."""
-    check_channel_qkv(q, k, v, key_padding_mask, f"C_g = {k.shape[-1]} channels")
+    check_channel_qkv(q, k, v, attention_mask, f"C_g = {k.shape[-1]} channels")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q64, k64, v64 = (drop_padding(t.double(), key_padding_mask) for t in (q, k, v))
+    q64, k64, v64 = (drop_padding(t.double(), attention_mask) for t in (q, k, v))
     logits = torch.einsum("bhni,bhnj->bhij", q64, k64) * scale
-    a = any_real(masked_softmax(logits), key_padding_mask)
+    a = any_real(masked_softmax(logits), attention_mask)
     out = torch.einsum("bhij,bhnj->bhni", a, v64)
     return out.to(q.dtype), a.to(q.dtype)
 
@@ -98,7 +98,7 @@ class ChannelGroupAttention(ChannelAttention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return channel_group_attention(q, k, v, key_padding_mask=key_padding(mask))
+        return channel_group_attention(q, k, v, attention_mask=key_padding(mask))
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return channel_group_attention_reference(q, k, v, key_padding_mask=key_padding(mask))
+        return channel_group_attention_reference(q, k, v, attention_mask=key_padding(mask))

@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import DTypeError, ParameterError, ShapeError
+from ...core.masks import module_keep_mask
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import (
+    check_attention_mask,
     check_finite,
     check_floating,
-    check_key_padding_mask,
     check_rank,
     check_tensor,
     check_tokens,
@@ -72,7 +73,7 @@ def _check_scope(scope: object) -> int:
     return scope
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, embeddings: Tensor, key_padding_mask: Tensor | None) -> tuple[int, ...]:
+def _check(q: Tensor, k: Tensor, v: Tensor, embeddings: Tensor, attention_mask: Tensor | None) -> tuple[int, ...]:
     """Validate the inputs; return the positions (n,) or (H, W)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("embeddings", embeddings)):
         check_tensor(name, t)
@@ -102,7 +103,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, embeddings: Tensor, key_padding_mask
             f"embeddings: expected shape (r,)*{len(positions)} + (key_dim,) with r odd, e.g. {want}, "
             f"got {tuple(embeddings.shape)}"
         )
-    check_key_padding_mask(key_padding_mask, q.shape[0], math.prod(positions))
+    check_attention_mask(attention_mask, q.shape[0], math.prod(positions))
     return positions
 
 
@@ -135,16 +136,16 @@ def relative_embeddings(embeddings: Tensor, positions: tuple[int, ...]) -> Tenso
     return embeddings[index] * inside[..., None].to(embeddings.dtype)
 
 
-def _normalised_keys(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def _normalised_keys(k: Tensor, attention_mask: Tensor | None) -> Tensor:
     """K̄ (batch, k, N): softmax of the keys over the context positions, padded positions 0."""
     keys = k.reshape(k.shape[0], -1, k.shape[-1]).transpose(1, 2)
-    return masked_softmax(keys, None if key_padding_mask is None else key_padding_mask[:, None, :])
+    return masked_softmax(keys, None if attention_mask is None else attention_mask[:, None, :])
 
 
-def _values(v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def _values(v: Tensor, attention_mask: Tensor | None) -> Tensor:
     """V (batch, N, v), zero at padded positions."""
     flat = v.reshape(v.shape[0], -1, v.shape[-1])
-    return flat if key_padding_mask is None else flat * key_padding_mask[..., None].to(flat.dtype)
+    return flat if attention_mask is None else flat * attention_mask[..., None].to(flat.dtype)
 
 
 def lambda_attention(
@@ -153,19 +154,19 @@ def lambda_attention(
     v: Tensor,
     *,
     embeddings: Tensor,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Multi-query lambda layer: y_n^h = (K̄ᵀV + λᵖ_n)ᵀ q_n^h, position lambdas by the lambda convolution.
 
     q (batch, heads, *positions, k); k (batch, 1, *positions, k) and v (batch, 1,
     *positions, v), shared by the heads; embeddings R (r,)*g + (k,) for g = 1 or 2 position
-    axes; `key_padding_mask` (batch, N), True = real, N = prod(positions). Returns
+    axes; `attention_mask` (batch, N), True = real, N = prod(positions). Returns
     (batch, heads, *positions, v).
     """
-    positions = _check(q, k, v, embeddings, key_padding_mask)
+    positions = _check(q, k, v, embeddings, attention_mask)
     b, h, kd = q.shape[0], q.shape[1], q.shape[-1]
-    values = _values(v, key_padding_mask)
-    content = _normalised_keys(k, key_padding_mask) @ values
+    values = _values(v, attention_mask)
+    content = _normalised_keys(k, attention_mask) @ values
     lam = position_lambdas(values.reshape(b, *positions, -1), embeddings).reshape(b, -1, kd, values.shape[-1])
     queries = q.reshape(b, h, -1, kd)
     by_position = (queries.transpose(1, 2).contiguous() @ lam).transpose(1, 2)  # a (h×k)(k×v) product per n
@@ -179,22 +180,22 @@ def lambda_attention_reference(
     v: Tensor,
     *,
     embeddings: Tensor,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, A) of `lambda_attention` in float64, with E (N, N, k) materialised and every λᵖ_n = E_nᵀ V formed,
     and A (batch, heads, N, N), A_nm = q_n·(K̄_m + E_nm), zero at padded m."""
-    positions = _check(q, k, v, embeddings, key_padding_mask)
+    positions = _check(q, k, v, embeddings, attention_mask)
     b, h, kd = q.shape[0], q.shape[1], q.shape[-1]
     queries = q.double().reshape(b, h, -1, kd)
-    values = _values(v.double(), key_padding_mask)
-    keys = _normalised_keys(k.double(), key_padding_mask)
+    values = _values(v.double(), attention_mask)
+    keys = _normalised_keys(k.double(), attention_mask)
     e = relative_embeddings(embeddings.double(), positions)
     content = torch.einsum("bkm,bmv->bkv", keys, values)
     lam = torch.einsum("nmk,bmv->bnkv", e, values)
     out = torch.einsum("bhnk,bkv->bhnv", queries, content) + torch.einsum("bhnk,bnkv->bhnv", queries, lam)
     position_weights = torch.einsum("bhnk,nmk->bhnm", queries, e)
-    if key_padding_mask is not None:
-        position_weights = position_weights * key_padding_mask[:, None, None, :].to(position_weights.dtype)
+    if attention_mask is not None:
+        position_weights = position_weights * attention_mask[:, None, None, :].to(position_weights.dtype)
     weights = torch.einsum("bhnk,bkm->bhnm", queries, keys) + position_weights
     return out.reshape(b, h, *positions, -1).to(q.dtype), weights.to(q.dtype)
 
@@ -249,35 +250,37 @@ class LambdaLayer(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, dim)
 
     def _project(
-        self, x: Tensor, context: Tensor | None, attn_mask: Tensor | None, key_padding_mask: Tensor | None
+        self, x: Tensor, context: Tensor | None, attn_mask: Tensor | None, attention_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v and the keep-mask (batch, N) of a call; a padding mask may also come on the grid (batch, H, W)."""
         check_tokens("x", x, self.dim, grid_rank=self.grid)
         check_finite("x", x)
         if context is not None:
             raise ValueError("context: lambda does not support cross-attention (position lambdas need the query's grid)")
         if attn_mask is not None:
-            raise ValueError("attn_mask: lambda does not support an attention mask (only key_padding_mask)")
+            raise ValueError("attn_mask: lambda does not support an attention mask (only attention_mask)")
         grid = tuple(x.shape[1:-1])
-        if isinstance(key_padding_mask, Tensor) and self.grid > 1 and tuple(key_padding_mask.shape) == (x.shape[0], *grid):
-            key_padding_mask = key_padding_mask.reshape(x.shape[0], -1)
+        keep = module_keep_mask(attention_mask, key_padding_mask, x.shape[0], math.prod(grid), grid)
         q = self.q_proj(x).unflatten(-1, (self.heads, self.key_dim)).movedim(-2, 1)
-        return q, self.k_proj(x).unsqueeze(1), self.v_proj(x).unsqueeze(1), key_padding_mask
+        return q, self.k_proj(x).unsqueeze(1), self.v_proj(x).unsqueeze(1), keep
 
     def forward(
         self,
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Literal["fast", "reference"] = "fast",
     ) -> Tensor:
         """x (batch, n, dim) or (batch, H, W, dim) -> the same shape."""
-        q, k, v, kpm = self._project(x, context, attn_mask, key_padding_mask)
+        q, k, v, kpm = self._project(x, context, attn_mask, attention_mask, key_padding_mask)
         if impl == "fast":
-            y = lambda_attention(q, k, v, embeddings=self.embeddings, key_padding_mask=kpm)
+            y = lambda_attention(q, k, v, embeddings=self.embeddings, attention_mask=kpm)
         elif impl == "reference":
-            y = lambda_attention_reference(q, k, v, embeddings=self.embeddings, key_padding_mask=kpm)[0]
+            y = lambda_attention_reference(q, k, v, embeddings=self.embeddings, attention_mask=kpm)[0]
         else:
             raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
         return self.out_proj(y.movedim(1, -2).flatten(-2))
@@ -287,9 +290,10 @@ class LambdaLayer(nn.Module):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """A (batch, heads, N, N), A_nm = q_n·(K̄_m + E_nm), positions flattened row-major: y^h = A^h V."""
-        q, k, v, kpm = self._project(x, context, attn_mask, key_padding_mask)
-        return lambda_attention_reference(q, k, v, embeddings=self.embeddings, key_padding_mask=kpm)[1]
+        q, k, v, kpm = self._project(x, context, attn_mask, attention_mask, key_padding_mask)
+        return lambda_attention_reference(q, k, v, embeddings=self.embeddings, attention_mask=kpm)[1]

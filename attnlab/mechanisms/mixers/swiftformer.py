@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import ParameterError, ShapeError
+from ...core.masks import module_keep_mask
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tokens
 
 SWIFTFORMER = Paper(
     "P100",
@@ -61,19 +62,19 @@ def swiftformer_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     return 8.0 * n * width * width + 11.0 * n * width
 
 
-def _check(q: Tensor, k: Tensor, w_a: Tensor, key_padding_mask: Tensor | None, token_norm: str) -> None:
+def _check(q: Tensor, k: Tensor, w_a: Tensor, attention_mask: Tensor | None, token_norm: str) -> None:
     check_qkv(q, k, k, same_length=True)
     if not isinstance(w_a, Tensor) or tuple(w_a.shape) != (q.shape[1], q.shape[-1]):
         got = tuple(w_a.shape) if isinstance(w_a, Tensor) else type(w_a).__name__
         raise ShapeError(f"w_a: expected a tensor of shape (heads, head_dim) = {(q.shape[1], q.shape[-1])}, got {got}")
-    check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], q.shape[2])
     if token_norm not in TOKEN_NORMS:
         raise ParameterError(f"token_norm: expected one of {list(TOKEN_NORMS)}, got {token_norm!r}")
 
 
-def _token_weights(s: Tensor, key_padding_mask: Tensor | None, token_norm: str) -> Tensor:
+def _token_weights(s: Tensor, attention_mask: Tensor | None, token_norm: str) -> Tensor:
     """α from the scores s (batch, heads, n), padded tokens left out."""
-    keep = None if key_padding_mask is None else key_padding_mask[:, None, :]
+    keep = None if attention_mask is None else attention_mask[:, None, :]
     if token_norm == "softmax":
         return masked_softmax(s, keep)
     if keep is not None:
@@ -86,19 +87,19 @@ def additive_attention(
     k: Tensor,
     w_a: Tensor,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     token_norm: TokenNorm = "l2",
 ) -> Tensor:
     """The core u_n = g ⊙ k̂_n over (batch, heads, n, head_dim), g = Σ_n α_n q̂_n; O(N d).
 
-    q and k are L2-normalised per token here; w_a is (heads, head_dim); `key_padding_mask`
+    q and k are L2-normalised per token here; w_a is (heads, head_dim); `attention_mask`
     (batch, n), True = real token.
     """
-    _check(q, k, w_a, key_padding_mask, token_norm)
+    _check(q, k, w_a, attention_mask, token_norm)
     q_hat = F.normalize(q, dim=-1, eps=EPS)
     k_hat = F.normalize(k, dim=-1, eps=EPS)
     s = torch.einsum("bhnd,hd->bhn", q_hat, w_a.to(q.dtype)) / math.sqrt(q.shape[-1])
-    alpha = _token_weights(s, key_padding_mask, token_norm)
+    alpha = _token_weights(s, attention_mask, token_norm)
     g = torch.einsum("bhn,bhnd->bhd", alpha, q_hat)
     return g[:, :, None, :] * k_hat
 
@@ -108,16 +109,16 @@ def additive_attention_reference(
     k: Tensor,
     w_a: Tensor,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     token_norm: TokenNorm = "l2",
 ) -> tuple[Tensor, Tensor]:
     """(u, α) of `additive_attention` in float64, token by token; α is (batch, heads, n)."""
-    _check(q, k, w_a, key_padding_mask, token_norm)
+    _check(q, k, w_a, attention_mask, token_norm)
     q64, k64, w64 = q.double(), k.double(), w_a.double()
     q_hat = q64 / torch.linalg.vector_norm(q64, dim=-1, keepdim=True).clamp_min(EPS)
     k_hat = k64 / torch.linalg.vector_norm(k64, dim=-1, keepdim=True).clamp_min(EPS)
     s = (q_hat * w64[None, :, None, :]).sum(-1) / math.sqrt(q.shape[-1])
-    real = torch.ones_like(s) if key_padding_mask is None else key_padding_mask[:, None, :].to(s.dtype).expand_as(s)
+    real = torch.ones_like(s) if attention_mask is None else attention_mask[:, None, :].to(s.dtype).expand_as(s)
     if token_norm == "softmax":
         top = torch.where(real > 0, s, torch.full_like(s, -math.inf)).amax(-1, keepdim=True)
         e = torch.exp(s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))) * real
@@ -195,13 +196,15 @@ class AdditiveAttention(nn.Module):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Literal["fast", "reference"] = "fast",
     ) -> Tensor:
         """x (batch, n, dim) -> W_o(T(g ⊙ K̂) + Q̂), (batch, n, dim)."""
         q, k = self._project(x, context, attn_mask)
-        kw = {"key_padding_mask": key_padding_mask, "token_norm": self.token_norm}
+        keep = module_keep_mask(attention_mask, key_padding_mask, x.shape[0], x.shape[1])
+        kw = {"attention_mask": keep, "token_norm": self.token_norm}
         if impl == "fast":
             u = additive_attention(q, k, self.w_a, **kw)
         elif impl == "reference":
@@ -213,7 +216,7 @@ class AdditiveAttention(nn.Module):
         q_hat = F.normalize(q, dim=-1, eps=EPS).transpose(1, 2).reshape(b, n, -1)
         return self.out_proj(self.transform(merged) + q_hat)
 
-    def token_weights(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+    def token_weights(self, x: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """α (batch, heads, n): the weights pooling the global query (0 at padded tokens)."""
         q, k = self._project(x, None, None)
-        return additive_attention_reference(q, k, self.w_a, key_padding_mask=key_padding_mask, token_norm=self.token_norm)[1]
+        return additive_attention_reference(q, k, self.w_a, attention_mask=attention_mask, token_norm=self.token_norm)[1]

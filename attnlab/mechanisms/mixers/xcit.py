@@ -47,9 +47,9 @@ def xca_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     return heads * (4.0 * n * head_dim * head_dim + 6.0 * n * head_dim)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, temperature: Tensor | float, key_padding_mask: Tensor | None) -> Tensor:
+def _check(q: Tensor, k: Tensor, v: Tensor, temperature: Tensor | float, attention_mask: Tensor | None) -> Tensor:
     """Validate the inputs; the temperature as a (1, heads, 1, 1) tensor."""
-    check_channel_qkv(q, k, v, key_padding_mask, f"head_dim {k.shape[-1]}")
+    check_channel_qkv(q, k, v, attention_mask, f"head_dim {k.shape[-1]}")
     heads = q.shape[1]
     if isinstance(temperature, Tensor):
         if temperature.numel() not in (1, heads):
@@ -69,19 +69,19 @@ def xca_attention(
     v: Tensor,
     *,
     temperature: Tensor | float = 1.0,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Cross-covariance attention over (batch, heads, n, head_dim): out = V Aᵀ, A = softmax(τ Q̂ᵀK̂).
 
-    `temperature` τ is a float or one value per head; `key_padding_mask` (batch, n), True
+    `temperature` τ is a float or one value per head; `attention_mask` (batch, n), True
     = real token. O(N d_h²) per head, no N×N tensor.
     """
-    tau = _check(q, k, v, temperature, key_padding_mask)
-    q, k, v = (drop_padding(t, key_padding_mask) for t in (q, k, v))
+    tau = _check(q, k, v, temperature, attention_mask)
+    q, k, v = (drop_padding(t, attention_mask) for t in (q, k, v))
     q_hat = F.normalize(q, dim=2, eps=EPS)
     k_hat = F.normalize(k, dim=2, eps=EPS)
     a = torch.softmax((q_hat.transpose(-2, -1) @ k_hat) * tau, dim=-1)
-    return v @ any_real(a, key_padding_mask).transpose(-2, -1)
+    return v @ any_real(a, attention_mask).transpose(-2, -1)
 
 
 def xca_attention_reference(
@@ -90,15 +90,15 @@ def xca_attention_reference(
     v: Tensor,
     *,
     temperature: Tensor | float = 1.0,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, A) of `xca_attention` in float64, token by token: A (batch, heads, d_h, d_h), out_n = A v_n."""
-    tau = _check(q, k, v, temperature, key_padding_mask).double()
-    q64, k64, v64 = (drop_padding(t.double(), key_padding_mask) for t in (q, k, v))
+    tau = _check(q, k, v, temperature, attention_mask).double()
+    q64, k64, v64 = (drop_padding(t.double(), attention_mask) for t in (q, k, v))
     q_hat = q64 / torch.linalg.vector_norm(q64, dim=2, keepdim=True).clamp_min(EPS)
     k_hat = k64 / torch.linalg.vector_norm(k64, dim=2, keepdim=True).clamp_min(EPS)
     logits = torch.einsum("bhni,bhnj->bhij", q_hat, k_hat) * tau
-    a = any_real(masked_softmax(logits), key_padding_mask)
+    a = any_real(masked_softmax(logits), attention_mask)
     out = torch.einsum("bhij,bhnj->bhni", a, v64)
     return out.to(q.dtype), a.to(q.dtype)
 
@@ -128,7 +128,7 @@ class CrossCovarianceAttention(ChannelAttention):
         self.temperature = nn.Parameter(torch.ones(heads))
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return xca_attention(q, k, v, temperature=self.temperature, key_padding_mask=key_padding(mask))
+        return xca_attention(q, k, v, temperature=self.temperature, attention_mask=key_padding(mask))
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return xca_attention_reference(q, k, v, temperature=self.temperature, key_padding_mask=key_padding(mask))
+        return xca_attention_reference(q, k, v, temperature=self.temperature, attention_mask=key_padding(mask))

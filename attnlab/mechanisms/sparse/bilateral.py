@@ -300,13 +300,13 @@ class BilateralAttention(GridAttention):
         k: Tensor,
         v: Tensor,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
         grid: Sequence[int] | None = None,
     ) -> Tensor:
         """The attention core on projected heads: (batch, heads, H, W, head_dim), or flat with `grid`."""
-        refuse_masks("bilateral attention", key_padding_mask, attn_mask, WHY_NO_MASK)
+        refuse_masks("bilateral attention", attention_mask, attn_mask, WHY_NO_MASK)
         qg, kg, vg = self._grid_view(q, k, v, grid)
         return self._run(qg, kg, vg, None, impl).reshape(*q.shape[:-1], v.shape[-1])
 
@@ -315,12 +315,13 @@ class BilateralAttention(GridAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
     ) -> Tensor:
         """x (batch, H, W, dim) -> the same shape."""
-        refuse_masks("bilateral attention", key_padding_mask, attn_mask, WHY_NO_MASK)
+        refuse_masks("bilateral attention", attention_mask, attn_mask, WHY_NO_MASK, key_padding_mask)
         return super().forward(x, context=context, impl=impl)
 
     def materialize(
@@ -328,11 +329,12 @@ class BilateralAttention(GridAttention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The attention matrix (batch, heads, N, N), positions in raster order."""
-        refuse_masks("bilateral attention", key_padding_mask, attn_mask, WHY_NO_MASK)
+        refuse_masks("bilateral attention", attention_mask, attn_mask, WHY_NO_MASK, key_padding_mask)
         return super().materialize(x, context=context)
 
     def extra_repr(self) -> str:

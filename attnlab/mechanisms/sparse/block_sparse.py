@@ -46,7 +46,7 @@ from ...core.errors import DTypeError, MaskError, ParameterError, ShapeError
 from ...core.masks import padding_to_mask
 from ...core.module import Attention, KVCache
 from ...core.reference import softmax_attention_reference
-from ...core.validate import check_finite, check_key_padding_mask, check_qkv, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tokens
 
 MaskMod = Callable[[Tensor, Tensor], Tensor]
 """mask_mod(q_idx, kv_idx) -> bool tensor (True = attend) on broadcasting int64 position tensors."""
@@ -288,7 +288,7 @@ def _split(weights: list[int], parts: int) -> tuple[tuple[int, int], ...]:
 
 
 def _make_plan(
-    layout: BlockLayout, mask_mod: MaskMod | None, key_padding_mask: Tensor | None,
+    layout: BlockLayout, mask_mod: MaskMod | None, attention_mask: Tensor | None,
     n_k: int, batch_heads: int, chunk: int | None, dtype: torch.dtype,
 ) -> _Plan:
     b, nkb, nqb = layout.block_size, layout.n_k_blocks, layout.n_q_blocks
@@ -322,9 +322,9 @@ def _make_plan(
     bounds = torch.searchsorted(row, torch.tensor([*starts, nqb], device=dev)).tolist()
     fixes = tuple(tuple(map(tuple, entries[p0:p1])) for p0, p1 in zip(bounds[:-1], bounds[1:]))
     key_bias = None
-    if key_padding_mask is not None:
-        key_bias = torch.zeros(key_padding_mask.shape[0], nkb * b, dtype=dtype, device=dev)
-        key_bias[:, :n_k].masked_fill_(~key_padding_mask, float("-inf"))
+    if attention_mask is not None:
+        key_bias = torch.zeros(attention_mask.shape[0], nkb * b, dtype=dtype, device=dev)
+        key_bias[:, :n_k].masked_fill_(~attention_mask, float("-inf"))
     work = [(stop - start) * r for start, stop, r in chunks]
     workers = min(torch.get_num_threads(), _cpus(), max(1, sum(work) * batch_heads * b * b // PARALLEL_ELEMENTS))
     return _Plan(
@@ -538,7 +538,7 @@ class _BlockSparseFunction(torch.autograd.Function):
 
 def _check_call(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mask_mod: MaskMod | None,
-    key_padding_mask: Tensor | None, scale: float | None,
+    attention_mask: Tensor | None, scale: float | None,
 ) -> float:
     check_qkv(q, k, v)
     if not isinstance(layout, BlockLayout):
@@ -548,7 +548,7 @@ def _check_call(
         raise ValueError(f"layout: expected its tensors on {q.device} (as q), got {layout.indices.device}")
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(f"mask_mod: expected a callable mask_mod(q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -556,9 +556,9 @@ def _check_call(
     return float(scale)
 
 
-def _key_ok(key_padding_mask: Tensor | None, n_k: int, padded: int, device: torch.device) -> Tensor | None:
-    if key_padding_mask is not None:
-        return F.pad(key_padding_mask, (0, padded - n_k), value=False)
+def _key_ok(attention_mask: Tensor | None, n_k: int, padded: int, device: torch.device) -> Tensor | None:
+    if attention_mask is not None:
+        return F.pad(attention_mask, (0, padded - n_k), value=False)
     if padded > n_k:
         return (torch.arange(padded, device=device) < n_k)[None]
     return None
@@ -571,7 +571,7 @@ def block_sparse_attention(
     layout: BlockLayout,
     *,
     mask_mod: MaskMod | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
     backend: Backend = "engine",
     chunk: int | None = None,
@@ -583,9 +583,9 @@ def block_sparse_attention(
     engine (default: ~2 MiB of float32 scores). `backend="flex"`: FlexAttention (forward only on
     CPU). Rows that see no key give 0.
     """
-    scale = _check_call(q, k, v, layout, mask_mod, key_padding_mask, scale)
+    scale = _check_call(q, k, v, layout, mask_mod, attention_mask, scale)
     if backend == "flex":
-        return _flex_attention(q, k, v, layout, mask_mod, key_padding_mask, scale)
+        return _flex_attention(q, k, v, layout, mask_mod, attention_mask, scale)
     if backend != "engine":
         raise ParameterError(f"backend: expected 'engine' or 'flex', got {backend!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -595,7 +595,7 @@ def block_sparse_attention(
     if n_q == 0 or n_k == 0:
         return q.new_zeros(bsz, h, n_q, dv)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    plan = _make_plan(layout, mask_mod, key_padding_mask, n_k, bsz * h, chunk, work)
+    plan = _make_plan(layout, mask_mod, attention_mask, n_k, bsz * h, chunk, work)
     return _BlockSparseFunction.apply(q, k, v, plan, scale, work)
 
 
@@ -606,14 +606,14 @@ def block_sparse_attention_reference(
     layout: BlockLayout,
     *,
     mask_mod: MaskMod | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `block_sparse_attention`: the dense masked N × N matrix, float64, materialised."""
-    scale = _check_call(q, k, v, layout, mask_mod, key_padding_mask, scale)
+    scale = _check_call(q, k, v, layout, mask_mod, attention_mask, scale)
     keep = layout.element_mask(q.shape[2], k.shape[2], mask_mod)[None]
-    if key_padding_mask is not None:
-        keep = keep & padding_to_mask(key_padding_mask)
+    if attention_mask is not None:
+        keep = keep & padding_to_mask(attention_mask)
     return softmax_attention_reference(q, k, v, mask=keep, scale=scale)
 
 
@@ -641,7 +641,7 @@ def _compiled_flex() -> Callable[..., Tensor]:
 
 def _flex_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mask_mod: MaskMod | None,
-    key_padding_mask: Tensor | None, scale: float,
+    attention_mask: Tensor | None, scale: float,
 ) -> Tensor:
     if not flex_available():
         raise ParameterError(f"backend: 'flex' needs torch.nn.attention.flex_attention, not in torch {torch.__version__}")
@@ -657,7 +657,7 @@ def _flex_attention(
     bsz, h, n_q, _ = q.shape
     n_k, b = k.shape[2], layout.block_size
     nqb, nkb = layout.n_q_blocks, layout.n_k_blocks
-    key_ok = _key_ok(key_padding_mask, n_k, nkb * b, q.device)
+    key_ok = _key_ok(attention_mask, n_k, nkb * b, q.device)
     key_ok = torch.ones(1, nkb * b, dtype=torch.bool, device=q.device) if key_ok is None else key_ok
     batch_of_mask = key_ok.shape[0]
 
@@ -708,15 +708,15 @@ class BlockSparseAttention(Attention):
         return BlockLayout.from_candidates(self.block_rows(torch.arange(nb, device=device), nb), self.block_size, nb)
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         if attn_mask is not None:
             raise ValueError(
                 f"attn_mask: {self.spec.name} does not support an arbitrary attention mask "
                 "(it would need the N × N matrix the block-sparse layout avoids)"
             )
-        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-        return None if key_padding_mask is None else padding_to_mask(key_padding_mask)
+        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+        return None if attention_mask is None else padding_to_mask(attention_mask)
 
     def _padding(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor | None:
         if q.shape[2] != k.shape[2]:
@@ -733,12 +733,12 @@ class BlockSparseAttention(Attention):
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         kpm = self._padding(q, k, mask)
         layout = self.layout(q.shape[2], q.device)
-        return block_sparse_attention(q, k, v, layout, mask_mod=self.mask_mod, key_padding_mask=kpm, scale=self.scale)
+        return block_sparse_attention(q, k, v, layout, mask_mod=self.mask_mod, attention_mask=kpm, scale=self.scale)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         kpm = self._padding(q, k, mask)
         layout = self.layout(q.shape[2], q.device)
-        return block_sparse_attention_reference(q, k, v, layout, mask_mod=self.mask_mod, key_padding_mask=kpm, scale=self.scale)
+        return block_sparse_attention_reference(q, k, v, layout, mask_mod=self.mask_mod, attention_mask=kpm, scale=self.scale)
 
     def step_inputs(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
         """Checks of `step`; q of x_t (batch, heads, 1, head_dim) and the keys, values so far including x_t's."""

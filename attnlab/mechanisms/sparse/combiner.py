@@ -38,7 +38,7 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_key_padding_mask, check_qkv, check_scale
+from ...core.validate import check_attention_mask, check_qkv, check_scale
 from .block_sparse import BlockSparseAttention
 
 COMBINER = Paper("P147", "Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
@@ -47,10 +47,10 @@ POOLINGS = ("max", "mean")
 
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int | None, pooling: str,
-                key_padding_mask: Tensor | None, scale: float | None) -> tuple[int, float]:
+                attention_mask: Tensor | None, scale: float | None) -> tuple[int, float]:
     """Checks shared by the fast path and the reference; the block size and the scale in use."""
     check_qkv(q, k, v, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ParameterError(f"block_size: expected an int >= 1 or None (⌈√n⌉), got {block_size!r}")
     if pooling not in POOLINGS:
@@ -61,11 +61,11 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int | None, pooling
     return b, scale
 
 
-def _real(key_padding_mask: Tensor | None, batch: int, n: int, padded: int, device: torch.device) -> Tensor:
+def _real(attention_mask: Tensor | None, batch: int, n: int, padded: int, device: torch.device) -> Tensor:
     """(batch, padded) bool: real tokens (not key padding, not past n)."""
-    if key_padding_mask is None:
+    if attention_mask is None:
         return (torch.arange(padded, device=device) < n)[None].expand(batch, padded)
-    return F.pad(key_padding_mask, (0, padded - n), value=False)
+    return F.pad(attention_mask, (0, padded - n), value=False)
 
 
 def _pool(x: Tensor, ok: Tensor, count: Tensor, pooling: str) -> Tensor:
@@ -85,11 +85,11 @@ def combiner_attention(
     causal: bool = False,
     pooling: Pooling = "max",
     log_size: bool = True,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Combiner-Fixed over (batch, heads, n, head_dim) self-attention inputs, O(N (B + N/B) d)."""
-    b, s = _check_args(q, k, v, block_size, pooling, key_padding_mask, scale)
+    b, s = _check_args(q, k, v, block_size, pooling, attention_mask, scale)
     bsz, h, n, d = q.shape
     if n == 0:
         return q.new_zeros(bsz, h, 0, v.shape[-1])
@@ -100,7 +100,7 @@ def combiner_attention(
         return F.pad(x, (0, 0, 0, padded - n)).view(bsz, h, nb, b, x.shape[-1])
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    ok = _real(key_padding_mask, bsz, n, padded, q.device).view(bsz, 1, nb, b)
+    ok = _real(attention_mask, bsz, n, padded, q.device).view(bsz, 1, nb, b)
     count = ok.sum(-1).to(q.dtype)  # (batch, 1, nb)
     probe, rkey = _pool(qb, ok, count, pooling), _pool(kb, ok, count, pooling)  # (batch, heads, nb, d)
     # q(j|r) and the region values ṽ_r
@@ -131,16 +131,16 @@ def combiner_attention_reference(
     causal: bool = False,
     pooling: Pooling = "max",
     log_size: bool = True,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `combiner_attention`: the implicit N × N matrix in float64, built as one
     softmax over token logits — q_i·k_j·s on the direct part, logit(i, r(j)) + log q(j|r(j)) on
     region keys — whose rows give p(j|i) and p(r|i)·q(j|r), since Σ_{j∈r} q(j|r) = 1."""
-    b, s = _check_args(q, k, v, block_size, pooling, key_padding_mask, scale)
+    b, s = _check_args(q, k, v, block_size, pooling, attention_mask, scale)
     bsz, h, n, d = q.shape
     q64, k64 = q.double(), k.double()
-    real = _real(key_padding_mask, bsz, n, n, q.device)  # (batch, n)
+    real = _real(attention_mask, bsz, n, n, q.device)  # (batch, n)
     blk = torch.arange(n, device=q.device) // b
     nb = math.ceil(n / b) if n else 0
     member = blk[None, :] == torch.arange(nb, device=q.device)[:, None]  # (nb, n)
@@ -229,7 +229,7 @@ class CombinerAttention(Attention):
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:
         return {"block_size": self.block_size, "causal": self.causal, "pooling": self.pooling,
-                "log_size": self.log_size, "key_padding_mask": self._padding(q, k, mask)}
+                "log_size": self.log_size, "attention_mask": self._padding(q, k, mask)}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return combiner_attention(q, k, v, **self._kw(q, k, mask))  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import softmax_attention_reference
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv
 from .block_sparse import BlockLayout, BlockSparseAttention, block_sparse_attention
 from .power import causal_mod
 
@@ -58,9 +58,9 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_chunks: int, query_rep: str,
-                key_padding_mask: Tensor | None, scale: float | None) -> None:
+                attention_mask: Tensor | None, scale: float | None) -> None:
     check_qkv(q, k, v, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     _check_int("chunk_size", chunk_size, 1)
     _check_int("top_chunks", top_chunks, 0)
     if query_rep not in QUERY_REPS:
@@ -71,7 +71,7 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_chunks: in
 
 def dhsa_select(
     q: Tensor, k: Tensor, *, chunk_size: int, top_chunks: int, query_rep: QueryRep = "lookback",
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Kept key chunks (batch, heads, n_chunks, top_chunks + 1) int64 of each query chunk: its top
     earlier chunks by S = Q̄ K̄ᵀ (−1 where fewer exist) and the chunk itself. Not differentiated."""
@@ -80,10 +80,10 @@ def dhsa_select(
     nc = math.ceil(n / b)
     padded = nc * b
     with torch.no_grad():
-        if key_padding_mask is None:
+        if attention_mask is None:
             real = (torch.arange(padded, device=q.device) < n)[None].expand(bsz, padded)
         else:
-            real = F.pad(key_padding_mask, (0, padded - n), value=False)
+            real = F.pad(attention_mask, (0, padded - n), value=False)
         ok = real.view(bsz, 1, nc, b, 1).to(q.dtype)
         count = ok.sum(-2)  # (batch, 1, nc, 1)
 
@@ -114,22 +114,22 @@ def dhsa_attention(
     chunk_size: int = 64,
     top_chunks: int = 4,
     query_rep: QueryRep = "lookback",
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Causal DHSA over (batch, heads, n, head_dim) self-attention inputs (block-sparse engine)."""
-    _check_args(q, k, v, chunk_size, top_chunks, query_rep, key_padding_mask, scale)
+    _check_args(q, k, v, chunk_size, top_chunks, query_rep, attention_mask, scale)
     bsz, h, n, _ = q.shape
     if n == 0:
         return q.new_zeros(bsz, h, 0, v.shape[-1])
-    kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, key_padding_mask=key_padding_mask)
+    kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, attention_mask=attention_mask)
     nc = kept.shape[2]
     outs = []
     for z in range(bsz):  # the layout is content-based: one per batch element, per head
         layout = BlockLayout.from_candidates(kept[z], chunk_size, nc)
-        kpm = None if key_padding_mask is None else key_padding_mask[z : z + 1]
+        kpm = None if attention_mask is None else attention_mask[z : z + 1]
         outs.append(block_sparse_attention(q[z : z + 1], k[z : z + 1], v[z : z + 1], layout,
-                                           mask_mod=causal_mod, key_padding_mask=kpm, scale=scale))
+                                           mask_mod=causal_mod, attention_mask=kpm, scale=scale))
     return torch.cat(outs, 0)
 
 
@@ -141,14 +141,14 @@ def dhsa_attention_reference(
     chunk_size: int = 64,
     top_chunks: int = 4,
     query_rep: QueryRep = "lookback",
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `dhsa_attention`: dense causal softmax in float64 under the token mask the
     kept chunk pairs define (same selection)."""
-    _check_args(q, k, v, chunk_size, top_chunks, query_rep, key_padding_mask, scale)
+    _check_args(q, k, v, chunk_size, top_chunks, query_rep, attention_mask, scale)
     bsz, h, n, _ = q.shape
-    kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, key_padding_mask=key_padding_mask)
+    kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, attention_mask=attention_mask)
     nc = kept.shape[2]
     pairs = torch.zeros(bsz, h, nc, nc + 1, dtype=torch.bool, device=q.device)
     pairs.scatter_(-1, torch.where(kept < 0, nc, kept), True)
@@ -156,8 +156,8 @@ def dhsa_attention_reference(
     keep = pairs[..., :nc][:, :, chunk][:, :, :, chunk]  # (batch, heads, n, n)
     pos = torch.arange(n, device=q.device)
     keep = keep & (pos[None, :] <= pos[:, None])
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :]
     return softmax_attention_reference(q, k, v, mask=keep, scale=scale)
 
 
@@ -211,7 +211,7 @@ class DHSAAttention(Attention):
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:
         return {"chunk_size": self.chunk_size, "top_chunks": self.top_chunks, "query_rep": self.query_rep,
-                "key_padding_mask": self._padding(q, k, mask)}
+                "attention_mask": self._padding(q, k, mask)}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return dhsa_attention(q, k, v, **self._kw(q, k, mask))  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ from ...core.masks import padding_to_mask
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_floating, check_int, check_key_padding_mask, check_qkv, check_tensor
+from ...core.validate import check_attention_mask, check_floating, check_int, check_qkv, check_tensor
 from .proxy import attend_many, grouped_sdpa
 
 FIT = Paper("P164", "FIT: Far-reaching Interleaved Transformers", 2023, "2305.12689")
@@ -58,7 +58,7 @@ def fit_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, latents: Tensor, group_size: int, key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, latents: Tensor, group_size: int, attention_mask: Tensor | None
 ) -> None:
     check_qkv(q, k, v, same_length=True)
     check_int("group_size", group_size)
@@ -84,7 +84,7 @@ def _check(
         raise ShapeError(f"latents: expected at least one latent per group, got shape {tuple(latents.shape)}")
     if latents.dtype != q.dtype or latents.device != q.device:
         raise ShapeError(f"latents: expected dtype {q.dtype} on {q.device} (as q), got {latents.dtype} on {latents.device}")
-    check_key_padding_mask(key_padding_mask, q.shape[0], n)
+    check_attention_mask(attention_mask, q.shape[0], n)
 
 
 def fit_attention(
@@ -94,21 +94,21 @@ def fit_attention(
     latents: Tensor,
     *,
     group_size: int,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """One FIT block on (batch, heads, L, head_dim) inputs: out = ½ (A_loc + W A_glob R A_loc) v.
 
     `latents`: the latent queries u, (heads, m, head_dim) or (batch, heads, m, head_dim), shared
-    by the groups; group_size n divides L. key_padding_mask bool (batch, L), True = real token.
+    by the groups; group_size n divides L. attention_mask bool (batch, L), True = real token.
     A query that sees no real key gives 0.
     """
-    _check(q, k, v, latents, group_size, key_padding_mask)
+    _check(q, k, v, latents, group_size, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, length, d = q.shape
     g, m, n = length // group_size, latents.shape[-2], group_size
     qg, kg, vg = (t.reshape(b, h, g, n, t.shape[-1]) for t in (q, k, v))
-    real = None if key_padding_mask is None else key_padding_mask.reshape(b, g, n)
+    real = None if attention_mask is None else attention_mask.reshape(b, g, n)
     token_mask = None if real is None else real[:, None, :, None, :]  # (b, 1, G, 1, n)
     local = grouped_sdpa(qg, kg, vg, token_mask, scale)
     u = (latents if latents.dim() == 4 else latents[None])[:, :, None].expand(b, h, g, m, d)
@@ -127,13 +127,13 @@ def fit_matrices(
     latents: Tensor,
     *,
     group_size: int,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> dict[str, Tensor]:
     """The stages of a FIT block as dense float64 matrices: "local" A_loc (batch, heads, L, L), "read"
     R (batch, heads, G·m, L), "global" A_glob (batch, heads, G·m, G·m), "write" W (batch, heads, L,
     G·m) and "composed" ½ (A_loc + W A_glob R A_loc)."""
-    _check(q, k, q, latents, group_size, key_padding_mask)
+    _check(q, k, q, latents, group_size, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, length, _ = q.shape
     g, m = length // group_size, latents.shape[-2]
@@ -142,7 +142,7 @@ def fit_matrices(
     u = u.repeat(1, 1, g, 1)  # (·, heads, G·m, d): latent j of group j // m
     token_group = torch.arange(length, device=q.device) // group_size
     latent_group = torch.arange(g * m, device=q.device) // m
-    real = torch.ones(1, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    real = torch.ones(1, length, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
     valid = (latent_group[None, :, None] == token_group[None, None, :]) & real[:, None, :]  # (b|1, G·m, L)
     valid = valid.any(-1)  # latents of groups with a real token
     pad = padding_to_mask(real)
@@ -165,13 +165,13 @@ def fit_attention_reference(
     latents: Tensor,
     *,
     group_size: int,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `fit_attention` in float64: weights the composed (batch, heads, L, L) matrix
     ½ (A_loc + W A_glob R A_loc), out = weights v."""
-    _check(q, k, v, latents, group_size, key_padding_mask)
-    weights = fit_matrices(q, k, latents, group_size=group_size, key_padding_mask=key_padding_mask, scale=scale)["composed"]
+    _check(q, k, v, latents, group_size, attention_mask)
+    weights = fit_matrices(q, k, latents, group_size=group_size, attention_mask=attention_mask, scale=scale)["composed"]
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
 
 
@@ -232,21 +232,21 @@ class FITAttention(Attention):
         return mask[:, 0, 0].expand(q.shape[0], -1)
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         if attn_mask is not None:
-            raise ValueError("attn_mask: FIT takes no attention mask (only key_padding_mask)")
-        return super().combined_mask(q, k, key_padding_mask, None)
+            raise ValueError("attn_mask: FIT takes no attention mask (only attention_mask)")
+        return super().combined_mask(q, k, attention_mask, None)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return fit_attention(
-            q, k, v, self.latent_queries(q), group_size=self.group_size, key_padding_mask=self._padding(q, mask),
+            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=self._padding(q, mask),
             scale=self.scale,
         )
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return fit_attention_reference(
-            q, k, v, self.latent_queries(q), group_size=self.group_size, key_padding_mask=self._padding(q, mask),
+            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=self._padding(q, mask),
             scale=self.scale,
         )
 

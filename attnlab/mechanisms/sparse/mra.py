@@ -41,7 +41,7 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_key_padding_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv
 from .block_sparse import BlockLayout, BlockSparseAttention, block_sparse_attention
 
 MRA = Paper("P066", "Multi Resolution Analysis (MRA) for Approximate Self-Attention", 2022, "2207.10284")
@@ -54,9 +54,9 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int, blocks: int,
-                key_padding_mask: Tensor | None, scale: float | None) -> float:
+                attention_mask: Tensor | None, scale: float | None) -> float:
     check_qkv(q, k, v, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     _check_int("block_size", block_size, 1)
     _check_int("blocks", blocks, 1)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
@@ -64,22 +64,22 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int, blocks: int,
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _real(key_padding_mask: Tensor | None, batch: int, n: int, padded: int, device: torch.device) -> Tensor:
+def _real(attention_mask: Tensor | None, batch: int, n: int, padded: int, device: torch.device) -> Tensor:
     """(batch, padded) bool: real tokens (not padding, not past n)."""
-    if key_padding_mask is None:
+    if attention_mask is None:
         return (torch.arange(padded, device=device) < n)[None].expand(batch, padded)
-    return F.pad(key_padding_mask, (0, padded - n), value=False)
+    return F.pad(attention_mask, (0, padded - n), value=False)
 
 
 def mra_coarse(
-    q: Tensor, k: Tensor, v: Tensor, *, block_size: int, key_padding_mask: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, *, block_size: int, attention_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Coarse logits L (batch, heads, nb, nb) (−inf on key blocks without real tokens), real-token
     counts c (batch, 1, nb) and block means v̂ (batch, heads, nb, dv)."""
     bsz, h, n, _ = q.shape
     nb = math.ceil(n / block_size)
     padded = nb * block_size
-    ok = _real(key_padding_mask, bsz, n, padded, q.device).view(bsz, 1, nb, block_size, 1).to(q.dtype)
+    ok = _real(attention_mask, bsz, n, padded, q.device).view(bsz, 1, nb, block_size, 1).to(q.dtype)
     count = ok.sum(-2)  # (batch, 1, nb, 1)
 
     def means(x: Tensor) -> Tensor:
@@ -105,19 +105,19 @@ def mra_attention(
     *,
     block_size: int = 32,
     blocks: int = 4,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """MRA-2 attention over (batch, heads, n, head_dim) self-attention inputs: the top-`blocks` key
     blocks of each query block exact, the others at block resolution, one normalisation."""
-    s = _check_args(q, k, v, block_size, blocks, key_padding_mask, scale)
+    s = _check_args(q, k, v, block_size, blocks, attention_mask, scale)
     bsz, h, n, d = q.shape
     dv = v.shape[-1]
     if n == 0:
         return q.new_zeros(bsz, h, 0, dv)
     b, nb = block_size, math.ceil(n / block_size)
     padded = nb * b
-    logits, count, v_hat = mra_coarse(q, k, v, block_size=b, key_padding_mask=key_padding_mask, scale=s)
+    logits, count, v_hat = mra_coarse(q, k, v, block_size=b, attention_mask=attention_mask, scale=s)
     top = mra_select(logits, blocks)  # (batch, heads, nb, m)
     refined = torch.zeros(bsz, h, nb, nb, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
     low = (~refined) & (count > 0)[:, :, None, :]  # (batch, heads, nb, nb)
@@ -136,8 +136,8 @@ def mra_attention(
     v_sink = torch.cat([v_low[..., None, :], v.new_zeros(bsz, h, nb, b - 1, dv)], -2).view(bsz, h, padded, dv)
     k_aug, v_aug = torch.cat([k_tok, k_sink], 2), torch.cat([F.pad(v, (0, 0, 0, padded - n)), v_sink], 2)
     key_ok = None
-    if key_padding_mask is not None or padded > n:
-        key_ok = torch.cat([_real(key_padding_mask, bsz, n, padded, q.device), q.new_ones(bsz, padded, dtype=torch.bool)], 1)
+    if attention_mask is not None or padded > n:
+        key_ok = torch.cat([_real(attention_mask, bsz, n, padded, q.device), q.new_ones(bsz, padded, dtype=torch.bool)], 1)
     sink_block = nb + torch.arange(nb, device=q.device)
     candidates = torch.cat([top, torch.where(has_low, sink_block, -1)[..., None]], -1)
     outs = []
@@ -145,7 +145,7 @@ def mra_attention(
         layout = BlockLayout.from_candidates(candidates[z], b, 2 * nb)
         kpm = None if key_ok is None else key_ok[z : z + 1]
         outs.append(block_sparse_attention(q_aug[z : z + 1], k_aug[z : z + 1], v_aug[z : z + 1], layout,
-                                           key_padding_mask=kpm, scale=1.0))
+                                           attention_mask=kpm, scale=1.0))
     return torch.cat(outs, 0)
 
 
@@ -156,16 +156,16 @@ def mra_attention_reference(
     *,
     block_size: int = 32,
     blocks: int = 4,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `mra_attention`: the normalised Â as a dense N × N matrix in float64 — one
     softmax over q_i·k_j·s on refined blocks and the coarse logit L_xy elsewhere (same selection)."""
-    s = _check_args(q, k, v, block_size, blocks, key_padding_mask, scale)
+    s = _check_args(q, k, v, block_size, blocks, attention_mask, scale)
     bsz, h, n, _ = q.shape
-    top = mra_select(mra_coarse(q, k, v, block_size=block_size, key_padding_mask=key_padding_mask, scale=s)[0], blocks)
+    top = mra_select(mra_coarse(q, k, v, block_size=block_size, attention_mask=attention_mask, scale=s)[0], blocks)
     q64, k64, v64 = q.double(), k.double(), v.double()
-    real = _real(key_padding_mask, bsz, n, n, q.device)  # (batch, n)
+    real = _real(attention_mask, bsz, n, n, q.device)  # (batch, n)
     blk = torch.arange(n, device=q.device) // block_size
     nb = math.ceil(n / block_size) if n else 0
     member = (blk[None, :] == torch.arange(nb, device=q.device)[:, None])[None] & real[:, None, :]  # (batch, nb, n)
@@ -221,11 +221,11 @@ class MRAAttention(Attention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         kpm = self._padding(q, k, mask)
-        return mra_attention(q, k, v, block_size=self.block_size, blocks=self.blocks, key_padding_mask=kpm)
+        return mra_attention(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         kpm = self._padding(q, k, mask)
-        return mra_attention_reference(q, k, v, block_size=self.block_size, blocks=self.blocks, key_padding_mask=kpm)
+        return mra_attention_reference(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm)
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, blocks={self.blocks}"

@@ -71,13 +71,13 @@ def power_attention(
     block_size: int = 64,
     local_blocks: int = 1,
     sink_blocks: int = 1,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Causal PowerAttention over (batch, heads, n, head_dim) self-attention inputs (block-sparse engine)."""
     check_qkv(q, k, v, same_length=True)
     layout = power_layout(q.shape[2], block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks, device=q.device)
-    return block_sparse_attention(q, k, v, layout, mask_mod=causal_mod, key_padding_mask=key_padding_mask, scale=scale)
+    return block_sparse_attention(q, k, v, layout, mask_mod=causal_mod, attention_mask=attention_mask, scale=scale)
 
 
 def power_attention_reference(
@@ -88,13 +88,13 @@ def power_attention_reference(
     block_size: int = 64,
     local_blocks: int = 1,
     sink_blocks: int = 1,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `power_attention`: the dense masked matrix in float64."""
     check_qkv(q, k, v, same_length=True)
     layout = power_layout(q.shape[2], block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks, device=q.device)
-    return block_sparse_attention_reference(q, k, v, layout, mask_mod=causal_mod, key_padding_mask=key_padding_mask, scale=scale)
+    return block_sparse_attention_reference(q, k, v, layout, mask_mod=causal_mod, attention_mask=attention_mask, scale=scale)
 
 
 def reachable(mask: Tensor, layers: int) -> Tensor:

@@ -75,9 +75,9 @@ def window_shape(window: WindowArg, rank: int) -> tuple[int, ...]:
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, window: WindowArg, proxy: str, key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, window: WindowArg, proxy: str, attention_mask: Tensor | None
 ) -> tuple[tuple[int, ...], tuple[int, ...], Tensor | None]:
-    """(grid, window per axis, key_padding_mask (batch, N) or None) after checking everything."""
+    """(grid, window per axis, attention_mask (batch, N) or None) after checking everything."""
     grid = check_grid_qkv(q, k, v, (1, 2))
     win = window_shape(window, len(grid))
     for axis, (length, w) in enumerate(zip(grid, win)):
@@ -90,7 +90,7 @@ def _check(
             )
     if proxy not in PROXY_CHOICES:
         raise ParameterError(f"proxy: expected one of {list(PROXY_CHOICES)}, got {proxy!r}")
-    return grid, win, grid_padding(key_padding_mask, q.shape[0], grid)
+    return grid, win, grid_padding(attention_mask, q.shape[0], grid)
 
 
 def proxy_weights(
@@ -192,18 +192,18 @@ def proxy_token_attention(
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Proxy-token attention of q, k, v (batch, heads, *grid, head_dim), a grid of 1 or 2 axes.
 
     out = ½ (A_cross A_proxy S + A_win) v (see the module docstring); `window` one int or one
     per axis, dividing each axis; `shift`: the window branch uses windows shifted by ⌊w/2⌋ per
-    axis (partial windows at the borders), the proxies keep the unshifted ones; key_padding_mask bool (batch, N) in raster order or
+    axis (partial windows at the borders), the proxies keep the unshifted ones; attention_mask bool (batch, N) in raster order or
     (batch, *grid), True = real token. Returns (batch, heads, *grid, head_dim of v); a query
     that sees no real key gives 0.
     """
-    grid, win, kpm = _check(q, k, v, window, proxy, key_padding_mask)
+    grid, win, kpm = _check(q, k, v, window, proxy, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, d = q.shape[0], q.shape[-1]
     qw, kw, vw = (_to_windows(t, win) for t in (q, k, v))  # (b, h, windows, w, ·)
@@ -230,14 +230,14 @@ def proxy_token_matrices(
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> dict[str, Tensor]:
     """The stages of proxy-token attention as dense float64 matrices, positions in raster order:
     "select" S (batch|1, 1, N/w, N), "proxy" A_proxy (batch, heads, N/w, N/w), "cross" A_cross
     (batch, heads, N, N/w), "window" A_win (batch, heads, N, N; with `shift` on the windows offset by
     ⌊w/2⌋ per axis) and "composed" ½ (A_cross A_proxy S + A_win)."""
-    grid, win, kpm = _check(q, k, q, window, proxy, key_padding_mask)
+    grid, win, kpm = _check(q, k, q, window, proxy, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, n = q.shape[0], q.shape[1], math.prod(grid)
     q64, k64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k))
@@ -275,14 +275,14 @@ def proxy_token_attention_reference(
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `proxy_token_attention` in float64: weights the composed (batch, heads, N, N)
     matrix ½ (A_cross A_proxy S + A_win) in raster order, out = weights v."""
-    grid, _, _ = _check(q, k, v, window, proxy, key_padding_mask)
+    grid, _, _ = _check(q, k, v, window, proxy, attention_mask)
     weights = proxy_token_matrices(
-        q, k, window=window, proxy=proxy, seed=seed, shift=shift, key_padding_mask=key_padding_mask, scale=scale
+        q, k, window=window, proxy=proxy, seed=seed, shift=shift, attention_mask=attention_mask, scale=scale
     )["composed"]
     b, h, n = q.shape[0], q.shape[1], math.prod(grid)
     out = (weights @ v.double().reshape(b, h, n, v.shape[-1])).reshape(b, h, *grid, v.shape[-1])
@@ -315,7 +315,7 @@ def proxy_token_attention_reference(
 class ProxyTokenAttention(GridAttention):
     """Multi-head proxy-token attention on a 1-D or 2-D grid of tokens.
 
-    Inputs are (batch, n, dim) or (batch, H, W, dim); key_padding_mask is bool (batch, N) in raster
+    Inputs are (batch, n, dim) or (batch, H, W, dim); attention_mask is bool (batch, N) in raster
     order or (batch, *grid). `attend(q, k, v)` takes (batch, heads, *grid, head_dim), or flat
     (batch, heads, N, head_dim) with `grid=(H, W)`. `materialize` is the composed (batch, heads, N,
     N) matrix ½ (A_cross A_proxy S + A_win) in raster order. With proxy="random" the choice comes
@@ -355,11 +355,11 @@ class ProxyTokenAttention(GridAttention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path on (batch, heads, *grid, head_dim); `mask` is the key padding mask (batch, N) or None."""
-        return proxy_token_attention(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return proxy_token_attention(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, composed weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return proxy_token_attention_reference(q, k, v, key_padding_mask=mask, **self._options())  # type: ignore[arg-type]
+        return proxy_token_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"window={self.window}, proxy={self.proxy!r}, seed={self.seed}, shift={self.shift}, resample={self.resample}"

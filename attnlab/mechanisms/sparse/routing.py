@@ -58,7 +58,7 @@ from ...core.masks import padding_to_mask
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int, check_key_padding_mask, check_qkv, check_scale, check_tensor
+from ...core.validate import check_attention_mask, check_int, check_qkv, check_scale, check_tensor
 
 ROUTING = Paper("P039", "Efficient Content-Based Sparse Attention with Routing Transformers", 2021, "2003.05997")
 
@@ -95,9 +95,9 @@ def _check_centroids(centroids: Tensor, heads: int, d: int) -> None:
         raise ShapeError(f"centroids: expected (heads, k, head_dim) = ({heads}, k >= 1, {d}), got {tuple(centroids.shape)}")
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float | None) -> float:
+def _check(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, scale: float | None) -> float:
     check_qkv(q, k, v, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     return check_scale(scale, q.shape[-1])
 
 
@@ -108,11 +108,11 @@ def _check_decay(decay: object) -> None:
 
 @torch.no_grad()
 def route(
-    q: Tensor, k: Tensor, centroids: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None
+    q: Tensor, k: Tensor, centroids: Tensor, *, causal: bool = False, attention_mask: Tensor | None = None
 ) -> Routing:
     """The clusters of q, k (batch, heads, n, d) under centroids (heads, k, d); computed without gradient."""
     check_qkv(q, k, k, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     b, h, n, d = q.shape
     _check_centroids(centroids, h, d)
     mu = centroids.to(q.dtype)
@@ -133,8 +133,8 @@ def route(
         index, valid = index.view(b, h, n_c, width), valid.view(b, h, n_c, width)
         return Routing(index, valid, index, valid)
     ks = torch.einsum("bhnd,hcd->bhnc", unit_normalize(k), mu)
-    if key_padding_mask is not None:  # padding never displaces a real token
-        pad = ~key_padding_mask[:, None, :, None]
+    if attention_mask is not None:  # padding never displaces a real token
+        pad = ~attention_mask[:, None, :, None]
         qs, ks = qs.masked_fill(pad, float("-inf")), ks.masked_fill(pad, float("-inf"))
     width = max(math.ceil(n / n_c), 1)
     if n == 0:
@@ -152,19 +152,19 @@ def ema_centroids(
     *,
     decay: float,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """μ_c ← λ μ_c + (1 − λ)·mean of the normalised queries and keys (keys = queries when causal)
     nearest to μ_c, over the batch and positions (padding left out); returns the new centroids."""
     check_qkv(q, k, k, same_length=True)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
     _check_centroids(centroids, q.shape[1], q.shape[-1])
     _check_decay(decay)
     mu = centroids.to(q.dtype)
     x = unit_normalize(q) if causal else torch.cat([unit_normalize(q), unit_normalize(k)], 2)
     keep = torch.ones(x.shape[:3], dtype=x.dtype, device=x.device)
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(x.dtype)[:, None, :]
+    if attention_mask is not None:
+        real = attention_mask.to(x.dtype)[:, None, :]
         keep = keep * (real if causal else torch.cat([real, real], -1))
     hot = F.one_hot(torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1), mu.shape[1]).to(x.dtype) * keep[..., None]
     count = hot.sum((0, 2))  # (h, k)
@@ -180,12 +180,12 @@ def _shared(q: Tensor, k: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
 
 
 def _resolve(q: Tensor, k: Tensor, centroids: Tensor | None, routing: Routing | None, causal: bool,
-             key_padding_mask: Tensor | None) -> Routing:
+             attention_mask: Tensor | None) -> Routing:
     if (centroids is None) == (routing is None):
         raise ParameterError("centroids, routing: expected exactly one of them (centroids to route, or a Routing)")
     if routing is None:
         assert centroids is not None
-        return route(q, k, centroids, causal=causal, key_padding_mask=key_padding_mask)
+        return route(q, k, centroids, causal=causal, attention_mask=attention_mask)
     if not isinstance(routing, Routing):
         raise TypeError(f"routing: expected a Routing, got {type(routing).__name__}")
     b, h, n = q.shape[:3]
@@ -217,7 +217,7 @@ def routing_attention(
     centroids: Tensor | None = None,
     routing: Routing | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Routing attention of q, k, v (batch, heads, n, d) within clusters, gathered per cluster.
@@ -225,8 +225,8 @@ def routing_attention(
     Give `centroids` (heads, k, d) to route here, or a precomputed `routing` (see `route`).
     Returns (batch, heads, n, d_v); a query in no cluster, or with no visible key, gives 0.
     """
-    scale = _check(q, k, v, key_padding_mask, scale)
-    r = _resolve(q, k, centroids, routing, causal, key_padding_mask)
+    scale = _check(q, k, v, attention_mask, scale)
+    r = _resolve(q, k, centroids, routing, causal, attention_mask)
     b, h, n, d = q.shape
     dv = v.shape[-1]
     if n == 0 or r.q_index.shape[-1] == 0:
@@ -242,8 +242,8 @@ def routing_attention(
 
     qg, kg, vg = gather(qn, q_rows, wq), gather(kn, k_rows, wk), gather(v, k_rows, wk)
     keep: Tensor | None = None if bool(r.k_valid.all()) else r.k_valid[..., None, :]  # (b, h, k, 1, wk)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, None, :].expand(b, h, n).gather(-1, r.k_index.reshape(b, h, -1)).view(b, h, n_c, 1, wk)
+    if attention_mask is not None:
+        real = attention_mask[:, None, :].expand(b, h, n).gather(-1, r.k_index.reshape(b, h, -1)).view(b, h, n_c, 1, wk)
         keep = real if keep is None else keep & real
     if causal:
         before = r.k_index[..., None, :] <= r.q_index[..., :, None]
@@ -266,21 +266,21 @@ def routing_attention_reference(
     centroids: Tensor | None = None,
     routing: Routing | None = None,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `routing_attention` in float64: one dense masked softmax per cluster
     (k × n × n), averaged over each query's clusters into the n × n matrix A with out = A v."""
-    scale = _check(q, k, v, key_padding_mask, scale)
-    r = _resolve(q, k, centroids, routing, causal, key_padding_mask)
+    scale = _check(q, k, v, attention_mask, scale)
+    r = _resolve(q, k, centroids, routing, causal, attention_mask)
     n = q.shape[2]
     qn, kn = _shared(q.double(), k.double(), causal)
     mq, mk = r.members(n, "q"), r.members(n, "k")  # (b, h, k, n)
     keep = mq[..., :, None] & mk[..., None, :]  # (b, h, k, n, n)
     if causal:
         keep = keep & (torch.arange(n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None])
-    if key_padding_mask is not None:
-        keep = keep & padding_to_mask(key_padding_mask)[:, :, None]
+    if attention_mask is not None:
+        keep = keep & padding_to_mask(attention_mask)[:, :, None]
     scores = torch.einsum("bhid,bhjd->bhij", qn, kn)[:, :, None] * scale
     per_cluster = masked_softmax(scores, keep)
     count = mq.sum(2).to(torch.float64)  # clusters holding each query
@@ -342,24 +342,24 @@ class RoutingAttention(Attention):
         self._frozen = False
 
     def combined_mask(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
         """Key padding only, (batch, 1, 1, n): causality is applied inside the clusters (no N × N mask)."""
         if attn_mask is not None:
             raise ValueError("attn_mask: routing does not support an arbitrary attention mask")
         if q.shape[2] != k.shape[2]:
             raise ShapeError(f"k: routing attends within one sequence, expected n_k = n_q = {q.shape[2]}, got {k.shape[2]}")
-        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-        return None if key_padding_mask is None else padding_to_mask(key_padding_mask)
+        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+        return None if attention_mask is None else padding_to_mask(attention_mask)
 
     def _route(self, q: Tensor, k: Tensor, mask: Tensor | None) -> tuple[Routing, Tensor | None]:
         kpm = None if mask is None else mask[:, 0, 0]
-        return route(q, k, self.centroids, causal=self.causal, key_padding_mask=kpm), kpm
+        return route(q, k, self.centroids, causal=self.causal, attention_mask=kpm), kpm
 
     def _schedule_ema(self, out: Tensor, q: Tensor, k: Tensor, kpm: Tensor | None) -> Tensor:
         """In training mode: compute the EMA step now, write it into the buffer when out's gradient is computed."""
         if self.training and not self._frozen and out.requires_grad:
-            new = ema_centroids(self.centroids, q, k, decay=self.decay, causal=self.causal, key_padding_mask=kpm)
+            new = ema_centroids(self.centroids, q, k, decay=self.decay, causal=self.causal, attention_mask=kpm)
 
             def write(_grad: Tensor) -> None:
                 with torch.no_grad():
@@ -370,12 +370,12 @@ class RoutingAttention(Attention):
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         r, kpm = self._route(q, k, mask)
-        out = routing_attention(q, k, v, routing=r, causal=self.causal, key_padding_mask=kpm)
+        out = routing_attention(q, k, v, routing=r, causal=self.causal, attention_mask=kpm)
         return self._schedule_ema(out, q, k, kpm)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         r, kpm = self._route(q, k, mask)
-        out, weights = routing_attention_reference(q, k, v, routing=r, causal=self.causal, key_padding_mask=kpm)
+        out, weights = routing_attention_reference(q, k, v, routing=r, causal=self.causal, attention_mask=kpm)
         return self._schedule_ema(out, q, k, kpm), weights
 
     def materialize(
@@ -383,13 +383,16 @@ class RoutingAttention(Attention):
         x: Tensor,
         *,
         context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The attention matrix (batch, heads, n, n) under the current centroids (which it leaves unchanged)."""
         self._frozen = True
         try:
-            return super().materialize(x, context=context, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+            return super().materialize(
+                x, context=context, attention_mask=attention_mask, key_padding_mask=key_padding_mask, attn_mask=attn_mask
+            )
         finally:
             self._frozen = False
 

@@ -73,13 +73,13 @@ def sliding_window_attention(
     window: int,
     causal: bool = False,
     block_size: int = 64,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Attention of each query to the keys with |i − j| ≤ window (j ≤ i when causal), block-sparse engine."""
     check_qkv(q, k, v, same_length=True)
     layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
-    return block_sparse_attention(q, k, v, layout, mask_mod=band_mod(window, causal), key_padding_mask=key_padding_mask, scale=scale)
+    return block_sparse_attention(q, k, v, layout, mask_mod=band_mod(window, causal), attention_mask=attention_mask, scale=scale)
 
 
 def sliding_window_attention_reference(
@@ -90,14 +90,14 @@ def sliding_window_attention_reference(
     window: int,
     causal: bool = False,
     block_size: int = 64,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `sliding_window_attention`: the dense band-masked matrix in float64."""
     check_qkv(q, k, v, same_length=True)
     layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
     return block_sparse_attention_reference(
-        q, k, v, layout, mask_mod=band_mod(window, causal), key_padding_mask=key_padding_mask, scale=scale
+        q, k, v, layout, mask_mod=band_mod(window, causal), attention_mask=attention_mask, scale=scale
     )
 
 
