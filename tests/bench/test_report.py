@@ -587,3 +587,49 @@ def test_one_memory_unit_throughout(hand) -> None:
     assert [float(c) for c in row[2:]] == pytest.approx([peaks[n] / 2**20 for n in LENGTHS_HAND], rel=1e-3)
     for _, _, fig in _figures(report):
         assert {ax.get_ylabel() for ax in fig.get_axes()[1::2]} == {"peak memory (MiB)"}
+
+
+def test_report_reads_the_store_without_writing(hand, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A store in rollback-journal mode (as a foreign or older SQLite file may be) is left byte for byte as it
+    was: a writer would switch it to WAL and add its tables. A foreign or corrupt file: one line, exit 2."""
+    import hashlib
+    import sqlite3
+
+    store, _ = hand
+    db = tmp_path / "copy.sqlite"
+    with sqlite3.connect(store.path) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as con:
+        con.execute("PRAGMA journal_mode=DELETE")
+        con.execute("CREATE TABLE notes (text TEXT)")
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database at all" * 100)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (db, foreign, garbage)}
+
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    capsys.readouterr()
+    for bad in (foreign, garbage):
+        assert main(["report", "--db", str(bad), "--out", str(tmp_path / "none"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(bad) in err and "--db" in err, err
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_reader_sees_the_headline_first(hand, tmp_path: Path) -> None:
+    """In Chromium at 1400 px: the headline is the first section, in the first screen; everything after it
+    folds, and the page with its default folding stays short."""
+    from browser import screenshot
+
+    store, _ = hand
+    page = write_report(store, tmp_path / "report")
+    shot = tmp_path / "headline.png"
+    size = screenshot(page, shot, selector="#headline", width=1400, height=1000)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and size["height"] > 200
+    text = page.read_text(encoding="utf-8")
+    sections = re.findall(r"<section id='(\w+)'>(<details)?", text)
+    assert sections[0] == ("headline", "") and all(folds for _, folds in sections[1:])
+    assert size["page_height"] < 8000

@@ -30,7 +30,7 @@ from typing import Any
 
 from ... import __version__
 from ..progress import progress, say
-from ..store import DEFAULT_DB, ResultStore, canonical
+from ..store import DEFAULT_DB, ResultStore, StoreError, canonical
 from . import headline, markdown
 from .fmt import fmt_accuracy, fmt_mib, fmt_time
 from .model import Report
@@ -54,6 +54,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.generated)),
         "attnlab": __version__,
         "database": report.database,
+        "skipped_rows": report.skipped,
         "memory_unit": "bytes (peak_mem_bytes); MiB on the page",
         "headline": headline.to_json(report),
         "mechanisms": report.coverage(),
@@ -120,11 +121,11 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     """Write the report; print the Markdown/JSON when asked, and the page's path last (stderr with --json -)."""
-    if not Path(args.db).exists():
-        print(f"attnlab report: error: no results database at {args.db} (run `attnlab bench` first, "
-              "or choose one with --db)", file=sys.stderr)
+    try:
+        report = Report.from_store(ResultStore(args.db, readonly=True))  # read-only: the report never writes
+    except StoreError as err:  # missing, not a results database, unreadable: one line naming the file
+        print(f"attnlab report: error: {err}", file=sys.stderr)
         return 2
-    report = Report.from_store(ResultStore(args.db))
     say(f"report: {len(report.results)} results from {args.db}", quiet=args.quiet)
     try:
         target = write(report, args.out, quiet=args.quiet)

@@ -222,6 +222,8 @@ class Page:
         items = [f"{len(r.speed)} speed and {len(r.recall)} recall results from {len(runs)} run{'s' * (len(runs) != 1)} "
                  f"in {len(r.machines)} environment{'s' * (len(r.machines) != 1)} (machine and software); ratios "
                  "only between results of one run or one environment"]
+        if r.skipped:
+            items.append(f"{r.skipped} unreadable rows of the store skipped")
         if r.common_shape():
             items.append(f"every speed run: {r.common_shape()}")
         items.append(f"load average at measurement {loads[0]:.2f}–{loads[-1]:.2f}" if loads

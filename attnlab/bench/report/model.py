@@ -180,6 +180,7 @@ class Report:
     specs: dict[str, Spec]
     database: str = ""
     generated: float = field(default_factory=time.time)
+    skipped: int = 0  # rows of the store that could not be read
 
     def __post_init__(self) -> None:
         self.speed = [r for r in self.results if r.suite == "speed"]
@@ -216,7 +217,9 @@ class Report:
 
     @classmethod
     def from_store(cls, store: ResultStore) -> Report:
-        return cls(store.results(), {s.name: s for s in list_mechanisms()}, database=str(store.path))
+        results = store.results()
+        return cls(results, {s.name: s for s in list_mechanisms()}, database=str(store.path),
+                   skipped=store.skipped_rows)
 
     def is_reused(self, result: Result) -> bool:
         """Whether `result` comes from an earlier run than the newest one in the store (needs run ids)."""
