@@ -461,6 +461,8 @@ def test_headline_beats_sdpa_from_known_times(hand) -> None:
         assert (b.from_n, b.n_max, b.reference) == (from_n, 1024, reference), key
         assert b.at_max == pytest.approx(at_max)
     assert facts[("neighborhood", True)].ratios == pytest.approx({256: 0.5 / 0.6, 512: 0.5, 1024: 0.25})
+    assert {s.mechanism: why for s, why in headline.uncompared(report)} == {
+        "galerkin": "SDPA was measured only in another environment"}
     # the page says it in words: faster from which N and by how much
     text = (Path(write_report(hand[0], Path(hand[0].path).parent / "report")).read_text(encoding="utf-8"))
     section = text[text.index("id='headline'"):text.index("id='speed'")]
@@ -484,6 +486,7 @@ def test_headline_exponents_leaderboards_and_peers(hand) -> None:
     first = boards[0]
     assert [row["mechanism"] for row in first.rows] == ["softmax", "linear", "based"]  # retention: another budget
     assert [row["mean"] for row in first.rows] == pytest.approx([1.0, 0.8, 0.5])
+    assert [row["rank"] for row in first.rows] == [1, 2, 3]
     assert [bool(row["stopped"]) for row in first.rows] == [False, True, True]
     assert first.rows[2]["stopped"][4] == "stopped at the time budget of 20 s in epoch 2"
     assert first.rows[1]["stopped"][4] == "stopped after 4 of 4 epochs"
@@ -551,8 +554,9 @@ def test_implausible_values_are_listed_not_plotted(hand) -> None:
                 labels = [x.get_label() for x in memory_ax.get_lines()]
                 assert not any(label.startswith("twins-gsa") for label in labels)
     text = write_report(store, Path(store.path).parent / "flagged").read_text(encoding="utf-8")
-    listed = re.findall(r"<p class='flag'>Not plotted \(implausible\): (.*?)</p>", text)
-    assert len(listed) == 1 and listed[0].count("twins-gsa") == 3 and "peak memory of 0" in listed[0]
+    listed = re.findall(r"<p class='flag'>⚠ Not plotted \(implausible\): (.*?)</p>", text)
+    assert listed == ["twins-gsa, fwd at N=256, 512, 1024: peak memory of 0 (below the probe&#x27;s resolution, "
+                      "or not measured)."]
 
 
 def test_reused_rows_and_load_are_marked(hand) -> None:
@@ -564,7 +568,7 @@ def test_reused_rows_and_load_are_marked(hand) -> None:
     assert rows["galerkin"].count("class='reused'") == 3  # and in another one, elsewhere
     assert all("class='reused'" not in row for name, row in rows.items() if name not in ("retention", "galerkin"))
     assert re.findall(r"load (\d\.\d\d)", rows["linear"]) == ["0.25", "1.25", "2.25"]
-    assert "6 speed results reused from earlier runs" in text
+    assert "6 speed results measured in earlier runs than the newest, reused from the store" in text
     sdpa = text[text.index("id='sdpa'"):text.index("id='peers'")]
     galerkin = re.search(r"<tr><td>galerkin</td><td>fwd</td>(.*?)</tr>", sdpa)[1]
     assert galerkin.count(">not comparable<") == 3 and "×" not in galerkin
@@ -633,3 +637,37 @@ def test_a_reader_sees_the_headline_first(hand, tmp_path: Path) -> None:
     sections = re.findall(r"<section id='(\w+)'>(<details)?", text)
     assert sections[0] == ("headline", "") and all(folds for _, folds in sections[1:])
     assert size["page_height"] < 8000
+
+
+def test_a_flagged_sdpa_time_gives_no_ratio_and_no_line() -> None:
+    """SDPA's time flagged implausible (a rate above the run's matmul rate): no ratio against it, no reference line
+    but a note in the panel, the reason in the headline; the flagged point is listed."""
+    from attnlab.bench.report import Report, headline
+    from attnlab.bench.store import Result, config_hash
+
+    results = []
+    for i, n in enumerate(LENGTHS_HAND):
+        for mechanism, median, flags in (("softmax", SDPA[i], ["rate_above_matmul"] if n == 512 else []),
+                                         ("linear", TIMES[("linear", False)][i], [])):
+            suite, config, status, metrics, env = _hand_speed(mechanism, n, median)
+            metrics["flags"] = flags
+            results.append(Result(suite, config, status, metrics, env, float(i), config_hash(config)))
+    report = Report(results, {s.name: s for s in registry.list_mechanisms()})
+    (linear,) = [s for s in report.series if s.mechanism == "linear"]
+    assert [report.sdpa_ratio(linear, n) for n in LENGTHS_HAND] == pytest.approx([2.0, None, 0.5])
+    (fact,) = headline.beats_sdpa(report)
+    assert fact.ratios == pytest.approx({256: 2.0, 1024: 0.5}) and fact.from_n == 1024
+    ((_, panels, fig),) = _figures(report)
+    (line,) = [x for x in fig.get_axes()[0].get_lines() if x.get_gid() == "reference"]
+    assert list(line.get_xdata()) == [256, 1024]  # N=512 left out
+
+    everything_flagged = [Result(r.suite, r.config, r.status, {**r.metrics, "flags": ["rate_above_matmul"]}, r.env,
+                                 r.created, r.config_hash) if r.config["mechanism"] == "softmax" else r for r in results]
+    report = Report(everything_flagged, {s.name: s for s in registry.list_mechanisms()})
+    assert headline.beats_sdpa(report) == []
+    assert [why for _, why in headline.uncompared(report)] == [
+        "the SDPA times it would be compared with are flagged implausible"]
+    ((_, panels, fig),) = _figures(report)
+    time_ax = fig.get_axes()[0]
+    assert not [x for x in time_ax.get_lines() if x.get_gid() == "reference"]
+    assert [t.get_text() for t in time_ax.texts] == ["SDPA not plotted: flagged implausible"]

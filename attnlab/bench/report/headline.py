@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .fmt import fmt_accuracy
 from .model import Report, SpeedSeries
 
 
@@ -59,6 +60,30 @@ def beats_sdpa(report: Report) -> list[BeatsSdpa]:
     return sorted(rows, key=lambda b: (b.series.mode, b.series.causal, b.at_max, b.label))
 
 
+def uncompared(report: Report) -> list[tuple[SpeedSeries, str]]:
+    """attnlab series timed ok at some N but without any ratio to SDPA, with the reason (first N's)."""
+    out = []
+    for s in sorted(report.series, key=report.series_order):
+        if s.peer or report.is_reference(s):
+            continue
+        points = report.series[s]
+        if any(report.sdpa_ratio(s, n) is not None for n in points):
+            continue
+        timed = [n for n, p in points.items() if p.ok]
+        if not timed:
+            continue
+        if all(points[n].time is None for n in timed):
+            why = "its times are flagged implausible"
+        elif any(report.baseline_flagged(s, n) for n in timed):
+            why = "the SDPA times it would be compared with are flagged implausible"
+        elif any(report.incomparable(s, n) for n in timed):
+            why = "SDPA was measured only in another environment"
+        else:
+            why = "no SDPA measured at its lengths"
+        out.append((s, why))
+    return out
+
+
 def exponent_rows(report: Report) -> list[dict[str, Any]]:
     """attnlab's series with a fitted time exponent, with the declared one, lowest measured first."""
     rows = [x for x in report.exponents() if x["impl"] == "attnlab" and x["measured"] is not None]
@@ -78,7 +103,7 @@ class Leaderboard:
     seq_len: Any
     budget: str
     kvs: list[Any]
-    rows: list[dict[str, Any]]  # label, mean accuracy, cells by kv, stopped (kv -> reason)
+    rows: list[dict[str, Any]]  # label, mean accuracy, rank (equal when shown equal), cells by kv, stopped (kv -> why)
 
     def to_json(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "seq_len": self.seq_len, "budget": self.budget, "num_kv_pairs": self.kvs,
@@ -104,6 +129,9 @@ def leaderboards(report: Report) -> list[Leaderboard]:
                 "stopped": {kv: c["stopped"] for kv, c in cells.items() if c["stopped"]},
             })
         board.sort(key=lambda row: (row["mean"] is None, -(row["mean"] or 0.0), row["label"]))
+        shown = [fmt_accuracy(row["mean"]) if row["mean"] is not None else None for row in board]
+        for i, row in enumerate(board):  # rank as shown: equal on the page, equal rank
+            row["rank"] = None if shown[i] is None else shown.index(shown[i]) + 1
         out.append(Leaderboard(d_model, seq_len, budget, kvs, board))
     return out
 
@@ -140,6 +168,7 @@ def to_json(report: Report) -> dict[str, Any]:
     """The headline facts, machine-readable."""
     return {
         "beats_sdpa": [b.to_json() for b in beats_sdpa(report)],
+        "not_compared": [{**s.fields(), "why": why} for s, why in uncompared(report)],
         "exponents": exponent_rows(report),
         "recall_leaderboards": [board.to_json() for board in leaderboards(report)],
         "peers": [p.to_json() for p in peer_standing(report)],

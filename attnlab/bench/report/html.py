@@ -200,14 +200,17 @@ class Page:
                     f"<b>{esc(b.label)}</b>", esc(b.series.mode), esc(b.reference),
                     esc(f"N ≥ {b.from_n}") if b.from_n is not None else "<span class='muted'>not faster at the largest N</span>",
                     _ratio_cell(b.at_max, f"{fmt_speedup(b.at_max)} at N={b.n_max}"),
-                    " ".join(f"<span class='{'faster' if x < 1 else 'slower'}'>{esc(fmt_ratio(x))}</span>"
-                             for _, x in sorted(b.ratios.items())),
+                    " ".join(f"<span class='{'faster' if x < 1 else 'slower'}'>{esc(fmt_ratio(x))}</span> "
+                             f"<small>N={n}</small>" for n, x in sorted(b.ratios.items())),
                 ])
-            ns = sorted({n for b in beats for n in b.ratios})
             parts.append(_table(["run", "mode", "against", "faster from", "at the largest N",
-                                 f"time / reference at N = {', '.join(map(str, ns))}"], rows, "headline"))
+                                 "time / reference time"], rows, "headline"))
         else:
             parts.append("<p class='empty'>No ratio to SDPA yet (run <code>attnlab bench speed</code>).</p>")
+        missing = headline.uncompared(r)
+        if missing:
+            parts.append("<p class='flag'>Not compared with SDPA: " + "; ".join(
+                f"{esc(r.label(s, with_params=None))} ({esc(s.mode)}): {esc(why)}" for s, why in missing) + ".</p>")
         parts.append(self._headline_exponents())
         parts.append(self._leaderboards())
         parts.append(self._standing())
@@ -226,10 +229,16 @@ class Page:
             items.append(f"{r.skipped} unreadable rows of the store skipped")
         if r.common_shape():
             items.append(f"every speed run: {r.common_shape()}")
-        items.append(f"load average at measurement {loads[0]:.2f}–{loads[-1]:.2f}" if loads
-                     else "load average at measurement not recorded")
+        cores = max((_int(x.env.get("cpu_count")) for x in r.speed), default=0)
+        if loads:
+            busy = f" (above the {cores} cores: other work shared the machine, times are inflated)" \
+                if cores and loads[-1] > cores else ""
+            items.append(f"load average at measurement {loads[0]:.2f}–{loads[-1]:.2f}{busy}")
+        else:
+            items.append("load average at measurement not recorded")
         if r.latest_run is not None:
-            items.append(f"{reused} speed results reused from earlier runs (marked {REUSED_MARK})")
+            items.append(f"{reused} speed results measured in earlier runs than the newest, reused from the store "
+                         f"(marked {REUSED_MARK})")
         items.append(f"{len(flagged)} implausible values not plotted (marked {FLAG_MARK}, listed under their family)"
                      if flagged else "no implausible value flagged")
         items.append(f"memory in {MEMORY_UNIT} throughout; spread of the time: IQR when stored, else min–max")
@@ -262,7 +271,7 @@ class Page:
                        f"(mean over seeds), best first; <span class='stopped'>◐</span> stopped before converging "
                        f"(accuracy below 0.99).</p>")
             rows = []
-            for rank, row in enumerate(board.rows, 1):
+            for row in board.rows:
                 cells = []
                 for kv in board.kvs:
                     cell = row["cells"].get(kv)
@@ -277,7 +286,7 @@ class Page:
                         epochs = f"{cell['epochs']} epoch{'s' * (cell['epochs'] != 1)}"
                         cells.append(f"{esc(fmt_accuracy(cell['accuracy']))}{stop}<br><small>{esc(epochs)}, "
                                      f"{esc(fmt_time(cell['train_seconds']))} of training</small>")
-                rows.append([str(rank) if row["mean"] is not None else "-", f"<b>{esc(row['label'])}</b>",
+                rows.append([str(row["rank"]) if row["rank"] is not None else "-", f"<b>{esc(row['label'])}</b>",
                              esc(fmt_accuracy(row["mean"])), *cells])
             out.append(_table(["#", "mechanism", "mean accuracy", *(f"kv={kv}" for kv in board.kvs)], rows, "headline"))
         return "".join(out)
@@ -288,8 +297,9 @@ class Page:
         if not standing:
             return out[0] + ("<p class='empty'>No peer library measured "
                              "(<code>attnlab bench speed --peers ...</code>).</p>")
-        out.append("<p>attnlab's time over the peer library's on the same configuration, measured in the same run "
-                    "(below 1: attnlab is faster); a peer is timed only after its output agreed with attnlab's.</p>")
+        out.append("<p>attnlab's time over the peer library's on the same configuration, both measured in one run "
+                    "or one environment (below 1: attnlab is faster); a peer is timed only after its output agreed "
+                    "with attnlab's.</p>")
         rows = []
         for p in standing:
             ratios = " ".join(f"<span class='{'faster' if x < 1 else 'slower'}'>{esc(fmt_ratio(x))}</span> "
@@ -322,12 +332,10 @@ class Page:
                     next(figures, None)
                 series = [s for p in members for s in p.series]
                 block = [f"<h3>{esc(title)}</h3>", _img(plots.png(fig), f"time and peak memory against N, {title}")]
-                flagged = [(s, p) for s, points in ((s, r.series[s]) for s in series) for p in points.values() if p.flags]
+                refs = list(dict.fromkeys(p.reference for p in members if p.reference is not None))
+                flagged = [(s, p) for s in refs + series for p in r.series[s].values() if p.flags]
                 if flagged:
-                    block.append("<p class='flag'>Not plotted (implausible): " + "; ".join(
-                        f"{esc(r.label(s))}, {esc(s.mode)}, N={p.n}: {esc('; '.join(p.flags))}" for s, p in flagged)
-                        + "</p>")
-                refs = [p.reference for p in members if p.reference is not None]
+                    block.append(_flagged_html(r, flagged))
                 block.append(f"<details><summary>Table: {esc(title)}</summary>{self._speed_table(refs + series)}</details>")
                 blocks.append("".join(block))
             beats = [b for b in headline.beats_sdpa(r) if b.series.mechanism in mechanisms and b.from_n is not None]
@@ -383,6 +391,8 @@ class Page:
             return _ratio_cell(ratio, fmt_ratio(ratio))
         if point.time is None:
             return _ratio_cell(None, "flagged", "; ".join(point.flags))
+        if self.r.baseline_flagged(s, n):
+            return _ratio_cell(None, "SDPA flagged", "the SDPA time at this N is flagged implausible")
         return _ratio_cell(None, "not comparable" if self.r.incomparable(s, n) else "no SDPA",
                            "SDPA measured only in another environment" if self.r.incomparable(s, n) else "")
 
@@ -517,6 +527,20 @@ class Page:
                          + _table(["", "value"], rows) + "</details>")
         return _fold("environment", "Environment", "".join(parts),
                      summary=f"{len(r.machines)} environment fingerprint{'s' * (len(r.machines) != 1)}")
+
+
+def _flagged_html(r: Report, flagged: Sequence[tuple[SpeedSeries, Point]]) -> str:
+    """The values left out of a figure, one item per series and reason: "softmax, fwd at N=256, 512: why"."""
+    grouped: dict[tuple[SpeedSeries, str], list[int]] = {}
+    for s, p in flagged:
+        grouped.setdefault((s, "; ".join(p.flags)), []).append(p.n)
+    items = [f"{esc(r.label(s))}, {esc(s.mode)} at N={esc(', '.join(map(str, ns)))}: {esc(why)}"
+             for (s, why), ns in grouped.items()]
+    return f"<p class='flag'>{FLAG_MARK} Not plotted (implausible): " + "; ".join(items) + ".</p>"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _cell_note(cell: dict[str, Any] | None) -> str:

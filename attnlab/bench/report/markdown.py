@@ -103,6 +103,7 @@ def render(report: Report) -> str:
                 ratio = r.sdpa_ratio(s, n)
                 cells.append("" if point is None else status_text(point.result.status) if point.result.status != "ok"
                              else fmt_ratio(ratio) if ratio is not None else "flagged" if point.time is None
+                             else "SDPA flagged" if r.baseline_flagged(s, n)
                              else "not comparable" if r.incomparable(s, n) else "no SDPA")
             rows.append([md(r.label(s)), md(s.mode), *cells])
         out += _table(["run", "mode", *map(str, ns)], rows)
@@ -145,6 +146,10 @@ def _headline(r: Report) -> list[str]:
                  f"{fmt_speedup(b.at_max)} at N={b.n_max}",
                  ", ".join(f"{fmt_ratio(x)} @{n}" for n, x in sorted(b.ratios.items()))] for b in beats]
         out += _table(["run", "mode", "against", "faster from", "at the largest N", "time / reference"], rows)
+    missing = headline.uncompared(r)
+    if missing:
+        out += ["", "Not compared with SDPA: " + "; ".join(f"{md(r.label(s, with_params=None))} ({md(s.mode)}): {md(why)}"
+                                                        for s, why in missing) + "."]
     exps = headline.exponent_rows(r)
     if exps:
         out += ["", "### Cost exponents, lowest first", ""]
@@ -154,13 +159,14 @@ def _headline(r: Report) -> list[str]:
         out += ["", f"### MQAR recall, d_model {md(board.d_model)}, L {md(board.seq_len)}, equal budget: "
                     f"{md(board.budget)}", ""]
         rows = []
-        for rank, row in enumerate(board.rows, 1):
+        for row in board.rows:
             cells = []
             for kv in board.kvs:
                 cell = row["cells"].get(kv)
                 cells.append("" if cell is None else status_text(cell["status"]) if cell["status"] != "ok"
                              else fmt_accuracy(cell["accuracy"]) + (" (stopped before converging)" if cell["stopped"] else ""))
-            rows.append([str(rank) if row["mean"] is not None else "-", md(row["label"]), fmt_accuracy(row["mean"]), *cells])
+            rows.append([str(row["rank"]) if row["rank"] is not None else "-", md(row["label"]), fmt_accuracy(row["mean"]),
+                         *cells])
         out += _table(["#", "mechanism", "mean", *(f"kv={md(kv)}" for kv in board.kvs)], rows)
     standing = headline.peer_standing(r)
     if standing:

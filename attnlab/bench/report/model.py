@@ -328,10 +328,16 @@ class Report:
         """Time / SDPA time at the same N, mode, causality and shape (`compare.sdpa_ratios`: comparable results
         only); None without one, or when this time is flagged implausible."""
         point = self.series[s].get(n)
-        if point is None or point.time is None:
+        if point is None or point.time is None or self.baseline_flagged(s, n):
             return None
         row = self._sdpa.get(point.result.config_hash) or {}
         return _number(row.get("ratio"))
+
+    def baseline_flagged(self, s: SpeedSeries, n: int) -> bool:
+        """Whether the SDPA time `s` is compared with at N is flagged implausible (then there is no ratio)."""
+        ref = self.reference_of(s.mode, s.causal, s.shape)
+        point = self.series[ref].get(n) if ref is not None else None
+        return point is not None and point.time_flagged
 
     def incomparable(self, s: SpeedSeries, n: int) -> bool:
         """Whether `s` at N has a baseline (SDPA, or attnlab's twin for a peer) but none measured comparably."""
