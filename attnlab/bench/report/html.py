@@ -442,8 +442,8 @@ class Page:
             body.append("<p class='empty'>No recall results yet (run <code>attnlab bench recall</code>).</p>")
         else:
             body.append("<p>Accuracy on queried positions at the end of training: the mean over seeds, best "
-                        "setting when several learning rates were tried; rounded down to two decimals. "
-                        "Grey: not run.</p>")
+                        "setting when several learning rates were tried; rounded down to two decimals; "
+                        "◐ stopped before converging (below 0.99). Grey: not run.</p>")
         for (d_model, seq_len, budget), rows in cells.items():
             if figures is not None:
                 next(figures, None)

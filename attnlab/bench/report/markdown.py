@@ -26,7 +26,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _env_line(env: dict) -> str:
-    keys = ("cpu", "threads", "torch", "attnlab", "git_commit", "python", "peer", "peer_version")
+    keys = ("cpu", "threads", "torch", "attnlab", "git_commit", "python")
     return ", ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None)
 
 
@@ -67,10 +67,12 @@ def render(report: Report) -> str:
     r = report
     out = ["# attnlab results", ""]
     out.append(f"{len(r.speed)} speed and {len(r.recall)} recall results from {md(r.database)}, "
-               f"{len(r.environments)} environment{'s' * (len(r.environments) != 1)}; "
+               f"{len(r.machines)} environment{'s' * (len(r.machines) != 1)} (ratios only within one run or one); "
                f"report generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(r.generated))}.")
-    for i, env in enumerate(r.environments):
-        out.append(f"- environment {i + 1}: {md(_env_line(env))}")
+    for i, (fp, results) in enumerate(r.machines.items(), 1):
+        runs = len({str(x.env.get("run_id")) for x in results})
+        out.append(f"- environment {i} (fingerprint {md(fp or '-')}, {len(results)} results in {runs} "
+                   f"run{'s' * (runs != 1)}): {md(_env_line(results[0].env))}")
     loads = r.loads()
     out.append(f"- load average at measurement: {loads[0]:.2f}–{loads[-1]:.2f}" if loads
                else "- load average at measurement: not recorded")
