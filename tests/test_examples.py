@@ -65,6 +65,8 @@ NOT_RUN: dict[str, str] = {
     "attnlab bench speed --mechanisms softmax,alibi,neighborhood --lengths 1024 --modes fwd --peers flex,natten":
         "FlexAttention compiles every pattern first (tens of seconds each, cold)",
     'attnlab explain "Hello there." --model /path/to/hf-model-dir --out /tmp/mine': "a placeholder for your model directory",
+    'attnlab explain --import mymodels.py --model mymodels.py:make_model --tokens "the cat sat on the mat" --tokens "a cat" '
+    '--out /tmp/own': "a placeholder for your module (tests/test_plugins.py and tests/analysis/test_explain.py run this path)",
 }
 
 # the output a command that runs must print (first matching prefix)

@@ -1,20 +1,34 @@
 """The `attnlab explain` command (added to `attnlab` by attnlab/cli.py).
 
-    attnlab explain "some text" ["more text" ...] [--model minilm|PATH] [--methods rollout,flow,...] --out DIR
+    attnlab explain "some text" ["more text" ...] [--model minilm|DIR] [--methods rollout,flow,...] --out DIR
+    attnlab explain --model MODULE:NAME --tokens "the cat sat" [--tokens "..."] [--import MODULE] --out DIR
 
 writes DIR/index.html (self-contained: inline CSS, JS and images, no network), DIR/explain.json
-(every number) and DIR/png/*.png; progress goes to stderr. PATH is a local Hugging Face model
-directory (AutoModel + AutoTokenizer, offline). An unknown method or a missing model directory
-exits with 2 and a one-line message naming the value and the choices.
+(every number) and DIR/png/*.png; progress goes to stderr. DIR as a model is a local Hugging Face
+model directory (AutoModel + AutoTokenizer, offline, never the directory's own code: a config with
+`auto_map` is refused). MODULE:NAME is a model made of attnlab mechanisms: NAME in MODULE (a dotted
+name or a .py file) is an nn.Module or a function returning one (given `vocab_size=` when it has
+that parameter); it runs in eval mode on token ids built from the `--tokens` strings
+(`explain.token_vocabulary`). A user error (unknown method, missing model, texts with a
+MODULE:NAME model...) exits with 2 and a one-line message naming the value and the choices.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .explain import DEFAULT_METHODS, METHODS, MINILM, explain, resolve_methods
+from torch import nn
+
+from .. import catalogue
+from ..core.errors import ParameterError
+from .explain import METHODS, MINILM, check_no_remote_code, explain, resolve_methods, token_vocabulary
+
+USER_ERRORS = ("model:", "tokens:", "qk:", "grads:")  # explain's messages about the model and tokens given
+MODEL_CHOICES = f"{MINILM}, a local Hugging Face model directory, or MODULE:NAME (a model of attnlab mechanisms)"
 
 
 def _positive_int(text: str) -> int:
@@ -27,16 +41,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _check_model(model: str) -> None:
+def _is_hf_model(model: str) -> bool:
+    """True for "minilm" or an existing directory; False for MODULE:NAME; UsageError otherwise."""
     from ..cli import UsageError
 
     if model == MINILM:
-        return
+        return True
     path = Path(model)
-    if not path.is_dir():
-        raise UsageError(f"--model: no directory {model!r}; expected {MINILM} or a local Hugging Face model directory")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--model: {model!r} holds no config.json; expected {MINILM} or a local Hugging Face model directory")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model: {model!r} holds no config.json; expected {MODEL_CHOICES}")
+        try:
+            check_no_remote_code(path)
+        except ValueError as err:
+            raise UsageError(f"--model: {str(err).removeprefix('model: ')}") from None
+        return True
+    module, _, name = model.rpartition(":")
+    if module and name.isidentifier():
+        return False
+    raise UsageError(f"--model: no directory {model!r}; expected {MODEL_CHOICES}")
+
+
+def load_module_model(ref: str, vocab_size: int) -> nn.Module:
+    """The nn.Module named by MODULE:NAME (NAME a module or a function returning one), in eval mode."""
+    from ..cli import UsageError
+
+    module_name, _, name = ref.rpartition(":")
+    try:
+        module = catalogue.import_module(module_name)
+    except ParameterError as err:
+        raise UsageError(f"--model: {str(err).removeprefix('--import: ')}") from None
+    if not hasattr(module, name):
+        raise UsageError(f"--model: expected {module_name!r} to define {name!r}, it does not")
+    obj: Any = getattr(module, name)
+    if not isinstance(obj, nn.Module) and callable(obj):
+        takes_vocab = "vocab_size" in inspect.signature(obj).parameters
+        obj = obj(vocab_size=vocab_size) if takes_vocab else obj()
+    if not isinstance(obj, nn.Module):
+        raise UsageError(f"--model: expected {ref} to be an nn.Module or a function returning one, got {type(obj).__name__}")
+    return obj.eval()
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -45,12 +88,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .page import write_page
 
     try:
-        methods = resolve_methods(args.methods)
+        methods = None if args.methods is None else resolve_methods(args.methods)
     except ValueError as err:
         raise UsageError(f"--methods: {str(err).removeprefix('methods: ')}") from None
-    _check_model(args.model)
+    hf = _is_hf_model(args.model)
+    tokens = [line.split() for line in args.tokens]
+    if any(not t for t in tokens):
+        raise UsageError("--tokens: expected token strings separated by spaces, got an empty value")
+    if hf and tokens:
+        raise UsageError(f"--tokens: a tokenizer model ({args.model}) takes TEXTs; --tokens goes with --model MODULE:NAME")
+    if not hf and args.texts:
+        raise UsageError(f"--model {args.model}: a model of attnlab mechanisms takes --tokens \"a b c\", not TEXTs")
+    if not (args.texts or tokens):
+        raise UsageError("expected TEXTs (with --model minilm or DIR) or --tokens (with --model MODULE:NAME)")
     start = time.perf_counter()
-    ex = explain(args.texts, args.model, methods=methods, quiet=args.quiet, threads=args.threads)
+    if hf:
+        ex = explain(args.texts, args.model, methods=methods, quiet=args.quiet, threads=args.threads)
+    else:
+        model = load_module_model(args.model, len(token_vocabulary(tokens)))
+        try:
+            ex = explain(model=model, tokens=tokens, methods=methods, quiet=args.quiet, threads=args.threads)
+        except (ValueError, TypeError) as err:
+            if not str(err).startswith(USER_ERRORS):
+                raise  # from inside the model: keep the traceback
+            raise UsageError(f"--model {args.model}: {err}") from None
+        ex.model = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.quiet:
@@ -69,16 +131,21 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add `explain` to the `attnlab` command."""
     p = subparsers.add_parser(
         "explain", help="see what the attention of a model does on some texts (HTML page, JSON, PNG)",
-        description="Run attention analyses on TEXTs (one padded batch) and write DIR/index.html (self-contained), "
-        "DIR/explain.json and DIR/png/*.png. Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+        description="Run attention analyses on TEXTs (one padded batch), or on --tokens through a model of attnlab "
+        "mechanisms, and write DIR/index.html (self-contained), DIR/explain.json and DIR/png/*.png. Methods: "
+        + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
     )
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to explain")
-    p.add_argument("--model", default=MINILM, metavar="minilm|PATH",
-                   help="the packaged MiniLM encoder (default) or a local Hugging Face model directory")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="A,B,...",
-                   help=f"comma-separated, among {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to explain (with --model minilm or DIR)")
+    p.add_argument("--model", default=MINILM, metavar="minilm|DIR|MODULE:NAME",
+                   help="the packaged MiniLM encoder (default), a local Hugging Face model directory (its own code never "
+                   "runs), or NAME in MODULE (dotted or .py): a model of attnlab mechanisms or a function making one")
+    p.add_argument("--tokens", action="append", default=[], metavar="'A B C'",
+                   help="token strings of one sequence, separated by spaces (with --model MODULE:NAME); repeatable")
+    p.add_argument("--methods", default=None, metavar="A,B,...",
+                   help=f"comma-separated, among {', '.join(METHODS)} (default: every one that applies to the model)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--threads", type=_positive_int, default=1, metavar="T",
                    help="torch threads (default 1: fastest for a few sentences, see attnlab.analysis.explain)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_explain)

@@ -6,6 +6,8 @@
     ex.methods["rollout"]["token_scores"][0]      # one score per token: how much each reaches the target token
     ex.to_dict()                                  # lists, floats, strings: what `explain.json` holds
 
+    ex = explain(model=my_model, tokens=["the", "cat", "sat", "on", "the", "mat"])  # any model of attnlab mechanisms
+
 The texts go through the model as one padded batch, inside `capture` (attnlab/analysis/capture.py).
 Every method is an entry of `METHODS` (name -> `Method`): a function of the `Context` (model,
 tokenizer, inputs, the capture) returning a dict of plain data. A method that scores tokens puts
@@ -13,6 +15,26 @@ tokenizer, inputs, the capture) returning a dict of plain data. A method that sc
 explanation is coloured, is the first real token ([CLS]) of an encoder and the last real token of a
 causal model (causal = no real query attends to a later real key, in any layer). Padded positions
 keep their place in every array (n = the batch's padded length) and hold 0 in every score.
+
+A model of attnlab mechanisms needs no tokenizer: give `tokens` (token strings, one list per
+sequence) and either nothing else or the model's `inputs`.
+
+* Without `inputs`, the strings become token ids through a vocabulary built from them: id 0 is
+  padding, then each distinct string in order of first appearance (`Explanation.vocabulary`). The
+  model is called as `model(ids)` with ids (batch, n) int64; when the lists differ in length the
+  batch is right-padded and the call is `model(ids, attention_mask=mask)`, mask (batch, n) bool with
+  True = real token, which the model must hand on to its attention modules (checked: the padded
+  keys must be invisible in the captured maps).
+* With `inputs` (a tensor, e.g. embeddings (batch, n, dim), or a mapping of keyword inputs), the
+  model is called as `model(inputs)` / `model(**inputs)`; the real tokens are those the capture
+  saw (queries not padded), and sequence b must have exactly len(tokens[b]) of them.
+
+Token identity for the head statistics (duplicate, induction) always comes from the strings.
+
+`methods=None` (the default) runs every method that applies to the model and leaves out, with
+the reason in `Explanation.skipped`, those that do not: a method that raises ValueError or TypeError
+for this model (LRP needs softmax probabilities computed by F.softmax or SDPA; qk needs the modules'
+`project`; rollout and flow need token × token maps). Methods named explicitly raise instead.
 
 Methods here: rollout and flow (P008), relevance (P035 gradient-weighted relevance), lrp (P111 LRP
 relevance of the attention maps, gradient-weighted and rolled out; also `input_relevance`, the LRP
@@ -25,11 +47,13 @@ the tokens for any row); relevance's matrix is R − I, as its scores.
 """
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +83,7 @@ class Context:
 
     model: nn.Module
     tokenizer: Any
-    inputs: dict[str, Tensor]
+    inputs: Mapping[str, Any] | Tensor  # what the model is called with: model(**inputs) or model(inputs)
     att: Attentions
     mask: Tensor  # bool (batch, n), True = real token
     targets: list[int]  # per sequence: the output token whose explanation colours the tokens
@@ -211,6 +235,8 @@ class Explanation:
     methods: dict[str, dict[str, Any]]
     method_info: dict[str, dict[str, Any]]  # name -> {"papers": [...], "summary": ...}
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of loading, capture, each method
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it does not apply (methods=None only)
+    vocabulary: list[str] = field(default_factory=list)  # token id -> string when ids were built from `tokens`
 
     @property
     def layers(self) -> int:
@@ -258,12 +284,38 @@ def load_model(model: str | os.PathLike[str]) -> tuple[nn.Module, Any, str]:
         raise FileNotFoundError(f"model: no directory {str(model)!r}; expected {MINILM!r} or a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model: {str(model)!r} has no config.json; expected {MINILM!r} or a local Hugging Face model directory")
+    check_no_remote_code(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    m = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    m = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, attn_implementation="eager")
     return m.eval(), tok, str(path)
+
+
+REMOTE_CODE_FILES: tuple[str, ...] = ("config.json", "tokenizer_config.json", "processor_config.json",
+                                      "preprocessor_config.json")
+
+
+def check_no_remote_code(path: str | os.PathLike[str]) -> None:
+    """ValueError when the model directory asks to run its own code (`auto_map` in a config file).
+
+    attnlab never runs a model directory's code: models load with trust_remote_code=False, and a
+    directory whose config maps an Auto class to its own module is refused before transformers reads it.
+    """
+    for name in REMOTE_CODE_FILES:
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"model: expected {file} to be JSON, got {type(err).__name__}: {err}") from None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ValueError(
+                f"model: {file} has an auto_map (code shipped in the model directory); attnlab does not run a "
+                "model's own code (trust_remote_code=False): use a model transformers implements"
+            )
 
 
 def _is_causal(att: Attentions, mask: Tensor) -> bool:
@@ -282,22 +334,28 @@ def _say(message: str, quiet: bool) -> None:
 
 
 def explain(
-    texts: Sequence[str] | str,
+    texts: Sequence[str] | str | None = None,
     model: str | os.PathLike[str] | nn.Module = MINILM,
     *,
+    tokens: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    inputs: Tensor | Mapping[str, Any] | None = None,
     tokenizer: Any = None,
-    methods: Sequence[str] | str = DEFAULT_METHODS,
+    methods: Sequence[str] | str | None = None,
     quiet: bool = True,
     threads: int | None = 1,
 ) -> Explanation:
     """Run `methods` on `texts` (one padded batch) through `model` and return all their numbers.
 
     model: "minilm" (the packaged MiniLM encoder), a local Hugging Face model directory
-    (AutoModel + AutoTokenizer, local_files_only), or a loaded transformers model together with
-    its `tokenizer`. quiet=False reports progress on stderr. threads: torch threads while it runs
-    (restored after; None = leave as is). The default 1 is the fastest for a few sentences: the
-    matrices are small, and on a busy machine the hand-offs between threads cost far more than
-    they save (MiniLM, one sentence, all methods: 0.4 s with 1 thread against 8 s with 2 here).
+    (AutoModel + AutoTokenizer, local_files_only, never the directory's own code), or a loaded
+    transformers model together with its `tokenizer`. Or, instead of texts, any nn.Module holding
+    attnlab mechanisms with `tokens` (one list of token strings per sequence, or one list) and
+    optionally its `inputs` (module docstring). methods: names or "a,b"; None = every method that
+    applies (the others in `skipped`). quiet=False reports progress on stderr. threads: torch
+    threads while it runs (restored after; None = leave as is). The default 1 is the fastest for a
+    few sentences: the matrices are small, and on a busy machine the hand-offs between threads
+    cost far more than they save (MiniLM, one sentence, all methods: 0.4 s with 1 thread against
+    8 s with 2 here).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads: expected a positive number of torch threads or None, got {threads!r}")
@@ -305,24 +363,163 @@ def explain(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        if tokens is not None or inputs is not None:
+            if texts is not None:
+                raise ValueError("texts: expected texts or tokens=, not both")
+            return _explain_tokens(model, tokens, inputs, tokenizer, methods, quiet)
         return _explain(texts, model, tokenizer, methods, quiet)
     finally:
         torch.set_num_threads(before)
 
 
-def _explain(texts: Sequence[str] | str, model: str | os.PathLike[str] | nn.Module, tokenizer: Any,
-             methods: Sequence[str] | str, quiet: bool) -> Explanation:
+class _TokenIds(nn.Module):
+    """The user's model called as model(ids) or, for a padded batch, model(ids, attention_mask=mask)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
+        if attention_mask is None:
+            return self.model(input_ids)
+        return self.model(input_ids, attention_mask=attention_mask)
+
+
+def _token_lists(tokens: Any) -> list[list[str]]:
+    """One list of strings per sequence, from a list of strings or a list of such lists."""
+    if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
+        tokens = [tokens]
+    ok = isinstance(tokens, (list, tuple)) and tokens and all(
+        isinstance(seq, (list, tuple)) and seq and all(isinstance(t, str) for t in seq) for seq in tokens
+    )
+    if not ok:
+        raise TypeError(
+            f"tokens: expected a non-empty list of token strings, or a list of such lists, got {tokens!r:.200}"
+        )
+    return [list(seq) for seq in tokens]
+
+
+def token_vocabulary(tokens: Sequence[str] | Sequence[Sequence[str]]) -> list[str]:
+    """id -> string of the ids `explain(tokens=...)` builds: 0 is padding ("<pad>"), then each distinct
+    string in order of first appearance, a string "<pad>" included (an embedding needs len(...) rows)."""
+    return ["<pad>", *dict.fromkeys(t for seq in _token_lists(tokens) for t in seq)]
+
+
+def _takes_attention_mask(model: nn.Module) -> bool:
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.name == "attention_mask" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _explain_tokens(model: Any, tokens: Any, inputs: Tensor | Mapping[str, Any] | None, tokenizer: Any,
+                    methods: Sequence[str] | str | None, quiet: bool) -> Explanation:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: tokens= needs a torch.nn.Module holding attnlab mechanisms, got {model!r:.100}")
+    if tokenizer is not None:
+        raise ValueError("tokenizer: tokens= are token strings already; pass no tokenizer")
+    if tokens is None:
+        raise ValueError("tokens: inputs= needs the token strings of its positions (tokens=...)")
+    seqs = _token_lists(tokens)
+    vocabulary = token_vocabulary(seqs)
+    index = {t: i for i, t in enumerate(vocabulary)}
+    n = max(map(len, seqs))
+    mask = torch.tensor([[i < len(seq) for i in range(n)] for seq in seqs])
+    given = inputs
+    if inputs is None:
+        ids = torch.tensor([[index[t] for t in seq] + [0] * (n - len(seq)) for seq in seqs])
+        padded = not bool(mask.all())
+        if padded and not _takes_attention_mask(model):
+            raise ValueError(
+                f"model: the token lists have different lengths ({sorted({len(s) for s in seqs})}), so the batch is "
+                f"padded and {type(model).__name__}.forward must take attention_mask (bool (batch, n), True = real token)"
+            )
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        run_model: nn.Module = _TokenIds(model)
+        run_inputs: Mapping[str, Any] | Tensor = {"input_ids": ids.to(device), **({"attention_mask": mask.to(device)} if padded else {})}
+    elif isinstance(inputs, (Tensor, Mapping)):
+        run_model, run_inputs = model, inputs
+    else:
+        raise TypeError(f"inputs: expected a tensor or a mapping of keyword inputs, got {type(inputs).__name__}")
+    label = type(model).__name__
+    seconds: dict[str, float] = {}
+    names, skipped, att, seconds["capture"] = _capture(run_model, run_inputs, methods, label, quiet)
+    seen = att.attention_mask.cpu()
+    if given is None:
+        keys = [r.key_mask.cpu() for r in att.records if r.key_mask.shape == mask.shape]
+        if not all(torch.equal(k, mask) for k in keys):
+            raise ValueError(
+                f"model: {label} was given attention_mask but its attention still sees the padded keys; "
+                "hand the mask on to its attention modules"
+            )
+    else:
+        counts = seen.sum(-1).tolist()
+        if len(seqs) != seen.shape[0] or counts != [len(seq) for seq in seqs]:
+            raise ValueError(
+                f"tokens: expected one list per sequence with one string per real token, {counts} real tokens in "
+                f"{seen.shape[0]} sequence(s) of the inputs, got lists of {[len(seq) for seq in seqs]}"
+            )
+        mask, n = seen, seen.shape[1]
+    strings = []
+    for b, seq in enumerate(seqs):
+        row, it = [""] * n, iter(seq)
+        for i in mask[b].nonzero().flatten().tolist():
+            row[i] = next(it)
+        strings.append(row)
+    if att.tokens is None:  # token identity for the head statistics: the vocabulary ids of the strings
+        att.tokens = torch.tensor([[index[t] if m else 0 for t, m in zip(row, keep)] for row, keep in zip(strings, mask.tolist())])
+    ex = _run_methods(Context(run_model, None, run_inputs, att, mask, [], False), names, skipped, methods is None,
+                      seconds, quiet)
+    prefix = "model." if given is None else ""
+    ex.layer_names = [name.removeprefix(prefix) for name in ex.layer_names]
+    return replace(ex, model=label, texts=[" ".join(seq) for seq in seqs], tokens=strings,
+                   vocabulary=vocabulary if given is None else [])
+
+
+def _capture(model: nn.Module, inputs: Mapping[str, Any] | Tensor, methods: Sequence[str] | str | None, label: str,
+             quiet: bool) -> tuple[tuple[str, ...], dict[str, str], Attentions, float]:
+    """Run the model once under capture: (methods to run, skipped methods with reasons, the capture, seconds)."""
+    names = resolve_methods(DEFAULT_METHODS if methods is None else methods)
+    skipped: dict[str, str] = {}
+    qk = any(METHODS[n].capture_qk for n in names)
+    t0 = time.perf_counter()
+    try:
+        att = _call(model, inputs, qk)
+    except TypeError as err:
+        if not qk or methods is not None or not str(err).startswith("qk:"):
+            raise
+        skipped.update({n: str(err) for n in names if METHODS[n].capture_qk})
+        names = tuple(n for n in names if n not in skipped)
+        att = _call(model, inputs, False)
+    seconds = time.perf_counter() - t0
+    if not att.records:
+        raise ValueError(f"model: {label} made no attention call on the inputs; nothing to explain")
+    if att.skipped:
+        raise ValueError(
+            f"model: {label} has attention modules that cannot give their attention matrix (no materialize): "
+            f"{', '.join(att.skipped)}; every attention layer must be captured to explain the model"
+        )
+    return names, skipped, att, seconds
+
+
+def _call(model: nn.Module, inputs: Mapping[str, Any] | Tensor, qk: bool) -> Attentions:
+    with torch.no_grad(), capture(model, qk=qk) as att:
+        model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return att
+
+
+def _explain(texts: Sequence[str] | str | None, model: str | os.PathLike[str] | nn.Module, tokenizer: Any,
+             methods: Sequence[str] | str | None, quiet: bool) -> Explanation:
     if isinstance(texts, str):
         texts = [texts]
-    texts = list(texts)
+    texts = list(texts or [])
     if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"texts: expected one or more strings, got {texts!r}")
-    names = resolve_methods(methods)
+        raise ValueError(f"texts: expected one or more strings (or tokens= for a model of attnlab mechanisms), got {texts!r}")
+    resolve_methods(DEFAULT_METHODS if methods is None else methods)  # an unknown name fails before loading
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     if isinstance(model, nn.Module):
         if tokenizer is None:
-            raise TypeError("tokenizer: a model given as an nn.Module needs its tokenizer (tokenizer=...)")
+            raise TypeError("tokenizer: a model given as an nn.Module needs its tokenizer (tokenizer=...), "
+                            "or token strings (tokens=...) for a model of attnlab mechanisms")
         label = type(model).__name__
     else:
         _say(f"loading {model} …", quiet)
@@ -332,31 +529,47 @@ def _explain(texts: Sequence[str] | str, model: str | os.PathLike[str] | nn.Modu
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
-    t0 = time.perf_counter()
-    with torch.no_grad(), capture(model, qk=any(METHODS[n].capture_qk for n in names)) as att:
-        model(**inputs)
-    seconds["capture"] = time.perf_counter() - t0
-    if not att.records:
-        raise ValueError(f"model: {label} made no attention call on the texts; nothing to explain")
+    names, skipped, att, seconds["capture"] = _capture(model, inputs, methods, label, quiet)
     mask = inputs["attention_mask"].to(torch.bool)
+    ex = _run_methods(Context(model, tokenizer, inputs, att, mask, [], False), names, skipped, methods is None,
+                      seconds, quiet)
+    return replace(ex, model=label, texts=texts,
+                   tokens=[tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]])
+
+
+def _run_methods(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], defaulted: bool,
+                 seconds: dict[str, float], quiet: bool) -> Explanation:
+    """Run each method on the capture (ctx: targets and causal are set here); the Explanation without
+    the model's label, the texts and the token strings. defaulted: a method that raises ValueError or
+    TypeError is skipped with its reason instead of failing."""
+    att, mask = ctx.att, ctx.mask.cpu()
     causal = _is_causal(att, mask)
     positions = torch.arange(mask.shape[1])
     targets = [int(positions[m].max() if causal else positions[m].min()) for m in mask]
-    ctx = Context(model, tokenizer, inputs, att, mask, targets, causal)
+    ctx = replace(ctx, mask=mask, targets=targets, causal=causal)
     n_layers, n_heads = len(att.records), att.num_heads
-    _say(f"captured {n_layers} layers × {n_heads} heads on {len(texts)} text(s) of ≤ {mask.shape[1]} tokens", quiet)
+    _say(f"captured {n_layers} layers × {n_heads} heads on {mask.shape[0]} sequence(s) of ≤ {mask.shape[1]} tokens", quiet)
+    seconds = dict(seconds)
     results: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names, 1):
         _say(f"[{i}/{len(names)}] {name} …", quiet)
         t0 = time.perf_counter()
-        results[name] = plain(METHODS[name].run(ctx))
+        try:
+            results[name] = plain(METHODS[name].run(ctx))
+        except (ValueError, TypeError) as err:
+            if not defaulted:
+                raise
+            skipped[name] = f"{type(err).__name__}: {err}"
+            _say(f"[{i}/{len(names)}] {name} does not apply: {err}", quiet)
+            continue
         seconds[name] = time.perf_counter() - t0
         _say(f"[{i}/{len(names)}] {name} done in {seconds[name]:.1f} s", quiet)
-    ids = inputs["input_ids"]
+    skipped = {n: skipped[n] for n in DEFAULT_METHODS if n in skipped}
+    ran = [n for n in names if n in results]
     return Explanation(
-        model=label,
-        texts=texts,
-        tokens=[tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids],
+        model="",
+        texts=[],
+        tokens=[],
         mask=mask.tolist(),
         layer_names=att.names,
         heads=n_heads,
@@ -364,6 +577,7 @@ def _explain(texts: Sequence[str] | str, model: str | os.PathLike[str] | nn.Modu
         targets=targets,
         attention=plain(att.stack()),
         methods=results,
-        method_info={n: {"papers": list(METHODS[n].papers), "summary": METHODS[n].summary} for n in names},
+        method_info={n: {"papers": list(METHODS[n].papers), "summary": METHODS[n].summary} for n in ran},
         seconds=seconds,
+        skipped=skipped,
     )

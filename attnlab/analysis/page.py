@@ -4,7 +4,8 @@ Per text: the text itself; its tokens coloured by each token-scoring method (rol
 relevance, sinks — click a token to see rollout/flow/relevance for that output token instead of
 the target); the layer × head grid of attention maps (canvases drawn by the inline script from the
 embedded data; click one to enlarge it with token labels); the head statistics as layer × head
-tables; the sink table. Then the QK embedding scatter per head (all texts jointly), the PNG figures
+tables; the sink table. Methods left out because they do not apply to the model are listed
+with the reason at the top. Then the QK embedding scatter per head (all texts jointly), the PNG figures
 (inline base64). Text from users and tokenizers is escaped by `html.escape` where the page is
 written, and the script puts it in the DOM only as text (`textContent`, canvas `fillText`). The
 data travels in a <script type="application/json"> element whose JSON has "<", ">", "&" and the
@@ -281,6 +282,10 @@ def render(ex: Explanation, figs: dict[str, bytes] | None = None) -> str:
             + (" · <a href='#figures'>figures</a>" if figs else "") + "</p>")
     summaries = "".join(f"<li><b>{_e(n)}</b>: {_e(i['summary'])}</li>" for n, i in ex.method_info.items())
     body = [head, f"<ul class='meta'>{summaries}</ul>"]
+    if ex.skipped:
+        reasons = "".join(f"<li><b>{_e(n)}</b>: {_e(why)}</li>" for n, why in ex.skipped.items())
+        body.append(f"<div class='skipped'><p class='meta'>Left out: these methods do not apply to this model.</p>"
+                    f"<ul class='meta'>{reasons}</ul></div>")
     body += [_text_section(ex, t) for t in range(len(ex.texts))]
     if "qk" in ex.methods:
         body.append("<section id='qk'><h2>Query–key embedding (P093)</h2><p class='meta'>For each head, the queries "

@@ -1,8 +1,12 @@
 """`attnlab explain` on MiniLM with a padded batch of two texts: every number against a slow computation
 written here from the model's own eager attentions, zero scores on padding, the JSON and PNG exports,
-CLI errors, and the page in headless Chromium (escaped token text, no script of the texts runs)."""
+CLI errors, and the page in headless Chromium (escaped token text, no script of the texts runs).
+Then a model made of attnlab mechanisms with token strings (no tokenizer): maps, rollout, flow,
+relevance and head statistics against the model written out by hand; methods that do not apply;
+the CLI's --model MODULE:NAME; and a model directory whose own code must never run."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -13,11 +17,14 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from attnlab.analysis.explain import METHODS, explain
+import attnlab
+from attnlab.analysis.explain import METHODS, explain, load_model
 from attnlab.analysis.export import figures, load_json, write_json, write_pngs
 from attnlab.analysis.page import render, script_json, write_page
 from attnlab.cli import main
+from attnlab.core.module import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.conftest import SENTENCES  # noqa: E402
@@ -333,3 +340,277 @@ def test_causal_model_directory_explains_the_last_token(causal_dir):
         np.testing.assert_allclose(scores[:n], r[n - 1], atol=1e-6)
         for name in ("rollout", "relevance", "sinks"):
             assert not np.array(ex.methods[name]["token_scores"][b])[n:].any(), name
+
+
+# -- a model made of attnlab mechanisms, token strings, no tokenizer -------------------------------
+TOKENS = [["the", "cat", "sat", "on", "the", "mat"], ["a", "cat"]]  # the second is padded
+# the keyword of attnlab's keep-mask (True = attend): `attention_mask` once the rename of issue 10 is in
+KEEP = "attention_mask" if "attention_mask" in inspect.signature(Attention.forward).parameters else "key_padding_mask"
+
+
+class Block(nn.Module):
+    def __init__(self, name: str, dim: int, heads: int, causal: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = attnlab.build(name, dim=dim, heads=heads, **({"causal": True} if causal else {}))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return x + self.attn(self.norm(x), **({KEEP: mask} if mask is not None else {}))
+
+
+class TinyLM(nn.Module):
+    """Token ids (batch, n) -> embeddings -> residual attnlab blocks -> hidden states (batch, n, dim)."""
+
+    def __init__(self, vocab: int = 8, name: str = "softmax", causal: bool = False, *, dim: int = 16, heads: int = 2,
+                 use_mask: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(name, dim, heads, causal) for _ in range(2))
+        self.use_mask = use_mask
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x, attention_mask if self.use_mask else None)
+        return x
+
+
+class NoMaskLM(TinyLM):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # no attention_mask: cannot take a padded batch
+        return super().forward(ids)
+
+
+def _by_hand(model: TinyLM, ids: list[int], causal: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One unpadded sequence through the model written out: softmax(q kᵀ/√d [+ causal mask]) per layer,
+    and d y / dA with y = ‖mean of the last hidden states‖. Returns (maps (heads, n, n), grads)."""
+    x = model.embed(torch.tensor([ids]))
+    maps = []
+    for block in model.blocks:
+        a = block.attn
+        h = block.norm(x)
+        q, k, v = (proj(h).view(1, len(ids), a.heads, -1).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(a.head_dim)
+        if causal:
+            scores = scores.masked_fill(torch.ones(len(ids), len(ids), dtype=torch.bool).triu(1), -math.inf)
+        att = scores.softmax(-1)  # in the graph: d y / dA also flows through the later layers' scores
+        maps.append(att)
+        x = x + a.out_proj((att @ v).transpose(1, 2).reshape(1, len(ids), -1))
+    y = x[0].mean(0).norm()
+    grads = torch.autograd.grad(y, maps)
+    return [m[0].detach() for m in maps], [g[0] for g in grads]
+
+
+def test_tokens_through_a_model_of_attnlab_mechanisms_by_hand():
+    model = TinyLM().double().eval()
+    ex = explain(model=model, tokens=TOKENS, methods=("rollout", "flow", "relevance", "heads", "sinks"))
+    assert ex.vocabulary == ["<pad>", "the", "cat", "sat", "on", "mat", "a"]
+    assert ex.tokens == [TOKENS[0], ["a", "cat", "", "", "", ""]] and ex.texts == ["the cat sat on the mat", "a cat"]
+    assert ex.mask == [[True] * 6, [True, True] + [False] * 4]
+    assert ex.layer_names == ["blocks.0.attn", "blocks.1.attn"] and ex.heads == 2
+    assert not ex.causal and ex.targets == [0, 0] and ex.skipped == {}
+    index = {t: i for i, t in enumerate(ex.vocabulary)}
+    for b, seq in enumerate(TOKENS):
+        n = len(seq)
+        maps, grads = _by_hand(model, [index[t] for t in seq])
+        np.testing.assert_allclose(np.array(ex.attention)[:, b, :, :n, :n], torch.stack(maps).numpy(), atol=1e-10)
+        r = np.eye(n)
+        for m in _mixed(torch.stack(maps).numpy()):
+            r = m @ r
+        np.testing.assert_allclose(np.array(ex.methods["rollout"]["matrix"][b])[:n, :n], r, atol=1e-10)
+        np.testing.assert_allclose(ex.methods["flow"]["token_scores"][b][:n], _flow_by_networkx(torch.stack(maps).numpy(), 0),
+                                   atol=1e-6)
+        rel = np.eye(n)
+        for a, g in zip(maps, grads):
+            rel = rel + np.maximum((a * g).numpy(), 0).mean(0) @ rel  # P035, eq. 5-7
+        np.testing.assert_allclose(np.array(ex.methods["relevance"]["matrix"][b])[:n, :n], rel - np.eye(n), atol=1e-10)
+        for layer, a in enumerate(maps):  # duplicate-token share from the strings: earlier copies of the same token
+            for h in range(2):
+                dup = sum(a[h, i, j].item() for i in range(n) for j in range(i) if seq[i] == seq[j]) / a[h].sum().item()
+                assert ex.methods["heads"]["stats"]["duplicate_token"][layer][b][h] == pytest.approx(dup, abs=1e-10)
+        for name in ("rollout", "flow", "relevance", "sinks"):
+            assert not any(ex.methods[name]["token_scores"][b][n:]), name
+    assert any(ex.methods["heads"]["stats"]["duplicate_token"][layer][0][h] > 0 for layer in range(2) for h in range(2))
+
+
+def _flow_by_networkx(maps: np.ndarray, target: int) -> list[float]:
+    mixed = _mixed(maps)
+    n, layers = maps.shape[-1], len(mixed)
+    g = nx.DiGraph()
+    for l_, m in enumerate(mixed, 1):
+        for i in range(n):
+            for j in range(n):
+                g.add_edge((l_ - 1, j), (l_, i), capacity=float(m[i, j]))
+    return [nx.maximum_flow_value(g, (0, j), (layers, target)) for j in range(n)]
+
+
+def test_causal_model_of_attnlab_mechanisms_explains_the_last_token():
+    model = TinyLM(causal=True).double().eval()
+    ex = explain(model=model, tokens=TOKENS, methods=("rollout",))
+    assert ex.causal and ex.targets == [5, 1]
+    index = {t: i for i, t in enumerate(ex.vocabulary)}
+    for b, seq in enumerate(TOKENS):
+        n = len(seq)
+        maps, _ = _by_hand(model, [index[t] for t in seq], causal=True)
+        r = np.eye(n)
+        for m in _mixed(torch.stack(maps).numpy()):
+            r = m @ r
+        np.testing.assert_allclose(ex.methods["rollout"]["token_scores"][b][:n], r[n - 1], atol=1e-10)
+
+
+def test_embeddings_given_as_inputs():
+    model = TinyLM().double().eval()
+    blocks = model.blocks
+
+    class OnEmbeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x, None)
+            return x
+
+    ids = [1, 2, 3, 2]
+    x = model.embed(torch.tensor([ids])).detach()
+    ex = explain(model=OnEmbeddings(), tokens=["w", "x", "y", "x"], inputs=x, methods=("rollout", "lrp", "heads"))
+    maps, _ = _by_hand(model, ids)
+    np.testing.assert_allclose(np.array(ex.attention)[:, 0], torch.stack(maps).numpy(), atol=1e-10)
+    assert ex.vocabulary == [] and ex.tokens == [["w", "x", "y", "x"]] and ex.layer_names == ["blocks.0.attn", "blocks.1.attn"]
+    relevance = ex.methods["lrp"]["input_relevance"][0]  # reaches the embeddings given as inputs
+    assert sum(relevance) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"tokens: expected .* \[4\] real tokens .* got lists of \[3\]"):
+        explain(model=OnEmbeddings(), tokens=["w", "x", "y"], inputs=x)
+
+
+def test_methods_that_do_not_apply_are_left_out_with_the_reason(tmp_path):
+    model = TinyLM(name="linear").double().eval()
+    ex = explain(model=model, tokens=TOKENS)
+    assert list(ex.skipped) == ["lrp"] and "softmax" in ex.skipped["lrp"]
+    assert list(ex.methods) == ["rollout", "flow", "relevance", "heads", "sinks", "qk"]
+    assert list(ex.method_info) == list(ex.methods)
+    page = write_page(ex, tmp_path / "index.html", figures(ex)).read_text(encoding="utf-8")
+    assert "Left out" in page and "<b>lrp</b>" in page
+    with pytest.raises(ValueError, match="softmax"):  # named explicitly: an error, not a skip
+        explain(model=model, tokens=TOKENS, methods=("rollout", "lrp"))
+
+
+@pytest.mark.parametrize("model, kwargs, error, needle", [
+    (NoMaskLM(), {"tokens": TOKENS}, ValueError, "must take attention_mask"),
+    (TinyLM(use_mask=False), {"tokens": TOKENS}, ValueError, "still sees the padded keys"),
+    (TinyLM(), {"tokens": "the cat"}, TypeError, "tokens: expected a non-empty list"),
+    (TinyLM(), {"tokens": [["a"], []]}, TypeError, "tokens: expected a non-empty list"),
+    (TinyLM(), {"tokens": TOKENS, "texts": ["a text"]}, ValueError, "not both"),
+    (TinyLM(), {"tokens": TOKENS, "tokenizer": object()}, ValueError, "pass no tokenizer"),
+    ("minilm", {"tokens": TOKENS}, TypeError, "needs a torch.nn.Module"),
+    (TinyLM(), {}, TypeError, "tokens=...")  # an nn.Module without tokenizer nor tokens
+])
+def test_token_model_errors(model, kwargs, error, needle):
+    args = [kwargs.pop("texts")] if "texts" in kwargs else (["a text"] if not kwargs else [])
+    with pytest.raises(error, match=re.escape(needle)):
+        explain(*args, model=model, **kwargs)
+
+
+MODEL_FILE = f'''
+import torch
+from torch import nn
+
+import attnlab
+
+
+class Model(nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 16)
+        self.attn = nn.ModuleList(attnlab.build("softmax", dim=16, heads=2) for _ in range(2))
+
+    def forward(self, ids, attention_mask=None):
+        x = self.embed(ids)
+        for a in self.attn:
+            x = x + (a(x) if attention_mask is None else a(x, {KEEP}=attention_mask))
+        return x
+
+
+def make_model(vocab_size):
+    torch.manual_seed(0)
+    return Model(vocab_size)
+
+
+NOT_A_MODEL = 3
+'''
+
+
+def test_cli_explains_a_module_model_from_token_strings(tmp_path, capsys):
+    path = tmp_path / "tinymodels.py"
+    path.write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    argv = ["explain", "--import", str(path), "--model", f"{path}:make_model", "--tokens", "the cat sat on the mat",
+            "--tokens", "a cat", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out / "index.html")
+    assert "[1/7] rollout" in captured.err  # every method applies to softmax layers
+    data = load_json(out / "explain.json")
+    assert data["model"] == f"{path}:make_model" and data["tokens"] == [TOKENS[0], ["a", "cat", "", "", "", ""]]
+    assert data["layer_names"] == ["attn.0", "attn.1"] and data["skipped"] == {}
+    assert data["targets"] == [0, 0] and data["mask"][1] == [True, True, False, False, False, False]
+    assert sorted(p.name for p in (out / "png").iterdir()) == sorted(
+        ["qk.png", *(f"{k}_t{t}.png" for k in ("tokens", "attention", "heads", "sinks") for t in (1, 2))])
+    seen = open_page(out / "index.html")
+    assert seen.errors == [] and seen.remote_requests == []
+    assert seen.dom.count("class=\"strip\"") == 2 * 5 and seen.dom.count("<canvas") >= 2 * 2 * 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["a text", "--model", "{path}:make_model"], "takes --tokens"),
+    (["--tokens", "a b"], "--tokens: a tokenizer model (minilm) takes TEXTs"),
+    (["--model", "{path}:make_model"], "expected TEXTs"),
+    (["--model", "{path}:missing", "--tokens", "a b"], "to define 'missing'"),
+    (["--model", "{path}:NOT_A_MODEL", "--tokens", "a b"], "got int"),
+    (["--model", "no_such_module_xyz:make", "--tokens", "a b"], "no_such_module_xyz"),
+    (["--model", "not-a-dir-nor-module", "--tokens", "a b"], "MODULE:NAME"),
+    (["--model", "{path}:make_model", "--tokens", "a b", "--methods", "lrp,nope"], "'nope'"),
+])
+def test_cli_token_model_errors_exit_2(tmp_path, capsys, argv, needle):
+    path = tmp_path / "tinymodels.py"
+    path.write_text(MODEL_FILE)
+    argv = [a.format(path=path) for a in argv]
+    assert main(["explain", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_directory_code_never_runs(tmp_path, capsys, monkeypatch):
+    """A directory whose config maps AutoModel to its own module: refused before transformers reads it;
+    a plain directory is loaded with trust_remote_code=False."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-model"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Evil: pass\n")
+    assert main(["explain", "a text", "--model", str(evil), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "auto_map" in err and "trust_remote_code=False" in err and "\n" not in err
+    with pytest.raises(ValueError, match="auto_map"):
+        explain("a text", evil)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    (evil / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (evil / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["modeling_evil.Evil", None]}}))
+    with pytest.raises(ValueError, match="tokenizer_config.json has an auto_map"):
+        load_model(evil)
+    (evil / "tokenizer_config.json").unlink()
+    import transformers
+
+    calls = []
+
+    def spy(kind):
+        return classmethod(lambda cls, path, **kw: calls.append((kind, kw)) or nn.Identity())
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy("model"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy("tokenizer"))
+    load_model(evil)
+    assert [(kind, kw["trust_remote_code"], kw["local_files_only"]) for kind, kw in calls] == [
+        ("tokenizer", False, True), ("model", False, True)]
+    assert not marker.exists()
