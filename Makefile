@@ -1,38 +1,62 @@
-# attnlab: `make bench` runs the default benchmark suite and writes its report;
-# `make test` runs the whole test suite. Both create .venv when needed.
+# attnlab: `make bench` runs the default benchmark suite and writes its report (installing only what it
+# needs: torch, attnlab with the report's dependencies, the bench's peers); `make test` runs the whole test
+# suite (installing the test and lint tools, the Hugging Face and analysis extras, and every peer). Both
+# create .venv when needed and say what they install as they go.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip install --disable-pip-version-check
+TORCH := torch==2.13.0
+# the peers `attnlab bench` compares with (attnlab/bench/cli.py QUICK_PEERS: linear-attention-transformer, and
+# flex, which is torch's) and their imports, pinned and without dependency resolution so that nothing can replace
+# torch 2.13.0
+BENCH_PEERS := einops local-attention==1.11.2 linear-attention-transformer==0.19.1 hyper-connections==0.4.11 \
+  torch-einops-utils==0.2.0 axial-positional-embedding==0.3.12 linformer==0.2.3 product-key-memory==0.3.0 \
+  colt5-attention==0.11.2
+# the other peers, for `attnlab bench speed --peers` and their tests (NATTEN builds pure Python on CPU)
+TEST_PEERS := natten==0.21.7
+BENCH_STAMP := $(VENV)/.bench-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 
 .PHONY: install browser test bench lint clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
+
+$(PY):
+	@echo "== make: creating $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+
+$(BENCH_STAMP): pyproject.toml | $(PY)
+	@echo "== make bench [1/3]: $(TORCH) (the largest download)"
+	$(PIP) $(TORCH)
+	@echo "== make bench [2/3]: attnlab, editable, with the report's dependencies (matplotlib, jinja2, tqdm)"
+	$(PIP) -e '.[report]'
+	@echo "== make bench [3/3]: the bench's peers: $(BENCH_PEERS)"
+	$(PIP) --no-build-isolation --no-deps $(BENCH_PEERS)
+	touch $@
+
+$(TEST_STAMP): $(BENCH_STAMP)
+	@echo "== make test [1/2]: test and lint tools, the hf and analysis extras"
+	$(PIP) -e '.[dev,hf,report,analysis]'
+	@echo "== make test [2/2]: the other peers: $(TEST_PEERS)"
+	$(PIP) --no-build-isolation --no-deps $(TEST_PEERS)
+	touch $@
 
 # Headless Chromium opens the HTML reports in the tests (Debian's package; needs root).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  { if [ "$$(id -u)" = 0 ]; then echo "== make: installing chromium (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	    else echo "chromium is not installed and this is not root: the browser tests will be skipped"; fi; }
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,hf,report,analysis]'
-	# peers for `attnlab bench speed --peers` and their tests, pinned and without dependency
-	# resolution so that nothing can replace torch 2.13.0 (NATTEN builds pure Python on CPU)
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps einops natten==0.21.7 local-attention==1.11.2 \
-	  linear-attention-transformer==0.19.1 hyper-connections==0.4.11 torch-einops-utils==0.2.0 \
-	  axial-positional-embedding==0.3.12 linformer==0.2.3 product-key-memory==0.3.0 colt5-attention==0.11.2
-	touch $(STAMP)
-
-test: $(STAMP) browser
+test: $(TEST_STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
+	@echo "== make bench: attnlab bench (speed, peers, recall, report; docs/bench.md)"
 	$(VENV)/bin/attnlab bench
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check attnlab tests
 
 clean:

@@ -19,11 +19,14 @@ import attnlab
 from attnlab.analysis import attention_entropy, mean_attention_distance, rank_collapse_experiment, sink_scores
 
 DIM, HEADS, N = 64, 4, 32
+# a window well below N (and the 16 tokens of the rank-collapse stacks), so that sliding-window stays local: its
+# default window (256) would be full attention here (neighborhood's default kernel of 7 is local already)
+LOCAL = {"sliding-window": {"window": 4}}
 
 
 def params(name: str) -> dict[str, object]:
     spec = attnlab.get(name)
-    return {} if spec.supports.causal_only else {"causal": True}
+    return {**({} if spec.supports.causal_only else {"causal": True}), **LOCAL.get(name, {})}
 
 
 def main(names: list[str]) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ from ..catalogue import add_import_argument
 from ..core.errors import ParameterError
 from ..core.registry import get, list_mechanisms
 from . import peers, recall, report
-from . import speed as speed_module
-from .env import environment
+from .compare import ABOVE_MATMUL, ZERO_PEAK, fit_exponents, sdpa_ratios
+from .env import environment, new_run_id
 from .progress import say
 from .speed import (
     BASELINE,
@@ -32,18 +34,27 @@ from .speed import (
     SUITE,
     SpeedOptions,
     WorkerDied,
-    fit_exponents,
     import_user_modules,
     machine_memory_bytes,
     parse_params,
-    quick_budget_s,
     run_speed,
-    sdpa_ratios,
 )
 from .store import DEFAULT_DB, Result, ResultStore
 
-QUICK_SPEED_SECONDS = 240.0  # the default suite's speed part, on the 2-core reference machine
+# The default suite (`attnlab bench`, `make bench`): sized for <= 10 minutes on a loaded 2-core machine, venv
+# install included (docs/bench.md). Lengths go smallest first, every mechanism at each before the next, so that a
+# run has at least the first three (an exponent) and the next run resumes and extends to the larger ones.
+QUICK_SPEED_SECONDS = 200.0
+QUICK_RECALL_SECONDS = recall.PANEL_SECONDS
 QUICK_LENGTHS = DEFAULT_LENGTHS  # 256 … 8192
+QUICK_MODES = ("fwd+bwd", "fwd")
+QUICK_BUDGET_S = 3.0  # seconds per configuration at most
+QUICK_REPEATS = 5
+# parameters that keep each mechanism's character at the suite's lengths (a 256-wide window is full attention
+# at N = 256; DHSA's 4 kept chunks of 64 are every chunk there): windows and kept chunks well below N = 256
+QUICK_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"window": 32}, "dhsa": {"chunk_size": 32, "top_chunks": 2}}
+QUICK_PEERS = ("linear-attention-transformer", "flex")  # one peer per family that has one (docs/bench.md)
+QUICK_PEERS_FOR = ("efficient", "alibi")
 
 
 # -- argument types -----------------------------------------------------------------------
@@ -118,7 +129,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the most a configuration may take (default 10): a warm-up, then timed calls until "
                         "1 s is spent with 3 made (or --repeats, or S); an N predicted to exceed S is skipped as "
                         "over_time, and one running past 2·S + 10 s is killed")
-    parser.add_argument("--memory-budget", type=_positive(float), default=mem_gb, metavar="GB",
+    parser.add_argument("--memory-budget", type=_positive(float), default=None, metavar="GB",
                         help=f"peak memory per configuration (default half the machine's: {mem_gb:.1f} GB)")
     parser.add_argument("--repeats", type=_positive(int), default=20, help="at most this many timed calls (default 20)")
     parser.add_argument("--total-seconds", type=_positive(float), default=None, metavar="S",
@@ -156,12 +167,19 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--speed-seconds", type=_positive(float), default=QUICK_SPEED_SECONDS, metavar="S",
                        help=f"the speed part starts no configuration after S seconds (default {QUICK_SPEED_SECONDS:g}); "
                        "the next run measures the rest")
+    bench.add_argument("--recall-seconds", type=_positive(float), default=QUICK_RECALL_SECONDS, metavar="S",
+                       help=f"the recall part starts no training after S seconds (default {QUICK_RECALL_SECONDS:g}); "
+                       "the next run trains the rest")
     bench.set_defaults(func=cmd_default_suite)
     suites = bench.add_subparsers(dest="suite", metavar="SUITE")
 
-    speed = suites.add_parser("speed", help="time and peak memory against sequence length",
-                              description=speed_module.__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    speed = suites.add_parser(
+        "speed", help="time and peak memory against sequence length",
+        description="Time and peak memory of mechanisms against N, beside dense SDPA (softmax, measured in the "
+        "same run); the measured cost exponents; with --peers, other libraries on the same shapes.",
+        epilog="What is timed, the budgets, the worker process and the comparison rules: docs/bench.md. "
+        "Example: attnlab bench speed --mechanisms sliding-window,linear --lengths 512,1024,2048 "
+        "--param sliding-window.window=64 --causal")
     add_speed_arguments(speed)
     speed.set_defaults(func=cmd_speed)
 
@@ -197,40 +215,75 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def speed_table(results: Sequence[Result]) -> str:
-    """mechanism, N, mode, status, median ms, peak MB, GFLOP/s, ×SDPA; then measured vs declared exponents."""
-    ratios = sdpa_ratios(results)
+STORED_MARK = "*"
+LEGEND = (f"{STORED_MARK} reused from the store: measured in an earlier run, not this one (--rerun measures "
+          "again); IQR: the middle half of the timed calls, as % of the median; load: 1-min load average "
+          "at the measurement; !: implausible value, not data (0B: zero peak memory, >mm: above the matmul rate)")
+LEGEND_WRAPPED = textwrap.fill(LEGEND, width=100)
+_FLAG_TEXT = {ZERO_PEAK: "0B", ABOVE_MATMUL: ">mm"}
+
+
+def series_name(config: Mapping[str, Any]) -> str:
+    """mechanism, with " causal" for a causal configuration and [peer] for a peer's."""
+    name = config["mechanism"] + (" causal" if config.get("causal") else "")
+    return name if config.get("impl", "attnlab") == "attnlab" else f"{name} [{config['impl']}]"
+
+
+def _iqr_percent(m: Mapping[str, Any]) -> str:
+    if m.get("q1_s") is None or m.get("q3_s") is None or not m.get("median_s"):
+        return "-"
+    return f"{100 * (m['q3_s'] - m['q1_s']) / m['median_s']:.0f}%"
+
+
+def speed_table(results: Sequence[Result], run_id: str | None = None) -> str:
+    """One line per result: mechanism (marked when reused from the store), N, mode, status, median ms,
+    IQR, load, peak MiB, GFLOP/s, ×SDPA (against the comparable baseline of the same causality; marked
+    when either side was reused), flags; then the measured and declared exponents; then the legend."""
+    ratios = sdpa_ratios(results, run_id)
     rows = []
     for r, ratio in zip(results, ratios):
         c, m = r.config, r.metrics
-        name = c["mechanism"] if c["impl"] == "attnlab" else f"{c['mechanism']} [{c['impl']}]"
-        n = "x".join(map(str, c["grid"])) if c["grid"] else str(c["n"])
+        stored = STORED_MARK if ratio["reused"] else ""
+        mixed = STORED_MARK if ratio["ratio"] is not None and (ratio["reused"] or ratio["sdpa_reused"]) else ""
+        peak = m.get("peak_mem_bytes")
         rows.append((
-            name, n, c["mode"], r.status,
+            series_name(c) + stored,
+            "x".join(map(str, c["grid"])) if c.get("grid") else str(c["n"]),
+            c["mode"], r.status,
             _num(m.get("median_s") and m["median_s"] * 1e3, ".3g"),
-            _num(m.get("peak_mem_bytes") and m["peak_mem_bytes"] / 1e6, ".4g"),
+            _iqr_percent(m),
+            _num(m.get("load_1m"), ".1f"),
+            _num(None if peak is None else peak / 2**20, ".4g"),
             _num(m.get("flops_per_s") and m["flops_per_s"] / 1e9, ".3g"),
-            _num(ratio["ratio"], ".2f"),
+            "n/c" if ratio["incomparable"] else _num(ratio["ratio"], ".2f") + mixed,
+            " ".join("!" + _FLAG_TEXT.get(f, f) for f in m.get("flags") or []),
         ))
-    out = _table(rows, ("mechanism", "N", "mode", "status", "median ms", "peak MB", "GFLOP/s", "xSDPA"))
-    fits = fit_exponents(results)
-    rows = [(f["mechanism"] if f["impl"] == "attnlab" else f"{f['mechanism']} [{f['impl']}]", f["mode"],
-             _num(f["measured"], ".2f"), _num(f["declared"], "g"), str(f["points"])) for f in fits]
-    return out + "\n\n" + _table(rows, ("mechanism", "mode", "exponent", "declared", "points"))
+    out = _table(rows, ("mechanism", "N", "mode", "status", "ms", "IQR", "load", "MiB", "GFLOP/s", "xSDPA", ""))
+    return out + "\n\n" + exponent_table(results, run_id) + "\n\n" + LEGEND_WRAPPED
 
 
-def speed_json(results: Sequence[Result]) -> dict[str, Any]:
-    """The machine-readable results: one object per configuration, the exponents, the ratios to SDPA
-    (and with --peers, "peers": the ratios attnlab time / peer time)."""
+def exponent_table(results: Sequence[Result], run_id: str | None = None) -> str:
+    """One line per series: the measured cost exponent (from comparable points), the declared one, the points."""
+    rows = [(series_name(f) + (STORED_MARK if f["reused"] else ""), f["mode"], _num(f["measured"], ".2f"),
+             _num(f["declared"], "g"), str(f["points"]), f"{f['n_min']}-{f['n_max']}" if f["points"] else "-")
+            for f in fit_exponents(results, run_id)]
+    return _table(rows, ("mechanism", "mode", "exponent", "declared", "points", "N range"))
+
+
+def speed_json(results: Sequence[Result], run_id: str | None = None) -> dict[str, Any]:
+    """The machine-readable results: one object per configuration (with its env and whether it was reused
+    from the store), the exponents, the ratios to SDPA (with --peers, "peers": attnlab time / peer time)."""
     return {
         "suite": SUITE,
+        "run_id": run_id,
         "env": environment(),
         "results": [
-            {"config": r.config, "status": r.status, "metrics": r.metrics, "created": r.created, "config_hash": r.config_hash}
+            {"config": r.config, "status": r.status, "metrics": r.metrics, "env": r.env, "created": r.created,
+             "config_hash": r.config_hash, "reused": r.env.get("run_id") != run_id}
             for r in results
         ],
-        "exponents": fit_exponents(results),
-        "ratios": sdpa_ratios(results),
+        "exponents": fit_exponents(results, run_id),
+        "ratios": sdpa_ratios(results, run_id),
     }
 
 
@@ -239,7 +292,8 @@ def speed_options(args: argparse.Namespace, mechanisms: Sequence[str] = ()) -> S
     return SpeedOptions(
         lengths=args.lengths, modes=args.modes, dtype=args.dtype, causal=args.causal, batch=args.batch,
         heads=args.heads, head_dim=args.head_dim, threads=args.threads, budget_s=args.budget_seconds,
-        memory_budget_bytes=int(args.memory_budget * 1e9), repeats=args.repeats, total_s=args.total_seconds,
+        memory_budget_bytes=machine_memory_bytes() // 2 if args.memory_budget is None else int(args.memory_budget * 1e9),
+        repeats=args.repeats, total_s=args.total_seconds,
         rerun=args.rerun, quiet=args.quiet, params=parse_params(args.params, [BASELINE, *mechanisms]),
     )
 
@@ -260,27 +314,27 @@ def cmd_speed(args: argparse.Namespace) -> int:
     for name in names:
         get(name)  # an unknown name is a usage error (with the close matches) before anything runs
     try:
-        options = speed_options(args, names)
+        options = replace(speed_options(args, names), run_id=new_run_id())
     except ValueError as err:
         raise ParameterError(str(err)) from None
-    store = ResultStore(db)
+    store = ResultStore(db)  # checked writable before anything runs
     say(f"speed: results in {db}", quiet=quiet)
     try:
         results = run_speed(store, names, options)
     except WorkerDied as err:
         print(f"attnlab bench speed: error: {err}", file=sys.stderr)
         return 1
-    tables = [speed_table(results)]
+    tables = [speed_table(results, options.run_id)]
     if args.peers:
         peer_results = peers.run_peers(store, [r.config for r in results], args.peers, options)
         have = {r.config_hash for r in results}
         results = results + [r for r in peer_results if r.config_hash not in have]
-        tables.append(peers.peer_table(peer_results))
+        tables.append(peers.peer_table(peer_results, options.run_id))
     text = "\n\n".join(tables)
     if args.json:
-        data = speed_json(results)
+        data = speed_json(results, options.run_id)
         if args.peers:
-            data["peers"] = peers.peer_ratios(results)
+            data["peers"] = peers.peer_ratios(results, options.run_id)
         dump = json.dumps(data, indent=1, default=str)
         if args.json == "-":
             print(dump)
@@ -292,20 +346,31 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_default_suite(args: argparse.Namespace) -> int:
+    """`attnlab bench`: the default suite (see QUICK_* and docs/bench.md), then the report's path."""
     import_user_modules(args.imports)
-    store = ResultStore(args.db)
+    store = ResultStore(args.db)  # checked writable before anything runs
     names = [s.name for s in list_mechanisms()]
-    options = SpeedOptions(lengths=QUICK_LENGTHS, budget_s=quick_budget_s(len(names), args.speed_seconds),
-                           total_s=args.speed_seconds, quiet=args.quiet)
-    say(f"bench: speed of {len(names)} mechanisms for about {args.speed_seconds:g} s, "
-        f"{options.budget_s:.2g} s per configuration at most; results in {args.db}", quiet=args.quiet)
+    run_id = new_run_id()
+    options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
+                           repeats=QUICK_REPEATS, total_s=args.speed_seconds, quiet=args.quiet, run_id=run_id,
+                           params=QUICK_PARAMS)
+    say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (smallest first), "
+        f"{' and '.join(QUICK_MODES)}, starting nothing after {args.speed_seconds:g} s; results in {args.db}",
+        quiet=args.quiet)
     try:
         results = run_speed(store, names, options)
     except WorkerDied as err:
         print(f"attnlab bench: error: {err}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(speed_table(results))
-    recall.run_default_panel(store, args.quiet)
+        print(exponent_table(results, run_id) + "\n")
+    attnlab_configs = [r.config for r in results if r.config["mechanism"] in QUICK_PEERS_FOR]
+    say(f"bench: peers {', '.join(QUICK_PEERS)} on {', '.join(QUICK_PEERS_FOR)}", quiet=args.quiet)
+    peer_results = peers.run_peers(store, attnlab_configs, QUICK_PEERS, options)
+    if not args.quiet:
+        print(peers.peer_table(peer_results, run_id) + "\n")
+    rows = recall.run_default_panel(store, args.quiet, total_seconds=args.recall_seconds)
+    if not args.quiet:
+        print(recall.results_table(rows) + "\n")
     print(report.write_report(store, Path(args.db).parent / "report", quiet=args.quiet))
     return 0

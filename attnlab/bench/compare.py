@@ -42,8 +42,8 @@ Row = tuple[dict[str, Any], str, dict[str, Any], dict[str, Any] | None]  # confi
 # -- environments ---------------------------------------------------------------------------
 def fingerprint(env: Mapping[str, Any] | None) -> str | None:
     """A short hash of what makes timings comparable: versions, commit, CPU, threads (FINGERPRINT_KEYS);
-    not the run id, time, load or a peer's package. None for a missing env."""
-    if env is None:
+    not the run id, time, load or a peer's package. None for a missing or empty env."""
+    if not env:
         return None
     return hashlib.sha256(canonical({k: env.get(k) for k in FINGERPRINT_KEYS}).encode()).hexdigest()[:12]
 

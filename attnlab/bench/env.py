@@ -1,9 +1,17 @@
-"""The environment a measurement was taken in, recorded beside every result."""
+"""The environment a measurement was taken in, recorded beside every result.
+
+`environment()` is what identifies the machine and software (its `compare.fingerprint`
+decides which results may be compared); `run_environment()` adds what describes one run:
+its id, start time, load average at the start, and the matmul rate measured in it (the
+ceiling a plausible FLOP rate stays under).
+"""
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -58,3 +66,47 @@ def environment() -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
     }
+
+
+def new_run_id() -> str:
+    """A new run id: the start time (UTC, to the second) and 8 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS does not tell)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
+MATMUL_N = 512
+MATMUL_REPEATS = 5
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = MATMUL_N, repeats: int = MATMUL_REPEATS) -> float:
+    """The best GFLOP/s of an n×n by n×n matmul in this process (current threads), over `repeats` calls.
+
+    No attention call can do its products faster than this; a rate above it means a
+    wrong time or a wrong FLOP count.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return round(2 * n**3 / min(times) / 1e9, 2)
+
+
+def run_environment(run_id: str | None = None, *, matmul: bool = True) -> dict[str, Any]:
+    """`environment()` plus this run's id, start time, load average and (with `matmul`) matmul GFLOP/s."""
+    env = environment()
+    env.update(run_id=run_id or new_run_id(), time=round(time.time(), 3), load_1m=load_average())
+    if matmul:
+        env["matmul_gflops"] = matmul_gflops()
+    return env

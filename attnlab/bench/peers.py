@@ -68,6 +68,8 @@ from torch import Tensor
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
 from ..core.registry import Spec, get
+from . import compare
+from .compare import twin
 from .progress import progress, say
 from .speed import (
     BACKWARD_FLOPS_FACTOR,
@@ -618,17 +620,12 @@ def peer_configs(attnlab_configs: Iterable[Mapping[str, Any]], peers: Mapping[st
     for config in configs:
         if config["mechanism"] != "softmax" or config.get("grid"):
             continue
-        shape = {key: config[key] for key in (*_SHAPE_KEYS, "n")}
+        shape = {key: config[key] for key in (*_SHAPE_KEYS, "n", "budget") if key in config}
         for peer in peers.values():
             for mine in peer.native_configs(shape):
                 if peer.unsupported_params(mine) is None:  # e.g. a window that does not divide this N
                     out.setdefault(config_hash(mine), mine)
     return list(out.values())
-
-
-def twin(config: Mapping[str, Any]) -> dict[str, Any]:
-    """attnlab's configuration of the same work as a peer configuration."""
-    return {**config, "impl": BASE_IMPL}
 
 
 # -- computing both sides ---------------------------------------------------------------------
@@ -856,12 +853,12 @@ def run_peer_configs(
         series = canonical({key: value for key, value in config.items() if key not in ("n", "grid")} | {
             "rank": len(config["grid"]) if config.get("grid") else 1})
         existing = stored.get(config_hash(config))
+        replace_old = replace_twin = False  # replaced when the new result is recorded, not before
         if existing is not None and (rerun or _retry(existing)):
-            store.forget(SUITE, config)
             existing = None
-            if rerun and "attn_mask" in config["params"]:  # attnlab's side of a peer's own pattern is measured here
-                store.forget(SUITE, twin(config))
-        if existing is not None or store.done(SUITE, config):
+            replace_old = True
+            replace_twin = rerun and "attn_mask" in config["params"]  # attnlab's side of a peer's own pattern
+        if existing is not None or (not replace_old and store.done(SUITE, config)):
             if existing is not None and existing.status == "ok":
                 history.setdefault(series, []).append((config["n"], existing.metrics))
             continue
@@ -879,7 +876,7 @@ def run_peer_configs(
                 with _threads(config["threads"]):
                     status, metrics, attnlab_result = measure_pair(
                         peer, config, budget_s=budget_s, repeats=repeats,
-                        measure_attnlab=not store.done(SUITE, twin(config)),
+                        measure_attnlab=replace_twin or not store.done(SUITE, twin(config)),
                     )
             except MemoryError as err:
                 status, metrics = "over_memory", empty_metrics(f"MemoryError: {err}"[:600])
@@ -892,14 +889,26 @@ def run_peer_configs(
         if status != "ok":
             say(f"peers: {name} {config['mechanism']} n={config['n']} {config['mode']}: {status}: "
                 f"{metrics.get('note', '')}", quiet=quiet)
-        store.record(SUITE, config, status, metrics, peer_env)
+        if status == "ok":
+            metrics["flags"] = compare.flags(metrics, peer_env)
+        store.record(SUITE, config, status, metrics, peer_env, replace=replace_old)
         if status == "ok":
             history.setdefault(series, []).append((config["n"], metrics))
         if attnlab_result is not None:
             attnlab_result[1].update(budget_s=budget_s, memory_budget_bytes=memory_budget)
-            store.record(SUITE, twin(config), *attnlab_result, dict(env))
+            if attnlab_result[0] == "ok":
+                attnlab_result[1]["flags"] = compare.flags(attnlab_result[1], env)
+            store.record(SUITE, twin(config), *attnlab_result, dict(env), replace=replace_twin)
     wanted = {config_hash(c) for c in configs} | {config_hash(twin(c)) for c in configs}
     return [r for r in store.results(SUITE) if r.config_hash in wanted]
+
+
+def _run_env(options: SpeedOptions) -> dict[str, Any]:
+    """The environment of a peers run: options.run_id's, measured at the run's threads."""
+    from .env import run_environment
+
+    with _threads(options.resolved_threads()):
+        return run_environment(options.run_id)
 
 
 def run_peers(
@@ -910,8 +919,6 @@ def run_peers(
     env: Mapping[str, Any] | None = None,
 ) -> list[Result]:
     """`attnlab bench speed --peers`: the named peers on the shapes of a run's attnlab configurations."""
-    from .env import environment
-
     peers = select_peers(names)
     for name, peer in peers.items():
         why = peer.why_unavailable()
@@ -919,36 +926,17 @@ def run_peers(
             say(f"peers: {name} unavailable: {why}", quiet=options.quiet)
     configs = peer_configs(attnlab_configs, peers)
     return run_peer_configs(
-        configs, store, env if env is not None else {**environment(), "threads": options.resolved_threads()},
+        configs, store, env if env is not None else _run_env(options),
         peers=peers, budget_s=options.budget_s, repeats=options.repeats,
         memory_budget_bytes=options.memory_budget_bytes, rerun=options.rerun, quiet=options.quiet,
     )
 
 
 # -- ratios ----------------------------------------------------------------------------------
-def peer_ratios(results: Iterable[Result]) -> list[dict[str, Any]]:
-    """Per peer result: attnlab's median time over the peer's at the same configuration (None unless both ok)."""
-    results = list(results)
-    ours = {
-        config_hash(r.config): r for r in results if r.config.get("impl", BASE_IMPL) == BASE_IMPL
-    }
-    rows = []
-    for r in results:
-        if r.config.get("impl", BASE_IMPL) == BASE_IMPL:
-            continue
-        base = ours.get(config_hash(twin(r.config)))
-        mine = r.metrics.get("median_s") if r.status == "ok" else None
-        theirs = base.metrics.get("median_s") if base is not None and base.status == "ok" else None
-        rows.append({
-            **{key: r.config.get(key) for key in ("mechanism", "impl", "params", "n", "grid", "mode", "causal")},
-            "status": r.status,
-            "peer_median_s": mine,
-            "attnlab_median_s": theirs,
-            "ratio": theirs / mine if mine and theirs else None,
-            "max_abs_diff": r.metrics.get("max_abs_diff"),
-            "note": r.metrics.get("note"),
-        })
-    return rows
+def peer_ratios(results: Iterable[Result], run_id: str | None = None) -> list[dict[str, Any]]:
+    """Per peer result: attnlab's median time over the peer's at the same configuration (`compare.peer_ratios`:
+    None unless both are ok and comparable)."""
+    return compare.peer_ratios(results, run_id)
 
 
 def _short_params(params: Mapping[str, Any]) -> str:
@@ -961,9 +949,11 @@ def _short_params(params: Mapping[str, Any]) -> str:
     return canonical(dict(params)) if params else ""
 
 
-def peer_table(results: Iterable[Result]) -> str:
-    """A text table of attnlab/peer time ratios (>1: the peer is faster), one line per peer configuration."""
-    rows = peer_ratios(results)
+def peer_table(results: Iterable[Result], run_id: str | None = None) -> str:
+    """A text table of attnlab/peer time ratios (>1: the peer is faster), one line per peer configuration;
+    a ratio with a side reused from the store (not measured in run `run_id`) is marked "*", one between
+    incomparable environments is "n/c"."""
+    rows = peer_ratios(results, run_id)
     if not rows:
         return "peers: no peer results"
     header = ["peer", "mechanism", "params", "n", "mode", "causal", "attnlab/peer", "peer s", "attnlab s", "status"]
@@ -977,7 +967,8 @@ def peer_table(results: Iterable[Result]) -> str:
         lines.append([
             row["impl"], row["mechanism"], _short_params(row["params"]),
             "×".join(map(str, row["grid"])) if row["grid"] else str(row["n"]), row["mode"], str(row["causal"]).lower(),
-            f"{row['ratio']:.2f}" if row["ratio"] is not None else "-",
+            "n/c" if row["incomparable"] else f"{row['ratio']:.2f}" + ("*" if row["reused"] or row["attnlab_reused"]
+                                                                     else "") if row["ratio"] is not None else "-",
             f"{row['peer_median_s']:.4g}" if row["peer_median_s"] is not None else "-",
             f"{row['attnlab_median_s']:.4g}" if row["attnlab_median_s"] is not None else "-",
             status,

@@ -25,7 +25,11 @@ Figure 2 runs).
 
 A mechanism without a causal mode is recorded as "unsupported" (a bidirectional mixer
 would see the answer), as is one without 1-D token sequences. A configuration already in
-the store is skipped (resume); its stored result is reported.
+the store is skipped (resume); its stored result is reported; `--rerun` trains it again,
+the stored result being replaced only once the new one is recorded. The budgets that can
+change a result (the epoch cap, the data size, the time cap "cell_seconds") are part of
+the configuration; the metrics say why training stopped ("stopped": converged, step
+budget, time cap, diverged) and how many of the step budget's steps it took.
 
 Grids (4·kv > L cells are skipped): "default" L ∈ {64, 128, 256}, kv ∈ {4, 8, 16, 32},
 d_model ∈ {64, 128}, CPU-sized: vocabulary 512, 8 000 training and 1 000 test examples,
@@ -33,18 +37,23 @@ lr 3e-3, at most 16 epochs and 60 s of training per configuration; "zoology" Zoo
 (128, 8), (256, 16), (512, 64)}, d_model ∈ {64, 128, 256, 512}, learning rates
 logspace(-4, -2, 4), vocabulary 8192, 100 000 training and 3 000 test examples, 64
 epochs, batch 512/512/256/128 by L (each learning rate is its own configuration: the
-report takes the best, as Zoology does); "panel" the `make bench` panel, dense softmax at
-L=64, kv=4, d_model=64 (no time cap: it converges in 5 epochs, about a minute on one
-core) and then every other mechanism at that cell (60 s cap each), starting nothing after
-150 s; the cells left are trained by the next run.
+report takes the best, as Zoology does); "panel" the `make bench` comparison: every causal
+mechanism at L=32, kv=4, d_model=64 with one budget, 12 epochs of 4 000 examples (756
+steps) and at most 60 s each (dense softmax converges in about 380 steps, 15 s on one
+core), sliding-window with window 8 and DHSA with chunks of 8 (PANEL_PARAMS: their defaults
+would be full attention at L=32), dense softmax first, then one of each kind (PANEL_FIRST), two at a time
+(PANEL_WORKERS processes), starting nothing after 150 s; the cells left are trained by
+the next run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalogue import imported_modules
 from ..core.errors import ParameterError
 from ..core.registry import Spec, get, list_mechanisms
 from ..tasks.mqar import IGNORE_INDEX, check_mqar, mqar
-from .env import environment
+from .env import load_average, run_environment
 from .progress import progress, say
 from .speed import bench_params as mechanism_params  # defaults, and the test value of required parameters
 from .speed import import_user_modules, parse_params
@@ -162,10 +172,18 @@ GRIDS: dict[str, Grid] = {
         tuple(float(f"{x:.6g}") for x in torch.logspace(-4, -2, 4, dtype=torch.float64).tolist()),
         8192, 64, 100_000, 3_000, None,
     ),
-    "panel": Grid(((64, 4),), (64,), (3e-3,), 512, 16, 8_000, 1_000, 60.0),
+    # the `make bench` comparison: dense softmax converges here in about 380 of the 756 steps (15 s on one core)
+    "panel": Grid(((32, 4),), (64,), (3e-3,), 512, 12, 4_000, 1_000, 60.0),
 }
-PANEL_MECHANISM = "softmax"  # the acceptance cell: dense softmax reaches 0.99 at L=64, kv=4, d_model=64
+# the panel's first mechanisms (dense softmax, then one of each kind), so that a run cut short compares kinds
+PANEL_FIRST = ("softmax", "sliding-window", "linear", "retention", "mamba", "based", "gated-linear", "delta", "rope",
+               "alibi")
 PANEL_SECONDS = 150.0  # the panel starts no configuration after this (the next run does the rest)
+PANEL_CAP = GRIDS["panel"].cell_seconds
+PANEL_WORKERS = 2  # training processes at once (one thread each)
+# parameters that keep a mechanism's character at the panel's L = 32 (the default 256-wide window, or DHSA's
+# 64-token chunks, would be full attention there)
+PANEL_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"window": 8}, "dhsa": {"chunk_size": 8, "top_chunks": 1}}
 CPU_BATCH = 64
 ZOOLOGY_TRAIN_EXAMPLES = 100_000
 
@@ -192,8 +210,13 @@ def make_config(
     train_examples: int,
     test_examples: int,
     layers: int = LAYERS,
+    cell_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """A recall configuration with the agreed keys (see the store's formats); checks the MQAR setting."""
+    """A recall configuration with the agreed keys (see the store's formats); checks the MQAR setting.
+
+    The budgets that can change a result are part of it: `max_epochs` (with the data size
+    and batch, the step budget) and `cell_seconds` (a wall-clock cap on training, None for none).
+    """
     check_mqar(seq_len, num_kv_pairs, vocab_size)
     for name, value in (("d_model", d_model), ("max_epochs", max_epochs), ("train_examples", train_examples),
                         ("test_examples", test_examples), ("layers", layers)):
@@ -201,10 +224,13 @@ def make_config(
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr: expected > 0, got {lr!r}")
+    if cell_seconds is not None and not cell_seconds > 0:
+        raise ValueError(f"cell_seconds: expected > 0 or None, got {cell_seconds!r}")
     return {
         "mechanism": mechanism, "params": params, "seq_len": seq_len, "num_kv_pairs": num_kv_pairs,
         "d_model": d_model, "vocab_size": vocab_size, "seed": seed, "lr": float(lr), "max_epochs": max_epochs,
         "train_examples": train_examples, "test_examples": test_examples, "layers": layers,
+        "cell_seconds": None if cell_seconds is None else float(cell_seconds),
     }
 
 
@@ -220,10 +246,12 @@ def grid_configs(
     max_epochs: int | None = None,
     vocab_size: int | None = None,
     params: dict[str, dict[str, Any]] | None = None,
+    cell_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """The configurations of `grid` for `mechanisms`, with any dimension overridden; 4·kv > L cells skipped.
 
-    `params` maps a mechanism to parameter values of its own (`--param`, checked by `speed.parse_params`).
+    `params` maps a mechanism to parameter values of its own (`--param`, checked by `speed.parse_params`);
+    `cell_seconds` overrides the grid's time cap.
     """
     cells = grid.cells
     if seq_lens is not None or kvs is not None:
@@ -239,6 +267,7 @@ def grid_configs(
                             name, mech_params, seq_len=n, num_kv_pairs=kv, d_model=d, vocab_size=vocab_size or grid.vocab_size,
                             seed=seed, lr=lr, max_epochs=max_epochs or grid.max_epochs,
                             train_examples=grid.train_examples, test_examples=grid.test_examples,
+                            cell_seconds=cell_seconds if cell_seconds is not None else grid.cell_seconds,
                         ))
     return out
 
@@ -290,10 +319,15 @@ def train_recall(
     """Train the configuration's model on MQAR; (status, metrics) in the agreed format.
 
     Stops at validation accuracy >= 0.99 (checked after every epoch), after `max_epochs`,
-    or, when `time_budget_s` is given, at the first step past it (then evaluated, with a
-    note). A mechanism that cannot run causally is "unsupported"; one the registry refuses
-    to build with these parameters too; an exception while training is an "error".
+    or at the first step past the time cap (`time_budget_s`, default the configuration's
+    "cell_seconds"; then evaluated, with a note). The metrics say why it stopped
+    ("stopped": "converged", "step budget", "time cap" or "diverged"), and the steps taken
+    of the step budget ("steps", "step_budget"). A mechanism that cannot run causally is
+    "unsupported"; one the registry refuses to build with these parameters too; an
+    exception while training is an "error".
     """
+    if time_budget_s is None:
+        time_budget_s = config.get("cell_seconds")
     spec = get(config["mechanism"])
     why = unsupported_reason(spec)
     if why:
@@ -321,6 +355,8 @@ def train_recall(
         order = torch.Generator().manual_seed(seed)
         history: list[float] = []
         note = None
+        steps = 0
+        stopped = "step budget"
         start = time.perf_counter()
         try:
             for epoch in range(config["max_epochs"]):
@@ -334,16 +370,22 @@ def train_recall(
                     loss = F.cross_entropy(logits, target)
                     if not torch.isfinite(loss):
                         note = f"the loss became {loss.item()} in epoch {epoch + 1}"
+                        stopped = "diverged"
                         break
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     schedule.step()
+                    steps += 1
                     if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                         note = f"stopped at the time budget of {time_budget_s:g} s in epoch {epoch + 1}"
+                        stopped = "time cap"
                         break
                 history.append(accuracy(model, test.inputs, test.labels))
-                if note or history[-1] >= TARGET_ACCURACY:
+                if history[-1] >= TARGET_ACCURACY:
+                    stopped = "converged"
+                    break
+                if note:
                     break
         except Exception as err:  # likewise a mechanism failing inside the model
             return "error", {**empty_metrics(f"{type(err).__name__}: {err}"), "epochs": len(history)}
@@ -353,6 +395,9 @@ def train_recall(
         "epochs": len(history),
         "train_seconds": round(time.perf_counter() - start, 3),
         "converged": bool(history) and history[-1] >= TARGET_ACCURACY,
+        "stopped": stopped,
+        "steps": steps,
+        "step_budget": total_steps,
         "history": [round(a, 4) for a in history],
         "recipe": recipe,
     }
@@ -362,46 +407,88 @@ def train_recall(
 
 
 # -- runs ---------------------------------------------------------------------------------------
+def _train_in_worker(config: dict[str, Any], imports: list[str], threads: int) -> tuple[str, dict[str, Any]]:
+    """`train_recall` in a pool process (a fresh interpreter: the user's modules are imported first)."""
+    import_user_modules(imports)
+    torch.set_num_threads(threads)
+    load = load_average()
+    status, metrics = train_recall(config, quiet=True)
+    return status, {**metrics, "load_1m": load}
+
+
 def run_recall(
     store: ResultStore,
     configs: Sequence[dict[str, Any]],
     *,
-    cell_seconds: float | None = None,
     total_seconds: float | None = None,
     threads: int = THREADS,
     quiet: bool = False,
+    rerun: bool = False,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every configuration not in the store yet and record it; the results of `configs`, in order.
 
-    A configuration already stored is not trained again (resume). After `total_seconds`
-    no configuration is started (the next run does them); each trains for at most
-    `cell_seconds`. Training uses `threads` torch threads (recorded in the environment;
-    the caller's setting is restored). Returns {"config", "status", "metrics"} for every configuration with a
-    result, stored ones included.
+    A configuration already stored is not trained again (resume), unless `rerun`: then its
+    stored result is replaced once the new one is recorded (in one transaction: a rerun
+    stopped midway leaves it). After `total_seconds` no configuration is started (the next
+    run does them); each trains for at most its "cell_seconds". Training uses `threads`
+    torch threads (recorded in the environment; the caller's setting is restored), in this
+    process or, with `workers` > 1, in that many processes at once (a result depends on the
+    configuration's step budget, not on which process trained it). Returns {"config",
+    "status", "metrics"} for every configuration with a result, stored ones included.
     """
     deadline = None if total_seconds is None else time.monotonic() + total_seconds
-    not_reached = 0
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    env = {**run_environment(matmul=False), "threads": threads, "recall_workers": workers}
+    todo = []
     try:
-        env = environment()
-        for config in progress(configs, total=len(configs), desc="recall", quiet=quiet):
-            if store.done(SUITE, config):
+        for config in configs:
+            if not rerun and store.done(SUITE, config):
                 continue
             why = unsupported_reason(get(config["mechanism"]))
-            if why is None and deadline is not None and time.monotonic() > deadline:
-                not_reached += 1  # (an unsupported one costs nothing: it is recorded all the same)
-                continue
-            if why is None:
-                status, metrics = train_recall(config, time_budget_s=cell_seconds, quiet=quiet)
+            if why is not None:  # recorded at once: it costs nothing
+                store.record(SUITE, config, "unsupported", empty_metrics(why), env, replace=rerun)
             else:
-                status, metrics = "unsupported", empty_metrics(why)
-            store.record(SUITE, config, status, metrics, env)
+                todo.append(config)
+
+        def record(config: dict[str, Any], status: str, metrics: dict[str, Any]) -> None:
+            store.record(SUITE, config, status, metrics, env, replace=rerun)
             say(f"recall: {_label(config)}: {_summary(status, metrics)}", quiet=quiet)
+
+        def open_(now: float) -> bool:
+            return deadline is None or now <= deadline
+
+        if workers <= 1:
+            for config in progress(list(todo), total=len(todo), desc="recall", quiet=quiet):
+                if not open_(time.monotonic()):
+                    break
+                todo.remove(config)
+                load = load_average()
+                status, metrics = train_recall(config, quiet=quiet)
+                record(config, status, {**metrics, "load_1m": load})  # the load at the start of its training
+        else:
+            ctx = multiprocessing.get_context("spawn")  # not fork: the parent's thread pools are not fork-safe
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                pending: dict[Future[tuple[str, dict[str, Any]]], dict[str, Any]] = {}
+                while todo or pending:
+                    while todo and len(pending) < workers and open_(time.monotonic()):
+                        config = todo.pop(0)
+                        pending[pool.submit(_train_in_worker, config, imported_modules(), threads)] = config
+                    if not pending:
+                        break
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        config = pending.pop(future)
+                        try:
+                            status, metrics = future.result()
+                        except Exception as err:  # the pool process died: a result, not a crash of the run
+                            status, metrics = "error", empty_metrics(f"{type(err).__name__}: {err}")
+                        record(config, status, metrics)
     finally:
         torch.set_num_threads(before)
-    if not_reached:
-        say(f"recall: {not_reached} configurations not reached within {total_seconds:g} s; run again to train them",
+    if todo:
+        say(f"recall: {len(todo)} configurations not reached within {total_seconds:g} s; run again to train them",
             quiet=quiet)
     wanted = {canonical(c): i for i, c in enumerate(configs)}
     found = [r for r in store.results(SUITE) if canonical(r.config) in wanted]
@@ -419,47 +506,41 @@ def _summary(status: str, metrics: dict[str, Any]) -> str:
 
 
 def panel_order(mechanisms: Sequence[str]) -> list[str]:
-    """The mechanisms without repeats, dense softmax (the acceptance cell) first."""
-    return sorted(dict.fromkeys(mechanisms), key=lambda name: name != PANEL_MECHANISM)
+    """The mechanisms without repeats: PANEL_FIRST (dense softmax, then one of each kind) first, then the rest."""
+    rank = {name: i for i, name in enumerate(PANEL_FIRST)}
+    return sorted(dict.fromkeys(mechanisms), key=lambda name: (rank.get(name, len(rank)), name))
 
 
-def panel_configs() -> list[dict[str, Any]]:
-    """The `make bench` panel: dense softmax first, then every other mechanism, at L=64, kv=4, d_model=64."""
-    return grid_configs(GRIDS["panel"], panel_order(["softmax", *(s.name for s in list_mechanisms())]))
+def panel_configs(mechanisms: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The `make bench` panel: every causal mechanism (of `mechanisms`, default all) at one MQAR cell and
+    one training budget (GRIDS["panel"]: the same steps and time cap for each), in `panel_order`."""
+    names = mechanisms if mechanisms is not None else [s.name for s in list_mechanisms()]
+    causal = [n for n in names if unsupported_reason(get(n)) is None]
+    return grid_configs(GRIDS["panel"], panel_order(causal), params=PANEL_PARAMS)
 
 
-def run_panel(
-    store: ResultStore,
-    configs: Sequence[dict[str, Any]],
-    *,
-    cell_seconds: float | None,
-    total_seconds: float | None,
-    threads: int = THREADS,
-    quiet: bool = False,
-) -> list[dict[str, Any]]:
-    """Run panel configurations: the acceptance cell (dense softmax, first) without a time cap, the rest with one.
-
-    The acceptance cell trains until it converges or reaches its epoch limit; the time it
-    takes counts against `total_seconds`, after which no further configuration starts.
-    """
-    first = [c for c in configs[:1] if c["mechanism"] == PANEL_MECHANISM]
-    start = time.monotonic()
-    out = run_recall(store, first, threads=threads, quiet=quiet)
-    left = None if total_seconds is None else max(0.0, total_seconds - (time.monotonic() - start))
-    rest = configs[len(first) :]
-    return out + run_recall(store, rest, cell_seconds=cell_seconds, total_seconds=left, threads=threads, quiet=quiet)
+def budget_text(config: dict[str, Any]) -> str:
+    """The training budget of a configuration, as the tables and the report state it."""
+    steps = math.ceil(config["train_examples"] / batch_size(config)) * config["max_epochs"]
+    cap = "no time cap" if config.get("cell_seconds") is None else f"at most {config['cell_seconds']:g} s"
+    return f"{steps} steps ({config['max_epochs']} epochs of {config['train_examples']} examples), {cap}"
 
 
-def run_default_panel(store: ResultStore, quiet: bool = False) -> list[dict[str, Any]]:
-    """The recall part of `make bench`: the panel (see `panel_configs`), starting nothing after PANEL_SECONDS.
+def run_default_panel(store: ResultStore, quiet: bool = False, mechanisms: Sequence[str] | None = None,
+                      total_seconds: float = PANEL_SECONDS) -> list[dict[str, Any]]:
+    """The recall part of `make bench`: the panel (see `panel_configs`), starting nothing after `total_seconds`.
 
     Cells not reached in time are trained by the next run (the finished ones are kept).
     """
-    configs = panel_configs()
-    say(f"bench: recall panel (MQAR L=64, kv=4, d_model=64) of {len(configs)} mechanisms for about "
-        f"{PANEL_SECONDS:g} s", quiet=quiet)
-    return run_panel(store, configs, cell_seconds=GRIDS["panel"].cell_seconds, total_seconds=PANEL_SECONDS,
-                     quiet=quiet)
+    configs = panel_configs(mechanisms)
+    if not configs:
+        return []
+    c = configs[0]
+    say(f"bench: recall (MQAR L={c['seq_len']}, kv={c['num_kv_pairs']}, d_model={c['d_model']}) of "
+        f"{len(configs)} causal mechanisms, each {budget_text(c)}, {PANEL_WORKERS} at a time; starting none "
+        f"after {total_seconds:g} s",
+        quiet=quiet)
+    return run_recall(store, configs, total_seconds=total_seconds, quiet=quiet, workers=PANEL_WORKERS)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -509,8 +590,12 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=_positive(int), metavar="V",
                         help="vocabulary size (must exceed L; default: the grid's, 512 or 8192 for zoology)")
     parser.add_argument("--cell-seconds", type=_positive(float), default=None, metavar="S",
-                        help="time cap of one configuration's training (default: the grid's: 60 s default, "
-                        "60 s panel but none for its dense softmax cell, none zoology)")
+                        help="time cap of one configuration's training, part of its configuration (default: the "
+                        f"grid's: 60 s default, {PANEL_CAP:g} s panel, none zoology)")
+    parser.add_argument("--workers", type=_positive(int), default=None, metavar="N",
+                        help=f"training processes at once (default 1; {PANEL_WORKERS} for the panel)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train again configurations the database has (each replaced once its new result is in)")
     parser.add_argument("--total-seconds", type=_positive(float), default=None, metavar="S",
                         help="start no configuration after S seconds; the next run trains the rest "
                         f"(default: no limit, {PANEL_SECONDS:g} s for the panel)")
@@ -565,21 +650,18 @@ def run_recall_command(args: argparse.Namespace) -> int:
         configs = grid_configs(
             grid, mechanisms, seeds=args.seed, seq_lens=args.seq_lens, kvs=args.kv, d_models=args.d_models,
             lrs=args.lr, max_epochs=args.epochs, vocab_size=args.vocab,
-            params=parse_params(args.params, mechanisms),
+            params=parse_params(args.params, mechanisms), cell_seconds=args.cell_seconds,
         )
     except ValueError as err:  # an invalid MQAR setting (vocabulary not above L, ...)
         raise ParameterError(str(err)) from None
-    cell = args.cell_seconds if args.cell_seconds is not None else grid.cell_seconds
     if not configs:
         say("recall: no configuration (every cell has 4·kv > L)", quiet=quiet)
     say(f"recall: {len(configs)} configurations ({args.grid} grid); results in {getattr(args, 'db', DEFAULT_DB)}",
         quiet=quiet)
-    if args.grid == "panel":
-        total = PANEL_SECONDS if args.total_seconds is None else args.total_seconds
-        rows = run_panel(store, configs, cell_seconds=cell, total_seconds=total, threads=args.threads, quiet=quiet)
-    else:
-        rows = run_recall(store, configs, cell_seconds=cell, total_seconds=args.total_seconds, threads=args.threads,
-                          quiet=quiet)
+    total = PANEL_SECONDS if args.total_seconds is None and args.grid == "panel" else args.total_seconds
+    workers = args.workers or (PANEL_WORKERS if args.grid == "panel" else 1)
+    rows = run_recall(store, configs, total_seconds=total, threads=args.threads, quiet=quiet, rerun=args.rerun,
+                      workers=workers)
     if args.json:
         dump = json.dumps(rows, indent=2)
         if args.json == "-":

@@ -1,44 +1,11 @@
 """`attnlab bench speed`: time and peak memory of every mechanism against N.
 
 Configurations are mechanisms × lengths × modes ("fwd", "fwd+bwd") at one dtype and
-causal flag, batch 1, 8 heads of width 64 by default. What is timed:
-
-* for a module subclassing `attnlab.core.module.Attention`, its attention core
-  `module.attend(q, k, v)` on q, k, v of shape (batch, heads, n, head_dim): the
-  projections are left out, so that every mechanism (and peer) does the same work;
-  a mechanism whose keys are summaries of the tokens (`Supports.summary_keys`: Twins GSA,
-  aggregated attention) gets k and v of its `key_count(grid)` rows, the keys it really
-  attends to (recorded in the configuration as "n_keys"), not n of them; one that refuses
-  the grid (a Twins GSA grid not a multiple of s) is "unsupported" there;
-* for any other module, `module(x)` on x of shape (batch, n, heads·head_dim).
-
-"fwd" is the forward under `torch.no_grad()`; "fwd+bwd" is the forward with autograd
-and the backward of (out · g).sum() for a fixed random g (`out.backward(g)`), q, k, v
-(or x) requiring grad. A mechanism whose position grids are all 2-D or 3-D gets the
-square (cube) grid of about N tokens, recorded as "grid"; its module receives the grid
-through a `grid` keyword when it declares one, else as position axes of the inputs.
-
-Measurements run in a worker process (`python -m attnlab.bench.speed --worker`,
-reading requests as JSON lines on stdin and answering one JSON line each on stdout),
-with MALLOC_MMAP_THRESHOLD_=65536 so that peak memory can be read from the kernel (see
-`attnlab.bench.timing`) and its address space limited to the memory budget (+1 GiB),
-so that an allocation beyond it fails ("over_memory") instead of exhausting the
-machine. The run goes length by length, each series (mechanism, mode) in increasing N.
-The parent kills the worker when a configuration overruns its time limit (2 × budget
-+ 10 s: status "over_time") and starts a new one; it skips a configuration predicted
-from the smaller N of its series to exceed the time or memory budget ("over_time" /
-"over_memory", with a note "predicted from N=..."; see `predict_over_budget`), and
-every larger N after one over budget; a configuration that raises is recorded as
-"error" and the run goes on (one the mechanism refuses to build, raising
-ParameterError, as "unsupported"). A mechanism that runs only causally is measured
-causally, and the baseline with it. Configurations already in the store are not measured
-again (resume), unless `rerun`, or unless they were over a budget smaller than this
-run's.
-
-Achieved FLOP/s where the registry declares FLOPs: the forward's FLOPs for "fwd", three
-times that for "fwd+bwd" (the backward of each product costs two products).
-`fit_exponents` and `sdpa_ratios` derive the measured cost exponent and the ratio to
-dense SDPA ("softmax", always measured in the same run) from stored results.
+causal flag; each is measured in a worker process (`python -m attnlab.bench.speed
+--worker`) under a time and a memory budget, which are part of the configuration. What
+is timed, the budget rules, the worker and the peak-memory probe are described in
+docs/bench.md ("Speed: what is measured, and how"); the comparison rules (which results
+may be compared, ratios, exponents, flags) are `attnlab.bench.compare`.
 """
 from __future__ import annotations
 
@@ -57,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -67,7 +34,11 @@ from ..catalogue import import_modules, imported_modules
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
 from ..core.registry import CAUSAL_PARAM, COMMON_PARAMS, Spec, get
-from .env import environment
+from .compare import BASELINE as BASELINE  # (re-exported: the reference of every ratio)
+from .compare import fit_exponents as fit_exponents  # (re-exported)
+from .compare import flags, loglog_slope, spread
+from .compare import sdpa_ratios as sdpa_ratios  # (re-exported)
+from .env import load_average, new_run_id, run_environment
 from .progress import progress, say
 from .store import Result, ResultStore, canonical, config_hash
 from .timing import MMAP_THRESHOLD_ENV, measure, peak_memory
@@ -76,7 +47,6 @@ SUITE = "speed"
 MODES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
-BASELINE = "softmax"  # dense SDPA, the reference of every ratio
 BACKWARD_FLOPS_FACTOR = 3.0  # forward + backward ≈ 3 × forward
 TARGET_S = 1.0  # timed calls stop once this is spent and three are made
 STARTUP_TIMEOUT_S = 180.0
@@ -110,6 +80,7 @@ class SpeedOptions:
     total_s: float | None = None  # start no configuration after this many seconds (the rest: next run)
     rerun: bool = False
     quiet: bool = False
+    run_id: str | None = None  # the run's id (default: a new one per run_speed call)
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # mechanism -> its --param values
 
     def __post_init__(self) -> None:
@@ -131,6 +102,11 @@ class SpeedOptions:
             raise ValueError(f"total_s: expected > 0 seconds or None, got {self.total_s}")
         if self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes: expected > 0, got {self.memory_budget_bytes}")
+
+    def budget(self) -> dict[str, Any]:
+        """The caps that can change a result, part of every configuration: seconds per configuration,
+        timed calls at most, peak memory."""
+        return {"time_s": self.budget_s, "repeats": self.repeats, "memory_bytes": self.memory_budget_bytes}
 
     def resolved_threads(self) -> int:
         return self.threads if self.threads is not None else torch.get_num_threads()
@@ -238,6 +214,7 @@ def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mappi
                     "mechanism": spec.name, "impl": "attnlab", "params": params, "n": tokens, "grid": grid,
                     "mode": mode, "causal": causal, "dtype": options.dtype, "batch": options.batch,
                     "heads": options.heads, "head_dim": options.head_dim, "threads": threads,
+                    "budget": options.budget(),
                 }
                 if summary_keys(spec):
                     config["n_keys"] = None
@@ -289,7 +266,7 @@ def unsupported(spec: Spec, config: Mapping[str, Any]) -> str | None:
 
 def empty_metrics(note: str | None = None, **extra: Any) -> dict[str, Any]:
     metrics: dict[str, Any] = {
-        "median_s": None, "min_s": None, "max_s": None, "repeats": 0, "peak_mem_bytes": None,
+        "median_s": None, "min_s": None, "max_s": None, "q1_s": None, "q3_s": None, "repeats": 0, "peak_mem_bytes": None,
         "flops": None, "flops_per_s": None, "max_abs_diff": None,
     }
     if note:
@@ -443,7 +420,7 @@ def measure_config(
                     return "over_memory", empty_metrics(
                         f"peak {peak / 2**20:.0f} MiB exceeds the memory budget of "
                         f"{memory_budget_bytes / 2**20:.0f} MiB (not timed)",
-                        budget_s=budget_s, peak_mem_bytes=peak, load_1m=os.getloadavg()[0],
+                        budget_s=budget_s, peak_mem_bytes=peak, load_1m=load_average(),
                     )
         timing = measure(fn, warmup=warmup, repeats=repeats, budget_s=min(TARGET_S, budget_s), limit_s=budget_s,
                          memory=True)
@@ -460,9 +437,10 @@ def measure_config(
         budget_s=budget_s,
     )
     metrics.update(
-        median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s, repeats=timing.repeats,
+        median_s=timing.median_s, repeats=timing.repeats, **spread(timing.times),
+        times_s=[float(f"{t:.6g}") for t in timing.times],
         peak_mem_bytes=peak, flops=flops, flops_per_s=flops / timing.median_s if flops else None,
-        load_1m=os.getloadavg()[0],  # other work on the machine slows the measurement; say how much there was
+        load_1m=load_average(),  # other work on the machine slows the measurement; say how much there was
     )
     return "ok", metrics
 
@@ -501,7 +479,7 @@ def worker_main(argv: Sequence[str]) -> int:
         channel.write(canonical(obj) + "\n")
         channel.flush()
 
-    send({"ready": True, "env": environment()})
+    send({"ready": True, "env": run_environment(hello.get("run_id"))})  # with the matmul rate at these threads
     for line in sys.stdin:
         request = json.loads(line)
         status, metrics = measure_config(
@@ -520,7 +498,7 @@ class WorkerDied(RuntimeError):
 class Worker:
     """A measurement process and the pipe to it."""
 
-    def __init__(self, threads: int, memory_limit: int | None) -> None:
+    def __init__(self, threads: int, memory_limit: int | None, run_id: str | None = None) -> None:
         cmd = [sys.executable, "-m", "attnlab.bench.speed", "--worker", "--threads", str(threads)]
         if memory_limit is not None:
             cmd += ["--memory-limit", str(memory_limit)]
@@ -531,7 +509,7 @@ class Worker:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
-        self._send({"sys_path": [p for p in sys.path if p], "imports": imported_modules()})
+        self._send({"sys_path": [p for p in sys.path if p], "imports": imported_modules(), "run_id": run_id})
         hello = self.receive(STARTUP_TIMEOUT_S)
         if hello is None:
             self.kill()
@@ -594,20 +572,23 @@ class Worker:
         self.errors.close()
 
 
-def _stale(result: Result, options: SpeedOptions) -> bool:
-    """A stored over-budget result taken under a smaller budget than this run's."""
-    if result.status == "over_time":
-        return result.metrics.get("budget_s", math.inf) < options.budget_s
-    if result.status == "over_memory":
-        return result.metrics.get("memory_budget_bytes", math.inf) < options.memory_budget_bytes
-    return False
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptions) -> list[Result]:
     """Measure `mechanisms` (and "softmax", the baseline) under `options`; the results, series by series.
 
-    Configurations stored already are taken from the store, except with `options.rerun`
-    and except over-budget results taken under smaller budgets than this run's. The run
+    Configurations stored already are taken from the store (the budgets are part of a
+    configuration), except with `options.rerun`: then a stored result is replaced once its
+    new measurement is recorded, in the same transaction (a rerun stopped midway leaves
+    it). The run
     goes length by length (every mechanism and mode at the smallest N, then the next),
     in one worker process restarted only when killed or dead, so that a run stopped by
     `options.total_s` has every mechanism up to some N; the configurations it did not
@@ -625,7 +606,11 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
     schedule = sorted(configs, key=lambda c: (c["n"], options.modes.index(c["mode"]), names.index(c["mechanism"])))
     by_name = {s.name: s for s in specs}
     stored = {r.config_hash: r for r in store.results(SUITE)}
-    parent_env = {**environment(), "threads": options.resolved_threads()}
+    run_id = options.run_id or new_run_id()
+    with _threads(options.resolved_threads()):
+        parent_env = run_environment(run_id)  # (the env of results decided here, without a measurement)
+    run_env: dict[str, Any] | None = None  # the worker's: the same run, start time and load
+
     _warn_if_loaded(options)
     history: dict[Series, list[tuple[int, Mapping[str, Any]]]] = {}  # series -> its ok (N, metrics)
     blocked: dict[Series, tuple[str, str]] = {}  # series -> (status, note) for larger N
@@ -638,10 +623,10 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
             spec, key = by_name[config["mechanism"]], (config["mechanism"], config["mode"], config["causal"])
             h = config_hash(config)
             existing = stored.get(h)
-            if existing is not None and (options.rerun or _stale(existing, options)):
-                store.forget(SUITE, config)
+            replace_old = options.rerun  # replaced when the new result is recorded, not before
+            if replace_old:
                 existing = None
-            if existing is None and store.done(SUITE, config):  # a concurrent run measured it meanwhile
+            elif existing is None and store.done(SUITE, config):  # a concurrent run measured it meanwhile
                 existing = next(r for r in store.results(SUITE) if r.config_hash == h)
             if existing is not None:
                 _follow(key, config, existing.status, existing.metrics, history, blocked)
@@ -658,8 +643,9 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
                 status, metrics = skip[0], empty_metrics(skip[1])
             else:
                 if worker is None:
-                    worker = Worker(config["threads"], options.memory_budget_bytes)
-                env = worker.env
+                    worker = Worker(config["threads"], options.memory_budget_bytes, run_id)
+                    run_env = run_env or {**worker.env, **{k: parent_env[k] for k in ("time", "load_1m")}}
+                env = run_env
                 try:
                     answer = worker.request(
                         config, budget_s=options.budget_s, repeats=options.repeats,
@@ -680,7 +666,9 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
             if status == "ok" and metrics["peak_mem_bytes"] is not None and metrics["peak_mem_bytes"] > options.memory_budget_bytes:
                 status = "over_memory"
                 metrics["note"] = f"peak {metrics['peak_mem_bytes'] / 2**20:.0f} MiB exceeds the memory budget"
-            store.record(SUITE, config, status, metrics, env)
+            if status == "ok":
+                metrics["flags"] = flags(metrics, env)
+            store.record(SUITE, config, status, metrics, env, replace=replace_old)
             _follow(key, config, status, metrics, history, blocked)
     finally:
         if worker is not None:
@@ -715,100 +703,6 @@ def _follow(
     elif status in ("over_time", "over_memory") and key not in blocked:
         what = "time" if status == "over_time" else "memory"
         blocked[key] = (status, f"N={config['n']} was over the {what} budget")
-
-
-# -- derived quantities ---------------------------------------------------------------------
-def _rows(results: Iterable[Result | Mapping[str, Any]]) -> list[tuple[dict[str, Any], str, dict[str, Any]]]:
-    """(config, status, metrics) of results given as store Results or as their JSON objects."""
-    out = []
-    for r in results:
-        if isinstance(r, Result):
-            out.append((r.config, r.status, r.metrics))
-        else:
-            out.append((r["config"], r["status"], r["metrics"]))
-    return out
-
-
-def _declared_exponent(name: str) -> float | None:
-    try:
-        return get(name).exponent
-    except UnknownNameError:
-        return None
-
-
-def loglog_slope(points: Sequence[tuple[float, float]], *, min_points: int = 3) -> float | None:
-    """Least-squares slope of log y against log x; None with fewer than `min_points` distinct x."""
-    if len({x for x, _ in points}) < max(2, min_points):
-        return None
-    xs = [math.log(x) for x, _ in points]
-    ys = [math.log(y) for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-
-_SERIES_KEYS = ("mechanism", "impl", "params", "mode", "causal", "dtype", "batch", "heads", "head_dim", "threads")
-
-
-def fit_exponents(results: Iterable[Result | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per series (mechanism, impl, params, mode, causal, dtype, shape, threads): the measured exponent.
-
-    "measured" is the log-log least-squares slope of the median time against N over the
-    series' ok points (None with fewer than 3), beside the registry's "declared" one.
-    """
-    series: dict[str, tuple[dict[str, Any], list[tuple[float, float]]]] = {}
-    for config, status, metrics in _rows(results):
-        head = {k: config.get(k) for k in _SERIES_KEYS}
-        entry = series.setdefault(canonical(head), (head, []))
-        if status == "ok" and metrics.get("median_s"):
-            entry[1].append((float(config["n"]), float(metrics["median_s"])))
-    out = []
-    for head, points in series.values():
-        ns = [n for n, _ in points]
-        out.append({
-            **head,
-            "points": len(points),
-            "n_min": int(min(ns)) if ns else None,
-            "n_max": int(max(ns)) if ns else None,
-            "measured": loglog_slope(points),
-            "declared": _declared_exponent(head["mechanism"]),
-        })
-    return out
-
-
-_SHAPE_KEYS = ("n", "mode", "causal", "dtype", "batch", "heads", "head_dim", "threads")
-
-
-def sdpa_ratios(results: Iterable[Result | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per result: its median time over that of dense SDPA ("softmax", attnlab) at the same shape.
-
-    The ratio is None when either is not an ok measurement.
-    """
-    rows = _rows(results)
-    baseline = {
-        canonical([config.get(k) for k in _SHAPE_KEYS]): metrics["median_s"]
-        for config, status, metrics in rows
-        if config["mechanism"] == BASELINE and config.get("impl") == "attnlab" and status == "ok"
-    }
-    out = []
-    for config, status, metrics in rows:
-        ref = baseline.get(canonical([config.get(k) for k in _SHAPE_KEYS]))
-        mine = metrics.get("median_s") if status == "ok" else None
-        out.append({
-            **{k: config.get(k) for k in ("mechanism", "impl", "params", "grid", *_SHAPE_KEYS)},
-            "median_s": mine,
-            "sdpa_median_s": ref,
-            "ratio": mine / ref if mine and ref else None,
-        })
-    return out
-
-
-def quick_budget_s(mechanisms: int, total_s: float = 240.0) -> float:
-    """Seconds per configuration for the default suite: about a quarter of `total_s` per mechanism, in [2, 10].
-
-    The suite's time limit (`SpeedOptions.total_s`) bounds the whole, however many
-    mechanisms there are.
-    """
-    return min(10.0, max(2.0, total_s / (4 * max(1, mechanisms))))
 
 
 if __name__ == "__main__":

@@ -39,13 +39,14 @@ MIN_REPEATS = 3
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over `repeats` timed calls; the first one's peak memory when asked for."""
+    """Seconds per call over `repeats` timed calls (each in `times`); the first one's peak memory when asked for."""
 
     median_s: float
     min_s: float
     max_s: float
     repeats: int
     peak_mem_bytes: int | None = None
+    times: tuple[float, ...] = ()
 
 
 def measure(
@@ -94,7 +95,7 @@ def measure(
             break
         if spent + statistics.median(times) > limit:
             break
-    return Timing(statistics.median(times), min(times), max(times), len(times), peak)
+    return Timing(statistics.median(times), min(times), max(times), len(times), peak, tuple(times))
 
 
 def _status_bytes(*keys: str) -> dict[str, int]:

@@ -12,15 +12,16 @@ import torch
 
 import attnlab
 from attnlab.bench import recall
-from attnlab.bench.store import ResultStore
+from attnlab.bench.store import ResultStore, config_hash
 from attnlab.core.errors import ParameterError
 from attnlab.core.module import Attention
 from attnlab.core.reference import softmax_attention_reference
 from attnlab.core.registry import Paper, Supports, register, remove
 
 AGREED_CONFIG = {"mechanism", "params", "seq_len", "num_kv_pairs", "d_model", "vocab_size", "seed", "lr",
-                 "max_epochs", "train_examples", "test_examples", "layers"}
-AGREED_METRICS = {"accuracy", "best_accuracy", "epochs", "train_seconds", "converged"}
+                 "max_epochs", "train_examples", "test_examples", "layers", "cell_seconds"}
+AGREED_METRICS = {"accuracy", "best_accuracy", "epochs", "train_seconds", "converged", "stopped", "steps",
+                  "step_budget", "load_1m"}
 CAUSAL = [s.name for s in attnlab.list_mechanisms() if s.supports.causal and 1 in s.supports.grids]
 
 
@@ -48,6 +49,8 @@ def test_a_tiny_real_training_run_lands_in_the_store(store: ResultStore) -> None
     assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy"] <= m["best_accuracy"] <= 1.0
     assert 1 <= m["epochs"] <= 2 and len(m["history"]) == m["epochs"] and m["history"][-1] == pytest.approx(m["accuracy"], abs=1e-4)
     assert m["converged"] == (m["accuracy"] >= 0.99)
+    assert m["step_budget"] == 2 * 2 and m["steps"] == 2 * m["epochs"]  # 96 examples: 2 batches of 64 an epoch
+    assert m["stopped"] == ("converged" if m["converged"] else "step budget")
     assert m["train_seconds"] > 0
     assert result.env["torch"] == torch.__version__ and result.env["threads"] == 1
 
@@ -142,6 +145,11 @@ def test_resume_skips_a_finished_configuration(store: ResultStore, monkeypatch: 
 def test_time_budget_stops_training_with_a_note() -> None:
     status, m = recall.train_recall(tiny(max_epochs=50, train_examples=640), time_budget_s=1e-9, quiet=True)
     assert status == "ok" and m["epochs"] == 1 and "time budget" in m["note"] and not m["converged"]
+    assert m["stopped"] == "time cap" and m["steps"] == 1 and m["step_budget"] == 50 * 10
+    # the configuration's own cap is the default, and part of the configuration
+    status, m = recall.train_recall(tiny(max_epochs=50, train_examples=640, cell_seconds=1e-9), quiet=True)
+    assert m["stopped"] == "time cap" and m["steps"] == 1
+    assert config_hash(tiny(cell_seconds=60.0)) != config_hash(tiny(cell_seconds=None))
 
 
 def test_cosine_schedule_with_warmup() -> None:
@@ -173,11 +181,14 @@ def test_zoology_grid_is_figure_2() -> None:
     assert {c["seq_len"]: recall.batch_size(c) for c in configs} == {64: 512, 128: 512, 256: 256, 512: 128}
 
 
-def test_panel_starts_with_the_acceptance_cell() -> None:
+def test_panel_gives_every_causal_mechanism_the_same_budget_softmax_first() -> None:
     configs = recall.panel_configs()
-    first = configs[0]
-    assert (first["mechanism"], first["seq_len"], first["num_kv_pairs"], first["d_model"]) == ("softmax", 64, 4, 64)
-    assert {c["mechanism"] for c in configs} == {s.name for s in attnlab.list_mechanisms()}
+    assert [c["mechanism"] for c in configs[:3]] == ["softmax", "sliding-window", "linear"]
+    assert {c["mechanism"] for c in configs} == set(CAUSAL)
+    budgets = {(c["seq_len"], c["num_kv_pairs"], c["d_model"], c["max_epochs"], c["train_examples"], c["cell_seconds"],
+                c["lr"], c["seed"]) for c in configs}
+    assert len(budgets) == 1, budgets
+    assert "steps" in recall.budget_text(configs[0])
 
 
 def test_bad_settings_are_refused() -> None:
@@ -231,15 +242,29 @@ def test_after_the_deadline_nothing_starts_but_unsupported_cells_are_recorded(st
     assert not store.done("recall", trainable), "the next run trains it"
 
 
-def test_panel_gives_the_acceptance_cell_no_time_cap(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    budgets = {}
+def test_rerun_replaces_a_result_only_when_the_new_one_is_recorded(store: ResultStore,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny(max_epochs=1)
+    [first] = recall.run_recall(store, [config], quiet=True)
 
-    def spy(config, *, time_budget_s=None, quiet=False):  # noqa: ANN001, ANN202
-        budgets[config["mechanism"]] = time_budget_s
-        return "ok", {**recall.empty_metrics("spy"), "accuracy": 0.5, "best_accuracy": 0.5, "epochs": 1}
+    def interrupted(config, **kw):  # noqa: ANN001, ANN202
+        assert store.done("recall", config), "the old result is there while the new one trains"
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(recall, "train_recall", spy)
-    other = next(name for name in CAUSAL if name != "softmax")
-    rows = recall.run_panel(store, [tiny(), tiny(other)], cell_seconds=5.0, total_seconds=100.0, quiet=True)
-    assert budgets == {"softmax": None, other: 5.0}
-    assert [r["config"]["mechanism"] for r in rows] == ["softmax", other]
+    monkeypatch.setattr(recall, "train_recall", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recall.run_recall(store, [config], quiet=True, rerun=True)
+    [kept] = store.results("recall")
+    assert kept.metrics == first["metrics"]
+    monkeypatch.setattr(recall, "train_recall", lambda config, **kw: ("ok", {**first["metrics"], "accuracy": 0.5}))
+    [again] = recall.run_recall(store, [config], quiet=True, rerun=True)
+    assert again["metrics"]["accuracy"] == 0.5 and store.count("recall") == 1
+
+
+def test_pool_processes_train_the_same_results(tmp_path) -> None:
+    configs = [tiny(max_epochs=1), tiny(max_epochs=1, seed=1), tiny(max_epochs=1, seed=2)]
+    alone = recall.run_recall(ResultStore(tmp_path / "a.sqlite"), configs, quiet=True)
+    pooled = recall.run_recall(ResultStore(tmp_path / "b.sqlite"), configs, quiet=True, workers=2)
+    assert [r["config"] for r in pooled] == configs  # in the order asked, whatever finished first
+    assert [r["metrics"]["history"] for r in pooled] == [r["metrics"]["history"] for r in alone]
+    assert {r.env["recall_workers"] for r in ResultStore(tmp_path / "b.sqlite").results()} == {2}

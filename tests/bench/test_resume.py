@@ -68,3 +68,59 @@ def test_killed_run_resumes_without_repeating(tmp_path):
     # the table names every length
     table = second.stdout.splitlines()
     assert sorted(int(line.split()[1]) for line in table[2 : 2 + len(LENGTHS)]) == sorted(LENGTHS)
+
+
+SLOW_MODULE = '''
+import os
+import time
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from attnlab.core.module import Attention
+from attnlab.core.reference import softmax_attention_reference
+from attnlab.core.registry import Paper, Supports, register
+
+
+@register(name="test-rerun-slow", paper=Paper(None, "Slow when asked to", 2026), family="A", cost="O(N^2 d)",
+          exponent=2.0, supports=Supports())
+class Slow(Attention):
+    def attend_fast(self, q, k, v, mask):
+        mark = os.environ.get("SLOW_MARK")
+        if mark:  # the rerun: say that the measurement has started, then take long
+            Path(mark).touch()
+            time.sleep(120)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def attend_reference(self, q, k, v, mask):
+        return softmax_attention_reference(q, k, v, mask)
+'''
+
+
+def test_a_rerun_killed_mid_measurement_keeps_the_stored_result(tmp_path):
+    (tmp_path / "slow_mech.py").write_text(SLOW_MODULE)
+    db = tmp_path / "results.sqlite"
+    cmd = [sys.executable, "-m", "attnlab", "bench", "speed", "--import", str(tmp_path / "slow_mech.py"),
+           "--mechanisms", "test-rerun-slow", "--modes", "fwd", "--lengths", "32", "--budget-seconds", "1",
+           "--repeats", "3", "--threads", "1", "--quiet", "--db", str(db)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = ResultStore(db, readonly=True)
+    (before,) = [r for r in store.results("speed") if r.config["mechanism"] == "test-rerun-slow"]
+    assert before.status == "ok"
+
+    mark = tmp_path / "measuring"
+    rerun = subprocess.Popen([*cmd, "--rerun"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, env={**os.environ, "SLOW_MARK": str(mark)})
+    try:
+        deadline = time.monotonic() + 150
+        while not mark.exists() and rerun.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), rerun.stderr.read().decode()[-2000:] if rerun.poll() is not None else "no mark"
+        os.killpg(rerun.pid, signal.SIGKILL)  # the command and its worker, mid-measurement
+    finally:
+        rerun.kill()
+        rerun.communicate()
+    assert group_gone(rerun.pid, 30)
+    (after,) = [r for r in store.results("speed") if r.config["mechanism"] == "test-rerun-slow"]
+    assert (after.status, after.metrics, after.created) == (before.status, before.metrics, before.created)

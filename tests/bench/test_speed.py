@@ -251,25 +251,29 @@ def test_cli_json_to_stdout_is_only_json(tiny, capsys):
     assert {(f["mechanism"], f["mode"], f["measured"], f["declared"]) for f in data["exponents"]} == {
         ("softmax", "fwd", None, 2.0), ("softmax", "fwd+bwd", None, 2.0)}  # two points: no slope
     assert [r["ratio"] for r in data["ratios"]] == [1.0] * 4
-    assert "median ms" in err  # the table went to stderr
+    assert "xSDPA" in err and "reused from the store" in err  # the table went to stderr
+    assert all(r["reused"] for r in data["results"])  # every result came from the fixture's run
 
 
 def test_cli_prints_a_table(tiny, capsys):
     db, _, _ = tiny
     code = main(["bench", "speed", "--mechanisms", "softmax", "--lengths", "64,128", "--budget-seconds", "2",
-                 "--quiet", "--db", str(db)])
+                 "--repeats", "5", "--quiet", "--db", str(db)])
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["mechanism", "N", "mode", "status", "median", "ms", "peak", "MB", "GFLOP/s", "xSDPA"]
-    assert [line.split()[:4] for line in lines[2:6]] == [
-        ["softmax", "64", "fwd", "ok"], ["softmax", "128", "fwd", "ok"],
-        ["softmax", "64", "fwd+bwd", "ok"], ["softmax", "128", "fwd+bwd", "ok"]]
+    assert lines[0].split() == ["mechanism", "N", "mode", "status", "ms", "IQR", "load", "MiB", "GFLOP/s", "xSDPA"]
+    assert [line.split()[:4] for line in lines[2:6]] == [  # every row reused from the fixture's run: marked
+        ["softmax*", "64", "fwd", "ok"], ["softmax*", "128", "fwd", "ok"],
+        ["softmax*", "64", "fwd+bwd", "ok"], ["softmax*", "128", "fwd+bwd", "ok"]]
+    assert max(len(line) for line in lines) <= 100
 
 
 def test_default_suite_runs_speed_recall_report(tiny, monkeypatch, capsys):
     db, results, _ = tiny
     monkeypatch.setattr(bench_cli, "QUICK_LENGTHS", (64, 128))
+    monkeypatch.setattr(bench_cli, "QUICK_BUDGET_S", 2.0)  # the fixture's budgets: everything is reused
+    monkeypatch.setattr(bench_cli, "QUICK_REPEATS", 5)
     monkeypatch.setattr(bench_cli, "list_mechanisms", lambda: [registry.get("softmax")])
     calls = []
 
@@ -277,9 +281,12 @@ def test_default_suite_runs_speed_recall_report(tiny, monkeypatch, capsys):
         add_recall_arguments = staticmethod(lambda parser: None)
         run_recall_command = staticmethod(lambda args: 0)
 
+        results_table = staticmethod(lambda rows: "")
+
         @staticmethod
-        def run_default_panel(store, quiet):
+        def run_default_panel(store, quiet, total_seconds):
             calls.append((store.path, quiet, store.count("speed")))
+            return []
 
     monkeypatch.setattr(bench_cli, "recall", Recall)
     code = main(["bench", "--db", str(db), "--quiet"])

@@ -72,13 +72,17 @@ def test_bench_speed_measures_an_imported_mechanism_with_its_param(user_module: 
     done = attnlab(*common, "--import", str(user_module), "--param", "user-temp-softmax.temperature=2",
                    "--json", "-", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    rows = [r for r in json.loads(done.stdout)["results"] if r["config"]["mechanism"] == "user-temp-softmax"]
+    data = json.loads(done.stdout)
+    assert data["results"] and not any(r["reused"] for r in data["results"])  # all measured in this run
+    assert {r["env"]["run_id"] for r in data["results"]} == {data["run_id"]}
+    rows = [r for r in data["results"] if r["config"]["mechanism"] == "user-temp-softmax"]
     assert [(r["config"]["n"], r["status"], r["config"]["params"]) for r in rows] == [
         (32, "ok", {"temperature": 2.0}), (64, "ok", {"temperature": 2.0})], [r["metrics"] for r in rows]
     # by module name (found in the current folder), before the subcommand (`attnlab bench --import X speed`)
     done = attnlab("bench", "--import", "my_attention", *common[1:], "--param", "user-temp-softmax.temperature=2",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert "user-temp-softmax*" in done.stdout  # reused from the store, and marked so
     assert "user-temp-softmax" in done.stdout
 
 
