@@ -232,6 +232,15 @@ def check_batch_first(spec: Spec) -> None:
         ctx = tokens(spec, seed=5, n=n + 2)
         _close(second(x.transpose(0, 1), context=ctx.transpose(0, 1)), first(x, context=ctx).transpose(0, 1),
                f"{spec.name}: batch_first=False cross-attention differs from transposing")
+    if spec.supports.decode:
+        first, second = build(spec, causal=True), build(spec, causal=True)
+        second.load_state_dict(first.state_dict())
+        second.batch_first = False
+        state, outs = None, []
+        for t in range(n):  # x_t of shape (1, batch, dim)
+            y, state = second.step(x.transpose(0, 1)[t : t + 1], state)
+            outs.append(y)
+        _close(torch.cat(outs, 0), first(x).transpose(0, 1), f"{spec.name}: batch_first=False step-by-step decoding differs")
 
 
 def check_batch_independence(spec: Spec) -> None:

@@ -6,6 +6,9 @@ same sequences run without padding.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -129,3 +132,10 @@ def test_functional_ops_take_no_key_padding_mask() -> None:
     q = k = v = torch.randn(2, HEADS, N, 4)
     with pytest.raises(TypeError, match="key_padding_mask"):
         softmax_attention(q, k, v, key_padding_mask=torch.zeros(2, N, dtype=torch.bool))  # type: ignore[call-arg]
+
+
+def test_docs_list_the_modules_that_take_batch_first() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "mechanisms.md").read_text()
+    listed = text.split("parameter `batch_first` —", 1)[1].split("— take", 1)[0]
+    have = {s.name for s in attnlab.list_mechanisms() if any(p.name == "batch_first" for p in s.params)}
+    assert set(re.findall(r"`([a-z-]+)`", listed)) == have

@@ -225,8 +225,9 @@ class FourierAttention(Attention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
+        batch_first: bool = True,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
         self.q_norm = HeadLayerNorm(heads, self.head_dim)
         self.k_norm = HeadLayerNorm(heads, self.head_dim)
 

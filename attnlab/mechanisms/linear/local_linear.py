@@ -186,10 +186,11 @@ class LocalLinearAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         causal: bool = False,
         ridge: float = 1.0,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
         _check_ridge(ridge)
         self.ridge = float(ridge)
 

@@ -193,10 +193,11 @@ class MultiWindowAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         causal: bool = False,
         windows: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
         self.windows = check_windows(windows, heads)
 
     @property

@@ -215,12 +215,13 @@ class CombinerAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         causal: bool = False,
         block_size: int | None = None,
         pooling: Pooling = "max",
         log_size: bool = True,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
             raise ParameterError(f"block_size: expected an int >= 1 or None, got {block_size!r}")
         if pooling not in POOLINGS:

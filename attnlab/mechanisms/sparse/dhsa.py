@@ -195,6 +195,7 @@ class DHSAAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         causal: bool = True,
         chunk_size: int = 64,
         top_chunks: int = 4,
@@ -202,7 +203,7 @@ class DHSAAttention(Attention):
     ) -> None:
         if causal is not True:
             raise ParameterError(f"causal: DHSA is causal by construction; expected True, got {causal!r}")
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=True)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=True)
         self.chunk_size = _check_int("chunk_size", chunk_size, 1)
         self.top_chunks = _check_int("top_chunks", top_chunks, 0)
         if query_rep not in QUERY_REPS:

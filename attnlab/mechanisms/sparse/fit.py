@@ -206,10 +206,11 @@ class FITAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         group_size: int = 64,
         latents: int = 8,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first)
         check_int("group_size", group_size)
         check_int("latents", latents)
         self.group_size, self.n_latents = group_size, latents

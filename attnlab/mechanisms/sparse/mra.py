@@ -212,10 +212,11 @@ class MRAAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         block_size: int = 32,
         blocks: int = 4,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first)
         self.block_size = _check_int("block_size", block_size, 1)
         self.blocks = _check_int("blocks", blocks, 1)
 

@@ -330,11 +330,12 @@ class RoutingAttention(Attention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
+        batch_first: bool = True,
         causal: bool = False,
         clusters: int = 32,
         decay: float = 0.999,
     ) -> None:
-        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
+        super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
         check_int("clusters", clusters)
         _check_decay(decay)
         self.clusters, self.decay = clusters, float(decay)
