@@ -212,12 +212,20 @@ def test_json_export_agrees_with_the_store(run) -> None:
         assert row["declared"] == 2.0
     ratios = [row for row in export["ratios"] if row["mechanism"] == PLANTED]
     assert {(row["mode"], row["n"]) for row in ratios} == {(m, n) for m in ("fwd", "fwd+bwd") for n in LENGTHS}
+    timed = {(r.config["mechanism"], r.config["mode"], r.config["n"]) for r in speed if _timed(r)}
     for row in ratios:
         key = (PLANTED, row["mode"], row["n"])
-        if key in ok:
+        if key in ok and {key, ("softmax", row["mode"], row["n"])} <= timed:
             assert row["over_sdpa"] == pytest.approx(ok[key] / ok[("softmax", row["mode"], row["n"])])
+        elif key in ok:  # a time flagged implausible (on a loaded machine, a rate above the run's matmul rate)
+            assert row["over_sdpa"] is None
         else:
             assert row["n"] > FAILS_ABOVE and row["status"] == "error" and row["over_sdpa"] is None
+
+
+def _timed(r) -> bool:
+    """Whether a stored speed result's time is data: ok, and not flagged implausible."""
+    return r.status == "ok" and "rate_above_matmul" not in (r.metrics.get("flags") or [])
 
 
 def _seconds(cell: str) -> float:
@@ -246,25 +254,38 @@ def test_markdown_summary_agrees_with_the_store(run) -> None:
     for r in speed:
         row = next(row for row in rows if row[0] == md_name[r.config["mechanism"]] and row[1] == r.config["mode"])
         cell = row[2 + LENGTHS.index(r.config["n"])]
-        if r.status == "ok":  # three significant digits
-            assert _seconds(cell) == pytest.approx(r.metrics["median_s"], rel=5e-3)
+        if r.status == "ok":  # three significant digits, then " (flagged)" when the time is implausible
+            time_flagged = "rate_above_matmul" in r.metrics.get("flags", [])  # (a loaded machine's matmul rate)
+            assert cell.endswith(" (flagged)") == time_flagged, cell
+            assert _seconds(cell.removesuffix(" (flagged)")) == pytest.approx(r.metrics["median_s"], rel=5e-3)
         else:
             assert cell == r.status.replace("_", " ")
     # the peers: the agreeing one timed, the disagreeing one never
     assert [row[:2] for row in peer_rows] == [["softmax \\[planted-agree\\]", "fwd"], ["softmax \\[planted-disagree\\]", "fwd"]]
     agree = {r.config["n"]: r.metrics["median_s"] for r in _peer_results(store, "planted-agree")}
-    assert [_seconds(cell) for cell in peer_rows[0][2:]] == pytest.approx([agree[n] for n in LENGTHS], rel=5e-3)
+    assert [_seconds(cell.removesuffix(" (flagged)")) for cell in peer_rows[0][2:]] == pytest.approx(
+        [agree[n] for n in LENGTHS], rel=5e-3)
     assert peer_rows[1][2:] == ["disagree"] * len(LENGTHS)
     ratios = _md_rows(markdown, "## attnlab time / peer time")
     assert [row[:2] for row in ratios] == [row[:2] for row in peer_rows]
-    assert [float(c.rstrip("×")) for c in ratios[0][2:]] == pytest.approx(
-        [_softmax_time(store, n) / agree[n] for n in LENGTHS], rel=5e-3)
+    assert [float(c.rstrip("×")) if c.endswith("×") else c for c in ratios[0][2:]] == _expected_peer_cells(store)
     assert ratios[1][2:] == ["disagree"] * len(LENGTHS)
     assert "- softmax \\[planted-agree\\], fwd+bwd: planted-agree supports modes fwd" in markdown
 
     missing = {s.name for s in registry.list_mechanisms()} - {r.config["mechanism"] for r in store.results()}
     listed = re.findall(r"^- (\S+) \(family", markdown[markdown.index("## Not measured"):], re.M)
     assert set(listed) == missing
+
+
+def _expected_peer_cells(store: ResultStore) -> list:
+    """Per N, the agreeing peer's ratio cell: attnlab/peer as a number (to compare approximately), or "flagged"."""
+    out = []
+    for r in _peer_results(store, "planted-agree"):
+        (ours,) = [x for x in store.results("speed") if (x.config["mechanism"], x.config["impl"], x.config["mode"],
+                                                            x.config["n"]) == ("softmax", "attnlab", "fwd", r.config["n"])]
+        out.append("flagged" if not _timed(r) else "attnlab flagged" if not _timed(ours)
+                   else pytest.approx(ours.metrics["median_s"] / r.metrics["median_s"], rel=5e-3))
+    return out
 
 
 def _peer_results(store: ResultStore, peer: str, mode: str = "fwd") -> list:
@@ -287,9 +308,8 @@ def test_peers_show_ratios_and_disagreement_never_a_time(run) -> None:
     section = text[text.index("id='peers'"):text.index("id='recall'")]
     rows = {m[1]: re.findall(r"<td>(.*?)</td>", m[0])[2:] for m in re.finditer(r"<tr><td>(.*?)</td>.*?</tr>", section)}
     assert set(rows) == {"softmax [planted-agree]", "softmax [planted-disagree]"}
-    shown = [float(re.sub(r"<.*?>", "", cell).rstrip("×")) for cell in rows["softmax [planted-agree]"]]
-    expected = [_softmax_time(store, r.config["n"]) / r.metrics["median_s"] for r in agree]
-    assert shown == pytest.approx(expected, rel=5e-3)
+    shown = [re.sub(r"<.*?>", "", cell) for cell in rows["softmax [planted-agree]"]]
+    assert [float(c.rstrip("×")) if c.endswith("×") else c for c in shown] == _expected_peer_cells(store)
     for cell in rows["softmax [planted-disagree]"]:
         assert re.fullmatch(r"<span class='status s-disagree' title='max \|attnlab − peer\| = 0\.01'>disagree</span>",
                             cell), cell
@@ -299,8 +319,11 @@ def test_peers_show_ratios_and_disagreement_never_a_time(run) -> None:
     export = json.loads((page.parent / "results.json").read_text(encoding="utf-8"))
     for r in agree + disagree:
         (row,) = [x for x in export["ratios"] if (x["impl"], x["mode"], x["n"]) == (r.config["impl"], "fwd", r.config["n"])]
-        if r.status == "ok":
-            assert row["attnlab_over_peer"] == pytest.approx(_softmax_time(store, r.config["n"]) / r.metrics["median_s"])
+        expected = _expected_peer_cells(store)[LENGTHS.index(r.config["n"])] if r.status == "ok" else None
+        if r.status == "ok" and not isinstance(expected, str):
+            assert row["attnlab_over_peer"] == expected
+        elif r.status == "ok":  # a flagged time: no ratio
+            assert row["attnlab_over_peer"] is None
         else:
             assert row["attnlab_over_peer"] is None and row["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
 
@@ -369,7 +392,8 @@ def test_time_and_size_formats() -> None:
 # -- a hand-made store: known times, so that every headline fact is checked against numbers set here ----------
 MS = 1e-3
 SHAPE = {"dtype": "float32", "batch": 1, "heads": 8, "head_dim": 64, "threads": 1}
-OLD_RUN, NEW_RUN = "20261207T050000Z-00000001", "20261207T060000Z-00000002"
+OLD_RUN, NEW_RUN, ELSEWHERE = "20261207T050000Z-00000001", "20261207T060000Z-00000002", "20261207T040000Z-00000003"
+RUN_STARTS = {ELSEWHERE: 1000.0, OLD_RUN: 2000.0, NEW_RUN: 3000.0}  # runs 1, 2, 3 in the environment table
 # median seconds at N = 256, 512, 1024
 SDPA = (1 * MS, 4 * MS, 16 * MS)
 CAUSAL_SDPA = (0.6 * MS, 2.4 * MS, 9.6 * MS)
@@ -395,7 +419,7 @@ def _hand_speed(mechanism: str, n: int, median: float, *, causal: bool = False, 
                "peak_mem_bytes": n * 4096 if peak is None else peak, "load_1m": load}
     if status != "ok":
         metrics = {"note": "planted", "max_abs_diff": 0.5}
-    return "speed", config, status, metrics, {"cpu": cpu, "run_id": run}
+    return "speed", config, status, metrics, {"cpu": cpu, "run_id": run, "time": RUN_STARTS[run]}
 
 
 def _hand_recall(mechanism: str, accuracy: float, *, converged: bool, note: str | None = None, epochs: int = 4,
@@ -409,7 +433,7 @@ def _hand_recall(mechanism: str, accuracy: float, *, converged: bool, note: str 
                "converged": converged}
     if note:
         metrics["note"] = note
-    return "recall", config, "ok", metrics, {"cpu": "hand", "run_id": NEW_RUN}
+    return "recall", config, "ok", metrics, {"cpu": "hand", "run_id": NEW_RUN, "time": RUN_STARTS[NEW_RUN]}
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +450,7 @@ def hand(tmp_path_factory: pytest.TempPathFactory):
             rows.append(_hand_speed(mechanism, n, times[i], causal=causal, peak=0 if mechanism == "twins-gsa" else None,
                                     run=OLD_RUN if mechanism == "retention" else NEW_RUN, load=0.25 + i))
         # measured on another machine, where SDPA was not: no ratio ("not comparable"), never in the headline
-        rows.append(_hand_speed("galerkin", n, SDPA[i] / 10, cpu="another", run="20261207T040000Z-00000003"))
+        rows.append(_hand_speed("galerkin", n, SDPA[i] / 10, cpu="another", run=ELSEWHERE))
         rows.append(_hand_speed("efficient", n, PEER_TIMES[i], impl=PEER, status="disagree" if n == 1024 else "ok"))
     rows += [
         _hand_recall("softmax", 1.0, converged=True, epochs=2),
@@ -564,11 +588,12 @@ def test_reused_rows_and_load_are_marked(hand) -> None:
     text = write_report(store, Path(store.path).parent / "reused").read_text(encoding="utf-8")
     speed = text[text.index("id='speed'"):text.index("id='exponents'")]
     rows = dict(re.findall(r"<tr><td>([^<]*)</td><td>fwd</td>(.*?)</tr>", speed))
-    assert rows["retention"].count("class='reused'") == 3  # measured in the older run
-    assert rows["galerkin"].count("class='reused'") == 3  # and in another one, elsewhere
+    reused = r"<span class='reused' title='reused from the store: measured in run {} \(.*?\), not the newest'>↺{}</span>"
+    assert len(re.findall(reused.format(2, 2), rows["retention"])) == 3  # measured in the older run
+    assert len(re.findall(reused.format(1, 1), rows["galerkin"])) == 3  # and in the oldest, elsewhere
     assert all("class='reused'" not in row for name, row in rows.items() if name not in ("retention", "galerkin"))
     assert re.findall(r"load (\d\.\d\d)", rows["linear"]) == ["0.25", "1.25", "2.25"]
-    assert "6 speed results measured in earlier runs than the newest, reused from the store" in text
+    assert "6 speed results measured in earlier runs than the newest (run 3), reused from the store" in text
     sdpa = text[text.index("id='sdpa'"):text.index("id='peers'")]
     galerkin = re.search(r"<tr><td>galerkin</td><td>fwd</td>(.*?)</tr>", sdpa)[1]
     assert galerkin.count(">not comparable<") == 3 and "×" not in galerkin

@@ -106,21 +106,23 @@ def _status_html(status: str, note: Any = None) -> str:
     return f"<span class='status s-{esc(status)}'{title}>{esc(status_text(status))}</span>"
 
 
-def _reused_html(point: Point) -> str:
+def _reused_html(r: Report, point: Point) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(point.result.created))
-    return f" <span class='reused' title='reused from the store: measured in an earlier run ({esc(when)})'>{REUSED_MARK}</span>"
+    number = r.runs.get(point.result.env.get("run_id"), 0)
+    return (f" <span class='reused' title='reused from the store: measured in run {number} ({esc(when)} UTC), "
+            f"not the newest'>{REUSED_MARK}{number}</span>")
 
 
-def _speed_cell(point: Point | None) -> str:
+def _speed_cell(r: Report, point: Point | None) -> str:
     if point is None:
         return ""
-    r, m = point.result, point.result.metrics
-    mark = _reused_html(point) if point.reused else ""
-    if r.status != "ok":
-        return _status_html(r.status, m.get("note")) + mark
+    res, m = point.result, point.result.metrics
+    mark = _reused_html(r, point) if point.reused else ""
+    if res.status != "ok":
+        return _status_html(res.status, m.get("note")) + mark
     tip = [f"{m.get('repeats', '?')} repeats"]
-    if r.config.get("grid"):
-        tip.append("grid " + "×".join(map(str, r.config["grid"])))
+    if res.config.get("grid"):
+        tip.append("grid " + "×".join(map(str, res.config["grid"])))
     if m.get("note"):
         tip.append(str(m["note"]))
     lines = [f"<b>{esc(fmt_time(m.get('median_s')))}</b>{mark}"]
@@ -237,8 +239,8 @@ class Page:
         else:
             items.append("load average at measurement not recorded")
         if r.latest_run is not None:
-            items.append(f"{reused} speed results measured in earlier runs than the newest, reused from the store "
-                         f"(marked {REUSED_MARK})")
+            items.append(f"{reused} speed results measured in earlier runs than the newest (run {len(r.runs)}), "
+                         f"reused from the store: marked {REUSED_MARK} with their run's number (see Environment)")
         items.append(f"{len(flagged)} implausible values not plotted (marked {FLAG_MARK}, listed under their family)"
                      if flagged else "no implausible value flagged")
         items.append(f"memory in {MEMORY_UNIT} throughout; spread of the time: IQR when stored, else min–max")
@@ -352,8 +354,8 @@ class Page:
 
     def _speed_table(self, series: Sequence[SpeedSeries]) -> str:
         r = self.r
-        ns = sorted({n for s in series for n in r.series[s]})
-        rows = [[esc(r.label(s)), esc(s.mode), *(_speed_cell(r.series[s].get(n)) for n in ns)] for s in series]
+        ns = sorted({n for s in series if not r.is_reference(s) for n in r.series[s]})  # SDPA at these N only
+        rows = [[esc(r.label(s)), esc(s.mode), *(_speed_cell(r, r.series[s].get(n)) for n in ns)] for s in series]
         return _table(["run", "mode", *(f"N={n}" for n in ns)], rows)
 
     # -- reference tables ---------------------------------------------------------------------
@@ -431,6 +433,8 @@ class Page:
         ratio = self.r.peer_ratio(peer, n)
         if ratio is not None:
             return ratio, fmt_ratio(ratio)
+        if theirs.time_flagged or ours.time_flagged:
+            return None, "flagged" if theirs.time_flagged else f"{PEER_BASE} flagged"
         return None, "not comparable" if self.r.incomparable(peer, n) else "no time"
 
     def recall(self, figures: Any) -> str:
@@ -517,13 +521,13 @@ class Page:
             for run_id, members in runs.items():
                 first = members[0].env
                 when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first["time"])) if first.get("time") else "-"
-                run_rows.append([esc(run_id), esc(when), esc(len(members)), esc(fmt_num(first.get("load_1m"))),
+                run_rows.append([esc(r.runs.get(members[0].env.get("run_id"), "-")), esc(run_id), esc(when), esc(len(members)), esc(fmt_num(first.get("load_1m"))),
                                  esc(fmt_num(first.get("matmul_gflops"), 1)),
                                  esc(", ".join(sorted({str(m.env.get("peer")) for m in members if m.env.get("peer")})))])
             parts.append(f"<details{' open' if len(r.machines) > 1 else ''}><summary>Environment {i} "
                          f"(fingerprint {esc(fp or '-')}): {len(results)} results in {len(runs)} "
                          f"run{'s' * (len(runs) != 1)}</summary>"
-                         + _table(["run", "started", "results", "load at start", "matmul GFLOP/s", "peers"], run_rows)
+                         + _table(["#", "run", "started", "results", "load at start", "matmul GFLOP/s", "peers"], run_rows)
                          + _table(["", "value"], rows) + "</details>")
         return _fold("environment", "Environment", "".join(parts),
                      summary=f"{len(r.machines)} environment fingerprint{'s' * (len(r.machines) != 1)}")

@@ -59,7 +59,11 @@ def _peer_cell(report: Report, s: SpeedSeries, n: int) -> str:
     if ours.result.status != "ok":
         return f"{PEER_BASE} {status_text(ours.result.status)}"
     ratio = report.peer_ratio(s, n)
-    return fmt_ratio(ratio) if ratio is not None else "not comparable" if report.incomparable(s, n) else "no time"
+    if ratio is not None:
+        return fmt_ratio(ratio)
+    if point.time_flagged or ours.time_flagged:
+        return "flagged" if point.time_flagged else f"{PEER_BASE} flagged"
+    return "not comparable" if report.incomparable(s, n) else "no time"
 
 
 def render(report: Report) -> str:

@@ -187,6 +187,11 @@ class Report:
         self.recall = [r for r in self.results if r.suite == "recall"]
         newest = max(self.speed, key=lambda r: r.created, default=None)
         self.latest_run = run_of(newest) if newest is not None else None  # rows of other runs are "reused"
+        starts: dict[str | None, float] = {}  # run id -> its start (the env's time, else its first result's)
+        for r in self.results:
+            start = _number(r.env.get("time")) or r.created
+            starts[run_of(r)] = min(starts.get(run_of(r), start), start)
+        self.runs = {run: i for i, run in enumerate(sorted(starts, key=lambda k: starts[k]), 1)}  # 1 = oldest
         by_series: dict[SpeedSeries, dict[int, Result]] = defaultdict(dict)
         for r in self.speed:
             by_series[speed_series(r)][int(r.config.get("n", 0))] = r
@@ -351,7 +356,8 @@ class Report:
         """attnlab time / peer time at N (`compare.peer_ratios`: comparable results only); None unless both
         were timed."""
         point = self.series[peer].get(n)
-        if point is None or point.time is None:
+        ours = self.twin(peer, n)
+        if point is None or point.time is None or (ours is not None and ours.time_flagged):
             return None
         return _number((self._peer.get(point.result.config_hash) or {}).get("ratio"))
 
