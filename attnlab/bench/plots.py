@@ -59,6 +59,7 @@ class SpeedPanel:
     reference_memory: Line | None
     time: Sequence[Line]
     memory: Sequence[Line]
+    reference_note: str = "no SDPA measured here"  # shown in an axes where the reference has no point
 
 
 def png(fig: Figure) -> bytes:
@@ -121,15 +122,14 @@ def _draw(ax: Axes, line: Line, style: tuple[tuple[float, ...], str, str]) -> No
         ax.errorbar(ns, ys, yerr=[below, above], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, alpha=0.8)
 
 
-def _draw_reference(ax: Axes, line: Line | None, extent: tuple[int, int] | None) -> None:
+def _draw_reference(ax: Axes, line: Line | None, extent: tuple[int, int] | None, note: str) -> None:
     """The reference line with its band; a note in the axes when it has no point to draw."""
     ns, ys, below, above = _points(line) if line is not None else ([], [], [], [])
     if extent is not None:
         keep = [i for i, n in enumerate(ns) if extent[0] <= n <= extent[1]]
         ns, ys, below, above = ([x[i] for i in keep] for x in (ns, ys, below, above))
     if not ns:
-        why = "no SDPA measured here" if line is None else "SDPA not plotted: flagged implausible"
-        ax.text(0.02, 0.97, why, transform=ax.transAxes, ha="left", va="top", fontsize="small", color="#a15c00")
+        ax.text(0.02, 0.97, note, transform=ax.transAxes, ha="left", va="top", fontsize="small", color="#a15c00")
         return
     lows = [y - b for y, b in zip(ys, below)]
     highs = [y + a for y, a in zip(ys, above)]
@@ -188,7 +188,7 @@ def speed_figure(title: str, panels: Sequence[SpeedPanel], *, time_label: str = 
         for column, (ylabel, ref, series) in enumerate(((time_label, panel.reference_time, panel.time),
                                                         (memory_label, panel.reference_memory, panel.memory))):
             ax = fig.add_subplot(len(panels), 2, 2 * row + column + 1)
-            _draw_reference(ax, ref, extent)
+            _draw_reference(ax, ref, extent, panel.reference_note)
             for line in series:
                 _draw(ax, line, style[line.label])
             _log_axes(ax, ylabel, f"{panel.title} — {'time' if column == 0 else 'peak memory'}", seconds=column == 0)

@@ -696,3 +696,10 @@ def test_a_flagged_sdpa_time_gives_no_ratio_and_no_line() -> None:
     time_ax = fig.get_axes()[0]
     assert not [x for x in time_ax.get_lines() if x.get_gid() == "reference"]
     assert [t.get_text() for t in time_ax.texts] == ["SDPA not plotted: flagged implausible"]
+    elsewhere = [Result(r.suite, r.config, r.status, {**r.metrics, "flags": []}, {"cpu": "another", "run_id": "x"},
+                        r.created, r.config_hash) if r.config["mechanism"] == "softmax" else r for r in results]
+    report = Report(elsewhere, {s.name: s for s in registry.list_mechanisms()})
+    ((_, panels, fig),) = _figures(report)
+    for ax in fig.get_axes():  # time and memory: an SDPA measured on another machine is not drawn beside these
+        assert not [x for x in ax.get_lines() if x.get_gid() == "reference"]
+        assert [t.get_text() for t in ax.texts] == ["SDPA not plotted: measured only in another environment"]

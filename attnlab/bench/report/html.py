@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from ... import __version__
 from ...core.registry import FAMILIES
 from .. import plots
+from ..compare import comparable
 from ..store import canonical
 from . import headline
 from .fmt import (
@@ -56,14 +57,29 @@ def panel_lines(report: Report, panel: Panel) -> plots.SpeedPanel:
                                      [p.high for p in points], s.peer, key))
         memory_lines.append(plots.Line(label, ns, [mib(p.memory) for p in points], peer=s.peer, key=key))
     ref_time = ref_memory = None
+    note = "no SDPA measured here"
     if panel.reference is not None:
-        shown = {n for line in time_lines for n, y in zip(line.n, line.y) if y is not None}
-        points = [p for p in report.series[panel.reference].values() if p.n in shown]  # the N compared against
+        points, note = reference_points(report, panel)
         ns = [p.n for p in points]
-        name = REFERENCE_LABEL
-        ref_time = plots.Line(name, ns, [p.time for p in points], [p.low for p in points], [p.high for p in points])
-        ref_memory = plots.Line(name, ns, [mib(p.memory) for p in points])
-    return plots.SpeedPanel(panel_title(report, panel), ref_time, ref_memory, time_lines, memory_lines)
+        ref_time = plots.Line(REFERENCE_LABEL, ns, [p.time for p in points], [p.low for p in points],
+                              [p.high for p in points])
+        ref_memory = plots.Line(REFERENCE_LABEL, ns, [mib(p.memory) for p in points])
+    return plots.SpeedPanel(panel_title(report, panel), ref_time, ref_memory, time_lines, memory_lines, note)
+
+
+def reference_points(report: Report, panel: Panel) -> tuple[list[Point], str]:
+    """The SDPA points a panel draws: at the N its series were timed, measured comparably with one of them
+    (same run or environment); and the note shown where none is left (why)."""
+    assert panel.reference is not None
+    timed = {n: [p for s in panel.series if (p := report.series[s].get(n)) is not None and p.time is not None]
+             for n in report.series[panel.reference]}
+    points = [p for n, p in report.series[panel.reference].items()
+              if any(comparable(p.result, q.result) for q in timed.get(n, []))]
+    if any(p.time is not None for p in points):
+        return points, ""
+    if points:
+        return points, "SDPA not plotted: flagged implausible"
+    return points, "SDPA not plotted: measured only in another environment"
 
 
 def panel_title(report: Report, panel: Panel) -> str:
