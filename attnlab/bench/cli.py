@@ -50,11 +50,16 @@ QUICK_LENGTHS = DEFAULT_LENGTHS  # 256 … 8192
 QUICK_MODES = ("fwd+bwd", "fwd")
 QUICK_BUDGET_S = 3.0  # seconds per configuration at most
 QUICK_REPEATS = 5
+QUICK_THREADS = 1  # one thread: the least hurt by other work on the machine (and what the peers' ratios use)
 # parameters that keep each mechanism's character at the suite's lengths (a 256-wide window is full attention
 # at N = 256; DHSA's 4 kept chunks of 64 are every chunk there): windows and kept chunks well below N = 256
 QUICK_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"window": 32}, "dhsa": {"chunk_size": 32, "top_chunks": 2}}
-QUICK_PEERS = ("linear-attention-transformer", "flex")  # one peer per family that has one (docs/bench.md)
-QUICK_PEERS_FOR = ("efficient", "alibi")
+# one peer per family that has one (docs/bench.md): peer -> (the mechanism it runs beside, at these N); flex
+# compiles once per N (tens of seconds), so at one N
+QUICK_PEERS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "linear-attention-transformer": ("efficient", (256, 512, 1024)),
+    "flex": ("alibi", (1024,)),
+}
 
 
 # -- argument types -----------------------------------------------------------------------
@@ -352,8 +357,8 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
     names = [s.name for s in list_mechanisms()]
     run_id = new_run_id()
     options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
-                           repeats=QUICK_REPEATS, total_s=args.speed_seconds, quiet=args.quiet, run_id=run_id,
-                           params=QUICK_PARAMS)
+                           repeats=QUICK_REPEATS, threads=QUICK_THREADS, total_s=args.speed_seconds,
+                           quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS)
     say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (smallest first), "
         f"{' and '.join(QUICK_MODES)}, starting nothing after {args.speed_seconds:g} s; results in {args.db}",
         quiet=args.quiet)
@@ -364,9 +369,11 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
         return 1
     if not args.quiet:
         print(exponent_table(results, run_id) + "\n")
-    attnlab_configs = [r.config for r in results if r.config["mechanism"] in QUICK_PEERS_FOR]
-    say(f"bench: peers {', '.join(QUICK_PEERS)} on {', '.join(QUICK_PEERS_FOR)}", quiet=args.quiet)
-    peer_results = peers.run_peers(store, attnlab_configs, QUICK_PEERS, options)
+    peer_results = []
+    for peer, (mechanism, lengths) in QUICK_PEERS.items():
+        say(f"bench: peer {peer} beside {mechanism} at N = {', '.join(map(str, lengths))}", quiet=args.quiet)
+        configs = [r.config for r in results if r.config["mechanism"] == mechanism and r.config["n"] in lengths]
+        peer_results += peers.run_peers(store, configs, [peer], options)  # (with attnlab's side: the ratios)
     if not args.quiet:
         print(peers.peer_table(peer_results, run_id) + "\n")
     rows = recall.run_default_panel(store, args.quiet, total_seconds=args.recall_seconds)
