@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .errors import ParameterError, ShapeError
 from .masks import combine_masks, module_keep_mask
-from .validate import check_finite, check_qkv, check_tensor, check_tokens
+from .validate import SEQUENCE_FIRST, check_finite, check_qkv, check_tokens
 
 if TYPE_CHECKING:
     from .registry import Spec
@@ -163,7 +163,7 @@ class Attention(nn.Module, ABC):
             check_finite("context", context)
             if context.shape[0] != x.shape[0]:
                 seq_first = self.batch_first and context.shape[1] == x.shape[1]
-                hint = " (sequence-first input? build the module with batch_first=False)" if seq_first else ""
+                hint = SEQUENCE_FIRST if seq_first else ""
                 raise ShapeError(f"context: expected batch {x.shape[0]} (as x), got {context.shape[0]}{hint}")
             if context.dtype != x.dtype:
                 raise TypeError(f"context: expected dtype {x.dtype} (as x), got {context.dtype}")
@@ -172,9 +172,9 @@ class Attention(nn.Module, ABC):
         """x and context as (batch, n, dim): transposed from (n, batch, dim) when batch_first is False."""
         if self.batch_first:
             return x, context
-        check_tensor("x", x)
+        check_tokens("x", x, self.dim)
         if context is not None:
-            check_tensor("context", context)
+            check_tokens("context", context, self.dim)
         return x.transpose(0, 1), None if context is None else context.transpose(0, 1)
 
     def keep_mask(

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .errors import DTypeError, MaskError, ParameterError, ShapeError
 
+SEQUENCE_FIRST = " (sequence-first input? build the module with batch_first=False where it has that parameter)"
+
 
 def describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)} and dtype {t.dtype}"
@@ -80,7 +82,7 @@ def check_attention_mask(mask: Tensor | None, batch: int, n_k: int) -> None:
     if mask.dtype != torch.bool:
         raise DTypeError(f"attention_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != (batch, n_k):
-        hint = " (sequence-first? modules take batch_first=False)" if tuple(mask.shape) == (n_k, batch) else ""
+        hint = SEQUENCE_FIRST if tuple(mask.shape) == (n_k, batch) else ""
         raise MaskError(f"attention_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}{hint}")
 
 
@@ -93,7 +95,7 @@ def check_key_padding_mask(mask: Tensor, batch: int, n_k: int) -> None:
             f"True/1 = attend goes in attention_mask), got {mask.dtype}"
         )
     if tuple(mask.shape) != (batch, n_k):
-        hint = " (sequence-first? modules take batch_first=False)" if tuple(mask.shape) == (n_k, batch) else ""
+        hint = SEQUENCE_FIRST if tuple(mask.shape) == (n_k, batch) else ""
         raise MaskError(f"key_padding_mask: expected shape (batch, n_k) = {(batch, n_k)}, got {tuple(mask.shape)}{hint}")
 
 
