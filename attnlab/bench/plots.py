@@ -8,7 +8,8 @@ Speed figures are small multiples: one row per panel (a mode and causality), tim
 peak memory side by side on log-log axes. In every panel the reference (SDPA) is the
 thick black line with a grey band; each other series has a colour and marker of its own
 within the figure (a mechanism's peers share its colour, dashed, with other markers), so
-no two series of a panel look alike; spreads are error bars.
+no two series of a panel look alike; spreads are error bars. The series of a panel are
+drawn a little apart around each N (DODGE), so that equal values do not hide each other.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ MARKERS = "osD^vPXh<>"
 PEER_MARKERS = "x+1*"
 REFERENCE = {"color": "black", "linewidth": 2.6, "marker": "_", "markersize": 10, "zorder": 5}
 REFERENCE_BAND = "#bbbbbb"
+DODGE = 0.025  # octaves between neighbouring series' markers at one N
 MAX_LABEL = 48  # legend and tick labels longer than this are cut with "…"
 
 
@@ -110,10 +112,12 @@ def _points(line: Line) -> tuple[list[int], list[float], list[float], list[float
     return ns, ys, below, above
 
 
-def _draw(ax: Axes, line: Line, style: tuple[tuple[float, ...], str, str]) -> None:
+def _draw(ax: Axes, line: Line, style: tuple[tuple[float, ...], str, str], shift: float = 0.0) -> None:
+    """A series with its error bars, `shift` octaves to the side of its N (so equal values stay visible)."""
     ns, ys, below, above = _points(line)
     if not ns:
         return
+    ns = [n * 2.0**shift for n in ns]
     colour, marker, linestyle = style
     (artist,) = ax.plot(ns, ys, color=colour, marker=marker, markersize=6, linestyle=linestyle, linewidth=1.5,
                         label=line.label, markerfacecolor="none" if line.peer else colour, markeredgewidth=1.4)
@@ -189,8 +193,9 @@ def speed_figure(title: str, panels: Sequence[SpeedPanel], *, time_label: str = 
                                                         (memory_label, panel.reference_memory, panel.memory))):
             ax = fig.add_subplot(len(panels), 2, 2 * row + column + 1)
             _draw_reference(ax, ref, extent, panel.reference_note)
-            for line in series:
-                _draw(ax, line, style[line.label])
+            drawn = [line for line in series if _points(line)[0]]
+            for i, line in enumerate(drawn):  # side by side around N: equal values do not hide each other
+                _draw(ax, line, style[line.label], DODGE * (i - (len(drawn) - 1) / 2))
             _log_axes(ax, ylabel, f"{panel.title} — {'time' if column == 0 else 'peak memory'}", seconds=column == 0)
             for artist in ax.get_lines():
                 handles.setdefault(artist.get_label(), artist)

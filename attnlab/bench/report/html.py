@@ -351,7 +351,9 @@ class Page:
                 series = [s for p in members for s in p.series]
                 block = [f"<h3>{esc(title)}</h3>", _img(plots.png(fig), f"time and peak memory against N, {title}")]
                 refs = list(dict.fromkeys(p.reference for p in members if p.reference is not None))
-                flagged = [(s, p) for s in refs + series for p in r.series[s].values() if p.flags]
+                shown = {(p.reference, q.n) for p in members if p.reference is not None for q in reference_points(r, p)[0]}
+                flagged = [(s, p) for s in series for p in r.series[s].values() if p.flags]
+                flagged = [(s, p) for s in refs for p in r.series[s].values() if p.flags and (s, p.n) in shown] + flagged
                 if flagged:
                     block.append(_flagged_html(r, flagged))
                 block.append(f"<details><summary>Table: {esc(title)}</summary>{self._speed_table(refs + series)}</details>")
