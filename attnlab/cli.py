@@ -8,7 +8,8 @@
 `--import MODULE` (repeatable; before the command or after it) imports a module — a dotted name
 or a `.py` file — that registers mechanisms, so that every command sees them; installed packages
 register theirs through the entry-point group `attnlab.mechanisms` (attnlab/catalogue.py). Text
-output fits 100 columns (`list --wide` and `info` excepted).
+output fits 100 columns, except `list --wide` and, in `info`, the source path and the example call
+(never cut).
 
 Other parts of attnlab add subcommands: a module listed in `PLUGINS` defines
 `add_subcommands(subparsers)`, which adds parsers whose `func` default (set with
@@ -33,7 +34,7 @@ from .core.registry import FAMILIES, KINDS, Spec, entries, get, list_mechanisms,
 
 PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
 EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
-WIDTH = 100  # columns of the text output (`list` without --wide, `papers`)
+WIDTH = 100  # columns of the text output (`list` without --wide, `papers`, `info`)
 
 
 class UsageError(Exception):
@@ -46,9 +47,11 @@ def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def table(rows: Sequence[Sequence[str]], header: Sequence[str], width: int | None = None) -> str:
-    """A plain left-aligned text table; with `width`, cells are cut (…) until lines fit: the last
-    column first (down to 24 characters), then the widest."""
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], width: int | None = None, *,
+          wrap_cells: bool = False) -> str:
+    """A plain left-aligned text table. With `width`, columns narrow until lines fit: the last one
+    first (down to 24 characters), then the widest; their cells are cut (…), or with `wrap_cells`
+    wrapped onto continuation lines (nothing lost)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     if width is not None:
         over = sum(widths) + 2 * (len(widths) - 1) - width
@@ -57,11 +60,17 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], width: int | Non
         while sum(widths) + 2 * (len(widths) - 1) > width:
             i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
             if widths[i] <= floor[i]:
-                break  # every column is down to its header: nothing left to cut
+                break  # every column is down to its header: nothing left to narrow
             widths[i] -= 1
-    lines = [
-        "  ".join(clip(str(c), w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-    ]
+    lines = []
+    for r in [header, *rows]:
+        if wrap_cells:
+            cells = [textwrap.wrap(str(c), w, break_on_hyphens=False) or [""] for c, w in zip(r, widths, strict=True)]
+        else:
+            cells = [[clip(str(c), w)] for c, w in zip(r, widths, strict=True)]
+        for k in range(max(map(len, cells))):
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths, strict=True)]
+            lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -172,22 +181,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     spec = lookup(args.name)
     d = spec.as_dict()
     title = f"{spec.name} ({spec.kind})" if spec.kind != "mechanism" else spec.name
-    out = [f"{title}: {spec.summary}" if spec.summary else title, ""]
-    out.append(f"  paper      {spec.paper.cite()}")
+    out = [*wrap(f"{title}: {spec.summary}" if spec.summary else title, 2), ""]
+    out += wrap(f"  paper      {spec.paper.cite()}", 13)
     out.append(f"  family     {family_text(spec.family)}")
     if spec.cost or spec.exponent is not None:
         exponent = f", exponent {spec.exponent:g} in N" if spec.exponent is not None else ""
-        out.append(f"  cost       {spec.cost or '-'}{exponent}")
+        out += wrap(f"  cost       {spec.cost or '-'}{exponent}", 13)
     if spec.supports is not None:
-        out.append(f"  supports   {supports_text(spec)}")
+        out += wrap(f"  supports   {supports_text(spec)}", 13)
         out.append(f"  dtypes     {', '.join(spec.supports.dtypes)}")
     out.append(f"  normalized {'yes: rows of materialize sum to 1' if spec.normalized else 'no'}")
-    out.append(f"  source     {source_text(spec)}")
+    out.append(f"  source     {source_text(spec)}")  # a path is never cut
     rows = [
         (p["name"], p["type"], "required" if p["required"] else repr(p["default"]), _range_text(p), p["doc"])
         for p in d["params"]
     ]
-    out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"))]
+    out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"), WIDTH, wrap_cells=True)]
     if spec.kind == "mechanism":
         out += ["", "example:", f"  {example(spec)}"]
     print("\n".join(out))

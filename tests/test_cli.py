@@ -88,6 +88,12 @@ def test_table_cuts_the_last_column_first_then_the_widest():
     assert lines[1] == "-" * 30 + "  " + "-" * 42 + "  " + "-" * 24
     assert lines[2] == "a" * 30 + "  " + "b" * 41 + "…" + "  " + "c" * 23 + "…"
     assert table(rows, ("x", "y", "z")).splitlines()[2] == "  ".join(rows[0])  # no width: nothing cut
+    wrapped = table([("a" * 30, "b " * 25, "c " * 30)], ("x", "y", "z"), width=100, wrap_cells=True).splitlines()
+    # the same widths (30, 42, 24), cells wrapped: z's 60 characters on three lines, y's 50 on two
+    assert max(map(len, wrapped)) <= 100 and len(wrapped) == 2 + 3
+    assert wrapped[2].startswith("a" * 30 + "  b b") and wrapped[3].startswith(" " * 32 + "b ")
+    assert " ".join(" ".join(line[76:] for line in wrapped[2:]).split()) == " ".join(["c"] * 30)  # z whole
+    assert " ".join(" ".join(line[32:76] for line in wrapped[2:]).split()) == " ".join(["b"] * 25)  # y whole
 
 
 @pytest.mark.parametrize("columns", [None, "100"])
@@ -179,13 +185,24 @@ def test_info_prints_every_parameter_and_the_paper(capsys):
     for spec in mechanisms():
         code, out, err = run(capsys, "info", spec.name)
         assert code == 0 and err == ""
-        assert spec.paper.title in out and str(spec.paper.year) in out and spec.cost in out
+        flat = " ".join(out.split())  # long lines are wrapped
+        assert spec.paper.title in flat and str(spec.paper.year) in out and spec.cost in flat
         params = out.split("parameters:")[1].split("example:")[0].splitlines()
+        rule = next(line for line in params if line.startswith("--"))
+        doc_column = rule.rindex(" ") + 1  # the doc column starts after the rule's last gap
         for p in spec.params:
-            row = next(line for line in params if line.split()[:1] == [p.name])
+            i = next(i for i, line in enumerate(params) if line.split()[:1] == [p.name])
+            row = params[i]
             assert row.split()[1] == p.type_name().split()[0]
             assert ("required" if p.required else repr(p.default)) in row
-            assert p.doc in row
+            doc = [row[doc_column:]]
+            for line in params[i + 1:]:  # its continuation lines: blank in the name column
+                if not line.strip() or not line.startswith(" "):
+                    break
+                doc.append(line[doc_column:])
+            assert " ".join(p.doc.split()) == " ".join(" ".join(doc).split())
+        wide = [line for line in out.splitlines() if len(line) > WIDTH]
+        assert all(line.startswith("  source ") or line.startswith("  attnlab.build(") for line in wide), wide
 
 
 def test_info_example_builds_the_mechanism(capsys):
