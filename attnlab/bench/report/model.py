@@ -167,10 +167,6 @@ class Panel:
     series: tuple[SpeedSeries, ...]
     reference: SpeedSeries | None  # softmax (attnlab, default params) at the same mode, causality and shape
 
-    @property
-    def reference_label(self) -> str:
-        return "causal SDPA" if self.causal else "SDPA"
-
 
 @dataclass
 class Report:
@@ -475,14 +471,11 @@ class Report:
         return rows
 
 
-BUDGET_KEYS = ("max_epochs", "train_examples", "cell_seconds")
-
-
 def budget_of(result: Result) -> str:
     """The stated training budget of a recall result: epochs over examples, and the time cap when stored."""
     c = result.config
     text = f"≤ {c.get('max_epochs')} epochs of {c.get('train_examples')} examples"
-    cap = c.get("cell_seconds", result.metrics.get("cell_seconds"))
+    cap = c.get("cell_seconds")  # the time cap, part of the configuration (stores before it: not stated)
     if _number(cap) is not None:
         text += f", ≤ {cap:g} s"
     return text
