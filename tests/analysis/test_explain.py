@@ -6,7 +6,6 @@ relevance and head statistics against the model written out by hand; methods tha
 the CLI's --model MODULE:NAME; and a model directory whose own code must never run."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -24,7 +23,6 @@ from attnlab.analysis.explain import METHODS, explain, load_model
 from attnlab.analysis.export import figures, load_json, write_json, write_pngs
 from attnlab.analysis.page import render, script_json, write_page
 from attnlab.cli import main
-from attnlab.core.module import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.conftest import SENTENCES  # noqa: E402
@@ -344,8 +342,6 @@ def test_causal_model_directory_explains_the_last_token(causal_dir):
 
 # -- a model made of attnlab mechanisms, token strings, no tokenizer -------------------------------
 TOKENS = [["the", "cat", "sat", "on", "the", "mat"], ["a", "cat"]]  # the second is padded
-# the keyword of attnlab's keep-mask (True = attend): `attention_mask` once the rename of issue 10 is in
-KEEP = "attention_mask" if "attention_mask" in inspect.signature(Attention.forward).parameters else "key_padding_mask"
 
 
 class Block(nn.Module):
@@ -355,7 +351,7 @@ class Block(nn.Module):
         self.attn = attnlab.build(name, dim=dim, heads=heads, **({"causal": True} if causal else {}))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return x + self.attn(self.norm(x), **({KEEP: mask} if mask is not None else {}))
+        return x + self.attn(self.norm(x), attention_mask=mask)  # True = real token
 
 
 class TinyLM(nn.Module):
@@ -512,7 +508,7 @@ def test_token_model_errors(model, kwargs, error, needle):
         explain(*args, model=model, **kwargs)
 
 
-MODEL_FILE = f'''
+MODEL_FILE = '''
 import torch
 from torch import nn
 
@@ -528,7 +524,7 @@ class Model(nn.Module):
     def forward(self, ids, attention_mask=None):
         x = self.embed(ids)
         for a in self.attn:
-            x = x + (a(x) if attention_mask is None else a(x, {KEEP}=attention_mask))
+            x = x + a(x, attention_mask=attention_mask)
         return x
 
 
