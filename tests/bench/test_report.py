@@ -593,7 +593,7 @@ def test_reused_rows_and_load_are_marked(hand) -> None:
     assert len(re.findall(reused.format(1, 1), rows["galerkin"])) == 3  # and in the oldest, elsewhere
     assert all("class='reused'" not in row for name, row in rows.items() if name not in ("retention", "galerkin"))
     assert re.findall(r"load (\d\.\d\d)", rows["linear"]) == ["0.25", "1.25", "2.25"]
-    assert "6 speed results measured in earlier runs than the newest (run 3), reused from the store" in text
+    assert "6 speed results measured in earlier runs than the newest speed run (run 3), reused from the store" in text
     sdpa = text[text.index("id='sdpa'"):text.index("id='peers'")]
     galerkin = re.search(r"<tr><td>galerkin</td><td>fwd</td>(.*?)</tr>", sdpa)[1]
     assert galerkin.count(">not comparable<") == 3 and "×" not in galerkin

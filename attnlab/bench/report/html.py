@@ -255,7 +255,8 @@ class Page:
         else:
             items.append("load average at measurement not recorded")
         if r.latest_run is not None:
-            items.append(f"{reused} speed results measured in earlier runs than the newest (run {len(r.runs)}), "
+            items.append(f"{reused} speed results measured in earlier runs than the newest speed run (run "
+                         f"{r.runs.get(r.latest_run)}), "
                          f"reused from the store: marked {REUSED_MARK} with their run's number (see Environment)")
         items.append(f"{len(flagged)} implausible values not plotted (marked {FLAG_MARK}, listed under their family)"
                      if flagged else "no implausible value flagged")
