@@ -34,6 +34,7 @@ from .speed import (
     SUITE,
     SpeedOptions,
     WorkerDied,
+    grid_rank,
     import_user_modules,
     machine_memory_bytes,
     parse_params,
@@ -44,11 +45,15 @@ from .store import DEFAULT_DB, Result, ResultStore
 # The default suite (`attnlab bench`, `make bench`): sized for <= 10 minutes on a loaded 2-core machine, venv
 # install included (docs/bench.md). Lengths go smallest first, every mechanism at each before the next, so that a
 # run has at least the first three (an exponent) and the next run resumes and extends to the larger ones.
-QUICK_SPEED_SECONDS = 200.0
+QUICK_SPEED_SECONDS = 180.0
 QUICK_RECALL_SECONDS = recall.PANEL_SECONDS
 QUICK_LENGTHS = DEFAULT_LENGTHS  # 256 … 8192
 QUICK_MODES = ("fwd+bwd", "fwd")
-QUICK_BUDGET_S = 3.0  # seconds per configuration at most
+QUICK_BUDGET_S = 5.0  # seconds per configuration at most
+# a mechanism on 2-D/3-D grids: sides 16, 32, 64, 128 (multiples of the windows, blocks and cluster sizes
+# that grids like 23 × 23 or 45 × 45 would not tile); one whose calls take seconds at N = 256: smaller N too
+QUICK_GRID_LENGTHS = (256, 1024, 4096, 16384)
+QUICK_LENGTHS_FOR: dict[str, tuple[int, ...]] = {"local-linear": (64, 128, 256, 512, 1024)}
 QUICK_REPEATS = 5
 QUICK_THREADS = 1  # one thread: the least hurt by other work on the machine (and what the peers' ratios use)
 # parameters that keep each mechanism's character at the suite's lengths (a 256-wide window is full attention
@@ -358,7 +363,9 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
                            repeats=QUICK_REPEATS, threads=QUICK_THREADS, total_s=args.speed_seconds,
-                           quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS)
+                           quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS, lengths_for={
+                               **{s.name: QUICK_GRID_LENGTHS for s in list_mechanisms() if grid_rank(s) > 1},
+                               **QUICK_LENGTHS_FOR})
     say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (smallest first), "
         f"{' and '.join(QUICK_MODES)}, starting nothing after {args.speed_seconds:g} s; results in {args.db}",
         quiet=args.quiet)

@@ -38,12 +38,12 @@ lr 3e-3, at most 16 epochs and 60 s of training per configuration; "zoology" Zoo
 logspace(-4, -2, 4), vocabulary 8192, 100 000 training and 3 000 test examples, 64
 epochs, batch 512/512/256/128 by L (each learning rate is its own configuration: the
 report takes the best, as Zoology does); "panel" the `make bench` comparison: every causal
-mechanism at L=32, kv=4, d_model=64 with one budget, 12 epochs of 4 000 examples (756
-steps) and at most 60 s each (dense softmax converges in about 380 steps, 15 s on one
-core), sliding-window with window 8 and DHSA with chunks of 8 (PANEL_PARAMS: their defaults
-would be full attention at L=32), dense softmax first, then one of each kind (PANEL_FIRST), two at a time
-(PANEL_WORKERS processes), starting nothing after 150 s; the cells left are trained by
-the next run.
+mechanism at L=32, kv=4, d_model=64 with one budget, 8 epochs of 4 000 examples (504 steps;
+a time cap of 240 s only as a safety, marked "time cap" when it stops one), sliding-window
+with window 8 and DHSA with chunks of 8 (PANEL_PARAMS: their defaults would be full
+attention at L=32), dense softmax first, then one of each kind (PANEL_FIRST), two at a time
+(PANEL_WORKERS processes), starting nothing after 120 s once 6 have started; the cells left
+are trained by the next run.
 """
 from __future__ import annotations
 
@@ -172,13 +172,15 @@ GRIDS: dict[str, Grid] = {
         tuple(float(f"{x:.6g}") for x in torch.logspace(-4, -2, 4, dtype=torch.float64).tolist()),
         8192, 64, 100_000, 3_000, None,
     ),
-    # the `make bench` comparison: dense softmax converges here in about 380 of the 756 steps (15 s on one core)
-    "panel": Grid(((32, 4),), (64,), (3e-3,), 512, 12, 4_000, 1_000, 60.0),
+    # the `make bench` comparison at 504 steps (20 s on an idle core; dense softmax reaches about 0.9, it
+    # needs about 380 steps of a 756-step schedule to pass 0.99)
+    "panel": Grid(((32, 4),), (64,), (3e-3,), 512, 8, 4_000, 1_000, 240.0),
 }
 # the panel's first mechanisms (dense softmax, then one of each kind), so that a run cut short compares kinds
 PANEL_FIRST = ("softmax", "sliding-window", "linear", "retention", "mamba", "based", "gated-linear", "delta", "rope",
                "alibi")
-PANEL_SECONDS = 150.0  # the panel starts no configuration after this (the next run does the rest)
+PANEL_SECONDS = 120.0  # the panel starts no configuration after this (the next run does the rest) ...
+PANEL_MIN = 6  # ... once it has started this many (a comparison, however loaded the machine)
 PANEL_CAP = GRIDS["panel"].cell_seconds
 PANEL_WORKERS = 2  # training processes at once (one thread each)
 # parameters that keep a mechanism's character at the panel's L = 32 (the default 256-wide window, or DHSA's
@@ -425,6 +427,7 @@ def run_recall(
     quiet: bool = False,
     rerun: bool = False,
     workers: int = 1,
+    at_least: int = 0,
 ) -> list[dict[str, Any]]:
     """Train every configuration not in the store yet and record it; the results of `configs`, in order.
 
@@ -434,7 +437,8 @@ def run_recall(
     run does them); each trains for at most its "cell_seconds". Training uses `threads`
     torch threads (recorded in the environment; the caller's setting is restored), in this
     process or, with `workers` > 1, in that many processes at once (a result depends on the
-    configuration's step budget, not on which process trained it). Returns {"config",
+    configuration's step budget, not on which process trained it). The deadline does not
+    apply before `at_least` trainable configurations have a result or have started. Returns {"config",
     "status", "metrics"} for every configuration with a result, stored ones included.
     """
     deadline = None if total_seconds is None else time.monotonic() + total_seconds
@@ -442,9 +446,11 @@ def run_recall(
     torch.set_num_threads(threads)
     env = {**run_environment(matmul=False), "threads": threads, "recall_workers": workers}
     todo = []
+    have = 0  # trainable configurations with a result, or started
     try:
         for config in configs:
             if not rerun and store.done(SUITE, config):
+                have += unsupported_reason(get(config["mechanism"])) is None
                 continue
             why = unsupported_reason(get(config["mechanism"]))
             if why is not None:  # recorded at once: it costs nothing
@@ -457,13 +463,14 @@ def run_recall(
             say(f"recall: {_label(config)}: {_summary(status, metrics)}", quiet=quiet)
 
         def open_(now: float) -> bool:
-            return deadline is None or now <= deadline
+            return deadline is None or now <= deadline or have < at_least
 
         if workers <= 1:
             for config in progress(list(todo), total=len(todo), desc="recall", quiet=quiet):
                 if not open_(time.monotonic()):
                     break
                 todo.remove(config)
+                have += 1
                 load = load_average()
                 status, metrics = train_recall(config, quiet=quiet)
                 record(config, status, {**metrics, "load_1m": load})  # the load at the start of its training
@@ -474,6 +481,7 @@ def run_recall(
                 while todo or pending:
                     while todo and len(pending) < workers and open_(time.monotonic()):
                         config = todo.pop(0)
+                        have += 1
                         pending[pool.submit(_train_in_worker, config, imported_modules(), threads)] = config
                     if not pending:
                         break
@@ -538,9 +546,10 @@ def run_default_panel(store: ResultStore, quiet: bool = False, mechanisms: Seque
     c = configs[0]
     say(f"bench: recall (MQAR L={c['seq_len']}, kv={c['num_kv_pairs']}, d_model={c['d_model']}) of "
         f"{len(configs)} causal mechanisms, each {budget_text(c)}, {PANEL_WORKERS} at a time; starting none "
-        f"after {total_seconds:g} s",
+        f"after {total_seconds:g} s once {PANEL_MIN} have started",
         quiet=quiet)
-    return run_recall(store, configs, total_seconds=total_seconds, quiet=quiet, workers=PANEL_WORKERS)
+    return run_recall(store, configs, total_seconds=total_seconds, quiet=quiet, workers=PANEL_WORKERS,
+                      at_least=PANEL_MIN)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -621,19 +630,25 @@ def _mechanisms(text: str) -> list[str]:
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain text table of recall results."""
-    header = ("mechanism", "L", "kv", "d_model", "lr", "seed", "status", "accuracy", "epochs", "seconds")
+    """A plain text table of recall results: accuracy, the steps taken of the step budget, and why training
+    stopped ("step budget" or "time cap": stopped before converging); the budgets stated below it."""
+    header = ("mechanism", "L", "kv", "d_model", "lr", "seed", "status", "accuracy", "steps", "stopped", "seconds")
     body = []
     for r in rows:
         c, m = r["config"], r["metrics"]
         acc = m.get("accuracy")
+        steps = f"{m['steps']}/{m['step_budget']}" if m.get("step_budget") else str(m.get("epochs", "-"))
         body.append((c["mechanism"], str(c["seq_len"]), str(c["num_kv_pairs"]), str(c["d_model"]), f"{c['lr']:g}",
                      str(c["seed"]), r["status"] + ("" if r["status"] != "ok" or m.get("converged") else " (not conv.)"),
-                     "-" if acc is None else f"{acc:.3f}", str(m.get("epochs", "-")),
+                     "-" if acc is None else f"{acc:.3f}", steps, m.get("stopped", "-") if r["status"] == "ok" else "-",
                      f"{m.get('train_seconds', 0):.0f}"))
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    budgets = sorted({budget_text(r["config"]) for r in rows})
+    lines += [f"budget: {text}" for text in budgets]
+    if len(budgets) > 1:
+        lines.append("(rows of different budgets are not compared)")
     return "\n".join(lines)
 
 

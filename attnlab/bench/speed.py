@@ -81,6 +81,7 @@ class SpeedOptions:
     rerun: bool = False
     quiet: bool = False
     run_id: str | None = None  # the run's id (default: a new one per run_speed call)
+    lengths_for: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # mechanism -> its own lengths
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # mechanism -> its --param values
 
     def __post_init__(self) -> None:
@@ -184,7 +185,7 @@ def parse_params(items: Sequence[str], mechanisms: Sequence[str]) -> dict[str, d
 def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
     """The configurations of a run, series by series (mechanism, mode), lengths increasing.
 
-    `lengths` overrides `options.lengths` for some mechanisms. A mechanism that runs only
+    `lengths` (then `options.lengths_for`) overrides `options.lengths` for some mechanisms. A mechanism that runs only
     causally is measured causally whatever `options.causal` says (its config says so).
     A mechanism whose keys are summaries gets "n_keys", the keys its core attends to (None
     where it refuses the grid, or cannot be built).
@@ -195,7 +196,7 @@ def make_configs(specs: Sequence[Spec], options: SpeedOptions, *, lengths: Mappi
         causal = options.causal or causal_only(spec)
         rank = grid_rank(spec)
         params = bench_params(spec, options.params.get(spec.name))
-        ns = (lengths or {}).get(spec.name, options.lengths)
+        ns = (lengths or {}).get(spec.name) or options.lengths_for.get(spec.name) or options.lengths
         module = None
         if summary_keys(spec):
             try:
@@ -583,28 +584,54 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _rounds(configs: Sequence[dict[str, Any]], modes: Sequence[str], names: Sequence[str]) -> list[dict[str, Any]]:
+    """`configs` in rounds: the k-th N of every series (mechanism, mode, causal) in round k, the baseline's N in
+    the first round another series needs it or a larger N (so each series still goes up in N); within a round
+    by N, mode and mechanism."""
+    index: dict[int, int] = {}  # id(config) -> its round
+    series: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    for c in configs:
+        series.setdefault((c["mechanism"], c["mode"], c["causal"]), []).append(c)
+    first_round: dict[tuple[int, str], int] = {}  # (N, mode) -> the first round a non-baseline series has it
+    for (name, _, _), members in series.items():
+        for k, c in enumerate(sorted(members, key=lambda c: c["n"])):
+            index[id(c)] = k
+            if name != BASELINE:
+                key = (c["n"], c["mode"])
+                first_round[key] = min(first_round.get(key, k), k)
+    for (name, _, _), members in series.items():
+        if name != BASELINE:
+            continue
+        soonest = math.inf  # a smaller N of the baseline is never scheduled after a larger one
+        for c in sorted(members, key=lambda c: c["n"], reverse=True):
+            soonest = min(soonest, index[id(c)], first_round.get((c["n"], c["mode"]), math.inf))
+            index[id(c)] = int(soonest)
+    return sorted(configs, key=lambda c: (index[id(c)], c["n"], modes.index(c["mode"]), names.index(c["mechanism"])))
+
+
 def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptions) -> list[Result]:
     """Measure `mechanisms` (and "softmax", the baseline) under `options`; the results, series by series.
 
     Configurations stored already are taken from the store (the budgets are part of a
     configuration), except with `options.rerun`: then a stored result is replaced once its
     new measurement is recorded, in the same transaction (a rerun stopped midway leaves
-    it). The run
-    goes length by length (every mechanism and mode at the smallest N, then the next),
-    in one worker process restarted only when killed or dead, so that a run stopped by
-    `options.total_s` has every mechanism up to some N; the configurations it did not
-    reach are not recorded, and the next run measures them.
+    it). The run goes round by round: every series (mechanism, mode, causal) at its
+    smallest N, then every series at its second N, and so on (the baseline at an N in the
+    first round any series needs it), in one worker process restarted only when killed or
+    dead, so that a run stopped by `options.total_s` has every mechanism at its first k
+    lengths; the configurations it did not reach are not recorded, and the next run
+    measures them.
     """
     names = [BASELINE, *(m for m in dict.fromkeys(mechanisms) if m != BASELINE)]
     specs = [get(name) for name in names]
-    baseline_lengths = sorted(
-        set(options.lengths) | {math.prod(grid_for(n, grid_rank(s))) for s in specs if grid_rank(s) > 1 for n in options.lengths}
-    )
+    needed = {math.prod(grid_for(n, grid_rank(s))) for s in specs
+              for n in (options.lengths_for.get(s.name) or options.lengths)}
+    baseline_lengths = sorted(set(options.lengths) | needed)
     configs = make_configs(specs[:1], options, lengths={BASELINE: baseline_lengths})
     if not options.causal and any(causal_only(s) for s in specs):  # the baseline of causal-only mechanisms
         configs += make_configs(specs[:1], replace(options, causal=True), lengths={BASELINE: baseline_lengths})
     configs += make_configs(specs[1:], options)
-    schedule = sorted(configs, key=lambda c: (c["n"], options.modes.index(c["mode"]), names.index(c["mechanism"])))
+    schedule = _rounds(configs, options.modes, names)
     by_name = {s.name: s for s in specs}
     stored = {r.config_hash: r for r in store.results(SUITE)}
     run_id = options.run_id or new_run_id()

@@ -100,3 +100,23 @@ def test_flags_zero_peak_and_a_rate_above_the_runs_matmul() -> None:
 def test_spread_quartiles_of_the_calls() -> None:
     assert spread([4.0, 1.0, 3.0, 2.0, 5.0]) == {"min_s": 1.0, "max_s": 5.0, "q1_s": 2.0, "q3_s": 4.0}
     assert spread([2.0]) == {"min_s": 2.0, "max_s": 2.0, "q1_s": None, "q3_s": None}
+
+
+def test_speed_table_labels_causal_marks_reused_and_fits_100_columns() -> None:
+    from attnlab.bench.cli import speed_table
+    from attnlab.bench.store import Result, config_hash
+
+    def result(r: dict) -> Result:
+        return Result("speed", r["config"], r["status"], r["metrics"], r["env"], 0.0, config_hash(r["config"]))
+
+    times = {"q1_s": 0.9, "q3_s": 1.1, "load_1m": 3.5, "peak_mem_bytes": 0, "flags": [compare.ZERO_PEAK]}
+    rows = [row("softmax", 256, 1.0, env("r-old"), **times), row("softmax", 256, 2.0, env("r-new"), causal=True),
+            row("power-attention", 256, 1.0, env("r-new"), causal=True, **times)]
+    text = speed_table([result(r) for r in rows], run_id="r-new")
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100
+    # the plain softmax (stored, marked) and the causal one, labelled
+    assert lines[2].split()[:2] == ["softmax*", "256"] and lines[3].split()[:3] == ["softmax", "causal", "256"]
+    assert "20%" in lines[2] and "3.5" in lines[2] and "!0B" in lines[2]  # IQR, load, flag
+    assert lines[4].split()[:2] == ["power-attention", "causal"] and "0.50" in lines[4]  # against the causal one
+    assert "reused from the store" in text

@@ -268,3 +268,13 @@ def test_pool_processes_train_the_same_results(tmp_path) -> None:
     assert [r["config"] for r in pooled] == configs  # in the order asked, whatever finished first
     assert [r["metrics"]["history"] for r in pooled] == [r["metrics"]["history"] for r in alone]
     assert {r.env["recall_workers"] for r in ResultStore(tmp_path / "b.sqlite").results()} == {2}
+
+
+def test_the_deadline_waits_for_the_minimum_count(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recall, "train_recall", lambda config, **kw: ("ok", {**recall.empty_metrics("spy"),
+                                                                              "accuracy": 0.5}))
+    configs = [tiny(seed=s) for s in range(4)]
+    rows = recall.run_recall(store, configs, total_seconds=1e-9, quiet=True, at_least=2)
+    assert [r["config"]["seed"] for r in rows] == [0, 1]  # two started past the deadline, then nothing
+    rows = recall.run_recall(store, configs, total_seconds=1e-9, quiet=True, at_least=2)
+    assert len(rows) == 2, "the two stored count: nothing more starts"

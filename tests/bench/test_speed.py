@@ -481,3 +481,21 @@ def test_planted_grids_errors_timeouts(planted, tmp_path, monkeypatch):
     status, metrics = speed.measure_config({**causal["test-speed-causal-only", 64].config, "params": {"width": 3}},
                                            budget_s=0.5, repeats=1)
     assert status == "unsupported" and "width: expected at most 2" in metrics["note"]
+
+
+def test_rounds_give_every_series_its_kth_length_before_any_its_next():
+    import attnlab
+
+    options = SpeedOptions(lengths=(256, 512, 1024, 2048), modes=("fwd",), lengths_for={"halo": (256, 1024, 4096)})
+    names = ["softmax", "linear", "halo"]
+    configs = speed.make_configs([attnlab.get("softmax")], options, lengths={"softmax": [256, 512, 1024, 2048, 4096]})
+    configs += speed.make_configs([attnlab.get("linear"), attnlab.get("halo")], options)
+    order = [(c["mechanism"], c["n"]) for c in speed._rounds(configs, options.modes, names)]
+    assert order == [("softmax", 256), ("linear", 256), ("halo", 256),
+                     ("softmax", 512), ("linear", 512),
+                     ("softmax", 1024), ("halo", 1024), ("linear", 1024),  # halo's third N in the third round
+                     ("softmax", 2048), ("softmax", 4096), ("halo", 4096), ("linear", 2048)]
+    # each series still goes up in N (the predictions and the blocking after an over-budget N rely on it)
+    for name in names:
+        ns = [n for m, n in order if m == name]
+        assert ns == sorted(ns)
