@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from ...core.masks import add_bias, causal_mask, combine_masks, restrict
 from ...core.module import Attention
@@ -66,6 +65,8 @@ def sdpa(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if n_q == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        from torch.nn.attention.bias import causal_lower_right  # imported here: the module pulls in torch._dynamo (~1 s)
+
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scale)
     if causal:
         mask = restrict(mask, causal_mask(n_q, n_k, q.device))
