@@ -422,17 +422,16 @@ def _hand_speed(mechanism: str, n: int, median: float, *, causal: bool = False, 
     return "speed", config, status, metrics, {"cpu": cpu, "run_id": run, "time": RUN_STARTS[run]}
 
 
-def _hand_recall(mechanism: str, accuracy: float, *, converged: bool, note: str | None = None, epochs: int = 4,
-                 max_epochs: int = 4) -> tuple:
+def _hand_recall(mechanism: str, accuracy: float, *, stopped: str, steps: int, max_epochs: int = 4) -> tuple:
+    """A recall result as `recall.train_recall` records it: 2 steps per epoch (100 examples, batch 64), 20 s cap."""
     from attnlab.bench.recall import make_config
     from attnlab.bench.speed import bench_params
 
     config = make_config(mechanism, bench_params(registry.get(mechanism)), seq_len=64, num_kv_pairs=4, d_model=64,
-                         vocab_size=128, seed=0, lr=3e-3, max_epochs=max_epochs, train_examples=100, test_examples=10)
-    metrics = {"accuracy": accuracy, "best_accuracy": accuracy, "epochs": epochs, "train_seconds": 10.0,
-               "converged": converged}
-    if note:
-        metrics["note"] = note
+                         vocab_size=128, seed=0, lr=3e-3, max_epochs=max_epochs, train_examples=100, test_examples=10,
+                         cell_seconds=20)
+    metrics = {"accuracy": accuracy, "best_accuracy": accuracy, "epochs": (steps + 1) // 2, "train_seconds": 10.0,
+               "converged": stopped == "converged", "stopped": stopped, "steps": steps, "step_budget": 2 * max_epochs}
     return "recall", config, "ok", metrics, {"cpu": "hand", "run_id": NEW_RUN, "time": RUN_STARTS[NEW_RUN]}
 
 
@@ -453,10 +452,10 @@ def hand(tmp_path_factory: pytest.TempPathFactory):
         rows.append(_hand_speed("galerkin", n, SDPA[i] / 10, cpu="another", run=ELSEWHERE))
         rows.append(_hand_speed("efficient", n, PEER_TIMES[i], impl=PEER, status="disagree" if n == 1024 else "ok"))
     rows += [
-        _hand_recall("softmax", 1.0, converged=True, epochs=2),
-        _hand_recall("linear", 0.8, converged=False),  # all 4 epochs: stopped before converging
-        _hand_recall("based", 0.5, converged=False, epochs=1, note="stopped at the time budget of 20 s in epoch 2"),
-        _hand_recall("retention", 0.9, converged=False, max_epochs=8, epochs=8),  # another budget: another board
+        _hand_recall("softmax", 1.0, stopped="converged", steps=4),
+        _hand_recall("linear", 0.8, stopped="step budget", steps=8),  # all 8 steps: stopped before converging
+        _hand_recall("based", 0.5, stopped="time cap", steps=3),
+        _hand_recall("retention", 0.9, stopped="step budget", steps=16, max_epochs=8),  # another budget, board
     ]
     store = ResultStore(tmp_path_factory.mktemp("hand") / "results.sqlite")
     for row in rows:
@@ -506,14 +505,15 @@ def test_headline_exponents_leaderboards_and_peers(hand) -> None:
     assert [x["measured"] for x in headline.exponent_rows(report)] == sorted(exps.values())
 
     boards = headline.leaderboards(report)
-    assert [b.budget for b in boards] == ["≤ 4 epochs of 100 examples", "≤ 8 epochs of 100 examples"]
+    assert [b.budget for b in boards] == ["8 steps (4 epochs of 100 examples), at most 20 s",
+                                          "16 steps (8 epochs of 100 examples), at most 20 s"]
     first = boards[0]
     assert [row["mechanism"] for row in first.rows] == ["softmax", "linear", "based"]  # retention: another budget
     assert [row["mean"] for row in first.rows] == pytest.approx([1.0, 0.8, 0.5])
     assert [row["rank"] for row in first.rows] == [1, 2, 3]
     assert [bool(row["stopped"]) for row in first.rows] == [False, True, True]
-    assert first.rows[2]["stopped"][4] == "stopped at the time budget of 20 s in epoch 2"
-    assert first.rows[1]["stopped"][4] == "stopped after 4 of 4 epochs"
+    assert first.rows[2]["stopped"][4] == "stopped at the time cap (20 s) after 3 of 8 steps"
+    assert first.rows[1]["stopped"][4] == "step budget spent (8 of 8 steps) below the target"
 
     (standing,) = headline.peer_standing(report)
     assert (standing.series.impl, standing.agreed, standing.disagreed) == (PEER, 2, 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .fmt import fmt_accuracy
-from .model import Report, SpeedSeries
+from .model import Report, SpeedSeries, sort_key
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ class Leaderboard:
 
 def leaderboards(report: Report) -> list[Leaderboard]:
     """One leaderboard per (d_model, seq_len, budget), mechanisms by mean accuracy over the kv cells, best first;
-    a mechanism without an accurate cell (unsupported, error) comes last with its status."""
+    a mechanism without an accurate cell (unsupported, error) comes last with its status. Per (d_model,
+    seq_len), the board with the most mechanisms comes first."""
     out = []
     for (d_model, seq_len, budget), rows in report.recall_cells().items():
         kvs = sorted({kv for cells in rows.values() for kv in cells}, key=lambda kv: (str(type(kv)), kv))
@@ -133,7 +134,8 @@ def leaderboards(report: Report) -> list[Leaderboard]:
         for i, row in enumerate(board):  # rank as shown: equal on the page, equal rank
             row["rank"] = None if shown[i] is None else shown.index(shown[i]) + 1
         out.append(Leaderboard(d_model, seq_len, budget, kvs, board))
-    return out
+    # per (d_model, seq_len), the board comparing the most mechanisms first
+    return sorted(out, key=lambda b: (sort_key(b.d_model), sort_key(b.seq_len), -len(b.rows), b.budget))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ..compare import (
     peer_ratios,
     sdpa_ratios,
 )
+from ..recall import budget_text
 from ..speed import bench_params
 from ..store import Result, ResultStore, canonical
 from .fmt import fmt_params
@@ -438,7 +439,7 @@ class Report:
                 if not cell["converged"]:
                     cell["stopped"] = stop_reason(next(r for r in best if not r.metrics.get("converged")))
             out.setdefault((d_model, seq_len, budget), {}).setdefault((str(mechanism), params), {})[kv] = cell
-        return dict(sorted(out.items(), key=lambda kv: tuple(_sort_key(x) for x in kv[0])))
+        return dict(sorted(out.items(), key=lambda kv: tuple(sort_key(x) for x in kv[0])))
 
     def recall_row_label(self, mechanism: str, params: str) -> str:
         several = len({canonical(r.config.get("params") or {}) for r in self.recall
@@ -472,27 +473,32 @@ class Report:
 
 
 def budget_of(result: Result) -> str:
-    """The stated training budget of a recall result: epochs over examples, and the time cap when stored."""
-    c = result.config
-    text = f"≤ {c.get('max_epochs')} epochs of {c.get('train_examples')} examples"
-    cap = c.get("cell_seconds")  # the time cap, part of the configuration (stores before it: not stated)
-    if _number(cap) is not None:
-        text += f", ≤ {cap:g} s"
-    return text
+    """The stated training budget of a recall result (`recall.budget_text`: steps, epochs of examples, time cap)."""
+    return budget_text(result.config)
 
 
 def stop_reason(result: Result) -> str:
-    """Why a recall run ended below the target accuracy: its note (a time cap, a diverging loss), else its epochs."""
-    note = result.metrics.get("note")
-    if note:
-        return str(note)
-    return f"stopped after {result.metrics.get('epochs')} of {result.config.get('max_epochs')} epochs"
+    """Why a recall run ended below the target accuracy: the step budget spent, the time cap, a diverging loss
+    (with the steps taken), else (results stored before "stopped" was) its note or its epochs."""
+    m = result.metrics
+    steps = f"{m.get('steps')} of {m.get('step_budget')} steps" if m.get("step_budget") else None
+    if m.get("stopped") == "time cap":
+        cap = _number(result.config.get("cell_seconds"))
+        return f"stopped at the time cap ({cap:g} s) after {steps or '?'}" if cap is not None else \
+            f"stopped at the time cap after {steps or '?'}"
+    if m.get("stopped") == "step budget":
+        return f"step budget spent ({steps or '?'}) below the target"
+    if m.get("stopped") == "diverged":
+        return f"diverged after {steps or '?'}" + (f": {m['note']}" if m.get("note") else "")
+    if m.get("note"):
+        return str(m["note"])
+    return f"stopped after {m.get('epochs')} of {result.config.get('max_epochs')} epochs"
 
 
 def series_key(fields: dict[str, Any]) -> str:
     return canonical([fields.get(k) for k in ("mechanism", "impl", "params", "mode", "causal", *SHAPE_KEYS)])
 
 
-def _sort_key(value: Any) -> tuple[int, Any]:
+def sort_key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, (int, float)) else (1, str(value))
 
