@@ -703,3 +703,30 @@ def test_a_flagged_sdpa_time_gives_no_ratio_and_no_line() -> None:
     for ax in fig.get_axes():  # time and memory: an SDPA measured on another machine is not drawn beside these
         assert not [x for x in ax.get_lines() if x.get_gid() == "reference"]
         assert [t.get_text() for t in ax.texts] == ["SDPA not plotted: measured only in another environment"]
+
+
+def test_a_crowded_family_is_split_into_small_panels() -> None:
+    """Every registered mechanism of family A in one store (the 34-series plot of issue 10): panels of at most
+    PANEL_SIZE mechanisms, grouped by folder, each mechanism in exactly one panel, SDPA in every one."""
+    from attnlab.bench.report import Report
+    from attnlab.bench.report.model import PANEL_SIZE
+    from attnlab.bench.store import Result, config_hash
+
+    family = [s.name for s in registry.list_mechanisms() if s.family == "A"]
+    assert len(family) > 3 * PANEL_SIZE
+    results = []
+    for i, n in enumerate(LENGTHS_HAND):
+        for name in family:
+            suite, config, status, metrics, env = _hand_speed(name, n, SDPA[i] * (1 + len(name) / 10))
+            results.append(Result(suite, config, status, metrics, env, float(i), config_hash(config)))
+    report = Report(results, {s.name: s for s in registry.list_mechanisms()})
+    ((name, panels),) = report.families()
+    assert name == "A"
+    placed = [s.mechanism for p in panels for s in p.series]
+    assert sorted(placed) == sorted(set(family) - {"softmax"})  # softmax is every panel's reference line
+    assert all(len(p.series) <= PANEL_SIZE and p.reference is not None for p in panels)
+    assert {p.group.split()[0] for p in panels} == {report.group(m) for m in placed}
+    for _, _, fig in _figures(report):
+        for ax in fig.get_axes():
+            looks = [(tuple(x.get_color()), x.get_marker()) for x in ax.get_lines() if x.get_gid() == "series"]
+            assert len(set(looks)) == len(looks) and len([x for x in ax.get_lines() if x.get_gid() == "reference"]) == 1
