@@ -43,15 +43,14 @@ from ...core.errors import ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_int, check_qkv
-from .engine import (
-    LinearAttention,
+from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     linear_attention,
     linear_attention_reference,
     linear_attention_step,
-    padding_of,
 )
+from .base import LinearAttention, padding_of
 
 BASED = Paper(None, "Simple linear attention language models balance the recall-throughput tradeoff", 2024, "2402.18668")
 FEATURE_DIM, WINDOW = 16, 64

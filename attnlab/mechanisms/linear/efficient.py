@@ -28,16 +28,15 @@ from torch import Tensor
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_qkv
-from .engine import (
-    LinearAttention,
+from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     check_chunk_size,
     linear_attention,
     linear_attention_step,
     linear_flops,
-    padding_of,
 )
+from .base import LinearAttention, padding_of
 
 EFFICIENT = Paper("P228", "Efficient Attention: Attention with Linear Complexities", 2021, "1812.01243")
 NORMALIZATIONS: tuple[str, ...] = ("softmax", "scaling")

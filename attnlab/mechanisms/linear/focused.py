@@ -40,8 +40,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
-from .engine import (
-    LinearAttention,
+from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     linear_attention,
@@ -49,6 +48,7 @@ from .engine import (
     linear_attention_step,
     linear_flops,
 )
+from .base import LinearAttention
 
 FLATTEN = Paper("P034", "FLatten Transformer: Vision Transformer using Focused Linear Attention", 2023, "2308.00442")
 FOCUS_EPS = 1e-6  # shift of ReLU(x) before the scale, as the official code

@@ -36,8 +36,7 @@ from ...core.masks import combine_masks
 from ...core.module import Attention
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_qkv
-from .engine import (
-    LinearAttention,
+from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     linear_attention,
@@ -45,6 +44,7 @@ from .engine import (
     linear_attention_step,
     linear_flops,
 )
+from .base import LinearAttention
 
 GALERKIN = Paper("P044", "Choose a Transformer: Fourier or Galerkin", 2021, "2105.14995")
 LN_EPS = 1e-5

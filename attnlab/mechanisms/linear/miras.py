@@ -49,14 +49,14 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_qkv
-from .engine import (
-    LinearAttention,
+from ...kernels.linear_scan import (
     LinearTerms,
     check_chunk_size,
     linear_attention,
     linear_attention_reference,
     linear_flops,
 )
+from .base import LinearAttention
 
 MIRAS = Paper(
     "P157",
