@@ -39,7 +39,7 @@ from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_qkv, check_scale
-from .block_sparse import BlockSparseAttention
+from .base import BlockSparseAttention
 
 COMBINER = Paper("P147", "Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
 Pooling = Literal["max", "mean"]

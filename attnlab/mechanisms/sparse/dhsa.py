@@ -43,7 +43,8 @@ from ...core.module import Attention
 from ...core.reference import softmax_attention_reference
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_qkv
-from .block_sparse import BlockLayout, BlockSparseAttention, block_sparse_attention
+from ...kernels.block_sparse import BlockLayout, block_sparse_attention
+from .base import BlockSparseAttention
 from .power import causal_mod
 
 DHSA = Paper("P247", "Long-Context Modeling with Dynamic Hierarchical Sparse Attention for On-Device LLMs", 2025, "2510.24606")

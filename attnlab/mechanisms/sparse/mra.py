@@ -42,7 +42,8 @@ from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_qkv
-from .block_sparse import BlockLayout, BlockSparseAttention, block_sparse_attention
+from ...kernels.block_sparse import BlockLayout, block_sparse_attention
+from .base import BlockSparseAttention
 
 MRA = Paper("P066", "Multi Resolution Analysis (MRA) for Approximate Self-Attention", 2022, "2207.10284")
 

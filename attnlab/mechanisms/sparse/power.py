@@ -24,7 +24,8 @@ from torch import Tensor
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_qkv
-from .block_sparse import BlockLayout, BlockSparseAttention, block_sparse_attention, block_sparse_attention_reference
+from ...kernels.block_sparse import BlockLayout, block_sparse_attention, block_sparse_attention_reference
+from .base import BlockSparseAttention
 
 POWER = Paper("P223", "PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention", 2025, "2503.03588")
 

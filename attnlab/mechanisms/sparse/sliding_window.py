@@ -22,13 +22,8 @@ from ...core.errors import ParameterError
 from ...core.module import KVCache
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_qkv
-from .block_sparse import (
-    BlockLayout,
-    BlockSparseAttention,
-    MaskMod,
-    block_sparse_attention,
-    block_sparse_attention_reference,
-)
+from ...kernels.block_sparse import BlockLayout, MaskMod, block_sparse_attention, block_sparse_attention_reference
+from .base import BlockSparseAttention
 
 LONGFORMER = Paper(None, "Longformer: The Long-Document Transformer", 2020, "2004.05150")
 

@@ -23,18 +23,15 @@ only (no double backward). N need not be a multiple of B: the last block is padd
 padding masked.
 
 `backend="flex"` runs the same layout and mask_mod through torch's FlexAttention
-(`BlockMask.from_kv_blocks`, `flex_attention` compiled once per process): on CPU it runs
-the forward only.
+(`BlockMask.from_kv_blocks`, `attnlab.kernels.flex`): on CPU it runs the forward only.
+The module base of block-sparse patterns is `attnlab.mechanisms.sparse.base.BlockSparseAttention`.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
-from abc import abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -42,11 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...core.errors import DTypeError, MaskError, ParameterError, ShapeError
-from ...core.masks import padding_to_mask
-from ...core.module import Attention, KVCache
-from ...core.reference import softmax_attention_reference
-from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tokens
+from ..core.errors import DTypeError, MaskError, ParameterError, ShapeError
+from ..core.masks import padding_to_mask
+from ..core.reference import softmax_attention_reference
+from ..core.validate import check_attention_mask, check_qkv
+from .flex import compiled_flex, flex_available
+from .pool import cpus as _cpus  # a name of this module: tests pin it
+from .pool import run_parallel
 
 MaskMod = Callable[[Tensor, Tensor], Tensor]
 """mask_mod(q_idx, kv_idx) -> bool tensor (True = attend) on broadcasting int64 position tensors."""
@@ -181,7 +180,7 @@ class BlockLayout:
         dense = self.to_mask().repeat_interleave(b, 1).repeat_interleave(b, 2)[:, :n_q, :n_k]
         if mask_mod is not None:
             dev = self.indices.device
-            dense = dense & _call_mask_mod(mask_mod, torch.arange(n_q, device=dev)[:, None], torch.arange(n_k, device=dev)[None])
+            dense = dense & call_mask_mod(mask_mod, torch.arange(n_q, device=dev)[:, None], torch.arange(n_k, device=dev)[None])
         return dense
 
     def check(self, n_q: int, n_k: int, heads: int) -> None:
@@ -202,7 +201,8 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def _call_mask_mod(mask_mod: MaskMod, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+def call_mask_mod(mask_mod: MaskMod, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """mask_mod(q_idx, kv_idx), checked to be a bool tensor (True = attend)."""
     keep = mask_mod(q_idx, kv_idx)
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
         raise TypeError(f"mask_mod: expected mask_mod(q_idx, kv_idx) to return a bool tensor (True = attend), got {_describe(keep)}")
@@ -255,7 +255,7 @@ def _classify(layout: BlockLayout, mask_mod: MaskMod | None, n_k: int, per_step:
         kpos = (u % nkb)[:, None, None] * b + offs
         keep = kpos < n_k
         if mask_mod is not None:
-            keep = keep & _call_mask_mod(mask_mod, (u // nkb)[:, None, None] * b + offs[:, None], kpos)
+            keep = keep & call_mask_mod(mask_mod, (u // nkb)[:, None, None] * b + offs[:, None], kpos)
         keep = keep.expand(u.shape[0], b, b).reshape(u.shape[0], b * b)
         some, every = keep.any(1), keep.all(1)
         anys.append(some)
@@ -267,11 +267,6 @@ def _classify(layout: BlockLayout, mask_mod: MaskMod | None, n_k: int, per_step:
     kept, partial, ids = torch.zeros_like(valid), torch.zeros_like(valid), torch.zeros_like(idx)
     kept[valid], partial[valid], ids[valid] = some[inverse], part[inverse], mask_id[inverse]
     return kept, partial & kept, ids, torch.cat(drops)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _split(weights: list[int], parts: int) -> tuple[tuple[int, int], ...]:
@@ -426,32 +421,6 @@ def _backward_chunk(
     dk.view(dk.shape[0], -1).index_add_(0, rows, grad.view(rows.shape[0], -1))
 
 
-# -- worker threads: each runs its span of chunks with one intra-op thread ---------------------------
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
-
-
-def _one_thread(ready: threading.Barrier) -> None:
-    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line later
-    torch.set_num_threads(1)
-    ready.wait()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="attnlab-block-sparse")
-            ready = threading.Barrier(workers + 1)
-            for _ in range(workers):  # each blocks at the barrier, so the pool starts all its threads
-                pool.submit(_one_thread, ready)
-            ready.wait()
-            torch.set_num_threads(threads)  # the workers' set_num_threads also set the default of new threads
-            _POOLS[workers] = pool
-        return _POOLS[workers]
-
-
 def _run(plan: _Plan, step: Callable[[int, int, list[Tensor]], None], like: Tensor, widths: tuple[int, ...]) -> None:
     """step(worker, chunk, workspaces) for every chunk: the spans on worker threads (one intra-op
     thread each), or here. Each worker allocates its workspaces once, of width · (the largest chunk's
@@ -462,12 +431,7 @@ def _run(plan: _Plan, step: Callable[[int, int, list[Tensor]], None], like: Tens
             for i in range(*plan.spans[w]):
                 step(w, i, space)
 
-    if len(plan.spans) == 1:
-        span(0)
-        return
-    pool = _pool(len(plan.spans))
-    for job in [pool.submit(span, w) for w in range(len(plan.spans))]:
-        job.result()
+    run_parallel([partial(span, w) for w in range(len(plan.spans))])
 
 
 def _query_blocks(x: Tensor, blocks: int, b: int, scale: float, work: torch.dtype) -> Tensor:
@@ -618,27 +582,6 @@ def block_sparse_attention_reference(
 
 
 # -- the FlexAttention backend --------------------------------------------------------------------
-_FLEX: dict[str, Callable[..., Tensor]] = {}
-
-
-def flex_available() -> bool:
-    """Whether this torch has FlexAttention (torch.nn.attention.flex_attention)."""
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _compiled_flex() -> Callable[..., Tensor]:
-    """flex_attention under torch.compile, built once per process (dynamo caches per shape)."""
-    if "fn" not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
-
-
 def _flex_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mask_mod: MaskMod | None,
     attention_mask: Tensor | None, scale: float,
@@ -673,98 +616,5 @@ def _flex_attention(
     )
     qp = F.pad(q, (0, 0, 0, nqb * b - n_q))
     kp, vp = (F.pad(t, (0, 0, 0, nkb * b - n_k)) for t in (k, v))
-    out = _compiled_flex()(qp, kp, vp, block_mask=block_mask, scale=scale)
+    out = compiled_flex()(qp, kp, vp, block_mask=block_mask, scale=scale)
     return out[:, :, :n_q]
-
-
-# -- the module base of block-sparse patterns ------------------------------------------------------
-class BlockSparseAttention(Attention):
-    """Multi-head attention whose pattern is a block layout plus an in-block mask_mod.
-
-    Subclasses give `block_rows(rows, n_k_blocks)` — the key blocks of the query blocks
-    `rows` — and `mask_mod`. Queries and keys are one sequence (self-attention). The mask
-    given to `attend_*` carries key padding only: the pattern (and causality) is the
-    layout's, since a dense causal mask would be an N × N tensor.
-    """
-
-    block_size: int
-
-    @abstractmethod
-    def block_rows(self, rows: Tensor, n_k_blocks: int) -> Tensor:
-        """Candidate key blocks of query blocks `rows` (1-D), (len(rows), C) or (heads, len(rows), C);
-        entries outside [0, n_k_blocks) are dropped, repeats merged."""
-
-    @abstractmethod
-    def mask_mod(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        """In-block mask on absolute positions, True = attend."""
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
-
-    def layout(self, n: int, device: torch.device | None = None) -> BlockLayout:
-        """The block layout of a sequence of n tokens."""
-        nb = math.ceil(n / self.block_size)
-        return BlockLayout.from_candidates(self.block_rows(torch.arange(nb, device=device), nb), self.block_size, nb)
-
-    def combined_mask(
-        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
-    ) -> Tensor | None:
-        if attn_mask is not None:
-            raise ValueError(
-                f"attn_mask: {self.spec.name} does not support an arbitrary attention mask "
-                "(it would need the N × N matrix the block-sparse layout avoids)"
-            )
-        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-        return None if attention_mask is None else padding_to_mask(attention_mask)
-
-    def _padding(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor | None:
-        if q.shape[2] != k.shape[2]:
-            raise ShapeError(
-                f"k: {self.spec.name} attends within one sequence, expected as many keys as queries, "
-                f"got n_q={q.shape[2]} and n_k={k.shape[2]}"
-            )
-        if mask is None:
-            return None
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-            raise MaskError(f"mask: expected a key padding mask, bool (batch, 1, 1, n_k), got {_describe(mask)}")
-        return mask[:, 0, 0]
-
-    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        kpm = self._padding(q, k, mask)
-        layout = self.layout(q.shape[2], q.device)
-        return block_sparse_attention(q, k, v, layout, mask_mod=self.mask_mod, attention_mask=kpm, scale=self.scale)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        kpm = self._padding(q, k, mask)
-        layout = self.layout(q.shape[2], q.device)
-        return block_sparse_attention_reference(q, k, v, layout, mask_mod=self.mask_mod, attention_mask=kpm, scale=self.scale)
-
-    def step_inputs(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Checks of `step`; q of x_t (batch, heads, 1, head_dim) and the keys, values so far including x_t's."""
-        if not self.causal:
-            raise ValueError("step: decoding needs a causal module (build it with causal=True)")
-        check_tokens("x_t", x_t, self.dim)
-        check_finite("x_t", x_t)
-        if x_t.shape[1] != 1:
-            raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
-        q, k, v = self.project(x_t)
-        if state is not None:
-            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        return q, k, v
-
-    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Decode one token: the cache keeps every key; the new query reads only its row of the layout."""
-        q, k, v = self.step_inputs(x_t, state)
-        t, b = k.shape[2] - 1, self.block_size
-        row = BlockLayout.from_candidates(
-            self.block_rows(torch.tensor([t // b], device=q.device), t // b + 1), b, t // b + 1
-        )
-        pos = (row.indices[:, 0, :, None] * b + torch.arange(b, device=q.device)).flatten(-2)  # (H, R·B)
-        keep = row.valid[:, 0].repeat_interleave(b, -1) & (pos <= t)
-        keep = keep & _call_mask_mod(self.mask_mod, torch.tensor(t, device=q.device), pos)
-        pos = pos.clamp(max=t)[None, :, :, None]
-        kg = k.gather(2, pos.expand(k.shape[0], self.heads, -1, k.shape[-1]))
-        vg = v.gather(2, pos.expand(v.shape[0], self.heads, -1, v.shape[-1]))
-        out = F.scaled_dot_product_attention(q, kg, vg, attn_mask=keep[None, :, None, :], scale=self.scale)
-        return self.out_proj(self.merge_heads(out)), KVCache(k, v)
