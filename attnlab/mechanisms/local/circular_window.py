@@ -10,7 +10,7 @@ reaching every position (r >= the grid's diagonal) is full attention. An interio
 the lattice points of the disc: 5 for r = 1, 13 for r = 2, about πr² in general, so the cost is
 O(N·r²·d) (the paper's r = 8 … 32 on a 64 × 64 latent grid).
 
-The fast path is the GEMM tiling of neighborhood attention (_neighborhood_tiles): query tiles
+The fast path is the GEMM tiling of neighborhood attention (attnlab.kernels.neighborhood): query tiles
 against the halo of keys that holds the (2⌊r⌋ + 1)-wide square around each of their queries
 (cut to the grid), with the disc as the in-tile mask, forward and a recomputing backward, memory
 O(N·r²), never N × N. The reference materialises the masked N × N matrix in float64.
@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
+from ...kernels.neighborhood import Plan, outer, plan, tiled_attention
 from ._grid import GridAttention, check_grid_qkv, grid_padding, grid_shape_param, masked_grid_reference
-from ._neighborhood_tiles import Plan, _outer, plan, tiled_attention
 from .neighborhood import tile_shape
 
 CLEAR = Paper("P170", "CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up", 2025, "2412.16112")
@@ -72,7 +72,7 @@ def circular_plan(grid: tuple[int, ...], radius: float, device: torch.device) ->
     rank = len(grid)
     square = plan(grid, kernel, (1,) * rank, (False,) * rank, tile_shape(kernel), device)
     squared = [(ax.k_pos[:, None, :] - ax.q_pos[:, :, None]) ** 2 for ax in square.axes]
-    distance = _outer(squared, "add").reshape(square.tiles, square.tq, square.hk)
+    distance = outer(squared, "add").reshape(square.tiles, square.tq, square.hk)
     return dataclasses.replace(square, keep=(distance <= radius * radius).to(device))
 
 

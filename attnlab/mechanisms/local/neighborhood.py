@@ -13,7 +13,7 @@ exactly k keys per axis when not causal; k = L (δ = 1) is full attention. B is 
 position bias rpb[h, c'_1 − c_1 + k_1 − 1, …] (group coordinates; NATTEN's (heads, 2k − 1, …)
 table; not with causal axes) plus −inf on padded keys.
 
-The fast path is the tiled GEMM formulation with a recomputing backward (_neighborhood_tiles).
+The fast path is the tiled GEMM formulation with a recomputing backward (attnlab.kernels.neighborhood).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_tensor, check_tokens
+from ...kernels.neighborhood import plan, tiled_attention
 from ._grid import GridAttention, check_grid_qkv, grid_padding
-from ._neighborhood_tiles import plan, tiled_attention
 
 NAT = Paper("P019", "Neighborhood Attention Transformer", 2023, "2204.07143")
 KERNEL_SIZE = 7
@@ -141,7 +141,7 @@ def neighborhood_attention(
     kernel_size, dilation, causal: one value or one per axis; rpb: (heads, 2k_1 − 1, …);
     attention_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
     query whose window holds no real key gives 0); scale defaults to 1/√head_dim.
-    Forward and backward are tiled (memory O(N·window), never N×N); see _neighborhood_tiles.
+    Forward and backward are tiled (memory O(N·window), never N×N); see attnlab.kernels.neighborhood.
     """
     grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]

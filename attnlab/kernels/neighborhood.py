@@ -20,16 +20,15 @@ q, k, v, the output and one chunk per worker thread, never N × N.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .pool import run_parallel
 
 # Scores of one chunk stay in cache through mask, softmax and the second matmul. Measured on
 # a 2-core AMD EPYC (see benchmarks/neighborhood.py): 1–4 MiB chunks are alike, all tiles at
@@ -120,7 +119,7 @@ class Plan:
     kernel: tuple[int, ...]
 
 
-def _outer(parts: list[Tensor], reduce: str) -> Tensor:
+def outer(parts: list[Tensor], reduce: str) -> Tensor:
     """Combine per-axis tables (tiles_a, *slots_a) into (tiles_1, …, tiles_r, *slots_1, …, *slots_r)."""
     rank, groups = len(parts), parts[0].dim()
     out: Tensor | None = None
@@ -149,17 +148,17 @@ def plan(
     tiles = math.prod(ax.tiles for ax in axes)
     tq = math.prod(ax.tile for ax in axes)
     hk = math.prod(ax.halo for ax in axes)
-    q_index = _outer([ax.q_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, tq)
-    real = _outer([ax.real for ax in axes], "and").reshape(tiles, tq)
+    q_index = outer([ax.q_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, tq)
+    real = outer([ax.real for ax in axes], "and").reshape(tiles, tq)
     return Plan(
         n=math.prod(grid),
         tiles=tiles,
         tq=tq,
         hk=hk,
         q_index=q_index.to(device),
-        k_index=_outer([ax.k_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, hk).to(device),
+        k_index=outer([ax.k_pos * s for ax, s in zip(axes, strides)], "add").reshape(tiles, hk).to(device),
         q_dest=torch.where(real, q_index, -1).to(device),
-        keep=_outer([ax.keep for ax in axes], "and").reshape(tiles, tq, hk).to(device),
+        keep=outer([ax.keep for ax in axes], "and").reshape(tiles, tq, hk).to(device),
         axes=tuple(axes),
         kernel=kernel,
     )
@@ -178,50 +177,11 @@ def relative_index(p: Plan) -> Tensor:
     table (2k_1 − 1, …, 2k_r − 1) (only for the bias: it is 8 bytes a pair)."""
     rank = len(p.kernel)
     table = [math.prod(2 * k - 1 for k in p.kernel[a + 1 :]) for a in range(rank)]
-    rel = _outer([ax.rel * s for ax, s in zip(p.axes, table)], "add")
+    rel = outer([ax.rel * s for ax, s in zip(p.axes, table)], "add")
     return rel.reshape(p.tiles, p.tq, p.hk).to(p.q_index.device)
 
 
-# -- workers -----------------------------------------------------------------------------------
-# Every torch kernel called from one thread opens an OpenMP parallel region and waits at its end
-# for all intra-op threads. On a loaded machine a waiting thread may not run for a whole time
-# slice: with 2 threads and 6 busy processes on 2 cores one small kernel took 16 ms instead of
-# 45 µs. A chunked computation calls hundreds of kernels, so chunks run on workers instead:
-# torch.get_num_threads() Python threads, each running its kernels on one thread and taking the
-# next chunk when done (a slow worker holds up nothing but its own chunk). The caller waits once.
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_LOCK = threading.Lock()
-_WORKER = threading.local()
-
-
-def _init_worker(barrier: threading.Barrier) -> None:
-    torch.set_num_threads(1)  # this thread's OpenMP and MKL thread counts
-    _WORKER.active = True
-    barrier.wait()
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        pool = _POOLS.get(n)
-        if pool is None:
-            barrier = threading.Barrier(n + 1)
-            pool = ThreadPoolExecutor(n, thread_name_prefix="attnlab-neighborhood", initializer=_init_worker,
-                                      initargs=(barrier,))
-            for _ in range(n):
-                pool.submit(int)
-            barrier.wait()  # every worker has set its own thread count ...
-            torch.set_num_threads(n)  # ... and the process-wide default (read by new threads) is n again
-            _POOLS[n] = pool
-        return pool
-
-
-def _forget_pools() -> None:
-    _POOLS.clear()  # a forked child has none of the parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_pools)
-
-
+# -- workers (attnlab.kernels.pool) ------------------------------------------------------------
 def run(jobs: list[Callable[[], None]], device: torch.device) -> None:
     """Run every job, on the workers when there are several CPU threads to use. Jobs run without
     autograd and without autocast (in the inputs' dtype), in the caller's inference mode."""
@@ -234,13 +194,7 @@ def run(jobs: list[Callable[[], None]], device: torch.device) -> None:
             for job in queue:
                 job()
 
-    if n <= 1 or device.type != "cpu" or getattr(_WORKER, "active", False):
-        work()
-        return
-
-    pool = _pool(torch.get_num_threads())
-    for future in [pool.submit(work) for _ in range(n)]:
-        future.result()
+    run_parallel([work] * (n if device.type == "cpu" else 1))
 
 
 # -- the computation ---------------------------------------------------------------------------
