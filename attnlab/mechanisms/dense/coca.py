@@ -34,8 +34,9 @@ from ...core.masks import combine_masks
 from ...core.reference import masked_softmax
 from ...core.registry import Paper
 from ...core.validate import check_qkv
+from ...kernels.sdpa import sdpa
 from .rope import BASE_PARAM, RotaryAttention, apply_rope, check_base, check_even_head_dim, rope_angles, rope_positions
-from .softmax import dense_flops, register_dense, sdpa
+from .softmax import dense_flops, register_dense
 
 COCA = Paper(
     "P023",

@@ -26,7 +26,8 @@ from ...core.masks import band_mask, combine_masks, to_additive
 from ...core.reference import softmax_attention_reference as _reference
 from ...core.registry import Paper, Param
 from ...core.validate import check_qkv
-from .softmax import SoftmaxAttention, dense_flops, register_dense, sdpa
+from ...kernels.sdpa import sdpa
+from .softmax import SoftmaxAttention, dense_flops, register_dense
 
 MULTISCALE = Paper("P199", "Multi-Scale Self-Attention for Text Classification", 2020, "1912.00544")
 GLOBAL = -1  # the scale of a head that sees every key

@@ -3,7 +3,7 @@
     Attention(Q, K, V) = softmax(Q Kᵀ / √d + B + M) V
 
 B is an optional score bias (positional terms), M the combined mask. The fast path is
-torch's `scaled_dot_product_attention` in its fastest applicable causal form (`sdpa`):
+torch's `scaled_dot_product_attention` in its fastest applicable causal form (`attnlab.kernels.sdpa`):
 `is_causal=True`, torch's lower-right `CausalBias` or no mask at all, and a materialised
 mask only when padding, an attn_mask or a score bias needs one; fully masked rows give zeros.
 """
@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.masks import add_bias, causal_mask, combine_masks, restrict
+from ...core.masks import combine_masks
 from ...core.module import Attention
 from ...core.reference import softmax_attention_reference as _reference
 from ...core.registry import Paper, Supports, register
 from ...core.validate import check_qkv
+from ...kernels.sdpa import sdpa
 
 VASWANI = Paper(None, "Attention Is All You Need", 2017, "1706.03762")
 DENSE_SUPPORTS = Supports(causal=True, key_padding=True, attn_mask=True, cross=True, decode=True)
@@ -40,39 +40,6 @@ def _mask(
         batch=q.shape[0], heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=causal,
         attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
     )
-
-
-def sdpa(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    bias: Tensor | None = None,
-    scale: float | None = None,
-    *,
-    causal: bool = False,
-) -> Tensor:
-    """SDPA over a mask (True = attend, or additive), an optional score bias and causality; fully masked rows give 0.
-
-    Causality (bottom-right aligned) takes SDPA's fastest form when nothing else is masked:
-    `is_causal=True` for n_q == n_k, no mask for n_q == 1 (the last query sees every key),
-    torch's lower-right `CausalBias` for n_q < n_k. A mask is materialised only when `mask`,
-    `bias` or n_q > n_k (rows that see no key) requires one.
-    """
-    n_q, n_k = q.shape[2], k.shape[2]
-    if causal and mask is None and bias is None and n_q <= n_k:
-        if n_q == n_k:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        if n_q == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        from torch.nn.attention.bias import causal_lower_right  # imported here: the module pulls in torch._dynamo (~1 s)
-
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scale)
-    if causal:
-        mask = restrict(mask, causal_mask(n_q, n_k, q.device))
-    if bias is not None:
-        mask = add_bias(mask, bias.to(q.dtype))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def softmax_attention(

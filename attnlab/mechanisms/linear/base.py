@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
 from torch import Tensor
 
 from ...core.errors import ShapeError
@@ -18,19 +17,8 @@ from ...kernels.linear_scan import (
     linear_attention,
     linear_attention_reference,
     linear_attention_step,
+    padding_of,
 )
-
-
-def padding_of(mask: Tensor | None) -> Tensor | None:
-    """The key padding (batch, n_k) of the mask `LinearAttention.combined_mask` builds, or None."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-        raise ValueError(
-            f"mask: the linear family takes a key padding mask only, as bool (batch, 1, 1, n_k); got "
-            f"dtype {mask.dtype} and shape {tuple(mask.shape)}"
-        )
-    return mask[:, 0, 0, :]
 
 
 class LinearAttention(Attention):

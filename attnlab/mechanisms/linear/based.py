@@ -49,8 +49,9 @@ from ...kernels.linear_scan import (
     linear_attention,
     linear_attention_reference,
     linear_attention_step,
+    padding_of,
 )
-from .base import LinearAttention, padding_of
+from .base import LinearAttention
 
 BASED = Paper(None, "Simple linear attention language models balance the recall-throughput tradeoff", 2024, "2402.18668")
 FEATURE_DIM, WINDOW = 16, 64

@@ -35,8 +35,9 @@ from ...kernels.linear_scan import (
     linear_attention,
     linear_attention_step,
     linear_flops,
+    padding_of,
 )
-from .base import LinearAttention, padding_of
+from .base import LinearAttention
 
 EFFICIENT = Paper("P228", "Efficient Attention: Attention with Linear Complexities", 2021, "1812.01243")
 NORMALIZATIONS: tuple[str, ...] = ("softmax", "scaling")

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
-from ..dense.softmax import sdpa
+from ...kernels.sdpa import sdpa
 from ._grid import GridAttention, check_grid_qkv, grid_padding, grid_shape_param, masked_grid_reference
 
 AXIAL = Paper("P070", "Axial Attention in Multidimensional Transformers", 2019, "1912.12180")

@@ -38,7 +38,7 @@ from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_qkv, check_tensor, check_tokens
-from ..dense.softmax import sdpa
+from ...kernels.sdpa import sdpa
 from ._grid import (
     GridAttention,
     SummaryKeyAttention,
