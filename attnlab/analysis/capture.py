@@ -32,20 +32,38 @@ Two sources are recorded, both at once when a model mixes them:
   channel of the head, then the gate and W_out). Modules without `attention_path` raise
   TypeError under `grads=True`.
 * Hugging Face `transformers` models — an attention implementation named "attnlab_capture" is
-  registered in `transformers.AttentionInterface` (eager attention: softmax(q kᵀ·scale + mask) v,
-  softmax in float32 as the eager code does, GQA heads repeated, soft-capping and sink logits
-  honoured), together with the mask builder of "eager" in `AttentionMaskInterface`: without that
-  second registration transformers builds no padding mask for an unknown implementation and the
-  probabilities would silently include padded keys. Inside the context the model (and its
-  sub-models) run with `attn_implementation="attnlab_capture"`; the previous implementation of
-  every config is restored on exit, also after an error. `transformers` is imported only when the
-  model is a transformers model.
+  registered in `transformers.AttentionInterface`, together with the mask builder of "eager" in
+  `AttentionMaskInterface` (without it transformers builds no padding mask for an unknown
+  implementation and the probabilities would include padded keys). Inside the context the model
+  (and its sub-models) run with `attn_implementation="attnlab_capture"`, and every call of that
+  implementation runs the model's OWN eager attention function — the `default` its attention
+  module hands to `AttentionInterface.get_interface` (wrapped for the duration of the context), or
+  for the few modules that index the interface directly, the `eager_attention_forward` of the
+  module's file — and records the probabilities it returns. So every keyword the model passes
+  (T5's `position_bias`, soft-capping, sink logits, relative positions of conformers, ...) reaches
+  the code written for it: the maps equal `output_attentions=True` under "eager" and the model
+  computes exactly what it computes under "eager". A file without an eager function (none in
+  transformers 5) gets a generic eager softmax(q kᵀ·scale + mask) v (float32 softmax, GQA heads
+  repeated, `softcap` and `s_aux` sinks honoured). The previous implementation of every config
+  comes back on exit, also after an error. `transformers` is imported only when the model is a
+  transformers model.
+* transformers models that do not dispatch through `AttentionInterface` (bloom, gpt_neo, mpt,
+  xglm, deberta_v2, mpnet, ... : `model._can_set_attn_implementation()` is False): the maps they
+  return with `output_attentions=True` are recorded instead. The top-level call gets
+  `output_attentions=True` (a forward pre-hook) and the maps are taken from the outputs
+  (`attentions`, `encoder_attentions`, `decoder_attentions`, `cross_attentions`, and those of nested
+  outputs), then removed from the outputs unless the caller asked for them. Reported, not silent:
+  `Attentions.fallback` says so and a one-line `UserWarning` is issued. Records are named after the
+  output field ("attentions.3", "decoder_attentions.0", "cross_attentions.0"); their masks come from
+  the call's `attention_mask` / `decoder_attention_mask` (else: keys some query gives weight). This
+  path has no queries/keys (`qk=True` raises TypeError) and no run-time calibration.
 
 With `qk=True` every record also keeps the per-head queries and keys that made its scores
 (`Record.query`, `Record.key`, detached): for transformers models the `query`/`key` handed to the
 attention implementation (after RoPE or any other rotation, keys of grouped-query attention
 repeated to the query heads) with the `scaling` used, so that softmax(q kᵀ·scale + mask) is the
-recorded map (no soft-capping or sink logits); for attnlab modules the output of
+recorded map (up to what the model adds besides: soft-capping, sink logits, T5's position bias);
+for attnlab modules the output of
 `module.project(x, context)` — the heads before the mechanism's own core (for the softmax family
 softmax(q kᵀ·scale + mask), `scale` read from the module when it has one; mechanisms that map or
 rotate q and k inside their core give the projections before that step).
@@ -62,7 +80,10 @@ Building on the capture (relevance, sinks, lookback, explain, ...): take `Attent
 and turn them into a list with `as_layers`; `att.layers[l]` / `att.grads[l]` belong to the same
 call l (gradients are never shifted by a layer); `att.query_masks` / `att.key_masks` give the real
 tokens of each call, `att.attention_mask` and `att.tokens` those of the model input,
-`att.sequence(b)` crops sequence b to its real tokens, `att.select(regex)` keeps some modules
+`att.sequence(b)` crops sequence b to its real tokens (`att.attention_mask` is the call's mask only
+when it has the length of the first record's keys — else, e.g. audio models whose mask is per sample
+while attention runs over frames, or `select` of a tower the mask does not belong to, the first
+record's real queries), `att.select(regex)` keeps some modules
 (e.g. the cross-attention of an encoder–decoder), `att.stack()` gives (layers, batch, heads, n, n).
 Without `grads` the records are detached; with it they are the tensors of the forward pass.
 """
@@ -71,9 +92,10 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -113,6 +135,7 @@ class Attentions:
     skipped: list[str] = field(default_factory=list)  # attnlab modules without materialize
     grads_requested: bool = False
     qk_requested: bool = False
+    fallback: str | None = None  # why the maps came from output_attentions=True instead of the recorder, if so
 
     def __len__(self) -> int:
         return len(self.records)
@@ -169,12 +192,16 @@ class Attentions:
 
     @property
     def attention_mask(self) -> Tensor:
-        """bool (batch, n): the real tokens of the input (the model call's mask, else the first record's queries)."""
+        """bool (batch, n): the real tokens of the input — the model call's mask when it has the length of the
+        first record's keys, else the first record's real queries (module docstring)."""
+        if self.records:
+            first = self.records[0]
+            if self.input_mask is not None and self.input_mask.shape == first.key_mask.shape:
+                return self.input_mask
+            return first.query_mask
         if self.input_mask is not None:
             return self.input_mask
-        if not self.records:
-            raise ValueError("attention_mask: nothing was captured")
-        return self.records[0].query_mask
+        raise ValueError("attention_mask: nothing was captured")
 
     @property
     def num_layers(self) -> int:
@@ -203,14 +230,7 @@ class Attentions:
     def select(self, pattern: str) -> Attentions:
         """The records whose module name matches the regular expression `pattern` (re.search)."""
         rx = re.compile(pattern)
-        return Attentions(
-            [r for r in self.records if rx.search(r.name)],
-            self.tokens,
-            self.input_mask,
-            list(self.skipped),
-            self.grads_requested,
-            self.qk_requested,
-        )
+        return replace(self, records=[r for r in self.records if rx.search(r.name)], skipped=list(self.skipped))
 
     def sequence(self, b: int) -> list[Tensor]:
         """The records of sequence `b` cropped to its real queries and keys: (heads, n_q_real, n_k_real) each."""
@@ -323,7 +343,66 @@ def _visible_keys(mask: Tensor | None, batch: int, n_k: int, device: torch.devic
     return visible.expand(batch, n_k)
 
 
-def capture_attention_forward(
+def _record(module: nn.Module, probs: Tensor, attention_mask: Tensor | None, query: Tensor, key: Tensor,
+            scale: float) -> None:
+    """Append `probs` (batch, heads, n_q, n_k) to the open capture that knows `module`, if any."""
+    found = _find_capture(module)
+    if found is None:
+        return
+    att, name = found
+    batch, _, n_q, n_k = probs.shape
+    key_mask = _visible_keys(attention_mask, batch, n_k, probs.device)
+    if _is_cross(module, name):
+        query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device)
+    else:
+        query_mask = key_mask[:, n_k - n_q :]
+    if att.qk_requested:
+        rep = query.shape[1] // key.shape[1]
+        keys = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+        qk: tuple[Tensor | None, Tensor | None, float | None] = (query.detach(), keys.detach(), float(scale))
+    else:
+        qk = (None, None, None)
+    if att.grads_requested and probs.requires_grad:
+        probs.retain_grad()
+        att.records.append(Record(name, probs, query_mask, key_mask, "transformers", *qk))
+    else:
+        att.records.append(Record(name, probs.detach(), query_mask, key_mask, "transformers", *qk))
+
+
+def _recording(eager: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The model's own eager attention function `eager`, recording the probabilities it returns and applying
+    the module's runtime modifier (`MODIFIERS`) before A·v. Every argument reaches `eager` unchanged."""
+    def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        out, probs = eager(module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", args[0] if args else None)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        modify = MODIFIERS.get(id(module))
+        if modify is not None:
+            out, probs = _modified(module, modify, out, probs, value, attention_mask)
+        _record(module, probs, attention_mask, query, key, scale)
+        return out, probs
+
+    forward.eager = eager  # type: ignore[attr-defined]
+    return forward
+
+
+def _modified(module: nn.Module, modify: Callable[[Tensor, Tensor], Tensor], out: Tensor, probs: Tensor,
+              value: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out, probs) with probs changed by `modify` and out recomputed as probs·v (checked to be the model's rule)."""
+    rep = probs.shape[1] // value.shape[1]
+    v = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+    if not torch.allclose(torch.matmul(probs, v).transpose(1, 2), out, rtol=1e-4, atol=1e-5, equal_nan=True):
+        raise ValueError(
+            f"model: the attention of {type(module).__name__} does not compute its output as probabilities · values, "
+            "so its probabilities cannot be changed at run time"
+        )
+    batch, _, _, n_k = probs.shape
+    probs = modify(probs, _visible_keys(attention_mask, batch, n_k, probs.device))
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+def generic_eager_attention(
     module: nn.Module,
     query: Tensor,
     key: Tensor,
@@ -333,8 +412,8 @@ def capture_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """The "attnlab_capture" implementation: eager attention that records its probabilities
-    (and first applies the module's runtime modifier, if one is set in `MODIFIERS`).
+    """Eager attention for a module whose file has no eager function of its own: softmax(q kᵀ·scale + mask) v,
+    softmax in float32, GQA heads repeated, `softcap` and `s_aux` sink logits honoured.
 
     query (batch, heads, n_q, d), key/value (batch, kv_heads, n_k, d) -> (out (batch, n_q, heads, d), probs).
     """
@@ -360,27 +439,51 @@ def capture_attention_forward(
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if sinks is not None:
         probs = probs[..., :-1]
-    batch, _, n_q, n_k = probs.shape
-    modify = MODIFIERS.get(id(module))
-    if modify is not None:
-        probs = modify(probs, _visible_keys(attention_mask, batch, n_k, probs.device))
-    found = _find_capture(module)
-    if found is not None:
-        att, name = found
-        key_mask = _visible_keys(attention_mask, batch, n_k, probs.device)
-        if _is_cross(module, name):
-            query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device)
-        else:
-            query_mask = key_mask[:, n_k - n_q :]
-        qk = (query.detach(), key.detach(), float(scale)) if att.qk_requested else (None, None, None)
-        if att.grads_requested and probs.requires_grad:
-            probs.retain_grad()
-            att.records.append(Record(name, probs, query_mask, key_mask, "transformers", *qk))
-        else:
-            att.records.append(Record(name, probs.detach(), query_mask, key_mask, "transformers", *qk))
     weights = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, probs
+    return out, weights
+
+
+def capture_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Tensor | None, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The "attnlab_capture" implementation as registered (reached by modules that index the interface
+    directly): the `eager_attention_forward` of the module's file, recorded; `generic_eager_attention` if none."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    run = _recording(eager if callable(eager) else generic_eager_attention)
+    return run(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+_WRAPPED: dict[Callable[..., Any], Callable[..., Any]] = {}  # eager function -> its recording wrapper
+_ORIGINAL: list[Callable[..., Any]] = []  # AttentionInterface.get_interface while wrapped
+_DEPTH = [0]  # open contexts that need the wrapping
+
+
+def _get_interface(self: Any, attn_implementation: str, default: Callable[..., Any]) -> Callable[..., Any]:
+    """AttentionInterface.get_interface inside a capture: "attnlab_capture" resolves to the caller's own
+    eager function (`default`), recorded."""
+    if attn_implementation == IMPLEMENTATION:
+        wrapped = _WRAPPED.get(default)
+        if wrapped is None:
+            wrapped = _WRAPPED[default] = _recording(default)
+        return wrapped
+    return _ORIGINAL[0](self, attn_implementation, default)
+
+
+@contextmanager
+def _own_eager() -> Iterator[None]:
+    """Route "attnlab_capture" to each call site's own eager function for the duration (nesting allowed)."""
+    from transformers import AttentionInterface
+
+    if _DEPTH[0] == 0:
+        _ORIGINAL[:] = [AttentionInterface.get_interface]
+        AttentionInterface.get_interface = _get_interface  # type: ignore[method-assign]
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            AttentionInterface.get_interface = _ORIGINAL.pop()  # type: ignore[method-assign]
 
 
 def _register_with_transformers() -> None:
@@ -394,6 +497,13 @@ def _register_with_transformers() -> None:
 def _is_transformers_model(model: nn.Module) -> bool:
     tf = sys.modules.get("transformers")
     return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def dispatches(model: nn.Module) -> bool:
+    """True when the transformers model runs its attention through `AttentionInterface` (it can be captured by
+    the recording implementation), False when only `output_attentions=True` gives its maps."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    return bool(can_set()) if callable(can_set) else True
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -419,6 +529,93 @@ def _input_hook(att: Attentions) -> Callable[..., None]:
             att.input_mask = mask.to(torch.bool)
 
     return hook
+
+
+# -- transformers models without AttentionInterface: the maps of output_attentions=True ---------------------
+_MAP_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+
+
+def _returned_maps(output: Any) -> list[tuple[str, list[Tensor]]]:
+    """(field, maps) of every attention field of a model output, nested outputs included (prefixed)."""
+    items = output.items() if hasattr(output, "items") else []
+    found: list[tuple[str, list[Tensor]]] = []
+    for key, value in items:
+        if key in _MAP_FIELDS and isinstance(value, (tuple, list)):
+            found.append((key, [t for t in value if isinstance(t, Tensor) and t.dim() == 4]))
+        elif hasattr(value, "items") and not isinstance(value, Tensor):
+            found += [(f"{key}.{name}", maps) for name, maps in _returned_maps(value)]
+    return found
+
+
+def _call_order(found: list[tuple[str, list[Tensor]]]) -> list[tuple[str, Tensor]]:
+    """(name, map) in the order the model ran them: encoder layers, then decoder self and cross per layer."""
+    by_field = dict(found)
+    order: list[tuple[str, Tensor]] = []
+    for name, maps in found:
+        if name.endswith(("decoder_attentions", "cross_attentions")):
+            continue
+        order += [(f"{name}.{i}", t) for i, t in enumerate(maps)]
+    for prefix in dict.fromkeys(n.rpartition(".")[0] for n, _ in found if n.endswith(("decoder_attentions", "cross_attentions"))):
+        dot = f"{prefix}." if prefix else ""
+        own, cross = by_field.get(f"{dot}decoder_attentions", []), by_field.get(f"{dot}cross_attentions", [])
+        for i in range(max(len(own), len(cross))):
+            order += [(f"{dot}decoder_attentions.{i}", own[i])] if i < len(own) else []
+            order += [(f"{dot}cross_attentions.{i}", cross[i])] if i < len(cross) else []
+    return order
+
+
+def _mask_for(given: Tensor | None, probs: Tensor) -> Tensor:
+    """bool (batch, n_k): the call's 2-D mask when it covers the keys, else the keys some query gives weight."""
+    batch, _, _, n_k = probs.shape
+    if isinstance(given, Tensor) and given.dim() == 2 and tuple(given.shape) == (batch, n_k):
+        return given.to(device=probs.device, dtype=torch.bool)
+    return (probs.detach() > 0).any(dim=-2).any(dim=1)
+
+
+def _fallback_hooks(att: Attentions, model: nn.Module) -> list[Any]:
+    """Hooks asking the top-level call for output_attentions=True and recording (then removing) the maps."""
+    asked: list[bool] = []
+    masks: dict[str, Tensor | None] = {}
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        asked.append(bool(kwargs.get("output_attentions")))
+        masks["encoder"] = kwargs.get("attention_mask")
+        masks["decoder"] = kwargs.get("decoder_attention_mask")
+        return args, {**kwargs, "output_attentions": True}
+
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        user_asked = asked.pop() if asked else False
+        found = _returned_maps(output)
+        for name, probs in _call_order(found):
+            decoder = "decoder_attentions" in name
+            cross = "cross_attentions" in name
+            key_mask = _mask_for(masks["decoder" if decoder else "encoder"], probs)
+            batch, _, n_q, n_k = probs.shape
+            query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device) if cross else key_mask[:, n_k - n_q:]
+            if att.grads_requested and probs.requires_grad:
+                probs.retain_grad()
+                att.records.append(Record(name, probs, query_mask, key_mask, "transformers"))
+            else:
+                att.records.append(Record(name, probs.detach(), query_mask, key_mask, "transformers"))
+        if user_asked or not found or not hasattr(output, "keys"):
+            return None
+        drop = {name.partition(".")[0] for name, _ in found}
+        return _without(output, drop)
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True)]
+
+
+def _without(output: Any, fields: set[str]) -> Any:
+    """A copy of a model output without `fields` (at the top level, or inside the nested outputs named)."""
+    kept = {}
+    for key, value in output.items():
+        if key in fields and key in _MAP_FIELDS:
+            continue
+        if key in fields and hasattr(value, "items"):
+            value = _without(value, set(_MAP_FIELDS))
+        kept[key] = value
+    return type(output)(**kept)
 
 
 @contextmanager
@@ -451,40 +648,62 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
             )
         handles.append(module.register_forward_hook(_attnlab_hook(att, name or spec.name, grads), with_kwargs=True))
     hf = _is_transformers_model(model)
+    recorder = hf and dispatches(model)
+    if hf and not recorder:
+        if qk:
+            raise TypeError(
+                f"qk: {type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
+                "its maps come from output_attentions=True, without queries and keys; use qk=False"
+            )
+        att.fallback = (
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface: "
+            "recording the maps it returns with output_attentions=True"
+        )
+        warnings.warn(f"capture: {att.fallback}", UserWarning, stacklevel=3)
     with contextlib.ExitStack() as stack:
         try:
-            if hf:
+            if recorder:
                 stack.enter_context(transformers_implementation(model))
                 names = {id(m): n for n, m in model.named_modules()}
                 _ACTIVE.append((att, names))
-                handles.append(model.register_forward_pre_hook(_input_hook(att), with_kwargs=True))
+            elif hf:
+                handles += _fallback_hooks(att, model)
             elif not mechanisms:
                 raise TypeError(
                     f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model; "
                     "nothing to capture"
                 )
+            if hf:
+                handles.append(model.register_forward_pre_hook(_input_hook(att), with_kwargs=True))
             yield att
         finally:
             for h in handles:
                 h.remove()
-            if hf:
+            if recorder:
                 _ACTIVE[:] = [entry for entry in _ACTIVE if entry[0] is not att]
 
 
 @contextmanager
 def transformers_implementation(model: nn.Module) -> Iterator[None]:
     """Run a transformers model (and its sub-models) with the "attnlab_capture" attention inside the
-    context; every config's previous implementation comes back on exit, also after an error."""
+    context — each attention call runs the model's own eager function, recorded (module docstring);
+    every config's previous implementation comes back on exit, also after an error."""
+    if not dispatches(model):
+        raise TypeError(
+            f"model: {type(model).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface, so its attention cannot be changed at run time"
+        )
     _register_with_transformers()
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in _configs(model)]
     try:
-        model.set_attn_implementation(IMPLEMENTATION)  # type: ignore[operator]
-        if model.config._attn_implementation != IMPLEMENTATION:  # type: ignore[union-attr]
-            raise TypeError(
-                f"model: {type(model).__name__} does not dispatch attention through transformers' "
-                "AttentionInterface, so its attention cannot be captured"
-            )
-        yield
+        with _own_eager():
+            model.set_attn_implementation(IMPLEMENTATION)  # type: ignore[operator]
+            if model.config._attn_implementation != IMPLEMENTATION:  # type: ignore[union-attr]
+                raise TypeError(
+                    f"model: {type(model).__name__} does not dispatch attention through transformers' "
+                    "AttentionInterface, so its attention cannot be changed at run time"
+                )
+            yield
     finally:
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl

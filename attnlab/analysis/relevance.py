@@ -250,6 +250,15 @@ def default_target(outputs: Any, position: Tensor, mask: Tensor) -> Tensor:
     return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).norm(dim=-1)
 
 
+def _pool_mask(att: Attentions, masks: Mapping[str, Tensor], output: str, calls: Sequence[tuple[str, str]]) -> Tensor:
+    """Real tokens pooled by the default target: the model call's mask when the explained stream is the one
+    the input enters (first call) and the shapes agree, else that stream's own mask (the decoder of an
+    encoder–decoder without LM head, the frames of an audio model whose call mask is per sample)."""
+    given = att.input_mask
+    own = masks[output]
+    return given if given is not None and output == calls[0][0] and given.shape == own.shape else own
+
+
 def _run(model: nn.Module, inputs: Mapping[str, Any] | Tensor, target: Target | None, position: Any,
          streams: Streams | None) -> tuple[Attentions, Tensor, list[tuple[str, str]], dict[str, Tensor], str, Tensor]:
     if not isinstance(model, nn.Module):
@@ -266,7 +275,7 @@ def _run(model: nn.Module, inputs: Mapping[str, Any] | Tensor, target: Target | 
         logits = _logits(outputs)
         causal = logits is not None and logits.dim() == 3
         pos = _positions(position, masks[output], causal)
-        pool = att.input_mask if att.input_mask is not None else masks[calls[0][1]]
+        pool = _pool_mask(att, masks, output, calls)
         y = target(outputs) if target is not None else default_target(outputs, pos, pool)
         batch = masks[output].shape[0]
         if not isinstance(y, Tensor) or y.shape != (batch,):
@@ -591,7 +600,7 @@ def lrp_relevance(
             with mode:
                 given = _leaf_inputs(inputs, mode)
                 outputs = model(**given) if isinstance(given, Mapping) else model(given)
-            pool = att.input_mask if att.input_mask is not None else masks[output]
+            pool = _pool_mask(att, masks, output, calls)
             y2 = target(outputs) if target is not None else default_target(outputs, pos, pool)
             reached = [t for t in mode.attentions + mode.leaves if t.requires_grad]
             if y2.requires_grad and reached:
