@@ -136,6 +136,54 @@ def check_int(name: str, value: object, low: int = 1) -> int:
     return value
 
 
+def check_ints(name: str, value: object, rank: int, low: int = 1) -> tuple[int, ...]:
+    """One int >= `low` per grid axis: `value` an int (for every axis) or `rank` of them; ParameterError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if len(values) != rank or any(isinstance(x, bool) or not isinstance(x, int) for x in values):
+        raise ParameterError(f"{name}: expected an int or {rank} of them (one per grid axis), got {value!r}")
+    if any(x < low for x in values):
+        raise ParameterError(f"{name}: expected ints >= {low} (one per grid axis), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_bools(name: str, value: object, rank: int) -> tuple[bool, ...]:
+    """One bool per grid axis: `value` a bool (for every axis) or `rank` of them; ParameterError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if len(values) != rank or not all(isinstance(x, bool) for x in values):
+        raise ParameterError(f"{name}: expected a bool or {rank} of them (one per grid axis), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_pair(name: str, value: object) -> tuple[int, int]:
+    """(rows, columns) from an int (both) or a pair of positive ints; ParameterError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
+        raise ParameterError(f"{name}: expected a positive int or two of them (rows, columns), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_odd(name: str, value: object, low: int = 1) -> int:
+    """`value`, an odd int >= `low`; ParameterError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value % 2 == 0:
+        raise ParameterError(f"{name}: expected an odd int >= {low}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """`value` if it is one of `choices`; ParameterError listing them otherwise."""
+    if value not in choices:
+        raise ParameterError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def check_grid_shape(name: str, value: object, ranks: Sequence[int]) -> tuple[int, ...]:
+    """A grid shape: len in `ranks`, positive ints; ParameterError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(values) not in ranks or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in values):
+        raise ParameterError(f"{name}: expected {either(ranks)} positive ints (one per grid axis), got {value!r}")
+    return values
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     """The logit scale in use: 1/√head_dim for None, else `scale` as a finite float; ParameterError otherwise."""
     if scale is None:
@@ -143,3 +191,10 @@ def check_scale(scale: object, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ParameterError(f"scale: expected a finite float or None, got {scale!r}")
     return float(scale)
+
+
+def either(ranks: Sequence[int]) -> str:
+    """Ranks in words: (2,) -> 2, (2, 3) -> 2 or 3, (1, 2, 3) -> 1, 2 or 3."""
+    words = [str(r) for r in ranks]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+

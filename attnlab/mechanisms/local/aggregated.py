@@ -56,8 +56,9 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_qkv, check_tensor
-from ._grid import GridAttention, SummaryKeyAttention, check_grid_qkv, grid_shape_param, pair, refuse_masks
+from ...core.validate import check_pair, check_qkv, check_tensor
+from ...kernels.grid import check_grid_qkv, refuse_masks
+from .base import GridAttention, SummaryKeyAttention, grid_shape_param
 
 TRANSNEXT = Paper("P238", "TransNeXt: Robust Foveal Visual Perception for Vision Transformers", 2024, "2311.17132")
 KERNEL_SIZE = 3  # TransNeXt's window
@@ -288,7 +289,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         grid_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias,
-                         grid_shape=None if grid_shape is None else pair("grid_shape", grid_shape))
+                         grid_shape=None if grid_shape is None else check_pair("grid_shape", grid_shape))
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ParameterError(f"pool_size: expected a positive int, got {pool_size!r}")
         check_geometry(self.grid_shape or (kernel_size, kernel_size), kernel_size,

@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
+from ...kernels.grid import check_grid_qkv, grid_padding, masked_grid_reference
 from ...kernels.sdpa import sdpa
-from ._grid import GridAttention, check_grid_qkv, grid_padding, grid_shape_param, masked_grid_reference
+from .base import GridAttention, grid_shape_param
 
 AXIAL = Paper("P070", "Axial Attention in Multidimensional Transformers", 2019, "1912.12180")
 

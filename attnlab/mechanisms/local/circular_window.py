@@ -27,8 +27,9 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
+from ...kernels.grid import check_grid_qkv, grid_padding, masked_grid_reference
 from ...kernels.neighborhood import Plan, outer, plan, tiled_attention
-from ._grid import GridAttention, check_grid_qkv, grid_padding, grid_shape_param, masked_grid_reference
+from .base import GridAttention, grid_shape_param
 from .neighborhood import tile_shape
 
 CLEAR = Paper("P170", "CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up", 2025, "2412.16112")

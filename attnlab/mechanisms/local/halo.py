@@ -36,7 +36,8 @@ from ...core.errors import DTypeError, ParameterError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_tensor
-from ._grid import GridAttention, check_grid_qkv, grid_padding, grid_shape_param
+from ...kernels.grid import check_grid_qkv, grid_padding
+from .base import GridAttention, grid_shape_param
 
 HALO = Paper("P007", "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", 2021, "2103.12731")
 BLOCK_SIZE, HALO_SIZE = 8, 3

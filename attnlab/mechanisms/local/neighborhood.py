@@ -28,8 +28,9 @@ from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_tensor, check_tokens
+from ...kernels.grid import check_grid_qkv, grid_padding
 from ...kernels.neighborhood import plan, tiled_attention
-from ._grid import GridAttention, check_grid_qkv, grid_padding
+from .base import GridAttention
 
 NAT = Paper("P019", "Neighborhood Attention Transformer", 2023, "2204.07143")
 KERNEL_SIZE = 7

@@ -37,18 +37,10 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_qkv, check_tensor, check_tokens
+from ...core.validate import check_finite, check_pair, check_qkv, check_tensor, check_tokens
+from ...kernels.grid import check_grid_qkv, grid_padding, masked_grid_reference, refuse_masks
 from ...kernels.sdpa import sdpa
-from ._grid import (
-    GridAttention,
-    SummaryKeyAttention,
-    check_grid_qkv,
-    grid_padding,
-    grid_shape_param,
-    masked_grid_reference,
-    pair,
-    refuse_masks,
-)
+from .base import GridAttention, SummaryKeyAttention, grid_shape_param
 
 TWINS = Paper("P178", "Twins: Revisiting the Design of Spatial Attention in Vision Transformers", 2021, "2104.13840")
 WINDOW = 7  # Twins-SVT's window
@@ -71,7 +63,7 @@ def _check_lsa(
 ) -> tuple[tuple[int, int], tuple[int, int], Tensor | None]:
     height, width = check_grid_qkv(q, k, v)
     grid = (height, width)
-    win = pair("window", window)
+    win = check_pair("window", window)
     if win[0] > grid[0] or win[1] > grid[1]:
         raise ValueError(f"window: expected a window within the grid {grid}, got window {win} (rows, columns)")
     return grid, win, grid_padding(attention_mask, q.shape[0], grid)
@@ -194,8 +186,8 @@ class TwinsLocalAttention(GridAttention):
         grid_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias,
-                         grid_shape=None if grid_shape is None else pair("grid_shape", grid_shape))
-        self.window = pair("window", window)
+                         grid_shape=None if grid_shape is None else check_pair("grid_shape", grid_shape))
+        self.window = check_pair("window", window)
         if self.grid_shape is not None and (self.window[0] > self.grid_shape[0] or self.window[1] > self.grid_shape[1]):
             raise ParameterError(f"window: expected a window within grid_shape {self.grid_shape}, got {self.window}")
 

@@ -43,8 +43,9 @@ from ...core.errors import MaskError, ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int, check_scale, check_tensor
-from ..local._grid import GridAttention, check_grid_qkv, grid_shape_param, pair, refuse_masks
+from ...core.validate import check_int, check_pair, check_scale, check_tensor
+from ...kernels.grid import check_grid_qkv, refuse_masks
+from ..local.base import GridAttention, grid_shape_param
 
 BOAT = Paper("P208", "BOAT: Bilateral Local Attention Vision Transformer", 2022, "2201.13027")
 KMEANS_STEPS = 2  # soft 2-means refinements per split, as the authors' code
@@ -115,7 +116,7 @@ def _check(
     if branches not in BRANCHES:
         raise ParameterError(f"branches: expected one of {list(BRANCHES)}, got {branches!r}")
     grid = (q.shape[2], q.shape[3])
-    win = pair("window", window)
+    win = check_pair("window", window)
     if branches != "feature":
         _check_window(grid, win)
     n = grid[0] * grid[1]
@@ -275,7 +276,7 @@ class BilateralAttention(GridAttention):
         branches: str = "both",
         grid_shape: Sequence[int] | None = None,
     ) -> None:
-        win = pair("window", window)
+        win = check_pair("window", window)
         check_int("cluster_size", cluster_size)
         if branches not in BRANCHES:
             raise ParameterError(f"branches: expected one of {list(BRANCHES)}, got {branches!r}")

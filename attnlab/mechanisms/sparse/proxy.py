@@ -48,7 +48,8 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_int
-from ..local._grid import GridAttention, check_grid_qkv, grid_padding
+from ...kernels.grid import check_grid_qkv, grid_padding
+from ..local.base import GridAttention
 
 PTDIT = Paper("P200", "Qihoo-T2X: An Efficient Proxy-Tokenized Diffusion Transformer", 2024, "2409.04005")
 ProxyChoice = Literal["random", "first", "mean"]

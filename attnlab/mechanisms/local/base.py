@@ -1,4 +1,4 @@
-"""The module side shared by attention on a grid of tokens whose keys are the tokens (halo,
+"""The module bases of attention on a grid of tokens whose keys are the tokens (halo,
 circular window, Twins LSA, aggregated, axial, proxy-token, …).
 
 Tokens come as (batch, *grid, dim); the projected heads as (batch, heads, *grid, head_dim),
@@ -6,6 +6,7 @@ or flat (batch, heads, N, head_dim) with `grid=(H, W, …)` or the module's fixe
 The only mask is a key padding mask, bool (batch, N) in raster order or (batch, *grid), handed
 to `attend_fast` / `attend_reference` as (batch, N) (no N × N mask is ever built for them).
 `SummaryKeyAttention` is the base of the modules whose keys are summaries of the tokens.
+The functional side (checks, padding, the masked reference) is `attnlab.kernels.grid`.
 """
 from __future__ import annotations
 
@@ -17,25 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import ParameterError, ShapeError
+from ...core.errors import ShapeError
 from ...core.module import Attention, Impl
-from ...core.reference import masked_softmax
 from ...core.registry import Param
-from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
-
-
-def _either(ranks: Sequence[int]) -> str:
-    """Ranks in words: (2,) -> 2, (2, 3) -> 2 or 3, (1, 2, 3) -> 1, 2 or 3."""
-    words = [str(r) for r in ranks]
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
-
-
-def pair(name: str, value: object) -> tuple[int, int]:
-    """(a, b) from an int or a pair of positive ints."""
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(values) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
-        raise ParameterError(f"{name}: expected a positive int or two of them (rows, columns), got {value!r}")
-    return values  # type: ignore[return-value]
+from ...core.validate import check_finite, check_grid_shape, check_qkv, check_tensor, check_tokens, either
+from ...kernels.grid import grid_padding
 
 
 def grid_shape_param(axes: str = "(H, W)") -> Param:
@@ -44,58 +31,6 @@ def grid_shape_param(axes: str = "(H, W)") -> Param:
         "grid_shape", tuple, None, f"fixed grid {axes} every input must have, also the grid of flat (batch, heads, N, "
         "head_dim) inputs to attend; None: read from the input", low=1, optional=True,
     )
-
-
-def check_grid_qkv(q: Tensor, k: Tensor, v: Tensor, ranks: Sequence[int] = (2,)) -> tuple[int, ...]:
-    """q, k, v (batch, heads, *grid, head_dim) on one grid of len(grid) in `ranks` axes: the grid."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t)
-    if q.dim() - 3 not in ranks:
-        want = ("(batch, heads, H, W, head_dim), a 2-D grid" if tuple(ranks) == (2,)
-                else f"(batch, heads, *grid, head_dim) with a grid of {_either(ranks)} axes")
-        raise ShapeError(f"q: expected {want}, got shape {tuple(q.shape)}")
-    check_qkv(q, k, v, positions=q.dim() - 3, same_length=True)
-    return tuple(q.shape[2:-1])
-
-
-def grid_padding(attention_mask: Tensor | None, batch: int, grid: Sequence[int]) -> Tensor | None:
-    """attention_mask as bool (batch, N) in raster order, from (batch, N) or (batch, *grid), checked."""
-    if attention_mask is None:
-        return None
-    check_tensor("attention_mask", attention_mask)
-    n = math.prod(grid)
-    if tuple(attention_mask.shape) == (batch, *grid):
-        attention_mask = attention_mask.reshape(batch, n)
-    check_attention_mask(attention_mask, batch, n)
-    return attention_mask
-
-
-def masked_grid_reference(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attention_mask: Tensor | None, scale: float | None
-) -> tuple[Tensor, Tensor]:
-    """(out, weights (batch, heads, N, N)) in float64, cast back to q's dtype: softmax(q kᵀ·scale) of
-    q, k, v (batch, heads, *grid, head_dim) over all N × N pairs in raster order where `keep`, bool
-    (N, N) or (heads, N, N), and the key padding mask (batch, N) or None allow it."""
-    b, h, grid = q.shape[0], q.shape[1], tuple(q.shape[2:-1])
-    n = math.prod(grid)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q64, k64, v64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k, v))
-    keep = keep.reshape(1, -1, n, n)
-    if attention_mask is not None:
-        keep = keep & attention_mask[:, None, None, :]
-    weights = masked_softmax(torch.einsum("bhid,bhjd->bhij", q64, k64) * scale, keep)
-    out = (weights @ v64).reshape(b, h, *grid, v.shape[-1])
-    return out.to(q.dtype), weights.to(q.dtype)
-
-
-def refuse_masks(
-    name: str, attention_mask: Tensor | None, attn_mask: Tensor | None, why: str, key_padding_mask: Tensor | None = None
-) -> None:
-    """ValueError naming the mask given to a mechanism `name` that takes none (`why`: the reason)."""
-    given = {"attention_mask": attention_mask, "key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
-    which = [k for k, m in given.items() if m is not None]
-    if which:
-        raise ValueError(f"{which[0]}: {name} takes no mask ({why})")
 
 
 class GridAttention(Attention):
@@ -123,16 +58,9 @@ class GridAttention(Attention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
         if grid_ranks is not None:
             self.grid_ranks = tuple(grid_ranks)
-        if grid_shape is not None:
-            grid_shape = tuple(grid_shape)
-            if len(grid_shape) not in self.grid_ranks or any(
-                isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid_shape
-            ):
-                raise ParameterError(
-                    f"grid_shape: expected {_either(self.grid_ranks)} positive ints (one per grid axis), "
-                    f"got {grid_shape!r}"
-                )
-        self.grid_shape: tuple[int, ...] | None = grid_shape
+        self.grid_shape: tuple[int, ...] | None = (
+            None if grid_shape is None else check_grid_shape("grid_shape", grid_shape, self.grid_ranks)
+        )
 
     @property
     def scale(self) -> float:
@@ -149,7 +77,7 @@ class GridAttention(Attention):
             self._check_grid("q", tuple(q.shape[2:-1]))
         else:
             want = (
-                f"q: expected (batch, heads, *grid, head_dim) with {_either(self.grid_ranks)} grid axes, or flat "
+                f"q: expected (batch, heads, *grid, head_dim) with {either(self.grid_ranks)} grid axes, or flat "
                 f"(batch, heads, N, head_dim) with grid=(…) (or a module built with grid_shape), got shape {tuple(q.shape)}"
             )
             if q.dim() != 4:
@@ -159,7 +87,7 @@ class GridAttention(Attention):
             if grid is None:
                 raise ShapeError(want)
             if len(grid) not in self.grid_ranks:
-                raise ShapeError(f"grid: expected {_either(self.grid_ranks)} axes, got {grid}")
+                raise ShapeError(f"grid: expected {either(self.grid_ranks)} axes, got {grid}")
             self._check_grid("grid", grid)
             if q.shape[2] != math.prod(grid):
                 raise ShapeError(
