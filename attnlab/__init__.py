@@ -1,4 +1,5 @@
 """attnlab — the attention laboratory for PyTorch."""
+from . import catalogue  # noqa: F401  (hands the core the loader of the built-in entries and plugins)
 from .core import (
     DTypeError,
     MaskError,

@@ -9,7 +9,9 @@ Importing a module that calls `attnlab.register` adds its entries. Three sources
 * modules a user names on the command line (`--import MODULE`, repeatable): a dotted
   module name on `sys.path` (the current folder included) or the path of a `.py` file.
 
-A plugin or module that fails to import is an error naming it, never skipped.
+A plugin or module that fails to import is an error naming it, never skipped. The core's
+registry imports nothing above it: this module (imported by the `attnlab` package) hands it
+`load` with `core.registry.add_loader`, run before every read of the catalogue.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .core.errors import ParameterError
+from .core.registry import add_loader
 
 ENTRY_POINT_GROUP = "attnlab.mechanisms"
 
@@ -37,6 +40,12 @@ class PluginError(ImportError):
 def load_builtins() -> None:
     """Import attnlab's own entries (mechanisms, analysis methods, tasks)."""
     from . import analysis, mechanisms, tasks  # noqa: F401  (importing registers the built-in entries)
+
+
+def load() -> None:
+    """The built-ins, then the installed plugins: run by the core before every read of the catalogue."""
+    load_builtins()
+    load_plugins()
 
 
 def load_plugins() -> None:
@@ -105,3 +114,6 @@ def add_import_argument(parser: argparse.ArgumentParser) -> None:
         "--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="import a module (dotted name or .py file) that registers mechanisms; repeatable",
     )
+
+
+add_loader(load)

@@ -29,16 +29,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, catalogue
-from .core.errors import ParameterError, UnknownNameError
+from .core.errors import (  # UsageError: re-exported as attnlab.cli.UsageError
+    ParameterError,
+    UnknownNameError,
+    UsageError,
+)
 from .core.registry import FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
 
 PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
 EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
 WIDTH = 100  # columns of the text output (`list` without --wide, `papers`, `info`)
-
-
-class UsageError(Exception):
-    """A user error the CLI reports in one line on stderr, exit status 2."""
 
 
 # -- formatting -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .heads import (
     previous_token_score,
     query_key_nmi,
 )
+from .implicit import unified_implicit_attention
 from .lookback import LookbackDetector, lookback_features, lookback_ratio
 from .models import load_minilm, minilm_path, tiny_llama
 from .qk_embedding import QKEmbedding, normalize_qk, qk_embedding, qk_vectors
@@ -56,5 +57,5 @@ __all__ = [
     "LookbackDetector", "lookback_features", "lookback_ratio",
     "QKEmbedding", "normalize_qk", "qk_embedding", "qk_vectors",
     "Relevance", "generic_relevance", "generic_relevance_from", "lrp_relevance", "propagate_relevance",
-    "weighted_attention",
+    "weighted_attention", "unified_implicit_attention",
 ]

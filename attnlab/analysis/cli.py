@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from .. import catalogue
-from ..core.errors import ParameterError
+from ..core.errors import ParameterError, UsageError
 from .explain import METHODS, MINILM, check_no_remote_code, explain, resolve_methods, token_vocabulary
 
 USER_ERRORS = ("model:", "tokens:", "qk:", "grads:")  # explain's messages about the model and tokens given
@@ -43,7 +43,6 @@ def _positive_int(text: str) -> int:
 
 def _is_hf_model(model: str) -> bool:
     """True for "minilm" or an existing directory; False for MODULE:NAME; UsageError otherwise."""
-    from ..cli import UsageError
 
     if model == MINILM:
         return True
@@ -64,7 +63,6 @@ def _is_hf_model(model: str) -> bool:
 
 def load_module_model(ref: str, vocab_size: int) -> nn.Module:
     """The nn.Module named by MODULE:NAME (NAME a module or a function returning one), in eval mode."""
-    from ..cli import UsageError
 
     module_name, _, name = ref.rpartition(":")
     try:
@@ -83,7 +81,6 @@ def load_module_model(ref: str, vocab_size: int) -> nn.Module:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
     from .export import figures, write_json, write_pngs
     from .page import write_page
 

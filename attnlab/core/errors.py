@@ -23,3 +23,7 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class UsageError(Exception):
+    """A user error a command line reports in one line on stderr, exit status 2."""

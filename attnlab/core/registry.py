@@ -304,11 +304,22 @@ def register(
     return wrap
 
 
-def _ensure_loaded() -> None:
-    from .. import catalogue  # the top-level loader: built-ins, then installed plugins
+_LOADERS: list[Callable[[], None]] = []
 
-    catalogue.load_builtins()
-    catalogue.load_plugins()
+
+def add_loader(load: Callable[[], None]) -> None:
+    """Have `load()` run before every read of the catalogue (it must be cheap after its first run).
+
+    The core imports nothing above it: `attnlab.catalogue`, imported by the `attnlab` package,
+    registers here the loader of the built-in entries and the installed plugins.
+    """
+    if load not in _LOADERS:
+        _LOADERS.append(load)
+
+
+def _ensure_loaded() -> None:
+    for load in tuple(_LOADERS):
+        load()
 
 
 def get(name: str, kind: str = "mechanism") -> Spec:

@@ -54,13 +54,10 @@ from torch.autograd.function import once_differentiable
 
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
-from ...core.registry import Paper, Param, Spec, Supports, add, register
+from ...core.registry import Paper, Param, Spec, Supports, register
 from ...core.validate import check_finite, check_rank, check_tensor, check_tokens
 
 HIDDEN_ATTENTION = Paper("P065", "The Hidden Attention of Mamba Models", 2024, "2403.01590")
-UNIFIED_ATTENTION = Paper(
-    "P031", "Explaining Modern Gated-Linear RNNs via a Unified Implicit Attention Formulation", 2024, "2405.16504"
-)
 
 
 class SSMInputs(NamedTuple):
@@ -496,33 +493,3 @@ class SelectiveSSM(nn.Module):
         h = torch.exp(delta[..., None] * self.A) * state.ssm + (delta * xt)[..., None] * B[:, None, :]
         y = (h * C[:, None, :]).sum(-1) + self.D * xt
         return self.out_proj(y * F.silu(z))[:, None], SSMState(window[..., 1:], h)
-
-
-def unified_implicit_attention(
-    module: nn.Module, x: Tensor, attention_mask: Tensor | None = None, per_channel: bool = False
-) -> Tensor:
-    """P031's unified implicit attention of a layer that offers it (`unified_attention`), e.g. "mamba"."""
-    if not hasattr(module, "unified_attention"):
-        raise TypeError(
-            f"module: expected a layer with a unified implicit attention (e.g. attnlab.build('mamba', ...)), "
-            f"got {type(module).__name__}"
-        )
-    return module.unified_attention(x, attention_mask=attention_mask, per_channel=per_channel)
-
-
-add(
-    Spec(
-        name="unified-implicit-attention",
-        kind="analysis",
-        paper=UNIFIED_ATTENTION,
-        factory=unified_implicit_attention,
-        family="E",
-        summary="unified implicit attention of a gated selective-SSM layer: gate · S6 hidden attention · SiLU · conv",
-        params=(
-            Param("module", nn.Module, doc="the layer, e.g. attnlab.build('mamba', dim=...)"),
-            Param("x", Tensor, doc="tokens (batch, n, dim)"),
-            Param("attention_mask", Tensor, None, "bool (batch, n), True = real token", optional=True),
-            Param("per_channel", bool, False, "every channel's matrix instead of the mean per head"),
-        ),
-    )
-)
