@@ -132,7 +132,7 @@ class Attentions:
     records: list[Record] = field(default_factory=list)
     tokens: Tensor | None = None  # input ids of the model call, when given (transformers)
     input_mask: Tensor | None = None  # bool (batch, n) from the model call's attention_mask
-    skipped: list[str] = field(default_factory=list)  # attnlab modules without materialize
+    skipped: list[str] = field(default_factory=list)  # attnlab modules without materialize, maps not token × token
     grads_requested: bool = False
     qk_requested: bool = False
     fallback: str | None = None  # why the maps came from output_attentions=True instead of the recorder, if so
@@ -541,7 +541,7 @@ def _returned_maps(output: Any) -> list[tuple[str, list[Tensor]]]:
     found: list[tuple[str, list[Tensor]]] = []
     for key, value in items:
         if key in _MAP_FIELDS and isinstance(value, (tuple, list)):
-            found.append((key, [t for t in value if isinstance(t, Tensor) and t.dim() == 4]))
+            found.append((key, [t for t in value if isinstance(t, Tensor)]))
         elif hasattr(value, "items") and not isinstance(value, Tensor):
             found += [(f"{key}.{name}", maps) for name, maps in _returned_maps(value)]
     return found
@@ -572,38 +572,66 @@ def _mask_for(given: Tensor | None, probs: Tensor) -> Tensor:
     return (probs.detach() > 0).any(dim=-2).any(dim=1)
 
 
-def _fallback_hooks(att: Attentions, model: nn.Module) -> list[Any]:
-    """Hooks asking the top-level call for output_attentions=True and recording (then removing) the maps."""
-    asked: list[bool] = []
-    masks: dict[str, Tensor | None] = {}
+def _storage(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
+def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
+    """Hooks asking the top-level call for output_attentions=True and completing the records with the returned
+    maps the recorder did not see (all of them for a model outside AttentionInterface, e.g. LongT5's local
+    attention in an otherwise dispatching model); the maps are removed from the outputs unless asked for."""
+    calls: list[tuple[bool, int, Tensor | None, Tensor | None]] = []
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        asked.append(bool(kwargs.get("output_attentions")))
-        masks["encoder"] = kwargs.get("attention_mask")
-        masks["decoder"] = kwargs.get("decoder_attention_mask")
+        calls.append((bool(kwargs.get("output_attentions")), len(att.records), kwargs.get("attention_mask"),
+                      kwargs.get("decoder_attention_mask")))
         return args, {**kwargs, "output_attentions": True}
 
     def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        user_asked = asked.pop() if asked else False
+        user_asked, start, encoder_mask, decoder_mask = calls.pop()
         found = _returned_maps(output)
+        recorded = {_storage(r.weights): r for r in att.records[start:]}
+        partly = bool(recorded)
+        ordered, unseen = [], []
         for name, probs in _call_order(found):
-            decoder = "decoder_attentions" in name
-            cross = "cross_attentions" in name
-            key_mask = _mask_for(masks["decoder" if decoder else "encoder"], probs)
-            batch, _, n_q, n_k = probs.shape
-            query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device) if cross else key_mask[:, n_k - n_q:]
-            if att.grads_requested and probs.requires_grad:
-                probs.retain_grad()
-                att.records.append(Record(name, probs, query_mask, key_mask, "transformers"))
-            else:
-                att.records.append(Record(name, probs.detach(), query_mask, key_mask, "transformers"))
+            if probs.dim() != 4:  # e.g. LongT5's blocked local maps (batch, heads, blocks, block, 3·block)
+                why = f"{name}: returned maps of shape {tuple(probs.shape)}, not (batch, heads, n_q, n_k)"
+                att.skipped += [why] if why not in att.skipped else []
+                unseen.append(name)
+                continue
+            rec = recorded.pop(_storage(probs), None)
+            if rec is None:
+                rec = _returned_record(att, name, probs, decoder_mask if "decoder_attentions" in name else encoder_mask)
+                unseen.append(name)
+            ordered.append(rec)
+        if unseen:
+            att.records[start:] = ordered + [r for r in att.records[start:] if _storage(r.weights) in recorded]
+            if att.fallback is None:
+                att.fallback = (
+                    f"{len(unseen)} attention call(s) of {type(model).__name__} ({', '.join(unseen[:3])}"
+                    f"{', …' if len(unseen) > 3 else ''}) do not dispatch through transformers' AttentionInterface: "
+                    "their maps are those it returns with output_attentions=True"
+                )
+                if partly:  # the recorder saw the others (a model outside it entirely was reported up front)
+                    warnings.warn(f"capture: {att.fallback}", UserWarning, stacklevel=2)
         if user_asked or not found or not hasattr(output, "keys"):
             return None
-        drop = {name.partition(".")[0] for name, _ in found}
-        return _without(output, drop)
+        return _without(output, {name.partition(".")[0] for name, _ in found})
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True)]
+
+
+def _returned_record(att: Attentions, name: str, probs: Tensor, given: Tensor | None) -> Record:
+    """A record of a map the model returned (output field `name`), masks from the call's 2-D mask."""
+    key_mask = _mask_for(given, probs)
+    batch, _, n_q, n_k = probs.shape
+    cross = "cross_attentions" in name
+    query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device) if cross else key_mask[:, n_k - n_q:]
+    if att.grads_requested and probs.requires_grad:
+        probs.retain_grad()
+        return Record(name, probs, query_mask, key_mask, "transformers")
+    return Record(name, probs.detach(), query_mask, key_mask, "transformers")
 
 
 def _without(output: Any, fields: set[str]) -> Any:
@@ -666,8 +694,8 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
                 stack.enter_context(transformers_implementation(model))
                 names = {id(m): n for n, m in model.named_modules()}
                 _ACTIVE.append((att, names))
-            elif hf:
-                handles += _fallback_hooks(att, model)
+            if hf:
+                handles += _output_hooks(att, model)
             elif not mechanisms:
                 raise TypeError(
                     f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model; "

@@ -1,0 +1,204 @@
+"""capture on tiny random models of every attention family transformers ships (built from configs, nothing
+downloaded): the recorded maps equal transformers' eager `output_attentions=True` maps (1e-5), the model's
+outputs inside `capture` equal those outside it, masks follow the padding, and rollout and relevance run."""
+import warnings
+
+import pytest
+import torch
+
+from attnlab.analysis import capture, generic_relevance, rollout
+
+pytest.importorskip("transformers")
+
+D = 32  # width of every model
+TEXT = dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D,
+            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+T5 = dict(vocab_size=64, d_model=D, d_kv=8, d_ff=2 * D, num_layers=2, num_decoder_layers=2, num_heads=4,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0)
+BART = dict(vocab_size=64, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=2 * D, decoder_ffn_dim=2 * D, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+VISION = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D, image_size=16,
+              patch_size=4, num_channels=3)
+AUDIO = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D,
+             conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+             num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=32)
+
+# model_type -> (config overrides, inputs kind); kinds: text, causal, seq2seq, vision, audio, clip
+ARCHS = {
+    # encoders
+    "bert": (TEXT, "text"),
+    "roberta": (dict(TEXT, pad_token_id=1), "text"),
+    "electra": (dict(TEXT, embedding_size=D), "text"),
+    "distilbert": (dict(vocab_size=64, dim=D, n_layers=2, n_heads=4, hidden_dim=2 * D, max_position_embeddings=64,
+                        pad_token_id=0), "text"),
+    "deberta-v2": (dict(TEXT, relative_attention=True, position_buckets=8, max_relative_positions=16,
+                        pos_att_type=["p2c", "c2p"]), "text"),
+    "mpnet": (TEXT, "text"),
+    # decoders: GQA, sliding windows, soft-capping, sinks, ALiBi, local attention
+    "llama": (dict(TEXT, num_key_value_heads=2), "causal"),
+    "mistral": (dict(TEXT, num_key_value_heads=2, sliding_window=4), "causal"),
+    "qwen2": (dict(TEXT, num_key_value_heads=1), "causal"),
+    "gemma2": (dict(TEXT, num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=None), "causal"),
+    "gpt_oss": (dict(TEXT, num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                     sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "causal"),
+    "gpt2": (dict(vocab_size=64, n_embd=D, n_layer=2, n_head=4, n_positions=64), "causal"),
+    "opt": (dict(TEXT, ffn_dim=2 * D, word_embed_proj_dim=D), "causal"),
+    "phi": (dict(TEXT, num_key_value_heads=4), "causal"),
+    "falcon": (dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                    new_decoder_architecture=False, multi_query=True), "causal"),
+    "bloom": (dict(vocab_size=64, hidden_size=D, n_layer=2, n_head=4), "causal"),
+    "gpt_neo": (dict(vocab_size=64, hidden_size=D, num_layers=2, num_heads=4, window_size=4, max_position_embeddings=64,
+                     attention_types=[[["global", "local"], 1]], bos_token_id=1, eos_token_id=2), "causal"),
+    "mpt": (dict(vocab_size=64, d_model=D, n_layers=2, n_heads=4, max_seq_len=64), "causal"),
+    "xglm": (dict(vocab_size=64, d_model=D, num_layers=2, attention_heads=4, ffn_dim=2 * D, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2), "causal"),
+    # encoder-decoders: learned and relative positions
+    "bart": (BART, "seq2seq"),
+    "t5": (T5, "seq2seq"),
+    "mt5": (T5, "seq2seq"),
+    "umt5": (T5, "seq2seq"),
+    "longt5": (dict(T5, encoder_attention_type="local", local_radius=2), "seq2seq"),
+    "switch_transformers": (dict(T5, num_experts=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+                                 expert_capacity=8), "seq2seq"),
+    # vision towers
+    "vit": (VISION, "vision"),
+    "clip": (dict(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION, projection_dim=D), "clip"),
+    # audio: per-sample masks, per-frame attention; relative positions in the conformer
+    "wav2vec2": (AUDIO, "audio"),
+    "hubert": (AUDIO, "audio"),
+    "wav2vec2-conformer": (dict(AUDIO, position_embeddings_type="relative", conv_depthwise_kernel_size=3), "audio"),
+    "whisper": (dict(vocab_size=64, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=2 * D, decoder_ffn_dim=2 * D, num_mel_bins=8,
+                     max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None), "whisper"),
+}
+
+
+def _model(model_type):
+    from transformers import AutoConfig, AutoModel
+
+    overrides, kind = ARCHS[model_type]
+    config = AutoConfig.for_model(model_type, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config, attn_implementation="eager")
+    return model.eval(), kind
+
+
+def _inputs(kind):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 64, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # the second text is padded
+    if kind in ("text", "causal"):
+        return {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        dec = torch.randint(3, 64, (2, 5), generator=g)
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+    if kind == "vision":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "clip":
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "audio":
+        values = torch.randn(2, 400, generator=g)
+        sample_mask = torch.ones(2, 400, dtype=torch.long)
+        sample_mask[1, 250:] = 0
+        return {"input_values": values * sample_mask, "attention_mask": sample_mask}
+    if kind == "whisper":
+        return {"input_features": torch.randn(2, 8, 16, generator=g),
+                "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
+    raise AssertionError(kind)
+
+
+def _maps(output):
+    """Every attention map of a transformers output, nested outputs included."""
+    found = []
+    for key, value in output.items():
+        if key.endswith("attentions") and isinstance(value, tuple):
+            found += list(value)
+        elif hasattr(value, "items"):
+            found += _maps(value)
+    return found
+
+
+def _tensors(output):
+    return {k: v for k, v in output.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_capture_equals_eager_and_leaves_the_output_unchanged(model_type):
+    model, kind = _model(model_type)
+    inputs = _inputs(kind)
+    with torch.no_grad():
+        plain = model(**inputs)
+        eager = _maps(model(**inputs, output_attentions=True))
+        with warnings.catch_warnings(record=True) as caught, capture(model) as att:
+            warnings.simplefilter("always")
+            inside = model(**inputs)
+    blocked = [t for t in eager if t.dim() != 4]  # LongT5's local attention returns blocks, not token x token
+    eager = [t for t in eager if t.dim() == 4]
+    assert eager and len(att.records) == len(eager), (len(att.records), len(eager))
+    assert len(att.skipped) == len(blocked) and (not blocked or att.fallback is not None)
+    # capture never changes what the model computes, nor what it returns
+    assert set(_tensors(inside)) == set(_tensors(plain))
+    for key, value in _tensors(plain).items():
+        torch.testing.assert_close(_tensors(inside)[key], value, rtol=0, atol=1e-6, msg=f"{model_type}: output {key}")
+    # every eager map is recorded once (call order differs from the outputs' order for encoder-decoders)
+    left = list(range(len(eager)))
+    for rec in att.records:
+        match = [i for i in left if eager[i].shape == rec.weights.shape
+                 and torch.allclose(eager[i], rec.weights, rtol=0, atol=1e-5)]
+        assert match, f"{model_type}: {rec.name} matches no eager map"
+        left.remove(match[0])
+    assert (att.fallback is not None) == any("output_attentions=True" in str(w.message) for w in caught)
+
+
+def _rollout_checks(att):
+    r = rollout(att)
+    keep = att.attention_mask
+    rows = r.sum(-1)
+    torch.testing.assert_close(rows[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    assert rows[~keep].abs().sum() == 0
+    return r
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_masks_rollout_and_relevance_run(model_type):
+    model, kind = _model(model_type)
+    inputs = _inputs(kind)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with capture(model) as att:
+            model(**inputs)
+    streams = target = None
+    if kind == "clip":
+        vision = att.select("vision")
+        assert vision.attention_mask.shape == (2, vision.records[0].weights.shape[-1]) and bool(vision.attention_mask.all())
+        _rollout_checks(vision)
+        text = att.select("text")
+        assert torch.equal(text.attention_mask, inputs["attention_mask"].bool())
+        streams = lambda name, cross: ("vision", "vision") if "vision" in name else ("text", "text")  # noqa: E731
+        target = lambda out: out.logits_per_image.diagonal()  # noqa: E731
+    elif kind in ("seq2seq", "whisper"):
+        enc = att.select(r"^encoder|^encoder_attentions")
+        if model_type == "longt5":  # its encoder's local maps are blocked (skipped, reported): the decoder's
+            assert not enc.records and att.skipped
+            enc = att.select(r"^decoder\.block\.\d+\.layer\.0\.")
+        _rollout_checks(enc)
+    else:
+        _rollout_checks(att)
+    if kind == "audio":  # attention runs over frames; the call's mask is per sample
+        frames = att.records[0].weights.shape[-1]
+        assert att.attention_mask.shape == (2, frames)
+        assert bool(att.attention_mask[0].all()) and 0 < int(att.attention_mask[1].sum()) < frames
+    if kind in ("text", "causal"):
+        assert torch.equal(att.attention_mask, inputs["attention_mask"].bool())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rel = generic_relevance(model, inputs, streams=streams, target=target)
+    scores = rel.scores
+    keep = rel.masks[rel.input]
+    assert torch.isfinite(scores).all() and scores[~keep].abs().sum() == 0
+    assert scores[keep].abs().sum() > 0  # some relevance reaches the real tokens
