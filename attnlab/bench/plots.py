@@ -23,6 +23,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 DPI = 100
@@ -209,32 +210,47 @@ def speed_figure(title: str, panels: Sequence[SpeedPanel], *, time_label: str = 
     return fig
 
 
-def exponent_figure(title: str, rows: Sequence[tuple[str, float, float | None]]) -> Figure:
-    """A dot plot: per row (label, measured, declared) a filled dot at the measured exponent and a hollow
-    diamond at the declared one, joined by a line; rows top to bottom as given."""
-    height = 0.9 + 0.24 * max(1, len(rows))
-    left = 0.3 + 0.07 * max((len(_short(r[0], 40)) for r in rows), default=1)
-    fig = Figure(figsize=(7.5, height))
-    fig.subplots_adjust(left=left / 7.5, right=0.97, top=1 - 0.45 / height, bottom=0.45 / height)
-    ax = fig.add_subplot(1, 1, 1)
+def exponent_figure(title: str, columns: Sequence[str],
+                    rows: Sequence[tuple[str, Sequence[float | None], float | None]]) -> Figure:
+    """A dot plot with one panel per column (e.g. per mode) and one row per (label, measured per column,
+    declared): a filled dot at the measured exponent, a hollow diamond at the declared one, joined by a line;
+    rows top to bottom as given, the same in every panel."""
+    row_h = 0.19
+    height = 1.0 + row_h * max(1, len(rows))
+    left = 0.3 + 0.068 * max((len(_short(r[0], 40)) for r in rows), default=1)
+    width = left + 3.4 * max(1, len(columns)) + 0.3
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - 0.3 / width, top=1 - 0.5 / height, bottom=0.5 / height,
+                        wspace=0.08)
     ys = np.arange(len(rows))[::-1]
-    for y, (_, measured, declared) in zip(ys, rows):
-        if declared is not None:
-            ax.plot([declared, measured], [y, y], color="#999999", linewidth=1.0, zorder=1)
-            ax.plot([declared], [y], marker="D", markerfacecolor="white", markeredgecolor="black", markersize=6,
-                    linestyle="none", zorder=2)
-        ax.plot([measured], [y], marker="o", color=PALETTE[0], markersize=6, linestyle="none", zorder=3)
-    ax.set_yticks(ys, [_short(r[0], 40) for r in rows], parse_math=False, fontsize="small")
-    ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel("exponent e of N (time ∝ N^e)", parse_math=False)
-    low = min([r[1] for r in rows] + [r[2] for r in rows if r[2] is not None], default=0.0)
-    high = max([r[1] for r in rows] + [r[2] for r in rows if r[2] is not None], default=2.0)
-    ax.set_xlim(min(0.0, low - 0.1), max(2.0, high) + 0.5)  # room on the right for the legend
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(title, parse_math=False, fontsize="medium", loc="left")
-    ax.plot([], [], marker="o", color=PALETTE[0], linestyle="none", label="measured")
-    ax.plot([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none", label="declared")
-    ax.legend(loc="upper right", fontsize="small", framealpha=1.0)
+    values = [v for r in rows for v in (*r[1], r[2]) if v is not None]
+    low, high = min(values, default=0.0), max(values, default=2.0)
+    share = None
+    for c, column in enumerate(columns):
+        ax = fig.add_subplot(1, len(columns), c + 1, sharey=share)
+        share = share or ax
+        for y, (_, measured, declared) in zip(ys, rows):
+            if declared is not None:
+                ax.plot([declared], [y], marker="D", markerfacecolor="white", markeredgecolor="black", markersize=5,
+                        linestyle="none", zorder=2)
+            if measured[c] is None:
+                continue
+            if declared is not None:
+                ax.plot([declared, measured[c]], [y, y], color="#999999", linewidth=1.0, zorder=1)
+            ax.plot([measured[c]], [y], marker="o", color=PALETTE[0], markersize=5, linestyle="none", zorder=3)
+        if c == 0:
+            ax.set_yticks(ys, [_short(r[0], 40) for r in rows], parse_math=False, fontsize="small")
+        else:
+            ax.tick_params(labelleft=False)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_xlim(min(0.0, low - 0.1), max(2.0, high) + 0.3)
+        ax.set_xlabel("exponent e (time ∝ N^e)", parse_math=False)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_title(column, parse_math=False, fontsize="medium")
+    fig.suptitle(title, parse_math=False, fontsize="medium", x=left / width, ha="left")
+    handles = [Line2D([], [], marker="o", color=PALETTE[0], linestyle="none"),
+               Line2D([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none")]
+    fig.legend(handles, ["measured", "declared"], loc="upper right", ncol=2, fontsize="small", frameon=False)
     return fig
 
 

@@ -489,9 +489,17 @@ def test_headline_beats_sdpa_from_known_times(hand) -> None:
     # the page says it in words: faster from which N and by how much
     text = (Path(write_report(hand[0], Path(hand[0].path).parent / "report")).read_text(encoding="utf-8"))
     section = text[text.index("id='headline'"):text.index("id='speed'")]
-    row = re.search(r"<tr><td><b>neighborhood causal</b></td>(.*?)</tr>", section)[1]
+    compact, full = section.split("<details><summary>Every run against SDPA")
+    block = compact[compact.index("<h4>fwd, causal: against causal SDPA</h4>"):]
+    row = re.search(r"<tr><td><b>neighborhood causal</b></td>(.*?)</tr>", block)[1]
+    assert "N ≥ 256" in row and "4× at N=1024" in row
+    block = compact[compact.index("<h4>fwd, non-causal: against SDPA</h4>"):compact.index("<h4>fwd, causal")]
+    faster = re.findall(r"<tr><td><b>(.*?)</b></td>", block)
+    assert faster == ["twins-gsa", "linear", "efficient"]  # 8×, 2×, 1.33× at N=1024
+    assert "Not faster: retention (1.25× slower)." in block
+    row = re.search(r"<tr><td><b>neighborhood causal</b></td>(.*?)</tr>", full)[1]
     assert "causal SDPA" in row and "N ≥ 256" in row and "4× faster at N=1024" in row
-    row = re.search(r"<tr><td><b>retention</b></td>(.*?)</tr>", section)[1]
+    row = re.search(r"<tr><td><b>retention</b></td>(.*?)</tr>", full)[1]
     assert "not faster" in row and "1.25× slower at N=1024" in row
 
 

@@ -212,6 +212,7 @@ class Page:
             parts.append(f"<p>{esc(text)}. Causal runs are compared with causal SDPA "
                          "(<code>softmax</code> with <code>causal=True</code>), the others with plain SDPA; ratios "
                          "only between comparable measurements.</p>")
+            parts.append(self._beats_compact(beats))
             rows = []
             for b in beats:
                 rows.append([
@@ -221,8 +222,9 @@ class Page:
                     " ".join(f"<span class='{'faster' if x < 1 else 'slower'}'>{esc(fmt_ratio(x))}</span> "
                              f"<small>N={n}</small>" for n, x in sorted(b.ratios.items())),
                 ])
-            parts.append(_table(["run", "mode", "against", "faster from", "at the largest N",
-                                 "time / reference time"], rows, "headline"))
+            parts.append(f"<details><summary>Every run against SDPA ({len(beats)}), with its ratio at each N</summary>"
+                         + _table(["run", "mode", "against", "faster from", "at the largest N",
+                                   "time / reference time"], rows, "headline") + "</details>")
         else:
             parts.append("<p class='empty'>No ratio to SDPA yet (run <code>attnlab bench speed</code>).</p>")
         missing = headline.uncompared(r)
@@ -233,6 +235,27 @@ class Page:
         parts.append(self._leaderboards())
         parts.append(self._standing())
         return (f"<section id='headline'><h2>Headline</h2>{''.join(parts)}</section>")
+
+    def _beats_compact(self, beats: Sequence[headline.BeatsSdpa]) -> str:
+        """Per mode and causality, the runs faster than their SDPA at the largest N (fastest first), then the
+        others in one line: what a reader wants from the ratios, in a screen."""
+        groups: dict[tuple[str, bool], list[headline.BeatsSdpa]] = {}
+        for b in beats:
+            groups.setdefault((b.series.mode, b.series.causal), []).append(b)
+        blocks = []
+        for (mode, causal), members in groups.items():
+            faster = [b for b in members if b.from_n is not None]
+            rest = [b for b in members if b.from_n is None]
+            title = f"{mode}, {'causal' if causal else 'non-causal'}: against {members[0].reference}"
+            body = (_table(["faster at the largest N", "from", "by"],
+                           [[f"<b>{esc(b.label)}</b>", esc(f"N ≥ {b.from_n}"),
+                             _ratio_cell(b.at_max, f"{1 / b.at_max:.3g}× at N={b.n_max}")] for b in faster], "headline")
+                    if faster else "<p class='muted'>None faster at the largest N.</p>")
+            if rest:
+                body += ("<p class='muted small'>Not faster: " + ", ".join(
+                    f"{esc(b.series.mechanism)} ({esc(fmt_speedup(b.at_max))})" for b in rest) + ".</p>")
+            blocks.append(f"<div><h4>{esc(title)}</h4>{body}</div>")
+        return "<div class='columns'>" + "".join(blocks) + "</div>"
 
     def _basis(self) -> str:
         r = self.r
@@ -270,9 +293,16 @@ class Page:
         if not rows:
             out.append("<p class='empty'>No exponent fitted yet: it needs ok times at 3 or more lengths.</p>")
         else:
-            labels = [f"{self.r.label_row(x, with_params=None)}, {x['mode']}" for x in rows]
-            fig = plots.exponent_figure("time ∝ N^e: measured (dot) and declared (diamond)",
-                                        [(lab, x["measured"], x["declared"]) for lab, x in zip(labels, rows)])
+            modes = list(dict.fromkeys(x["mode"] for x in sorted(rows, key=lambda x: x["mode"] != "fwd")))
+            by_row: dict[str, dict[str, Any]] = {}
+            for x in rows:  # one row per series but the mode; a value per mode
+                label = self.r.label(self.r.series_of(x), with_params=None)
+                entry = by_row.setdefault(label, {"declared": x["declared"], "measured": {}})
+                entry["measured"][x["mode"]] = x["measured"]
+            ordered = sorted(by_row.items(), key=lambda kv: min(v for v in kv[1]["measured"].values()))
+            fig = plots.exponent_figure("time ∝ N^e: measured (dot) and declared (diamond), lowest first", modes,
+                                        [(label, [e["measured"].get(m) for m in modes], e["declared"])
+                                         for label, e in ordered])
             out.append(_img(plots.png(fig), "measured and declared cost exponents"))
         if missing:
             out.append("<p class='muted'>Not fitted (fewer than 3 lengths measured ok): "
@@ -614,6 +644,8 @@ table.headline td { padding: .3em .6em; }
 .stopped { color: #a15c00; white-space: nowrap; } .converged { color: #116b2e; font-size: 85%; }
 .reused { color: #1a4f9c; font-weight: 700; } .flag { color: #a15c00; } .spread, .load { color: #666; }
 ul.basis { color: #444; margin: .3em 0 1em; }
+.columns { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 0 2em; }
+.columns h4 { margin: .8em 0 .2em; } .small { font-size: 12px; }
 """
 
 PAGE = """<!DOCTYPE html>

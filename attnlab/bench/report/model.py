@@ -269,11 +269,15 @@ class Report:
             parts += [f"{SHAPE_KEYS[i]}={s.shape[i]}" for i in self.varying_shape_keys()]
         return " ".join(parts)
 
+    @staticmethod
+    def series_of(row: dict[str, Any]) -> SpeedSeries:
+        """The series of an exported row (`SpeedSeries.fields` keys)."""
+        return SpeedSeries(row["mechanism"], row["impl"], canonical(row["params"]), row["mode"], row["causal"],
+                           row["grid_rank"], tuple(row[k] for k in SHAPE_KEYS))
+
     def label_row(self, row: dict[str, Any], *, with_params: bool | None = True) -> str:
         """The label of the series of an exported row (`SpeedSeries.fields` keys)."""
-        s = SpeedSeries(row["mechanism"], row["impl"], canonical(row["params"]), row["mode"], row["causal"],
-                        row["grid_rank"], tuple(row[k] for k in SHAPE_KEYS))
-        return self.label(s, with_params=with_params)
+        return self.label(self.series_of(row), with_params=with_params)
 
     def defaults(self, mechanism: str) -> dict[str, Any]:
         """The parameters the bench gives `mechanism` unless told otherwise ({} when it is not registered)."""
