@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from .errors import DTypeError, MaskError, ParameterError, ShapeError
 
+T = TypeVar("T")
 SEQUENCE_FIRST = " (sequence-first input? build the module with batch_first=False where it has that parameter)"
 
 
@@ -129,17 +131,31 @@ def check_tokens(name: str, x: Tensor, dim: int, *, grid_rank: int = 1) -> None:
         raise ShapeError(f"{name}: expected last dimension dim={dim}, got {x.shape[-1]} in shape {tuple(x.shape)}")
 
 
-def check_int(name: str, value: object, low: int = 1) -> int:
-    """`value`, an int >= `low` (a bool is not one); ParameterError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
+def is_int(value: object) -> bool:
+    """Whether `value` is an int (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, low: int = 1, high: int | None = None, *, meaning: str = "") -> int:
+    """`value`, an int in [low, high] (a bool is not one); ParameterError naming `name` otherwise.
+    `meaning`, e.g. "(query blocks per step)", follows the expectation in the message."""
+    if not is_int(value) or value < low or (high is not None and value > high):  # type: ignore[operator]
+        want = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ParameterError(f"{name}: expected {want}{' ' + meaning if meaning else ''}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_optional_int(name: str, value: object, low: int = 1, *, meaning: str = "") -> int | None:
+    """None, or an int >= `low`; ParameterError naming `name` otherwise."""
+    if value is not None and (not is_int(value) or value < low):  # type: ignore[operator]
+        raise ParameterError(f"{name}: expected an int >= {low}{' ' + meaning if meaning else ''} or None, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def check_ints(name: str, value: object, rank: int, low: int = 1) -> tuple[int, ...]:
     """One int >= `low` per grid axis: `value` an int (for every axis) or `rank` of them; ParameterError otherwise."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
-    if len(values) != rank or any(isinstance(x, bool) or not isinstance(x, int) for x in values):
+    if len(values) != rank or not all(is_int(x) for x in values):
         raise ParameterError(f"{name}: expected an int or {rank} of them (one per grid axis), got {value!r}")
     if any(x < low for x in values):
         raise ParameterError(f"{name}: expected ints >= {low} (one per grid axis), got {value!r}")
@@ -157,30 +173,32 @@ def check_bools(name: str, value: object, rank: int) -> tuple[bool, ...]:
 def check_pair(name: str, value: object) -> tuple[int, int]:
     """(rows, columns) from an int (both) or a pair of positive ints; ParameterError otherwise."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(values) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
+    if len(values) != 2 or any(not is_int(x) or x < 1 for x in values):
         raise ParameterError(f"{name}: expected a positive int or two of them (rows, columns), got {value!r}")
     return values  # type: ignore[return-value]
 
 
-def check_odd(name: str, value: object, low: int = 1) -> int:
-    """`value`, an odd int >= `low`; ParameterError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or value % 2 == 0:
-        raise ParameterError(f"{name}: expected an odd int >= {low}, got {value!r}")
-    return value
+def check_odd(name: str, value: object, low: int = 1, *, meaning: str = "") -> int:
+    """`value`, an odd int >= `low`; ParameterError otherwise (`meaning` as in check_int)."""
+    if not is_int(value) or value < low or value % 2 == 0:  # type: ignore[operator]
+        raise ParameterError(f"{name}: expected an odd int >= {low}{' ' + meaning if meaning else ''}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
-def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+def check_choice(name: str, value: object, choices: Sequence[T]) -> T:
     """`value` if it is one of `choices`; ParameterError listing them otherwise."""
     if value not in choices:
-        raise ParameterError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    return value
+        raise ParameterError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
-def check_grid_shape(name: str, value: object, ranks: Sequence[int]) -> tuple[int, ...]:
-    """A grid shape: len in `ranks`, positive ints; ParameterError otherwise."""
+def check_grid_shape(
+    name: str, value: object, ranks: Sequence[int], error: type[ValueError] = ParameterError
+) -> tuple[int, ...]:
+    """A grid shape: len in `ranks`, positive ints; `error` (a parameter's by default) otherwise."""
     values = tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(values) not in ranks or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in values):
-        raise ParameterError(f"{name}: expected {either(ranks)} positive ints (one per grid axis), got {value!r}")
+    if len(values) not in ranks or any(not is_int(g) or g < 1 for g in values):
+        raise error(f"{name}: expected {either(ranks)} positive ints (one per grid axis), got {value!r}")
     return values
 
 

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from ..core.errors import DTypeError, MaskError, ParameterError, ShapeError
 from ..core.masks import padding_to_mask
 from ..core.reference import softmax_attention_reference
-from ..core.validate import check_attention_mask, check_qkv
+from ..core.validate import check_attention_mask, check_int, check_optional_int, check_qkv
 from .flex import compiled_flex, flex_available
 from .pool import cpus as _cpus  # a name of this module: tests pin it
 from .pool import run_parallel
@@ -71,10 +71,8 @@ class BlockLayout:
     counts: Tensor
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ParameterError(f"block_size: expected an int >= 1, got {self.block_size!r}")
-        if isinstance(self.n_k_blocks, bool) or not isinstance(self.n_k_blocks, int) or self.n_k_blocks < 0:
-            raise ParameterError(f"n_k_blocks: expected an int >= 0, got {self.n_k_blocks!r}")
+        check_int("block_size", self.block_size)
+        check_int("n_k_blocks", self.n_k_blocks, 0)
         idx, cnt = self.indices, self.counts
         if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
             raise MaskError(f"indices: expected an int64 tensor (heads, n_q_blocks, R), got {_describe(idx)}")
@@ -552,8 +550,7 @@ def block_sparse_attention(
         return _flex_attention(q, k, v, layout, mask_mod, attention_mask, scale)
     if backend != "engine":
         raise ParameterError(f"backend: expected 'engine' or 'flex', got {backend!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ParameterError(f"chunk: expected an int >= 1 (query blocks per step) or None, got {chunk!r}")
+    check_optional_int("chunk", chunk, meaning="(query blocks per step)")
     bsz, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[-1]
     if n_q == 0 or n_k == 0:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...core.errors import ParameterError
 from ...core.masks import relative_positions
 from ...core.registry import Paper
-from ...core.validate import check_qkv
+from ...core.validate import check_int, check_qkv
 from .softmax import ScoreTerm, SoftmaxAttention, register_dense, softmax_attention, softmax_attention_reference
 
 ALIBI = Paper(
@@ -29,12 +28,6 @@ ALIBI = Paper(
 )
 
 
-def _check_count(name: str, value: object, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 def alibi_slopes(heads: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The slopes m_h, shape (heads,).
 
@@ -42,7 +35,7 @@ def alibi_slopes(heads: int, *, device: torch.device | None = None, dtype: torch
     two below `heads`, the first p slopes are those of p heads and the other heads − p are
     every other slope of 2p heads, starting with the first: 2^(−8(2h−1)/2p), h = 1..heads − p.
     """
-    _check_count("heads", heads, 1)
+    check_int("heads", heads, 1)
 
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
@@ -54,8 +47,8 @@ def alibi_slopes(heads: int, *, device: torch.device | None = None, dtype: torch
 
 def distances(n_q: int, n_k: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """|i − j| as a float (n_q, n_k) matrix, queries bottom-right aligned to keys."""
-    _check_count("n_q", n_q, 1)
-    _check_count("n_k", n_k, 1)
+    check_int("n_q", n_q, 1)
+    check_int("n_k", n_k, 1)
     return relative_positions(n_q, n_k, device).abs().to(dtype)
 
 

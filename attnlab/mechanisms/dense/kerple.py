@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ...core.errors import ParameterError, ShapeError
 from ...core.registry import Paper, Param
-from ...core.validate import check_qkv
+from ...core.validate import check_choice, check_int, check_qkv
 from .alibi import distances
 from .softmax import ScoreTerm, SoftmaxAttention, register_dense, softmax_attention, softmax_attention_reference
 
@@ -47,8 +47,7 @@ Coefficient = float | Tensor
 
 
 def _check_variant(variant: object) -> str:
-    if variant not in VARIANTS:
-        raise ParameterError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+    check_choice("variant", variant, VARIANTS)
     return str(variant)
 
 
@@ -169,8 +168,7 @@ class _Kerple(ScoreTerm):
 
     def __init__(self, heads: int, *, r1: Coefficient | None = None, r2: Coefficient | None = None, eps: float = 0.01) -> None:
         super().__init__()
-        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-            raise ParameterError(f"heads: expected an int >= 1, got {heads!r}")
+        check_int("heads", heads)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise ParameterError(f"eps: expected a float in (0, 1), got {eps!r}")
         self.heads, self.eps = heads, float(eps)

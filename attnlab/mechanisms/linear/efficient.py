@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_qkv
+from ...core.validate import check_choice, check_qkv
 from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
@@ -44,8 +43,7 @@ NORMALIZATIONS: tuple[str, ...] = ("softmax", "scaling")
 
 
 def _check_normalization(normalization: object) -> str:
-    if normalization not in NORMALIZATIONS:
-        raise ParameterError(f"normalization: expected one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    check_choice("normalization", normalization, NORMALIZATIONS)
     return str(normalization)
 
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
+from ...core.validate import check_attention_mask, check_finite, check_odd, check_qkv, check_tensor, check_tokens
 from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
@@ -61,9 +61,7 @@ def _check_power(power: float) -> float:
 
 
 def _check_kernel(kernel_size: int) -> int:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ParameterError(f"kernel_size: expected an odd int >= 1, got {kernel_size!r}")
-    return kernel_size
+    return check_odd("kernel_size", kernel_size)
 
 
 def focusing_map(x: Tensor, scale: Tensor, *, power: float = 3.0) -> Tensor:

@@ -8,7 +8,10 @@ step of online gradient descent on an attentional bias L, with a retention gate 
     dot-product bias  L = −⟨M k, v⟩        ∇L = −v kᵀ           M_t = α_t M_{t−1} + v_t k_tᵀ          (Hebbian)
     L2 bias           L = ½‖M k − v‖²      ∇L = (M k − v) kᵀ    M_t = α_t M_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ   (delta rule)
 
-with η_t = 1 (Hebbian) or β_t = σ(w·k_t + b) (delta rule). With retention, the L2 step is
+    ℓp bias (Moneta)  L = ‖M k − v‖_p^p   ∇L = p (Sign(e) ⊙ |e|^(p−1)) kᵀ, e = M k − v
+    Huber bias (Yaad) ∇L = e kᵀ where ‖e‖₂ ≤ δ, δ Sign(e) kᵀ elsewhere (ℓ2's step near the target, ℓ1's far)
+
+with η_t = 1 (Hebbian) or β_t = σ(w·k_t + b) (delta rule, ℓp, Huber). With retention, the L2 step is
 taken on the retained memory, M_t = α_t M_{t−1} − β_t ∇L(α_t M_{t−1}; k_t, v_t)
 = α_t M_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, the gated delta rule (Yang, Kautz & Hatamizadeh,
 2024, arXiv:2412.06464); without retention it is the formula above.
@@ -26,10 +29,29 @@ scaled by 1/√d_k, as RetNet and GLA do), 'silu'; the L2 bias then L2-normalise
 keeps the eigenvalues of I − β k kᵀ in [0, 1] (DeltaNet). normalize=True divides by φ(q)ᵀz
 (rows of the implicit matrix sum to 1) and needs the positive 'elu+1' map and the dot-product bias.
 
+The ℓp and Huber memories (paper Sections 3.1–3.2, eqs. of Moneta and Yaad) are not linear in
+v, so there is no implicit attention matrix (`materialize` raises) and no chunk-parallel
+closed form: the fast path is the exact recurrence scanned token by token (N batched
+rank-1 updates, O(N d²)), the reference takes each step's gradient by autograd of the loss
+written out. Following the paper, the gradient is taken at M_{t−1} (not at the retained
+α_t M_{t−1} of the gated delta rule above); q and k are L2-normalised as for the L2 bias.
+Non-causal, every query reads the memory written over the whole sequence, y_i = M_N φ(q_i).
+The ℓp step moves each coordinate of the error e by β p |e|^(p−1) (‖k‖ = 1): for p <= 2 the
+memory stays bounded, for p > 2 it overshoots and diverges once |e| > (2/(βp))^(1/(p−2)) —
+hence the default p = 1.5 here (the value is ours; any p >= 1 is accepted).
+Deviations from the paper: the memory is the matrix M, not Moneta/Yaad's 2-layer MLP; the
+exact Sign and |·| are used, not the smooth tanh(αx) and √(x² + ε) the paper proposes for
+training; δ is a fixed hyperparameter, not the paper's data-dependent δ_t; the retention gates
+are those below (the paper's ℓq and elastic-net retention are not here); the paper's
+chunk-wise training (gradients inside a chunk taken at the chunk's first memory, an
+approximation) is not used. Missing altogether: the KL / Memora retention with a
+softmax-normalised memory, and MLP (deep) memories.
+
 Registered: the general recurrence as "miras" (P157, every choice above) and its named
 instances — "linear" (Katharopoulos et al., 2020), "delta" (Schlag, Irie & Schmidhuber, 2021,
 with DeltaNet's SiLU + L2 map of Yang et al., 2024), "retention" (RetNet, Sun et al., 2023) and
-"gated-linear" (GLA, Yang et al., 2024) — each citing the paper that introduced it. The RetNet
+"gated-linear" (GLA, Yang et al., 2024) — each citing the paper that introduced it — and the
+paper's own biases as "miras-lp" and "miras-huber" (matrix-memory Moneta and Yaad). The RetNet
 and GLA blocks around the operator (xPos, GroupNorm, the swish output gate) are not part of it.
 
 Causal: the recurrence, chunk-parallel (engine). Bidirectional: for the plain Hebbian memory
@@ -48,13 +70,15 @@ from torch import Tensor, nn
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_qkv
+from ...core.validate import check_choice, check_qkv
 from ...kernels.linear_scan import (
+    LinearState,
     LinearTerms,
     check_chunk_size,
     linear_attention,
     linear_attention_reference,
     linear_flops,
+    padding_of,
 )
 from .base import LinearAttention
 
@@ -70,23 +94,19 @@ RETNET = Paper(None, "Retentive Network: A Successor to Transformer for Large La
 GLA = Paper(None, "Gated Linear Attention Transformers with Hardware-Efficient Training", 2024, "2312.06635")
 
 FEATURE_MAPS: tuple[str, ...] = ("elu+1", "identity", "silu")
-BIASES: tuple[str, ...] = ("dot", "l2")
+BIASES: tuple[str, ...] = ("dot", "l2", "lp", "huber")
+NONLINEAR_BIASES: tuple[str, ...] = ("lp", "huber")  # memories not linear in v: a token-by-token scan
+GATED_STEP = ("l2", *NONLINEAR_BIASES)  # biases with a learned step size β_t
 RETENTIONS: tuple[str, ...] = ("none", "fixed", "scalar", "channel")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ParameterError(f"{name}: expected one of {list(choices)}, got {value!r}")
-    return str(value)
 
 
 def check_memory_config(feature_map: str, bias: str, retention: str, normalize: bool) -> None:
     """The combinations the recurrence supports; ParameterError naming the parameter otherwise."""
-    _choice("feature_map", feature_map, FEATURE_MAPS)
-    _choice("bias", bias, BIASES)
-    _choice("retention", retention, RETENTIONS)
-    if normalize and bias == "l2":
-        raise ParameterError("normalize: the delta rule (bias='l2') has signed weights; expected normalize=False")
+    check_choice("feature_map", feature_map, FEATURE_MAPS)
+    check_choice("bias", bias, BIASES)
+    check_choice("retention", retention, RETENTIONS)
+    if normalize and bias != "dot":
+        raise ParameterError(f"normalize: bias={bias!r} gives signed weights; expected normalize=False")
     if normalize and feature_map != "elu+1":
         raise ParameterError(f"normalize: needs a positive feature map ('elu+1'), got feature_map={feature_map!r}")
     if bias == "l2" and retention == "channel":
@@ -94,14 +114,14 @@ def check_memory_config(feature_map: str, bias: str, retention: str, normalize: 
 
 
 def feature_map_qk(q: Tensor, k: Tensor, feature_map: str, bias: str) -> tuple[Tensor, Tensor]:
-    """φ(q), φ(k); with the L2 bias both are then L2-normalised."""
+    """φ(q), φ(k); with the L2, ℓp or Huber bias both are then L2-normalised."""
     if feature_map == "elu+1":
         q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
     elif feature_map == "silu":
         q, k = F.silu(q), F.silu(k)
     else:
         q = q / math.sqrt(q.shape[-1])
-    if bias == "l2":
+    if bias in GATED_STEP:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     return q, k
 
@@ -109,6 +129,65 @@ def feature_map_qk(q: Tensor, k: Tensor, feature_map: str, bias: str) -> tuple[T
 def retnet_gammas(heads: int) -> Tensor:
     """RetNet's decay per head, γ_h = 1 − 2^(−5−h), h = 0..heads−1 (float64)."""
     return 1.0 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64))
+
+
+def check_bias_args(bias: str, beta: Tensor | None, p: float, delta: float) -> None:
+    """β given exactly for the biases with a step size; p >= 1 and δ > 0 (finite)."""
+    if (beta is not None) != (bias in GATED_STEP):
+        need = "needs" if bias in GATED_STEP else "takes no"
+        raise ValueError(f"beta: bias={bias!r} {need} beta, got {'None' if beta is None else 'a tensor'}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1.0 <= p < math.inf:
+        raise ParameterError(f"p: expected a finite float >= 1, got {p!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < math.inf:
+        raise ParameterError(f"delta: expected a finite float > 0, got {delta!r}")
+
+
+def bias_gradient(err: Tensor, bias: str, p: float, delta: float) -> Tensor:
+    """∂L/∂(M k) at the error e = M k − v (…, d_v): ℓp gives p·Sign(e)⊙|e|^(p−1); Huber gives e
+    where ‖e‖₂ <= δ and δ·Sign(e) elsewhere."""
+    if bias == "lp":
+        # |e| floored at the smallest normal number: the value is unchanged (Sign(0) = 0), the gradient stays
+        # finite where e = 0 and p < 2 (d|e|^(p−1)/de is infinite there)
+        return p * torch.sign(err) * err.abs().clamp_min(torch.finfo(err.dtype).tiny) ** (p - 1.0)
+    near = torch.linalg.vector_norm(err, dim=-1, keepdim=True) <= delta
+    return torch.where(near, err, delta * torch.sign(err))
+
+
+def memory_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: str,
+    beta: Tensor,
+    p: float = 1.5,
+    delta: float = 1.0,
+    log_decay: Tensor | None = None,
+    causal: bool = False,
+    attention_mask: Tensor | None = None,
+    memory: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ℓp / Huber memory on mapped q, k (batch, heads, n, d_k), token by token: (out, S_N (batch, heads, d_k, d_v)).
+
+    S = Mᵀ; S_t = α_t S_{t−1} − β_t k_t ∇ᵀ with ∇ = `bias_gradient`(k_tᵀS_{t−1} − v_t); a padded
+    token (attention_mask False) leaves S unchanged. `memory` continues from a previous S.
+    """
+    b, h, n, d_k = k.shape
+    s = k.new_zeros(b, h, d_k, v.shape[-1]) if memory is None else memory
+    outs = []
+    for t in range(n):
+        kt = k[:, :, t]
+        grad = bias_gradient(torch.einsum("bhk,bhkv->bhv", kt, s) - v[:, :, t], bias, p, delta)
+        kept = s
+        if log_decay is not None:
+            alpha = log_decay[:, :, t].exp()
+            kept = s * (alpha[..., None, None] if alpha.dim() == 2 else alpha[..., None])
+        new = kept - beta[:, :, t, None, None] * kt[..., :, None] * grad[..., None, :]
+        s = new if attention_mask is None else torch.where(attention_mask[:, None, t, None, None], new, s)
+        if causal:
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], s))
+    out = torch.stack(outs, dim=2) if causal else torch.einsum("bhnk,bhkv->bhnv", q, s)
+    return out, s
 
 
 def memory_attention(
@@ -124,22 +203,76 @@ def memory_attention(
     causal: bool = False,
     attention_mask: Tensor | None = None,
     chunk_size: int = 64,
+    p: float = 1.5,
+    delta: float = 1.0,
 ) -> Tensor:
     """The memory read y = M φ(q) over (batch, heads, n, head_dim), given the gates.
 
     log_decay: log α, (batch, heads, n) or per channel (batch, heads, n, head_dim), <= 0;
-    beta: the delta rule's step (batch, heads, n), required with bias='l2' and refused otherwise.
+    beta: the step β_t (batch, heads, n), required with bias 'l2', 'lp' or 'huber' and refused with 'dot';
+    p: the exponent of the ℓp bias; delta: the threshold δ of the Huber bias.
     """
     retention = "none" if log_decay is None else ("scalar" if log_decay.dim() == 3 else "channel")
     check_memory_config(feature_map, bias, retention, normalize)
-    if (beta is not None) != (bias == "l2"):
-        raise ValueError(f"beta: bias={bias!r} {'needs' if bias == 'l2' else 'takes no'} beta, got {'None' if beta is None else 'a tensor'}")
+    check_bias_args(bias, beta, p, delta)
     check_qkv(q, k, v)
     fq, fk = feature_map_qk(q, k, feature_map, bias)
+    if bias in NONLINEAR_BIASES:
+        assert beta is not None
+        return memory_scan(fq, fk, v, bias=bias, beta=beta, p=p, delta=delta, log_decay=log_decay, causal=causal,
+                           attention_mask=attention_mask)[0]
     return linear_attention(
         fq, fk, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta,
         normalize=normalize, chunk_size=chunk_size,
     )
+
+
+def _bias_loss(err: Tensor, bias: str, p: float, delta: float) -> Tensor:
+    """The attentional bias at the error e = W k − v: Σ|e|^p, or ½‖e‖² if ‖e‖ <= δ else δ(‖e‖₁ − δ/2)."""
+    if bias == "lp":
+        return (err.abs() ** p).sum()
+    norm = torch.sqrt((err * err).sum())
+    if norm <= delta:
+        return 0.5 * norm * norm
+    return delta * (err.abs().sum() - 0.5 * delta)
+
+
+def gradient_memory_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: str,
+    beta: Tensor,
+    p: float = 1.5,
+    delta: float = 1.0,
+    log_decay: Tensor | None = None,
+    causal: bool = False,
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, final memory W (batch, heads, d_v, d_k)) of the ℓp / Huber memory on mapped q, k, in float64:
+    per element, head and token, W ← α W − β ∇_W L(W k, v) with the gradient by autograd of the loss."""
+    b, h, n, d_k = k.shape
+    q64, k64, v64, beta64 = q.double(), k.double(), v.double(), beta.double()
+    decay = None if log_decay is None else log_decay.double().exp()
+    rows, memories = [], []
+    for bi in range(b):
+        for hi in range(h):
+            w = torch.zeros(v.shape[-1], d_k, dtype=torch.float64, device=q.device)
+            reads = []
+            for t in range(n):
+                if attention_mask is None or bool(attention_mask[bi, t]):
+                    probe = torch.zeros_like(w, requires_grad=True)  # ∇ at W: d L(W + P) / dP at P = 0
+                    loss = _bias_loss((w + probe) @ k64[bi, hi, t] - v64[bi, hi, t], bias, p, delta)
+                    (grad,) = torch.autograd.grad(loss, probe, create_graph=True)
+                    alpha = 1.0 if decay is None else decay[bi, hi, t]  # a scalar, or one value per key channel
+                    w = w * alpha - beta64[bi, hi, t] * grad
+                reads.append(w @ q64[bi, hi, t])
+            out = torch.stack(reads) if causal else q64[bi, hi] @ w.T
+            rows.append(out)
+            memories.append(w)
+    out = torch.stack(rows).reshape(b, h, q.shape[2], v.shape[-1])
+    return out.to(q.dtype), torch.stack(memories).reshape(b, h, v.shape[-1], d_k).to(q.dtype)
 
 
 def memory_attention_reference(
@@ -154,12 +287,20 @@ def memory_attention_reference(
     normalize: bool = True,
     causal: bool = False,
     attention_mask: Tensor | None = None,
+    p: float = 1.5,
+    delta: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """(out, weights) of `memory_attention`, the implicit matrix built naively in float64."""
+    """(out, weights) of `memory_attention`, the implicit matrix built naively in float64; for the ℓp and
+    Huber biases (out, final memory) of `gradient_memory_reference` (they have no attention matrix)."""
     retention = "none" if log_decay is None else ("scalar" if log_decay.dim() == 3 else "channel")
     check_memory_config(feature_map, bias, retention, normalize)
+    check_bias_args(bias, beta, p, delta)
     check_qkv(q, k, v)
     fq, fk = feature_map_qk(q, k, feature_map, bias)
+    if bias in NONLINEAR_BIASES:
+        assert beta is not None
+        return gradient_memory_reference(fq, fk, v, bias=bias, beta=beta, p=p, delta=delta, log_decay=log_decay,
+                                         causal=causal, attention_mask=attention_mask)
     return linear_attention_reference(
         fq, fk, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta,
         normalize=normalize,
@@ -168,25 +309,28 @@ def memory_attention_reference(
 
 def _memory_flops(retention: str, bias: str) -> Callable[[int, int, int, bool], float]:
     def flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
-        gated = retention != "none" or bias == "l2"
+        gated = retention != "none" or bias in GATED_STEP
         return linear_flops(
-            n, heads, head_dim, causal, channel_decay=retention == "channel", delta=bias == "l2",
-            two_scans=gated and not causal,
+            n, heads, head_dim, causal, channel_decay=retention == "channel", delta=bias in GATED_STEP,
+            two_scans=gated and not causal and bias not in NONLINEAR_BIASES,
         )
 
     flops.__doc__ = f"Forward FLOPs (retention={retention!r}, bias={bias!r}), see `linear_flops`."
     return flops
 
 
-def register_memory(*, cross: bool = False, **entry: Any) -> Callable[[type], type]:
-    """`register` for a memory entry: family A, O(Nd²), causal, key padding, decoding and `materialize`,
-    no attention mask; cross-attention only where `cross`. `entry` holds the rest (name, paper, params, …)."""
-    supports = Supports(causal=True, key_padding=True, attn_mask=False, cross=cross, decode=True, materialize=True)
+def register_memory(*, cross: bool = False, materialize: bool = True, **entry: Any) -> Callable[[type], type]:
+    """`register` for a memory entry: family A, O(Nd²), causal, key padding, decoding and (unless told otherwise)
+    `materialize`, no attention mask; cross-attention only where `cross`. `entry` holds the rest (name, paper, …)."""
+    supports = Supports(causal=True, key_padding=True, attn_mask=False, cross=cross, decode=True,
+                        materialize=materialize)
     return register(family="A", cost="O(Nd²)", exponent=1.0, supports=supports, **entry)
 
 
 _CHUNK = Param("chunk_size", int, 64, "chunk of the causal fast path", low=1)
 _TEMPERATURE = Param("gate_temperature", float, 16.0, "τ of α = σ(·)^(1/τ) (GLA: 16)", low=1e-3)
+_P = Param("p", float, 1.5, "exponent of the ℓp bias ‖M k − v‖_p^p (bias='lp')", low=1.0)
+_DELTA = Param("delta", float, 1.0, "threshold δ of the Huber bias (bias='huber')", low=1e-6)
 _GAMMA = Param("gamma", float, None, "decay of every head (default RetNet's 1 − 2^(−5−h))", low=0.0, high=1.0,
                optional=True)
 
@@ -195,24 +339,30 @@ _GAMMA = Param("gamma", float, None, "decay of every head (default RetNet's 1 �
     name="miras",
     paper=MIRAS,
     params=(
-        Param("bias", str, "dot", "attentional bias: 'dot' (Hebbian) or 'l2' (delta rule)", choices=BIASES),
+        Param("bias", str, "dot", "attentional bias: 'dot' (Hebbian), 'l2' (delta rule), 'lp', 'huber'",
+              choices=BIASES),
         Param("retention", str, "none", "retention gate α", choices=RETENTIONS),
         Param("feature_map", str, "elu+1", "φ on q and k", choices=FEATURE_MAPS),
         Param("normalize", bool, True, "divide by φ(q)ᵀz (dot bias with 'elu+1' only)"),
         _GAMMA,
         _TEMPERATURE,
         _CHUNK,
+        _P,
+        _DELTA,
     ),
-    summary="Miras memory M_t = α_t M_{t−1} − η_t ∇L(M_{t−1}; k_t, v_t): dot/L2 bias, none/fixed/scalar/channel retention.",
+    summary="Miras memory M_t = α_t M_{t−1} − η_t ∇L(M_{t−1}; k_t, v_t): dot/L2/ℓp/Huber bias, "
+    "none/fixed/scalar/channel retention.",
     normalized=True,  # with the defaults ('dot', 'elu+1', normalize=True); other settings are not normalised
     flops=_memory_flops("none", "dot"),  # at the defaults
 )
 class MemoryAttention(LinearAttention):
     """Associative memory updated by online gradient descent on an attentional bias, with retention (Miras).
 
-    The defaults give linear attention; the named entries "linear", "delta", "retention" and
-    "gated-linear" are its instances. Cross-attention is only in "linear" (a memory written from
-    a context needs no positions); arbitrary attention masks need the N × N matrix and are refused.
+    The defaults give linear attention; the named entries "linear", "delta", "retention",
+    "gated-linear", "miras-lp" and "miras-huber" are its instances. Cross-attention is only in
+    "linear" (a memory written from a context needs no positions); arbitrary attention masks need
+    the N × N matrix and are refused. The ℓp and Huber biases have no attention matrix:
+    `materialize` raises for them.
     """
 
     def __init__(
@@ -230,9 +380,15 @@ class MemoryAttention(LinearAttention):
         gamma: float | None = None,
         gate_temperature: float = 16.0,
         chunk_size: int = 64,
+        p: float = 1.5,
+        delta: float = 1.0,
     ) -> None:
         check_memory_config(feature_map, bias, retention, normalize)
         check_chunk_size(chunk_size)
+        if p != 1.5 and bias != "lp":
+            raise ParameterError(f"p: only used with bias='lp', got bias={bias!r}")
+        if delta != 1.0 and bias != "huber":
+            raise ParameterError(f"delta: only used with bias='huber', got bias={bias!r}")
         if gamma is not None and retention != "fixed":
             raise ParameterError(f"gamma: only used with retention='fixed', got retention={retention!r}")
         if gamma is not None and not 0.0 < gamma <= 1.0:
@@ -244,6 +400,8 @@ class MemoryAttention(LinearAttention):
         )
         self.bias, self.retention, self.feature_map = bias, retention, feature_map
         self.gamma, self.gate_temperature = gamma, float(gate_temperature)
+        check_bias_args(bias, torch.ones(()) if bias in GATED_STEP else None, p, delta)
+        self.p, self.delta = float(p), float(delta)
         d = self.head_dim
         if retention == "fixed":
             gammas = retnet_gammas(heads) if gamma is None else torch.full((heads,), float(gamma), dtype=torch.float64)
@@ -252,7 +410,7 @@ class MemoryAttention(LinearAttention):
             width = 1 if retention == "scalar" else d
             self.decay_weight = nn.Parameter(torch.randn(heads, d, width) / math.sqrt(d))
             self.decay_bias = nn.Parameter(torch.zeros(heads, width))
-        if bias == "l2":
+        if bias in GATED_STEP:
             self.beta_weight = nn.Parameter(torch.randn(heads, d) / math.sqrt(d))
             self.beta_bias = nn.Parameter(torch.zeros(heads))
 
@@ -267,7 +425,7 @@ class MemoryAttention(LinearAttention):
             log_decay = F.logsigmoid(logits) / self.gate_temperature
             if self.retention == "scalar":
                 log_decay = log_decay[..., 0]
-        if self.bias == "l2":
+        if self.bias in GATED_STEP:
             beta = torch.sigmoid((k * self.beta_weight[:, None, :]).sum(-1) + self.beta_bias[:, None])
         return log_decay, beta
 
@@ -276,10 +434,46 @@ class MemoryAttention(LinearAttention):
         fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
         return LinearTerms(fq, fk, v, log_decay=log_decay, beta=beta)
 
+    def _scan_args(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """φ(q), φ(k) and the keywords of `memory_scan` / `gradient_memory_reference` (ℓp and Huber biases)."""
+        log_decay, beta = self.gates(k)
+        fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
+        return fq, fk, {"bias": self.bias, "beta": beta, "p": self.p, "delta": self.delta, "log_decay": log_decay}
+
+    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if self.bias not in NONLINEAR_BIASES:
+            return super().attend_fast(q, k, v, mask)
+        fq, fk, kw = self._scan_args(q, k)
+        return memory_scan(fq, fk, v, causal=self.causal, attention_mask=padding_of(mask), **kw)[0]
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.bias not in NONLINEAR_BIASES:
+            return super().attend_reference(q, k, v, mask)
+        fq, fk, kw = self._scan_args(q, k)
+        return gradient_memory_reference(fq, fk, v, causal=self.causal, attention_mask=padding_of(mask), **kw)
+
+    def materialize(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if self.bias in NONLINEAR_BIASES:
+            raise ParameterError(
+                f"materialize: bias={self.bias!r} gives a memory that is not linear in the values, so there is "
+                "no attention matrix; expected bias 'dot' or 'l2'"
+            )
+        return super().materialize(x, **kwargs)
+
+    def step(self, x_t: Tensor, state: LinearState | None = None) -> tuple[Tensor, LinearState]:
+        if self.bias not in NONLINEAR_BIASES:
+            return super().step(x_t, state)
+        self.check_step(x_t)
+        q, k, v = self.project(x_t)
+        fq, fk, kw = self._scan_args(q, k)
+        out, memory = memory_scan(fq, fk, v, causal=True, memory=None if state is None else state.memory, **kw)
+        return self.out_proj(self.merge_heads(out)), LinearState(memory)
+
     def extra_repr(self) -> str:
+        extra = {"lp": f", p={self.p}", "huber": f", delta={self.delta}"}.get(self.bias, "")
         return (
             f"bias={self.bias!r}, retention={self.retention!r}, feature_map={self.feature_map!r}, "
-            f"normalize={self.normalize}, causal={self.causal}, chunk_size={self.chunk_size}"
+            f"normalize={self.normalize}, causal={self.causal}, chunk_size={self.chunk_size}{extra}"
         )
 
 
@@ -388,4 +582,60 @@ class GatedLinearAttention(MemoryAttention):
         super().__init__(
             dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, retention="channel",
             feature_map="identity", normalize=False, gate_temperature=gate_temperature, chunk_size=chunk_size,
+        )
+
+
+@register_memory(
+    name="miras-lp",
+    paper=MIRAS,
+    params=(_P,),
+    summary="Miras ℓp memory (matrix Moneta): M_t = M_{t−1} − β_t p (Sign(e)⊙|e|^(p−1)) k_tᵀ, e = M_{t−1}k_t − v_t.",
+    normalized=False,
+    materialize=False,
+    flops=_memory_flops("none", "lp"),
+)
+class LpMemoryAttention(MemoryAttention):
+    """The ℓp attentional bias: one gradient step on ‖M k − v‖_p^p per token, β_t = σ(w·k_t + b); SiLU then L2 norm."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        p: float = 1.5,
+    ) -> None:
+        super().__init__(
+            dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, bias="lp", feature_map="silu",
+            normalize=False, p=p,
+        )
+
+
+@register_memory(
+    name="miras-huber",
+    paper=MIRAS,
+    params=(_DELTA,),
+    summary="Miras Huber memory (matrix Yaad): the delta rule's step where ‖M k − v‖ <= δ, δ·Sign(M k − v) kᵀ beyond.",
+    normalized=False,
+    materialize=False,
+    flops=_memory_flops("none", "huber"),
+)
+class HuberMemoryAttention(MemoryAttention):
+    """The Huber attentional bias: ℓ2's step near the target, ℓ1's (scaled by δ) far from it; SiLU then L2 norm."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        delta: float = 1.0,
+    ) -> None:
+        super().__init__(
+            dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, bias="huber", feature_map="silu",
+            normalize=False, delta=delta,
         )

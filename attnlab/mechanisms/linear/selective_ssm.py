@@ -55,7 +55,7 @@ from torch.autograd.function import once_differentiable
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Spec, Supports, register
-from ...core.validate import check_finite, check_rank, check_tensor, check_tokens
+from ...core.validate import check_finite, check_int, check_rank, check_tensor, check_tokens
 
 HIDDEN_ATTENTION = Paper("P065", "The Hidden Attention of Mamba Models", 2024, "2403.01590")
 
@@ -108,9 +108,7 @@ def _check_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 def _chunk_size(chunk_size: int | None, n: int) -> int:
     if chunk_size is None:
         return max(1, math.isqrt(max(n - 1, 0)) + 1)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ParameterError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
-    return chunk_size
+    return check_int("chunk_size", chunk_size)
 
 
 def _chunked(x: Tensor, t: int) -> Tensor:

@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.errors import ParameterError, ShapeError
+from ...core.errors import ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_pair, check_qkv, check_tensor
+from ...core.validate import check_grid_shape, check_int, check_odd, check_pair, check_qkv, check_tensor
 from ...kernels.grid import check_grid_qkv, refuse_masks
 from .base import GridAttention, SummaryKeyAttention, grid_shape_param
 
@@ -86,8 +86,7 @@ def window_valid(grid: Sequence[int], kernel_size: int, device: torch.device | N
 
 def check_geometry(grid: Sequence[int], kernel_size: int, pool_size: int | None = None) -> None:
     """The window is odd and within the grid; the pooled grid is no finer than the grid."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ParameterError(f"kernel_size: expected an odd positive int (the window is centred), got {kernel_size!r}")
+    check_odd("kernel_size", kernel_size, meaning="(the window is centred)")
     if kernel_size > min(grid):
         raise ValueError(f"kernel_size: expected a window within the grid {tuple(grid)}, got kernel_size={kernel_size}")
     if pool_size is not None and pool_size > min(grid):
@@ -290,8 +289,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias,
                          grid_shape=None if grid_shape is None else check_pair("grid_shape", grid_shape))
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ParameterError(f"pool_size: expected a positive int, got {pool_size!r}")
+        check_int("pool_size", pool_size)
         check_geometry(self.grid_shape or (kernel_size, kernel_size), kernel_size,
                        pool_size if self.grid_shape else None)
         self.kernel_size, self.pool_size = kernel_size, pool_size
@@ -399,8 +397,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
 
     def key_count(self, grid: Sequence[int]) -> int:
         """N + p²: the N tokens of the grid (H, W) and the p² pooled summaries."""
-        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-            raise ShapeError(f"grid: expected (H, W), two positive ints, got {tuple(grid)!r}")
+        check_grid_shape("grid", grid, (2,), ShapeError)
         self._check_grid("grid", tuple(grid))
         check_geometry(grid, self.kernel_size, self.pool_size)
         return grid[0] * grid[1] + self.pool_size**2

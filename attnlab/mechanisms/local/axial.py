@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
+from ...core.validate import check_int
 from ...kernels.grid import check_grid_qkv, grid_padding, masked_grid_reference
 from ...kernels.sdpa import sdpa
 from .base import GridAttention, grid_shape_param
@@ -62,8 +63,7 @@ def head_axes(heads: int, rank: int, axis: int | None) -> tuple[int, ...]:
                 f"is needed, got heads={heads}"
             )
         return tuple(h % rank for h in range(heads))
-    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < rank:
-        raise ParameterError(f"axis: expected None or an int in [0, {rank - 1}] (a grid axis), got {axis!r}")
+    check_int("axis", axis, 0, rank - 1, meaning="(a grid axis) or None")
     return (axis,) * heads
 
 

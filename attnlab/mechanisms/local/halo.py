@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.errors import DTypeError, ParameterError, ShapeError
+from ...core.errors import DTypeError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_tensor
+from ...core.validate import check_int, check_tensor
 from ...kernels.grid import check_grid_qkv, grid_padding
 from .base import GridAttention, grid_shape_param
 
@@ -67,9 +67,8 @@ def _check(
 ) -> tuple[tuple[int, int], Tensor | None]:
     """(grid, attention_mask (batch, N) or None) after checking everything."""
     height, width = check_grid_qkv(q, k, v)
-    for name, value, low in (("block_size", block_size, 1), ("halo", halo, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
+    check_int("block_size", block_size)
+    check_int("halo", halo, 0)
     if height % block_size or width % block_size:
         raise ShapeError(
             f"block_size: the grid {(height, width)} is not a multiple of block_size={block_size} on every axis; "
@@ -274,10 +273,7 @@ class HaloAttention(GridAttention):
         grid_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, grid_shape=grid_shape)
-        for name, value, low in (("block_size", block_size, 1), ("halo", halo, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-        self.block_size, self.halo = block_size, halo
+        self.block_size, self.halo = check_int("block_size", block_size), check_int("halo", halo, 0)
         self.rel_h: nn.Parameter | None = None
         self.rel_w: nn.Parameter | None = None
         if rel_pos:

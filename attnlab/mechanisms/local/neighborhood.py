@@ -27,7 +27,7 @@ from ...core.errors import DTypeError, ParameterError, ShapeError
 from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_tensor, check_tokens
+from ...core.validate import check_bools, check_ints, check_tensor, check_tokens
 from ...kernels.grid import check_grid_qkv, grid_padding
 from ...kernels.neighborhood import plan, tiled_attention
 from .base import GridAttention
@@ -49,25 +49,15 @@ def neighborhood_flops(n: int, heads: int, head_dim: int, causal: bool) -> float
 
 
 # -- arguments ---------------------------------------------------------------------------------
-def _per_axis(name: str, value: object, rank: int, kind: type) -> tuple:
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
-    if len(values) != rank or not all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool)) for x in values):
-        what = "an int" if kind is int else "a bool"
-        raise ParameterError(f"{name}: expected {what} or {rank} of them (one per grid axis), got {value!r}")
-    return values
-
-
 def neighborhood_args(
     rank: int, kernel_size: IntOrTuple, dilation: IntOrTuple, causal: BoolOrTuple
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
     """(kernel, dilation, causal) per axis of a grid of `rank` axes, checked: k >= 1, δ >= 1, k odd
     where not causal."""
-    kernel = _per_axis("kernel_size", kernel_size, rank, int)
-    dil = _per_axis("dilation", dilation, rank, int)
-    caus = _per_axis("causal", causal, rank, bool)
-    for axis, (k, d, c) in enumerate(zip(kernel, dil, caus)):
-        if k < 1 or d < 1:
-            raise ParameterError(f"kernel_size, dilation: expected >= 1, got kernel_size={k}, dilation={d} on axis {axis}")
+    kernel = check_ints("kernel_size", kernel_size, rank)
+    dil = check_ints("dilation", dilation, rank)
+    caus = check_bools("causal", causal, rank)
+    for axis, (k, c) in enumerate(zip(kernel, caus)):
         if not c and k % 2 == 0:
             raise ParameterError(
                 f"kernel_size: expected an odd size on a non-causal axis (the window is centred on the query), "

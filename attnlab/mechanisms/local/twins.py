@@ -37,7 +37,15 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_pair, check_qkv, check_tensor, check_tokens
+from ...core.validate import (
+    check_finite,
+    check_grid_shape,
+    check_int,
+    check_pair,
+    check_qkv,
+    check_tensor,
+    check_tokens,
+)
 from ...kernels.grid import check_grid_qkv, grid_padding, masked_grid_reference, refuse_masks
 from ...kernels.sdpa import sdpa
 from .base import GridAttention, SummaryKeyAttention, grid_shape_param
@@ -269,8 +277,7 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         sr_ratio: int = SR_RATIO,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
-        if isinstance(sr_ratio, bool) or not isinstance(sr_ratio, int) or sr_ratio < 1:
-            raise ParameterError(f"sr_ratio: expected a positive int, got {sr_ratio!r}")
+        check_int("sr_ratio", sr_ratio)
         self.sr_ratio = sr_ratio
         self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio) if sr_ratio > 1 else None
         self.norm = nn.LayerNorm(dim) if sr_ratio > 1 else None
@@ -310,8 +317,7 @@ class TwinsGlobalAttention(SummaryKeyAttention):
 
     def key_count(self, grid: Sequence[int]) -> int:
         """(H/s)·(W/s): one summary per s×s cell of the grid (H, W), both multiples of s."""
-        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-            raise ShapeError(f"grid: expected (H, W), two positive ints, got {tuple(grid)!r}")
+        check_grid_shape("grid", grid, (2,), ShapeError)
         self._check_cells("grid", grid)
         return (grid[0] // self.sr_ratio) * (grid[1] // self.sr_ratio)
 

@@ -50,6 +50,7 @@ from ...core.validate import (
     check_attention_mask,
     check_finite,
     check_floating,
+    check_odd,
     check_rank,
     check_tensor,
     check_tokens,
@@ -68,9 +69,7 @@ def lambda_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 
 def _check_scope(scope: object) -> int:
-    if isinstance(scope, bool) or not isinstance(scope, int) or scope < 1 or scope % 2 == 0:
-        raise ParameterError(f"scope: expected an odd int >= 1 (r positions per axis, centred), got {scope!r}")
-    return scope
+    return check_odd("scope", scope, meaning="(r positions per axis, centred)")
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, embeddings: Tensor, attention_mask: Tensor | None) -> tuple[int, ...]:

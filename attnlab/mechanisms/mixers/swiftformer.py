@@ -39,7 +39,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_finite, check_qkv, check_tokens
+from ...core.validate import check_attention_mask, check_choice, check_finite, check_qkv, check_tokens
 
 SWIFTFORMER = Paper(
     "P100",
@@ -68,8 +68,7 @@ def _check(q: Tensor, k: Tensor, w_a: Tensor, attention_mask: Tensor | None, tok
         got = tuple(w_a.shape) if isinstance(w_a, Tensor) else type(w_a).__name__
         raise ShapeError(f"w_a: expected a tensor of shape (heads, head_dim) = {(q.shape[1], q.shape[-1])}, got {got}")
     check_attention_mask(attention_mask, q.shape[0], q.shape[2])
-    if token_norm not in TOKEN_NORMS:
-        raise ParameterError(f"token_norm: expected one of {list(TOKEN_NORMS)}, got {token_norm!r}")
+    check_choice("token_norm", token_norm, TOKEN_NORMS)
 
 
 def _token_weights(s: Tensor, attention_mask: Tensor | None, token_norm: str) -> Tensor:
@@ -169,8 +168,7 @@ class AdditiveAttention(nn.Module):
             if dim % heads:
                 raise ParameterError(f"heads: dim={dim} is not divisible by heads={heads}; set head_dim explicitly")
             head_dim = dim // heads
-        if token_norm not in TOKEN_NORMS:
-            raise ParameterError(f"token_norm: expected one of {list(TOKEN_NORMS)}, got {token_norm!r}")
+        check_choice("token_norm", token_norm, TOKEN_NORMS)
         self.dim, self.heads, self.head_dim, self.token_norm = dim, heads, head_dim, token_norm
         inner = heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import MaskError, ParameterError, ShapeError
+from ...core.errors import MaskError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int, check_pair, check_scale, check_tensor
+from ...core.validate import check_choice, check_int, check_pair, check_scale, check_tensor
 from ...kernels.grid import check_grid_qkv, refuse_masks
 from ..local.base import GridAttention, grid_shape_param
 
@@ -113,8 +113,7 @@ def _check(
     clusters: Tensor | None, scale: float | None,
 ) -> tuple[tuple[int, int], float]:
     check_grid_qkv(q, k, v)
-    if branches not in BRANCHES:
-        raise ParameterError(f"branches: expected one of {list(BRANCHES)}, got {branches!r}")
+    check_choice("branches", branches, BRANCHES)
     grid = (q.shape[2], q.shape[3])
     win = check_pair("window", window)
     if branches != "feature":
@@ -278,8 +277,7 @@ class BilateralAttention(GridAttention):
     ) -> None:
         win = check_pair("window", window)
         check_int("cluster_size", cluster_size)
-        if branches not in BRANCHES:
-            raise ParameterError(f"branches: expected one of {list(BRANCHES)}, got {branches!r}")
+        check_choice("branches", branches, BRANCHES)
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, grid_shape=grid_shape)
         self.window, self.cluster_size, self.branches = win, cluster_size, branches
 

@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_qkv, check_scale
+from ...core.validate import check_attention_mask, check_choice, check_optional_int, check_qkv, check_scale
 from .base import BlockSparseAttention
 
 COMBINER = Paper("P147", "Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
@@ -51,10 +50,8 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int | None, pooling
     """Checks shared by the fast path and the reference; the block size and the scale in use."""
     check_qkv(q, k, v, same_length=True)
     check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ParameterError(f"block_size: expected an int >= 1 or None (⌈√n⌉), got {block_size!r}")
-    if pooling not in POOLINGS:
-        raise ParameterError(f"pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
+    check_optional_int("block_size", block_size)
+    check_choice("pooling", pooling, POOLINGS)
     scale = check_scale(scale, q.shape[-1])
     n = q.shape[2]
     b = block_size if block_size is not None else max(1, math.ceil(math.sqrt(n)))
@@ -222,10 +219,8 @@ class CombinerAttention(Attention):
         log_size: bool = True,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-            raise ParameterError(f"block_size: expected an int >= 1 or None, got {block_size!r}")
-        if pooling not in POOLINGS:
-            raise ParameterError(f"pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
+        check_optional_int("block_size", block_size)
+        check_choice("pooling", pooling, POOLINGS)
         self.block_size, self.pooling, self.log_size = block_size, pooling, bool(log_size)
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:

@@ -42,7 +42,7 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import softmax_attention_reference
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_qkv
+from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
 from .base import BlockSparseAttention
 from .power import causal_mod
@@ -52,20 +52,13 @@ QueryRep = Literal["lookback", "chunk"]
 QUERY_REPS = ("lookback", "chunk")
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_args(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, top_chunks: int, query_rep: str,
                 attention_mask: Tensor | None, scale: float | None) -> None:
     check_qkv(q, k, v, same_length=True)
     check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-    _check_int("chunk_size", chunk_size, 1)
-    _check_int("top_chunks", top_chunks, 0)
-    if query_rep not in QUERY_REPS:
-        raise ParameterError(f"query_rep: expected one of {list(QUERY_REPS)}, got {query_rep!r}")
+    check_int("chunk_size", chunk_size, 1)
+    check_int("top_chunks", top_chunks, 0)
+    check_choice("query_rep", query_rep, QUERY_REPS)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ParameterError(f"scale: expected a finite float or None, got {scale!r}")
 
@@ -205,10 +198,9 @@ class DHSAAttention(Attention):
         if causal is not True:
             raise ParameterError(f"causal: DHSA is causal by construction; expected True, got {causal!r}")
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=True)
-        self.chunk_size = _check_int("chunk_size", chunk_size, 1)
-        self.top_chunks = _check_int("top_chunks", top_chunks, 0)
-        if query_rep not in QUERY_REPS:
-            raise ParameterError(f"query_rep: expected one of {list(QUERY_REPS)}, got {query_rep!r}")
+        self.chunk_size = check_int("chunk_size", chunk_size, 1)
+        self.top_chunks = check_int("top_chunks", top_chunks, 0)
+        check_choice("query_rep", query_rep, QUERY_REPS)
         self.query_rep = query_rep
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:

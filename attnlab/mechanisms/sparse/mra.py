@@ -41,25 +41,19 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_qkv
+from ...core.validate import check_attention_mask, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
 from .base import BlockSparseAttention
 
 MRA = Paper("P066", "Multi Resolution Analysis (MRA) for Approximate Self-Attention", 2022, "2207.10284")
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int, blocks: int,
                 attention_mask: Tensor | None, scale: float | None) -> float:
     check_qkv(q, k, v, same_length=True)
     check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-    _check_int("block_size", block_size, 1)
-    _check_int("blocks", blocks, 1)
+    check_int("block_size", block_size, 1)
+    check_int("blocks", blocks, 1)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ParameterError(f"scale: expected a finite float or None, got {scale!r}")
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -218,8 +212,8 @@ class MRAAttention(Attention):
         blocks: int = 4,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first)
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.blocks = _check_int("blocks", blocks, 1)
+        self.block_size = check_int("block_size", block_size, 1)
+        self.blocks = check_int("blocks", blocks, 1)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         kpm = self._padding(q, k, mask)

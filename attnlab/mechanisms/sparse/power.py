@@ -23,24 +23,18 @@ from torch import Tensor
 
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_qkv
+from ...core.validate import check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention, block_sparse_attention_reference
 from .base import BlockSparseAttention
 
 POWER = Paper("P223", "PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention", 2025, "2503.03588")
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 def power_block_rows(rows: Tensor, *, local_blocks: int = 1, sink_blocks: int = 1) -> Tensor:
     """Candidate key blocks (len(rows), C) of query blocks `rows`: local, sink and power-of-two
     distances, −1 where a candidate lies in the future (dropped by `BlockLayout.from_candidates`)."""
-    _check_int("local_blocks", local_blocks, 1)
-    _check_int("sink_blocks", sink_blocks, 0)
+    check_int("local_blocks", local_blocks, 1)
+    check_int("sink_blocks", sink_blocks, 0)
     i = rows.to(torch.int64)[:, None]
     top = int(rows.max()) if rows.numel() else 0
     powers = 2 ** torch.arange(max(top, 1).bit_length(), device=rows.device)
@@ -52,8 +46,8 @@ def power_block_rows(rows: Tensor, *, local_blocks: int = 1, sink_blocks: int = 
 
 def power_layout(n: int, *, block_size: int = 64, local_blocks: int = 1, sink_blocks: int = 1, device: torch.device | None = None) -> BlockLayout:
     """The PowerAttention block layout of a sequence of n tokens."""
-    _check_int("n", n, 0)
-    _check_int("block_size", block_size, 1)
+    check_int("n", n, 0)
+    check_int("block_size", block_size, 1)
     nb = -(-n // block_size)
     rows = torch.arange(nb, device=device)
     return BlockLayout.from_candidates(power_block_rows(rows, local_blocks=local_blocks, sink_blocks=sink_blocks), block_size, nb)
@@ -100,7 +94,7 @@ def power_attention_reference(
 
 def reachable(mask: Tensor, layers: int) -> Tensor:
     """bool (n, n): True where query i is reached from key j through `layers` layers of the bool mask (n, n)."""
-    _check_int("layers", layers, 1)
+    check_int("layers", layers, 1)
     step = mask.to(torch.float64)
     out = step
     for _ in range(layers - 1):
@@ -147,9 +141,9 @@ class PowerAttention(BlockSparseAttention):
         if causal is not True:
             raise ParameterError(f"causal: PowerAttention is causal by construction; expected True, got {causal!r}")
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=True)
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.local_blocks = _check_int("local_blocks", local_blocks, 1)
-        self.sink_blocks = _check_int("sink_blocks", sink_blocks, 0)
+        self.block_size = check_int("block_size", block_size, 1)
+        self.local_blocks = check_int("local_blocks", local_blocks, 1)
+        self.sink_blocks = check_int("sink_blocks", sink_blocks, 0)
 
     def block_rows(self, rows: Tensor, n_k_blocks: int) -> Tensor:
         return power_block_rows(rows, local_blocks=self.local_blocks, sink_blocks=self.sink_blocks)

@@ -47,7 +47,7 @@ from torch import Tensor
 from ...core.errors import ParameterError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int
+from ...core.validate import check_choice, check_int, check_ints
 from ...kernels.grid import check_grid_qkv, grid_padding
 from ..local.base import GridAttention
 
@@ -67,12 +67,7 @@ def proxy_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 def window_shape(window: WindowArg, rank: int) -> tuple[int, ...]:
     """The window per axis of a grid of `rank` axes: one int for every axis, or one per axis, each >= 1."""
-    items = (window,) * rank if isinstance(window, int) and not isinstance(window, bool) else window
-    if not isinstance(items, (tuple, list)) or len(items) != rank or any(
-        isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in items
-    ):
-        raise ParameterError(f"window: expected an int >= 1 or {rank} of them (one per grid axis), got {window!r}")
-    return tuple(items)
+    return check_ints("window", window, rank)
 
 
 def _check(
@@ -89,8 +84,7 @@ def _check(
                 f"window: {win} does not divide the grid {grid} on axis {axis} ({length} % {w} = {length % w}); "
                 "expected every axis a multiple of its window (pad the input)"
             )
-    if proxy not in PROXY_CHOICES:
-        raise ParameterError(f"proxy: expected one of {list(PROXY_CHOICES)}, got {proxy!r}")
+    check_choice("proxy", proxy, PROXY_CHOICES)
     return grid, win, grid_padding(attention_mask, q.shape[0], grid)
 
 
@@ -343,8 +337,7 @@ class ProxyTokenAttention(GridAttention):
         if rank not in (1, 2):
             raise ParameterError(f"window: expected an int or 2 ints (one per grid axis), got {window!r}")
         window_shape(window, rank)
-        if proxy not in PROXY_CHOICES:
-            raise ParameterError(f"proxy: expected one of {list(PROXY_CHOICES)}, got {proxy!r}")
+        check_choice("proxy", proxy, PROXY_CHOICES)
         check_int("seed", seed, low=0)
         self.window: WindowArg = tuple(window) if isinstance(window, (tuple, list)) else window
         self.proxy, self.seed, self.shift, self.resample = proxy, seed, bool(shift), bool(resample)

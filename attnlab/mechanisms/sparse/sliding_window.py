@@ -18,39 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import ParameterError
 from ...core.module import KVCache
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_qkv
+from ...core.validate import check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, MaskMod, block_sparse_attention, block_sparse_attention_reference
 from .base import BlockSparseAttention
 
 LONGFORMER = Paper(None, "Longformer: The Long-Document Transformer", 2020, "2004.05150")
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParameterError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 def window_block_rows(rows: Tensor, *, window: int, block_size: int, causal: bool) -> Tensor:
     """Candidate key blocks (len(rows), C) of query blocks `rows`: I − ⌈w/B⌉ … I (+ ⌈w/B⌉ unless causal)."""
-    reach = math.ceil(_check_int("window", window, 0) / _check_int("block_size", block_size, 1))
+    reach = math.ceil(check_int("window", window, 0) / check_int("block_size", block_size, 1))
     offsets = torch.arange(-reach, 1 if causal else reach + 1, device=rows.device)
     return rows.to(torch.int64)[:, None] + offsets
 
 
 def window_layout(n: int, *, window: int, block_size: int = 64, causal: bool = False, device: torch.device | None = None) -> BlockLayout:
     """The block layout of sliding-window attention over n tokens."""
-    nb = -(-_check_int("n", n, 0) // _check_int("block_size", block_size, 1))
+    nb = -(-check_int("n", n, 0) // check_int("block_size", block_size, 1))
     rows = window_block_rows(torch.arange(nb, device=device), window=window, block_size=block_size, causal=causal)
     return BlockLayout.from_candidates(rows, block_size, nb)
 
 
 def band_mod(window: int, causal: bool) -> MaskMod:
     """mask_mod of the band: key j visible from query i when |i − j| ≤ window (and j ≤ i when causal)."""
-    _check_int("window", window, 0)
+    check_int("window", window, 0)
 
     def mod(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         rel = q_idx - kv_idx
@@ -125,8 +118,8 @@ class SlidingWindowAttention(BlockSparseAttention):
         block_size: int = 64,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
-        self.window = _check_int("window", window, 0)
-        self.block_size = _check_int("block_size", block_size, 1)
+        self.window = check_int("window", window, 0)
+        self.block_size = check_int("block_size", block_size, 1)
         self._mod = band_mod(window, causal)
 
     def block_rows(self, rows: Tensor, n_k_blocks: int) -> Tensor:
