@@ -44,14 +44,33 @@ scores, P248 sink tokens), qk (P093 joint query–key embedding per head, PCA ov
 only for real tokens, `position` = index among the real tokens of its text). Rollout, flow and
 relevance / lrp also give `matrix` (batch, n, n): row i explains output token i (the page recolours
 the tokens for any row); relevance's matrix is R − I, as its scores.
+
+Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
+
+* Length: texts are truncated to the model's maximum number of tokens (the smallest of the config's
+  `max_position_embeddings` / `n_positions` / `max_seq_len` and the tokenizer's `model_max_length`),
+  or to `max_tokens` when smaller.
+* Cost: after the capture, `estimate_seconds` predicts each method's time on one core from the
+  shapes (layers, heads, batch, tokens, model size) with the rates in `RATES` (measured on one core
+  of a loaded 2-core machine, rounded down: estimates err on the slow side). A method whose estimate
+  exceeds `budget` (seconds, default `BUDGET`) is downsampled or left out: flow is computed for the
+  target token of each text only (its other matrix rows are 0) when that fits, anything else is left
+  out with the estimate as the reason (`skipped`); a method named in `methods=` that does not fit
+  raises ValueError instead. `budget=None` runs everything.
+* Size: the per-head maps (`attention`, lrp's `attention_relevance`; layers·batch·heads·n² numbers
+  each) are kept only up to `max_map_values` numbers (default `MAX_MAP_VALUES`); beyond it
+  `attention` is empty and `attention_relevance` is left out, so that the page and JSON stay small
+  (the PNG figures then leave out the attention grid too).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -75,6 +94,16 @@ from .rollout import attention_flow, rollout
 from .sinks import sink_scores, sink_tokens
 
 MINILM = "minilm"
+BUDGET = 60.0  # seconds a method may take by its estimate (explain(budget=...), attnlab explain --budget)
+MAX_MAP_VALUES = 2_000_000  # numbers of the per-head maps kept in an Explanation (explain(max_map_values=...))
+# work units per second on one core (see estimate_seconds); measured under load and rounded down
+RATES = {
+    "flow": 1.0e8,  # layered max-flow: layers · n² edges per (output, input) pair
+    "model": 2.0e9,  # FLOPs of a forward pass of the model
+    "matmul": 1.0e9,  # float64 multiply-adds of the (batch, n, n) products of rollout / relevance
+    "maps": 5.0e6,  # per-head map entries handled in Python-level loops (heads, sinks, qk, plain data)
+}
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
 
 
 @dataclass
@@ -88,6 +117,7 @@ class Context:
     mask: Tensor  # bool (batch, n), True = real token
     targets: list[int]  # per sequence: the output token whose explanation colours the tokens
     causal: bool
+    flow_rows: list[int] | None = None  # output tokens flow computes (None = all): set when the budget downsamples
 
     def zero_padding(self, t: Tensor) -> Tensor:
         """t (batch, ..., n) with the entries of padded tokens (last axis) set to 0."""
@@ -133,7 +163,7 @@ def _rollout(ctx: Context) -> dict[str, Any]:
 
 @method("flow", ("P008",), "attention flow: exact max-flow from each input token to the target token")
 def _flow(ctx: Context) -> dict[str, Any]:
-    f = attention_flow(ctx.att)
+    f = attention_flow(ctx.att, outputs=ctx.flow_rows)
     return {"matrix": f, "token_scores": _target_rows(f, ctx.targets)}
 
 
@@ -237,6 +267,8 @@ class Explanation:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of loading, capture, each method
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it does not apply (methods=None only)
     vocabulary: list[str] = field(default_factory=list)  # token id -> string when ids were built from `tokens`
+    notes: list[str] = field(default_factory=list)  # what the limits cut: truncation, downsampling, maps left out
+    estimates: dict[str, float] = field(default_factory=dict)  # method -> estimated seconds (estimate_seconds)
 
     @property
     def layers(self) -> int:
@@ -318,6 +350,53 @@ def check_no_remote_code(path: str | os.PathLike[str]) -> None:
             )
 
 
+def estimate_seconds(method: str, *, layers: int, heads: int, batch: int, n: int, params: int = 0,
+                     rows: int | None = None) -> float:
+    """Estimated seconds of `method` on one core for a capture of `layers` maps of `heads` heads over a batch of
+    `batch` sequences of `n` tokens, a model of `params` parameters; rows: output tokens flow computes
+    (None = all n). Rates in `RATES`; the estimate is meant to be within a few times of the real cost."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    for name, value in (("layers", layers), ("heads", heads), ("batch", batch), ("n", n), ("params", params)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    maps = layers * batch * heads * n * n
+    forward = (2 * params * batch * n + 4 * maps * 64) / RATES["model"]  # weights, plus q·k and A·v at head_dim ~64
+    products = layers * batch * n**3 / RATES["matmul"]
+    if method == "flow":
+        out = n if rows is None else rows
+        return batch * out * n * layers * n * n / RATES["flow"] + products
+    if method == "rollout":
+        return products + maps / RATES["maps"]
+    if method == "relevance":
+        return 3 * forward + 2 * products + maps / RATES["maps"]
+    if method == "lrp":
+        return 12 * forward + 2 * products + 3 * maps / RATES["maps"]
+    if method == "qk":
+        return forward + layers * heads * (2 * batch * n) * 64 * 64 / RATES["matmul"] + maps / RATES["maps"]
+    return 2 * maps / RATES["maps"]  # heads, sinks: statistics over every map entry
+
+
+def model_max_tokens(model: nn.Module, tokenizer: Any = None) -> tuple[int, str] | None:
+    """(largest number of tokens the model takes, where that limit comes from), or None when nothing says."""
+    found: list[tuple[int, str]] = []
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.append((value, f"config.{name}"))
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:  # transformers puts a huge number when the tokenizer has none
+        found.append((value, "tokenizer.model_max_length"))
+    return min(found) if found else None
+
+
+def _note(notes: list[str], message: str, quiet: bool) -> None:
+    notes.append(message)
+    warnings.warn(f"explain: {message}", UserWarning, stacklevel=4)
+    _say(message, quiet)
+
+
 def _is_causal(att: Attentions, mask: Tensor) -> bool:
     """True when no real query attends to a later real key in any layer."""
     for a in att.layers:
@@ -343,6 +422,9 @@ def explain(
     methods: Sequence[str] | str | None = None,
     quiet: bool = True,
     threads: int | None = 1,
+    max_tokens: int | None = None,
+    budget: float | None = BUDGET,
+    max_map_values: int = MAX_MAP_VALUES,
 ) -> Explanation:
     """Run `methods` on `texts` (one padded batch) through `model` and return all their numbers.
 
@@ -355,10 +437,19 @@ def explain(
     threads while it runs (restored after; None = leave as is). The default 1 is the fastest for a
     few sentences: the matrices are small, and on a busy machine the hand-offs between threads
     cost far more than they save (MiniLM, one sentence, all methods: 0.4 s with 1 thread against
-    8 s with 2 here).
+    8 s with 2 here). max_tokens, budget (seconds per method, None = no limit), max_map_values: the
+    limits of the module docstring; what they cut is in `Explanation.notes`.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads: expected a positive number of torch threads or None, got {threads!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"budget: expected a positive finite number of seconds or None, got {budget!r}")
+    if isinstance(max_map_values, bool) or not isinstance(max_map_values, int) or max_map_values < 0:
+        raise ValueError(f"max_map_values: expected a non-negative int, got {max_map_values!r}")
+    limits = Limits(max_tokens, None if budget is None else float(budget), max_map_values)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -366,10 +457,19 @@ def explain(
         if tokens is not None or inputs is not None:
             if texts is not None:
                 raise ValueError("texts: expected texts or tokens=, not both")
-            return _explain_tokens(model, tokens, inputs, tokenizer, methods, quiet)
-        return _explain(texts, model, tokenizer, methods, quiet)
+            return _explain_tokens(model, tokens, inputs, tokenizer, methods, quiet, limits)
+        return _explain(texts, model, tokenizer, methods, quiet, limits)
     finally:
         torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of `explain` (module docstring)."""
+
+    max_tokens: int | None = None
+    budget: float | None = BUDGET
+    max_map_values: int = MAX_MAP_VALUES
 
 
 class _TokenIds(nn.Module):
@@ -411,7 +511,7 @@ def _takes_attention_mask(model: nn.Module) -> bool:
 
 
 def _explain_tokens(model: Any, tokens: Any, inputs: Tensor | Mapping[str, Any] | None, tokenizer: Any,
-                    methods: Sequence[str] | str | None, quiet: bool) -> Explanation:
+                    methods: Sequence[str] | str | None, quiet: bool, limits: Limits) -> Explanation:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: tokens= needs a torch.nn.Module holding attnlab mechanisms, got {model!r:.100}")
     if tokenizer is not None:
@@ -419,6 +519,12 @@ def _explain_tokens(model: Any, tokens: Any, inputs: Tensor | Mapping[str, Any] 
     if tokens is None:
         raise ValueError("tokens: inputs= needs the token strings of its positions (tokens=...)")
     seqs = _token_lists(tokens)
+    notes: list[str] = []
+    if inputs is None and limits.max_tokens is not None:
+        for b, seq in enumerate(seqs):
+            if len(seq) > limits.max_tokens:
+                _note(notes, f"sequence {b + 1}: {len(seq)} tokens, truncated to max_tokens={limits.max_tokens}", quiet)
+        seqs = [seq[: limits.max_tokens] for seq in seqs]
     vocabulary = token_vocabulary(seqs)
     index = {t: i for i, t in enumerate(vocabulary)}
     n = max(map(len, seqs))
@@ -467,7 +573,7 @@ def _explain_tokens(model: Any, tokens: Any, inputs: Tensor | Mapping[str, Any] 
     if att.tokens is None:  # token identity for the head statistics: the vocabulary ids of the strings
         att.tokens = torch.tensor([[index[t] if m else 0 for t, m in zip(row, keep)] for row, keep in zip(strings, mask.tolist())])
     ex = _run_methods(Context(run_model, None, run_inputs, att, mask, [], False), names, skipped, methods is None,
-                      seconds, quiet)
+                      seconds, quiet, limits, notes)
     prefix = "model." if given is None else ""
     ex.layer_names = [name.removeprefix(prefix) for name in ex.layer_names]
     return replace(ex, model=label, texts=[" ".join(seq) for seq in seqs], tokens=strings,
@@ -494,7 +600,8 @@ def _capture(model: nn.Module, inputs: Mapping[str, Any] | Tensor, methods: Sequ
         raise ValueError(f"model: {label} made no attention call on the inputs; nothing to explain")
     if att.skipped:
         raise ValueError(
-            f"model: {label} has attention modules that cannot give their attention matrix (no materialize): "
+            f"model: {label} has attention calls whose token × token matrix cannot be captured (no materialize, or maps "
+            f"that are not (batch, heads, n_q, n_k)): "
             f"{', '.join(att.skipped)}; every attention layer must be captured to explain the model"
         )
     return names, skipped, att, seconds
@@ -507,7 +614,7 @@ def _call(model: nn.Module, inputs: Mapping[str, Any] | Tensor, qk: bool) -> Att
 
 
 def _explain(texts: Sequence[str] | str | None, model: str | os.PathLike[str] | nn.Module, tokenizer: Any,
-             methods: Sequence[str] | str | None, quiet: bool) -> Explanation:
+             methods: Sequence[str] | str | None, quiet: bool, limits: Limits) -> Explanation:
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts or [])
@@ -528,20 +635,70 @@ def _explain(texts: Sequence[str] | str | None, model: str | os.PathLike[str] | 
         _say(f"loaded {label} in {seconds['load']:.1f} s", quiet)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
+    notes: list[str] = []
+    inputs = dict(_tokenize(texts, model, tokenizer, limits.max_tokens, notes, quiet))
     names, skipped, att, seconds["capture"] = _capture(model, inputs, methods, label, quiet)
     mask = inputs["attention_mask"].to(torch.bool)
     ex = _run_methods(Context(model, tokenizer, inputs, att, mask, [], False), names, skipped, methods is None,
-                      seconds, quiet)
+                      seconds, quiet, limits, notes)
     return replace(ex, model=label, texts=texts,
                    tokens=[tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]])
 
 
+def _tokenize(texts: list[str], model: nn.Module, tokenizer: Any, max_tokens: int | None, notes: list[str],
+              quiet: bool) -> Mapping[str, Any]:
+    """The padded batch of `texts`, each truncated to the model's maximum (or max_tokens) with a note."""
+    limit = model_max_tokens(model, tokenizer)
+    if max_tokens is not None and (limit is None or max_tokens < limit[0]):
+        limit = (max_tokens, "max_tokens")
+    if limit is None:
+        return tokenizer(texts, return_tensors="pt", padding=True)
+    cap, source = limit
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    for t, length in enumerate(lengths):
+        if length > cap:
+            _note(notes, f"text {t + 1}: {length} tokens, truncated to {cap} (the model's maximum, {source})"
+                  if source != "max_tokens" else f"text {t + 1}: {length} tokens, truncated to max_tokens={cap}", quiet)
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cap)
+
+
+def _plan(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], defaulted: bool, limits: Limits,
+          notes: list[str], quiet: bool) -> tuple[tuple[str, ...], Context, dict[str, float]]:
+    """The methods that fit the budget (flow downsampled to the target rows if that fits), the context, the estimates."""
+    batch, n = ctx.mask.shape
+    shape = {"layers": len(ctx.att.records), "heads": ctx.att.num_heads, "batch": batch, "n": n,
+             "params": sum(p.numel() for p in ctx.model.parameters())}
+    estimates = {name: estimate_seconds(name, **shape) for name in names}
+    if limits.budget is None:
+        return names, ctx, estimates
+    kept = []
+    for name in names:
+        if estimates[name] <= limits.budget:
+            kept.append(name)
+            continue
+        if name == "flow":
+            rows = estimate_seconds(name, **shape, rows=1)
+            if rows <= limits.budget:
+                ctx = replace(ctx, flow_rows=sorted(set(ctx.targets)))
+                _note(notes, f"flow: all {n} output tokens would take ~{estimates[name]:.0f} s (budget {limits.budget:g} s): "
+                      f"computed for the target token of each text only (~{rows:.1g} s); other matrix rows are 0", quiet)
+                estimates[name] = rows
+                kept.append(name)
+                continue
+        why = (f"{name}: estimated ~{estimates[name]:.0f} s on {batch} × {n} tokens, over the budget of {limits.budget:g} s; "
+               "shorten the texts or raise budget= (attnlab explain --budget)")
+        if not defaulted:
+            raise ValueError(why)
+        skipped[name] = why
+        _note(notes, why, quiet)
+    return tuple(kept), ctx, estimates
+
+
 def _run_methods(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], defaulted: bool,
-                 seconds: dict[str, float], quiet: bool) -> Explanation:
-    """Run each method on the capture (ctx: targets and causal are set here); the Explanation without
-    the model's label, the texts and the token strings. defaulted: a method that raises ValueError or
-    TypeError is skipped with its reason instead of failing."""
+                 seconds: dict[str, float], quiet: bool, limits: Limits, notes: list[str]) -> Explanation:
+    """Run each method on the capture (ctx: targets and causal are set here) within the limits; the
+    Explanation without the model's label, the texts and the token strings. defaulted: a method that
+    raises ValueError or TypeError, or does not fit the budget, is skipped with its reason instead of failing."""
     att, mask = ctx.att, ctx.mask.cpu()
     causal = _is_causal(att, mask)
     positions = torch.arange(mask.shape[1])
@@ -549,13 +706,22 @@ def _run_methods(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], 
     ctx = replace(ctx, mask=mask, targets=targets, causal=causal)
     n_layers, n_heads = len(att.records), att.num_heads
     _say(f"captured {n_layers} layers × {n_heads} heads on {mask.shape[0]} sequence(s) of ≤ {mask.shape[1]} tokens", quiet)
+    names, ctx, estimates = _plan(ctx, names, skipped, defaulted, limits, notes, quiet)
+    map_values = n_layers * mask.shape[0] * n_heads * mask.shape[1] ** 2
+    keep_maps = map_values <= limits.max_map_values
+    if not keep_maps:
+        _note(notes, f"per-head maps not kept: {n_layers} layers × {mask.shape[0]} texts × {n_heads} heads × "
+              f"{mask.shape[1]}² tokens = {map_values:,} numbers > max_map_values={limits.max_map_values:,}", quiet)
     seconds = dict(seconds)
     results: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names, 1):
         _say(f"[{i}/{len(names)}] {name} …", quiet)
         t0 = time.perf_counter()
         try:
-            results[name] = plain(METHODS[name].run(ctx))
+            data = METHODS[name].run(ctx)
+            if not keep_maps:
+                data.pop("attention_relevance", None)
+            results[name] = plain(data)
         except (ValueError, TypeError) as err:
             if not defaulted:
                 raise
@@ -575,9 +741,11 @@ def _run_methods(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], 
         heads=n_heads,
         causal=causal,
         targets=targets,
-        attention=plain(att.stack()),
+        attention=plain(att.stack()) if keep_maps else [],
         methods=results,
         method_info={n: {"papers": list(METHODS[n].papers), "summary": METHODS[n].summary} for n in ran},
         seconds=seconds,
         skipped=skipped,
+        notes=notes,
+        estimates={n: estimates[n] for n in ran},
     )
