@@ -16,8 +16,11 @@ from attnlab.mechanisms.linear.miras import (
     GatedLinearAttention,
     MemoryAttention,
     RetentionAttention,
+    feature_map_qk,
+    gradient_memory_reference,
     memory_attention,
     memory_attention_reference,
+    memory_scan,
     retnet_gammas,
 )
 
@@ -244,7 +247,7 @@ def test_bad_configurations_name_the_parameter():
     with pytest.raises(ParameterError, match="gamma"):
         attnlab.build("retention", dim=8, heads=2, gamma=0.0)
     with pytest.raises(ParameterError, match="bias"):
-        attnlab.build("miras", dim=8, heads=2, bias="huber")
+        attnlab.build("miras", dim=8, heads=2, bias="kl")  # Memora's KL bias is not implemented
     with pytest.raises(ValueError, match="beta"):
         memory_attention(*(torch.randn(1, 1, 3, 2) for _ in range(3)), bias="l2", normalize=False)
     m = attnlab.build("gated-linear", dim=8, heads=2)
@@ -252,3 +255,157 @@ def test_bad_configurations_name_the_parameter():
         m(torch.randn(1, 4, 8), context=torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="causal"):
         m.step(torch.randn(1, 1, 8))
+
+
+# -- the ℓp and Huber memories (Moneta's and Yaad's attentional biases on a matrix memory) ---------------
+def _hand_memory(keys, values, queries, betas, grad_of_error):
+    """W (d_v × d_k) ← W − β ∇(W k − v) kᵀ in plain Python lists; the causal reads W_t q_t."""
+    d_v, d_k = len(values[0]), len(keys[0])
+    w = [[0.0] * d_k for _ in range(d_v)]
+    reads = []
+    for k, v, q, beta in zip(keys, values, queries, betas):
+        err = [sum(w[i][j] * k[j] for j in range(d_k)) - v[i] for i in range(d_v)]
+        g = grad_of_error(err)
+        w = [[w[i][j] - beta * g[i] * k[j] for j in range(d_k)] for i in range(d_v)]
+        reads.append([sum(w[i][j] * q[j] for j in range(d_k)) for i in range(d_v)])
+    return reads
+
+
+# unit keys and queries: the identity map followed by the L2 normalisation leaves them as they are
+KEYS = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]
+QUERIES = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+VALUES = [[2.0, -0.5], [0.25, 1.5], [-1.0, 0.1]]
+BETAS = [0.5, 0.25, 0.75]
+
+
+def _unit_inputs():
+    return seq(*QUERIES), seq(*KEYS), seq(*VALUES), torch.tensor([[BETAS]], dtype=F64)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 3.0])
+def test_lp_memory_by_hand(p):
+    def grad(err):  # ∂/∂e Σ|e|^p = p Sign(e) |e|^(p−1)
+        return [p * math.copysign(abs(e) ** (p - 1), e) if e else 0.0 for e in err]
+
+    want = torch.tensor(_hand_memory(KEYS, VALUES, QUERIES, BETAS, grad), dtype=F64)
+    q, k, v, beta = _unit_inputs()
+    kw = dict(feature_map="identity", bias="lp", p=p, beta=beta, normalize=False)
+    close(memory_attention(q, k, v, causal=True, **kw)[0, 0], want)
+    close(memory_attention_reference(q, k, v, causal=True, **kw)[0][0, 0], want)
+    # non-causal: every query reads the memory written over the whole sequence
+    close(memory_attention(q, k, v, **kw)[0, 0], torch.tensor(QUERIES, dtype=F64) @ _final_matrix(p).T)
+
+
+def _final_matrix(p):
+    """W_3 of the ℓp memory on the unit inputs, by hand (columns read with the basis queries)."""
+    def grad(err):
+        return [p * math.copysign(abs(e) ** (p - 1), e) if e else 0.0 for e in err]
+
+    d_v, d_k = 2, 2
+    w = [[0.0] * d_k for _ in range(d_v)]
+    for k, v, beta in zip(KEYS, VALUES, BETAS):
+        err = [sum(w[i][j] * k[j] for j in range(d_k)) - v[i] for i in range(d_v)]
+        g = grad(err)
+        w = [[w[i][j] - beta * g[i] * k[j] for j in range(d_k)] for i in range(d_v)]
+    return torch.tensor(w, dtype=F64)
+
+
+def test_huber_memory_by_hand_takes_both_branches():
+    delta = 1.0
+    taken = []
+
+    def grad(err):  # ℓ2's gradient e within δ of the target, δ Sign(e) beyond
+        norm = math.sqrt(sum(e * e for e in err))
+        taken.append(norm <= delta)
+        return list(err) if norm <= delta else [math.copysign(delta, e) if e else 0.0 for e in err]
+
+    want = torch.tensor(_hand_memory(KEYS, VALUES, QUERIES, BETAS, grad), dtype=F64)
+    assert False in taken and True in taken, taken  # the inputs exercise both branches
+    q, k, v, beta = _unit_inputs()
+    kw = dict(feature_map="identity", bias="huber", delta=delta, beta=beta, normalize=False, causal=True)
+    close(memory_attention(q, k, v, **kw)[0, 0], want)
+    close(memory_attention_reference(q, k, v, **kw)[0][0, 0], want)
+
+
+def test_lp_with_p_2_and_huber_with_a_large_delta_are_the_delta_rule():
+    """‖e‖₂² has gradient 2e, so ℓp with p = 2 and step β is the delta rule with step 2β; Huber never leaves
+    its quadratic branch when δ is larger than every error — checked against the chunked delta-rule engine."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 11, 4, generator=g, dtype=F64) for _ in range(3))
+    beta = 0.45 * torch.rand(2, 3, 11, generator=g, dtype=F64)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 7:] = False
+    common = dict(feature_map="silu", normalize=False, causal=True, attention_mask=keep)
+    delta_rule = memory_attention(q, k, v, bias="l2", beta=2 * beta, chunk_size=4, **common)
+    close(memory_attention(q, k, v, bias="lp", p=2.0, beta=beta, **common), delta_rule)
+    close(memory_attention(q, k, v, bias="huber", delta=1e6, beta=2 * beta, **common), delta_rule)
+    # non-causal, the delta rule reads forwards and backwards; the gradient memories read the final memory
+    final = memory_scan(*feature_map_qk(q, k, "silu", "lp"), v, bias="lp", p=2.0, beta=beta, attention_mask=keep)[1]
+    close(memory_attention(q, k, v, bias="lp", p=2.0, beta=beta, **{**common, "causal": False}),
+          feature_map_qk(q, k, "silu", "lp")[0] @ final)
+
+
+@pytest.mark.parametrize("retention", ["none", "fixed", "scalar", "channel"])
+@pytest.mark.parametrize("bias", ["lp", "huber"])
+def test_gradient_memories_fast_equals_reference_forward_and_backward(bias, retention):
+    torch.manual_seed(0)
+    for causal in (False, True):
+        kw = {"p": 2.5} if bias == "lp" else {"delta": 0.3}
+        m = attnlab.build("miras", dim=8, heads=3, head_dim=2, causal=causal, bias=bias, retention=retention,
+                          feature_map="silu", normalize=False, **kw).double()
+        x = torch.randn(2, 6, 8, dtype=F64, requires_grad=True)
+        keep = torch.ones(2, 6, dtype=torch.bool)
+        keep[0, [1, 4]] = False
+        w = torch.randn(2, 6, 8, dtype=F64)
+        inputs = [x, *m.parameters()]
+        fast, ref = m(x, attention_mask=keep), m(x, attention_mask=keep, impl="reference")
+        close(fast, ref)
+        for gf, gr in zip(torch.autograd.grad((fast * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+            close(gf, gr)
+
+
+@pytest.mark.parametrize("name", ["miras-lp", "miras-huber"])
+def test_gradient_memory_padding_equals_removing_the_padded_tokens(name):
+    torch.manual_seed(0)
+    m = attnlab.build(name, dim=8, heads=2, causal=True).double()
+    x = torch.randn(1, 9, 8, dtype=F64)
+    keep = torch.ones(1, 9, dtype=torch.bool)
+    keep[0, [0, 4, 5]] = False
+    close(m(x, attention_mask=keep)[:, keep[0]], m(x[:, keep[0]]))
+
+
+@pytest.mark.parametrize("name", ["miras-lp", "miras-huber"])
+def test_gradient_memory_step_continues_the_scan(name, stepped):
+    torch.manual_seed(0)
+    m = attnlab.build(name, dim=8, heads=2, causal=True).double()
+    x = torch.randn(2, 7, 8, dtype=F64)
+    close(stepped(m, x), m(x))
+    q, k, v = (torch.randn(1, 1, 6, 3, dtype=F64) for _ in range(3))
+    beta = torch.full((1, 1, 6), 0.5, dtype=F64)
+    whole, memory = memory_scan(q, k, v, bias="lp", beta=beta, causal=True)
+    first, half = memory_scan(q[:, :, :3], k[:, :, :3], v[:, :, :3], bias="lp", beta=beta[..., :3], causal=True)
+    second, end = memory_scan(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], bias="lp", beta=beta[..., 3:], causal=True,
+                              memory=half)
+    close(torch.cat([first, second], dim=2), whole)
+    close(end, memory)
+    close(gradient_memory_reference(q, k, v, bias="lp", beta=beta)[1], memory.transpose(-2, -1))
+
+
+def test_gradient_memory_entries_and_errors():
+    for name in ("miras-lp", "miras-huber"):
+        spec = attnlab.get(name)
+        assert spec.paper.id == "P157" and spec.supports.causal and spec.supports.decode
+        assert not spec.supports.materialize and not spec.normalized
+        with pytest.raises(ParameterError, match="materialize"):
+            attnlab.build(name, dim=8, heads=2).materialize(torch.randn(1, 4, 8))
+    assert attnlab.build("miras-lp", dim=8, heads=2).p == 1.5
+    with pytest.raises(ParameterError, match="p"):
+        attnlab.build("miras-lp", dim=8, heads=2, p=0.5)
+    with pytest.raises(ParameterError, match="delta"):
+        attnlab.build("miras-huber", dim=8, heads=2, delta=0.0)
+    with pytest.raises(ParameterError, match="p: only used with bias='lp'"):
+        attnlab.build("miras", dim=8, heads=2, p=2.0)
+    with pytest.raises(ParameterError, match="normalize"):
+        attnlab.build("miras", dim=8, heads=2, bias="lp")
+    with pytest.raises(ValueError, match="beta"):
+        memory_attention(*(torch.randn(1, 1, 3, 2) for _ in range(3)), bias="huber", normalize=False)
