@@ -369,7 +369,8 @@ class Page:
                 "median time and peak memory against N on log-log axes. The thick black line is SDPA (dense "
                 "<code>softmax</code>; causal SDPA on causal rows) with its spread as a grey band; error bars are each "
                 "run's spread; peers are dashed with hollow markers in their mechanism's colour. Values flagged "
-                f"implausible are not plotted ({FLAG_MARK}, listed under the figure).</p>"]
+                f"implausible are not plotted ({FLAG_MARK}, listed under the figure). Open a family to see "
+                "its figures.</p>"]
         families = r.families()
         if not families and not r.not_run:
             body.append("<p class='empty'>No speed results yet (run <code>attnlab bench speed</code>).</p>")
@@ -392,7 +393,7 @@ class Page:
             beats = [b for b in headline.beats_sdpa(r) if b.series.mechanism in mechanisms and b.from_n is not None]
             gist = (f"{len(mechanisms)} mechanism{'s' * (len(mechanisms) != 1)}; faster than SDPA at the largest N: "
                     + (", ".join(sorted({b.series.mechanism for b in beats})) or "none"))
-            body.append(f"<details class='family' open><summary><b>Family {esc(family)} "
+            body.append(f"<details class='family'><summary><b>Family {esc(family)} "
                         f"({esc(FAMILIES.get(family, 'unregistered'))})</b> <span class='gist'>{esc(gist)}</span>"
                         f"</summary>{''.join(blocks)}</details>")
         if r.not_run:
