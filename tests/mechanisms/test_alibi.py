@@ -187,3 +187,21 @@ def test_registry_entry():
     m = attnlab.build("alibi", dim=12, heads=6)
     assert isinstance(m, ALiBiAttention)
     torch.testing.assert_close(m.score_terms[0].slopes, alibi_slopes(6, dtype=F64))
+
+
+def _official_get_slopes(n):
+    """The recipe of the official code (ofirpress/attention_with_linear_biases, `get_slopes`), in its own form:
+    start = ratio = 2^(−2^−(log2 n − 3)), slopes start·ratio^i; otherwise recurse on the powers of two around n."""
+    if math.log2(n).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+    below = 2 ** math.floor(math.log2(n))
+    return _official_get_slopes(below) + _official_get_slopes(2 * below)[0::2][: n - below]
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 5, 6, 7, 8, 12, 16, 24])
+def test_slopes_follow_the_official_recipe(heads):
+    want = torch.tensor(_official_get_slopes(heads), dtype=F64)
+    torch.testing.assert_close(alibi_slopes(heads, dtype=F64), want, rtol=1e-14, atol=0)
+    m = attnlab.build("alibi", dim=4 * heads, heads=heads)
+    torch.testing.assert_close(m.score_terms[0].slopes, want, rtol=1e-14, atol=0)  # the module uses them

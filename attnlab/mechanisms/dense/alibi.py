@@ -3,7 +3,10 @@
     softmax(q_i·k_j/√d − m_h·|i − j|) V
 
 Each head h penalises a key by its distance to the query, with a fixed slope m_h from a
-geometric sequence (1/2, 1/4, ..., 1/256 for 8 heads). Tokens carry no position
+geometric sequence (1/2, 1/4, ..., 1/256 for 8 heads); for a head count that is not a power
+of two, the official recipe (`get_slopes` of github.com/ofirpress/attention_with_linear_biases,
+the paper's footnote): the slopes of the largest power of two p below, then every other slope
+of 2p heads from the first, heads − p of them (6 heads: 2^-2, 2^-4, 2^-6, 2^-8, 2^-1, 2^-3). Tokens carry no position
 embedding, so the bias exists at every length: a model trained short runs on longer
 inputs. Queries are bottom-right aligned to keys (query i sits at key position
 i + n_k − n_q), so a decoding step over a KV cache sees the last row of the causal
@@ -121,7 +124,8 @@ class ALiBi(ScoreTerm):
     name="alibi",
     paper=ALIBI,
     family="C",
-    summary="Softmax attention with ALiBi's per-head linear distance penalty (no position embedding).",
+    summary="Softmax attention with ALiBi's per-head linear distance penalty (no position embedding); slopes "
+    "by the official get_slopes recipe, also for head counts that are not powers of two.",
 )
 class ALiBiAttention(SoftmaxAttention):
     """Softmax attention with ALiBi's per-head linear distance penalty on the logits."""
