@@ -4,8 +4,8 @@
 
 Each head h penalises a key by its distance to the query, with a fixed slope m_h from a
 geometric sequence (1/2, 1/4, ..., 1/256 for 8 heads); for a head count that is not a power
-of two, the official recipe (`get_slopes` of github.com/ofirpress/attention_with_linear_biases,
-the paper's footnote): the slopes of the largest power of two p below, then every other slope
+of two, the official recipe (`get_slopes` of github.com/ofirpress/attention_with_linear_biases):
+the slopes of the largest power of two p below, then every other slope
 of 2p heads from the first, heads − p of them (6 heads: 2^-2, 2^-4, 2^-6, 2^-8, 2^-1, 2^-3). Tokens carry no position
 embedding, so the bias exists at every length: a model trained short runs on longer
 inputs. Queries are bottom-right aligned to keys (query i sits at key position
