@@ -11,6 +11,10 @@ name or a .py file) is an nn.Module or a function returning one (given `vocab_si
 that parameter); it runs in eval mode on token ids built from the `--tokens` strings
 (`explain.token_vocabulary`). A user error (unknown method, missing model, texts with a
 MODULE:NAME model...) exits with 2 and a one-line message naming the value and the choices.
+Limits (attnlab.analysis.explain): texts are cut to the model's maximum or --max-tokens, a method
+whose estimated time exceeds --budget seconds is downsampled or left out. DIR is never written
+through a symbolic link (DIR, index.html, explain.json or png/ being one is refused), and png/ holds
+only this run's figures (older *.png there are removed).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch import nn
 
 from .. import catalogue
 from ..core.errors import ParameterError, UsageError
-from .explain import METHODS, MINILM, check_no_remote_code, explain, resolve_methods, token_vocabulary
+from .explain import BUDGET, METHODS, MINILM, check_no_remote_code, explain, resolve_methods, token_vocabulary
 
 USER_ERRORS = ("model:", "tokens:", "qk:", "grads:")  # explain's messages about the model and tokens given
 MODEL_CHOICES = f"{MINILM}, a local Hugging Face model directory, or MODULE:NAME (a model of attnlab mechanisms)"
@@ -98,30 +102,63 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model}: a model of attnlab mechanisms takes --tokens \"a b c\", not TEXTs")
     if not (args.texts or tokens):
         raise UsageError("expected TEXTs (with --model minilm or DIR) or --tokens (with --model MODULE:NAME)")
+    out = Path(args.out)
+    _check_out(out)
     start = time.perf_counter()
+    limits = {"max_tokens": args.max_tokens, "budget": args.budget or None}
     if hf:
-        ex = explain(args.texts, args.model, methods=methods, quiet=args.quiet, threads=args.threads)
+        try:
+            ex = explain(args.texts, args.model, methods=methods, quiet=args.quiet, threads=args.threads, **limits)
+        except ValueError as err:
+            if not str(err).startswith(tuple(f"{m}: estimated" for m in METHODS)):
+                raise
+            raise UsageError(str(err)) from None
     else:
         model = load_module_model(args.model, len(token_vocabulary(tokens)))
         try:
-            ex = explain(model=model, tokens=tokens, methods=methods, quiet=args.quiet, threads=args.threads)
+            ex = explain(model=model, tokens=tokens, methods=methods, quiet=args.quiet, threads=args.threads, **limits)
         except (ValueError, TypeError) as err:
-            if not str(err).startswith(USER_ERRORS):
+            if not str(err).startswith(USER_ERRORS + tuple(f"{m}: estimated" for m in METHODS)):
                 raise  # from inside the model: keep the traceback
             raise UsageError(f"--model {args.model}: {err}") from None
         ex.model = args.model
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     if not args.quiet:
         print("explain: drawing figures …", file=sys.stderr, flush=True)
     figs = figures(ex)
     write_json(ex, out / "explain.json")
+    (out / "png").mkdir(exist_ok=True)
+    for stale in (out / "png").glob("*.png"):  # this run's figures only (unlink never follows a link)
+        stale.unlink()
     write_pngs(figs, out / "png")
     page = write_page(ex, out / "index.html", figs)
     if not args.quiet:
         print(f"explain: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     print(page)
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """UsageError when --out, or what explain writes inside it, is a symbolic link (never written through)."""
+    from ..cli import UsageError
+
+    for path in (out, out / "index.html", out / "explain.json", out / "png"):
+        if path.is_symlink():
+            raise UsageError(f"--out: {path} is a symbolic link; expected a real directory (explain does not write "
+                             "through links)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file; expected a directory")
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0, 0 = no limit), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0, 0 = no limit), got {text!r}")
+    return value
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -143,6 +180,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--threads", type=_positive_int, default=1, metavar="T",
                    help="torch threads (default 1: fastest for a few sentences, see attnlab.analysis.explain)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="cut each text to N tokens (default: the model's maximum, e.g. 512 for MiniLM)")
+    p.add_argument("--budget", type=_budget, default=BUDGET, metavar="SECONDS",
+                   help=f"estimated seconds each method may take (default {BUDGET:g}; 0 = no limit): flow is computed "
+                   "for the target tokens only, other methods left out, when over it")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_explain)

@@ -185,7 +185,8 @@ def figures(ex: Explanation) -> dict[str, bytes]:
     for t in range(len(ex.texts)):
         if token_methods(ex):
             out[f"tokens_t{t + 1}.png"] = tokens_figure(ex, t)
-        out[f"attention_t{t + 1}.png"] = attention_figure(ex, t)
+        if ex.attention:  # empty when explain did not keep the maps (max_map_values)
+            out[f"attention_t{t + 1}.png"] = attention_figure(ex, t)
         if "heads" in ex.methods:
             out[f"heads_t{t + 1}.png"] = heads_figure(ex, t)
         if "sinks" in ex.methods:

@@ -119,9 +119,13 @@ def _text_section(ex: Explanation, t: int) -> str:
                      "Click a token to show rollout, flow and relevance for that output token; "
                      "<span class='reset' data-text='" + str(t) + "'>back to the target</span>.</p>")
         parts += [_strip(ex, t, name) for name in names]
-    parts.append(f"<h3>Attention maps (layer × head)</h3><p class='meta'>Rows are queries, columns keys; each map "
-                 f"scaled by its maximum. Click a map to enlarge it.</p><div class='grid' data-text='{t}'></div>"
-                 f"<div class='zoom'><canvas data-text='{t}'></canvas><p class='caption'></p></div>")
+    if ex.attention:
+        parts.append(f"<h3>Attention maps (layer × head)</h3><p class='meta'>Rows are queries, columns keys; each map "
+                     f"scaled by its maximum. Click a map to enlarge it.</p><div class='grid' data-text='{t}'></div>"
+                     f"<div class='zoom'><canvas data-text='{t}'></canvas><p class='caption'></p></div>")
+    else:
+        parts.append("<h3>Attention maps (layer × head)</h3><p class='meta'>Not kept: too many numbers for the page "
+                     "(see the notes at the top; explain's max_map_values).</p>")
     if "heads" in ex.methods:
         parts.append("<h3>Head statistics</h3>" + _heads_section(ex, t))
     if "sinks" in ex.methods:
@@ -176,6 +180,7 @@ JS = r"""
   }
   document.querySelectorAll('.grid[data-text]').forEach(grid => {
     const t = +grid.dataset.text, idx = real(t), L = D.attention.length, H = D.heads;
+    if (!L) return;  // maps not kept (explain's max_map_values)
     grid.style.gridTemplateColumns = `2.5em repeat(${H}, 1fr)`;
     const zoom = grid.nextElementSibling, big = zoom.querySelector('canvas'), cap = zoom.querySelector('.caption');
     const show = (l, h) => {
@@ -264,10 +269,14 @@ JS = r"""
 
 
 def _page_data(ex: Explanation) -> dict[str, Any]:
-    """What the script needs: tokens, masks, targets, attention and each method's data, rounded."""
+    """What the script needs, rounded: tokens, masks, targets, attention, and of each method its token scores,
+    matrix and qk heads (the rest, e.g. lrp's per-head relevance, stays in explain.json)."""
+    used = ("token_scores", "matrix", "heads")
+    methods = {name: {k: v for k, v in data.items() if k in used and not (k == "heads" and name != "qk")}
+               for name, data in ex.methods.items()}
     return _round({
         "tokens": ex.tokens, "mask": ex.mask, "targets": ex.targets, "heads": ex.heads,
-        "layer_names": ex.layer_names, "attention": ex.attention, "methods": ex.methods,
+        "layer_names": ex.layer_names, "attention": ex.attention, "methods": methods,
     })
 
 
@@ -286,6 +295,9 @@ def render(ex: Explanation, figs: dict[str, bytes] | None = None) -> str:
         reasons = "".join(f"<li><b>{_e(n)}</b>: {_e(why)}</li>" for n, why in ex.skipped.items())
         body.append(f"<div class='skipped'><p class='meta'>Left out: these methods do not apply to this model.</p>"
                     f"<ul class='meta'>{reasons}</ul></div>")
+    if ex.notes:
+        notes = "".join(f"<li>{_e(note)}</li>" for note in ex.notes)
+        body.append(f"<div class='skipped'><p class='meta'>Limits applied:</p><ul class='meta'>{notes}</ul></div>")
     body += [_text_section(ex, t) for t in range(len(ex.texts))]
     if "qk" in ex.methods:
         body.append("<section id='qk'><h2>Query–key embedding (P093)</h2><p class='meta'>For each head, the queries "
