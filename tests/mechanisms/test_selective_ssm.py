@@ -205,3 +205,16 @@ def test_bad_parameters_and_inputs() -> None:
         m.step(tokens(2))
     with pytest.raises(ShapeError, match="state"):
         m.step(tokens(1), m.initial_state(3, dtype=torch.float64))
+
+
+def test_parameters_are_mambas() -> None:
+    """Mamba's block (mamba_simple.Mamba defaults: bias=False, conv_bias=True): in_proj without bias, conv with
+    bias, x_proj, dt_proj with bias, A_log, D, out_proj without bias — counted from that list."""
+    dim, expand, d_state, d_conv = 16, 2, 16, 4
+    inner, dt_rank = expand * dim, math.ceil(dim / 16)
+    want = (dim * 2 * inner + inner * d_conv + inner + inner * (dt_rank + 2 * d_state) + dt_rank * inner + inner
+            + inner * d_state + inner + inner * dim)
+    m = attnlab.build("mamba", dim=dim, heads=2)
+    assert m.in_proj.bias is None and m.out_proj.bias is None
+    assert sum(p.numel() for p in m.parameters()) == want
+    assert attnlab.build("mamba", dim=dim, heads=2, qkv_bias=True).in_proj.bias.shape == (2 * inner,)  # the option

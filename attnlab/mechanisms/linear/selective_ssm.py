@@ -290,8 +290,8 @@ class SelectiveSSM(nn.Module):
 
     The common parameters read: `heads` groups the d_inner channels for `materialize` (the
     mean of the per-channel matrices within a group); `head_dim` sets d_inner = heads · head_dim
-    (default expand · dim); `qkv_bias` is the bias of the input projection (Mamba has none);
-    `causal` must be True.
+    (default expand · dim); `qkv_bias` is the bias of the input projection, False by default as in
+    Mamba (whose in_proj has none; True adds one); `causal` must be True.
     """
 
     spec: ClassVar[Spec]
@@ -302,7 +302,7 @@ class SelectiveSSM(nn.Module):
         heads: int = 8,
         *,
         head_dim: int | None = None,
-        qkv_bias: bool = True,
+        qkv_bias: bool = False,
         causal: bool = True,
         d_state: int = 16,
         d_conv: int = 4,
