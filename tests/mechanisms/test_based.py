@@ -32,10 +32,10 @@ def test_taylor_inner_product_by_hand() -> None:
     """φ(q)·φ(k) = 1 + q·k/√d + (q·k)²/(2d): d = 4, q·k = 2 gives 1 + 1 + 0.5 = 2.5."""
     q = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     k = torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    assert taylor_feature_map(q) @ taylor_feature_map(k) == pytest.approx(2.5)
+    assert taylor_feature_map(q) @ taylor_feature_map(k) == pytest.approx(2.5, rel=1e-15)
     q2 = torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
     k2 = torch.tensor([0.5, 1.0, 1.0, -2.0], dtype=torch.float64)  # q·k = 0.5 − 1 + 2 − 1 = 0.5
-    assert taylor_feature_map(q2) @ taylor_feature_map(k2) == pytest.approx(1 + 0.5 / 2 + 0.25 / 8)
+    assert taylor_feature_map(q2) @ taylor_feature_map(k2) == pytest.approx(1 + 0.5 / 2 + 0.25 / 8, rel=1e-15)
 
 
 def test_taylor_inner_product_identity_and_width() -> None:
@@ -43,7 +43,8 @@ def test_taylor_inner_product_identity_and_width() -> None:
     q, k = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(50, 16, generator=g, dtype=torch.float64)
     dot = (q * k).sum(-1)
     got = (taylor_feature_map(q) * taylor_feature_map(k)).sum(-1)
-    torch.testing.assert_close(got, 1 + dot / 4 + dot**2 / 32)
+    # float64 to its precision: coefficients built in float32 and cast (error ~1e-8) would fail here
+    torch.testing.assert_close(got, 1 + dot / 4 + dot**2 / 32, rtol=1e-13, atol=1e-13)
     assert taylor_feature_map(q).shape[-1] == taylor_features(16) == 153
     assert (got > 0).all()  # 1 + t + t²/2 ≥ ½: the normaliser never vanishes
 

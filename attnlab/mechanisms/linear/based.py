@@ -47,7 +47,6 @@ from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     linear_attention,
-    linear_attention_reference,
     linear_attention_step,
     padding_of,
 )
@@ -61,7 +60,8 @@ def taylor_feature_map(x: Tensor) -> Tensor:
     """φ(x) = [1, x/d^{1/4}, x_a²/√(2d), x_a x_b/√d (a < b)] over the last axis (d): φ(x)·φ(y) = 1 + x·y/√d + (x·y)²/(2d)."""
     d = x.shape[-1]
     rows, cols = torch.triu_indices(d, d, device=x.device)
-    coef = torch.where(rows == cols, 1.0 / math.sqrt(2 * d), 1.0 / math.sqrt(d)).to(x.dtype)
+    coef = torch.full((rows.numel(),), 1.0 / math.sqrt(d), dtype=x.dtype, device=x.device)  # in x's dtype
+    coef[rows == cols] = 1.0 / math.sqrt(2 * d)
     second = x[..., rows] * x[..., cols] * coef
     return torch.cat([torch.ones_like(x[..., :1]), x / d**0.25, second], dim=-1)
 
@@ -175,12 +175,25 @@ def based_attention_reference(
     causal: bool = False,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(out, weights): A = A_taylor + A_window built in float64, out = A v; cast back to q's dtype."""
+    """(out, weights): A = A_taylor + A_window built in float64, out = A v; cast back to q's dtype.
+
+    A_taylor from the kernel itself, K_ij = 1 + s/√d' + s²/(2d') with s = q_f,i · k_f,j (no feature map),
+    zero on padded or (causal) future keys, each row divided by its sum.
+    """
     check_qkv(q_feature, k_feature, v)
-    _, taylor = linear_attention_reference(
-        taylor_feature_map(q_feature.double()), taylor_feature_map(k_feature.double()), v.double(),
-        causal=causal, attention_mask=attention_mask,
-    )
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+    d = q_feature.shape[-1]
+    s = q_feature.double() @ k_feature.double().transpose(-1, -2)
+    kernel = 1.0 + s / math.sqrt(d) + s * s / (2.0 * d)
+    n_q, n_k = s.shape[-2:]
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device)
+    if causal:
+        visible = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()[:, None, None, :]
+    kernel = torch.where(visible, kernel, 0.0)
+    total = kernel.sum(-1, keepdim=True)
+    taylor = torch.where(total > 0, kernel / torch.where(total > 0, total, 1.0), 0.0)
     _, local = sliding_window_attention_reference(
         q.double(), k.double(), v.double(), window=window, causal=causal, attention_mask=attention_mask
     )
