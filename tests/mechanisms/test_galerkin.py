@@ -167,3 +167,18 @@ def test_materialize_acts_on_the_normalised_values() -> None:
     a = f.materialize(x)
     qt, kt = layer_norm(heads(f, f.q_proj(x)), f.q_norm), layer_norm(heads(f, f.k_proj(x)), f.k_norm)
     torch.testing.assert_close(a, qt @ kt.transpose(-1, -2) / 7)
+
+
+@pytest.mark.parametrize("name", ["galerkin", "fourier"])
+def test_projections_start_as_the_official_code(name: str) -> None:
+    """SimpleAttention's init: W = xavier_uniform(gain 1e-2) + 1e-2·I, bias 0 — so W − 0.01·I lies within
+    the xavier bound 1e-2·√(6 / (fan_in + fan_out)); a rectangular projection gets the rectangular identity."""
+    torch.manual_seed(0)
+    for dim, heads, head_dim in ((16, 2, None), (8, 2, 6)):
+        m = attnlab.build(name, dim=dim, heads=heads, head_dim=head_dim)
+        for layer in (m.q_proj, m.k_proj, m.v_proj):
+            out, inp = layer.weight.shape
+            rest = layer.weight.detach() - 0.01 * torch.eye(out, inp)
+            bound = 1e-2 * (6.0 / (inp + out)) ** 0.5
+            assert rest.abs().max() <= bound and rest.abs().max() > bound / 2  # xavier's spread, no diagonal left
+            assert torch.equal(layer.bias.detach(), torch.zeros(out))

@@ -12,6 +12,12 @@ Fourier A = Q̃ K̃ᵀ / n acting on V. Neither is normalised: rows of A need no
 (The official code divides the Fourier scores by √d as well; the paper's equation, followed here,
 does not.)
 
+Initialisation, as the official code's SimpleAttention (`xavier_init=1e-2, diagonal_weight=1e-2`):
+the q, k and v projections get xavier_uniform with gain 1e-2 plus 1e-2 on the diagonal (W ≈ 0.01·I,
+the rectangular identity when heads·head_dim ≠ dim) and zero biases (`init_projections`). The
+official layer has no output projection (its `fc` exists only with positional features); the
+output projection here keeps PyTorch's default initialisation.
+
 Galerkin-type attention reads the keys only through K̃ᵀṼ = Σ_j k̃_j ṽ_jᵀ, a sum over tokens, so
 permuting the key/value tokens leaves every output unchanged; with 1/n the output of a constant
 sequence does not depend on its length.
@@ -48,6 +54,19 @@ from .base import LinearAttention
 
 GALERKIN = Paper("P044", "Choose a Transformer: Fourier or Galerkin", 2021, "2105.14995")
 LN_EPS = 1e-5
+
+
+XAVIER_GAIN, DIAGONAL_WEIGHT = 1e-2, 1e-2
+
+
+def init_projections(*layers: nn.Linear, gain: float = XAVIER_GAIN, diagonal: float = DIAGONAL_WEIGHT) -> None:
+    """The official initialisation of the q, k, v projections: xavier_uniform(gain) + diagonal·I, zero bias."""
+    with torch.no_grad():
+        for layer in layers:
+            nn.init.xavier_uniform_(layer.weight, gain=gain)
+            layer.weight += diagonal * torch.eye(*layer.weight.shape, dtype=layer.weight.dtype, device=layer.weight.device)
+            if layer.bias is not None:
+                layer.bias.zero_()
 
 
 class HeadLayerNorm(nn.Module):
@@ -180,6 +199,7 @@ class GalerkinAttention(LinearAttention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, normalize=False, chunk_size=chunk_size)
         self.k_norm = HeadLayerNorm(heads, self.head_dim)
         self.v_norm = HeadLayerNorm(heads, self.head_dim)
+        init_projections(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """q, K̃ = LN(k), Ṽ = LN(v), each (batch, heads, n, head_dim)."""
@@ -230,6 +250,7 @@ class FourierAttention(Attention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
         self.q_norm = HeadLayerNorm(heads, self.head_dim)
         self.k_norm = HeadLayerNorm(heads, self.head_dim)
+        init_projections(self.q_proj, self.k_proj, self.v_proj)
 
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Q̃ = LN(q), K̃ = LN(k), v, each (batch, heads, n, head_dim)."""
