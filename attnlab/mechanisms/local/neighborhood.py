@@ -13,6 +13,12 @@ exactly k keys per axis when not causal; k = L (δ = 1) is full attention. B is 
 position bias rpb[h, c'_1 − c_1 + k_1 − 1, …] (group coordinates; NATTEN's (heads, 2k − 1, …)
 table; not with causal axes) plus −inf on padded keys.
 
+NAT and DiNAT train with the bias (NATTEN's layer has `rel_pos_bias=True` in their models); here it
+is off by default (`rel_pos_bias=False`) because its table (heads, 2k − 1, …) needs the grid rank
+when the module is built, while one default module serves 1-, 2- and 3-D inputs, and because NATTEN
+defines no bias with causal axes, which the causal default builds (decoding, the recall bench) use.
+Build with `rel_pos_bias=True` and a grid rank (`grid_rank` or a kernel_size per axis) for NAT's layer.
+
 The fast path is the tiled GEMM formulation with a recomputing backward (attnlab.kernels.neighborhood).
 """
 from __future__ import annotations
@@ -275,7 +281,8 @@ def _rank_of(value: object) -> int | None:
         Param("kernel_size", (int, tuple), KERNEL_SIZE, "window per axis: one int or one per axis (odd unless causal)",
               low=1),
         Param("dilation", (int, tuple), 1, "dilation per axis (DiNAT): one int or one per axis", low=1),
-        Param("rel_pos_bias", bool, False, "learnable relative position bias (heads, 2k − 1, …), not with causal"),
+        Param("rel_pos_bias", bool, False, "learnable relative position bias (heads, 2k − 1, …) as NAT's models; "
+              "needs the grid rank, not with causal (hence off by default)"),
         Param("grid_rank", int, None, "axes of the position grid (1, 2 or 3); default: those of the input, or as "
               "many as kernel_size / dilation give", choices=(1, 2, 3), optional=True),
     ),
