@@ -118,3 +118,53 @@ def test_errors_name_the_values() -> None:
         m(torch.randn(1, 7, 8))
     with pytest.raises(ValueError, match="context"):
         m(torch.randn(1, 6, 8), context=torch.randn(1, 6, 8))
+
+
+# -- the official relative position bias of the windowed heads ------------------------------------
+def test_window_bias_by_hand() -> None:
+    """q = k = 0: the logits are the bias alone; query a and key b of a window of 2 read table[a − b + 1]."""
+    table = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)  # offsets −1, 0, +1
+    q = torch.zeros(1, 1, 4, 3, dtype=torch.float64)
+    v = torch.arange(12, dtype=torch.float64).reshape(1, 1, 4, 3)
+    def soft(x, y):
+        return [math.exp(x) / (math.exp(x) + math.exp(y)), math.exp(y) / (math.exp(x) + math.exp(y))]
+
+    rows = [soft(-1.0, 0.5), soft(2.0, -1.0)]  # a = 0: b = 0 (offset 0), b = 1 (−1); a = 1: b = 0 (+1), b = 1 (0)
+    want = torch.zeros(4, 4, dtype=torch.float64)
+    for start in (0, 2):
+        want[start : start + 2, start : start + 2] = torch.tensor(rows, dtype=torch.float64)
+    out, weights = multi_window_attention_reference(q, q, v, windows=(2,), position_bias=table)
+    torch.testing.assert_close(weights[0, 0], want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(multi_window_attention(q, q, v, windows=(2,), position_bias=table), want @ v,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_biased_fast_path_equals_reference_forward_and_backward(causal: bool) -> None:
+    q, k, v = _qkv(12, 3)
+    table = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    kpm = torch.ones(2, 12, dtype=torch.bool)
+    kpm[1, 5:9] = False
+    kw = dict(windows=(2, 4, 0), causal=causal, attention_mask=kpm, position_bias=table)
+    fast = multi_window_attention(q, k, v, **kw)
+    ref, weights = multi_window_attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(fast)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), table)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), table)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
+    assert g_fast[2].abs().max() == 0  # the global head reads no bias
+    assert g_fast[0, 3:].abs().max() == 0 and g_fast[0, :3].abs().max() > 0  # window 2 reads its first 3 entries
+    unbiased = multi_window_attention(q, k, v, windows=(2, 4, 0), causal=causal, attention_mask=kpm)
+    assert (fast - unbiased)[:, :2].abs().max() > 1e-3 and (fast - unbiased)[:, 2].abs().max() == 0
+
+
+def test_rel_pos_bias_is_on_with_fixed_windows() -> None:
+    m = attnlab.build("multi-window", dim=12, heads=3, windows=(2, 4, 0))
+    assert m.rpb is not None and m.rpb.shape == (3, 7) and 0 < m.rpb.std() < 0.1
+    assert attnlab.build("multi-window", dim=12, heads=3).rpb is None  # windows chosen per call: no table
+    assert attnlab.build("multi-window", dim=12, heads=3, windows=(2, 4, 0), rel_pos_bias=False).rpb is None
+    with pytest.raises(ValueError, match="rel_pos_bias"):
+        attnlab.build("multi-window", dim=12, heads=3, rel_pos_bias=True)
+    with pytest.raises(ValueError, match="position_bias"):
+        multi_window_attention(*_qkv(4, 1), position_bias=torch.zeros(1, 3, dtype=torch.float64))

@@ -17,9 +17,23 @@ distinct divisors 1 < w < N, spread evenly over their sorted list (repeating whe
 than h − 1 of them; windows of 1 when N is prime). Causal (not in the paper, an encoder):
 within its window a query sees keys j' <= i. Sequences only (the paper's patch sequence).
 
-The fast path groups the heads by window size and runs SDPA over the (batch · heads · N/w, w)
+Relative position bias, as the official code (WindowedAttentionHead of MW-MAE): every windowed
+head has a learned table of 2w_j − 1 scalars, and the logit of query a and key b of one window
+gets table_j[a − b + w_j − 1] (positions inside the window); global heads (AttentionHead) have
+none. The tables are one (heads, 2·max_j w_j − 1) parameter, head j reading its first 2w_j − 1
+entries, initialised trunc_normal(std 0.02) as the official PyTorch port. The table's size needs
+the windows when the module is built: `rel_pos_bias` (default None) is on when `windows` is
+given and off with windows=None (sizes chosen per call); True with windows=None is refused.
+
+Defaults: the official encoders list a tuple of window sizes per layer in their configuration
+(not derived at run time); windows=None here is the paper's stated rule above, so to reproduce
+a checkpoint pass its `windows`. The official projection has no qkv bias (`qkv_bias=False`);
+here qkv_bias keeps the library's default True.
+
+The fast path groups the heads by window size and runs SDPA over the (batch, heads, N/w, w)
 windows of each group (global heads over the whole sequence): cost O(N·Σ_j w_j·d), quadratic
-with a global head. The reference materialises each head's masked N × N matrix in float64.
+with a global head. The reference materialises each head's masked N × N matrix in float64,
+its bias indexed by i − j over the whole sequence.
 """
 from __future__ import annotations
 
@@ -28,7 +42,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...core.errors import MaskError, ParameterError, ShapeError
 from ...core.module import Attention
@@ -81,16 +95,45 @@ def multi_window_flops(n: int, heads: int, head_dim: int, causal: bool) -> float
     return 4.0 * head_dim * n * sum(w or n for w in default_windows(n, heads)) * (0.5 if causal else 1.0)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, windows: Sequence[int] | None, kpm: Tensor | None) -> tuple[int, ...]:
+def _check(q: Tensor, k: Tensor, v: Tensor, windows: Sequence[int] | None, kpm: Tensor | None,
+           position_bias: Tensor | None = None) -> tuple[int, ...]:
     check_qkv(q, k, v, same_length=True)
     check_attention_mask(kpm, q.shape[0], k.shape[2])
-    return window_sizes(windows, q.shape[1], q.shape[2])
+    sizes = window_sizes(windows, q.shape[1], q.shape[2])
+    if position_bias is not None:
+        if windows is None:
+            raise ParameterError("position_bias: needs the windows of the heads (the table's size), got windows=None")
+        want = (q.shape[1], 2 * max(windows) - 1)
+        if tuple(position_bias.shape) != want or max(windows) == 0:
+            raise ShapeError(f"position_bias: expected (heads, 2·max window − 1) = {want} with a windowed head, "
+                             f"got shape {tuple(position_bias.shape)}")
+        if position_bias.dtype != q.dtype:
+            raise TypeError(f"position_bias: expected dtype {q.dtype} (as q), got {position_bias.dtype}")
+    return sizes
 
 
 # -- the fast path -----------------------------------------------------------------------------
-def _windowed(q: Tensor, k: Tensor, v: Tensor, w: int, causal: bool, kpm: Tensor | None, scale: float | None) -> Tensor:
-    """SDPA of (batch, h, n, ·) heads within windows of w: (batch, h·n/w, w, ·) blocks."""
+def _window_bias(table: Tensor, w: int) -> Tensor:
+    """(h, w, w): table[:, a − b + w − 1] for query a and key b inside a window (the official index)."""
+    pos = torch.arange(w, device=table.device)
+    return table[:, pos[:, None] - pos[None, :] + w - 1]
+
+
+def _windowed(q: Tensor, k: Tensor, v: Tensor, w: int, causal: bool, kpm: Tensor | None, scale: float | None,
+              table: Tensor | None = None) -> Tensor:
+    """SDPA of (batch, h, n, ·) heads within windows of w: (batch, h·n/w, w, ·) blocks; with a bias table
+    (h, ≥ 2w − 1), (batch, h, n/w, w, ·) blocks and the bias as an additive mask."""
     b, h, n = q.shape[:3]
+    if table is not None:
+        blocks = [t.reshape(b, h, n // w, w, t.shape[-1]) for t in (q, k, v)]
+        keep = torch.ones(1, 1, 1, w, w, dtype=torch.bool, device=q.device)
+        if causal:
+            keep = keep.tril()
+        if kpm is not None:
+            keep = keep & kpm.reshape(b, 1, n // w, 1, w)
+        bias = _window_bias(table, w)[None, :, None].masked_fill(~keep, float("-inf"))
+        out = F.scaled_dot_product_attention(*blocks, attn_mask=bias, scale=scale)  # fully masked rows give 0
+        return out.reshape(b, h, n, v.shape[-1])
     blocks = [t.reshape(b, h * (n // w), w, t.shape[-1]) for t in (q, k, v)]
     if kpm is None:
         out = F.scaled_dot_product_attention(*blocks, is_causal=causal, scale=scale)
@@ -111,21 +154,23 @@ def multi_window_attention(
     causal: bool = False,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    position_bias: Tensor | None = None,
 ) -> Tensor:
     """MW-MHA of q, k, v (batch, heads, n, head_dim): head j attends within windows of windows[j]
     (0 = global; None: `default_windows`). attention_mask: bool (batch, n), True = real token (a
-    query whose window holds no real key gives 0); scale defaults to 1/√head_dim."""
-    sizes = _check(q, k, v, windows, attention_mask)
-    groups: dict[int, list[int]] = {}
+    query whose window holds no real key gives 0); scale defaults to 1/√head_dim; position_bias:
+    the (heads, 2·max(windows) − 1) tables of the windowed heads (needs `windows`; global heads read none)."""
+    sizes = _check(q, k, v, windows, attention_mask, position_bias)
+    groups: dict[tuple[int, bool], list[int]] = {}
     for head, w in enumerate(sizes):
-        groups.setdefault(w, []).append(head)
-    if len(groups) == 1:
-        return _windowed(q, k, v, sizes[0], causal, attention_mask, scale)
+        biased = position_bias is not None and windows is not None and windows[head] > 0
+        groups.setdefault((w, biased), []).append(head)
     parts, order = [], []
-    for w, heads in groups.items():
+    for (w, biased), heads in groups.items():
         index = torch.tensor(heads, device=q.device)
         sel = [t.index_select(1, index) for t in (q, k, v)]
-        parts.append(_windowed(*sel, w, causal, attention_mask, scale))
+        table = position_bias.index_select(0, index) if biased and position_bias is not None else None
+        parts.append(_windowed(*sel, w, causal, attention_mask, scale, table))
         order += heads
     out = torch.cat(parts, dim=1)
     if order == sorted(order):
@@ -151,15 +196,25 @@ def multi_window_attention_reference(
     causal: bool = False,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    position_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(out, weights (batch, heads, n, n)) of `multi_window_attention` in float64, cast back to q's dtype."""
-    sizes = _check(q, k, v, windows, attention_mask)
+    """(out, weights (batch, heads, n, n)) of `multi_window_attention` in float64, cast back to q's dtype;
+    the bias of head j at (i, i') is position_bias[j, i − i' + w_j − 1] (i, i' in one window)."""
+    sizes = _check(q, k, v, windows, attention_mask, position_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q64, k64, v64 = q.double(), k.double(), v.double()
-    keep = multi_window_mask(sizes, q.shape[2], causal, q.device)[None]
+    n = q.shape[2]
+    keep = multi_window_mask(sizes, n, causal, q.device)[None]
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :]
-    weights = masked_softmax((q64 @ k64.transpose(-1, -2)) * scale, keep)
+    logits = (q64 @ k64.transpose(-1, -2)) * scale
+    if position_bias is not None and windows is not None:
+        i = torch.arange(n, device=q.device)
+        for head, w in enumerate(windows):
+            if w > 0:
+                index = (i[:, None] - i[None, :] + w - 1).clamp(0, 2 * w - 2)  # outside the window: masked anyway
+                logits[:, head] = logits[:, head] + position_bias[head].double()[index]
+    weights = masked_softmax(logits, keep)
     return (weights @ v64).to(q.dtype), weights.to(q.dtype)
 
 
@@ -174,6 +229,8 @@ def multi_window_attention_reference(
     params=(
         Param("windows", tuple, None, "window size per head (0 = global), each dividing N; None: the last head "
               "global, the others distinct divisors of N spread over their sorted list", low=0, optional=True),
+        Param("rel_pos_bias", bool, None, "learned relative position bias of every windowed head (official code); "
+              "None: on when windows are given", optional=True),
     ),
     summary="MW-MHA (MW-MAE): each head attends within non-overlapping windows of its own size, global heads included.",
     test_params={"windows": (3, 0)},
@@ -196,9 +253,19 @@ class MultiWindowAttention(Attention):
         batch_first: bool = True,
         causal: bool = False,
         windows: Sequence[int] | None = None,
+        rel_pos_bias: bool | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first, causal=causal)
         self.windows = check_windows(windows, heads)
+        if rel_pos_bias is not None and not isinstance(rel_pos_bias, bool):
+            raise ParameterError(f"rel_pos_bias: expected a bool or None, got {rel_pos_bias!r}")
+        if rel_pos_bias and (self.windows is None or max(self.windows) == 0):
+            raise ParameterError("rel_pos_bias: the bias tables need fixed windows with a windowed head; "
+                                 f"got windows={self.windows!r}")
+        self.rpb: nn.Parameter | None = None
+        if rel_pos_bias is not False and self.windows is not None and max(self.windows) > 0:
+            self.rpb = nn.Parameter(torch.zeros(heads, 2 * max(self.windows) - 1))
+            nn.init.trunc_normal_(self.rpb, std=0.02)
 
     @property
     def scale(self) -> float:
@@ -221,12 +288,14 @@ class MultiWindowAttention(Attention):
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; `mask` is the key padding mask (batch, n) or None."""
         return multi_window_attention(q, k, v, windows=self.windows, causal=self.causal,
-                                      attention_mask=self._padding(mask), scale=self.scale)
+                                      attention_mask=self._padding(mask), scale=self.scale,
+                                      position_bias=self.rpb)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, n, n)); `mask` as in attend_fast."""
         return multi_window_attention_reference(q, k, v, windows=self.windows, causal=self.causal,
-                                                attention_mask=self._padding(mask), scale=self.scale)
+                                                attention_mask=self._padding(mask), scale=self.scale,
+                                                position_bias=self.rpb)
 
     def extra_repr(self) -> str:
-        return f"windows={self.windows}, causal={self.causal}"
+        return f"windows={self.windows}, causal={self.causal}, rel_pos_bias={self.rpb is not None}"
