@@ -25,9 +25,9 @@ entries, initialised trunc_normal(std 0.02) as the official PyTorch port. The ta
 the windows when the module is built: `rel_pos_bias` (default None) is on when `windows` is
 given and off with windows=None (sizes chosen per call); True with windows=None is refused.
 
-Defaults: the official encoders list a tuple of window sizes per layer in their configuration
-(not derived at run time); windows=None here is the paper's stated rule above, so to reproduce
-a checkpoint pass its `windows`. The official projection has no qkv bias (`qkv_bias=False`);
+Defaults: the official layer (WindowedMultiHeadAttention) takes its window sizes as given, one per
+head and layer, from the model that builds it; windows=None here is the paper's stated rule above,
+so to reproduce a checkpoint pass its `windows`. The official projection has no qkv bias (`qkv_bias=False`);
 here qkv_bias keeps the library's default True.
 
 The fast path groups the heads by window size and runs SDPA over the (batch, heads, N/w, w)
