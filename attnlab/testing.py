@@ -43,13 +43,38 @@ def positions(spec: Spec) -> tuple[int, ...]:
     return (9,) if rank == 1 else (5,) * rank
 
 
-def build(spec: Spec, *, causal: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """The entry at the suite's small size, in `dtype`, eval mode."""
+HEADS_SETTINGS = (3, 6)  # head counts that are not powers of two (ALiBi's slope recipe changes there)
+SETTINGS_HEAD_DIM = 4
+PER_HEAD = ("windows",)  # test_params holding one value per head: cycled to another head count
+DILATION = 2
+
+
+def build(
+    spec: Spec, *, causal: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64, heads: int = HEADS,
+    **over: Any,
+) -> nn.Module:
+    """The entry at the suite's small size, in `dtype`, eval mode; another head count gets head_dim 4 and its
+    per-head test parameters cycled; `over` replaces test parameters (e.g. dilation)."""
     torch.manual_seed(seed)
-    params: dict[str, Any] = {"dim": DIM, "heads": HEADS, **spec.test_params}
+    params: dict[str, Any] = {"dim": DIM, "heads": heads, **spec.test_params, **over}
+    if heads != HEADS:
+        params["head_dim"] = SETTINGS_HEAD_DIM
+        for name in PER_HEAD:
+            value = params.get(name)
+            if isinstance(value, tuple):
+                params[name] = tuple(value[i % len(value)] for i in range(heads))
     if causal:
         params["causal"] = True
     return spec.build(**params).to(dtype).eval()
+
+
+def settings(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
+    """Settings beyond the default build, as (label, build keywords): 3 and 6 heads, and dilation 2 (with 3
+    heads too) where the entry has a dilation parameter."""
+    out: list[tuple[str, dict[str, Any]]] = [(f"heads={h}", {"heads": h}) for h in HEADS_SETTINGS]
+    if any(p.name == "dilation" for p in spec.params):
+        out += [(f"dilation={DILATION}", {"dilation": DILATION}), (f"heads=3, dilation={DILATION}", {"heads": 3, "dilation": DILATION})]
+    return out
 
 
 def tokens(spec: Spec, *, batch: int = BATCH, seed: int = 1, dtype: torch.dtype = torch.float64, n: int | None = None) -> Tensor:
@@ -254,8 +279,28 @@ def check_batch_independence(spec: Spec) -> None:
                 _close(whole[i : i + 1], m(x[i : i + 1], impl=impl), f"{spec.name} ({impl}): batch element {i} depends on the others")
 
 
+MIXES_OUTSIDE_ATTENTION = {"mamba": "its causal depthwise convolution before the scan mixes neighbouring tokens"}
+"""Modules that are not an `Attention` whose output mixes tokens outside the attention: (name: why)."""
+
+
+def _check_no_mixing(name: str, impl: str, m: nn.Module, x: Tensor, kw: dict[str, Tensor], bsel: slice, qsel: slice) -> None:
+    """A module that is not an `Attention`: the output at a query with no visible key depends on no other token."""
+    b, n = x.shape[0], n_tokens(x)
+    rows = range(n)[qsel]
+    for z in range(b)[bsel]:
+        for i in rows:
+            y = m(x, impl=impl, **kw).reshape(b, n, -1)
+            (g,) = torch.autograd.grad(y[z, i].sum(), x)
+            g = g.reshape(b, n, -1)
+            others = torch.cat([g[:, :i], g[:, i + 1 :]], 1)
+            assert others.abs().max().item() == 0.0 and g[torch.arange(b) != z].abs().max().item() == 0.0, (
+                f"{name} ({impl}): the output at fully masked query {i} (batch element {z}) depends on other tokens"
+            )
+
+
 def check_fully_masked_rows(spec: Spec) -> None:
-    """A query with no visible key gives zeros (no NaN), forward and backward."""
+    """A query with no visible key gives zeros (no NaN), forward and backward: the core on an `Attention`, the rows
+    of materialize, and on other modules an output that depends on no other token (MIXES_OUTSIDE_ATTENTION aside)."""
     assert spec.supports is not None
     m = build(spec)
     x = tokens(spec).requires_grad_(True)
@@ -281,6 +326,8 @@ def check_fully_masked_rows(spec: Spec) -> None:
                 y = m(x, impl=impl, **kw)
                 (g,) = torch.autograd.grad(y.sum(), x)
                 assert torch.isfinite(y).all(), f"{spec.name} ({impl}): NaN/Inf with fully masked rows"
+                if spec.name not in MIXES_OUTSIDE_ATTENTION:
+                    _check_no_mixing(spec.name, impl, m, x, kw, bsel, qsel)
             assert torch.isfinite(g).all(), f"{spec.name} ({impl}): NaN/Inf gradient with fully masked rows"
         if not spec.supports.materialize:
             continue
@@ -288,11 +335,156 @@ def check_fully_masked_rows(spec: Spec) -> None:
         assert w[bsel][:, :, qsel].abs().max().item() == 0.0, f"{spec.name}: materialize rows of masked queries are not zero"
 
 
+def check_settings(spec: Spec) -> None:
+    """Under each of `settings` (3 and 6 heads, dilation 2): fast == reference in float64, forward and input
+    gradient, without a mask and with key padding; step-by-step decoding == the causal forward."""
+    assert spec.supports is not None
+    for label, over in settings(spec):
+        for causal in _variants(spec):
+            m = build(spec, causal=causal, **over)
+            x0 = tokens(spec)
+            cases: list[tuple[str, dict[str, Tensor]]] = [("no mask", {})]
+            if spec.supports.key_padding:
+                keep = torch.ones(x0.shape[0], n_tokens(x0), dtype=torch.bool)
+                keep[0, -3:] = False
+                cases.append(("attention_mask", {"attention_mask": keep}))
+            for case, kw in cases:
+                what = f"{spec.name} ({label}, causal={causal}, {case})"
+                x = x0.clone().requires_grad_(True)
+                fast, ref = m(x, impl="fast", **kw), m(x, impl="reference", **kw)
+                _close(fast, ref, f"{what} forward")
+                w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(3), dtype=fast.dtype)
+                (gf,), (gr,) = torch.autograd.grad((fast * w).sum(), x), torch.autograd.grad((ref * w).sum(), x)
+                _close(gf, gr, f"{what} input gradient")
+            if causal and spec.supports.decode and len(x0.shape) == 3:
+                with torch.no_grad():
+                    _close(_decoded(m, x0), m(x0), f"{spec.name} ({label}): step-by-step decoding differs from the causal forward")
+
+
+def _alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's slopes by the official recipe (ofirpress/attention_with_linear_biases): 2^(-8h/n) for n = heads a
+    power of two; otherwise those of the largest power of two p below, then every other slope of 2p heads."""
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    p = 2 ** math.floor(math.log2(heads))
+    return geometric(heads) if p == heads else geometric(p) + geometric(2 * p)[0::2][: heads - p]
+
+
+def _alibi_oracle(m: Any, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n_q, n_k = q.shape[2], k.shape[2]
+    i = torch.arange(n_q, dtype=torch.float64)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, dtype=torch.float64)[None, :]
+    slopes = torch.tensor(_alibi_slopes(q.shape[1]), dtype=torch.float64)
+    return q, k, -slopes[:, None, None] * (i - j).abs()
+
+
+def _rope_oracle(m: Any, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RoPE in its rotate-half form: channel m pairs with m + d/2 and turns by p·base^(-2m/d) at position p."""
+    d = q.shape[-1]
+    theta = float(m.base) ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2.0 / d)
+
+    def turn(t: Tensor, start: int) -> Tensor:
+        angle = (torch.arange(t.shape[2], dtype=torch.float64) + start)[:, None] * theta
+        t1, t2 = t[..., : d // 2], t[..., d // 2 :]
+        return torch.cat((t1 * angle.cos() - t2 * angle.sin(), t2 * angle.cos() + t1 * angle.sin()), -1)
+
+    return turn(q, k.shape[2] - q.shape[2]), turn(k, 0), torch.zeros(())
+
+
+ORACLES: dict[str, Callable[[Any, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    "softmax": lambda m, q, k: (q, k, torch.zeros(())),
+    "alibi": _alibi_oracle,
+    "rope": _rope_oracle,
+}
+"""Dense entries with an oracle written here from the formula, sharing no helper with the library:
+(module, q, k) -> (q', k', score bias (heads, n_q, n_k)) for softmax(q'k'ᵀ/√d + bias) v."""
+
+
+def _softmax_oracle(q: Tensor, k: Tensor, bias: Tensor, keep: Tensor) -> Tensor:
+    """softmax(q kᵀ/√d + bias) over the kept keys, float64, by exp and sum; rows with no kept key are 0."""
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    scores = scores.masked_fill(~keep, -math.inf)
+    top = scores.amax(-1, keepdim=True).clamp_min(-1e300)
+    e = (scores - top).exp()
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def check_dense_oracle(spec: Spec) -> None:
+    """Entries in ORACLES: the core, the module's output and materialize equal softmax(q kᵀ/√d + bias) v computed
+    here (scale 1/√head_dim, the paper's bias), at 2, 3 and 6 heads, causal or not, with and without padding."""
+    if spec.name not in ORACLES:
+        return
+    assert spec.supports is not None
+    for heads in (HEADS, *HEADS_SETTINGS):
+        for causal in _variants(spec):
+            m: Any = build(spec, causal=causal, heads=heads)
+            x = tokens(spec)
+            b, n = x.shape[0], n_tokens(x)
+            q, k, v = m.project(x)
+            q2, k2, bias = ORACLES[spec.name](m, q.detach(), k.detach())
+            pad = torch.ones(b, n, dtype=torch.bool)
+            pad[0, -3:] = False
+            for label, keep in (("no mask", None), ("attention_mask", pad)):
+                allowed = torch.ones(b, 1, n, n, dtype=torch.bool) if keep is None else keep[:, None, None, :].clone()
+                if causal:
+                    allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+                weights = _softmax_oracle(q2, k2, bias, allowed)
+                what = f"{spec.name} (heads={heads}, causal={causal}, {label})"
+                kw = {} if keep is None else {"attention_mask": keep}
+                for impl in ("fast", "reference"):
+                    _close(m.attend(q, k, v, impl=impl, **kw), weights @ v.double(), f"{what}: attend ({impl}) != the oracle's A v")
+                with torch.no_grad():
+                    _close(m(x, **kw), m.out_proj(m.merge_heads(weights @ v.double())), f"{what}: forward != out_proj(A v) of the oracle")
+                    _close(m.materialize(x, **kw), weights, f"{what}: materialize != the oracle's A")
+
+
+PAD = 12  # padded tokens: a multiple of every block, chunk and window size in the entries' test parameters
+PADDING_ANYWHERE = ("softmax", "linear", "efficient", "galerkin", "delta", "gated-linear", "retention", "miras",
+                    "miras-lp", "miras-huber", "local-linear", "fourier", "xcit", "channel-group", "swiftformer")
+"""Entries with no position in their maths (or a decay that skips padded keys): padding between real tokens
+is checked too, not only before and after them."""
+PADDING_MOVES = {
+    "neighborhood": (("after", "before"), "a window is clamped at the sequence's ends, not at its real tokens (NAT)"),
+    "power-attention": (("before",), "the sink blocks are the sequence's first blocks"),
+    "proxy-token": (("before",), "a window's random proxy is drawn by the window's position"),
+}
+"""Entries whose pattern sits at absolute positions: (placements not checked, why)."""
+
+
+def check_padding_is_removal(spec: Spec) -> None:
+    """Padding a sequence (1-D entries with key padding) does not change the real tokens' outputs: the padded
+    input (PAD tokens of large random values after the real ones, before them, and between them for
+    PADDING_ANYWHERE; PADDING_MOVES lists the exceptions) equals the unpadded sequence run without a mask, fast
+    and reference."""
+    assert spec.supports is not None
+    if not spec.supports.key_padding or len(positions(spec)) != 1:
+        return
+    gen = torch.Generator().manual_seed(11)
+    real = torch.randn(BATCH, positions(spec)[0], DIM, generator=gen, dtype=torch.float64)
+    junk = 10 * torch.randn(BATCH, PAD, DIM, generator=gen, dtype=torch.float64)
+    n, cut = real.shape[1], real.shape[1] // 2
+    places = {"after": [real, junk], "before": [junk, real]}
+    if spec.name in PADDING_ANYWHERE:
+        places["between"] = [real[:, :cut], junk, real[:, cut:]]
+    for place in PADDING_MOVES.get(spec.name, ((), ""))[0]:
+        del places[place]
+    for causal in _variants(spec):
+        m = build(spec, causal=causal)
+        for place, parts in places.items():
+            x = torch.cat(parts, 1)
+            keep = torch.cat([torch.full(p.shape[:2], p is not junk) for p in parts], 1)
+            for impl in ("fast", "reference"):
+                got = m(x, attention_mask=keep, impl=impl)[keep].reshape(BATCH, n, DIM)
+                _close(got, m(real, impl=impl), f"{spec.name} ({impl}, causal={causal}): padding {place} the real tokens "
+                       "changes their outputs (!= the unpadded sequence)")
+
+
 def _raises(fn: Callable[[], Any], kinds: tuple[type[Exception], ...], what: str, needle: str) -> None:
     try:
         fn()
     except kinds as exc:
-        assert needle in str(exc), f"{what}: message does not name {needle!r}: {exc}"
+        assert str(exc).startswith(needle), f"{what}: message does not start with {needle!r}: {exc}"
         return
     except Exception as exc:  # noqa: BLE001 — a wrong kind of error is a failure
         raise AssertionError(f"{what}: expected {[k.__name__ for k in kinds]}, got {type(exc).__name__}: {exc}") from exc
@@ -305,31 +497,31 @@ def check_bad_inputs(spec: Spec) -> None:
     m = build(spec)
     x = tokens(spec)
     n = n_tokens(x)
-    _raises(lambda: m(x[0]), (ValueError,), "input of the wrong rank", "x")
-    _raises(lambda: m(torch.randn(*x.shape[:-1], DIM + 1, dtype=x.dtype)), (ValueError,), "wrong model width", "x")
-    _raises(lambda: m(x.to(torch.int64)), (TypeError,), "integer input", "x")
+    _raises(lambda: m(x[0]), (ValueError,), "input of the wrong rank", "x: expected a ")
+    _raises(lambda: m(torch.randn(*x.shape[:-1], DIM + 1, dtype=x.dtype)), (ValueError,), "wrong model width", "x: expected last dimension dim=")
+    _raises(lambda: m(x.to(torch.int64)), (TypeError,), "integer input", "x: expected a floating-point")
     nan = x.clone()
     nan.reshape(-1)[5] = float("nan")
-    _raises(lambda: m(nan), (ValueError,), "NaN input", "x")
+    _raises(lambda: m(nan), (ValueError,), "NaN input", "x: expected finite")
     ones = torch.ones(x.shape[0], n, dtype=torch.bool)
     if spec.supports.key_padding:
-        _raises(lambda: m(x, attention_mask=torch.ones(x.shape[0], n + 1, dtype=torch.bool)), (ValueError,), "attention_mask of the wrong shape", "attention_mask")
-        _raises(lambda: m(x, attention_mask=ones.to(x.dtype)), (TypeError,), "attention_mask of a float dtype", "attention_mask")
-        _raises(lambda: m(x, attention_mask=2 * ones.long()), (ValueError,), "attention_mask with values other than 0/1", "attention_mask")
-        _raises(lambda: m(x, key_padding_mask=(~ones).to(x.dtype)), (TypeError,), "a float key_padding_mask", "key_padding_mask")
-        _raises(lambda: m(x, key_padding_mask=~ones[:, :-1]), (ValueError,), "key_padding_mask of the wrong shape", "key_padding_mask")
-        _raises(lambda: m(x, attention_mask=ones, key_padding_mask=~ones), (ValueError,), "both padding masks", "key_padding_mask")
+        _raises(lambda: m(x, attention_mask=torch.ones(x.shape[0], n + 1, dtype=torch.bool)), (ValueError,), "attention_mask of the wrong shape", "attention_mask: ")
+        _raises(lambda: m(x, attention_mask=ones.to(x.dtype)), (TypeError,), "attention_mask of a float dtype", "attention_mask: ")
+        _raises(lambda: m(x, attention_mask=2 * ones.long()), (ValueError,), "attention_mask with values other than 0/1", "attention_mask: ")
+        _raises(lambda: m(x, key_padding_mask=(~ones).to(x.dtype)), (TypeError,), "a float key_padding_mask", "key_padding_mask: ")
+        _raises(lambda: m(x, key_padding_mask=~ones[:, :-1]), (ValueError,), "key_padding_mask of the wrong shape", "key_padding_mask: ")
+        _raises(lambda: m(x, attention_mask=ones, key_padding_mask=~ones), (ValueError,), "both padding masks", "attention_mask, key_padding_mask: expected one of them")
     else:
-        _raises(lambda: m(x, attention_mask=ones), (ValueError,), "unsupported attention_mask", "attention_mask")
-        _raises(lambda: m(x, key_padding_mask=~ones), (ValueError,), "unsupported key_padding_mask", "key_padding_mask")
+        _raises(lambda: m(x, attention_mask=ones), (ValueError,), "unsupported attention_mask", "attention_mask: ")
+        _raises(lambda: m(x, key_padding_mask=~ones), (ValueError,), "unsupported key_padding_mask", "key_padding_mask: ")
     if spec.supports.attn_mask:
-        _raises(lambda: m(x, attn_mask=torch.ones(n, n + 1, dtype=torch.bool)), (ValueError,), "attn_mask of the wrong shape", "attn_mask")
-        _raises(lambda: m(x, attn_mask=torch.ones(n, n, dtype=torch.int32)), (TypeError,), "attn_mask of the wrong dtype", "attn_mask")
+        _raises(lambda: m(x, attn_mask=torch.ones(n, n + 1, dtype=torch.bool)), (ValueError,), "attn_mask of the wrong shape", "attn_mask: ")
+        _raises(lambda: m(x, attn_mask=torch.ones(n, n, dtype=torch.int32)), (TypeError,), "attn_mask of the wrong dtype", "attn_mask: ")
     if isinstance(m, Attention):
         q, k, v = m.project(x.reshape(x.shape[0], n, DIM))
-        _raises(lambda: m.attend(q, k[:, :1], v[:, :1]), (ValueError,), "head-count mismatch", "head")
-        _raises(lambda: m.attend(q, k.float(), v), (TypeError,), "dtype mismatch between q, k, v", "dtype")
-        _raises(lambda: m.attend(q[0], k[0], v[0]), (ValueError,), "q of the wrong rank", "q")
+        _raises(lambda: m.attend(q, k[:, :1], v[:, :1]), (ValueError,), "head-count mismatch", "q, k, v: head counts differ")
+        _raises(lambda: m.attend(q, k.float(), v), (TypeError,), "dtype mismatch between q, k, v", "q, k, v: expected one dtype")
+        _raises(lambda: m.attend(q[0], k[0], v[0]), (ValueError,), "q of the wrong rank", "q: expected ")
 
 
 def _check_summary_keys(spec: Spec, m: Any, x: Tensor, causal: bool) -> None:
@@ -432,6 +624,9 @@ CHECKS: dict[str, Callable[[Spec], None]] = {
     "bad_inputs": check_bad_inputs,
     "materialize": check_materialize,
     "state_dict": check_state_dict,
+    "settings": check_settings,
+    "dense_oracle": check_dense_oracle,
+    "padding_is_removal": check_padding_is_removal,
     "decode": check_decode,
     "float32": check_float32,
 }

@@ -8,13 +8,27 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab import testing
+from attnlab.core.errors import ShapeError
 from attnlab.core.module import Attention
 
 NAMES = [spec.name for spec in attnlab.list_mechanisms()]
+KNOWN_FAILURES = {
+    ("routing", "padding_is_removal"): "routing.py route(): the cluster width w = ceil(n/k) counts padded positions, "
+    "so padding changes which real tokens share a cluster (reported in issue 11)",
+}
 
 
-@pytest.mark.parametrize("check", sorted(testing.CHECKS))
-@pytest.mark.parametrize("name", NAMES)
+def _cases() -> list:
+    out = []
+    for name in NAMES:
+        for check in sorted(testing.CHECKS):
+            why = KNOWN_FAILURES.get((name, check))
+            marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=why)] if why else []
+            out.append(pytest.param(name, check, marks=marks, id=f"{name}-{check}"))
+    return out
+
+
+@pytest.mark.parametrize(("name", "check"), _cases())
 def test_conformance(name: str, check: str) -> None:
     testing.CHECKS[check](attnlab.get(name))
 
@@ -36,15 +50,16 @@ def test_property_shapes(name: str, batch: int, n: int, heads: int, head_dim: in
     """Random small shapes: output shape, fast == reference, rows of materialize sum to 1."""
     spec = attnlab.get(name)
     params = {"dim": 8, "heads": heads, "head_dim": head_dim, **spec.test_params}
-    try:
-        m = spec.build(**params).double()
-    except ValueError:
-        return  # this configuration is outside the mechanism's documented range (tested in its own file)
+    for key in testing.PER_HEAD:  # one value per head: cycled to this head count
+        if isinstance(params.get(key), tuple):
+            params[key] = tuple(params[key][i % len(params[key])] for i in range(heads))
+    m = spec.build(**params).double()  # every head count and head_dim drawn here is in range
     x = torch.randn(batch, n, 8, dtype=torch.float64)
     try:
         fast = m(x)
-    except ValueError as exc:  # too few tokens for the mechanism's window: must say so by name
-        assert any(w in str(exc) for w in ("x", "kernel", "window", "n")), str(exc)
+    except ShapeError as exc:  # a length the mechanism's window or group cannot cut: the message names that size
+        named = str(exc).split(":")[0]
+        assert named in spec.test_params and str(n) in str(exc), str(exc)
         return
     assert fast.shape == x.shape
     torch.testing.assert_close(fast, m(x, impl="reference"), atol=testing.ATOL64, rtol=testing.RTOL64)
