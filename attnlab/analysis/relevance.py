@@ -250,6 +250,17 @@ def default_target(outputs: Any, position: Tensor, mask: Tensor) -> Tensor:
     return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).norm(dim=-1)
 
 
+def _check_batches(att: Attentions) -> None:
+    """ValueError when the records disagree on the batch: maps per window (Swin) are not token × token maps."""
+    batches = {r.weights.shape[0]: r.name for r in att.records}
+    if len(batches) > 1:
+        shown = ", ".join(f"{name} ({b})" for b, name in batches.items())
+        raise ValueError(
+            f"model: the attention calls have different batch sizes ({shown}): maps per window (e.g. Swin's windowed "
+            "attention) are not token × token maps of the sequence, so relevance does not apply"
+        )
+
+
 def _pool_mask(att: Attentions, masks: Mapping[str, Tensor], output: str, calls: Sequence[tuple[str, str]]) -> Tensor:
     """Real tokens pooled by the default target: the model call's mask when the explained stream is the one
     the input enters (first call) and the shapes agree, else that stream's own mask (the decoder of an
@@ -269,6 +280,7 @@ def _run(model: nn.Module, inputs: Mapping[str, Any] | Tensor, target: Target | 
         outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
         if not att.records:
             raise ValueError("model: no attention call was captured")
+        _check_batches(att)
         calls = _calls(att, model, streams)
         masks = _stream_masks(att, calls)
         output = "decoder" if "decoder" in masks and streams is None else calls[-1][0]

@@ -30,6 +30,7 @@ ARCHS = {
     "bert": (TEXT, "text"),
     "roberta": (dict(TEXT, pad_token_id=1), "text"),
     "electra": (dict(TEXT, embedding_size=D), "text"),
+    "albert": (dict(TEXT, embedding_size=16), "text"),
     "distilbert": (dict(vocab_size=64, dim=D, n_layers=2, n_heads=4, hidden_dim=2 * D, max_position_embeddings=64,
                         pad_token_id=0), "text"),
     "deberta-v2": (dict(TEXT, relative_attention=True, position_buckets=8, max_relative_positions=16,
@@ -46,6 +47,11 @@ ARCHS = {
     "gpt2": (dict(vocab_size=64, n_embd=D, n_layer=2, n_head=4, n_positions=64), "causal"),
     "opt": (dict(TEXT, ffn_dim=2 * D, word_embed_proj_dim=D), "causal"),
     "phi": (dict(TEXT, num_key_value_heads=4), "causal"),
+    "gemma3_text": (dict(TEXT, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]), "causal"),
+    "gpt_bigcode": (dict(vocab_size=64, n_embd=D, n_layer=2, n_head=4, n_positions=64, multi_query=True), "causal"),
+    "gptj": (dict(vocab_size=64, n_embd=D, n_layer=2, n_head=4, n_positions=64, rotary_dim=4), "causal"),
+    "gpt_neox": (dict(TEXT, rotary_pct=0.5), "causal"),
     "falcon": (dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, alibi=True,
                     new_decoder_architecture=False, multi_query=True), "causal"),
     "bloom": (dict(vocab_size=64, hidden_size=D, n_layer=2, n_head=4), "causal"),
@@ -56,6 +62,9 @@ ARCHS = {
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2), "causal"),
     # encoder-decoders: learned and relative positions
     "bart": (BART, "seq2seq"),
+    "marian": (BART, "seq2seq"),
+    "mbart": (BART, "seq2seq"),
+    "pegasus": (BART, "seq2seq"),
     "t5": (T5, "seq2seq"),
     "mt5": (T5, "seq2seq"),
     "umt5": (T5, "seq2seq"),
@@ -64,7 +73,12 @@ ARCHS = {
                                  expert_capacity=8), "seq2seq"),
     # vision towers
     "vit": (VISION, "vision"),
+    "deit": (VISION, "vision"),
+    "dinov2": (VISION, "vision"),
+    "beit": (dict(VISION, use_relative_position_bias=True), "vision"),
+    "swin": (dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=16, patch_size=2), "vision"),
     "clip": (dict(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION, projection_dim=D), "clip"),
+    "siglip": (dict(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION), "clip"),
     # audio: per-sample masks, per-frame attention; relative positions in the conformer
     "wav2vec2": (AUDIO, "audio"),
     "hubert": (AUDIO, "audio"),
@@ -173,6 +187,13 @@ def test_masks_rollout_and_relevance_run(model_type):
         with capture(model) as att:
             model(**inputs)
     streams = target = None
+    if model_type == "swin":  # maps per window (batch · windows, heads, w², w²): no token x token chain
+        assert {r.weights.shape[0] for r in att.records} == {2 * 16, 2 * 4}  # 8 x 8 patches in 2 x 2 windows, then 4 x 4
+        with pytest.raises(ValueError, match="do not chain from layer to layer|need self-attention maps of one shape"):
+            rollout(att)
+        with pytest.raises(ValueError, match="maps per window"):
+            generic_relevance(model, inputs)
+        return
     if kind == "clip":
         vision = att.select("vision")
         assert vision.attention_mask.shape == (2, vision.records[0].weights.shape[-1]) and bool(vision.attention_mask.all())
