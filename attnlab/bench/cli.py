@@ -363,11 +363,13 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
                            repeats=QUICK_REPEATS, threads=QUICK_THREADS, total_s=args.speed_seconds,
-                           quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS, lengths_for={
+                           quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS, min_rounds=3, lengths_for={
                                **{s.name: QUICK_GRID_LENGTHS for s in list_mechanisms() if grid_rank(s) > 1},
                                **QUICK_LENGTHS_FOR})
-    say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (smallest first), "
-        f"{' and '.join(QUICK_MODES)}, starting nothing after {args.speed_seconds:g} s; results in {args.db}",
+    say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (2-D grids: "
+        f"{', '.join(map(str, QUICK_GRID_LENGTHS))}), {' and '.join(QUICK_MODES)}, one thread, in rounds (each at its "
+        f"k-th N before any at its next), starting nothing after {args.speed_seconds:g} s once each has 3 lengths; "
+        f"results in {args.db}",
         quiet=args.quiet)
     try:
         results = run_speed(store, names, options)

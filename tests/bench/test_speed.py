@@ -490,12 +490,21 @@ def test_rounds_give_every_series_its_kth_length_before_any_its_next():
     names = ["softmax", "linear", "halo"]
     configs = speed.make_configs([attnlab.get("softmax")], options, lengths={"softmax": [256, 512, 1024, 2048, 4096]})
     configs += speed.make_configs([attnlab.get("linear"), attnlab.get("halo")], options)
-    order = [(c["mechanism"], c["n"]) for c in speed._rounds(configs, options.modes, names)]
+    rounds = speed._rounds(configs, options.modes, names)
+    order = [(c["mechanism"], c["n"]) for _, c in rounds]
+    assert [k for k, _ in rounds] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
     assert order == [("softmax", 256), ("linear", 256), ("halo", 256),
                      ("softmax", 512), ("linear", 512),
-                     ("softmax", 1024), ("halo", 1024), ("linear", 1024),  # halo's third N in the third round
+                     ("softmax", 1024), ("halo", 1024), ("linear", 1024),  # with halo's second N
                      ("softmax", 2048), ("softmax", 4096), ("halo", 4096), ("linear", 2048)]
     # each series still goes up in N (the predictions and the blocking after an over-budget N rely on it)
     for name in names:
         ns = [n for m, n in order if m == name]
         assert ns == sorted(ns)
+
+
+def test_the_time_limit_does_not_stop_the_first_rounds(tmp_path):
+    options = SpeedOptions(lengths=(64, 96, 128), modes=("fwd",), budget_s=1.0, repeats=3, threads=1, quiet=True,
+                           total_s=1e-9, min_rounds=2)
+    results = run_speed(ResultStore(tmp_path / "r.sqlite"), ["softmax"], options)
+    assert [(r.config["n"], r.status) for r in results] == [(64, "ok"), (96, "ok")]  # not 128: the next run's
