@@ -155,3 +155,61 @@ def test_errors_name_the_argument():
     m = attnlab.build("mra", dim=8, heads=2, block_size=2)
     with pytest.raises(ValueError, match="attn_mask"):
         m(torch.randn(1, 5, 8), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+# -- the paper code's global budget ---------------------------------------------------------------
+def _block_structured() -> list[torch.Tensor]:
+    """4 blocks of 8: query blocks 0–1 see key block 0 dominate (one refined block is enough); query
+    blocks 2–3 see four key blocks equal at block level whose tokens differ (the coarse logit is poor)."""
+    g = torch.Generator().manual_seed(0)
+    b, nb, d = 8, 4, 8
+    n = b * nb
+    k = 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    xi = torch.randn(n, generator=g, dtype=torch.float64)
+    xi = xi - xi.view(nb, b).mean(-1).repeat_interleave(b)  # zero mean in every block
+    k[:, 0] += 3.0 * xi
+    k[:b, 1] += 3.0
+    q = 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    q[: 2 * b, 1] += 6.0
+    q[2 * b :, 0] += 3.0
+    v = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return [t[None, None] for t in (q, k, v)]
+
+
+def test_global_budget_has_lower_error_on_block_structured_inputs() -> None:
+    q, k, v = _block_structured()
+    exact = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
+    err = {}
+    for selection in ("block", "global"):
+        out = mra_attention(q, k, v, block_size=8, blocks=2, selection=selection)
+        torch.testing.assert_close(out, mra_attention_reference(q, k, v, block_size=8, blocks=2, selection=selection)[0],
+                                   rtol=1e-12, atol=1e-12)
+        err[selection] = ((out - exact).norm() / exact.norm()).item()
+    assert err["global"] < 0.8 * err["block"], err  # 0.35 vs 0.48 here
+
+
+def test_global_budget_spends_m_times_nb_blocks_unevenly() -> None:
+    """The weights show the refinement: a refined block has token-varying weights, a coarse one a constant."""
+    q, k, v = _block_structured()
+    _, w = mra_attention_reference(q, k, v, block_size=8, blocks=2, selection="global")
+    blocks = w[0, 0].view(4, 8, 4, 8)  # (query block, query, key block, key)
+    varies = (blocks.amax(-1) - blocks.amin(-1)).amax(1) > 1e-12  # (query block, key block): refined
+    assert varies.sum().item() == 8  # m · n_b = 2 · 4
+    # the peaked query blocks keep only their dominant key block; the spread ones get the other 6 (per block: 2 + 2)
+    assert varies[:2].sum(-1).tolist() == [1, 1] and varies[2:].sum().item() == 6
+
+
+@pytest.mark.parametrize("causal_padding", [False, True])
+def test_global_selection_fast_equals_reference_with_padding(causal_padding: bool) -> None:
+    q, k, v = _qkv(21, heads=3)
+    kpm = torch.ones(2, 21, dtype=torch.bool)
+    if causal_padding:
+        kpm[1, 13:] = False
+    fast = mra_attention(q, k, v, block_size=4, blocks=2, selection="global", attention_mask=kpm)
+    ref = mra_attention_reference(q, k, v, block_size=4, blocks=2, selection="global", attention_mask=kpm)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    m = attnlab.build("mra", dim=12, heads=3, block_size=4, blocks=2, selection="global").double()
+    x = torch.randn(2, 21, 12, dtype=torch.float64)
+    torch.testing.assert_close(m(x, attention_mask=kpm), m(x, attention_mask=kpm, impl="reference"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ParameterError, match="selection"):
+        attnlab.build("mra", dim=12, heads=3, selection="per-row")

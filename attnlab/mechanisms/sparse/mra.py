@@ -12,10 +12,14 @@ by the block-constant exp(L_xy) on every other block — one normalisation over 
 the MRA-2 "full" scheme of the paper's code (low-resolution terms enter as c_y·exp(L_xy)·v̂_y).
 With m ≥ n/b every block is refined and MRA is exact softmax attention.
 
-Deviations from the official code: the budget is m blocks per query block (the official
-code takes a global top-(m·n/b) over row-max-normalised coarse logits), with no forced
-diagonal/first-block priors; key padding removes padded tokens from the block means
-and counts.
+Selection of T. `selection="block"` (default): the m key blocks of largest L_xy in each query
+block's row. `selection="global"`: the paper's code's budget — one top-(m·n_b) over all
+(query block, key block) pairs of the row-max-normalised coarse logits L_xy − max_y' L_xy', so
+a query block whose attention is spread over many key blocks gets more refined blocks and a
+peaked one fewer (some none); the total is the same. On block-structured inputs the global
+budget approximates better (the test builds such a case). Deviations from the official code:
+no forced diagonal/first-block priors; key padding removes padded tokens from the block
+means and counts.
 
 Fast path: the refined blocks run on the block-sparse engine. The low-resolution mass of
 query block x becomes one extra "sink" key per block x: with q'_i = [q_i·s, 1],
@@ -41,7 +45,7 @@ from ...core.errors import ParameterError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_int, check_qkv
+from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
 from .base import BlockSparseAttention
 
@@ -86,11 +90,23 @@ def mra_coarse(
     return logits, count.view(bsz, 1, nb), means(v)
 
 
-def mra_select(logits: Tensor, blocks: int) -> Tensor:
-    """The top-`blocks` key blocks of each query block, (batch, heads, nb, min(blocks, nb)) int64,
-    by the coarse logits; not differentiated (ties: torch.topk's order)."""
+SELECTIONS = ("block", "global")
+
+
+def mra_select(logits: Tensor, blocks: int, selection: str = "block") -> Tensor:
+    """The refined key blocks of each query block as candidates (batch, heads, nb, C) int64, −1 = none:
+    "block", the top-`blocks` of each row (C = min(blocks, nb)); "global", the top-(blocks·nb) of all
+    pairs by L_xy − max_y' L_xy' (C = nb). Not differentiated; ties go to the lower index (a stable sort)."""
     with torch.no_grad():
-        return logits.detach().topk(min(blocks, logits.shape[-1]), dim=-1).indices
+        logits = logits.detach()
+        nb = logits.shape[-1]
+        if selection == "block":
+            return logits.argsort(dim=-1, descending=True, stable=True)[..., :blocks]
+        normed = (logits - logits.amax(-1, keepdim=True)).nan_to_num(nan=float("-inf"))  # empty rows: −inf
+        flat = normed.flatten(-2)
+        picked = flat.argsort(dim=-1, descending=True, stable=True)[..., : blocks * nb]
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked, True).view(logits.shape)
+        return torch.where(chosen, torch.arange(nb, device=logits.device), -1)
 
 
 def mra_attention(
@@ -102,10 +118,13 @@ def mra_attention(
     blocks: int = 4,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    selection: str = "block",
 ) -> Tensor:
     """MRA-2 attention over (batch, heads, n, head_dim) self-attention inputs: the top-`blocks` key
-    blocks of each query block exact, the others at block resolution, one normalisation."""
+    blocks of each query block (selection="block") or the top-(blocks·n_b) pairs overall
+    (selection="global") exact, the others at block resolution, one normalisation."""
     s = _check_args(q, k, v, block_size, blocks, attention_mask, scale)
+    check_choice("selection", selection, SELECTIONS)
     bsz, h, n, d = q.shape
     dv = v.shape[-1]
     if n == 0:
@@ -113,8 +132,9 @@ def mra_attention(
     b, nb = block_size, math.ceil(n / block_size)
     padded = nb * b
     logits, count, v_hat = mra_coarse(q, k, v, block_size=b, attention_mask=attention_mask, scale=s)
-    top = mra_select(logits, blocks)  # (batch, heads, nb, m)
-    refined = torch.zeros(bsz, h, nb, nb, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+    top = mra_select(logits, blocks, selection)  # (batch, heads, nb, C), −1 = none
+    refined = torch.zeros(bsz, h, nb, nb + 1, dtype=torch.bool, device=q.device)
+    refined = refined.scatter_(-1, torch.where(top < 0, nb, top), True)[..., :nb]
     low = (~refined) & (count > 0)[:, :, None, :]  # (batch, heads, nb, nb)
     has_low = low.any(-1)  # (batch, heads, nb)
     low_logits = logits + count.clamp(min=1).log()[:, :, None, :]
@@ -153,12 +173,14 @@ def mra_attention_reference(
     blocks: int = 4,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    selection: str = "block",
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `mra_attention`: the normalised Â as a dense N × N matrix in float64 — one
-    softmax over q_i·k_j·s on refined blocks and the coarse logit L_xy elsewhere (same selection)."""
+    softmax over q_i·k_j·s on refined blocks and the coarse logit L_xy elsewhere; the refined blocks
+    chosen by sorting the coarse logits (per row, or all pairs after subtracting each row's max)."""
     s = _check_args(q, k, v, block_size, blocks, attention_mask, scale)
+    check_choice("selection", selection, SELECTIONS)
     bsz, h, n, _ = q.shape
-    top = mra_select(mra_coarse(q, k, v, block_size=block_size, attention_mask=attention_mask, scale=s)[0], blocks)
     q64, k64, v64 = q.double(), k.double(), v.double()
     real = _real(attention_mask, bsz, n, n, q.device)  # (batch, n)
     blk = torch.arange(n, device=q.device) // block_size
@@ -167,8 +189,17 @@ def mra_attention_reference(
     weights_in_block = member.double() / member.sum(-1, keepdim=True).clamp(min=1)
     q_hat = torch.einsum("bxn,bhnd->bhxd", weights_in_block, q64)
     k_hat = torch.einsum("bxn,bhnd->bhxd", weights_in_block, k64)
-    coarse = (q_hat @ k_hat.transpose(-1, -2) * s)[:, :, blk][:, :, :, blk]  # (batch, heads, n, n)
-    refined = torch.zeros(bsz, h, nb, nb, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+    block_logits = (q_hat @ k_hat.transpose(-1, -2) * s).masked_fill(~member.any(-1)[:, None, None, :], float("-inf"))
+    refined = torch.zeros(bsz, h, nb, nb, dtype=torch.bool, device=q.device)
+    if selection == "block":
+        order = block_logits.argsort(dim=-1, descending=True, stable=True)[..., :blocks]
+        refined.scatter_(-1, order, True)
+    else:
+        rowmax = block_logits.amax(-1, keepdim=True)
+        normed = torch.where(rowmax > float("-inf"), block_logits - rowmax, float("-inf")).flatten(-2)
+        order = normed.argsort(dim=-1, descending=True, stable=True)[..., : blocks * nb]
+        refined = refined.flatten(-2).scatter_(-1, order, True).view(bsz, h, nb, nb)
+    coarse = block_logits[:, :, blk][:, :, :, blk]  # (batch, heads, n, n)
     refined = refined[:, :, blk][:, :, :, blk]
     logits = torch.where(refined, torch.einsum("bhid,bhjd->bhij", q64, k64) * s, coarse)
     weights = masked_softmax(logits, real[:, None, None, :])
@@ -185,6 +216,8 @@ def mra_attention_reference(
     params=(
         Param("block_size", int, 32, "tokens per block b of the coarse resolution", low=1),
         Param("blocks", int, 4, "m: key blocks refined to full resolution per query block (top-m coarse logits)", low=1),
+        Param("selection", str, "block", "'block': top-m per query block; 'global': the paper code's top-(m·n_b) "
+              "over all pairs of row-max-normalised coarse logits", choices=SELECTIONS),
     ),
     summary="MRA-2: coarse block-mean logits everywhere, exact scores in each query block's top-m key blocks "
     "(top-m selection not differentiated), one normalisation.",
@@ -210,18 +243,22 @@ class MRAAttention(Attention):
         batch_first: bool = True,
         block_size: int = 32,
         blocks: int = 4,
+        selection: str = "block",
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, batch_first=batch_first)
         self.block_size = check_int("block_size", block_size, 1)
         self.blocks = check_int("blocks", blocks, 1)
+        self.selection = check_choice("selection", selection, SELECTIONS)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         kpm = self._padding(q, k, mask)
-        return mra_attention(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm)
+        return mra_attention(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm,
+                             selection=self.selection)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         kpm = self._padding(q, k, mask)
-        return mra_attention_reference(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm)
+        return mra_attention_reference(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm,
+                                       selection=self.selection)
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, blocks={self.blocks}"
+        return f"block_size={self.block_size}, blocks={self.blocks}, selection={self.selection!r}"
