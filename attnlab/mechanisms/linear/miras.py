@@ -35,7 +35,8 @@ closed form: the fast path is the exact recurrence scanned token by token (N bat
 rank-1 updates, O(N d²)), the reference takes each step's gradient by autograd of the loss
 written out. Following the paper, the gradient is taken at M_{t−1} (not at the retained
 α_t M_{t−1} of the gated delta rule above); q and k are L2-normalised as for the L2 bias.
-Non-causal, every query reads the memory written over the whole sequence, y_i = M_N φ(q_i).
+Non-causal, every query reads the memory written over the whole sequence, y_i = M_N φ(q_i)
+(not the forward + backward reading of the delta rule below, which needs linearity in v).
 The ℓp step moves each coordinate of the error e by β p |e|^(p−1) (‖k‖ = 1): for p <= 2 the
 memory stays bounded, for p > 2 it overshoots and diverges once |e| > (2/(βp))^(1/(p−2)) —
 hence the default p = 1.5 here (the value is ours; any p >= 1 is accepted).
