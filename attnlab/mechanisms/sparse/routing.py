@@ -43,6 +43,19 @@ the dense masked attention with the selection held fixed.
 Fast path: gather every cluster's queries, keys and values into (k, w, d) blocks, one SDPA
 call over all clusters (a softmax per cluster), scatter-add back and divide by the count;
 O(k·w²·d) = O(n²d/k) time and O(n²/k) memory, O(n^1.5·d) at k = √n.
+
+What of the paper is not here (the operator only):
+* Commitment loss. The paper's k-means pairs the EMA update with an auxiliary term pulling the
+  normalised queries and keys towards their centroids (as in VQ-VAE); a module here returns its
+  output only and no library-wide contract collects auxiliary losses, so it is not computed.
+  The centroids still follow the data through the EMA update above; the projections are not
+  trained to commit to them.
+* Local heads. The Routing Transformer gives half of a layer's heads local (sliding-window)
+  attention and the other half routing attention; every head of this module routes. Build a
+  layer of both by combining it with "sliding-window" (or "local") heads in the model.
+* The number of clusters is fixed at build (`clusters`, default 32), not set from the length:
+  the paper chooses k ≈ √N for its sequence length, so pass clusters≈√N for the N you run;
+  the cost and the cluster width w = ⌈N/k⌉ follow the k given.
 """
 from __future__ import annotations
 
