@@ -52,7 +52,7 @@ What of the paper is not here (the operator only):
   trained to commit to them.
 * Local heads. The Routing Transformer gives half of a layer's heads local (sliding-window)
   attention and the other half routing attention; every head of this module routes. Build a
-  layer of both by combining it with "sliding-window" (or "local") heads in the model.
+  layer of both by combining it with "sliding-window" heads in the model.
 * The number of clusters is fixed at build (`clusters`, default 32), not set from the length:
   the paper chooses k ≈ √N for its sequence length, so pass clusters≈√N for the N you run;
   the cost and the cluster width w = ⌈N/k⌉ follow the k given.
