@@ -1,36 +1,75 @@
 """The common attention module: projections, heads, masks and the two paths.
 
-A mechanism subclasses `Attention` and supplies
+A mechanism subclasses `Attention` (or a family base) and supplies
 
 * `attend_fast(q, k, v, mask)`          -> out            (the fast path)
 * `attend_reference(q, k, v, mask)`     -> (out, weights) (the plain reference)
 
-where q, k, v are (batch, heads, n, head_dim) and `mask` is the combined mask of
-`core.masks.combine_masks` (None, bool with True = attend, or additive float),
-broadcastable to (batch, heads, n_q, n_k). A mechanism whose kernel applies causality
-itself (`causal_in_kernel = True`, e.g. SDPA's `is_causal`) gets on its fast path a
-mask without the causal part and reads `self.causal`; the reference path always gets
-the full combined mask. Everything else — projections, validation, cross-attention,
-`materialize`, the KV cache for decoding — lives here.
+where q, k, v are (batch, heads, *positions, head_dim). The mask contract: the core checks the
+masks of a call once and builds a `Mask` (key padding keep-mask, dense mask, causal flag, grid);
+each base declares in `mask_form` which part its cores take, and the core refuses every mask that
+form cannot carry, in one message naming the argument:
+
+* "dense"   (default): `mask` is the combined mask of `core.masks.combine_masks` (None, bool with
+  True = attend, or additive float), broadcastable to (batch, heads, n_q, n_k), causality
+  included — except on the fast path of a mechanism whose kernel applies causality itself
+  (`causal_in_kernel = True`, e.g. SDPA's `is_causal`), which reads `self.causal` instead;
+* "padding": `mask` is the key padding keep-mask (batch, n_k), True = real key, or None; causality
+  is `self.causal`; an arbitrary attn_mask is refused (it would need the N × N matrix);
+* "grid":    as "padding" with q, k, v on the grid (batch, heads, *grid, head_dim) and the keep-mask
+  (batch, N) in raster order (given as (batch, N) or (batch, *grid));
+* "none":    `mask` is None; every mask is refused (`mask_note` says why).
+
+Everything else — projections, validation, cross-attention, `materialize`, decoding (`step`:
+the checks here, a mechanism's recurrence in `decode`, Attention generic in its state type) —
+lives here.
 """
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ParameterError, ShapeError
 from .masks import combine_masks, module_keep_mask
-from .validate import SEQUENCE_FIRST, check_finite, check_qkv, check_tokens
+from .validate import SEQUENCE_FIRST, check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
 
 if TYPE_CHECKING:
     from .registry import Spec
 
 Impl = Literal["fast", "reference"]
+MaskForm = Literal["dense", "padding", "grid", "none"]
+State = TypeVar("State")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """The masks of one call, checked by the core (`Attention.masks`), in every form a core may take.
+
+    keep:   key padding keep-mask (batch, n_k), True = real key, or None;
+    dense:  the combined mask broadcastable to (batch, heads, n_q, n_k) (bool True = attend, or additive),
+            of padding, attn_mask and causality unless `causal`; None for forms other than "dense";
+    causal: causality is left to the kernel (not in `dense`);
+    grid:   the position grid of q and k, or None for a sequence.
+    """
+
+    keep: Tensor | None
+    dense: Tensor | None
+    causal: bool
+    grid: tuple[int, ...] | None = None
+
+    def for_core(self, form: MaskForm) -> Tensor | None:
+        """The part of the mask a core of `form` takes."""
+        if form == "dense":
+            return self.dense
+        if form in ("padding", "grid"):
+            return self.keep
+        return None
 
 
 @dataclass
@@ -45,7 +84,7 @@ class KVCache:
         return self.k.shape[2]
 
 
-class Attention(nn.Module, ABC):
+class Attention(nn.Module, ABC, Generic[State]):
     """Multi-head attention over tokens (batch, n, dim) with a pluggable core.
 
     Padding is given as `attention_mask` (batch, n_k), True/1 = attend (transformers' convention), or
@@ -55,6 +94,9 @@ class Attention(nn.Module, ABC):
 
     spec: ClassVar[Spec]
     causal_in_kernel: ClassVar[bool] = False  # True: attend_fast applies self.causal itself, mask holds the rest
+    mask_form: ClassVar[MaskForm] = "dense"  # the part of `Mask` the cores take (module docstring)
+    mask_note: ClassVar[str] = ""  # why the form refuses what it refuses, added to the refusal
+    same_length: ClassVar[bool] = False  # the cores attend within one sequence: as many keys as queries
 
     def __init__(
         self,
@@ -104,32 +146,55 @@ class Attention(nn.Module, ABC):
         src = x if context is None else context
         return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src)), self.split_heads(self.v_proj(src))
 
+    def masks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        *,
+        kernel_causal: bool = False,
+        grid: Sequence[int] | None = None,
+    ) -> Mask:
+        """The one place a call's masks are checked: refused when the entry or the form cannot take them,
+        shaped for the form. `kernel_causal`: the fast kernel applies causality (not put in the dense mask)."""
+        supports = self.spec.supports
+        assert supports is not None
+        note = f" ({self.mask_note})" if self.mask_note else ""
+        if attention_mask is not None and (not supports.key_padding or self.mask_form == "none"):
+            raise ValueError(
+                f"attention_mask: {self.spec.name} does not support a padding mask (attention_mask or key_padding_mask){note}"
+            )
+        if attn_mask is not None and (not supports.attn_mask or self.mask_form != "dense"):
+            raise ValueError(f"attn_mask: {self.spec.name} does not support an arbitrary attention mask{note}")
+        batch, n_k = q.shape[0], math.prod(k.shape[2:-1])
+        if attention_mask is not None and grid is not None and tuple(attention_mask.shape) == (batch, *grid):
+            attention_mask = attention_mask.reshape(batch, n_k)
+        grid = None if grid is None else tuple(grid)
+        if self.mask_form != "dense":
+            check_attention_mask(attention_mask, batch, n_k)
+            return Mask(keep=attention_mask, dense=None, causal=self.causal, grid=grid)
+        causal = kernel_causal and self.causal
+        dense = combine_masks(
+            batch=batch, heads=q.shape[1], n_q=q.shape[2], n_k=k.shape[2], causal=self.causal and not causal,
+            attention_mask=attention_mask, attn_mask=attn_mask, dtype=q.dtype, device=q.device,
+        )
+        return Mask(keep=attention_mask, dense=dense, causal=causal, grid=grid)
+
     def combined_mask(
         self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor | None:
-        """The mask of padding, attn_mask and causality (self.causal) for q, k."""
-        return self._combine(q, k, attention_mask, attn_mask, self.causal)
+        """The mask the reference path of this module takes (its `mask_form`'s part of `masks`)."""
+        return self.masks(q, k, attention_mask, attn_mask).for_core(self.mask_form)
 
-    def _combine(
-        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None, causal: bool
-    ) -> Tensor | None:
-        supports = self.spec.supports
-        assert supports is not None
-        if attention_mask is not None and not supports.key_padding:
-            raise ValueError(f"attention_mask: {self.spec.name} does not support a padding mask (attention_mask or key_padding_mask)")
-        if attn_mask is not None and not supports.attn_mask:
-            raise ValueError(f"attn_mask: {self.spec.name} does not support an arbitrary attention mask")
-        return combine_masks(
-            batch=q.shape[0],
-            heads=q.shape[1],
-            n_q=q.shape[2],
-            n_k=k.shape[2],
-            causal=causal,
-            attention_mask=attention_mask,
-            attn_mask=attn_mask,
-            dtype=q.dtype,
-            device=q.device,
-        )
+    def core_view(self, q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v checked and in the layout the cores take; here (batch, heads, n, head_dim), `grid` refused."""
+        if grid is not None:
+            raise ValueError(f"grid: {self.spec.name} attends over a sequence, it takes no grid (got {grid!r})")
+        check_qkv(q, k, v, same_length=self.same_length)
+        if q.shape[1] != self.heads:
+            raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {q.shape[1]} in shape {tuple(q.shape)}")
+        return q, k, v
 
     def attend(
         self,
@@ -140,18 +205,19 @@ class Attention(nn.Module, ABC):
         attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
+        grid: Sequence[int] | None = None,
     ) -> Tensor:
-        """The attention core on projected heads (batch, heads, n, head_dim) -> (batch, heads, n_q, head_dim)."""
-        check_qkv(q, k, v)
-        if q.shape[1] != self.heads:
-            raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {q.shape[1]} in shape {tuple(q.shape)}")
-        if impl == "fast" and self.causal_in_kernel:
-            return self.attend_fast(q, k, v, self._combine(q, k, attention_mask, attn_mask, False))
-        if impl == "fast":
-            return self.attend_fast(q, k, v, self.combined_mask(q, k, attention_mask, attn_mask))
-        if impl == "reference":
-            return self.attend_reference(q, k, v, self.combined_mask(q, k, attention_mask, attn_mask))[0]
-        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        """The attention core on projected heads (batch, heads, *positions, head_dim) -> (batch, heads, *q positions,
+        head_dim); a grid module also takes flat (batch, heads, N, head_dim) with `grid`."""
+        qc, kc, vc = self.core_view(q, k, v, grid)
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        fast = impl == "fast"
+        mask = self.masks(qc, kc, attention_mask, attn_mask, kernel_causal=fast and self.causal_in_kernel,
+                          grid=qc.shape[2:-1] if self.mask_form == "grid" else None)
+        core = mask.for_core(self.mask_form)
+        out = self.attend_fast(qc, kc, vc, core) if fast else self.attend_reference(qc, kc, vc, core)[0]
+        return out.reshape(*q.shape[:-1], out.shape[-1])
 
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
         check_tokens("x", x, self.dim)
@@ -222,8 +288,7 @@ class Attention(nn.Module, ABC):
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
         check_qkv(q, k, v)
-        mask = self.combined_mask(q, k, keep, attn_mask)
-        return self.attend_reference(q, k, v, mask)[1]
+        return self.attend_reference(q, k, v, self.combined_mask(q, k, keep, attn_mask))[1]
 
     def attention_path(
         self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
@@ -240,20 +305,40 @@ class Attention(nn.Module, ABC):
         out = nn.functional.linear(self.merge_heads(weights @ v.to(weights.dtype)), self.out_proj.weight.to(weights.dtype))
         return out if self.batch_first else out.transpose(0, 1)
 
-    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Decode one position: x_t (batch, 1, dim) ((1, batch, dim) with batch_first=False) -> (y_t, state),
-        equal to the causal forward."""
+    def check_step(self, x_t: Tensor) -> Tensor:
+        """The checks of every `step`: decoding supported, a causal module, one finite position; x_t batch-major."""
         if not self.spec.supports or not self.spec.supports.decode:
             raise ValueError(f"step: {self.spec.name} does not support incremental decoding")
         if not self.causal:
             raise ValueError("step: decoding needs a causal module (build it with causal=True)")
-        x_t = self.batch_major(x_t)[0]
-        check_tokens("x_t", x_t, self.dim)
-        if x_t.shape[1] != 1:
+        check_tensor("x_t", x_t)
+        x_b = self.batch_major(x_t)[0]
+        check_tokens("x_t", x_b, self.dim)
+        check_finite("x_t", x_b)
+        if x_b.shape[1] != 1:
             layout = "(batch, 1, dim)" if self.batch_first else "(1, batch, dim) (batch_first=False)"
-            raise ShapeError(f"x_t: expected one position {layout}, got shape {tuple(self.batch_major(x_t)[0].shape)}")
+            raise ShapeError(f"x_t: expected one position {layout}, got shape {tuple(x_t.shape)}")
+        return x_b
+
+    def step(self, x_t: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Decode one position: x_t (batch, 1, dim) ((1, batch, dim) with batch_first=False) -> (y_t, state),
+        equal to the causal forward. The checks are here; the mechanism's recurrence is `decode`."""
+        y_t, state = self.decode(self.check_step(x_t), state)
+        return (y_t if self.batch_first else y_t.transpose(0, 1)), state
+
+    def decode(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """One checked position x_t (batch, 1, dim) and the state so far (None at the start) -> (y_t (batch, 1, dim),
+        the new state). The default keeps a KV cache and runs the core over it."""
+        q, k, v = self.cached_qkv(x_t, state)
+        return self.out_proj(self.merge_heads(self.attend(q, k, v))), KVCache(k, v)
+
+    def cached_qkv(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q of x_t (batch, heads, 1, head_dim) and the keys and values so far, x_t's included, checked against the cache."""
         q, k, v = self.project(x_t)
         if state is not None:
+            if not isinstance(state, KVCache):
+                raise TypeError(f"state: expected a KVCache from this module's step, got {type(state).__name__}")
+            if state.k.shape[0] != x_t.shape[0]:
+                raise ShapeError(f"state: expected a cache of batch {x_t.shape[0]} (as x_t), got {state.k.shape[0]}")
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        out = self.out_proj(self.merge_heads(self.attend(q, k, v)))
-        return (out if self.batch_first else out.transpose(0, 1)), KVCache(k, v)
+        return q, k, v

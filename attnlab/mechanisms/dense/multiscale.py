@@ -25,7 +25,7 @@ from ...core.errors import ParameterError
 from ...core.masks import band_mask, combine_masks, to_additive
 from ...core.reference import softmax_attention_reference as _reference
 from ...core.registry import Paper, Param
-from ...core.validate import check_qkv
+from ...core.validate import check_qkv, is_int
 from ...kernels.sdpa import sdpa
 from .softmax import SoftmaxAttention, dense_flops, register_dense
 
@@ -50,7 +50,7 @@ def check_windows(windows: Sequence[int | None], heads: int) -> tuple[int, ...]:
     for w in windows:
         if w is None:
             w = GLOBAL
-        if isinstance(w, bool) or not isinstance(w, int) or w < GLOBAL:
+        if not is_int(w) or w < GLOBAL:
             raise ParameterError(
                 f"windows: expected ints >= 0 (or −1 / None for a global head), got {w!r} in {tuple(windows)!r}"
             )

@@ -22,7 +22,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import query_offset
 from ...core.module import Attention
 from ...core.registry import Paper, Param
-from ...core.validate import check_qkv
+from ...core.validate import check_qkv, is_int
 from .softmax import SoftmaxAttention, dense_flops, register_dense, softmax_attention, softmax_attention_reference
 
 ROFORMER = Paper(None, "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021, "2104.09864")
@@ -55,7 +55,7 @@ def check_even_head_dim(name: str, t: Tensor) -> None:
 
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, device: torch.device | None = None) -> Tensor:
     """θ_m = base^(−2m/head_dim) for m = 0..head_dim/2 − 1, float64, shape (head_dim/2,)."""
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+    if not is_int(head_dim) or head_dim < 2 or head_dim % 2:
         raise ParameterError(f"head_dim: expected an even integer >= 2, got {head_dim!r}")
     check_base(base)
     m = torch.arange(head_dim // 2, dtype=torch.float64, device=device)

@@ -48,7 +48,6 @@ from ...kernels.linear_scan import (
     LinearTerms,
     linear_attention,
     linear_attention_step,
-    padding_of,
 )
 from .base import LinearAttention
 
@@ -281,18 +280,17 @@ class BasedAttention(LinearAttention):
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention(
             qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal,
-            attention_mask=padding_of(mask), chunk_size=self.chunk_size,
+            attention_mask=mask, chunk_size=self.chunk_size,
         )
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention_reference(
-            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal, attention_mask=padding_of(mask)
+            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal, attention_mask=mask
         )
 
-    def step(self, x_t: Tensor, state: BasedState | None = None) -> tuple[Tensor, BasedState]:  # type: ignore[override]
-        """Decode one token: (y_t (batch, 1, dim), state), equal to the causal forward."""
-        self.check_step(x_t)
+    def decode(self, x_t: Tensor, state: BasedState | None) -> tuple[Tensor, BasedState]:
+        """One checked token: (y_t (batch, 1, dim), state), equal to the causal forward."""
         q, k, v = self.project(x_t)
         t = self.terms(q, k, v, None)
         linear_out, linear = linear_attention_step(t.q, t.k, t.v, None if state is None else state.linear)

@@ -34,7 +34,6 @@ from ...kernels.linear_scan import (
     linear_attention,
     linear_attention_step,
     linear_flops,
-    padding_of,
 )
 from .base import LinearAttention
 
@@ -208,12 +207,11 @@ class EfficientAttention(LinearAttention):
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return efficient_attention_reference(
-            q, k, v, normalization=self.normalization, causal=self.causal, attention_mask=padding_of(mask)
+            q, k, v, normalization=self.normalization, causal=self.causal, attention_mask=mask
         )
 
-    def step(self, x_t: Tensor, state: EfficientState | None = None) -> tuple[Tensor, EfficientState]:  # type: ignore[override]
-        """Decode one token: the prefix softmax (or count) is carried in the state; equal to the causal forward."""
-        self.check_step(x_t)
+    def decode(self, x_t: Tensor, state: EfficientState | None) -> tuple[Tensor, EfficientState]:
+        """One checked token: the prefix softmax (or count) is carried in the state; equal to the causal forward."""
         q, k, v = self.project(x_t)
         memory = None if state is None else state.memory
         count = 1 if state is None else state.count + 1

@@ -331,9 +331,8 @@ class FocusedLinearAttention(LinearAttention):
             raise ShapeError(f"positions: expected a {self.grid}-D grid, got {positions}")
         return depthwise_conv_matrix(self.dwc.weight, positions, causal=self.causal)
 
-    def step(self, x_t: Tensor, state: FocusedState | None = None) -> tuple[Tensor, FocusedState]:  # type: ignore[override]
-        """Decode one token: (y_t (batch, 1, dim), state), equal to the causal forward."""
-        self.check_step(x_t)
+    def decode(self, x_t: Tensor, state: FocusedState | None) -> tuple[Tensor, FocusedState]:
+        """One checked token: (y_t (batch, 1, dim), state), equal to the causal forward."""
         q, k, v = self.project(x_t)
         t = self.terms(q, k, v, None)
         out, linear = linear_attention_step(t.q, t.k, t.v, None if state is None else state.linear)

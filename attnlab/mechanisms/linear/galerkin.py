@@ -209,9 +209,8 @@ class GalerkinAttention(LinearAttention):
     def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
         return LinearTerms(q * _inverse_counts(q, k, self.causal, attention_mask), k, v)
 
-    def step(self, x_t: Tensor, state: GalerkinState | None = None) -> tuple[Tensor, GalerkinState]:  # type: ignore[override]
-        """Decode one token: (y_t (batch, 1, dim), state), equal to the causal forward."""
-        self.check_step(x_t)
+    def decode(self, x_t: Tensor, state: GalerkinState | None) -> tuple[Tensor, GalerkinState]:
+        """One checked token: (y_t (batch, 1, dim), state), equal to the causal forward."""
         q, k, v = self.project(x_t)
         count = 1 if state is None else state.count + 1
         out, linear = linear_attention_step(q / count, k, v, None if state is None else state.linear, normalize=False)

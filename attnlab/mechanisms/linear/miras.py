@@ -79,7 +79,6 @@ from ...kernels.linear_scan import (
     linear_attention,
     linear_attention_reference,
     linear_flops,
-    padding_of,
 )
 from .base import LinearAttention
 
@@ -445,13 +444,13 @@ class MemoryAttention(LinearAttention):
         if self.bias not in NONLINEAR_BIASES:
             return super().attend_fast(q, k, v, mask)
         fq, fk, kw = self._scan_args(q, k)
-        return memory_scan(fq, fk, v, causal=self.causal, attention_mask=padding_of(mask), **kw)[0]
+        return memory_scan(fq, fk, v, causal=self.causal, attention_mask=mask, **kw)[0]
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.bias not in NONLINEAR_BIASES:
             return super().attend_reference(q, k, v, mask)
         fq, fk, kw = self._scan_args(q, k)
-        return gradient_memory_reference(fq, fk, v, causal=self.causal, attention_mask=padding_of(mask), **kw)
+        return gradient_memory_reference(fq, fk, v, causal=self.causal, attention_mask=mask, **kw)
 
     def materialize(self, x: Tensor, **kwargs: Any) -> Tensor:
         if self.bias in NONLINEAR_BIASES:
@@ -461,10 +460,10 @@ class MemoryAttention(LinearAttention):
             )
         return super().materialize(x, **kwargs)
 
-    def step(self, x_t: Tensor, state: LinearState | None = None) -> tuple[Tensor, LinearState]:
+    def decode(self, x_t: Tensor, state: LinearState | None) -> tuple[Tensor, LinearState]:
+        """One checked token; the ℓp and Huber memories by their own recurrence."""
         if self.bias not in NONLINEAR_BIASES:
-            return super().step(x_t, state)
-        self.check_step(x_t)
+            return super().decode(x_t, state)
         q, k, v = self.project(x_t)
         fq, fk, kw = self._scan_args(q, k)
         out, memory = memory_scan(fq, fk, v, causal=True, memory=None if state is None else state.memory, **kw)

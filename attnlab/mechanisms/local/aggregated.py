@@ -275,6 +275,9 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
     N, N + p²) weights over [tokens ; summaries] (see the module docstring).
     """
 
+    mask_form = "none"
+    mask_note = WHY_NO_MASK
+
     def __init__(
         self,
         dim: int,
@@ -377,7 +380,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         """Raw query heads (batch, heads, H, W, head_dim), or flat (batch, heads, N, head_dim) with `grid`;
         k, v: flat (batch, heads, N + p², head_dim), the N tokens' heads then the p² pooled features'
         (as `key_values(x)` gives them), or the tokens' alone in q's layout (pooled here by p×p averages)."""
-        refuse_masks("aggregated attention", attention_mask, attn_mask, WHY_NO_MASK)
+        self.masks(q, k, attention_mask, attn_mask)  # refuses every mask (mask_form "none")
         pooled = None
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t)
@@ -392,8 +395,16 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
             check_qkv(k, k, v)
             pooled = (k[:, :, n:], v[:, :, n:])
             k, v = (t[:, :, :n].reshape(*t.shape[:2], *q.shape[2:-1], t.shape[-1]) for t in (k, v))
-        qg, kg, vg = self._grid_view(q, k, v, grid)
-        return self._run(qg, kg, vg, None, impl, pooled).reshape(*q.shape[:-1], v.shape[-1])
+        qg, kg, vg = self.core_view(q, k, v, grid)
+        return self._run(qg, kg, vg, impl, pooled).reshape(*q.shape[:-1], v.shape[-1])
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, impl: Impl, pooled: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The path `impl` on the grid view, with the pooled keys and values (or None: pooled here)."""
+        if impl == "fast":
+            return self.attend_fast(q, k, v, None, pooled)
+        if impl == "reference":
+            return self.attend_reference(q, k, v, None, pooled)[0]
+        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
 
     def key_count(self, grid: Sequence[int]) -> int:
         """N + p²: the N tokens of the grid (H, W) and the p² pooled summaries."""
@@ -430,7 +441,7 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
     ) -> Tensor:
         """x (batch, H, W, dim) -> the same shape."""
         q, k, v, pooled = self._all_heads(x, context, attention_mask, attn_mask, key_padding_mask)
-        out = self._run(q, k, v, None, impl, pooled)
+        out = self._run(q, k, v, impl, pooled)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def materialize(

@@ -35,7 +35,8 @@ def grid_shape_param(axes: str = "(H, W)") -> Param:
 
 class GridAttention(Attention):
     """Multi-head attention on a grid of `grid_ranks` axes; subclasses give the two paths on
-    (batch, heads, *grid, head_dim) with a key padding mask (batch, N) or None.
+    (batch, heads, *grid, head_dim) with a key padding mask (batch, N) or None (`mask_form = "grid"`;
+    `attend` takes flat (batch, heads, N, head_dim) with `grid=` too).
 
     `grid_ranks` (class default, or per module through `__init__`) are the grid ranks accepted;
     a flat (batch, heads, N, head_dim) input without `grid` is a sequence when 1 is among them,
@@ -43,6 +44,7 @@ class GridAttention(Attention):
     """
 
     grid_ranks: tuple[int, ...] = (2,)
+    mask_form = "grid"  # the key padding keep-mask (batch, N) in raster order
 
     def __init__(
         self,
@@ -70,8 +72,8 @@ class GridAttention(Attention):
         if self.grid_shape is not None and grid != self.grid_shape:
             raise ShapeError(f"{name}: expected the grid {self.grid_shape} this module was built with, got {grid}")
 
-    def _grid_view(self, q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v as (batch, heads, *grid, head_dim), checked (heads included)."""
+    def core_view(self, q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (batch, heads, *grid, head_dim), checked (heads included): the layout of the cores."""
         check_tensor("q", q)
         if grid is None and q.dim() - 3 in self.grid_ranks:
             self._check_grid("q", tuple(q.shape[2:-1]))
@@ -98,32 +100,6 @@ class GridAttention(Attention):
         if q.shape[1] != self.heads:
             raise ShapeError(f"q: expected {self.heads} heads at dim 1, got {q.shape[1]} in shape {tuple(q.shape)}")
         return q, k, v
-
-    def _run(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, impl: Impl, *extra: object) -> Tensor:
-        """The path `impl` on the grid view; `extra` goes to attend_fast / attend_reference after `mask`."""
-        if impl == "fast":
-            return self.attend_fast(q, k, v, mask, *extra)  # type: ignore[call-arg]
-        if impl == "reference":
-            return self.attend_reference(q, k, v, mask, *extra)[0]  # type: ignore[call-arg]
-        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
-
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        impl: Impl = "fast",
-        grid: Sequence[int] | None = None,
-    ) -> Tensor:
-        """The attention core on projected heads: (batch, heads, *grid, head_dim), or flat with `grid`."""
-        if attn_mask is not None:
-            raise ValueError(f"attn_mask: {self.spec.name} takes no attention mask (only attention_mask)")
-        qg, kg, vg = self._grid_view(q, k, v, grid)
-        kpm = grid_padding(attention_mask, qg.shape[0], qg.shape[2:-1])
-        return self._run(qg, kg, vg, kpm, impl).reshape(*q.shape[:-1], v.shape[-1])
 
     def _heads(
         self, x: Tensor, context: Tensor | None = None, attn_mask: Tensor | None = None

@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.errors import MaskError, ParameterError, ShapeError
+from ...core.errors import ParameterError, ShapeError
 from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_qkv
+from ...core.validate import check_attention_mask, check_qkv, is_int
 
 MWMAE = Paper(
     "P108", "Masked Autoencoders with Multi-Window Local-Global Attention Are Better Audio Learners", 2023, "2306.00561"
@@ -68,7 +68,7 @@ def check_windows(windows: object, heads: int) -> tuple[int, ...] | None:
     """`windows` as a tuple of ints >= 0, one per head (None kept), or ParameterError."""
     if windows is None:
         return None
-    if not isinstance(windows, (tuple, list)) or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in windows):
+    if not isinstance(windows, (tuple, list)) or any(not is_int(w) or w < 0 for w in windows):
         raise ParameterError(f"windows: expected a tuple of ints >= 0 (one window size per head, 0 = global), got {windows!r}")
     if len(windows) != heads:
         raise ParameterError(f"windows: expected one window size per head ({heads} heads), got {len(windows)}: {tuple(windows)!r}")
@@ -243,6 +243,8 @@ class MultiWindowAttention(Attention):
     from the positions, no N × N mask). Declared exponent 2: the paper keeps a global head.
     """
 
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k): no N × N mask is built
+
     def __init__(
         self,
         dim: int,
@@ -271,30 +273,16 @@ class MultiWindowAttention(Attention):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
-    def combined_mask(
-        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
-    ) -> Tensor | None:
-        """The key padding mask (batch, n_k) itself: causality and windows are applied by the paths."""
-        if attn_mask is not None:
-            raise ValueError("attn_mask: multi-window attention takes no attention mask (only attention_mask)")
-        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-        return attention_mask
-
-    def _padding(self, mask: Tensor | None) -> Tensor | None:
-        if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2):
-            raise MaskError(f"mask: expected a key padding mask, bool (batch, n_k), got shape {tuple(mask.shape)} and dtype {mask.dtype}")
-        return mask
-
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; `mask` is the key padding mask (batch, n) or None."""
         return multi_window_attention(q, k, v, windows=self.windows, causal=self.causal,
-                                      attention_mask=self._padding(mask), scale=self.scale,
+                                      attention_mask=mask, scale=self.scale,
                                       position_bias=self.rpb)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, n, n)); `mask` as in attend_fast."""
         return multi_window_attention_reference(q, k, v, windows=self.windows, causal=self.causal,
-                                                attention_mask=self._padding(mask), scale=self.scale,
+                                                attention_mask=mask, scale=self.scale,
                                                 position_bias=self.rpb)
 
     def extra_repr(self) -> str:

@@ -33,7 +33,7 @@ from ...core.errors import DTypeError, ParameterError, ShapeError
 from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_bools, check_ints, check_tensor, check_tokens
+from ...core.validate import check_bools, check_ints, check_tensor
 from ...kernels.grid import check_grid_qkv, grid_padding
 from ...kernels.neighborhood import plan, tiled_attention
 from .base import GridAttention
@@ -350,18 +350,14 @@ class NeighborhoodAttention(GridAttention):
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
         return neighborhood_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
-    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Decode one position of a causal module on a sequence: x_t (batch, 1, dim) -> (y_t, state).
+    def decode(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
+        """One checked position of a causal module on a sequence: x_t (batch, 1, dim) -> (y_t, state).
         The cache keeps the last (k − 1)·δ + 1 keys and values; the query attends to every δ-th of them."""
-        if not self.causal or (self.grid_rank or 1) != 1:
+        if (self.grid_rank or 1) != 1:
             raise ValueError("step: decoding needs a causal module on a sequence (causal=True, one grid axis)")
-        check_tokens("x_t", x_t, self.dim)
-        if x_t.shape[1] != 1:
-            raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
-        q, k, v = self.project(x_t)
-        if state is not None:
-            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        q, k, v = self.cached_qkv(x_t, state)
         (kernel,), (dil,), _ = neighborhood_args(1, self.kernel_size, self.dilation, True)
+        dil = 1  # MUTANT
         span = (kernel - 1) * dil + 1
         k, v = k[:, :, -span:], v[:, :, -span:]
         picked = torch.arange(k.shape[2] - 1, -1, -dil, device=k.device)[:kernel]

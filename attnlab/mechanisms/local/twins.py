@@ -267,6 +267,9 @@ class TwinsGlobalAttention(SummaryKeyAttention):
     `materialize(x)` the (batch, heads, N, N/s²) softmax over them.
     """
 
+    mask_form = "none"
+    mask_note = "its keys are summaries of s×s cells, not tokens"
+
     def __init__(
         self,
         dim: int,
@@ -301,11 +304,12 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         attention_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
+        grid: Sequence[int] | None = None,
     ) -> Tensor:
         """Queries (batch, heads, N | H, W, head_dim) attend to the summaries k, v (batch, heads, M | H', W', head_dim)."""
-        refuse_masks("twins-gsa", attention_mask, attn_mask, "its keys are summaries of s×s cells, not tokens")
         q4, k4, v4 = (_flat_positions(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
-        return super().attend(q4, k4, v4, impl=impl).reshape(*q.shape[:-1], v.shape[-1])
+        out = super().attend(q4, k4, v4, attention_mask=attention_mask, attn_mask=attn_mask, impl=impl, grid=grid)
+        return out.reshape(*q.shape[:-1], v.shape[-1])
 
     def _check_cells(self, name: str, grid: Sequence[int]) -> None:
         s = self.sr_ratio

@@ -36,24 +36,19 @@ def any_real(a: Tensor, attention_mask: Tensor | None) -> Tensor:
     return a if attention_mask is None else a * attention_mask.any(-1)[:, None, None, None].to(a.dtype)
 
 
-def key_padding(mask: Tensor | None) -> Tensor | None:
-    """The (batch, n) key padding of a combined mask (batch, 1, 1, n): nothing else reaches these mechanisms."""
-    return None if mask is None else mask[:, 0, 0, :]
-
-
 class ChannelAttention(Attention):
     """Base of the channel-attention modules: `channel_attention(x)` is A (batch, heads, d, d) from
     `attend_reference`, `materialize` raises ValueError; `channel_axes` names A's axes in its message."""
 
     channel_axes: ClassVar[str]
+    mask_form = "padding"  # the key padding keep-mask (batch, n): each token mixes only its own value channels
 
     def channel_attention(self, x: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """A (batch, heads, d, d) for x (batch, n, dim): row i weighs the value channels mixed into output channel i."""
         self._check_inputs(x, None)
         q, k, v = self.project(x)
         check_qkv(q, k, v)
-        mask = self.combined_mask(q, k, attention_mask, None)
-        return self.attend_reference(q, k, v, mask)[1]
+        return self.attend_reference(q, k, v, self.combined_mask(q, k, attention_mask, None))[1]
 
     def materialize(
         self,

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Supports, register
-from ._channel import ChannelAttention, any_real, check_channel_qkv, drop_padding, key_padding
+from ._channel import ChannelAttention, any_real, check_channel_qkv, drop_padding
 
 DAVIT = Paper("P096", "DaViT: Dual Attention Vision Transformers", 2022, "2204.03645")
 
@@ -98,7 +98,7 @@ class ChannelGroupAttention(ChannelAttention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return channel_group_attention(q, k, v, attention_mask=key_padding(mask))
+        return channel_group_attention(q, k, v, attention_mask=mask)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return channel_group_attention_reference(q, k, v, attention_mask=key_padding(mask))
+        return channel_group_attention_reference(q, k, v, attention_mask=mask)

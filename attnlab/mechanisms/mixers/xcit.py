@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Supports, register
-from ._channel import ChannelAttention, any_real, check_channel_qkv, drop_padding, key_padding
+from ._channel import ChannelAttention, any_real, check_channel_qkv, drop_padding
 
 XCIT = Paper("P196", "XCiT: Cross-Covariance Image Transformers", 2021, "2106.09681")
 EPS = 1e-12  # floor of a channel's norm over tokens (an all-zero channel stays zero)
@@ -128,7 +128,7 @@ class CrossCovarianceAttention(ChannelAttention):
         self.temperature = nn.Parameter(torch.ones(heads))
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return xca_attention(q, k, v, temperature=self.temperature, attention_mask=key_padding(mask))
+        return xca_attention(q, k, v, temperature=self.temperature, attention_mask=mask)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return xca_attention_reference(q, k, v, temperature=self.temperature, attention_mask=key_padding(mask))
+        return xca_attention_reference(q, k, v, temperature=self.temperature, attention_mask=mask)

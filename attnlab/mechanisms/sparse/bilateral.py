@@ -263,6 +263,9 @@ class BilateralAttention(GridAttention):
     `materialize` is (batch, heads, N, N) in raster order: ½(window softmax + cluster softmax).
     """
 
+    mask_form = "none"
+    mask_note = WHY_NO_MASK
+
     def __init__(
         self,
         dim: int,
@@ -292,22 +295,6 @@ class BilateralAttention(GridAttention):
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
         return bilateral_attention_reference(q, k, v, **self._options())  # type: ignore[arg-type]
-
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        impl: Impl = "fast",
-        grid: Sequence[int] | None = None,
-    ) -> Tensor:
-        """The attention core on projected heads: (batch, heads, H, W, head_dim), or flat with `grid`."""
-        refuse_masks("bilateral attention", attention_mask, attn_mask, WHY_NO_MASK)
-        qg, kg, vg = self._grid_view(q, k, v, grid)
-        return self._run(qg, kg, vg, None, impl).reshape(*q.shape[:-1], v.shape[-1])
 
     def forward(
         self,

@@ -38,7 +38,6 @@ from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_optional_int, check_qkv, check_scale
-from .base import BlockSparseAttention
 
 COMBINER = Paper("P147", "Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
 Pooling = Literal["max", "mean"]
@@ -202,8 +201,9 @@ class CombinerAttention(Attention):
     block: plain softmax attention. Causal: own block up to i, earlier blocks as regions.
     """
 
-    combined_mask = BlockSparseAttention.combined_mask  # key padding only: the pattern is the mechanism's
-    _padding = BlockSparseAttention._padding
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k) only
+    mask_note = "it would need the N × N matrix the block-sparse layout avoids"
+    same_length = True
 
     def __init__(
         self,
@@ -225,7 +225,7 @@ class CombinerAttention(Attention):
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:
         return {"block_size": self.block_size, "causal": self.causal, "pooling": self.pooling,
-                "log_size": self.log_size, "attention_mask": self._padding(q, k, mask)}
+                "log_size": self.log_size, "attention_mask": mask}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return combiner_attention(q, k, v, **self._kw(q, k, mask))  # type: ignore[arg-type]

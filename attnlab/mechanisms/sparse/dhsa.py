@@ -44,7 +44,6 @@ from ...core.reference import softmax_attention_reference
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
-from .base import BlockSparseAttention
 from .power import causal_mod
 
 DHSA = Paper("P247", "Long-Context Modeling with Dynamic Hierarchical Sparse Attention for On-Device LLMs", 2025, "2510.24606")
@@ -179,8 +178,9 @@ class DHSAAttention(Attention):
     attention's N (k+1) b d up to N = 32k. The top-k selection is not differentiated.
     """
 
-    combined_mask = BlockSparseAttention.combined_mask  # key padding only: causality is the layout's
-    _padding = BlockSparseAttention._padding
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k) only
+    mask_note = "it would need the N × N matrix the block-sparse layout avoids"
+    same_length = True
 
     def __init__(
         self,
@@ -205,7 +205,7 @@ class DHSAAttention(Attention):
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:
         return {"chunk_size": self.chunk_size, "top_chunks": self.top_chunks, "query_rep": self.query_rep,
-                "attention_mask": self._padding(q, k, mask)}
+                "attention_mask": mask}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return dhsa_attention(q, k, v, **self._kw(q, k, mask))  # type: ignore[arg-type]

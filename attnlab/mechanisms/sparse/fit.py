@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ...core.errors import MaskError, ShapeError
+from ...core.errors import ShapeError
 from ...core.masks import padding_to_mask
 from ...core.module import Attention
 from ...core.reference import masked_softmax
@@ -199,6 +199,8 @@ class FITAttention(Attention):
     queries; `materialize` returns the composed (batch, heads, L, L) matrix ½ (A_loc + W A_glob R A_loc).
     """
 
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k): no N × N mask is built
+
     def __init__(
         self,
         dim: int,
@@ -225,29 +227,15 @@ class FITAttention(Attention):
         """The latent queries u (heads, m, head_dim): q_proj of the learned latents, in the dtype of `like`."""
         return self.q_proj(self.latents).view(self.n_latents, self.heads, self.head_dim).transpose(0, 1).to(like.dtype)
 
-    def _padding(self, q: Tensor, mask: Tensor | None) -> Tensor | None:
-        if mask is None:
-            return None
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-            raise MaskError(f"mask: expected a key padding mask, bool (batch, 1, 1, n_k), got shape {tuple(mask.shape)}")
-        return mask[:, 0, 0].expand(q.shape[0], -1)
-
-    def combined_mask(
-        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
-    ) -> Tensor | None:
-        if attn_mask is not None:
-            raise ValueError("attn_mask: FIT takes no attention mask (only attention_mask)")
-        return super().combined_mask(q, k, attention_mask, None)
-
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return fit_attention(
-            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=self._padding(q, mask),
+            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=mask,
             scale=self.scale,
         )
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return fit_attention_reference(
-            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=self._padding(q, mask),
+            q, k, v, self.latent_queries(q), group_size=self.group_size, attention_mask=mask,
             scale=self.scale,
         )
 

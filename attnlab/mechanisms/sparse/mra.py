@@ -47,7 +47,6 @@ from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
-from .base import BlockSparseAttention
 
 MRA = Paper("P066", "Multi Resolution Analysis (MRA) for Approximate Self-Attention", 2022, "2207.10284")
 
@@ -230,8 +229,9 @@ class MRAAttention(Attention):
     than the refinement's N (m+1) b d. The top-m selection is not differentiated.
     """
 
-    combined_mask = BlockSparseAttention.combined_mask  # key padding only
-    _padding = BlockSparseAttention._padding
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k) only
+    mask_note = "it would need the N × N matrix the block-sparse layout avoids"
+    same_length = True
 
     def __init__(
         self,
@@ -251,12 +251,12 @@ class MRAAttention(Attention):
         self.selection = check_choice("selection", selection, SELECTIONS)
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        kpm = self._padding(q, k, mask)
+        kpm = mask
         return mra_attention(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm,
                              selection=self.selection)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        kpm = self._padding(q, k, mask)
+        kpm = mask
         return mra_attention_reference(q, k, v, block_size=self.block_size, blocks=self.blocks, attention_mask=kpm,
                                        selection=self.selection)
 

@@ -355,20 +355,11 @@ class RoutingAttention(Attention):
         self.register_buffer("centroids", unit_normalize(torch.randn(heads, clusters, self.head_dim)))
         self._frozen = False
 
-    def combined_mask(
-        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, attn_mask: Tensor | None
-    ) -> Tensor | None:
-        """Key padding only, (batch, 1, 1, n): causality is applied inside the clusters (no N × N mask)."""
-        if attn_mask is not None:
-            raise ValueError("attn_mask: routing does not support an arbitrary attention mask")
-        if q.shape[2] != k.shape[2]:
-            raise ShapeError(f"k: routing attends within one sequence, expected n_k = n_q = {q.shape[2]}, got {k.shape[2]}")
-        check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-        return None if attention_mask is None else padding_to_mask(attention_mask)
+    mask_form = "padding"  # the key padding keep-mask (batch, n_k): causality is applied inside the clusters
+    same_length = True
 
     def _route(self, q: Tensor, k: Tensor, mask: Tensor | None) -> tuple[Routing, Tensor | None]:
-        kpm = None if mask is None else mask[:, 0, 0]
-        return route(q, k, self.centroids, causal=self.causal, attention_mask=kpm), kpm
+        return route(q, k, self.centroids, causal=self.causal, attention_mask=mask), mask
 
     def _schedule_ema(self, out: Tensor, q: Tensor, k: Tensor, kpm: Tensor | None) -> Tensor:
         """In training mode: compute the EMA step now, write it into the buffer when out's gradient is computed."""

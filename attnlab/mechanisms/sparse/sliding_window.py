@@ -128,9 +128,9 @@ class SlidingWindowAttention(BlockSparseAttention):
     def mask_mod(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self._mod(q_idx, kv_idx)
 
-    def step(self, x_t: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Decode one token with a sliding KV cache: the last w + 1 keys, all inside the window."""
-        q, k, v = self.step_inputs(x_t, state)
+    def decode(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
+        """One checked token with a sliding KV cache: the last w + 1 keys, all inside the window."""
+        q, k, v = self.cached_qkv(x_t, state)
         k, v = k[:, :, -(self.window + 1):], v[:, :, -(self.window + 1):]
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(self.merge_heads(out)), KVCache(k, v)
