@@ -74,7 +74,7 @@ model applies); padded queries are the padded keys of the same sequence for self
 (queries bottom-right aligned with the keys, as with a KV cache). Cross-attention queries are never
 treated as padding: for attnlab modules a call with `context=` is cross-attention; for transformers
 a module with `is_cross_attention = True`, or whose name has a part containing "cross", or named
-"encoder_attn" / "EncDecAttention". Recorded tensors keep their raw values in `Record.weights`.
+"encoder_attn" / "EncDecAttention" / "encoder_decoder_attention". Recorded tensors keep their raw values in `Record.weights`.
 
 Building on the capture (relevance, sinks, lookback, explain, ...): take `Attentions` or plain maps
 and turn them into a list with `as_layers`; `att.layers[l]` / `att.grads[l]` belong to the same
@@ -104,7 +104,7 @@ from torch import Tensor, nn
 from ..core.registry import Spec
 
 IMPLEMENTATION = "attnlab_capture"
-_CROSS_NAMES = ("encoder_attn", "EncDecAttention")
+_CROSS_NAMES = ("encoder_attn", "EncDecAttention", "encoder_decoder_attention")
 
 
 @dataclass

@@ -29,7 +29,7 @@ adds nothing to R^{dd}; R^{de} gathers the relevance of the source tokens for ev
 
 Streams of the calls: by default, in a capture without cross-attention every call is
 self-attention in "tokens"; with cross-attention (a transformers module with
-`is_cross_attention`, or named "encoder_attn", "EncDecAttention" or with a part containing
+`is_cross_attention`, or named "encoder_attn", "EncDecAttention", "encoder_decoder_attention" or with a part containing
 "cross", as `capture` decides) the cross calls are ("decoder", "encoder") and a self-attention
 call is in "decoder" when a part of its module name starts with "decoder", else in "encoder".
 Other layouts (a bi-modal model, attnlab modules called with `context=`) pass
@@ -77,7 +77,7 @@ P035 = Paper(
 
 Streams = Callable[[str, bool], tuple[str, str]]
 Target = Callable[[Any], Tensor]
-_CROSS_PARTS = ("encoder_attn", "EncDecAttention")
+_CROSS_PARTS = ("encoder_attn", "EncDecAttention", "encoder_decoder_attention")
 
 
 @dataclass

@@ -69,6 +69,9 @@ ARCHS = {
     "mt5": (T5, "seq2seq"),
     "umt5": (T5, "seq2seq"),
     "longt5": (dict(T5, encoder_attention_type="local", local_radius=2), "seq2seq"),
+    "pix2struct": (dict(text_config=dict(T5, hidden_size=D, d_ff=2 * D), vision_config=dict(
+        hidden_size=D, patch_embed_hidden_size=48, d_ff=2 * D, d_kv=8, num_hidden_layers=2, num_attention_heads=4,
+        patch_size=4, relative_attention_num_buckets=8, relative_attention_max_distance=16)), "patches"),
     "switch_transformers": (dict(T5, num_experts=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
                                  expert_capacity=8), "seq2seq"),
     # vision towers
@@ -97,7 +100,13 @@ def _model(model_type):
     config = AutoConfig.for_model(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModel.from_config(config, attn_implementation="eager")
+        if model_type == "pix2struct":  # no AutoModel class: the generation model
+            from transformers import Pix2StructForConditionalGeneration
+
+            model = Pix2StructForConditionalGeneration(config)
+            model.set_attn_implementation("eager")
+        else:
+            model = AutoModel.from_config(config, attn_implementation="eager")
     return model.eval(), kind
 
 
@@ -111,6 +120,13 @@ def _inputs(kind):
     if kind == "seq2seq":
         dec = torch.randint(3, 64, (2, 5), generator=g)
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+    if kind == "patches":  # Pix2Struct: (row, column, 4 x 4 x 3 pixels) per patch, the second image padded
+        patches = torch.randn(2, 6, 2 + 48, generator=g)
+        patches[..., 0], patches[..., 1] = torch.arange(6) // 3 + 1, torch.arange(6) % 3 + 1
+        patch_mask = torch.ones(2, 6, dtype=torch.long)
+        patch_mask[1, 4:] = 0
+        return {"flattened_patches": patches, "attention_mask": patch_mask,
+                "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
     if kind == "vision":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     if kind == "clip":
@@ -202,7 +218,7 @@ def test_masks_rollout_and_relevance_run(model_type):
         assert torch.equal(text.attention_mask, inputs["attention_mask"].bool())
         streams = lambda name, cross: ("vision", "vision") if "vision" in name else ("text", "text")  # noqa: E731
         target = lambda out: out.logits_per_image.diagonal()  # noqa: E731
-    elif kind in ("seq2seq", "whisper"):
+    elif kind in ("seq2seq", "whisper", "patches"):
         enc = att.select(r"^encoder|^encoder_attentions")
         if model_type == "longt5":  # its encoder's local maps are blocked (skipped, reported): the decoder's
             assert not enc.records and att.skipped
