@@ -357,7 +357,6 @@ class NeighborhoodAttention(GridAttention):
             raise ValueError("step: decoding needs a causal module on a sequence (causal=True, one grid axis)")
         q, k, v = self.cached_qkv(x_t, state)
         (kernel,), (dil,), _ = neighborhood_args(1, self.kernel_size, self.dilation, True)
-        dil = 1  # MUTANT
         span = (kernel - 1) * dil + 1
         k, v = k[:, :, -span:], v[:, :, -span:]
         picked = torch.arange(k.shape[2] - 1, -1, -dil, device=k.device)[:kernel]
