@@ -70,9 +70,10 @@ def build(
 
 def settings(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
     """Settings beyond the default build, as (label, build keywords): 3 and 6 heads, and dilation 2 (with 3
-    heads too) where the entry has a dilation parameter."""
+    heads too) where the entry has a dilation parameter its test parameters leave unset, on a sequence."""
     out: list[tuple[str, dict[str, Any]]] = [(f"heads={h}", {"heads": h}) for h in HEADS_SETTINGS]
-    if any(p.name == "dilation" for p in spec.params):
+    dilated = any(p.name == "dilation" for p in spec.params) and "dilation" not in spec.test_params
+    if dilated and len(positions(spec)) == 1:
         out += [(f"dilation={DILATION}", {"dilation": DILATION}), (f"heads=3, dilation={DILATION}", {"heads": 3, "dilation": DILATION})]
     return out
 
