@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -157,9 +157,10 @@ def check_ints(name: str, value: object, rank: int, low: int = 1) -> tuple[int, 
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
     if len(values) != rank or not all(is_int(x) for x in values):
         raise ParameterError(f"{name}: expected an int or {rank} of them (one per grid axis), got {value!r}")
-    if any(x < low for x in values):
+    ints = cast("tuple[int, ...]", values)  # each checked to be an int above
+    if any(x < low for x in ints):
         raise ParameterError(f"{name}: expected ints >= {low} (one per grid axis), got {value!r}")
-    return values  # type: ignore[return-value]
+    return ints
 
 
 def check_bools(name: str, value: object, rank: int) -> tuple[bool, ...]:

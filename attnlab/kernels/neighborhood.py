@@ -268,7 +268,7 @@ def _units(chunks: list[Chunk], parts: int) -> list[list[Chunk]]:
     if len(rows) >= parts:
         return list(rows.values())
     split = -(-parts // len(rows))
-    out = []
+    out: list[list[Chunk]] = []
     for run in rows.values():
         size = -(-len(run) // split)
         out.extend(run[i : i + size] for i in range(0, len(run), size))
@@ -313,7 +313,7 @@ class TiledAttention(torch.autograd.Function):
 
         run([partial(chunk, c) for c in prob.chunks(b * h)], q.device)
         result = out[:-1].view(b, h, n, e)
-        ctx.save_for_backward(q, k, v, rpb, key_bias, valid, result)
+        ctx.save_for_backward(q, k, v, rpb, key_bias, valid, result)  # type: ignore[arg-type]  # None saves as None
         ctx.plan, ctx.scale = p, scale  # type: ignore[attr-defined]
         return result
 
