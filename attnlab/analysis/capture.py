@@ -580,15 +580,16 @@ def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
     """Hooks asking the top-level call for output_attentions=True and completing the records with the returned
     maps the recorder did not see (all of them for a model outside AttentionInterface, e.g. LongT5's local
     attention in an otherwise dispatching model); the maps are removed from the outputs unless asked for."""
-    calls: list[tuple[bool, int, Tensor | None, Tensor | None]] = []
+    calls: list[tuple[bool, bool, int, Tensor | None, Tensor | None]] = []
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        calls.append((bool(kwargs.get("output_attentions")), len(att.records), kwargs.get("attention_mask"),
+        as_tuple = kwargs.get("return_dict") is False  # read the maps by name, give the tuple back after
+        calls.append((bool(kwargs.get("output_attentions")), as_tuple, len(att.records), kwargs.get("attention_mask"),
                       kwargs.get("decoder_attention_mask")))
-        return args, {**kwargs, "output_attentions": True}
+        return args, {**kwargs, "output_attentions": True, **({"return_dict": True} if as_tuple else {})}
 
     def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        user_asked, start, encoder_mask, decoder_mask = calls.pop()
+        user_asked, as_tuple, start, encoder_mask, decoder_mask = calls.pop()
         found = _returned_maps(output)
         recorded = {_storage(r.weights): r for r in att.records[start:]}
         partly = bool(recorded)
@@ -614,9 +615,9 @@ def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
                 )
                 if partly:  # the recorder saw the others (a model outside it entirely was reported up front)
                     warnings.warn(f"capture: {att.fallback}", UserWarning, stacklevel=2)
-        if user_asked or not found or not hasattr(output, "keys"):
-            return None
-        return _without(output, {name.partition(".")[0] for name, _ in found})
+        if not user_asked and found and hasattr(output, "keys"):
+            output = _without(output, {name.partition(".")[0] for name, _ in found})
+        return output.to_tuple() if as_tuple and hasattr(output, "to_tuple") else output
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True)]

@@ -239,3 +239,19 @@ def test_masks_rollout_and_relevance_run(model_type):
     keep = rel.masks[rel.input]
     assert torch.isfinite(scores).all() and scores[~keep].abs().sum() == 0
     assert scores[keep].abs().sum() > 0  # some relevance reaches the real tokens
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "t5"])
+def test_tuple_outputs_come_back_as_tuples_without_maps(model_type):
+    """return_dict=False: capture reads the maps by name inside, the caller gets the same tuple as without it."""
+    model, kind = _model(model_type)
+    inputs = _inputs(kind)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = model(**inputs, return_dict=False)
+        with capture(model) as att:
+            inside = model(**inputs, return_dict=False)
+    assert type(inside) is tuple and len(inside) == len(plain) and len(att.records) == {"bloom": 2, "t5": 6}[model_type]
+    for a, b in zip(plain, inside):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
