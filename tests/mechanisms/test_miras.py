@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import attnlab
 from attnlab import testing
-from attnlab.core.errors import ParameterError
+from attnlab.core.errors import ParameterError, ShapeError
 from attnlab.mechanisms.linear.miras import (
     EluLinearAttention,
     GatedLinearAttention,
@@ -121,8 +121,8 @@ def test_retnet_decays_and_bidirectional_retention_is_gamma_to_the_distance():
 
 def test_gates_follow_their_formulas():
     torch.manual_seed(0)
-    gla = GatedLinearAttention(8, 2, gate_temperature=16.0)
-    delta = attnlab.build("delta", dim=8, heads=2)
+    gla = GatedLinearAttention(8, 2, gate_temperature=16.0, gate_source="key")
+    delta = attnlab.build("delta", dim=8, heads=2, gate_source="key")
     with torch.no_grad():
         gla.decay_weight.zero_()
         gla.decay_bias.fill_(math.log(3.0))  # σ = 3/4
@@ -409,3 +409,39 @@ def test_gradient_memory_entries_and_errors():
         attnlab.build("miras", dim=8, heads=2, bias="lp")
     with pytest.raises(ValueError, match="beta"):
         memory_attention(*(torch.randn(1, 1, 3, 2) for _ in range(3)), bias="huber", normalize=False)
+
+
+# -- gates from x (GLA, DeltaNet), the default ------------------------------------------------------------
+def test_gates_read_x_by_default():
+    """delta: β_t = σ(x_t w_h + b_h); gated-linear: α_t = σ(x_t W₁ W₂ + b)^(1/τ), rank 16 — the module equals
+    the functional memory fed with the gates computed here from x by hand."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 8, dtype=F64)
+    delta = attnlab.build("delta", dim=8, heads=2, causal=True).double()
+    gla = attnlab.build("gated-linear", dim=8, heads=2, causal=True).double()
+    assert not hasattr(delta, "beta_weight") and gla.decay_proj[0].weight.shape == (16, 8)
+
+    def heads(t):  # (batch, n, heads·w) -> (batch, heads, n, w)
+        return t.view(2, 7, 2, -1).transpose(1, 2)
+
+    q, k, v = (heads(lin(x)) for lin in (delta.q_proj, delta.k_proj, delta.v_proj))
+    beta = torch.sigmoid(x @ delta.beta_proj.weight.T + delta.beta_proj.bias).transpose(1, 2)  # (batch, heads, n)
+    core = memory_attention(q, k, v, feature_map="silu", bias="l2", beta=beta, normalize=False, causal=True)
+    close(delta(x), delta.out_proj(core.transpose(1, 2).reshape(2, 7, 8)))
+
+    q, k, v = (heads(lin(x)) for lin in (gla.q_proj, gla.k_proj, gla.v_proj))
+    low, up = gla.decay_proj[0], gla.decay_proj[1]
+    log_alpha = heads(F.logsigmoid(x @ low.weight.T @ up.weight.T + up.bias) / 16.0)  # per channel
+    core = memory_attention(q, k, v, feature_map="identity", log_decay=log_alpha, normalize=False, causal=True)
+    close(gla(x), gla.out_proj(core.transpose(1, 2).reshape(2, 7, 8)))
+
+
+@pytest.mark.parametrize("name", ["delta", "gated-linear", "miras-lp"])
+def test_gates_from_x_pass_the_conformance_suite_and_key_gates_remain(name):
+    spec = attnlab.get(name)
+    testing.run_all(dataclasses.replace(spec, test_params={**spec.test_params, "gate_source": "key"}))
+    m = attnlab.build(name, dim=8, heads=2)
+    assert m.gate_source == "x" and m.gate_width > 0
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    with pytest.raises(ShapeError, match="gate"):  # plain heads lack the gate channels project() adds
+        m.attend(q, k, v)

@@ -21,10 +21,15 @@ Retention α_t, one of:
     scalar    α_t = σ(w_h·k_t + b_h)^(1/τ) per head and token (data-dependent, scalar)
     channel   α_t = σ(W_h k_t + b_h)^(1/τ) per channel of the memory (GLA; τ = gate_temperature)
 
-Gates read the token through its per-head key projection k_t (before φ). GLA computes its
-gate from x_t with a low-rank map x W₁W₂; with W₁ = W_k this is that map, and it keeps
-`attend(q, k, v)` a function of q, k and v alone, so cross-attention writes memory from the
-context with the context's gates. Feature maps φ: 'elu+1' (elu(x) + 1 > 0), 'identity' (queries
+Gates (the learned α_t and β_t) read the token x_t itself by default (`gate_source="x"`), as GLA
+and DeltaNet do: β_t = σ(x_t w_β,h + b) (DeltaNet's b_proj), scalar α_t = σ(x_t w_α,h + b)^(1/τ),
+per-channel α_t = σ(x_t W₁ W₂,h + b)^(1/τ) with GLA's low-rank map (rank 16). The core
+`attend(q, k, v)` has no side input for x, so `project` carries the gate logits to it in extra
+channels of k, after the head_dim key channels (q gets as many zero channels, so q and k keep one
+width): `project` then `attend` is the module, and `attend` on plain (…, head_dim) q, k, v of a
+module with learned gates raises (ShapeError naming the expected width). `gate_source="key"`
+keeps the earlier form, the gates read from the per-head key projection k_t (before φ):
+β_t = σ(w·k_t + b), α_t = σ(W k_t + b)^(1/τ) — a low-rank x W_k W of GLA's kind, with W₁ = W_k. Feature maps φ: 'elu+1' (elu(x) + 1 > 0), 'identity' (queries
 scaled by 1/√d_k, as RetNet and GLA do), 'silu'; the L2 bias then L2-normalises q and k, which
 keeps the eigenvalues of I − β k kᵀ in [0, 1] (DeltaNet). normalize=True divides by φ(q)ᵀz
 (rows of the implicit matrix sum to 1) and needs the positive 'elu+1' map and the dot-product bias.
@@ -69,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.errors import ParameterError
+from ...core.errors import ParameterError, ShapeError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_choice, check_qkv
 from ...kernels.linear_scan import (
@@ -98,6 +103,8 @@ BIASES: tuple[str, ...] = ("dot", "l2", "lp", "huber")
 NONLINEAR_BIASES: tuple[str, ...] = ("lp", "huber")  # memories not linear in v: a token-by-token scan
 GATED_STEP = ("l2", *NONLINEAR_BIASES)  # biases with a learned step size β_t
 RETENTIONS: tuple[str, ...] = ("none", "fixed", "scalar", "channel")
+GATE_SOURCES: tuple[str, ...] = ("x", "key")
+GLA_GATE_RANK = 16  # GLA's low-rank gate map x W₁ W₂ (gk_proj: dim → 16 → key dim)
 
 
 def check_memory_config(feature_map: str, bias: str, retention: str, normalize: bool) -> None:
@@ -329,6 +336,8 @@ def register_memory(*, cross: bool = False, materialize: bool = True, **entry: A
 
 _CHUNK = Param("chunk_size", int, 64, "chunk of the causal fast path", low=1)
 _TEMPERATURE = Param("gate_temperature", float, 16.0, "τ of α = σ(·)^(1/τ) (GLA: 16)", low=1e-3)
+_GATE_SOURCE = Param("gate_source", str, "x", "what the learned gates read: the token x (GLA, DeltaNet) or "
+                     "the per-head key k", choices=GATE_SOURCES)
 _P = Param("p", float, 1.5, "exponent of the ℓp bias ‖M k − v‖_p^p (bias='lp')", low=1.0)
 _DELTA = Param("delta", float, 1.0, "threshold δ of the Huber bias (bias='huber')", low=1e-6)
 _GAMMA = Param("gamma", float, None, "decay of every head (default RetNet's 1 − 2^(−5−h))", low=0.0, high=1.0,
@@ -349,6 +358,7 @@ _GAMMA = Param("gamma", float, None, "decay of every head (default RetNet's 1 �
         _CHUNK,
         _P,
         _DELTA,
+        _GATE_SOURCE,
     ),
     summary="Miras memory M_t = α_t M_{t−1} − η_t ∇L(M_{t−1}; k_t, v_t): dot/L2/ℓp/Huber bias, "
     "none/fixed/scalar/channel retention.",
@@ -382,8 +392,10 @@ class MemoryAttention(LinearAttention):
         chunk_size: int = 64,
         p: float = 1.5,
         delta: float = 1.0,
+        gate_source: str = "x",
     ) -> None:
         check_memory_config(feature_map, bias, retention, normalize)
+        check_choice("gate_source", gate_source, GATE_SOURCES)
         check_chunk_size(chunk_size)
         if p != 1.5 and bias != "lp":
             raise ParameterError(f"p: only used with bias='lp', got bias={bias!r}")
@@ -406,37 +418,87 @@ class MemoryAttention(LinearAttention):
         if retention == "fixed":
             gammas = retnet_gammas(heads) if gamma is None else torch.full((heads,), float(gamma), dtype=torch.float64)
             self.register_buffer("log_gamma", torch.log(gammas), persistent=False)
-        if retention in ("scalar", "channel"):
-            width = 1 if retention == "scalar" else d
-            self.decay_weight = nn.Parameter(torch.randn(heads, d, width) / math.sqrt(d))
-            self.decay_bias = nn.Parameter(torch.zeros(heads, width))
-        if bias in GATED_STEP:
-            self.beta_weight = nn.Parameter(torch.randn(heads, d) / math.sqrt(d))
-            self.beta_bias = nn.Parameter(torch.zeros(heads))
+        self.gate_source = gate_source
+        decay_width = {"scalar": 1, "channel": d}.get(retention, 0)
+        beta_width = 1 if bias in GATED_STEP else 0
+        self.gate_width = decay_width + beta_width if gate_source == "x" else 0  # extra channels of k (see `project`)
+        if gate_source == "key":
+            if decay_width:
+                self.decay_weight = nn.Parameter(torch.randn(heads, d, decay_width) / math.sqrt(d))
+                self.decay_bias = nn.Parameter(torch.zeros(heads, decay_width))
+            if beta_width:
+                self.beta_weight = nn.Parameter(torch.randn(heads, d) / math.sqrt(d))
+                self.beta_bias = nn.Parameter(torch.zeros(heads))
+        else:
+            if retention == "scalar":
+                self.decay_proj: nn.Module = nn.Linear(dim, heads)
+            elif retention == "channel":  # GLA: x → 16 → heads·d_k
+                self.decay_proj = nn.Sequential(nn.Linear(dim, GLA_GATE_RANK, bias=False), nn.Linear(GLA_GATE_RANK, heads * d))
+            if beta_width:
+                self.beta_proj = nn.Linear(dim, heads)
 
-    def gates(self, k: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(log α, β) from the projected keys (batch, heads, n, head_dim)."""
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (batch, heads, n, head_dim); with gates from x, k carries the gate logits of its tokens in
+        `gate_width` extra channels (α's, then β's) and q as many zeros."""
+        q, k, v = super().project(x, context)
+        if not self.gate_width:
+            return q, k, v
+        src = x if context is None else context
+        logits = []
+        if self.retention in ("scalar", "channel"):
+            logits.append(self.split_heads(self.decay_proj(src)))
+        if self.bias in GATED_STEP:
+            logits.append(self.split_heads(self.beta_proj(src)))
+        gates = torch.cat(logits, dim=-1)
+        return torch.cat([q, q.new_zeros(*q.shape[:-1], self.gate_width)], -1), torch.cat([k, gates], -1), v
+
+    def _split(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """q and k without the gate channels, and the gate logits (batch, heads, n, gate_width) or None."""
+        if not self.gate_width:
+            return q, k, None
+        want = self.head_dim + self.gate_width
+        if k.shape[-1] != want:
+            raise ShapeError(
+                f"k: expected head_dim + gate channels = {self.head_dim} + {self.gate_width} = {want} (the gates "
+                f"read x: use `project`, or build with gate_source='key'), got {k.shape[-1]} in shape {tuple(k.shape)}"
+            )
+        return q[..., : self.head_dim], k[..., : self.head_dim], k[..., self.head_dim :]
+
+    def gates(self, k: Tensor, logits: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(log α, β) of the tokens: from the gate logits `project` computed from x (gate_source='x'), or from
+        the projected keys k (batch, heads, n, head_dim) (gate_source='key')."""
         b, h, n, _ = k.shape
         log_decay = beta = None
+        learned = self.retention in ("scalar", "channel")
+        if self.gate_source == "x" and self.gate_width:
+            assert logits is not None
+            width = logits.shape[-1] - (1 if self.bias in GATED_STEP else 0)
+            decay_logits, beta_logits = logits[..., :width], logits[..., width:]
+        elif self.gate_source == "key":
+            if learned:
+                decay_logits = torch.einsum("bhnd,hdw->bhnw", k, self.decay_weight) + self.decay_bias[:, None, :]
+            if self.bias in GATED_STEP:
+                beta_logits = (k * self.beta_weight[:, None, :]).sum(-1, keepdim=True) + self.beta_bias[:, None, None]
         if self.retention == "fixed":
             log_decay = self.log_gamma.to(k.dtype)[None, :, None].expand(b, h, n)
-        elif self.retention in ("scalar", "channel"):
-            logits = torch.einsum("bhnd,hdw->bhnw", k, self.decay_weight) + self.decay_bias[:, None, :]
-            log_decay = F.logsigmoid(logits) / self.gate_temperature
+        elif learned:
+            log_decay = F.logsigmoid(decay_logits) / self.gate_temperature
             if self.retention == "scalar":
                 log_decay = log_decay[..., 0]
         if self.bias in GATED_STEP:
-            beta = torch.sigmoid((k * self.beta_weight[:, None, :]).sum(-1) + self.beta_bias[:, None])
+            beta = torch.sigmoid(beta_logits[..., 0])
         return log_decay, beta
 
     def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
-        log_decay, beta = self.gates(k)
+        q, k, logits = self._split(q, k)
+        log_decay, beta = self.gates(k, logits)
         fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
         return LinearTerms(fq, fk, v, log_decay=log_decay, beta=beta)
 
     def _scan_args(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """φ(q), φ(k) and the keywords of `memory_scan` / `gradient_memory_reference` (ℓp and Huber biases)."""
-        log_decay, beta = self.gates(k)
+        q, k, logits = self._split(q, k)
+        log_decay, beta = self.gates(k, logits)
         fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
         return fq, fk, {"bias": self.bias, "beta": beta, "p": self.p, "delta": self.delta, "log_decay": log_decay}
 
@@ -473,7 +535,8 @@ class MemoryAttention(LinearAttention):
         extra = {"lp": f", p={self.p}", "huber": f", delta={self.delta}"}.get(self.bias, "")
         return (
             f"bias={self.bias!r}, retention={self.retention!r}, feature_map={self.feature_map!r}, "
-            f"normalize={self.normalize}, causal={self.causal}, chunk_size={self.chunk_size}{extra}"
+            f"normalize={self.normalize}, causal={self.causal}, chunk_size={self.chunk_size}{extra}, "
+            f"gate_source={self.gate_source!r}"
         )
 
 
@@ -505,13 +568,14 @@ class EluLinearAttention(MemoryAttention):
 @register_memory(
     name="delta",
     paper=SCHLAG,
-    params=(_CHUNK,),
+    params=(_CHUNK, _GATE_SOURCE),
     summary="Delta rule (DeltaNet): M_t = M_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, L2-normalised SiLU q, k.",
     normalized=False,
     flops=_memory_flops("none", "l2"),
 )
 class DeltaRuleAttention(MemoryAttention):
-    """The delta rule: one gradient step on ½‖M k − v‖² per token, β_t = σ(w·k_t + b); SiLU then L2 norm on q, k."""
+    """The delta rule: one gradient step on ½‖M k − v‖² per token, β_t = σ(x_t w + b) (gate_source='key':
+    σ(w·k_t + b)); SiLU then L2 norm on q, k."""
 
     def __init__(
         self,
@@ -522,10 +586,11 @@ class DeltaRuleAttention(MemoryAttention):
         qkv_bias: bool = True,
         causal: bool = False,
         chunk_size: int = 64,
+        gate_source: str = "x",
     ) -> None:
         super().__init__(
             dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, bias="l2", feature_map="silu",
-            normalize=False, chunk_size=chunk_size,
+            normalize=False, chunk_size=chunk_size, gate_source=gate_source,
         )
 
 
@@ -560,13 +625,14 @@ class RetentionAttention(MemoryAttention):
 @register_memory(
     name="gated-linear",
     paper=GLA,
-    params=(_TEMPERATURE, _CHUNK),
-    summary="Gated linear attention (GLA): M_t = M_{t−1} diag(α_t) + v_t k_tᵀ, α_t = σ(W k_t + b)^(1/τ) per channel.",
+    params=(_TEMPERATURE, _CHUNK, _GATE_SOURCE),
+    summary="Gated linear attention (GLA): M_t = M_{t−1} diag(α_t) + v_t k_tᵀ, α_t = σ(x_t W₁W₂ + b)^(1/τ) per channel.",
     normalized=False,
     flops=_memory_flops("channel", "dot"),
 )
 class GatedLinearAttention(MemoryAttention):
-    """Gated linear attention: data-dependent decay per channel of the memory, α_t = σ(W k_t + b)^(1/τ)."""
+    """Gated linear attention: data-dependent decay per channel of the memory, α_t = σ(x_t W₁W₂ + b)^(1/τ)
+    (GLA's low-rank map; gate_source='key': σ(W k_t + b)^(1/τ))."""
 
     def __init__(
         self,
@@ -578,24 +644,26 @@ class GatedLinearAttention(MemoryAttention):
         causal: bool = False,
         gate_temperature: float = 16.0,
         chunk_size: int = 64,
+        gate_source: str = "x",
     ) -> None:
         super().__init__(
             dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, retention="channel",
             feature_map="identity", normalize=False, gate_temperature=gate_temperature, chunk_size=chunk_size,
+            gate_source=gate_source,
         )
 
 
 @register_memory(
     name="miras-lp",
     paper=MIRAS,
-    params=(_P,),
+    params=(_P, _GATE_SOURCE),
     summary="Miras ℓp memory (matrix Moneta): M_t = M_{t−1} − β_t p (Sign(e)⊙|e|^(p−1)) k_tᵀ, e = M_{t−1}k_t − v_t.",
     normalized=False,
     materialize=False,
     flops=_memory_flops("none", "lp"),
 )
 class LpMemoryAttention(MemoryAttention):
-    """The ℓp attentional bias: one gradient step on ‖M k − v‖_p^p per token, β_t = σ(w·k_t + b); SiLU then L2 norm."""
+    """The ℓp attentional bias: one gradient step on ‖M k − v‖_p^p per token, β_t = σ(x_t w + b); SiLU then L2 norm."""
 
     def __init__(
         self,
@@ -606,17 +674,18 @@ class LpMemoryAttention(MemoryAttention):
         qkv_bias: bool = True,
         causal: bool = False,
         p: float = 1.5,
+        gate_source: str = "x",
     ) -> None:
         super().__init__(
             dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, bias="lp", feature_map="silu",
-            normalize=False, p=p,
+            normalize=False, p=p, gate_source=gate_source,
         )
 
 
 @register_memory(
     name="miras-huber",
     paper=MIRAS,
-    params=(_DELTA,),
+    params=(_DELTA, _GATE_SOURCE),
     summary="Miras Huber memory (matrix Yaad): the delta rule's step where ‖M k − v‖ <= δ, δ·Sign(M k − v) kᵀ beyond.",
     normalized=False,
     materialize=False,
@@ -634,8 +703,9 @@ class HuberMemoryAttention(MemoryAttention):
         qkv_bias: bool = True,
         causal: bool = False,
         delta: float = 1.0,
+        gate_source: str = "x",
     ) -> None:
         super().__init__(
             dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, bias="huber", feature_map="silu",
-            normalize=False, delta=delta,
+            normalize=False, delta=delta, gate_source=gate_source,
         )
