@@ -192,6 +192,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         out.append(f"  dtypes     {', '.join(spec.supports.dtypes)}")
     out.append(f"  normalized {'yes: rows of materialize sum to 1' if spec.normalized else 'no'}")
     out.append(f"  source     {source_text(spec)}")  # a path is never cut
+    if spec.functional:
+        out += wrap(f"  functional {', '.join(f'attnlab.functional.{f}' for f in spec.functional)}", 13)
     rows = [
         (p["name"], p["type"], "required" if p["required"] else repr(p["default"]), _range_text(p), p["doc"])
         for p in d["params"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -168,6 +169,12 @@ class Spec:
     test_params: dict[str, Any] = field(default_factory=dict)  # a small config for the conformance suite
     test_positions: tuple[int, ...] | None = None  # positions of the suite's inputs, e.g. (9,) or (4, 5)
     flops: Callable[[int, int, int, bool], float] | None = None  # (n, heads, head_dim, causal) -> forward FLOPs, batch 1
+    functional: tuple[str, ...] = ()  # names of its functional ops in `attnlab.functional` (fast path, reference)
+
+    @property
+    def source(self) -> str:
+        """The module that defines the entry, e.g. attnlab.mechanisms.dense.softmax."""
+        return getattr(self.factory, "__module__", "") or ""
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -209,6 +216,8 @@ class Spec:
             "exponent": self.exponent,
             "normalized": self.normalized,
             "params": [p.as_dict() for p in self.params],
+            "source": self.source,
+            "functional": [f"attnlab.functional.{f}" for f in self.functional],
         }
         if self.supports is not None:
             s = self.supports
@@ -267,11 +276,14 @@ def register(
     test_params: dict[str, Any] | None = None,
     test_positions: tuple[int, ...] | None = None,
     flops: Callable[[int, int, int, bool], float] | None = None,
+    functional: Iterable[str] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator registering an attention module as a mechanism.
 
     The module's parameters are the common ones (dim, heads, head_dim, qkv_bias,
     causal when supported, batch_first when the constructor takes it) followed by `params`.
+    `functional`: the names of its functional ops (in `attnlab.functional`); by default
+    `<name>_attention` and `<name>_attention_reference` where the class's module defines them.
     """
 
     def wrap(cls: type) -> type:
@@ -296,12 +308,23 @@ def register(
             test_params=dict(test_params or {}),
             test_positions=test_positions,
             flops=flops,
+            functional=tuple(functional) if functional is not None else default_functional(name, cls),
         )
         add(spec)
         cls.spec = spec  # type: ignore[attr-defined]
         return cls
 
     return wrap
+
+
+def default_functional(name: str, cls: type) -> tuple[str, ...]:
+    """`<stem>_attention` and `<stem>_attention_reference` of the module defining `cls`, those it defines,
+    the stem being `name` with "-" as "_" (a trailing "_attention" not doubled)."""
+    module = sys.modules.get(cls.__module__)
+    stem = name.replace("-", "_").removesuffix("_attention")
+    names = (f"{stem}_attention", f"{stem}_attention_reference")
+    found = (getattr(module, n, None) for n in names)
+    return tuple(n for n, f in zip(names, found) if callable(f) and getattr(f, "__module__", None) == cls.__module__)
 
 
 _LOADERS: list[Callable[[], None]] = []

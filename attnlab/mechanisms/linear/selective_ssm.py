@@ -266,6 +266,7 @@ def _inverse_softplus(x: Tensor) -> Tensor:
 
 
 @register(
+    functional=("selective_scan", "selective_scan_reference", "hidden_attention"),
     name="mamba",
     paper=HIDDEN_ATTENTION,
     family="B",

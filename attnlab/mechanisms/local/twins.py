@@ -164,6 +164,7 @@ def lsa_attention_reference(
 
 # -- the LSA module ------------------------------------------------------------------------------
 @register(
+    functional=("lsa_attention", "lsa_attention_reference"),
     name="twins-lsa",
     paper=TWINS,
     family="A",
@@ -242,6 +243,7 @@ def gsa_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | N
 
 
 @register(
+    functional=("gsa_attention", "gsa_attention_reference"),
     name="twins-gsa",
     paper=TWINS,
     family="A",

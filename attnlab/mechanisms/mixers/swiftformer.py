@@ -131,6 +131,7 @@ def additive_attention_reference(
 
 
 @register(
+    functional=("additive_attention", "additive_attention_reference"),
     name="swiftformer",
     paper=SWIFTFORMER,
     family="B",

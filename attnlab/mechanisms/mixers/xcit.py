@@ -104,6 +104,7 @@ def xca_attention_reference(
 
 
 @register(
+    functional=("xca_attention", "xca_attention_reference"),
     name="xcit",
     paper=XCIT,
     family="A",

@@ -1,0 +1,136 @@
+"""Every functional op of attnlab at one stable path: `attnlab.functional.<name>(q, k, v, ...)`.
+
+The mechanisms' fast paths and float64 references (each entry names its own in `Spec.functional`,
+printed by `attnlab info NAME`) and the kernels they share. The modules these come from may move;
+this namespace does not.
+"""
+from .kernels.block_sparse import BlockLayout, block_sparse_attention, block_sparse_attention_reference
+from .kernels.linear_scan import (
+    linear_attention,
+    linear_attention_recurrent,
+    linear_attention_reference,
+    linear_attention_step,
+)
+from .kernels.neighborhood import tiled_attention
+from .kernels.sdpa import sdpa
+from .mechanisms.dense.alibi import alibi_attention, alibi_attention_reference
+from .mechanisms.dense.coca import coca_attention, coca_attention_reference
+from .mechanisms.dense.kerple import kerple_attention, kerple_attention_reference
+from .mechanisms.dense.multiscale import multiscale_attention, multiscale_attention_reference
+from .mechanisms.dense.rope import rope_attention, rope_attention_reference
+from .mechanisms.dense.softmax import softmax_attention, softmax_attention_reference
+from .mechanisms.linear.based import based_attention, based_attention_reference
+from .mechanisms.linear.efficient import efficient_attention, efficient_attention_reference
+from .mechanisms.linear.focused import focused_linear_attention, focused_linear_attention_reference
+from .mechanisms.linear.galerkin import (
+    fourier_attention,
+    fourier_attention_reference,
+    galerkin_attention,
+    galerkin_attention_reference,
+)
+from .mechanisms.linear.local_linear import local_linear_attention, local_linear_attention_reference
+from .mechanisms.linear.miras import memory_attention, memory_attention_reference
+from .mechanisms.linear.selective_ssm import hidden_attention, selective_scan, selective_scan_reference
+from .mechanisms.local.aggregated import aggregated_attention, aggregated_attention_reference
+from .mechanisms.local.axial import axial_attention, axial_attention_reference
+from .mechanisms.local.circular_window import circular_window_attention, circular_window_attention_reference
+from .mechanisms.local.halo import halo_attention, halo_attention_reference
+from .mechanisms.local.multi_window import multi_window_attention, multi_window_attention_reference
+from .mechanisms.local.neighborhood import neighborhood_attention, neighborhood_attention_reference
+from .mechanisms.local.twins import gsa_attention, gsa_attention_reference, lsa_attention, lsa_attention_reference
+from .mechanisms.mixers.channel_group import channel_group_attention, channel_group_attention_reference
+from .mechanisms.mixers.lambda_layer import lambda_attention, lambda_attention_reference
+from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
+from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
+from .mechanisms.sparse.bilateral import bilateral_attention, bilateral_attention_reference
+from .mechanisms.sparse.combiner import combiner_attention, combiner_attention_reference
+from .mechanisms.sparse.dhsa import dhsa_attention, dhsa_attention_reference
+from .mechanisms.sparse.fit import fit_attention, fit_attention_reference
+from .mechanisms.sparse.mra import mra_attention, mra_attention_reference
+from .mechanisms.sparse.power import power_attention, power_attention_reference
+from .mechanisms.sparse.proxy import proxy_token_attention, proxy_token_attention_reference
+from .mechanisms.sparse.routing import routing_attention, routing_attention_reference
+from .mechanisms.sparse.sliding_window import sliding_window_attention, sliding_window_attention_reference
+
+__all__ = [
+    "BlockLayout",
+    "additive_attention",
+    "additive_attention_reference",
+    "aggregated_attention",
+    "aggregated_attention_reference",
+    "alibi_attention",
+    "alibi_attention_reference",
+    "axial_attention",
+    "axial_attention_reference",
+    "based_attention",
+    "based_attention_reference",
+    "bilateral_attention",
+    "bilateral_attention_reference",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "channel_group_attention",
+    "channel_group_attention_reference",
+    "circular_window_attention",
+    "circular_window_attention_reference",
+    "coca_attention",
+    "coca_attention_reference",
+    "combiner_attention",
+    "combiner_attention_reference",
+    "dhsa_attention",
+    "dhsa_attention_reference",
+    "efficient_attention",
+    "efficient_attention_reference",
+    "fit_attention",
+    "fit_attention_reference",
+    "focused_linear_attention",
+    "focused_linear_attention_reference",
+    "fourier_attention",
+    "fourier_attention_reference",
+    "galerkin_attention",
+    "galerkin_attention_reference",
+    "gsa_attention",
+    "gsa_attention_reference",
+    "halo_attention",
+    "halo_attention_reference",
+    "hidden_attention",
+    "kerple_attention",
+    "kerple_attention_reference",
+    "lambda_attention",
+    "lambda_attention_reference",
+    "linear_attention",
+    "linear_attention_recurrent",
+    "linear_attention_reference",
+    "linear_attention_step",
+    "local_linear_attention",
+    "local_linear_attention_reference",
+    "lsa_attention",
+    "lsa_attention_reference",
+    "memory_attention",
+    "memory_attention_reference",
+    "mra_attention",
+    "mra_attention_reference",
+    "multi_window_attention",
+    "multi_window_attention_reference",
+    "multiscale_attention",
+    "multiscale_attention_reference",
+    "neighborhood_attention",
+    "neighborhood_attention_reference",
+    "power_attention",
+    "power_attention_reference",
+    "proxy_token_attention",
+    "proxy_token_attention_reference",
+    "rope_attention",
+    "rope_attention_reference",
+    "routing_attention",
+    "routing_attention_reference",
+    "sdpa",
+    "selective_scan",
+    "selective_scan_reference",
+    "sliding_window_attention",
+    "sliding_window_attention_reference",
+    "softmax_attention",
+    "softmax_attention_reference",
+    "tiled_attention",
+    "xca_attention",
+    "xca_attention_reference",
+]

@@ -1,0 +1,38 @@
+"""attnlab.functional: the stable path of every functional op, and each entry's `Spec.functional` leading to it."""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import torch
+
+import attnlab
+import attnlab.functional as F
+
+# memory entries share memory_attention (its `bias` selects the entry's rule): not named by the registry yet
+WITHOUT_FUNCTIONAL = {"delta", "gated-linear", "linear", "miras", "miras-huber", "miras-lp", "retention"}
+
+
+def test_every_entry_names_its_functional_ops_and_they_are_the_source_modules() -> None:
+    for spec in attnlab.list_mechanisms():
+        if spec.name in WITHOUT_FUNCTIONAL:
+            continue
+        assert spec.functional, f"{spec.name}: no functional ops named"
+        source = importlib.import_module(spec.source)
+        for name in spec.functional:
+            assert getattr(F, name) is getattr(source, name), f"{spec.name}: attnlab.functional.{name}"
+            assert name in F.__all__
+
+
+def test_the_namespace_computes_what_the_module_computes() -> None:
+    q, k, v = torch.randn(3, 2, 2, 7, 4, dtype=torch.float64)
+    m = attnlab.build("softmax", dim=8, heads=2, causal=True).double()
+    want = m.attend(q, k, v, impl="reference")
+    torch.testing.assert_close(F.softmax_attention(q, k, v, causal=True), want)
+    torch.testing.assert_close(F.sdpa(q, k, v, None, causal=True), want)
+
+
+def test_info_prints_the_functional_entry_points() -> None:
+    out = subprocess.run([sys.executable, "-m", "attnlab", "info", "xcit"], capture_output=True, text=True, check=True)
+    assert "functional attnlab.functional.xca_attention, attnlab.functional.xca_attention_reference" in out.stdout
