@@ -13,16 +13,29 @@ chunk — for exact causal softmax attention on the block-sparse engine:
 
 With top_chunks ≥ the number of chunks this is causal softmax attention.
 
-Deviations from the paper, both documented choices:
+Deviations from the paper, documented choices:
 
-* chunks have a fixed size b: the paper's boundary predictor is a trained network (a small
-  encoder + MLP that places variable-length chunk boundaries), not a closed-form rule;
+* chunks have a fixed size b, so the ranking is a block top-k — the baseline the paper claims
+  to beat. The paper's dynamic chunking is a trained boundary predictor (an encoder over the
+  left and right context of each position, a fusion of the two features with their
+  difference, product and similarity, and an MLP classifier; its weights are released
+  separately, "sxiong/DHSA"), trained on boundaries labelled by similarity shifts between
+  consecutive key embeddings. It is not a closed-form rule and attnlab ships no trained
+  weights, so it is not implemented; a similarity-threshold rule on consecutive keys (the
+  labelling rule) would be causal but is not the paper's predictor, and variable chunks do
+  not fit the fixed blocks of the block-sparse engine (they would need a token-level mask,
+  O(N²) memory). Not done: the adaptive chunking as the default (issue 11).
+* the budget is whole chunks per query chunk (`top_chunks` plus the diagonal chunk); the
+  paper keeps a per-token budget N_b of key tokens by the upsampled score (the same chunks
+  when N_b is a multiple of the chunk size, up to ties inside a chunk);
 * `query_rep="lookback"` (the default) scores query chunk x with the representation of chunk
   x − 1, whose queries all precede every query of chunk x, so the selection — and the output
   of query i — depends on positions ≤ i only (strictly causal, as the conformance suite
   checks). `query_rep="chunk"` is the paper's own q̄_x: then later queries of a chunk take
   part in choosing the key chunks of earlier ones (fine for a prefill that sees the whole
-  prompt, but not causal at the level of the selection).
+  prompt, but not causal at the level of the selection). The paper targets prefill, where
+  the whole prompt is known, and gives no strictly causal form of the selection; "lookback"
+  is ours.
 
 Autograd: the top-k chunk selection is not differentiated (made under no_grad); gradients
 flow through the exact token scores of the kept chunks only — the chunk representations
