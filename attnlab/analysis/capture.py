@@ -383,7 +383,6 @@ def _recording(eager: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tup
         _record(module, probs, attention_mask, query, key, scale)
         return out, probs
 
-    forward.eager = eager  # type: ignore[attr-defined]
     return forward
 
 

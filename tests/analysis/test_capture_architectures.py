@@ -255,3 +255,24 @@ def test_tuple_outputs_come_back_as_tuples_without_maps(model_type):
     for a, b in zip(plain, inside):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+
+
+def test_generic_eager_attention_equals_the_files_eager_functions():
+    """The fallback formula for a module whose file has no eager function: GQA, additive mask, soft-capping."""
+    from torch import nn
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    from attnlab.analysis.capture import generic_eager_attention
+
+    module = nn.Module().eval()
+    module.num_key_value_groups = 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[1, ..., 3:] = torch.finfo(torch.float32).min
+    for theirs, extra in ((llama_eager, {}), (gemma2_eager, {"softcap": 0.5})):
+        want_out, want_probs = theirs(module, q, k, v, mask, scaling=0.3, **extra)
+        out, probs = generic_eager_attention(module, q, k, v, mask, scaling=0.3, **extra)
+        torch.testing.assert_close(probs, want_probs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=1e-6)
