@@ -199,6 +199,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         for p in d["params"]
     ]
     out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"), WIDTH, wrap_cells=True)]
+    if d["knobs"]:
+        out += wrap(f"speed knobs: {', '.join(d['knobs'])} (they change the cost, not the result)", 2)
     if spec.kind == "mechanism":
         out += ["", "example:", f"  {example(spec)}"]
     print("\n".join(out))

@@ -36,3 +36,19 @@ def test_the_namespace_computes_what_the_module_computes() -> None:
 def test_info_prints_the_functional_entry_points() -> None:
     out = subprocess.run([sys.executable, "-m", "attnlab", "info", "xcit"], capture_output=True, text=True, check=True)
     assert "functional attnlab.functional.xca_attention, attnlab.functional.xca_attention_reference" in out.stdout
+
+
+def test_a_speed_knob_changes_the_cost_not_the_result() -> None:
+    """Every Param(knob=True): two values give one output (float64, causal where supported, an odd length)."""
+    knobs = [(spec, p) for spec in attnlab.list_mechanisms() for p in spec.params if p.knob]
+    assert {s.name for s, _ in knobs} >= {"galerkin", "mamba", "sliding-window"}
+    for spec, p in knobs:
+        causal = bool(spec.supports and spec.supports.causal)
+        base = {"dim": 8, "heads": 2, **spec.test_params, **({"causal": True} if causal else {})}
+        x = torch.randn(2, 13, 8, dtype=torch.float64)
+        outs = []
+        for value in (3, 16):
+            torch.manual_seed(0)
+            m = attnlab.build(spec.name, **{**base, p.name: value}).double()
+            outs.append(m(x))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9, msg=f"{spec.name}.{p.name}")

@@ -58,6 +58,7 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     optional: bool = False  # None is accepted
+    knob: bool = False  # a speed knob: it changes the cost, not the result (up to rounding)
 
     @property
     def required(self) -> bool:
@@ -218,6 +219,7 @@ class Spec:
             "params": [p.as_dict() for p in self.params],
             "source": self.source,
             "functional": [f"attnlab.functional.{f}" for f in self.functional],
+            "knobs": [p.name for p in self.params if p.knob],
         }
         if self.supports is not None:
             s = self.supports

@@ -229,7 +229,7 @@ def based_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     params=(
         Param("feature_dim", int, FEATURE_DIM, "width d' of the q, k projections fed to the Taylor map", low=1),
         Param("window", int, WINDOW, "keys a query sees in the sliding-window softmax (causal: itself and window − 1 before)", low=1),
-        Param("chunk_size", int, 64, "chunk of the causal fast path of the linear part", low=1),
+        Param("chunk_size", int, 64, "chunk of the causal fast path of the linear part", low=1, knob=True),
     ),
     summary="Based: 2nd-order Taylor linear attention plus exact sliding-window softmax attention, summed.",
     normalized=False,

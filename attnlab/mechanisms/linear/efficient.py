@@ -172,7 +172,7 @@ def efficient_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     params=(
         Param("normalization", str, "softmax", "ρ: 'softmax' (features of q, tokens of k) or 'scaling' (1/√n each)",
               choices=NORMALIZATIONS),
-        Param("chunk_size", int, 64, "chunk of the causal fast path", low=1),
+        Param("chunk_size", int, 64, "chunk of the causal fast path", low=1, knob=True),
     ),
     summary="Efficient Attention: ρ_q(Q)(ρ_k(K)ᵀV), softmax over q's features and k's tokens, O(n d²).",
     normalized=True,  # the default softmax normalisation; 'scaling' rows do not sum to 1

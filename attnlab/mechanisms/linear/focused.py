@@ -232,7 +232,7 @@ def focused_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
         Param("power", float, 3.0, "focusing power p of f_p (1 = plain ReLU linear attention)", low=1.0),
         Param("kernel_size", int, 5, "kernel of the depthwise conv on V (odd)", low=1),
         Param("grid", int, 1, "rank of the token grid: 1 (batch, n, dim) or 2 (batch, H, W, dim)", choices=(1, 2)),
-        Param("chunk_size", int, 64, "chunk of the causal fast path", low=1),
+        Param("chunk_size", int, 64, "chunk of the causal fast path", low=1, knob=True),
     ),
     summary="Focused linear attention (FLatten): φ_p = f_p(ReLU(x)/s) features, normalised linear attention, plus a depthwise conv on V.",
     normalized=True,

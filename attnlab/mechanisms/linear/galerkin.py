@@ -177,7 +177,7 @@ class GalerkinState:
     cost="O(N d²)",
     exponent=1.0,
     supports=Supports(causal=True, key_padding=True, cross=True, decode=True, materialize=True),
-    params=(Param("chunk_size", int, 64, "chunk of the causal fast path", low=1),),
+    params=(Param("chunk_size", int, 64, "chunk of the causal fast path", low=1, knob=True),),
     summary="Galerkin-type attention: z = Q (LN(K)ᵀ LN(V)) / n, softmax-free, linear in n.",
     normalized=False,
     test_params={"chunk_size": 4},

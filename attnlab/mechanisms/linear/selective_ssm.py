@@ -280,7 +280,7 @@ def _inverse_softplus(x: Tensor) -> Tensor:
         Param("dt_rank", int, None, "rank of the Δ projection (default ⌈dim / 16⌉)", low=1, optional=True),
         Param("dt_min", float, 1e-3, "smallest initial Δ", low=0.0),
         Param("dt_max", float, 1e-1, "largest initial Δ", low=0.0),
-        Param("chunk_size", int, None, "chunk of the fast scan (default ⌈√n⌉)", low=1, optional=True),
+        Param("chunk_size", int, None, "chunk of the fast scan (default ⌈√n⌉)", low=1, optional=True, knob=True),
     ),
     summary="Selective state-space mixer (Mamba S6: conv, selective scan, gate) with its hidden attention matrices.",
     normalized=False,

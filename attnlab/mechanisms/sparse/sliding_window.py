@@ -98,7 +98,7 @@ def sliding_window_attention_reference(
     supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
     params=(
         Param("window", int, 256, "w: keys with |i − j| ≤ w are seen (j ≤ i when causal)", low=0),
-        Param("block_size", int, 64, "tokens per block B of the block-sparse engine", low=1),
+        Param("block_size", int, 64, "tokens per block B of the block-sparse engine", low=1, knob=True),
     ),
     summary="Sliding-window attention: each query sees the keys within w positions (exact band, block-sparse engine).",
     test_params={"window": 2, "block_size": 2},
