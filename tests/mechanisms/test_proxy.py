@@ -126,7 +126,15 @@ def test_random_proxy_is_seeded_in_eval_and_redrawn_in_train() -> None:
     m = attnlab.build("proxy-token", dim=8, heads=2, window=4, proxy="random").double()
     x = torch.randn(1, 16, 8, dtype=torch.float64)
     m.eval()
-    torch.testing.assert_close(m(x), m(x), atol=0, rtol=0)
+    torch.manual_seed(1)
+    first = m(x)
+    torch.manual_seed(2)
+    torch.rand(100)  # the global generator moved: an eval draw must not read it
+    torch.testing.assert_close(m(x), first, atol=0, rtol=0)
+    fresh = attnlab.build("proxy-token", dim=8, heads=2, window=4, proxy="random", seed=0, resample=False).double()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.train()(x), first, atol=0, rtol=0)  # train without resample: the draw of `seed`
+    torch.testing.assert_close(m(x, impl="reference"), first)
     other = attnlab.build("proxy-token", dim=8, heads=2, window=4, proxy="random", seed=1).double().eval()
     other.load_state_dict(m.state_dict())
     assert not torch.allclose(m(x), other(x))  # another seed draws other proxies
