@@ -135,10 +135,15 @@ def test_fully_masked_row_gives_zeros_and_finite_gradients():
 def test_module_composes_as_a_score_term():
     torch.manual_seed(0)
     alibi = ALiBiAttention(16, 4).double()
+    x = torch.randn(2, 7, 16, dtype=F64)
+    q, k, v = alibi.project(x)
+    i = torch.arange(7)
+    bias = -torch.tensor([2**-2, 2**-4, 2**-6, 2**-8], dtype=F64)[:, None, None] * (i[:, None] - i[None, :]).abs()
+    hand = alibi.out_proj(alibi.merge_heads(hand_attention(q, k, v, bias)))  # 4 heads: slopes 2^-2, 2^-4, 2^-6, 2^-8
+    torch.testing.assert_close(alibi(x), hand, rtol=1e-12, atol=1e-12)
     plain = SoftmaxAttention(16, 4, score_terms=[ALiBi(4)]).double()
     plain.load_state_dict(alibi.state_dict())
-    x = torch.randn(2, 7, 16, dtype=F64)
-    torch.testing.assert_close(alibi(x), plain(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain(x), hand, rtol=1e-12, atol=1e-12)
     # without the term the result differs: the bias does something
     bare = SoftmaxAttention(16, 4).double()
     bare.load_state_dict(alibi.state_dict())
@@ -186,7 +191,8 @@ def test_registry_entry():
     assert s.causal and s.key_padding and s.attn_mask and s.cross and s.decode
     m = attnlab.build("alibi", dim=12, heads=6)
     assert isinstance(m, ALiBiAttention)
-    torch.testing.assert_close(m.score_terms[0].slopes, alibi_slopes(6, dtype=F64))
+    # 6 heads: those of 4 (2^-2, 2^-4, 2^-6, 2^-8), then every other slope of 8 heads from the first (2^-1, 2^-3)
+    torch.testing.assert_close(m.score_terms[0].slopes, torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], dtype=F64))
 
 
 def _official_get_slopes(n):
