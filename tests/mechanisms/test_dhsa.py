@@ -163,3 +163,46 @@ def test_errors_name_the_argument():
         attnlab.build("dhsa", dim=8, heads=2, causal=False)
     with pytest.raises(ParameterError, match="query_rep"):
         attnlab.build("dhsa", dim=8, heads=2, query_rep="mean")
+
+
+# -- adaptive chunks (boundary_threshold): the paper predictor's labelling rule ------------------------
+def test_adaptive_chunks_by_hand() -> None:
+    """A chunk ends where consecutive keys turn (cos < τ) or at chunk_size tokens."""
+    from attnlab.mechanisms.sparse.dhsa import adaptive_chunks
+
+    e0, e1 = [1.0, 0.0], [0.0, 1.0]
+    keys = [e0, e0, e1, e1, e1, e1, e1, e0]  # turns before 2 and 7; a run of 5 e1 cut at 3 tokens
+    k = torch.tensor(keys, dtype=torch.float64)[None, None]
+    assert adaptive_chunks(k, chunk_size=3, threshold=0.5)[0, 0].tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
+    assert adaptive_chunks(k, chunk_size=100, threshold=-1.0)[0, 0].tolist() == [0] * 8  # never splits
+
+
+@pytest.mark.parametrize("query_rep", ["lookback", "chunk"])
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.4])
+def test_adaptive_fast_equals_reference(query_rep: str, threshold: float) -> None:
+    from attnlab.mechanisms.sparse.dhsa import dhsa_attention, dhsa_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 13, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[1, 9:] = False
+    kw = dict(chunk_size=4, top_chunks=1, boundary_threshold=threshold, query_rep=query_rep, attention_mask=kpm)
+    out, weights = dhsa_attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(dhsa_attention(q, k, v, **kw), out, rtol=1e-12, atol=1e-12)
+    if threshold == -1.0:  # no similarity split: the fixed chunks of the block-sparse path
+        fixed = dhsa_attention(q, k, v, chunk_size=4, top_chunks=1, query_rep=query_rep, attention_mask=kpm)
+        real = kpm[:, None, :, None]  # a padded query chunk ranks ties in another order on the block-sparse path
+        torch.testing.assert_close(fixed * real, out * real, rtol=1e-12, atol=1e-12)
+
+
+def test_adaptive_chunks_pass_the_conformance_suite() -> None:
+    """The lookback form stays causal with adaptive chunks (a boundary at t reads keys t − 1 and t)."""
+    import dataclasses
+
+    from attnlab import testing
+
+    spec = attnlab.get("dhsa")
+    testing.run_all(dataclasses.replace(spec, test_params={**spec.test_params, "chunk_size": 3,
+                                                           "boundary_threshold": 0.0}))
+    with pytest.raises(ParameterError, match="boundary_threshold"):
+        attnlab.build("dhsa", dim=8, heads=2, boundary_threshold=1.5)

@@ -21,10 +21,13 @@ Deviations from the paper, documented choices:
   difference, product and similarity, and an MLP classifier; its weights are released
   separately, "sxiong/DHSA"), trained on boundaries labelled by similarity shifts between
   consecutive key embeddings. It is not a closed-form rule and attnlab ships no trained
-  weights, so it is not implemented; a similarity-threshold rule on consecutive keys (the
-  labelling rule) would be causal but is not the paper's predictor, and variable chunks do
-  not fit the fixed blocks of the block-sparse engine (they would need a token-level mask,
-  O(N²) memory). Not done: the adaptive chunking as the default (issue 11).
+  weights. `boundary_threshold=τ` offers the labelling rule itself as adaptive chunking: a
+  chunk ends before token t when cos(k_t, k_{t−1}) < τ (per head) or when it has reached
+  chunk_size tokens, so chunks have variable lengths ≤ chunk_size and token t's chunk
+  depends on keys ≤ t only (causal). Variable chunks do not fit the fixed blocks of the
+  block-sparse engine: that option's fast path is SDPA under the N × N token mask (O(N²)
+  memory, and a Python loop of N steps to place the boundaries), and it is not the default
+  since it is the predictor's training signal, not the predictor.
 * the budget is whole chunks per query chunk (`top_chunks` plus the diagonal chunk); the
   paper keeps a per-token budget N_b of key tokens by the upsampled score (the same chunks
   when N_b is a multiple of the chunk size, up to ties inside a chunk);
@@ -112,6 +115,66 @@ def dhsa_select(
         return torch.cat([idx, own], -1)
 
 
+def _check_threshold(boundary_threshold: object) -> None:
+    if boundary_threshold is not None and (
+        isinstance(boundary_threshold, bool) or not isinstance(boundary_threshold, (int, float))
+        or not -1.0 <= boundary_threshold <= 1.0
+    ):
+        raise ParameterError(f"boundary_threshold: expected a float in [-1, 1] or None, got {boundary_threshold!r}")
+
+
+def adaptive_chunks(k: Tensor, *, chunk_size: int, threshold: float, attention_mask: Tensor | None = None) -> Tensor:
+    """Chunk index (batch, heads, n) int64 of every token: a chunk ends before real token t when
+    cos(k_t, k_s) < threshold for the previous real token s, or when it holds chunk_size real tokens
+    (causal: from keys ≤ t); a padded token joins the current chunk and is not counted."""
+    with torch.no_grad():
+        bsz, h, n, _ = k.shape
+        real = torch.ones(bsz, n, dtype=torch.bool, device=k.device) if attention_mask is None else attention_mask.bool()
+        ids = torch.zeros(bsz, h, n, dtype=torch.int64, device=k.device)
+        run = torch.zeros(bsz, h, dtype=torch.int64, device=k.device)  # real tokens in the current chunk
+        last = k[:, :, 0]
+        for t in range(n):
+            is_real = real[:, t, None].expand(bsz, h)
+            turn = F.cosine_similarity(k[:, :, t], last, dim=-1) < threshold
+            new = is_real & (run > 0) & (turn | (run >= chunk_size))
+            ids[..., t] = (ids[..., t - 1] if t else 0) + new.long()
+            run = torch.where(is_real, torch.where(new, 1, run + 1), run)
+            last = torch.where(is_real[..., None], k[:, :, t], last)
+        return ids
+
+
+def adaptive_keep(
+    q: Tensor, k: Tensor, *, chunk_size: int, top_chunks: int, threshold: float, query_rep: QueryRep,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """The token mask (batch, heads, n, n) of DHSA on `adaptive_chunks`: key j is kept for query i when j <= i,
+    j is real and j's chunk is i's own or one of the top_chunks earlier chunks by the chunk scores."""
+    with torch.no_grad():
+        bsz, h, n, d = q.shape
+        ids = adaptive_chunks(k, chunk_size=chunk_size, threshold=threshold, attention_mask=attention_mask)
+        nc = int(ids.max()) + 1
+        real = torch.ones(bsz, n, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
+        weight = real[:, None, :, None].to(q.dtype)
+        member = F.one_hot(ids, nc).to(q.dtype) * weight  # (batch, heads, n, nc), real tokens only
+        count = member.sum(2)  # (batch, heads, nc)
+        q_rep, k_rep = ((member.transpose(-1, -2) @ x.detach()) / count.clamp(min=1).sqrt()[..., None] for x in (q, k))
+        if query_rep == "lookback":
+            q_rep = torch.cat([torch.zeros_like(q_rep[:, :, :1]), q_rep[:, :, :-1]], 2)
+        scores = q_rep @ k_rep.transpose(-1, -2)
+        chunk = torch.arange(nc, device=q.device)
+        allowed = (chunk[None, :] < chunk[:, None])[None, None] & (count > 0)[:, :, None, :]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        pairs = torch.eye(nc, dtype=torch.bool, device=q.device).expand(bsz, h, nc, nc).clone()
+        if top_chunks and nc > 1:
+            idx = scores.argsort(dim=-1, descending=True, stable=True)[..., :top_chunks]  # ties: the earlier chunk
+            pairs.scatter_(-1, idx, scores.gather(-1, idx) > float("-inf"))
+            pairs |= torch.eye(nc, dtype=torch.bool, device=q.device)
+        keep = torch.gather(pairs, 2, ids[..., None].expand(bsz, h, n, nc))  # (batch, heads, n, nc): row of i's chunk
+        keep = torch.gather(keep, 3, ids[:, :, None, :].expand(bsz, h, n, n))  # (batch, heads, n, n)
+        pos = torch.arange(n, device=q.device)
+        return keep & (pos[None, :] <= pos[:, None]) & real[:, None, None, :]
+
+
 def dhsa_attention(
     q: Tensor,
     k: Tensor,
@@ -122,12 +185,19 @@ def dhsa_attention(
     query_rep: QueryRep = "lookback",
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    boundary_threshold: float | None = None,
 ) -> Tensor:
-    """Causal DHSA over (batch, heads, n, head_dim) self-attention inputs (block-sparse engine)."""
+    """Causal DHSA over (batch, heads, n, head_dim) self-attention inputs: fixed chunks on the block-sparse
+    engine, or (boundary_threshold given) adaptive chunks under their token mask."""
     _check_args(q, k, v, chunk_size, top_chunks, query_rep, attention_mask, scale)
+    _check_threshold(boundary_threshold)
     bsz, h, n, _ = q.shape
     if n == 0:
         return q.new_zeros(bsz, h, 0, v.shape[-1])
+    if boundary_threshold is not None:
+        keep = adaptive_keep(q, k, chunk_size=chunk_size, top_chunks=top_chunks, threshold=float(boundary_threshold),
+                             query_rep=query_rep, attention_mask=attention_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)  # fully masked rows give 0
     kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, attention_mask=attention_mask)
     nc = kept.shape[2]
     outs = []
@@ -149,11 +219,16 @@ def dhsa_attention_reference(
     query_rep: QueryRep = "lookback",
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    boundary_threshold: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `dhsa_attention`: dense causal softmax in float64 under the token mask the
-    kept chunk pairs define (same selection)."""
+    kept chunk pairs define (same selection; adaptive chunks placed and ranked token by token)."""
     _check_args(q, k, v, chunk_size, top_chunks, query_rep, attention_mask, scale)
+    _check_threshold(boundary_threshold)
     bsz, h, n, _ = q.shape
+    if boundary_threshold is not None:
+        keep = _adaptive_keep_by_loops(q, k, chunk_size, top_chunks, float(boundary_threshold), query_rep, attention_mask)
+        return softmax_attention_reference(q, k, v, mask=keep, scale=scale)
     kept = dhsa_select(q, k, chunk_size=chunk_size, top_chunks=top_chunks, query_rep=query_rep, attention_mask=attention_mask)
     nc = kept.shape[2]
     pairs = torch.zeros(bsz, h, nc, nc + 1, dtype=torch.bool, device=q.device)
@@ -165,6 +240,47 @@ def dhsa_attention_reference(
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :]
     return softmax_attention_reference(q, k, v, mask=keep, scale=scale)
+
+
+def _chunk_rep(x: Tensor, real: list[bool], lo: int, hi: int) -> Tensor:
+    """√|c| · mean of the real rows lo..hi − 1 of x (zeros when none is real)."""
+    rows = [x[t] for t in range(lo, hi) if real[t]]
+    return torch.stack(rows).sum(0) / math.sqrt(len(rows)) if rows else torch.zeros_like(x[0])
+
+
+def _adaptive_keep_by_loops(q: Tensor, k: Tensor, chunk_size: int, top_chunks: int, threshold: float,
+                            query_rep: str, attention_mask: Tensor | None) -> Tensor:
+    """The adaptive token mask written out per element and head in float64 (the reference's own selection)."""
+    bsz, h, n, _ = q.shape
+    keep = torch.zeros(bsz, h, n, n, dtype=torch.bool, device=q.device)
+    for z in range(bsz):
+        real = [True] * n if attention_mask is None else [bool(r) for r in attention_mask[z]]
+        for head in range(h):
+            qs, ks = q[z, head].detach().double(), k[z, head].detach().double()  # the selection is not differentiated
+            starts, prev, run = [0], None, 0  # prev: the last real token; run: real tokens in the chunk
+            for t in range(n):
+                if not real[t]:
+                    continue
+                if prev is not None:
+                    cos = float(ks[t] @ ks[prev]) / max(float(ks[t].norm() * ks[prev].norm()), 1e-8)
+                    if cos < threshold or run >= chunk_size:
+                        starts.append(t)
+                        run = 0
+                prev, run = t, run + 1
+            bounds = list(zip(starts, [*starts[1:], n]))
+
+            for c, (lo, hi) in enumerate(bounds):
+                if query_rep == "lookback":
+                    qc = _chunk_rep(qs, real, *bounds[c - 1]) if c > 0 else torch.zeros_like(qs[0])
+                else:
+                    qc = _chunk_rep(qs, real, lo, hi)
+                earlier = [(float(qc @ _chunk_rep(ks, real, *bounds[e])), e) for e in range(c) if any(real[bounds[e][0]:bounds[e][1]])]
+                chosen = {c} | {e for _, e in sorted(earlier, key=lambda se: (-se[0], se[1]))[:top_chunks]}
+                for i in range(lo, hi):
+                    for e in chosen:
+                        for j in range(bounds[e][0], min(bounds[e][1], i + 1)):
+                            keep[z, head, i, j] = real[j]
+    return keep
 
 
 @register(
@@ -179,6 +295,8 @@ def dhsa_attention_reference(
         Param("top_chunks", int, 4, "k: earlier key chunks kept per query chunk by chunk score, besides its own chunk", low=0),
         Param("query_rep", str, "lookback", "query-chunk representation: 'lookback' (chunk x − 1, strictly causal) "
               "or 'chunk' (the paper's chunk x itself)", choices=QUERY_REPS),
+        Param("boundary_threshold", float, None, "adaptive chunks: a chunk ends where cos(k_t, k_{t−1}) < τ (or at "
+              "chunk_size tokens); None: fixed chunks. O(N²) mask", low=-1.0, high=1.0, optional=True),
     ),
     summary="DHSA: length-normalised chunk means score key chunks; each query chunk keeps its top-k earlier chunks "
     "and itself for exact causal attention (top-k selection not differentiated).",
@@ -207,6 +325,7 @@ class DHSAAttention(Attention):
         chunk_size: int = 64,
         top_chunks: int = 4,
         query_rep: QueryRep = "lookback",
+        boundary_threshold: float | None = None,
     ) -> None:
         if causal is not True:
             raise ParameterError(f"causal: DHSA is causal by construction; expected True, got {causal!r}")
@@ -215,10 +334,12 @@ class DHSAAttention(Attention):
         self.top_chunks = check_int("top_chunks", top_chunks, 0)
         check_choice("query_rep", query_rep, QUERY_REPS)
         self.query_rep = query_rep
+        _check_threshold(boundary_threshold)
+        self.boundary_threshold = boundary_threshold
 
     def _kw(self, q: Tensor, k: Tensor, mask: Tensor | None) -> dict[str, object]:
         return {"chunk_size": self.chunk_size, "top_chunks": self.top_chunks, "query_rep": self.query_rep,
-                "attention_mask": mask}
+                "attention_mask": mask, "boundary_threshold": self.boundary_threshold}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return dhsa_attention(q, k, v, **self._kw(q, k, mask))  # type: ignore[arg-type]
