@@ -22,8 +22,8 @@ Deviations from the paper, documented choices:
   separately, "sxiong/DHSA"), trained on boundaries labelled by similarity shifts between
   consecutive key embeddings. It is not a closed-form rule and attnlab ships no trained
   weights. `boundary_threshold=τ` offers the labelling rule itself as adaptive chunking: a
-  chunk ends before token t when cos(k_t, k_{t−1}) < τ (per head) or when it has reached
-  chunk_size tokens, so chunks have variable lengths ≤ chunk_size and token t's chunk
+  chunk ends before real token t when cos(k_t, k_s) < τ for the previous real token s (per
+  head) or when it has reached chunk_size real tokens (padding neither splits nor counts), so chunks have variable lengths ≤ chunk_size and token t's chunk
   depends on keys ≤ t only (causal). Variable chunks do not fit the fixed blocks of the
   block-sparse engine: that option's fast path is SDPA under the N × N token mask (O(N²)
   memory, and a Python loop of N steps to place the boundaries), and it is not the default
