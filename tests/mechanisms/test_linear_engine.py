@@ -251,6 +251,10 @@ def test_inputs_of_scale_1e3_give_finite_values_and_gradients(mode, causal):
     out = linear_attention(q, k, v, causal=causal, log_decay=ld, beta=beta, normalize=beta is None, chunk_size=16)
     grads = torch.autograd.grad(out.sum(), [t for t in (q, k, v, ld) if t is not None])
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    # the values: the float64 reference's on the same inputs, to float32 accuracy of the largest entry
+    wide = [None if t is None else t.detach().double() for t in (q, k, v, ld, beta)]
+    want = linear_attention_reference(*wide[:3], causal=causal, log_decay=wide[3], beta=wide[4], normalize=beta is None)[0]
+    assert (out.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 @pytest.mark.parametrize("mode", MODES)
