@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnlab.analysis.explain import RATES, estimate_seconds, explain, model_max_tokens
-from attnlab.analysis.export import figures
+from attnlab.analysis.export import figures, load_json
 from attnlab.analysis.page import render
 from attnlab.analysis.rollout import attention_flow
 from attnlab.cli import main
@@ -159,7 +159,12 @@ def test_out_png_holds_only_this_runs_figures(tmp_path, capsys):
     (out / "png").mkdir(parents=True)
     (out / "png" / "attention_t2.png").write_bytes(b"old")  # a figure of an earlier run with two texts
     (out / "png" / "sinks_t1.png").symlink_to(tmp_path / "target.png")
-    assert main(["explain", "It was tired.", "--methods", "rollout", "--quiet", "--out", str(out)]) == 0
+    assert main(["explain", "It was tired.", "--methods", "rollout", "--quiet", "--max-tokens", "3", "--budget", "0",
+                 "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "png").iterdir()) == ["attention_t1.png", "tokens_t1.png"]
     assert not (tmp_path / "target.png").exists()
+    data = load_json(out / "explain.json")  # --max-tokens reached explain; --budget 0 = no limit
+    assert sum(data["mask"][0]) == 3 and data["notes"] == ["text 1: 6 tokens, truncated to max_tokens=3"]
+    assert main(["explain", "It was tired.", "--budget", "-1", "--out", str(out)]) == 2
+    assert "--budget" in capsys.readouterr().err
 
