@@ -32,7 +32,7 @@ import attnlab
 from attnlab.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("mechanisms", "bench", "analysis", "explain")
+PAGES = ("mechanisms", "bench", "analysis", "explain", "architecture")
 DOCS = [ROOT / "README.md", *(ROOT / "docs" / f"{page}.md" for page in PAGES)]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 TIMEOUT = 600
