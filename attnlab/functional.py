@@ -13,7 +13,7 @@ from .kernels.linear_scan import (
 )
 from .kernels.neighborhood import tiled_attention
 from .kernels.sdpa import sdpa
-from .mechanisms.dense.alibi import alibi_attention, alibi_attention_reference
+from .mechanisms.dense.alibi import alibi_attention, alibi_attention_reference, alibi_slopes
 from .mechanisms.dense.coca import coca_attention, coca_attention_reference
 from .mechanisms.dense.kerple import kerple_attention, kerple_attention_reference
 from .mechanisms.dense.multiscale import multiscale_attention, multiscale_attention_reference
@@ -60,6 +60,7 @@ __all__ = [
     "aggregated_attention_reference",
     "alibi_attention",
     "alibi_attention_reference",
+    "alibi_slopes",
     "axial_attention",
     "axial_attention_reference",
     "based_attention",
