@@ -113,9 +113,11 @@ def test_functional_rejects_out_of_range_coefficients():
         kerple_attention(q, k, v, variant="log", r1=torch.ones(3), r2=1.0)
     with pytest.raises(ParameterError, match="variant"):
         kerple_attention(q, k, v, variant="cubic", r1=1.0, r2=1.0)
-    # the power variant admits r2 = 2 (the Gaussian end of the range), the log variant any r2 > 0
-    assert torch.isfinite(kerple_attention(q, k, v, variant="power", r1=1.0, r2=2.0)).all()
-    assert torch.isfinite(kerple_attention(q, k, v, variant="log", r1=1.0, r2=5.0)).all()
+    # the power variant admits r2 = 2 (the Gaussian end of the range), the log variant any r2 > 0: by hand
+    d = (torch.arange(6)[:, None] - torch.arange(6)[None, :]).abs().to(F64)
+    torch.testing.assert_close(kerple_attention(q, k, v, variant="power", r1=1.0, r2=2.0), hand_attention(q, k, v, -(d**2)))
+    torch.testing.assert_close(kerple_attention(q, k, v, variant="log", r1=1.0, r2=5.0),
+                               hand_attention(q, k, v, -torch.log(1 + 5 * d)))
 
 
 @pytest.mark.parametrize("cls, r1_high, r2_high", [(KerplePower, 1.0, 2.0), (KerpleLog, 2.0, 1.0)])
@@ -134,9 +136,18 @@ def test_initial_values_lie_in_the_papers_ranges(cls, r1_high, r2_high):
 def test_gradients_reach_r1_and_r2(variant):
     torch.manual_seed(3)
     m = attnlab.build("kerple", dim=16, heads=2, variant=variant, causal=True).double()
-    m(torch.randn(2, 7, 16, dtype=F64)).square().sum().backward()
+    x = torch.randn(2, 7, 16, dtype=F64)
+    m(x).square().sum().backward()
     for p in (m.kernel.r1_raw, m.kernel.r2_raw):
         assert p.grad is not None and torch.isfinite(p.grad).all() and (p.grad.abs() > 0).all()
+        with torch.no_grad():  # the gradient of head 0 against a central difference
+            eps, grad = 1e-6, p.grad[0].item()
+            p[0] += eps
+            up = m(x).square().sum().item()
+            p[0] -= 2 * eps
+            down = m(x).square().sum().item()
+            p[0] += eps
+        assert grad == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
 @pytest.mark.parametrize("cls, r2_max", [(KerplePower, 2.0), (KerpleLog, math.inf)])
@@ -153,6 +164,9 @@ def test_constraints_hold_after_a_step_that_pushes_out_of_range(cls, r2_max, dir
         assert (term.r1_raw < -1000).all()  # the raw parameter left the range; r1 did not
     bias = term(40, 40, dtype=F64)
     assert torch.isfinite(bias).all() and (bias <= 0).all()
+    d = (torch.arange(40)[:, None] - torch.arange(40)[None, :]).abs().to(F64)
+    want = -r1[:, None, None] * (d ** r2[:, None, None] if cls is KerplePower else torch.log(1 + r2[:, None, None] * d))
+    torch.testing.assert_close(bias.detach(), want.to(F64))
     # and the term still learns
     opt.zero_grad()
     term(5, 5).sum().backward()
