@@ -195,8 +195,17 @@ def test_end_to_end_features_of_a_tiny_llama_feed_the_detector():
     with torch.no_grad(), capture(model) as att:
         model(input_ids=ids, attention_mask=mask)
     feats = lookback_features(att, [3, 6])
-    det = LookbackDetector().fit(feats, torch.tensor([0, 1]))
-    assert det.predict_proba(feats).shape == (2,)
+    labels = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    det = LookbackDetector().fit(feats, labels.long())
+    p = det.predict_proba(feats)
+    assert p.shape == (2,)
+    x = feats.double()
+    # the fitted model is the regularised logistic regression's optimum: p = σ(w·x + b), and the objective's
+    # gradient vanishes there: Σ (p − y) = 0 (b unpenalised) and C·Σ (p − y) x + w = 0 (C = 1)
+    torch.testing.assert_close(p, torch.sigmoid(x @ det.coef + det.intercept))
+    assert abs(float((p - labels).sum())) < 1e-8
+    torch.testing.assert_close(x.T @ (p - labels) + det.coef, torch.zeros_like(det.coef), atol=1e-8, rtol=0)
+    assert p[1] > 0.5 > p[0]  # two separable examples: each on its side
 
 
 def test_registered_as_analysis():
