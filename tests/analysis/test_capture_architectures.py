@@ -72,6 +72,8 @@ ARCHS = {
     "pix2struct": (dict(text_config=dict(T5, hidden_size=D, d_ff=2 * D), vision_config=dict(
         hidden_size=D, patch_embed_hidden_size=48, d_ff=2 * D, d_kv=8, num_hidden_layers=2, num_attention_heads=4,
         patch_size=4, relative_attention_num_buckets=8, relative_attention_max_distance=16)), "patches"),
+    "udop": (dict(T5, image_size=16, patch_size=4, num_channels=3,
+                  relative_bias_args=[{"type": "1d"}, {"type": "horizontal"}, {"type": "vertical"}]), "layout"),
     "switch_transformers": (dict(T5, num_experts=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
                                  expert_capacity=8), "seq2seq"),
     # vision towers
@@ -126,6 +128,10 @@ def _inputs(kind):
         patch_mask = torch.ones(2, 6, dtype=torch.long)
         patch_mask[1, 4:] = 0
         return {"flattened_patches": patches, "attention_mask": patch_mask,
+                "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
+    if kind == "layout":  # UDOP: text with boxes, and the page image (its 16 patches join the encoder's tokens)
+        return {"input_ids": ids, "attention_mask": mask, "bbox": torch.rand(2, 7, 4, generator=g).sort(-1).values,
+                "pixel_values": torch.randn(2, 3, 16, 16, generator=g),
                 "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
     if kind == "vision":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
@@ -218,7 +224,7 @@ def test_masks_rollout_and_relevance_run(model_type):
         assert torch.equal(text.attention_mask, inputs["attention_mask"].bool())
         streams = lambda name, cross: ("vision", "vision") if "vision" in name else ("text", "text")  # noqa: E731
         target = lambda out: out.logits_per_image.diagonal()  # noqa: E731
-    elif kind in ("seq2seq", "whisper", "patches"):
+    elif kind in ("seq2seq", "whisper", "patches", "layout"):
         enc = att.select(r"^encoder|^encoder_attentions")
         if model_type == "longt5":  # its encoder's local maps are blocked (skipped, reported): the decoder's
             assert not enc.records and att.skipped
@@ -232,6 +238,9 @@ def test_masks_rollout_and_relevance_run(model_type):
         assert bool(att.attention_mask[0].all()) and 0 < int(att.attention_mask[1].sum()) < frames
     if kind in ("text", "causal"):
         assert torch.equal(att.attention_mask, inputs["attention_mask"].bool())
+    if kind == "layout":  # the text's mask, then the 16 image patches (those merged into a text box are masked)
+        seen = att.select("^encoder").attention_mask
+        assert seen.shape == (2, 7 + 16) and torch.equal(seen[:, :7], inputs["attention_mask"].bool())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rel = generic_relevance(model, inputs, streams=streams, target=target)
