@@ -1,6 +1,7 @@
 """Miras (P157) memories: linear attention, delta rule, retention, gated linear attention, the general recurrence."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -207,6 +208,9 @@ def test_inputs_of_scale_1e3_give_finite_outputs_and_gradients(name):
         y = m(x)
         grads = torch.autograd.grad(y.square().mean(), [x, *m.parameters()])
         assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads), (name, causal)
+        # the values: the float64 reference's (the same weights) on the same input, to float32 accuracy
+        want = copy.deepcopy(m).double()(x.detach().double(), impl="reference")
+        assert (y.double() - want).abs().max() <= 1e-3 * want.abs().max(), (name, causal)
 
 
 def test_reference_function_matches_the_fast_one_with_padding():
