@@ -90,6 +90,7 @@ Without `grads` the records are detached; with it they are the tensors of the fo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 import warnings
@@ -571,6 +572,12 @@ def _mask_for(given: Tensor | None, probs: Tensor) -> Tensor:
     return (probs.detach() > 0).any(dim=-2).any(dim=1)
 
 
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether model.forward accepts the keyword `name` (by name or through **kwargs)."""
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _storage(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
@@ -694,9 +701,9 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
                 stack.enter_context(transformers_implementation(model))
                 names = {id(m): n for n, m in model.named_modules()}
                 _ACTIVE.append((att, names))
-            if hf:
+            if hf and _takes(model, "output_attentions"):
                 handles += _output_hooks(att, model)
-            elif not mechanisms:
+            elif not mechanisms and not hf:
                 raise TypeError(
                     f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model; "
                     "nothing to capture"
