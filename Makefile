@@ -56,10 +56,10 @@ bench: $(BENCH_STAMP)
 	@echo "== make bench: attnlab bench (speed, peers, recall, report; docs/bench.md)"
 	$(VENV)/bin/attnlab bench
 
-# mypy on the core, the kernels and the family bases that drive them (what they import is read, not reported)
+# mypy on the core, the kernels and the family bases that drive them (pyproject.toml: the layers above are read, not reported)
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check attnlab tests
-	$(VENV)/bin/mypy --follow-imports=silent attnlab/core attnlab/kernels attnlab/mechanisms/linear/base.py \
+	$(VENV)/bin/mypy attnlab/core attnlab/kernels attnlab/mechanisms/linear/base.py \
 	  attnlab/mechanisms/sparse/base.py attnlab/mechanisms/local/base.py
 
 clean:
