@@ -33,6 +33,9 @@ FINGERPRINT_KEYS = ("attnlab", "git_commit", "torch", "python", "platform", "cpu
                     "threads", "interop_threads", "mkldnn")
 ZERO_PEAK = "zero_peak_memory"
 ABOVE_MATMUL = "rate_above_matmul"
+# The matmul rate is one best-of-5 measurement at the run's start; on a loaded machine it can read low
+# while a later call runs unhindered. A FLOP-count or timing bug is off by far more than this margin.
+MATMUL_MARGIN = 1.25
 _SHAPE_KEYS = ("n", "mode", "causal", "dtype", "batch", "heads", "head_dim", "threads")
 _SERIES_KEYS = ("mechanism", "impl", "params", "mode", "causal", "dtype", "batch", "heads", "head_dim", "threads")
 
@@ -85,13 +88,13 @@ def _reused(env: Mapping[str, Any] | None, run_id: str | None) -> bool | None:
 def flags(metrics: Mapping[str, Any], env: Mapping[str, Any] | None) -> list[str]:
     """The implausible values of one speed result: ZERO_PEAK ("zero_peak_memory": a peak of 0 B, below the
     probe's resolution or not measured right) and ABOVE_MATMUL ("rate_above_matmul": FLOP/s above the matmul
-    GFLOP/s measured in the same run, env["matmul_gflops"]: a wrong time or FLOP count)."""
+    GFLOP/s measured in the same run, env["matmul_gflops"], by more than MATMUL_MARGIN: a wrong time or FLOP count)."""
     out = []
     if metrics.get("peak_mem_bytes") == 0:
         out.append(ZERO_PEAK)
     limit = (env or {}).get("matmul_gflops")
     rate = metrics.get("flops_per_s")
-    if limit and rate and rate > limit * 1e9:
+    if limit and rate and rate > limit * 1e9 * MATMUL_MARGIN:
         out.append(ABOVE_MATMUL)
     return out
 
