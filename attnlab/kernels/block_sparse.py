@@ -46,6 +46,7 @@ from ..core.validate import check_attention_mask, check_int, check_optional_int,
 from .flex import compiled_flex, flex_available
 from .pool import cpus as _cpus  # a name of this module: tests pin it
 from .pool import run_parallel
+from .sizes import fit_block
 
 MaskMod = Callable[[Tensor, Tensor], Tensor]
 """mask_mod(q_idx, kv_idx) -> bool tensor (True = attend) on broadcasting int64 position tensors."""
@@ -174,7 +175,7 @@ class BlockLayout:
     def element_mask(self, n_q: int, n_k: int, mask_mod: MaskMod | None = None) -> Tensor:
         """The dense bool mask (H, n_q, n_k) the layout and mask_mod define (for references and plots)."""
         self.check(n_q, n_k, self.heads)
-        b = self.block_size
+        b = fit_block(self.block_size, max(n_q, n_k))
         dense = self.to_mask().repeat_interleave(b, 1).repeat_interleave(b, 2)[:, :n_q, :n_k]
         if mask_mod is not None:
             dev = self.indices.device
@@ -191,6 +192,12 @@ class BlockLayout:
             )
         if self.heads not in (1, heads):
             raise ShapeError(f"layout: expected 1 (shared) or {heads} heads, got {self.heads}")
+
+    def fitted(self, n_q: int, n_k: int) -> BlockLayout:
+        """The same layout with its block capped at max(n_q, n_k) rounded up to a power of two (one block
+        either way: nothing changes but the padding, so cost follows the input, not the block size)."""
+        b = fit_block(self.block_size, max(n_q, n_k))
+        return self if b == self.block_size else BlockLayout(b, self.n_k_blocks, self.indices, self.counts)
 
 
 def _describe(x: object) -> str:
@@ -546,6 +553,7 @@ def block_sparse_attention(
     CPU). Rows that see no key give 0.
     """
     scale = _check_call(q, k, v, layout, mask_mod, attention_mask, scale)
+    layout = layout.fitted(q.shape[2], k.shape[2])
     if backend == "flex":
         return _flex_attention(q, k, v, layout, mask_mod, attention_mask, scale)
     if backend != "engine":

@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.errors import DTypeError, ShapeError
 from ..core.validate import check_attention_mask, check_finite, check_int, check_qkv, check_tensor
+from .sizes import fit_block
 
 PAIRWISE_BLOCK = 1 << 22  # elements of one block of the per-channel pairwise decay tensor
 SUB_BLOCK = 16  # per-channel decay: largest sub-block whose pairs are built elementwise
@@ -386,6 +387,7 @@ def _causal_delta(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, bet
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor | None, c: int) -> Tensor:
+    c = fit_block(c, q.shape[2])
     if beta is None:
         return _causal_hebbian(q, k, v, log_decay, c)
     return _causal_delta(q, k, v, log_decay, beta, c)

@@ -56,6 +56,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Spec, Supports, register
 from ...core.validate import check_finite, check_int, check_rank, check_tensor, check_tokens
+from ...kernels.sizes import fit_block
 
 HIDDEN_ATTENTION = Paper("P065", "The Hidden Attention of Mamba Models", 2024, "2403.01590")
 
@@ -108,7 +109,7 @@ def _check_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 def _chunk_size(chunk_size: int | None, n: int) -> int:
     if chunk_size is None:
         return max(1, math.isqrt(max(n - 1, 0)) + 1)
-    return check_int("chunk_size", chunk_size)
+    return fit_block(check_int("chunk_size", chunk_size), n)
 
 
 def _chunked(x: Tensor, t: int) -> Tensor:

@@ -38,6 +38,7 @@ from ...core.module import Attention
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_optional_int, check_qkv, check_scale
+from ...kernels.sizes import fit_block
 
 COMBINER = Paper("P147", "Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
 Pooling = Literal["max", "mean"]
@@ -54,7 +55,7 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, block_size: int | None, pooling
     scale = check_scale(scale, q.shape[-1])
     n = q.shape[2]
     b = block_size if block_size is not None else max(1, math.ceil(math.sqrt(n)))
-    return b, scale
+    return fit_block(b, n), scale
 
 
 def _real(attention_mask: Tensor | None, batch: int, n: int, padded: int, device: torch.device) -> Tensor:

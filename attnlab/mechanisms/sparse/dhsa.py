@@ -60,6 +60,7 @@ from ...core.reference import softmax_attention_reference
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
+from ...kernels.sizes import fit_block
 from .power import causal_mod
 
 DHSA = Paper("P247", "Long-Context Modeling with Dynamic Hierarchical Sparse Attention for On-Device LLMs", 2025, "2510.24606")
@@ -85,7 +86,7 @@ def dhsa_select(
     """Kept key chunks (batch, heads, n_chunks, top_chunks + 1) int64 of each query chunk: its top
     earlier chunks by S = Q̄ K̄ᵀ (−1 where fewer exist) and the chunk itself. Not differentiated."""
     bsz, h, n, d = q.shape
-    b = chunk_size
+    b = fit_block(chunk_size, n)  # a chunk of n or more is one chunk: no padding beyond it
     nc = math.ceil(n / b)
     padded = nc * b
     with torch.no_grad():

@@ -47,6 +47,7 @@ from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_choice, check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, block_sparse_attention
+from ...kernels.sizes import fit_block
 
 MRA = Paper("P066", "Multi Resolution Analysis (MRA) for Approximate Self-Attention", 2022, "2207.10284")
 
@@ -128,7 +129,8 @@ def mra_attention(
     dv = v.shape[-1]
     if n == 0:
         return q.new_zeros(bsz, h, 0, dv)
-    b, nb = block_size, math.ceil(n / block_size)
+    b = fit_block(block_size, n)
+    nb = math.ceil(n / b)
     padded = nb * b
     logits, count, v_hat = mra_coarse(q, k, v, block_size=b, attention_mask=attention_mask, scale=s)
     top = mra_select(logits, blocks, selection)  # (batch, heads, nb, C), −1 = none

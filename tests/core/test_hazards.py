@@ -1,0 +1,58 @@
+"""Bad input and hazards: cost follows the input, bad values get named errors (issue 11)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnlab
+
+N, HUGE = 16, 4096
+
+
+class _Peak(TorchDispatchMode):
+    """Records the largest tensor any op returns (elements)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.peak = max(self.peak, t.numel())
+        return out
+
+
+# (entry, knob, extra parameters): every chunk or block knob of a sequence mechanism
+KNOBS = [
+    ("delta", "chunk_size", {}), ("retention", "chunk_size", {}), ("gated-linear", "chunk_size", {}),
+    ("linear", "chunk_size", {"causal": True}), ("miras", "chunk_size", {"causal": True}),
+    ("dhsa", "chunk_size", {"top_chunks": 1}), ("power-attention", "block_size", {}),
+    ("sliding-window", "block_size", {"window": 3}), ("mra", "block_size", {"blocks": 2}),
+    ("combiner", "block_size", {}), ("mamba", "chunk_size", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "knob", "extra"), KNOBS, ids=[k[0] for k in KNOBS])
+def test_chunk_and_block_capped_by_the_input(name: str, knob: str, extra: dict[str, Any]) -> None:
+    """At 16 tokens a chunk or block of 4096 builds nothing larger than a chunk of 16 does, and gives the same output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, N, 16, dtype=torch.float64)
+    outs, peaks = [], []
+    for size in (N, HUGE):
+        torch.manual_seed(1)
+        m = attnlab.build(name, dim=16, heads=2, **{knob: size}, **extra).double().eval()
+        for impl in ("fast", "reference"):
+            peak = _Peak()
+            with torch.no_grad(), peak:
+                out = m(x, impl=impl)
+            outs.append(out)
+            peaks.append(peak.peak)
+    torch.testing.assert_close(outs[2], outs[0])  # fast, knob 4096 vs knob 16
+    torch.testing.assert_close(outs[3], outs[1])
+    assert peaks[2] <= max(peaks[0], 4 * N * N * 16), (peaks, name)
+    assert peaks[3] <= max(peaks[1], 4 * N * N * 16), (peaks, name)
