@@ -614,6 +614,20 @@ def check_float32(spec: Spec) -> None:
     _close(m32(x.float()).double(), m64(x), f"{spec.name}: float32 forward", atol=1e-4, rtol=1e-3)
 
 
+def check_float32_reference(spec: Spec) -> None:
+    """A float32 module (the default dtype) runs its reference and `materialize` (what capture() calls), within
+    1e-4 of float64."""
+    assert spec.supports is not None
+    m64 = build(spec)
+    m32 = build(spec, dtype=torch.float32)
+    x = tokens(spec)
+    _close(m32(x.float(), impl="reference").double(), m64(x, impl="reference"), f"{spec.name}: float32 reference",
+           atol=1e-4, rtol=1e-3)
+    if spec.supports.materialize:
+        _close(m32.materialize(x.float()).double(), m64.materialize(x), f"{spec.name}: float32 materialize",
+               atol=1e-4, rtol=1e-3)
+
+
 CHECKS: dict[str, Callable[[Spec], None]] = {
     "shapes": check_shapes,
     "fast_matches_reference": check_fast_matches_reference,
@@ -630,6 +644,7 @@ CHECKS: dict[str, Callable[[Spec], None]] = {
     "padding_is_removal": check_padding_is_removal,
     "decode": check_decode,
     "float32": check_float32,
+    "float32_reference": check_float32_reference,
 }
 
 

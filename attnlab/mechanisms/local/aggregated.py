@@ -315,7 +315,9 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
     def pool_bias(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """C (heads, N, p²): the MLP of the log-spaced token-to-cell-centre offsets."""
         table, index = cpb_coordinates(tuple(grid), self.pool_size)
-        bias = self.cpb(table.to(device=device, dtype=dtype))  # (U, heads)
+        first, last = self.cpb[0], self.cpb[2]  # the MLP in `dtype` (float64 for the reference of a float32 module)
+        hidden = F.relu(F.linear(table.to(device=device, dtype=dtype), first.weight.to(dtype), first.bias.to(dtype)))
+        bias = F.linear(hidden, last.weight.to(dtype), last.bias.to(dtype))  # (U, heads)
         return bias[index.to(device)].T.reshape(self.heads, grid[0] * grid[1], self.pool_size**2)
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor, pooled: tuple[Tensor, Tensor] | None, reference: bool
