@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     optional: bool = False  # None is accepted
     knob: bool = False  # a speed knob: it changes the cost, not the result (up to rounding)
+    allow_inf: bool = False  # ±inf is a meaningful value (NaN never is)
 
     @property
     def required(self) -> bool:
@@ -86,6 +88,8 @@ class Param:
             )
         items = value if isinstance(value, tuple) else (value,)
         for item in items:
+            if isinstance(item, float) and not (math.isfinite(item) or (self.allow_inf and not math.isnan(item))):
+                raise ParameterError(f"{owner}: parameter {self.name!r} expected a finite float, got {value!r}")
             if isinstance(item, (int, float)) and not isinstance(item, bool):
                 if self.low is not None and item < self.low:
                     raise ParameterError(f"{owner}: parameter {self.name!r} expected >= {self.low}, got {value!r}")

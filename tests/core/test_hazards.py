@@ -56,3 +56,29 @@ def test_chunk_and_block_capped_by_the_input(name: str, knob: str, extra: dict[s
     torch.testing.assert_close(outs[3], outs[1])
     assert peaks[2] <= max(peaks[0], 4 * N * N * 16), (peaks, name)
     assert peaks[3] <= max(peaks[1], 4 * N * N * 16), (peaks, name)
+
+
+def _float_params() -> list[tuple[str, str]]:
+    out = []
+    for spec in attnlab.list_mechanisms():
+        for p in spec.params:
+            types = p.type if isinstance(p.type, tuple) else (p.type,)
+            if float in types and not p.allow_inf:
+                out.append((spec.name, p.name))
+    return out
+
+
+FLOAT_PARAMS = _float_params()
+
+
+def test_float_params_found() -> None:
+    assert ("mamba", "dt_max") in FLOAT_PARAMS and len(FLOAT_PARAMS) >= 15
+
+
+@pytest.mark.parametrize(("name", "param"), FLOAT_PARAMS, ids=[f"{n}-{p}" for n, p in FLOAT_PARAMS])
+def test_non_finite_float_parameters_refused(name: str, param: str) -> None:
+    """inf, -inf and NaN are refused by name for every float parameter (mamba dt_max=inf gave NaN outputs)."""
+    spec = attnlab.get(name)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(attnlab.core.errors.ParameterError, match=rf"'{param}' expected a finite float, got"):
+            spec.build(dim=16, heads=2, **{**spec.test_params, param: bad})
