@@ -119,6 +119,8 @@ def check_attn_mask(mask: Tensor | None, batch: int, heads: int, n_q: int, n_k: 
         )
     if mask.is_floating_point() and bool(torch.isnan(mask).any()):
         raise MaskError("attn_mask: expected no NaN in an additive mask (use -inf to block), got NaN")
+    if mask.is_floating_point() and bool(torch.isposinf(mask).any()):
+        raise MaskError("attn_mask: expected an additive mask below +inf (use -inf to block, a bool mask to keep), got +inf")
 
 
 def check_tokens(name: str, x: Tensor, dim: int, *, grid_rank: int = 1) -> None:

@@ -82,3 +82,27 @@ def test_non_finite_float_parameters_refused(name: str, param: str) -> None:
     for bad in (float("inf"), float("-inf"), float("nan")):
         with pytest.raises(attnlab.core.errors.ParameterError, match=rf"'{param}' expected a finite float, got"):
             spec.build(dim=16, heads=2, **{**spec.test_params, param: bad})
+
+
+ATTN_MASK = [s.name for s in attnlab.list_mechanisms() if s.supports is not None and s.supports.attn_mask]
+
+
+def test_attn_mask_entries_found() -> None:
+    assert "softmax" in ATTN_MASK and len(ATTN_MASK) >= 5
+
+
+@pytest.mark.parametrize("name", ATTN_MASK)
+def test_additive_attn_mask_with_plus_inf_refused(name: str) -> None:
+    """An additive attn_mask holding +inf (it gave NaN outputs) or NaN is a MaskError; -inf still blocks."""
+    spec = attnlab.get(name)
+    m = spec.build(dim=16, heads=2, **spec.test_params).double().eval()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    for bad, needle in ((float("inf"), r"attn_mask: expected .*got \+inf"), (float("nan"), "attn_mask: expected no NaN")):
+        mask = torch.zeros(6, 6, dtype=torch.float64)
+        mask[2, 3] = bad
+        with pytest.raises(attnlab.core.errors.MaskError, match=needle):
+            m(x, attn_mask=mask)
+    blocked = torch.zeros(6, 6, dtype=torch.float64)
+    blocked[2, 3] = float("-inf")
+    assert bool(torch.isfinite(m(x, attn_mask=blocked)).all())
+    assert m.materialize(x, attn_mask=blocked)[:, :, 2, 3].abs().max().item() == 0.0
