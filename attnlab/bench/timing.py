@@ -12,7 +12,8 @@ This is reliable only when memory freed by the call goes back to the operating
 system, so that the RSS before the next call is the true baseline and the call's own
 allocations raise the mark. glibc keeps small and mid-size freed blocks in its heap,
 so the speed worker runs with the environment variable MALLOC_MMAP_THRESHOLD_=65536:
-glibc then serves every allocation of 64 KiB or more by mmap and unmaps it on free.
+glibc then serves every allocation of 64 KiB or more by mmap and unmaps it on free; and
+`peak_memory` hands the heap's free pages back (`malloc_trim`) before each probe.
 (glibc mmaps allocations of 32 MiB or more anyway, so the setting changes how
 mid-size tensors are allocated, for every mechanism alike.) The measure includes
 everything the call touches: temporaries, the autograd graph, outputs, and any code
@@ -23,6 +24,7 @@ the resolution is a few hundred KiB: a call that allocates less may read 0. Wher
 """
 from __future__ import annotations
 
+import ctypes
 import re
 import statistics
 import time
@@ -128,12 +130,26 @@ def _read_peak(before: int) -> int:
     return max(0, _status_bytes("VmHWM")["VmHWM"] - before)
 
 
+def release_free_heap() -> None:
+    """Give glibc's free heap pages back to the kernel (`malloc_trim(0)`); nothing where libc is not glibc.
+
+    Blocks under the mmap threshold stay in the heap when freed: after a call that makes many
+    small tensors (a token-by-token scan) the heap keeps tens of MiB resident, the next calls
+    reuse them, and their peak would read 0 B.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn: Callable[[], Any]) -> int | None:
     """Bytes by which the process's resident set rose at its highest during `fn()`.
 
     None where the high-water mark cannot be reset. See the module docstring for what
     the number includes and the allocator setting it needs.
     """
+    release_free_heap()
     before = _reset_peak()
     fn()
     return None if before is None else _read_peak(before)

@@ -111,6 +111,27 @@ def test_peak_memory_sees_a_touched_allocation():
 
 
 @needs_probe
+def test_peak_memory_after_a_call_that_left_the_heap_large():
+    """A token-by-token scan (miras-huber) leaves tens of MiB of small freed blocks in glibc's heap; a later
+    call made of small blocks reuses them and read 0 B until the probe handed free heap pages back first."""
+    script = textwrap.dedent("""
+        import json, torch
+        from attnlab.bench import timing
+
+        def small_blocks(count):  # 4 KiB tensors, under the mmap threshold: served from the heap
+            keep = [torch.ones(1024) for _ in range(count)]
+            return len(keep)
+
+        small_blocks(20_000)  # ~80 MiB allocated and freed: the heap stays large
+        print(json.dumps(timing.peak_memory(lambda: small_blocks(5_000))))  # ~20 MiB, reusing that heap
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, **timing.MMAP_THRESHOLD_ENV})
+    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 16 * MiB <= peak < 40 * MiB
+
+
+@needs_probe
 def test_measure_probes_the_first_timed_call():
     calls = []
 

@@ -41,6 +41,7 @@ from ...core.validate import (
     check_finite,
     check_grid_shape,
     check_int,
+    check_module_dtype,
     check_pair,
     check_qkv,
     check_tensor,
@@ -310,7 +311,9 @@ class TwinsGlobalAttention(SummaryKeyAttention):
     ) -> Tensor:
         """Queries (batch, heads, N | H, W, head_dim) attend to the summaries k, v (batch, heads, M | H', W', head_dim)."""
         q4, k4, v4 = (_flat_positions(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
-        out = super().attend(q4, k4, v4, attention_mask=attention_mask, attn_mask=attn_mask, impl=impl, grid=grid)
+        if grid is not None and math.prod(grid) != q4.shape[2]:  # the keys are given: the grid only names q's layout
+            raise ShapeError(f"grid: expected {q4.shape[2]} positions (as q), got {tuple(grid)}")
+        out = super().attend(q4, k4, v4, attention_mask=attention_mask, attn_mask=attn_mask, impl=impl)
         return out.reshape(*q.shape[:-1], v.shape[-1])
 
     def _check_cells(self, name: str, grid: Sequence[int]) -> None:
@@ -331,6 +334,7 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         """The summaries (batch, H/s, W/s, dim) of x (batch, H, W, dim): LayerNorm(Conv_{s×s, stride s}(x))."""
         check_tokens("x", x, self.dim, grid_rank=2)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         self._check_cells("x", tuple(x.shape[1:3]))
         if self.sr is None or self.norm is None:
             return x
