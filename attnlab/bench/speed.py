@@ -33,7 +33,7 @@ import torch
 from ..catalogue import import_modules, imported_modules
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
-from ..core.registry import CAUSAL_PARAM, COMMON_PARAMS, Spec, get
+from ..core.registry import BATCH_FIRST_PARAM, CAUSAL_PARAM, COMMON_PARAMS, Spec, get
 from .compare import BASELINE as BASELINE  # (re-exported: the reference of every ratio)
 from .compare import fit_exponents as fit_exponents  # (re-exported)
 from .compare import flags, loglog_slope, spread
@@ -53,7 +53,7 @@ STARTUP_TIMEOUT_S = 180.0
 KILL_SLACK_S = 10.0  # beyond twice the budget before a configuration is killed
 MEMORY_SLACK_BYTES = 1 << 30  # address space allowed beyond the memory budget before allocations fail
 Series = tuple[str, str, bool]  # (mechanism, mode, causal)
-_COMMON_NAMES = {p.name for p in COMMON_PARAMS} | {CAUSAL_PARAM.name}
+_COMMON_NAMES = {p.name for p in COMMON_PARAMS} | {CAUSAL_PARAM.name, BATCH_FIRST_PARAM.name}  # set by the harness
 _ALLOC_FAILURE = re.compile(r"can't allocate memory|not enough memory|out of memory|cannot allocate", re.IGNORECASE)
 
 
