@@ -37,7 +37,15 @@ from torch import Tensor, nn
 
 from .errors import ParameterError, ShapeError
 from .masks import combine_masks, module_keep_mask
-from .validate import SEQUENCE_FIRST, check_attention_mask, check_finite, check_qkv, check_tensor, check_tokens
+from .validate import (
+    SEQUENCE_FIRST,
+    check_attention_mask,
+    check_finite,
+    check_module_dtype,
+    check_qkv,
+    check_tensor,
+    check_tokens,
+)
 
 if TYPE_CHECKING:
     from .registry import Spec
@@ -222,6 +230,7 @@ class Attention(nn.Module, ABC, Generic[State]):
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
         check_tokens("x", x, self.dim)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         if context is not None:
             if not self.spec.supports or not self.spec.supports.cross:
                 raise ValueError(f"context: {self.spec.name} does not support cross-attention")
@@ -315,6 +324,7 @@ class Attention(nn.Module, ABC, Generic[State]):
         x_b = self.batch_major(x_t)[0]
         check_tokens("x_t", x_b, self.dim)
         check_finite("x_t", x_b)
+        check_module_dtype("x_t", x_b, self)
         if x_b.shape[1] != 1:
             layout = "(batch, 1, dim)" if self.batch_first else "(1, batch, dim) (batch_first=False)"
             raise ShapeError(f"x_t: expected one position {layout}, got shape {tuple(x_t.shape)}")

@@ -42,6 +42,15 @@ def check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf entries in a tensor of shape {tuple(t.shape)}")
 
 
+def check_module_dtype(name: str, x: Tensor, module: torch.nn.Module) -> None:
+    """x in the dtype of the module's floating parameters (under autocast, which casts, anything goes)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    want = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
+    if x.dtype != want:
+        raise DTypeError(f"{name}: expected dtype {want} (the module's; convert x or the module with .to()), got {x.dtype}")
+
+
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, positions: int = 1, same_length: bool = False) -> None:
     """Check q, k, v of shape (batch, heads, *positions, head_dim), `positions` axes of positions.
 

@@ -106,3 +106,66 @@ def test_additive_attn_mask_with_plus_inf_refused(name: str) -> None:
     blocked[2, 3] = float("-inf")
     assert bool(torch.isfinite(m(x, attn_mask=blocked)).all())
     assert m.materialize(x, attn_mask=blocked)[:, :, 2, 3].abs().max().item() == 0.0
+
+
+def _decoder(spec: Any) -> torch.nn.Module:
+    kw: dict[str, Any] = {"dim": 16, "heads": 2, **spec.test_params}
+    if any(p.name == "causal" for p in spec.params):
+        kw["causal"] = True
+    return spec.build(**kw).eval()
+
+
+DECODERS = [s.name for s in attnlab.list_mechanisms() if s.supports is not None and s.supports.decode]
+
+
+def test_decoders_found() -> None:
+    assert {"softmax", "rope", "alibi", "mamba", "delta"} <= set(DECODERS)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_step_refuses_non_finite_x_t_and_keeps_the_state(name: str) -> None:
+    """A NaN/Inf in x_t is refused by name before it reaches the cache or state; decoding then goes on unchanged."""
+    m = _decoder(attnlab.get(name))
+    torch.manual_seed(0)
+    xs = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        y0, state = m.step(xs[:, :1], None)
+        for bad in (float("nan"), float("inf")):
+            poisoned = xs[:, 1:2].clone()
+            poisoned[1, 0, 5] = bad
+            with pytest.raises(ValueError, match=r"x_t: expected finite values, got 1 NaN/Inf"):
+                m.step(poisoned, state)
+        y1, state = m.step(xs[:, 1:2], state)
+        y2, _ = m.step(xs[:, 2:3], state)
+        torch.testing.assert_close(torch.cat([y0, y1, y2], 1), m(xs), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_step_state_of_another_batch_refused(name: str) -> None:
+    """A state decoded at batch 2 given with x_t of batch 3: a ShapeError naming the state and both batches."""
+    m = _decoder(attnlab.get(name))
+    with torch.no_grad():
+        _, state = m.step(torch.randn(2, 1, 16), None)
+        with pytest.raises(attnlab.core.errors.ShapeError, match=r"state: expected .*3.*got .*2"):
+            m.step(torch.randn(3, 1, 16), state)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_step_wrong_dtype_refused(name: str) -> None:
+    m = _decoder(attnlab.get(name))
+    with pytest.raises(attnlab.core.errors.DTypeError, match=r"x_t: expected dtype torch.float32 .*got torch.float64"):
+        m.step(torch.randn(2, 1, 16, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("name", [s.name for s in attnlab.list_mechanisms()])
+def test_forward_wrong_dtype_refused(name: str) -> None:
+    """float64 tokens into a float32 module: a DTypeError naming x and the module's dtype (was torch's own error);
+    under autocast the module casts, so nothing is refused."""
+    from attnlab import testing
+
+    spec = attnlab.get(name)
+    m = testing.build(spec, dtype=torch.float32)
+    x = testing.tokens(spec)
+    for call in (lambda: m(x), lambda: m(x, impl="reference")):
+        with pytest.raises(attnlab.core.errors.DTypeError, match=r"x: expected dtype torch.float32 .*got torch.float64"):
+            call()

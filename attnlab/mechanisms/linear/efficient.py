@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...core.errors import ShapeError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_choice, check_qkv
 from ...kernels.linear_scan import (
@@ -213,6 +214,8 @@ class EfficientAttention(LinearAttention):
     def decode(self, x_t: Tensor, state: EfficientState | None) -> tuple[Tensor, EfficientState]:
         """One checked token: the prefix softmax (or count) is carried in the state; equal to the causal forward."""
         q, k, v = self.project(x_t)
+        if state is not None and state.log_norm is not None and state.log_norm.shape[0] != x_t.shape[0]:
+            raise ShapeError(f"state: expected batch {x_t.shape[0]} (as x_t), got {state.log_norm.shape[0]}")
         memory = None if state is None else state.memory
         count = 1 if state is None else state.count + 1
         if self.normalization == "scaling":

@@ -39,7 +39,15 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_finite, check_odd, check_qkv, check_tensor, check_tokens
+from ...core.validate import (
+    check_attention_mask,
+    check_finite,
+    check_module_dtype,
+    check_odd,
+    check_qkv,
+    check_tensor,
+    check_tokens,
+)
 from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
@@ -280,6 +288,7 @@ class FocusedLinearAttention(LinearAttention):
         may also come on the grid (batch, H, W)."""
         check_tokens("x", x, self.dim, grid_rank=self.grid)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         if context is not None:
             raise ValueError("context: focused-linear does not support cross-attention (the DWC runs on the query grid)")
         positions = tuple(x.shape[1:-1])

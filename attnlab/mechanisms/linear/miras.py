@@ -526,6 +526,8 @@ class MemoryAttention(LinearAttention):
         """One checked token; the ℓp and Huber memories by their own recurrence."""
         if self.bias not in NONLINEAR_BIASES:
             return super().decode(x_t, state)
+        if state is not None and state.memory.shape[0] != x_t.shape[0]:
+            raise ShapeError(f"state: expected batch {x_t.shape[0]} (as x_t), got {state.memory.shape[0]}")
         q, k, v = self.project(x_t)
         fq, fk, kw = self._scan_args(q, k)
         out, memory = memory_scan(fq, fk, v, causal=True, memory=None if state is None else state.memory, **kw)

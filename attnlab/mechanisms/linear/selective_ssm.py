@@ -55,7 +55,7 @@ from torch.autograd.function import once_differentiable
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.registry import Paper, Param, Spec, Supports, register
-from ...core.validate import check_finite, check_int, check_rank, check_tensor, check_tokens
+from ...core.validate import check_finite, check_int, check_module_dtype, check_rank, check_tensor, check_tokens
 from ...kernels.sizes import fit_block
 
 HIDDEN_ATTENTION = Paper("P065", "The Hidden Attention of Mamba Models", 2024, "2403.01590")
@@ -358,6 +358,7 @@ class SelectiveSSM(nn.Module):
         """Check a call's arguments; the keep-mask (batch, n) of its padding arguments."""
         check_tokens("x", x, self.dim)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         if context is not None:
             raise ValueError(f"context: {self.spec.name} does not support cross-attention (it mixes its own sequence)")
         if attn_mask is not None:
@@ -476,6 +477,7 @@ class SelectiveSSM(nn.Module):
         """Decode one token x_t (batch, 1, dim) with a constant-size state: (y_t (batch, 1, dim), state)."""
         check_tokens("x_t", x_t, self.dim)
         check_finite("x_t", x_t)
+        check_module_dtype("x_t", x_t, self)
         if x_t.shape[1] != 1:
             raise ShapeError(f"x_t: expected one position (batch, 1, dim), got shape {tuple(x_t.shape)}")
         b = x_t.shape[0]

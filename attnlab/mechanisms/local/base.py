@@ -21,7 +21,15 @@ from torch import Tensor
 from ...core.errors import ShapeError
 from ...core.module import Attention, Impl
 from ...core.registry import Param
-from ...core.validate import check_finite, check_grid_shape, check_qkv, check_tensor, check_tokens, either
+from ...core.validate import (
+    check_finite,
+    check_grid_shape,
+    check_module_dtype,
+    check_qkv,
+    check_tensor,
+    check_tokens,
+    either,
+)
 from ...kernels.grid import grid_padding
 
 
@@ -114,6 +122,7 @@ class GridAttention(Attention):
         rank = x.dim() - 2 if x.dim() - 2 in ranks else min(max(x.dim() - 2, min(ranks)), max(ranks))
         check_tokens("x", x, self.dim, grid_rank=rank)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         self._check_grid("x", tuple(x.shape[1:-1]))
         return tuple(  # type: ignore[return-value]
             proj(x).unflatten(-1, (self.heads, self.head_dim)).movedim(-2, 1)

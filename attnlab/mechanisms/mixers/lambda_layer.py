@@ -50,6 +50,7 @@ from ...core.validate import (
     check_attention_mask,
     check_finite,
     check_floating,
+    check_module_dtype,
     check_odd,
     check_rank,
     check_tensor,
@@ -255,6 +256,7 @@ class LambdaLayer(nn.Module):
         """q, k, v and the keep-mask (batch, N) of a call; a padding mask may also come on the grid (batch, H, W)."""
         check_tokens("x", x, self.dim, grid_rank=self.grid)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         if context is not None:
             raise ValueError("context: lambda does not support cross-attention (position lambdas need the query's grid)")
         if attn_mask is not None:

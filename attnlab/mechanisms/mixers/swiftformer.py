@@ -39,7 +39,14 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_choice, check_finite, check_qkv, check_tokens
+from ...core.validate import (
+    check_attention_mask,
+    check_choice,
+    check_finite,
+    check_module_dtype,
+    check_qkv,
+    check_tokens,
+)
 
 SWIFTFORMER = Paper(
     "P100",
@@ -181,6 +188,7 @@ class AdditiveAttention(nn.Module):
     def _project(self, x: Tensor, context: Tensor | None, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         check_tokens("x", x, self.dim)
         check_finite("x", x)
+        check_module_dtype("x", x, self)
         if context is not None:
             raise ValueError("context: swiftformer does not support cross-attention (g pools the tokens of x)")
         if attn_mask is not None:
