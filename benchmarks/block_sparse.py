@@ -31,7 +31,7 @@ import torch
 
 import attnlab
 from attnlab.bench.timing import MMAP_THRESHOLD_ENV, measure
-from attnlab.mechanisms.sparse.block_sparse import BlockLayout, block_sparse_attention
+from attnlab.kernels.block_sparse import BlockLayout, block_sparse_attention
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
 

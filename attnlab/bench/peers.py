@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import difflib
-import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -58,7 +57,6 @@ import math
 import os
 import textwrap
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -69,6 +67,7 @@ from torch import Tensor
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
 from ..core.registry import Spec, get
+from ..kernels.flex import compiled_flex, eager_flex
 from . import compare
 from .compare import twin
 from .progress import progress, say
@@ -337,7 +336,7 @@ class FlexPeer(Peer):
         if mechanism == "softmax":
             return None, causal_mask if causal else None, False
         if mechanism == "alibi":
-            from ..mechanisms.dense.alibi import alibi_slopes
+            from ..functional import alibi_slopes
 
             slopes = alibi_slopes(heads, device=device)
 
@@ -367,42 +366,15 @@ class FlexPeer(Peer):
         raise ValueError(f"mechanism: flex has no mapping of {mechanism!r}")
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, config: Mapping[str, Any]) -> Callable[[], Tensor]:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
         score_mod, mask_mod, per_head = self.mods(config, q.device)
         n = q.shape[2]
         block_mask = None
         if mask_mod is not None:
             block_mask = create_block_mask(mask_mod, None, q.shape[1] if per_head else None, n, n, device=q.device)
-        fn = _compiled_flex() if self.compile else _eager_flex(flex_attention)
+        fn = compiled_flex() if self.compile else eager_flex()
         return lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex() -> Callable[..., Tensor]:
-    """flex_attention compiled once per process; dynamo may keep a graph for every pattern and shape.
-
-    The recompile limit is raised (each N and each pattern is one graph) and reaching it
-    raises instead of falling back to the unfused eager path, which would be timed as flex.
-    """
-    import torch._dynamo.config as dynamo_config
-    from torch.nn.attention.flex_attention import flex_attention
-
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
-    dynamo_config.fail_on_recompile_limit_hit = True
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _eager_flex(flex_attention: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """flex_attention without compiling (the unfused path; its warning about that silenced)."""
-
-    def run(*args: Any, **kwargs: Any) -> Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return flex_attention(*args, **kwargs)
-
-    return run
 
 
 class NattenPeer(Peer):

@@ -579,15 +579,3 @@ def linear_attention_reference(
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(normalizer_floor(torch.float64))
     out = weights @ v64
     return out.to(q.dtype), weights.to(q.dtype)
-
-
-def padding_of(mask: Tensor | None) -> Tensor | None:
-    """The key padding (batch, n_k) of the mask `LinearAttention.combined_mask` builds, or None."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-        raise ValueError(
-            f"mask: the linear family takes a key padding mask only, as bool (batch, 1, 1, n_k); got "
-            f"dtype {mask.dtype} and shape {tuple(mask.shape)}"
-        )
-    return mask[:, 0, 0, :]

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from attnlab.core.errors import DTypeError, MaskError, ParameterError, ShapeError
-from attnlab.mechanisms.sparse import block_sparse
-from attnlab.mechanisms.sparse.block_sparse import (
+from attnlab.kernels import block_sparse
+from attnlab.kernels.block_sparse import (
     BlockLayout,
     block_sparse_attention,
     block_sparse_attention_reference,

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from attnlab.core.errors import ParameterError, ShapeError
-from attnlab.mechanisms.linear.engine import (
+from attnlab.kernels.linear_scan import (
     LinearState,
     _channel_scores,
     _ChannelDecayScores,
@@ -18,7 +18,6 @@ from attnlab.mechanisms.linear.engine import (
     linear_attention_step,
     linear_flops,
     normalizer_floor,
-    padding_of,
 )
 
 F64 = torch.float64
@@ -357,8 +356,6 @@ def test_bad_inputs_name_the_argument():
         linear_attention(q, k, v, causal=True, chunk_size=0)
     with pytest.raises(TypeError, match="beta"):
         linear_attention(q, k, v, beta=(beta > 0.5), normalize=False)
-    with pytest.raises(ValueError, match="mask"):
-        padding_of(torch.ones(2, 1, 12, 12, dtype=torch.bool))
 
 
 def test_flops_formula():

@@ -14,7 +14,7 @@ import torch
 import attnlab
 from attnlab import testing
 from attnlab.core.errors import ParameterError, ShapeError
-from attnlab.mechanisms.local import _neighborhood_tiles as tiles
+from attnlab.kernels import neighborhood as tiles
 from attnlab.mechanisms.local.neighborhood import (
     NeighborhoodAttention,
     neighborhood_attention,
