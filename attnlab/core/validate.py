@@ -140,6 +140,8 @@ def check_tokens(name: str, x: Tensor, dim: int, *, grid_rank: int = 1) -> None:
     check_floating(name, x)
     if x.shape[-1] != dim:
         raise ShapeError(f"{name}: expected last dimension dim={dim}, got {x.shape[-1]} in shape {tuple(x.shape)}")
+    if 0 in x.shape[:-1]:
+        raise ShapeError(f"{name}: expected at least one batch element and one position on every axis, got shape {tuple(x.shape)}")
 
 
 def is_int(value: object) -> bool:

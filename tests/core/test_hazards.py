@@ -169,3 +169,26 @@ def test_forward_wrong_dtype_refused(name: str) -> None:
     for call in (lambda: m(x), lambda: m(x, impl="reference")):
         with pytest.raises(attnlab.core.errors.DTypeError, match=r"x: expected dtype torch.float32 .*got torch.float64"):
             call()
+
+
+@pytest.mark.parametrize("name", [s.name for s in attnlab.list_mechanisms()])
+def test_empty_inputs_refused_by_name(name: str) -> None:
+    """No positions, an empty batch or an empty cross-attention context: a ShapeError naming the argument and its
+    shape (they crashed with raw torch errors in reshape, conv or amax)."""
+    from attnlab import testing
+
+    spec = attnlab.get(name)
+    assert spec.supports is not None
+    m = testing.build(spec)
+    pos = testing.positions(spec)
+    needle = r"expected at least one batch element and one position on every axis, got shape \({}\)"
+    for x in (torch.randn(2, 0, *pos[1:], 16, dtype=torch.float64), torch.randn(0, *pos, 16, dtype=torch.float64)):
+        shape = ", ".join(str(s) for s in x.shape)
+        with pytest.raises(attnlab.core.errors.ShapeError, match="x: " + needle.format(shape)):
+            m(x)
+        if spec.supports.materialize:
+            with pytest.raises(attnlab.core.errors.ShapeError, match="x: " + needle.format(shape)):
+                m.materialize(x)
+    if spec.supports.cross:
+        with pytest.raises(attnlab.core.errors.ShapeError, match="context: " + needle.format("2, 0, 16")):
+            m(testing.tokens(spec), context=torch.randn(2, 0, 16, dtype=torch.float64))
