@@ -3,6 +3,7 @@ from . import catalogue  # noqa: F401  (hands the core the loader of the built-i
 from .core import (
     DTypeError,
     MaskError,
+    MemoryLimitError,
     ParameterError,
     ShapeError,
     UnknownNameError,
@@ -10,13 +11,15 @@ from .core import (
     entries,
     get,
     list_mechanisms,
+    memory_limit,
     papers,
     register,
+    set_memory_limit,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DTypeError", "MaskError", "ParameterError", "ShapeError", "UnknownNameError",
-    "build", "entries", "get", "list_mechanisms", "papers", "register", "__version__",
+    "DTypeError", "MaskError", "MemoryLimitError", "ParameterError", "ShapeError", "UnknownNameError",
+    "build", "entries", "get", "list_mechanisms", "papers", "register", "memory_limit", "set_memory_limit", "__version__",
 ]

@@ -27,3 +27,7 @@ class UnknownNameError(KeyError):
 
 class UsageError(Exception):
     """A user error a command line reports in one line on stderr, exit status 2."""
+
+
+class MemoryLimitError(ValueError):
+    """A computation's estimated memory is above the limit (`attnlab.set_memory_limit`, ATTNLAB_MEMORY_LIMIT)."""

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .errors import ParameterError, ShapeError
 from .masks import combine_masks, module_keep_mask
+from .memory import check_memory
 from .validate import (
     SEQUENCE_FIRST,
     check_attention_mask,
@@ -224,8 +225,16 @@ class Attention(nn.Module, ABC, Generic[State]):
         mask = self.masks(qc, kc, attention_mask, attn_mask, kernel_causal=fast and self.causal_in_kernel,
                           grid=qc.shape[2:-1] if self.mask_form == "grid" else None)
         core = mask.for_core(self.mask_form)
+        if not fast:
+            self.check_dense_memory("impl='reference'", qc, kc)
         out = self.attend_fast(qc, kc, vc, core) if fast else self.attend_reference(qc, kc, vc, core)[0]
         return out.reshape(*q.shape[:-1], out.shape[-1])
+
+    def check_dense_memory(self, what: str, q: Tensor, k: Tensor) -> None:
+        """Refuse, with the estimate, a dense float64 (batch, heads, n_q, n_k) matrix above `attnlab.set_memory_limit`
+        (q, k: (batch, heads, *positions, head_dim)); the reference holds a few such, so this is a lower bound."""
+        n_q, n_k = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
+        check_memory(what, (q.shape[0], q.shape[1], n_q, n_k), 8)
 
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
         check_tokens("x", x, self.dim)
@@ -297,6 +306,7 @@ class Attention(nn.Module, ABC, Generic[State]):
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
         check_qkv(q, k, v)
+        self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, self.combined_mask(q, k, keep, attn_mask))[1]
 
     def attention_path(

@@ -192,3 +192,53 @@ def test_empty_inputs_refused_by_name(name: str) -> None:
     if spec.supports.cross:
         with pytest.raises(attnlab.core.errors.ShapeError, match="context: " + needle.format("2, 0, 16")):
             m(testing.tokens(spec), context=torch.randn(2, 0, 16, dtype=torch.float64))
+
+
+@pytest.fixture
+def memory_limit() -> Any:
+    yield attnlab.set_memory_limit
+    attnlab.set_memory_limit(None)
+
+
+NO_DENSE_REFERENCE = {"mamba", "swiftformer"}  # their references are scans / O(N) pools, no (n, n) matrix
+
+
+@pytest.mark.parametrize("name", [s.name for s in attnlab.list_mechanisms()])
+def test_dense_paths_refused_above_the_memory_limit(name: str, memory_limit: Any) -> None:
+    """materialize and impl='reference' estimate their float64 (batch, heads, n_q, n_k) matrix first and refuse it
+    above the limit, naming the estimate; at a limit just above the estimate they run."""
+    from attnlab import testing
+
+    spec = attnlab.get(name)
+    assert spec.supports is not None
+    m, x = testing.build(spec), testing.tokens(spec)
+    calls = ([m.materialize] if spec.supports.materialize else []) + ([] if name in NO_DENSE_REFERENCE else [
+        lambda t: m(t, impl="reference")])
+    n = int(torch.tensor(x.shape[1:-1]).prod())
+    n_k = min(n, m.key_count(x.shape[1:-1])) if spec.supports.summary_keys else n  # keys the estimate counts
+    memory_limit(8 * testing.BATCH * testing.HEADS * n * n_k - 1)  # one byte short of the estimate
+    for call in calls:
+        with pytest.raises(attnlab.MemoryLimitError, match=r"expected at most .* GiB \(attnlab.set_memory_limit or "
+                           r"ATTNLAB_MEMORY_LIMIT raises it\), got an estimate of .* GiB"):
+            call(x)
+    memory_limit(8 * testing.BATCH * testing.HEADS * n * (n + 64))
+    for call in calls:
+        call(x)
+
+
+def test_materialize_at_200k_tokens_refused_before_allocating(memory_limit: Any, monkeypatch: Any) -> None:
+    """The issue's case: softmax materialize at N = 200k was OOM-killed; now refused with its 596 GiB estimate,
+    under a limit set in code or in ATTNLAB_MEMORY_LIMIT."""
+    m = attnlab.build("softmax", dim=16, heads=2)
+    x = torch.randn(1, 200_000, 16)
+    memory_limit(1 << 30)
+    with pytest.raises(attnlab.MemoryLimitError, match=r"materialize: expected at most 1 GiB .*got an estimate of 596 GiB"):
+        m.materialize(x)
+    memory_limit(None)
+    monkeypatch.setenv("ATTNLAB_MEMORY_LIMIT", str(2 << 30))
+    assert attnlab.memory_limit() == 2 << 30
+    with pytest.raises(attnlab.MemoryLimitError, match=r"impl='reference': expected at most 2 GiB .*596 GiB"):
+        m(x, impl="reference")
+    monkeypatch.setenv("ATTNLAB_MEMORY_LIMIT", "lots")
+    with pytest.raises(attnlab.ParameterError, match="ATTNLAB_MEMORY_LIMIT: expected an int of bytes, got 'lots'"):
+        attnlab.memory_limit()

@@ -328,6 +328,7 @@ class FocusedLinearAttention(LinearAttention):
         flat, _, kpm = self._tokens(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(flat)
         check_qkv(q, k, v)
+        self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, self.combined_mask(q, k, kpm, attn_mask))[1]
 
     def dwc_matrix(self, positions: tuple[int, ...] | int) -> Tensor:

@@ -54,6 +54,7 @@ from torch.autograd.function import once_differentiable
 
 from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
+from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Spec, Supports, register
 from ...core.validate import check_finite, check_int, check_module_dtype, check_rank, check_tensor, check_tokens
 from ...kernels.sizes import fit_block
@@ -412,6 +413,7 @@ class SelectiveSSM(nn.Module):
     ) -> Tensor:
         """The hidden attention (batch, heads, n, n): α^c averaged over the channels of each head (module docstring)."""
         keep = self._check(x, context, attention_mask, attn_mask, key_padding_mask)
+        check_memory("materialize", (x.shape[0], self.heads, x.shape[1], x.shape[1]), 8)
         p = self.ssm_inputs(x, keep)
         return hidden_attention(p.delta, self.A, p.B, p.C, heads=self.heads).to(x.dtype)
 

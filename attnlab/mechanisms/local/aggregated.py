@@ -443,6 +443,8 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
     ) -> Tensor:
         """x (batch, H, W, dim) -> the same shape."""
         q, k, v, pooled = self._all_heads(x, context, attention_mask, attn_mask, key_padding_mask)
+        if impl == "reference":
+            self.check_dense_memory("impl='reference'", q, k)
         out = self._run(q, k, v, impl, pooled)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
@@ -459,4 +461,5 @@ class AggregatedAttention(SummaryKeyAttention, GridAttention):
         affinities) ; the p² pooled summaries], raster order, so that out = W v_keys with the values of
         `key_values(x)`."""
         q, k, v, pooled = self._all_heads(x, context, attention_mask, attn_mask, key_padding_mask)
+        self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, None, pooled)[1]

@@ -158,6 +158,7 @@ class GridAttention(Attention):
         """The attention matrix (batch, heads, N, N), positions in raster order."""
         q, k, v = self._heads(x, context, attn_mask)
         keep = self.keep_mask(x, None, attention_mask, key_padding_mask)
+        self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, grid_padding(keep, x.shape[0], x.shape[1:-1]))[1]
 
 

@@ -387,4 +387,5 @@ class TwinsGlobalAttention(SummaryKeyAttention):
         """The softmax weights (batch, heads, N, N/s²) of every token over the summaries of `key_values(x)`,
         both in raster order; the core output is these weights times the summaries' values."""
         q, k, v = self._heads(x, context, attention_mask, attn_mask, key_padding_mask)
+        self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, None)[1]

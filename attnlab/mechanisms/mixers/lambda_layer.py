@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ...core.errors import DTypeError, ParameterError, ShapeError
 from ...core.masks import module_keep_mask
+from ...core.memory import check_memory
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import (
@@ -281,6 +282,7 @@ class LambdaLayer(nn.Module):
         if impl == "fast":
             y = lambda_attention(q, k, v, embeddings=self.embeddings, attention_mask=kpm)
         elif impl == "reference":
+            check_memory("impl='reference'", (x.shape[0], self.heads, math.prod(x.shape[1:-1]), math.prod(x.shape[1:-1])), 8)
             y = lambda_attention_reference(q, k, v, embeddings=self.embeddings, attention_mask=kpm)[0]
         else:
             raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
@@ -297,4 +299,5 @@ class LambdaLayer(nn.Module):
     ) -> Tensor:
         """A (batch, heads, N, N), A_nm = q_n·(K̄_m + E_nm), positions flattened row-major: y^h = A^h V."""
         q, k, v, kpm = self._project(x, context, attn_mask, attention_mask, key_padding_mask)
+        check_memory("materialize", (x.shape[0], self.heads, math.prod(x.shape[1:-1]), math.prod(x.shape[1:-1])), 8)
         return lambda_attention_reference(q, k, v, embeddings=self.embeddings, attention_mask=kpm)[1]
