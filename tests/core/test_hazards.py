@@ -242,3 +242,17 @@ def test_materialize_at_200k_tokens_refused_before_allocating(memory_limit: Any,
     monkeypatch.setenv("ATTNLAB_MEMORY_LIMIT", "lots")
     with pytest.raises(attnlab.ParameterError, match="ATTNLAB_MEMORY_LIMIT: expected an int of bytes, got 'lots'"):
         attnlab.memory_limit()
+
+
+def test_capture_of_a_float32_aggregated_module() -> None:
+    """capture() on aggregated in float32, the default (the cpb MLP ran in float32 on a float64 table and raised):
+    the recorded map equals the float64 materialize of the same weights."""
+    from attnlab.analysis.capture import capture
+
+    torch.manual_seed(0)
+    m = attnlab.build("aggregated", dim=16, heads=2, kernel_size=3, pool_size=2, cpb_hidden=16).eval()
+    x = torch.randn(1, 6, 6, 16)
+    with capture(m) as att:
+        m(x)
+    assert att.num_layers == 1 and att.layers[0].dtype == torch.float32
+    torch.testing.assert_close(att.layers[0].double(), m.double().materialize(x.double()), atol=1e-5, rtol=1e-4)
