@@ -7,6 +7,7 @@
 * `sdpa`         — softmax attention through torch's scaled_dot_product_attention;
 * `flex`         — FlexAttention, compiled once per process;
 * `pool`         — the CPU worker threads (one intra-op thread each) the chunked kernels run on.
+* `sizes`        — chunk and block sizes capped by the input (cost follows the input, not the knob).
 
 Mechanism folders (`attnlab.mechanisms.*`) keep the module bases and the mechanisms.
 """
