@@ -36,7 +36,7 @@ def test_twins_gsa_attends_to_n_over_s2_summaries(monkeypatch, mode) -> None:  #
     # 16 × 16 tokens, s = 2: one summary per 2 × 2 cell, 8 × 8 = 64 keys (not 256: no N × N softmax)
     assert config["grid"] == [16, 16] and config["n_keys"] == 64
     speed.prepare_call(attnlab.get("twins-gsa"), config)()
-    assert seen == [((1, 2, 16, 16, 8), (1, 2, 64, 8), (1, 2, 64, 8), None)]
+    assert seen == [((1, 2, 256, 8), (1, 2, 64, 8), (1, 2, 64, 8), (16, 16))]  # flat queries with their grid
 
 
 def test_aggregated_attends_to_its_tokens_and_p2_pooled_keys(monkeypatch) -> None:  # type: ignore[no-untyped-def]
