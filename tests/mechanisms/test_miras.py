@@ -449,3 +449,16 @@ def test_gates_from_x_pass_the_conformance_suite_and_key_gates_remain(name):
     q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
     with pytest.raises(ShapeError, match="gate"):  # plain heads lack the gate channels project() adds
         m.attend(q, k, v)
+
+
+@pytest.mark.parametrize("name", ["miras-lp", "miras-huber"])
+def test_gradient_memory_reference_runs_under_no_grad(name: str) -> None:
+    """The reference takes each step's gradient by autograd: under no_grad (as capture and the bench call it) it
+    still runs, equals the fast path, and hands back no graph."""
+    torch.manual_seed(0)
+    module = attnlab.build(name, dim=16, heads=2, causal=True).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    with torch.no_grad():
+        reference, fast = module(x, impl="reference"), module(x)
+    assert not reference.requires_grad
+    torch.testing.assert_close(reference, fast, rtol=1e-10, atol=1e-10)

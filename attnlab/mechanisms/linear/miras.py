@@ -259,6 +259,16 @@ def gradient_memory_reference(
 ) -> tuple[Tensor, Tensor]:
     """(out, final memory W (batch, heads, d_v, d_k)) of the ℓp / Huber memory on mapped q, k, in float64:
     per element, head and token, W ← α W − β ∇_W L(W k, v) with the gradient by autograd of the loss."""
+    grad_wanted = torch.is_grad_enabled()  # the loss's gradient needs autograd even under no_grad
+    with torch.enable_grad():
+        out, memory = _gradient_memory_scan(q, k, v, bias, beta, p, delta, log_decay, causal, attention_mask)
+    return (out, memory) if grad_wanted else (out.detach(), memory.detach())
+
+
+def _gradient_memory_scan(
+    q: Tensor, k: Tensor, v: Tensor, bias: str, beta: Tensor, p: float, delta: float,
+    log_decay: Tensor | None, causal: bool, attention_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     b, h, n, d_k = k.shape
     q64, k64, v64, beta64 = q.double(), k.double(), v.double(), beta.double()
     decay = None if log_decay is None else log_decay.double().exp()
