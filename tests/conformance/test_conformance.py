@@ -12,10 +12,7 @@ from attnlab.core.errors import ShapeError
 from attnlab.core.module import Attention
 
 NAMES = [spec.name for spec in attnlab.list_mechanisms()]
-KNOWN_FAILURES = {
-    ("routing", "padding_is_removal"): "routing.py route(): the cluster width w = ceil(n/k) counts padded positions, "
-    "so padding changes which real tokens share a cluster (reported in issue 11)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}  # (mechanism, check) -> why, run as xfail(strict=True)
 
 
 def _cases() -> list:

@@ -43,7 +43,6 @@ def hand_members(q, k, mu, causal, kpm=None):  # type: ignore[no-untyped-def]
     ks = torch.einsum("bhnd,hcd->bhcn", ln(q if causal else k) / math.sqrt(d), mu)
     mq = torch.zeros(b, h, c, n, dtype=torch.bool)
     mk = torch.zeros(b, h, c, n, dtype=torch.bool)
-    w = math.ceil(n / c)
     for bi in range(b):
         for hi in range(h):
             if causal:
@@ -52,6 +51,7 @@ def hand_members(q, k, mu, causal, kpm=None):  # type: ignore[no-untyped-def]
                     mq[bi, hi, best, i] = mk[bi, hi, best, i] = True
                 continue
             real = [i for i in range(n) if kpm is None or bool(kpm[bi, i])]
+            w = math.ceil(len(real) / c)  # the width of this sequence without its padding
             for cc in range(c):
                 for scores, m in ((qs, mq), (ks, mk)):
                     for i in sorted(real, key=lambda j: -float(scores[bi, hi, cc, j]))[:w]:

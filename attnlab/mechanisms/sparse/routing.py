@@ -10,8 +10,9 @@ official implementation does. Query i attends key j only inside a cluster:
 where C(i) are the clusters that hold query i and K_c the keys of cluster c.
 
 * Not causal — balanced clusters, as the official code: each centroid takes its top-w
-  queries and, separately, its top-w keys by q̂·μ_c, w = ⌈n/k⌉ (every cluster holds exactly
-  w of each). A token may sit in several clusters (its output is the mean of its clusters'
+  queries and, separately, its top-w keys by q̂·μ_c, w = ⌈n/k⌉ with n the sequence's real tokens
+  (padding neither counts nor is taken, so a padded sequence routes as without it; every cluster
+  holds exactly w of each). A token may sit in several clusters (its output is the mean of its clusters'
   outputs; the official code divides by count + 0.01, here by the count) or in none
   (output 0, a zero row of `materialize`).
 * Causal — queries and keys are shared (k̃ = q̃, as the paper does for decoders, so each
@@ -80,7 +81,8 @@ ROUTING = Paper("P039", "Efficient Content-Based Sparse Attention with Routing T
 class Routing:
     """Members of every cluster: positions (batch, heads, k, W) int64 and validity (bool, same shape).
 
-    Not causal: W = ⌈n/k⌉ queries and keys per cluster, all valid unless padding filled a slot.
+    Not causal: W = ⌈n/k⌉ queries and keys per cluster; a padded sequence's slots past its own ⌈n_real/k⌉
+    (and any that padding filled) are invalid.
     Causal: keys = queries, W = the largest cluster, slots past a cluster's size invalid.
     """
 
@@ -154,7 +156,12 @@ def route(
         empty = torch.zeros(b, h, n_c, 0, dtype=torch.int64, device=q.device)
         return Routing(empty, empty.bool(), empty, empty.bool())
     qtop, ktop = qs.transpose(-1, -2).topk(width, -1), ks.transpose(-1, -2).topk(width, -1)
-    return Routing(qtop.indices, qtop.values > float("-inf"), ktop.indices, ktop.values > float("-inf"))
+    q_valid, k_valid = qtop.values > float("-inf"), ktop.values > float("-inf")
+    if attention_mask is not None:  # w = ⌈n_real/k⌉ per sequence, as without its padding
+        real_width = (attention_mask.sum(-1) + n_c - 1) // n_c  # (b,)
+        within = torch.arange(width, device=q.device) < real_width[:, None, None, None]
+        q_valid, k_valid = q_valid & within, k_valid & within
+    return Routing(qtop.indices, q_valid, ktop.indices, k_valid)
 
 
 @torch.no_grad()
