@@ -13,8 +13,10 @@ TORCH := torch==2.13.0
 BENCH_PEERS := einops local-attention==1.11.2 linear-attention-transformer==0.19.1 hyper-connections==0.4.11 \
   torch-einops-utils==0.2.0 axial-positional-embedding==0.3.12 linformer==0.2.3 product-key-memory==0.3.0 \
   colt5-attention==0.11.2
-# the other peers, for `attnlab bench speed --peers` and their tests (NATTEN builds pure Python on CPU)
-TEST_PEERS := natten==0.21.7
+# the other peers, for `attnlab bench speed --peers` and their tests (NATTEN builds pure Python on CPU; timm's
+# layers import with the torchvision stand-in of tests/conftest.py; labml-nn's Primer, dual-attention's relational
+# attention)
+TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 labml==0.5.3
 BENCH_STAMP := $(VENV)/.bench-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 

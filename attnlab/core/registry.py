@@ -9,17 +9,22 @@ technique of attnlab, each with the paper it comes from.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .errors import ParameterError, UnknownNameError
 
-Kind = Literal["mechanism", "analysis", "task", "init", "inference"]
-KINDS: tuple[str, ...] = ("mechanism", "analysis", "task", "init", "inference")
+Kind = Literal["mechanism", "pooling", "block", "analysis", "task", "init", "recipe", "inference", "repro"]
+KINDS: tuple[str, ...] = ("mechanism", "pooling", "block", "analysis", "task", "init", "recipe", "inference", "repro")
+"""mechanism: token-to-token attention (batch, n, dim) -> (batch, n, dim) with materialize (batch, heads, n_q, n_k);
+pooling: (batch, n, dim) -> (batch, m, dim), m queries over the tokens, materialize (batch, heads, m, n);
+block: a residual block (batch, n, dim) -> (batch, n, dim) whose token mixer is any registered mechanism;
+the other kinds register functions or recipes with the paper they come from."""
 FAMILIES = {
     "A": "attention operator",
     "B": "token mixer",
@@ -30,6 +35,7 @@ FAMILIES = {
     "G": "synthetic task",
 }
 _MISSING: Any = inspect.Parameter.empty
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,13 @@ class Supports:
     # materialize gives (batch, heads, n_q, m) over those keys, the core output being A @ v, and
     # attend(q, k, v) takes k, v of m rows (the speed harness times it so)
     summary_keys: bool = False
+    # the tokens are a set: permuting them permutes the output alike (mechanisms, blocks) or leaves it unchanged
+    # (pooling); checked by the conformance suite
+    order_invariant: bool = False
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16")
 
     def flags(self) -> list[str]:
-        names = ("causal", "key_padding", "attn_mask", "cross", "decode", "materialize", "summary_keys")
+        names = ("causal", "key_padding", "attn_mask", "cross", "decode", "materialize", "summary_keys", "order_invariant")
         out = [name for name in names if getattr(self, name)]
         if self.causal_only:
             out[0] = "causal only"
@@ -154,6 +163,13 @@ BATCH_FIRST_PARAM = Param(
     "batch_first", bool, True, "tokens (batch, n, dim); False: (n, batch, dim) in and out, as nn.MultiheadAttention"
 )
 CAUSAL_ONLY_PARAM = Param("causal", bool, True, "causal by construction: True is the only value", choices=(True,))
+POOLING_PARAMS: tuple[Param, ...] = (Param("dim", int, doc="model width", low=1),)
+BLOCK_PARAMS: tuple[Param, ...] = (
+    Param("dim", int, doc="model width", low=1),
+    Param("heads", int, 8, "number of heads of the mixer", low=1),
+    Param("mixer", str, "softmax", "the token mixer: any registered mechanism (`attnlab list`)"),
+    Param("mixer_params", dict, None, "further parameters of the mixer, e.g. {'kernel_size': 7}", optional=True),
+)
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,7 @@ class Spec:
     test_positions: tuple[int, ...] | None = None  # positions of the suite's inputs, e.g. (9,) or (4, 5)
     flops: Callable[[int, int, int, bool], float] | None = None  # (n, heads, head_dim, causal) -> forward FLOPs, batch 1
     functional: tuple[str, ...] = ()  # names of its functional ops in `attnlab.functional` (fast path, reference)
+    renamed: dict[str, str] = field(default_factory=dict)  # old parameter name -> "new_name (its meaning)"
 
     @property
     def source(self) -> str:
@@ -189,6 +206,10 @@ class Spec:
 
     def _unknown_param(self, name: str) -> ParameterError:
         names = [p.name for p in self.params]
+        if name in self.renamed:
+            return ParameterError(
+                f"{self.name}: parameter {name!r} was renamed {self.renamed[name]} (parameters: {', '.join(names)})"
+            )
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         return ParameterError(f"{self.name}: unknown parameter {name!r}{hint} (parameters: {', '.join(names)})")
@@ -237,6 +258,7 @@ class Spec:
                 "decode": s.decode,
                 "materialize": s.materialize,
                 "summary_keys": s.summary_keys,
+                "order_invariant": s.order_invariant,
                 "dtypes": list(s.dtypes),
             }
         return d
@@ -283,25 +305,34 @@ def register(
     test_positions: tuple[int, ...] | None = None,
     flops: Callable[[int, int, int, bool], float] | None = None,
     functional: Iterable[str] | None = None,
+    renamed: Mapping[str, str] | None = None,
+    kind: str = "mechanism",
 ) -> Callable[[type], type]:
-    """Class decorator registering an attention module as a mechanism.
+    """Class decorator registering a module: an attention mechanism, or a `pooling` or `block` (KINDS).
 
-    The module's parameters are the common ones (dim, heads, head_dim, qkv_bias,
-    causal when supported, batch_first when the constructor takes it) followed by `params`.
+    A mechanism's parameters are the common ones (dim, heads, head_dim, qkv_bias, causal when
+    supported, batch_first when the constructor takes it) followed by `params`; a pooling's are
+    dim then `params`; a block's are dim, heads, mixer, mixer_params, causal when supported,
+    then `params`.
     `functional`: the names of its functional ops (in `attnlab.functional`); by default
     `<name>_attention` and `<name>_attention_reference` where the class's module defines them.
+    `renamed`: old parameter name -> "new_name (its meaning)"; `build` and the constructor name the
+    new parameter when given the old one (see `renamed_keywords`).
     """
 
     def wrap(cls: type) -> type:
         if supports.causal_only and not supports.causal:
             raise ValueError(f"register {name!r}: causal_only needs causal=True in Supports")
+        if kind not in ("mechanism", "pooling", "block"):
+            raise ValueError(f"register {name!r}: kind expected 'mechanism', 'pooling' or 'block', got {kind!r}")
         causal = (CAUSAL_ONLY_PARAM,) if supports.causal_only else (CAUSAL_PARAM,) if supports.causal else ()
-        common = COMMON_PARAMS + causal
+        common = {"mechanism": COMMON_PARAMS, "pooling": POOLING_PARAMS, "block": BLOCK_PARAMS}[kind]
+        common += () if kind == "pooling" else causal
         if "batch_first" in inspect.signature(cls).parameters:
             common += (BATCH_FIRST_PARAM,)
         spec = Spec(
             name=name,
-            kind="mechanism",
+            kind=kind,
             paper=paper,
             factory=cls,
             summary=summary or (inspect.getdoc(cls) or "").split("\n")[0],
@@ -315,10 +346,30 @@ def register(
             test_positions=test_positions,
             flops=flops,
             functional=tuple(functional) if functional is not None else default_functional(name, cls),
+            renamed=dict(renamed or {}),
         )
+        if renamed:
+            cls.__init__ = renamed_keywords(cls.__name__, renamed)(cls.__init__)  # type: ignore[misc]
         add(spec)
         cls.spec = spec  # type: ignore[attr-defined]
         return cls
+
+    return wrap
+
+
+def renamed_keywords(owner: str, renamed: Mapping[str, str]) -> Callable[[Fn], Fn]:
+    """Decorator: a call passing a keyword of `renamed` (old name -> "new_name (its meaning)") raises
+    TypeError naming the new parameter, where Python would only say "unexpected keyword argument"."""
+
+    def wrap(fn: Fn) -> Fn:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            stale = sorted(renamed.keys() & kwargs.keys())
+            if stale:
+                raise TypeError(f"{owner}: keyword {stale[0]!r} was renamed {renamed[stale[0]]}")
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
 
     return wrap
 
@@ -363,9 +414,16 @@ def get(name: str, kind: str = "mechanism") -> Spec:
         raise UnknownNameError(f"unknown {kind} {name!r}{hint} (see `attnlab list`)") from None
 
 
+BUILDABLE: tuple[str, ...] = ("mechanism", "pooling", "block")
+
+
 def build(name: str, **params: Any) -> Any:
-    """Build the mechanism `name` with validated parameters: `build("alibi", dim=64, heads=4)`."""
-    return get(name).build(**params)
+    """Build the mechanism (or pooling, or block) `name` with validated parameters: `build("alibi", dim=64, heads=4)`."""
+    _ensure_loaded()
+    for kind in BUILDABLE:
+        if (kind, name) in _CATALOGUE:
+            return _CATALOGUE[(kind, name)].build(**params)
+    return get(name).build(**params)  # the unknown-name error, with the close mechanism names
 
 
 def entries(kind: str | None = None) -> list[Spec]:

@@ -1,0 +1,1 @@
+"""Residual blocks whose token mixer is any registered mechanism."""

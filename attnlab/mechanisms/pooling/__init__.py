@@ -1,0 +1,1 @@
+"""Attention pooling: m queries attend over the tokens, (batch, n, dim) -> (batch, m, dim)."""
