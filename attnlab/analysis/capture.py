@@ -57,6 +57,20 @@ Two sources are recorded, both at once when a model mixes them:
   output field ("attentions.3", "decoder_attentions.0", "cross_attentions.0"); their masks come from
   the call's `attention_mask` / `decoder_attention_mask` (else: keys some query gives weight). This
   path has no queries/keys (`qk=True` raises TypeError) and no run-time calibration.
+* LongT5's local encoder attention (its own code, outside `AttentionInterface`) computes per block of
+  ℓ = local_radius + 1 queries a softmax over 3ℓ keys (the block and its two neighbours) and returns
+  maps of shape (batch, blocks, heads, ℓ, 3ℓ). A forward hook on each `LongT5LocalAttention` calls it
+  with output_attentions=True and records the (batch, heads, n, n) token map they stand for
+  (`scatter_local_blocks`: A[j·ℓ + r, (j − 1)·ℓ + c] = blocked[j, r, c], 0 elsewhere; the columns that
+  fall outside the sequence hold zero keys and values and no weight of a real query). It is the dense
+  banded softmax(q kᵀ + bias) over |i − t| ≤ local_radius, and W_o·merge_heads(A·v) is the layer's
+  output; the blocked maps are taken off the outputs again unless asked for, and the model's returned
+  maps are matched with these records (no fallback). With `grads=True` the map is a fresh leaf that
+  reaches the loss through the zero term W_o(A·v) − W_o(stop_grad(A)·v); `qk=True` gives q, k with
+  scale 1 (T5 does not scale). Transient-global attention is refused with `BlockedAttentionError`:
+  its extra keys are layer-normed sums of blocks of tokens, whose values W_v·diag(w)·Σx/rms are no
+  combination of the tokens' values, so no (n, n) map carries its output (`capture(model.decoder)`
+  records the decoder alone).
 
 With `qk=True` every record also keeps the per-head queries and keys that made its scores
 (`Record.query`, `Record.key`, detached): for transformers models the `query`/`key` handed to the
@@ -531,6 +545,115 @@ def _input_hook(att: Attentions) -> Callable[..., None]:
     return hook
 
 
+# -- LongT5's blocked local attention ------------------------------------------------------------------------
+class BlockedAttentionError(TypeError):
+    """A layer's attention has keys that are not tokens, so it has no (n_q, n_k) token map to record."""
+
+
+def scatter_local_blocks(blocked: Tensor, n: int) -> Tensor:
+    """LongT5's blocked local map as the token matrix: (batch, blocks, heads, ℓ, 3ℓ) -> (batch, heads, n, n).
+
+    Query r of block j is token i = j·ℓ + r and key column c of that block is token t = (j − 1)·ℓ + c
+    (the block and its two neighbours), so A[i, t] = blocked[j, r, c]; every other entry is 0. Columns
+    outside [0, n) hold the zero-padded keys (value 0, no weight under the model's mask) and are dropped.
+    """
+    if blocked.dim() != 5 or blocked.shape[-1] != 3 * blocked.shape[-2]:
+        raise ValueError(f"blocked: expected (batch, blocks, heads, block, 3·block), got shape {tuple(blocked.shape)}")
+    batch, blocks, heads, ell, width = blocked.shape
+    if not 0 < n <= blocks * ell:
+        raise ValueError(f"n: expected a length in [1, {blocks * ell}] for {blocks} blocks of {ell}, got {n}")
+    rows = torch.arange(blocks * ell, device=blocked.device).view(blocks, ell, 1).expand(blocks, ell, width)
+    cols = (torch.arange(blocks, device=blocked.device).view(blocks, 1, 1) - 1) * ell + torch.arange(width, device=blocked.device)
+    cols = cols.expand(blocks, ell, width)
+    keep = (rows < n) & (cols >= 0) & (cols < n)
+    dense = blocked.new_zeros(batch, heads, n, n)
+    dense[:, :, rows[keep], cols[keep]] = blocked.permute(0, 2, 1, 3, 4)[:, :, keep]
+    return dense
+
+
+def _longt5_local_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The LongT5 local attention modules of `model`; a transient-global one raises BlockedAttentionError."""
+    longt5 = sys.modules.get("transformers.models.longt5.modeling_longt5")
+    if longt5 is None:
+        return []
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, longt5.LongT5TransientGlobalAttention):
+            raise BlockedAttentionError(
+                f"model: expected attention whose keys are tokens, got LongT5 transient-global attention at {name!r}: "
+                "each query also attends to one key per block of global_block_size tokens, made from the "
+                "layer-normed sum of the block, whose value is no combination of the tokens' values, so no (n, n) "
+                "map carries its output; capture(model.decoder) records the decoder alone"
+            )
+        if isinstance(module, longt5.LongT5LocalAttention):
+            found.append((name, module))
+    return found
+
+
+def _heads(module: nn.Module, linear: nn.Module, hidden: Tensor) -> Tensor:
+    """(batch, heads, n, d_kv) of a T5-style projection."""
+    batch, n = hidden.shape[:2]
+    return linear(hidden).view(batch, n, module.n_heads, module.key_value_proj_dim).transpose(1, 2)  # type: ignore[arg-type]
+
+
+def _local_path(module: nn.Module, hidden: Tensor, probs: Tensor) -> Tensor:
+    """W_o·merge_heads(A·v) of a LongT5 local layer for the token matrix A (batch, heads, n, n)."""
+    v = _heads(module, module.v, hidden)  # type: ignore[arg-type]
+    out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
+    return module.o(out.reshape(hidden.shape[0], hidden.shape[1], -1))  # type: ignore[operator]
+
+
+def _longt5_local_hooks(att: Attentions, modules: list[tuple[str, nn.Module]],
+                        blocked_records: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Record]]) -> list[Any]:
+    """Hooks recording each LongT5 local attention call as its (n, n) token map (`scatter_local_blocks`).
+
+    The call is made with output_attentions=True (the blocked map is taken off the module's output again
+    unless the caller asked for it); `blocked_records` maps the blocked tensor to its record, so the maps the
+    model returns are matched with the records. With grads=True the recorded matrix is a fresh leaf that
+    reaches the loss through the zero term W_o(A·v) − W_o(stop_grad(A)·v) added to the layer's output.
+    """
+    asked: list[bool] = []
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        asked.append(bool(kwargs.get("output_attentions")))
+        return args, {**kwargs, "output_attentions": True}
+
+    def hook_for(name: str) -> Callable[..., Any]:
+        def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: tuple[Tensor, ...]) -> Any:
+            user_asked = asked.pop()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            blocked = output[-1]
+            batch, n = hidden.shape[:2]
+            probs = scatter_local_blocks(blocked.detach(), n)
+            mask = kwargs.get("mask")
+            if mask is None:
+                key_mask = torch.ones(batch, n, dtype=torch.bool, device=probs.device)
+            else:  # (batch, 1, blocks, ℓ, 3ℓ): token j·ℓ + r is real iff it may see itself, column ℓ + r of row r
+                ell = blocked.shape[-2]
+                key_mask = (mask[:, 0] > 0).diagonal(offset=ell, dim1=-2, dim2=-1).reshape(batch, -1)[:, :n]
+            qk: tuple[Tensor | None, Tensor | None, float | None] = (None, None, None)
+            if att.qk_requested:  # T5 scores are q·k without a scale
+                with torch.no_grad():
+                    qk = (_heads(module, module.q, hidden).detach(), _heads(module, module.k, hidden).detach(), 1.0)
+            out = output if user_asked else output[:-1]
+            if att.grads_requested and torch.is_grad_enabled():
+                probs = probs.requires_grad_()
+                delta = _local_path(module, hidden, probs) - _local_path(module, hidden, probs.detach())
+                out = (out[0] + delta.to(out[0].dtype), *out[1:])
+            record = Record(name, probs, key_mask, key_mask, "transformers", *qk)
+            att.records.append(record)
+            blocked_records[_storage(blocked)] = (blocked, record)
+            return out
+
+        return after
+
+    handles = []
+    for name, module in modules:
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
+    return handles
+
+
 # -- transformers models without AttentionInterface: the maps of output_attentions=True ---------------------
 _MAP_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
 
@@ -582,10 +705,12 @@ def _storage(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
 
-def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
+def _output_hooks(att: Attentions, model: nn.Module,
+                  blocked_records: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Record]]) -> list[Any]:
     """Hooks asking the top-level call for output_attentions=True and completing the records with the returned
-    maps the recorder did not see (all of them for a model outside AttentionInterface, e.g. LongT5's local
-    attention in an otherwise dispatching model); the maps are removed from the outputs unless asked for."""
+    maps the recorder did not see (all of them for a model outside AttentionInterface); LongT5's blocked local
+    maps are matched with the token maps their hooks recorded (`blocked_records`). The maps are removed from
+    the outputs unless asked for."""
     calls: list[tuple[bool, bool, int, Tensor | None, Tensor | None]] = []
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -601,7 +726,11 @@ def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
         partly = bool(recorded)
         ordered, unseen = [], []
         for name, probs in _call_order(found):
-            if probs.dim() != 4:  # e.g. LongT5's blocked local maps (batch, heads, blocks, block, 3·block)
+            blocked = blocked_records.pop(_storage(probs), None)
+            if blocked is not None:  # LongT5's local map (batch, blocks, heads, ℓ, 3ℓ), recorded as (n, n)
+                ordered.append(recorded.pop(_storage(blocked[1].weights), blocked[1]))
+                continue
+            if probs.dim() != 4:
                 why = f"{name}: returned maps of shape {tuple(probs.shape)}, not (batch, heads, n_q, n_k)"
                 att.skipped += [why] if why not in att.skipped else []
                 unseen.append(name)
@@ -621,6 +750,7 @@ def _output_hooks(att: Attentions, model: nn.Module) -> list[Any]:
                 )
                 if partly:  # the recorder saw the others (a model outside it entirely was reported up front)
                     warnings.warn(f"capture: {att.fallback}", UserWarning, stacklevel=2)
+        blocked_records.clear()
         if not user_asked and found and hasattr(output, "keys"):
             output = _without(output, {name.partition(".")[0] for name, _ in found})
         return output.to_tuple() if as_tuple and hasattr(output, "to_tuple") else output
@@ -664,7 +794,11 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     att = Attentions(grads_requested=grads, qk_requested=qk)
-    handles = []
+    hf = _is_transformers_model(model)
+    recorder = hf and dispatches(model)
+    longt5_local = _longt5_local_modules(model) if hf else []
+    blocked_records: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Record]] = {}
+    hooked: list[tuple[str, nn.Module]] = []  # checked before any hook is registered: an error leaves none behind
     mechanisms = _attnlab_modules(model)
     for name, module in mechanisms:
         spec = module.spec  # type: ignore[union-attr]
@@ -681,9 +815,7 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
                 f"qk: module {name or type(module).__name__!r} ({spec.name}) has no project(x, context) giving its "
                 "per-head queries and keys; use qk=False"
             )
-        handles.append(module.register_forward_hook(_attnlab_hook(att, name or spec.name, grads), with_kwargs=True))
-    hf = _is_transformers_model(model)
-    recorder = hf and dispatches(model)
+        hooked.append((name or spec.name, module))
     if hf and not recorder:
         if qk:
             raise TypeError(
@@ -695,14 +827,16 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
             "recording the maps it returns with output_attentions=True"
         )
         warnings.warn(f"capture: {att.fallback}", UserWarning, stacklevel=3)
+    handles = [module.register_forward_hook(_attnlab_hook(att, name, grads), with_kwargs=True) for name, module in hooked]
     with contextlib.ExitStack() as stack:
         try:
             if recorder:
                 stack.enter_context(transformers_implementation(model))
                 names = {id(m): n for n, m in model.named_modules()}
                 _ACTIVE.append((att, names))
+            handles += _longt5_local_hooks(att, longt5_local, blocked_records)
             if hf and _takes(model, "output_attentions"):
-                handles += _output_hooks(att, model)
+                handles += _output_hooks(att, model, blocked_records)
             elif not mechanisms and not hf:
                 raise TypeError(
                     f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model; "

@@ -1,6 +1,9 @@
 """capture on tiny random models of every attention family transformers ships (built from configs, nothing
 downloaded): the recorded maps equal transformers' eager `output_attentions=True` maps (1e-5), the model's
-outputs inside `capture` equal those outside it, masks follow the padding, and rollout and relevance run."""
+outputs inside `capture` equal those outside it, masks follow the padding, and rollout and relevance run.
+LongT5's local encoder attention returns blocked maps (batch, blocks, heads, ℓ, 3ℓ): capture records the (n, n)
+token map they stand for, checked entry by entry against the blocks, against the dense banded softmax written
+from the layer's weights, and against the layer's output (W_o·A·v); transient-global attention is refused."""
 import warnings
 
 import pytest
@@ -20,11 +23,17 @@ BART = dict(vocab_size=64, d_model=D, encoder_layers=2, decoder_layers=2, encode
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 VISION = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D, image_size=16,
               patch_size=4, num_channels=3)
+SEAMLESS = dict(vocab_size=64, hidden_size=D, max_position_embeddings=64, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * D, decoder_ffn_dim=2 * D,
+                speech_encoder_layers=2, speech_encoder_attention_heads=4, speech_encoder_intermediate_size=2 * D,
+                feature_projection_input_dim=16, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+                adaptor_kernel_size=2, adaptor_stride=2, conv_depthwise_kernel_size=3, max_source_positions=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 AUDIO = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * D,
              conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
              num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=32)
 
-# model_type -> (config overrides, inputs kind); kinds: text, causal, seq2seq, vision, audio, clip
+# model_type[:variant] -> (config overrides, inputs kind); kinds: text, causal, seq2seq, vision, audio, clip, ...
 ARCHS = {
     # encoders
     "bert": (TEXT, "text"),
@@ -76,6 +85,11 @@ ARCHS = {
                   relative_bias_args=[{"type": "1d"}, {"type": "horizontal"}, {"type": "vertical"}]), "layout"),
     "switch_transformers": (dict(T5, num_experts=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
                                  expert_capacity=8), "seq2seq"),
+    # SeamlessM4T: the speech-to-text model (conformer encoder with relative positions, its adapter's attention
+    # over the downsampled frames, the text decoder) and the text-to-text model; the full model adds the
+    # text-to-unit model and the vocoder, whose attention is that of the text stacks
+    "seamless_m4t": (SEAMLESS, "speech2text"),
+    "seamless_m4t:text": (SEAMLESS, "seq2seq"),
     # vision towers
     "vit": (VISION, "vision"),
     "deit": (VISION, "vision"),
@@ -95,17 +109,24 @@ ARCHS = {
 }
 
 
+# models without an AutoModel class for the part tested
+CLASSES = {"pix2struct": "Pix2StructForConditionalGeneration", "seamless_m4t": "SeamlessM4TForSpeechToText",
+           "seamless_m4t:text": "SeamlessM4TForTextToText"}
+# modules whose maps the model computes but does not return with output_attentions=True: eager maps read from
+# the module's own (output, weights) return value
+UNRETURNED = {"seamless_m4t": r"adapter\.layers\.\d+\.self_attn$"}
+
+
 def _model(model_type):
+    import transformers
     from transformers import AutoConfig, AutoModel
 
     overrides, kind = ARCHS[model_type]
-    config = AutoConfig.for_model(model_type, **overrides)
+    config = AutoConfig.for_model(model_type.partition(":")[0], **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if model_type == "pix2struct":  # no AutoModel class: the generation model
-            from transformers import Pix2StructForConditionalGeneration
-
-            model = Pix2StructForConditionalGeneration(config)
+        if model_type in CLASSES:
+            model = getattr(transformers, CLASSES[model_type])(config)
             model.set_attn_implementation("eager")
         else:
             model = AutoModel.from_config(config, attn_implementation="eager")
@@ -142,6 +163,11 @@ def _inputs(kind):
         sample_mask = torch.ones(2, 400, dtype=torch.long)
         sample_mask[1, 250:] = 0
         return {"input_values": values * sample_mask, "attention_mask": sample_mask}
+    if kind == "speech2text":  # SeamlessM4T: 16 features per frame, the second utterance padded
+        frames = torch.ones(2, 12, dtype=torch.long)
+        frames[1, 8:] = 0
+        return {"input_features": torch.randn(2, 12, 16, generator=g), "attention_mask": frames,
+                "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
     if kind == "whisper":
         return {"input_features": torch.randn(2, 8, 16, generator=g),
                 "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
@@ -159,6 +185,38 @@ def _maps(output):
     return found
 
 
+def _eager_maps(model, model_type, inputs):
+    """The eager maps of one call: those returned with output_attentions=True, then those of `UNRETURNED`."""
+    import re
+
+    pattern = UNRETURNED.get(model_type)
+    extra, handles = [], []
+    for name, module in model.named_modules():
+        if pattern and re.search(pattern, name):
+            handles.append(module.register_forward_hook(lambda mod, args, out: extra.append(out[1])))
+    try:
+        returned = _maps(model(**inputs, output_attentions=True))
+    finally:
+        for h in handles:
+            h.remove()
+    assert not pattern or extra, f"{model_type}: no module matches {pattern}"
+    return returned + extra
+
+
+def _unblock(dense, blocked):
+    """The entries of the (n, n) map `dense` at the places of the blocked local map (batch, blocks, heads, ℓ, 3ℓ),
+    written out: query r of block j is token j·ℓ + r, key column c is token (j − 1)·ℓ + c; None outside [0, n)."""
+    n = dense.shape[-1]
+    _, blocks, _, ell, width = blocked.shape
+    pairs = {}
+    for j in range(blocks):
+        for r in range(ell):
+            for c in range(width):
+                i, t = j * ell + r, (j - 1) * ell + c
+                pairs[j, r, c] = dense[:, :, i, t] if i < n and 0 <= t < n else None
+    return pairs
+
+
 def _tensors(output):
     return {k: v for k, v in output.items() if isinstance(v, torch.Tensor)}
 
@@ -169,21 +227,33 @@ def test_capture_equals_eager_and_leaves_the_output_unchanged(model_type):
     inputs = _inputs(kind)
     with torch.no_grad():
         plain = model(**inputs)
-        eager = _maps(model(**inputs, output_attentions=True))
+        eager = _eager_maps(model, model_type, inputs)
         with warnings.catch_warnings(record=True) as caught, capture(model) as att:
             warnings.simplefilter("always")
             inside = model(**inputs)
-    blocked = [t for t in eager if t.dim() != 4]  # LongT5's local attention returns blocks, not token x token
+    assert eager and len(att.records) == len(eager) and not att.skipped, (len(att.records), len(eager), att.skipped)
+    blocked = [t for t in eager if t.dim() != 4]  # LongT5's local attention: blocks, recorded as (n, n) maps
     eager = [t for t in eager if t.dim() == 4]
-    assert eager and len(att.records) == len(eager), (len(att.records), len(eager))
-    assert len(att.skipped) == len(blocked) and (not blocked or att.fallback is not None)
+    assert bool(blocked) == (model_type == "longt5")
+    local = [r for r in att.records if r.name.endswith("LocalSelfAttention")]
+    assert len(local) == len(blocked)
+    for rec, blocks in zip(local, blocked):  # every entry of the blocks is in the (n, n) map, nothing else is
+        pairs = _unblock(rec.weights, blocks)
+        for (j, r, c), value in pairs.items():
+            real = j * blocks.shape[3] + r < rec.weights.shape[-1]
+            if value is not None:
+                torch.testing.assert_close(value, blocks[:, j, :, r, c], rtol=0, atol=1e-6)
+            elif real:  # a key outside the sequence gets no weight from a real query
+                assert blocks[:, j, :, r, c][rec.query_mask[:, j * blocks.shape[3] + r]].abs().max() == 0
+        assert int((rec.weights != 0).sum()) == sum(int((v != 0).sum()) for v in pairs.values() if v is not None)
+    records = [r for r in att.records if all(r is not x for x in local)]
     # capture never changes what the model computes, nor what it returns
     assert set(_tensors(inside)) == set(_tensors(plain))
     for key, value in _tensors(plain).items():
         torch.testing.assert_close(_tensors(inside)[key], value, rtol=0, atol=1e-6, msg=f"{model_type}: output {key}")
     # every eager map is recorded once (call order differs from the outputs' order for encoder-decoders)
     left = list(range(len(eager)))
-    for rec in att.records:
+    for rec in records:
         match = [i for i in left if eager[i].shape == rec.weights.shape
                  and torch.allclose(eager[i], rec.weights, rtol=0, atol=1e-5)]
         assert match, f"{model_type}: {rec.name} matches no eager map"
@@ -225,13 +295,22 @@ def test_masks_rollout_and_relevance_run(model_type):
         streams = lambda name, cross: ("vision", "vision") if "vision" in name else ("text", "text")  # noqa: E731
         target = lambda out: out.logits_per_image.diagonal()  # noqa: E731
     elif kind in ("seq2seq", "whisper", "patches", "layout"):
-        enc = att.select(r"^encoder|^encoder_attentions")
-        if model_type == "longt5":  # its encoder's local maps are blocked (skipped, reported): the decoder's
-            assert not enc.records and att.skipped
-            enc = att.select(r"^decoder\.block\.\d+\.layer\.0\.")
+        enc = att.select(r"^encoder|^text_encoder\.")
+        assert enc.records
         _rollout_checks(enc)
+    elif kind == "speech2text":  # the conformer's frames (the adapter then halves them): a per-frame mask
+        enc = att.select(r"^speech_encoder\.encoder\.")
+        assert torch.equal(enc.attention_mask, inputs["attention_mask"].bool())
+        _rollout_checks(enc)
+        adapter = att.select(r"^speech_encoder\.adapter\.")  # ⌊(8 + 2 − 2) / 2⌋ + 1 = 5 of 7 frames are real
+        assert adapter.attention_mask.sum(-1).tolist() == [7, 5]
+        _rollout_checks(adapter)
     else:
         _rollout_checks(att)
+    if model_type.startswith("seamless_m4t"):  # streams by name: "text_decoder" is no "decoder" part
+        streams = lambda name, cross: (  # noqa: E731
+            ("decoder", "encoder") if cross else ("decoder", "decoder") if name.startswith("text_decoder")
+            else ("speech", "speech") if name.startswith("speech_encoder.encoder.") else ("encoder", "encoder"))
     if kind == "audio":  # attention runs over frames; the call's mask is per sample
         frames = att.records[0].weights.shape[-1]
         assert att.attention_mask.shape == (2, frames)
@@ -285,3 +364,119 @@ def test_generic_eager_attention_equals_the_files_eager_functions():
         out, probs = generic_eager_attention(module, q, k, v, mask, scaling=0.3, **extra)
         torch.testing.assert_close(probs, want_probs, rtol=0, atol=1e-6)
         torch.testing.assert_close(out, want_out, rtol=0, atol=1e-6)
+
+
+def _longt5_local_calls(model, inputs):
+    """(input, output) of every LongT5 local attention call of an eager run without capture."""
+    calls, handles = [], []
+    for name, module in model.named_modules():
+        if name.endswith("LocalSelfAttention"):
+            handles.append(module.register_forward_hook(lambda mod, args, kwargs, out: calls.append((mod, args[0], out[0])),
+                                                        with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def test_longt5_local_maps_are_the_dense_banded_softmax_and_carry_the_layer_output():
+    """Each recorded (n, n) map equals softmax(q kᵀ + bias(t − i)) over the keys |t − i| ≤ local_radius that are
+    real tokens, written from the layer's weights, and W_o·merge_heads(A·v) with it is the layer's output."""
+    model, kind = _model("longt5")
+    inputs = _inputs(kind)
+    calls = _longt5_local_calls(model, inputs)
+    with torch.no_grad(), capture(model, qk=True) as att:
+        returned = model(**inputs, output_attentions=True)
+    assert [t.dim() for t in returned.encoder_attentions] == [5, 5]  # asked for: transformers' blocked layout
+    local = [i for i, name in enumerate(att.names) if name.endswith("LocalSelfAttention")]
+    assert len(local) == len(calls) == 2
+    real = inputs["attention_mask"].bool()
+    radius = model.config.local_radius
+    biased = model.encoder.block[0].layer[0].LocalSelfAttention  # layer 0's bias is shared with the others
+    n = real.shape[1]
+    offsets = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # t − i
+    buckets = biased._relative_position_bucket(offsets, bidirectional=True, num_buckets=8, max_distance=16)
+    bias = biased.relative_attention_bias(buckets).permute(2, 0, 1)  # (heads, n, n)
+    for index, (module, hidden, output) in zip(local, calls):
+        b = hidden.shape[0]
+        q, k, v = (linear(hidden).view(b, n, 4, 8).transpose(1, 2) for linear in (module.q, module.k, module.v))
+        allowed = (offsets.abs() <= radius)[None, None] & real[:, None, None, :]
+        scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~allowed, float("-inf"))
+        want = torch.softmax(scores, dim=-1) * real[:, None, :, None]
+        torch.testing.assert_close(att.layers[index], want, rtol=0, atol=1e-5)
+        raw = att.records[index].weights  # padded queries too: their blocks' out-of-sequence keys hold value 0
+        torch.testing.assert_close(module.o((raw @ v).transpose(1, 2).reshape(b, n, -1)), output, rtol=0, atol=1e-5)
+        torch.testing.assert_close(att.queries[index], q * real[:, None, :, None], rtol=0, atol=0)
+        torch.testing.assert_close(att.keys[index], k * real[:, None, :, None], rtol=0, atol=0)
+        assert att.records[index].scale == 1.0
+
+
+def test_longt5_local_gradients_equal_those_of_the_blocked_maps():
+    """capture(grads=True): d loss / dA of the (n, n) map equals the gradient transformers' blocked map gets, entry
+    by entry (real queries and keys), and the loss is unchanged inside the capture."""
+    model, kind = _model("longt5")
+    inputs = _inputs(kind)
+    weight = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
+    eager = model(**inputs, output_attentions=True)
+    blocked = eager.encoder_attentions
+    for t in blocked:
+        t.retain_grad()
+    loss = (eager.last_hidden_state * weight).sum()
+    loss.backward()
+    with capture(model, grads=True) as att:
+        inside = (model(**inputs).last_hidden_state * weight).sum()
+        inside.backward()
+    assert inside.item() == loss.item()
+    local = [i for i, name in enumerate(att.names) if name.endswith("LocalSelfAttention")]
+    grads = att.grads
+    checked = 0
+    for index, blocks in zip(local, blocked):
+        rec = att.records[index]
+        for (j, r, c), value in _unblock(grads[index], blocks).items():
+            i, t = j * blocks.shape[3] + r, (j - 1) * blocks.shape[3] + c
+            if value is None or abs(t - i) > model.config.local_radius:
+                continue
+            keep = rec.query_mask[:, i] & rec.key_mask[:, t]
+            torch.testing.assert_close(value[keep], blocks.grad[:, j, :, r, c][keep], rtol=1e-5, atol=1e-6)
+            checked += int(keep.sum())
+    assert checked > 0 and all(g.abs().sum() > 0 for g in grads)
+
+
+def test_longt5_transient_global_is_refused_and_its_decoder_can_be_captured():
+    """Transient-global keys include per-block summaries (layer-normed sums of the tokens): no (n, n) map carries
+    the output, so capture refuses with BlockedAttentionError and leaves no hook; the decoder alone is captured."""
+    from transformers import AutoConfig, AutoModel
+
+    from attnlab.analysis.capture import BlockedAttentionError
+
+    config = AutoConfig.for_model("longt5", **T5, encoder_attention_type="transient-global", local_radius=2,
+                                  global_block_size=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config, attn_implementation="eager").eval()
+    inputs = _inputs("seq2seq")
+    with pytest.raises(BlockedAttentionError, match="transient-global attention at 'encoder.block.0"):
+        with capture(model):
+            pass
+    assert model.config._attn_implementation == "eager"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True)
+        with capture(model.decoder) as att:
+            model(**inputs)
+    want = [eager.decoder_attentions[0], eager.cross_attentions[0], eager.decoder_attentions[1], eager.cross_attentions[1]]
+    assert len(att.records) == 4 and att.fallback is None
+    for rec, map_ in zip(att.records, want):
+        torch.testing.assert_close(rec.weights, map_, rtol=0, atol=1e-6)
+
+
+def test_scatter_local_blocks_rejects_other_layouts():
+    from attnlab.analysis.capture import scatter_local_blocks
+
+    with pytest.raises(ValueError, match=r"blocked: expected \(batch, blocks, heads, block, 3·block\), got shape \(1, 2, 4, 3, 6\)"):
+        scatter_local_blocks(torch.zeros(1, 2, 4, 3, 6), 5)
+    with pytest.raises(ValueError, match=r"n: expected a length in \[1, 6\]"):
+        scatter_local_blocks(torch.zeros(1, 2, 4, 3, 9), 7)
