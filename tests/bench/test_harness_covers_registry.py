@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.bench import speed
+from attnlab.bench import speed, speed_worker
 from attnlab.core.module import Attention
 
 HEADS, HEAD_DIM, N = 2, 8, 256
@@ -39,7 +39,7 @@ def test_harness_builds_and_runs_every_mechanism(name: str, monkeypatch: pytest.
         seen["attention"] = isinstance(module, Attention)
         return module
 
-    monkeypatch.setattr(speed, "build_module", recording_build)
+    monkeypatch.setattr(speed_worker, "build_module", recording_build)  # where prepare_call finds it
     rank = speed.grid_rank(spec)
     grid = speed.grid_for(N, rank) if rank > 1 else None
     n = math.prod(grid) if grid else N

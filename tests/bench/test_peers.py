@@ -231,7 +231,7 @@ def test_natten_waits_for_the_neighborhood_mechanism(tmp_path):
     peer = P.NattenPeer()
     configs = P.peer_configs([config("softmax", n=256)], {"natten": peer})
     assert [(c["mechanism"], c["grid"]) for c in configs] == [("neighborhood", None), ("neighborhood", [16, 16])]
-    if P._spec_or_none("neighborhood") is not None:
+    if P.spec_or_none("neighborhood") is not None:
         pytest.skip("neighborhood is registered")
     results = run(tmp_path / "r.sqlite", configs, {"natten": peer})
     assert [r.status for r in results] == ["unsupported", "unsupported"]
@@ -253,7 +253,7 @@ def test_linear_attention_adapter_is_p228():
 
 def test_linear_attention_agrees_with_efficient_in_a_run(tmp_path):
     pytest.importorskip("linear_attention_transformer")
-    if P._spec_or_none("efficient") is None:
+    if P.spec_or_none("efficient") is None:
         pytest.skip("efficient is not registered yet")
     peer = P.LinearAttentionTransformerPeer()
     configs = P.peer_configs([config("softmax", n=128, mode=m) for m in ("fwd", "fwd+bwd")], {peer.name: peer})
@@ -264,7 +264,7 @@ def test_linear_attention_agrees_with_efficient_in_a_run(tmp_path):
 
 
 def test_efficient_is_unsupported_until_registered(tmp_path):
-    if P._spec_or_none("efficient") is not None:
+    if P.spec_or_none("efficient") is not None:
         pytest.skip("efficient is registered")
     peer = P.LinearAttentionTransformerPeer()
     results = run(tmp_path / "r.sqlite", P.peer_configs([config("softmax")], {peer.name: peer}), {peer.name: peer})
@@ -304,7 +304,7 @@ def test_finished_configurations_are_not_measured_again(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(P, "measure_pair", boom)
+    monkeypatch.setattr("attnlab.bench.peers.run.measure_pair", boom)  # where run_peer_configs finds it
     again = run(path, [config("softmax", impl="flex")], {"flex": flex})
     assert [r.config_hash for r in again] == [r.config_hash for r in first]
 
