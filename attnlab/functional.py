@@ -20,6 +20,7 @@ from .mechanisms.dense.multiscale import multiscale_attention, multiscale_attent
 from .mechanisms.dense.rope import rope_attention, rope_attention_reference
 from .mechanisms.dense.softmax import softmax_attention, softmax_attention_reference
 from .mechanisms.linear.based import based_attention, based_attention_reference
+from .mechanisms.linear.deep_memory import deep_memory_attention, deep_memory_attention_reference
 from .mechanisms.linear.efficient import efficient_attention, efficient_attention_reference
 from .mechanisms.linear.focused import focused_linear_attention, focused_linear_attention_reference
 from .mechanisms.linear.galerkin import (
@@ -29,6 +30,7 @@ from .mechanisms.linear.galerkin import (
     galerkin_attention_reference,
 )
 from .mechanisms.linear.local_linear import local_linear_attention, local_linear_attention_reference
+from .mechanisms.linear.memora import memora_attention, memora_attention_reference
 from .mechanisms.linear.miras import memory_attention, memory_attention_reference
 from .mechanisms.linear.selective_ssm import hidden_attention, selective_scan, selective_scan_reference
 from .mechanisms.local.aggregated import aggregated_attention, aggregated_attention_reference
@@ -77,6 +79,8 @@ __all__ = [
     "coca_attention_reference",
     "combiner_attention",
     "combiner_attention_reference",
+    "deep_memory_attention",
+    "deep_memory_attention_reference",
     "dhsa_attention",
     "dhsa_attention_reference",
     "efficient_attention",
@@ -106,6 +110,8 @@ __all__ = [
     "local_linear_attention_reference",
     "lsa_attention",
     "lsa_attention_reference",
+    "memora_attention",
+    "memora_attention_reference",
     "memory_attention",
     "memory_attention_reference",
     "mra_attention",
