@@ -16,19 +16,21 @@ TEXTS = ["The cat sat on the mat because it was tired.", "The animal didn't cros
 
 
 def main(out: Path) -> None:
-    ex = explain(TEXTS, "minilm", methods=("rollout", "flow", "relevance", "heads", "sinks", "qk"), quiet=False)
+    methods = ("rollout", "attention-flow", "relevance-generic", "head-statistics", "sink-scores", "qk-embedding")
+    ex = explain(TEXTS, "minilm", methods=methods, quiet=False)
     for t, text in enumerate(ex.texts):
         real = [i for i, m in enumerate(ex.mask[t]) if m]
         target = ex.targets[t]
-        print(f"\n{text}\n  share of each token in {ex.tokens[t][target]} (rollout / flow / relevance):")
+        print(f"\n{text}\n  share of each token in {ex.tokens[t][target]} (rollout / attention-flow / relevance-generic):")
         for i in real:
-            scores = [ex.methods[m]["token_scores"][t][i] for m in ("rollout", "flow", "relevance")]
+            scores = [ex.methods[m]["token_scores"][t][i] for m in methods[:3]]
             print(f"  {ex.tokens[t][i]:>10}  " + "  ".join(f"{s:7.4f}" for s in scores))
-    stats = ex.methods["heads"]["stats"]
-    prev = max(((l_, h) for l_ in range(ex.layers) for h in range(ex.heads)), key=lambda lh: stats["previous_token"][lh[0]][0][lh[1]])
+    stats = ex.methods["head-statistics"]["stats"]
+    previous = stats["previous-token-score"]  # (layers, texts, heads)
+    prev = max(((l_, h) for l_ in range(ex.layers) for h in range(ex.heads)), key=lambda lh: previous[lh[0]][0][lh[1]])
     print(f"\nmost previous-token head on text 1: layer {prev[0]}, head {prev[1]} "
-          f"({stats['previous_token'][prev[0]][0][prev[1]]:.2f} of its attention)")
-    sinks = [row for row in ex.methods["sinks"]["table"] if row["text"] == 0][:3]
+          f"({previous[prev[0]][0][prev[1]]:.2f} of its attention)")
+    sinks = [row for row in ex.methods["sink-scores"]["table"] if row["text"] == 0][:3]
     print("top sinks on text 1: " + ", ".join(f"{ex.tokens[0][r['token']]} ({r['heads']} heads)" for r in sinks))
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(ex)

@@ -124,9 +124,10 @@ def test_explain_a_model_of_the_imported_mechanism(user_module, tmp_path):
     assert data["layer_names"] == ["layers.0", "layers.1"] and data["heads"] == 2
     assert data["tokens"] == [["the", "cat", "sat", "on", "the", "mat"], ["a", "cat", "sat", "on", "a", "hat"]]
     assert data["vocabulary"] == ["<pad>", "the", "cat", "sat", "on", "mat", "a", "hat"]
-    assert sorted(data["methods"]) == sorted(["rollout", "flow", "relevance", "lrp", "heads", "sinks", "qk"])
+    assert sorted(data["methods"]) == sorted(["rollout", "attention-flow", "relevance-generic", "relevance-lrp",
+                                              "head-statistics", "sink-scores", "qk-embedding"])
     page = (out / "index.html").read_text()
-    assert page.count("class='strip'") == 2 * 5  # rollout, flow, relevance, lrp, sinks for each sequence
+    assert page.count("class='strip'") == 2 * 5  # rollout, attention-flow, the 2 relevances, sink-scores per sequence
     # the maps on the page are those of the temperature softmax: softmax(q kᵀ / (√d · 2)), layer by layer
     torch.manual_seed(0)
     embed, layers = nn.Embedding(len(data["vocabulary"]), 16), []

@@ -1,6 +1,6 @@
 """The `attnlab explain` command (added to `attnlab` by attnlab/cli.py).
 
-    attnlab explain "some text" ["more text" ...] [--model minilm|DIR] [--methods rollout,flow,...] --out DIR
+    attnlab explain "some text" ["more text" ...] [--model minilm|DIR] [--methods rollout,attention-flow,...] --out DIR
     attnlab explain --model MODULE:NAME --tokens "the cat sat" [--tokens "..."] [--import MODULE] --out DIR
 
 writes DIR/index.html (self-contained: inline CSS, JS and images, no network), DIR/explain.json
@@ -9,8 +9,10 @@ model directory (AutoModel + AutoTokenizer, offline, never the directory's own c
 `auto_map` is refused). MODULE:NAME is a model made of attnlab mechanisms: NAME in MODULE (a dotted
 name or a .py file) is an nn.Module or a function returning one (given `vocab_size=` when it has
 that parameter); it runs in eval mode on token ids built from the `--tokens` strings
-(`explain.token_vocabulary`). A user error (unknown method, missing model, texts with a
-MODULE:NAME model...) exits with 2 and a one-line message naming the value and the choices.
+(`explain.token_vocabulary`). The methods are the catalogue's analysis entries of the same names
+(`attnlab info attention-flow`); explain's former names (flow, relevance, lrp, heads, sinks, qk) are
+refused with the new name. A user error (unknown method, missing model, texts with a MODULE:NAME
+model...) exits with 2 and a one-line message naming the value and the choices.
 Limits (attnlab.analysis.explain): texts are cut to the model's maximum or --max-tokens, a method
 whose estimated time exceeds --budget seconds is downsampled or left out. DIR is never written
 through a symbolic link (DIR, index.html, explain.json or png/ being one is refused), and png/ holds
@@ -176,15 +178,16 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", action="append", default=[], metavar="'A B C'",
                    help="token strings of one sequence, separated by spaces (with --model MODULE:NAME); repeatable")
     p.add_argument("--methods", default=None, metavar="A,B,...",
-                   help=f"comma-separated, among {', '.join(METHODS)} (default: every one that applies to the model)")
+                   help=f"comma-separated catalogue names (`attnlab info NAME`), among {', '.join(METHODS)} "
+                   "(default: every one that applies to the model)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--threads", type=_positive_int, default=1, metavar="T",
                    help="torch threads (default 1: fastest for a few sentences, see attnlab.analysis.explain)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
                    help="cut each text to N tokens (default: the model's maximum, e.g. 512 for MiniLM)")
     p.add_argument("--budget", type=_budget, default=BUDGET, metavar="SECONDS",
-                   help=f"estimated seconds each method may take (default {BUDGET:g}; 0 = no limit): flow is computed "
-                   "for the target tokens only, other methods left out, when over it")
+                   help=f"estimated seconds each method may take (default {BUDGET:g}; 0 = no limit): attention-flow is "
+                   "computed for the target tokens only, other methods left out, when over it")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     catalogue.add_import_argument(p)
     p.set_defaults(func=cmd_explain)

@@ -1,7 +1,7 @@
 """`explain`: run the analysis methods on a few texts and return every number as plain data.
 
     from attnlab.analysis.explain import explain
-    ex = explain(["The cat sat on the mat.", "It was tired."], model="minilm", methods=("rollout", "flow"))
+    ex = explain(["The cat sat on the mat.", "It was tired."], model="minilm", methods=("rollout", "attention-flow"))
     ex.tokens[0]                                  # the token strings of text 0 (padded to the batch's length)
     ex.methods["rollout"]["token_scores"][0]      # one score per token: how much each reaches the target token
     ex.to_dict()                                  # lists, floats, strings: what `explain.json` holds
@@ -9,8 +9,11 @@
     ex = explain(model=my_model, tokens=["the", "cat", "sat", "on", "the", "mat"])  # any model of attnlab mechanisms
 
 The texts go through the model as one padded batch, inside `capture` (attnlab/analysis/capture.py).
-Every method is an entry of `METHODS` (name -> `Method`): a function of the `Context` (model,
-tokenizer, inputs, the capture) returning a dict of plain data. A method that scores tokens puts
+Every method is an analysis entry of the catalogue, under its catalogue name (`attnlab list`,
+`attnlab info NAME` for its paper, parameters and source): `METHODS` maps that name to a `Method`,
+a function of the `Context` (model, tokenizer, inputs, the capture) returning a dict of plain data,
+with its cost estimate; `Method.entry` is the catalogue entry, `method_for(name)` the method that
+runs an entry or reports its numbers. A method that scores tokens puts
 `token_scores` (batch, n) in it — the page colours the tokens with it. The target token, whose
 explanation is coloured, is the first real token ([CLS]) of an encoder and the last real token of a
 causal model (causal = no real query attends to a later real key, in any layer). Padded positions
@@ -33,17 +36,21 @@ Token identity for the head statistics (duplicate, induction) always comes from 
 
 `methods=None` (the default) runs every method that applies to the model and leaves out, with
 the reason in `Explanation.skipped`, those that do not: a method that raises ValueError or TypeError
-for this model (LRP needs softmax probabilities computed by F.softmax or SDPA; qk needs the modules'
-`project`; rollout and flow need token × token maps). Methods named explicitly raise instead.
+for this model (relevance-lrp needs softmax probabilities computed by F.softmax or SDPA;
+qk-embedding needs the modules' `project`; rollout and attention-flow need token × token maps).
+Methods named explicitly raise instead. The names explain used before it took the catalogue's
+(flow, relevance, lrp, heads, sinks, qk) are refused: ParameterError naming the new one (`RENAMED`).
 
-Methods here: rollout and flow (P008), relevance (P035 gradient-weighted relevance), lrp (P111 LRP
-relevance of the attention maps, gradient-weighted and rolled out; also `input_relevance`, the LRP
-relevance reaching each input token, and `attention_relevance` R^(A)), heads (entropy,
-P051 mean distance, P058 query–key NMI, previous-token / duplicate / induction shares), sinks (P068
-scores, P248 sink tokens), qk (P093 joint query–key embedding per head, PCA over all texts; points
-only for real tokens, `position` = index among the real tokens of its text). Rollout, flow and
-relevance / lrp also give `matrix` (batch, n, n): row i explains output token i (the page recolours
-the tokens for any row); relevance's matrix is R − I, as its scores.
+Methods here: rollout and attention-flow (P008), relevance-generic (P035 gradient-weighted
+relevance), relevance-lrp (P111 LRP relevance of the attention maps, gradient-weighted and rolled
+out; also `input_relevance`, the LRP relevance reaching each input token, and
+`attention_relevance` R^(A)), head-statistics (its `stats` keyed by the catalogue names of
+`heads.HEAD_STATISTICS`: attention-entropy, P051 mean-attention-distance, P058 qk-nmi,
+previous-token / duplicate-token / induction scores), sink-scores (P068 scores, P248 sink tokens),
+qk-embedding (P093 joint query–key embedding per head, PCA over all texts; points only for real
+tokens, `position` = index among the real tokens of its text). rollout, attention-flow and the two
+relevances also give `matrix` (batch, n, n): row i explains output token i (the page recolours the
+tokens for any row); a relevance's matrix is R − I, as its scores.
 
 Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
 
@@ -53,17 +60,18 @@ Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
 * Cost: after the capture, `estimate_seconds` predicts each method's time on one core from the
   shapes (layers, heads, batch, tokens, model size) with the rates in `RATES` (measured on one core
   of a loaded 2-core machine, rounded down: estimates err on the slow side). A method whose estimate
-  exceeds `budget` (seconds, default `BUDGET`) is downsampled or left out: flow is computed for the
-  target token of each text only (its other matrix rows are 0) when that fits, anything else is left
-  out with the estimate as the reason (`skipped`); a method named in `methods=` that does not fit
-  raises ValueError instead. `budget=None` runs everything.
-* Size: the per-head maps (`attention`, lrp's `attention_relevance`; layers·batch·heads·n² numbers
-  each) are kept only up to `max_map_values` numbers (default `MAX_MAP_VALUES`); beyond it
+  exceeds `budget` (seconds, default `BUDGET`) is downsampled or left out: attention-flow is
+  computed for the target token of each text only (its other matrix rows are 0) when that fits,
+  anything else is left out with the estimate as the reason (`skipped`); a method named in
+  `methods=` that does not fit raises ValueError instead. `budget=None` runs everything.
+* Size: the per-head maps (`attention`, relevance-lrp's `attention_relevance`; layers·batch·heads·n²
+  numbers each) are kept only up to `max_map_values` numbers (default `MAX_MAP_VALUES`); beyond it
   `attention` is empty and `attention_relevance` is left out, so that the page and JSON stay small
   (the PNG figures then leave out the attention grid too).
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
@@ -79,15 +87,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import ParameterError
+from ..core.registry import Spec, get
 from .capture import Attentions, capture
-from .heads import (
-    attention_entropy,
-    duplicate_token_score,
-    induction_score,
-    mean_attention_distance,
-    previous_token_score,
-    query_key_nmi,
-)
+from .heads import HEAD_STATISTICS, head_statistics
 from .qk_embedding import qk_embedding
 from .relevance import generic_relevance, lrp_relevance
 from .rollout import attention_flow, rollout
@@ -98,12 +101,15 @@ BUDGET = 60.0  # seconds a method may take by its estimate (explain(budget=...),
 MAX_MAP_VALUES = 2_000_000  # numbers of the per-head maps kept in an Explanation (explain(max_map_values=...))
 # work units per second on one core (see estimate_seconds); measured under load and rounded down
 RATES = {
-    "flow": 1.0e8,  # layered max-flow: layers · n² edges per (output, input) pair
+    "max_flow": 1.0e8,  # layered max-flow: layers · n² edges per (output, input) pair
     "model": 2.0e9,  # FLOPs of a forward pass of the model
     "matmul": 1.0e9,  # float64 multiply-adds of the (batch, n, n) products of rollout / relevance
-    "maps": 5.0e6,  # per-head map entries handled in Python-level loops (heads, sinks, qk, plain data)
+    "maps": 5.0e6,  # per-head map entries handled in Python-level loops (head statistics, sinks, qk, plain data)
 }
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
+# explain's method names before they became the catalogue's: refused, the error names the new one
+RENAMED = {"flow": "attention-flow", "relevance": "relevance-generic", "lrp": "relevance-lrp",
+           "heads": "head-statistics", "sinks": "sink-scores", "qk": "qk-embedding"}
 
 
 @dataclass
@@ -117,7 +123,7 @@ class Context:
     mask: Tensor  # bool (batch, n), True = real token
     targets: list[int]  # per sequence: the output token whose explanation colours the tokens
     causal: bool
-    flow_rows: list[int] | None = None  # output tokens flow computes (None = all): set when the budget downsamples
+    flow_rows: list[int] | None = None  # output rows attention-flow computes (None = all): set when over the budget
 
     def zero_padding(self, t: Tensor) -> Tensor:
         """t (batch, ..., n) with the entries of padded tokens (last axis) set to 0."""
@@ -126,28 +132,79 @@ class Context:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What a method's cost depends on: `layers` captured maps of `heads` heads over `batch` sequences of `n` (padded)
+    tokens, a model of `params` parameters, and `rows` output tokens attention-flow computes (None = all n)."""
+
+    layers: int
+    heads: int
+    batch: int
+    n: int
+    params: int = 0
+    rows: int | None = None
+
+    @property
+    def maps(self) -> int:
+        """Entries of the per-head maps: layers · batch · heads · n²."""
+        return self.layers * self.batch * self.heads * self.n**2
+
+    @property
+    def forward(self) -> float:
+        """Seconds of a forward pass: the weights, plus q·k and A·v at head_dim ~64."""
+        return (2 * self.params * self.batch * self.n + 4 * self.maps * 64) / RATES["model"]
+
+    @property
+    def products(self) -> float:
+        """Seconds of the (batch, n, n) products over the layers (rollout, relevance)."""
+        return self.layers * self.batch * self.n**3 / RATES["matmul"]
+
+
+Run = Callable[[Context], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Method:
-    """One analysis method of `explain`: `run(ctx)` returns its data (plain dict, tensors allowed)."""
+    """A method of `explain`: the catalogue's analysis entry `name` run on a capture. `run(ctx)` returns its data
+    (a plain dict, tensors allowed), `cost(shape)` its estimated seconds on one core; `covers` names the other
+    catalogue entries whose numbers it reports too (the statistics of head-statistics, sink-scores' sink tokens)."""
 
     name: str
-    papers: tuple[str, ...]
     summary: str
-    run: Callable[[Context], dict[str, Any]]
+    run: Run
+    cost: Callable[[Shape], float]
+    covers: tuple[str, ...] = ()
     capture_qk: bool = False  # the capture must record per-head queries and keys
 
+    @property
+    def entry(self) -> Spec:
+        """The catalogue entry (kind "analysis") of the same name: its paper, parameters and source."""
+        return get(self.name, "analysis")
 
-METHODS: dict[str, Method] = {}
+    @property
+    def papers(self) -> tuple[str, ...]:
+        """Paper ids (Pnnn) of the entry and of the entries it covers."""
+        specs = (self.entry, *(get(name, "analysis") for name in self.covers))
+        return tuple(dict.fromkeys(s.paper.id for s in specs if s.paper.id))
 
 
-def method(name: str, papers: tuple[str, ...], summary: str, *, capture_qk: bool = False
-           ) -> Callable[[Callable[[Context], dict[str, Any]]], Callable[[Context], dict[str, Any]]]:
-    """Decorator adding a function of the context to `METHODS` under `name`."""
+METHODS: dict[str, Method] = {}  # catalogue name -> Method
 
-    def add(fn: Callable[[Context], dict[str, Any]]) -> Callable[[Context], dict[str, Any]]:
-        METHODS[name] = Method(name, papers, summary, fn, capture_qk)
+
+def method(name: str, summary: str, cost: Callable[[Shape], float], *, covers: tuple[str, ...] = (),
+           capture_qk: bool = False) -> Callable[[Run], Run]:
+    """Decorator adding a function of the context to `METHODS` as the method of the catalogue entry `name`."""
+
+    def add(fn: Run) -> Run:
+        METHODS[name] = Method(name, summary, fn, cost, covers, capture_qk)
         return fn
 
     return add
+
+
+def method_for(entry: str) -> Method | None:
+    """The method of `explain` that runs the catalogue's analysis entry `entry`, or reports its numbers among
+    others (head-statistics for attention-entropy); None when explain does not compute it."""
+    return METHODS.get(entry) or next((m for m in METHODS.values() if entry in m.covers), None)
 
 
 def _target_rows(matrix: Tensor, targets: list[int]) -> Tensor:
@@ -155,30 +212,35 @@ def _target_rows(matrix: Tensor, targets: list[int]) -> Tensor:
     return torch.stack([matrix[b, t] for b, t in enumerate(targets)])
 
 
-@method("rollout", ("P008",), "attention rollout: share of each input token in the target token (residual-mixed, head mean)")
+@method("rollout", "attention rollout: share of each input token in the target token (residual-mixed, head mean)",
+        lambda s: s.products + s.maps / RATES["maps"])
 def _rollout(ctx: Context) -> dict[str, Any]:
     r = rollout(ctx.att)
     return {"matrix": r, "token_scores": _target_rows(r, ctx.targets)}
 
 
-@method("flow", ("P008",), "attention flow: exact max-flow from each input token to the target token")
-def _flow(ctx: Context) -> dict[str, Any]:
+@method("attention-flow", "attention flow: exact max-flow from each input token to the target token",
+        lambda s: s.batch * (s.n if s.rows is None else s.rows) * s.n * s.layers * s.n**2 / RATES["max_flow"]
+        + s.products)
+def _attention_flow(ctx: Context) -> dict[str, Any]:
     f = attention_flow(ctx.att, outputs=ctx.flow_rows)
     return {"matrix": f, "token_scores": _target_rows(f, ctx.targets)}
 
 
-@method("relevance", ("P035",), "gradient-weighted relevance (Chefer 2021) of each input token for the target token; "
-        "y = predicted logit, or the norm of the mean-pooled embedding for an encoder without head")
-def _relevance(ctx: Context) -> dict[str, Any]:
+@method("relevance-generic", "gradient-weighted relevance (Chefer 2021) of each input token for the target token; "
+        "y = predicted logit, or the norm of the mean-pooled embedding for an encoder without head",
+        lambda s: 3 * s.forward + 2 * s.products + s.maps / RATES["maps"])
+def _relevance_generic(ctx: Context) -> dict[str, Any]:
     rel = generic_relevance(ctx.model, ctx.inputs, position=ctx.targets)
     r = rel.matrix(rel.output, rel.input)
     eye = torch.diag_embed(ctx.mask.to(r.dtype))  # R starts from I on the real tokens: a token's own 1 is no relevance
     return {"matrix": r - eye, "token_scores": rel.scores, "target_value": rel.target}
 
 
-@method("lrp", ("P111",), "LRP relevance (Chefer 2021, P111): C = Π (I + E_h[(∇A ⊙ R^(A))^+]) with R^(A) the LRP "
-        "relevance of each attention map; also the LRP relevance reaching each input token")
-def _lrp(ctx: Context) -> dict[str, Any]:
+@method("relevance-lrp", "LRP relevance (Chefer 2021, P111): C = Π (I + E_h[(∇A ⊙ R^(A))^+]) with R^(A) the LRP "
+        "relevance of each attention map; also the LRP relevance reaching each input token",
+        lambda s: 12 * s.forward + 2 * s.products + 3 * s.maps / RATES["maps"])
+def _relevance_lrp(ctx: Context) -> dict[str, Any]:
     rel = lrp_relevance(ctx.model, ctx.inputs, position=ctx.targets)
     r = rel.matrix(rel.output, rel.input)
     eye = torch.diag_embed(ctx.mask.to(r.dtype))
@@ -186,40 +248,18 @@ def _lrp(ctx: Context) -> dict[str, Any]:
             "attention_relevance": torch.stack(rel.attention_relevance or []), "target_value": rel.target}
 
 
-@method("qk", ("P093",), "AttentionViz: queries and keys of each head, keys translated and q/k scaled, "
-        "embedded jointly over all texts with PCA", capture_qk=True)
-def _qk(ctx: Context) -> dict[str, Any]:
-    heads = []
-    for layer in range(len(ctx.att.records)):
-        row = []
-        for head in range(ctx.att.records[layer].weights.shape[1]):
-            e = qk_embedding(ctx.att, layer, head, method="pca", tokenizer=ctx.tokenizer)
-            x, y = e.coords.T.tolist()
-            row.append({"x": x, "y": y, "kind": e.kind, "sequence": e.sequence, "position": e.position, "scale": e.scale})
-        heads.append(row)
-    return {"method": "pca", "heads": heads}
-
-
-HEAD_STATS: dict[str, tuple[str, Callable[[Attentions], Tensor]]] = {
-    "entropy": ("entropy of each query's attention (nats), mean over real queries", attention_entropy),
-    "mean_distance": ("attention-weighted mean distance |i − j| in tokens (P051)", mean_attention_distance),
-    "qk_nmi": ("normalised mutual information between query and key positions (P058)", query_key_nmi),
-    "previous_token": ("share of attention on the previous token", previous_token_score),
-    "duplicate_token": ("share of attention on earlier copies of the token", duplicate_token_score),
-    "induction": ("share of attention on tokens after earlier copies", induction_score),
-}
-
-
-@method("heads", ("P051", "P058"), "head statistics per layer and head: " + ", ".join(HEAD_STATS))
-def _heads(ctx: Context) -> dict[str, Any]:
+@method("head-statistics", "per layer and head: " + ", ".join(HEAD_STATISTICS),
+        lambda s: 2 * s.maps / RATES["maps"], covers=HEAD_STATISTICS)
+def _head_statistics(ctx: Context) -> dict[str, Any]:
     return {
-        "stats": {name: fn(ctx.att) for name, (_, fn) in HEAD_STATS.items()},  # (layers, batch, heads) each
-        "descriptions": {name: doc for name, (doc, _) in HEAD_STATS.items()},
+        "stats": head_statistics(ctx.att),  # catalogue name -> (layers, batch, heads)
+        "descriptions": {name: get(name, "analysis").summary for name in HEAD_STATISTICS},
     }
 
 
-@method("sinks", ("P068", "P248"), "attention sinks: mean attention each key receives, sink tokens (> 5/N)")
-def _sinks(ctx: Context) -> dict[str, Any]:
+@method("sink-scores", "attention sinks: mean attention each key receives, sink tokens (> 5/N)",
+        lambda s: 2 * s.maps / RATES["maps"], covers=("sink-tokens",))
+def _sink_scores(ctx: Context) -> dict[str, Any]:
     scores = sink_scores(ctx.att)  # (layers, batch, heads, n)
     is_sink = sink_tokens(ctx.att)  # bool, same shape
     layers, batch, heads, n = scores.shape
@@ -245,7 +285,23 @@ def _sinks(ctx: Context) -> dict[str, Any]:
     }
 
 
-DEFAULT_METHODS: tuple[str, ...] = ("rollout", "flow", "relevance", "lrp", "heads", "sinks", "qk")
+@method("qk-embedding", "AttentionViz: queries and keys of each head, keys translated and q/k scaled, "
+        "embedded jointly over all texts with PCA",
+        lambda s: s.forward + s.layers * s.heads * 2 * s.batch * s.n * 64 * 64 / RATES["matmul"] + s.maps / RATES["maps"],
+        capture_qk=True)
+def _qk_embedding(ctx: Context) -> dict[str, Any]:
+    heads = []
+    for layer in range(len(ctx.att.records)):
+        row = []
+        for head in range(ctx.att.records[layer].weights.shape[1]):
+            e = qk_embedding(ctx.att, layer, head, method="pca", tokenizer=ctx.tokenizer)
+            x, y = e.coords.T.tolist()
+            row.append({"x": x, "y": y, "kind": e.kind, "sequence": e.sequence, "position": e.position, "scale": e.scale})
+        heads.append(row)
+    return {"method": "pca", "heads": heads}
+
+
+DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)  # methods=None: every one, in this order
 
 
 # -- the explanation ----------------------------------------------------------------------------
@@ -293,15 +349,25 @@ def plain(value: Any) -> Any:
 
 
 def resolve_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
-    """Method names from a sequence or a comma-separated string; ValueError names an unknown one."""
+    """Method names (the catalogue's) from a sequence or a comma-separated string; ParameterError names an unknown one,
+    with the new name of a name explain used before (`RENAMED`) or the close matches."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = [m for m in names if m]
     if not names:
-        raise ValueError(f"methods: expected at least one of {', '.join(METHODS)}, got none")
+        raise ParameterError(f"methods: expected at least one of {', '.join(METHODS)}, got none")
     for name in names:
         if name not in METHODS:
-            raise ValueError(f"methods: unknown method {name!r}; choices: {', '.join(METHODS)}")
+            raise _unknown_method("methods", name)
     return tuple(dict.fromkeys(names))
+
+
+def _unknown_method(argument: str, name: str) -> ParameterError:
+    if name in RENAMED:
+        hint = f"; did you mean {RENAMED[name]!r}? (explain's methods are named as in the catalogue, `attnlab list`)"
+    else:
+        close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ParameterError(f"{argument}: expected one of {', '.join(METHODS)}, got {name!r}{hint}")
 
 
 def load_model(model: str | os.PathLike[str]) -> tuple[nn.Module, Any, str]:
@@ -353,28 +419,14 @@ def check_no_remote_code(path: str | os.PathLike[str]) -> None:
 def estimate_seconds(method: str, *, layers: int, heads: int, batch: int, n: int, params: int = 0,
                      rows: int | None = None) -> float:
     """Estimated seconds of `method` on one core for a capture of `layers` maps of `heads` heads over a batch of
-    `batch` sequences of `n` tokens, a model of `params` parameters; rows: output tokens flow computes
-    (None = all n). Rates in `RATES`; the estimate is meant to be within a few times of the real cost."""
+    `batch` sequences of `n` tokens, a model of `params` parameters; rows: output tokens attention-flow computes
+    (None = all n). Each method's `cost` with the rates in `RATES`; meant to be within a few times of the real cost."""
     if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        raise _unknown_method("method", method)
     for name, value in (("layers", layers), ("heads", heads), ("batch", batch), ("n", n), ("params", params)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    maps = layers * batch * heads * n * n
-    forward = (2 * params * batch * n + 4 * maps * 64) / RATES["model"]  # weights, plus q·k and A·v at head_dim ~64
-    products = layers * batch * n**3 / RATES["matmul"]
-    if method == "flow":
-        out = n if rows is None else rows
-        return batch * out * n * layers * n * n / RATES["flow"] + products
-    if method == "rollout":
-        return products + maps / RATES["maps"]
-    if method == "relevance":
-        return 3 * forward + 2 * products + maps / RATES["maps"]
-    if method == "lrp":
-        return 12 * forward + 2 * products + 3 * maps / RATES["maps"]
-    if method == "qk":
-        return forward + layers * heads * (2 * batch * n) * 64 * 64 / RATES["matmul"] + maps / RATES["maps"]
-    return 2 * maps / RATES["maps"]  # heads, sinks: statistics over every map entry
+    return METHODS[method].cost(Shape(layers, heads, batch, n, params, rows))
 
 
 def model_max_tokens(model: nn.Module, tokenizer: Any = None) -> tuple[int, str] | None:
@@ -664,7 +716,7 @@ def _tokenize(texts: list[str], model: nn.Module, tokenizer: Any, max_tokens: in
 
 def _plan(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], defaulted: bool, limits: Limits,
           notes: list[str], quiet: bool) -> tuple[tuple[str, ...], Context, dict[str, float]]:
-    """The methods that fit the budget (flow downsampled to the target rows if that fits), the context, the estimates."""
+    """The methods that fit the budget (attention-flow downsampled to the target rows if that fits), the context, the estimates."""
     batch, n = ctx.mask.shape
     shape = {"layers": len(ctx.att.records), "heads": ctx.att.num_heads, "batch": batch, "n": n,
              "params": sum(p.numel() for p in ctx.model.parameters())}
@@ -676,11 +728,11 @@ def _plan(ctx: Context, names: tuple[str, ...], skipped: dict[str, str], default
         if estimates[name] <= limits.budget:
             kept.append(name)
             continue
-        if name == "flow":
+        if name == "attention-flow":
             rows = estimate_seconds(name, **shape, rows=1)
             if rows <= limits.budget:
                 ctx = replace(ctx, flow_rows=sorted(set(ctx.targets)))
-                _note(notes, f"flow: all {n} output tokens would take ~{estimates[name]:.0f} s (budget {limits.budget:g} s): "
+                _note(notes, f"{name}: all {n} output tokens would take ~{estimates[name]:.0f} s (budget {limits.budget:g} s): "
                       f"computed for the target token of each text only (~{rows:.1g} s); other matrix rows are 0", quiet)
                 estimates[name] = rows
                 kept.append(name)

@@ -6,10 +6,10 @@
 
 Figures, one set per text t (1-based): tokens_t{t}.png (each token-scoring method, scores scaled by
 their maximum), attention_t{t}.png (the layer × head grid of attention maps over the real tokens,
-each map scaled by its maximum), heads_t{t}.png (every head statistic as a layer × head heat map),
-sinks_t{t}.png (mean attention each token receives, per layer, over heads), and, with the qk method,
-qk.png (the joint query–key embedding of every head, all texts). Token text is drawn as plain text
-(math parsing off), so "$" or "_" show as written.
+each map scaled by its maximum), heads_t{t}.png (with head-statistics: every head statistic as a
+layer × head heat map), sinks_t{t}.png (with sink-scores: mean attention each token receives, per
+layer, over heads), and, with qk-embedding, qk.png (the joint query–key embedding of every head,
+all texts). Token text is drawn as plain text (math parsing off), so "$" or "_" show as written.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def token_methods(ex: Explanation) -> list[str]:
 
 def colour_scale(ex: Explanation, t: int, name: str) -> float:
     """The score that gets full colour in a token row of `name`: the largest |score| over the real tokens,
-    leaving out the target token itself for row-of-matrix methods (rollout, flow: its own share dominates)."""
+    leaving out the target token itself for row-of-matrix methods (rollout, attention-flow: its own share dominates)."""
     idx, _ = real_tokens(ex, t)
     scores = np.abs(np.array(ex.methods[name]["token_scores"][t], dtype=float))
     if "matrix" in ex.methods[name] and len(idx) > 1:
@@ -112,7 +112,7 @@ def attention_figure(ex: Explanation, t: int) -> bytes:
 
 
 def heads_figure(ex: Explanation, t: int) -> bytes:
-    stats = ex.methods["heads"]["stats"]
+    stats = ex.methods["head-statistics"]["stats"]
     names = list(stats)
     cols = 3
     rows = math.ceil(len(names) / cols)
@@ -132,7 +132,7 @@ def heads_figure(ex: Explanation, t: int) -> bytes:
 
 def sinks_figure(ex: Explanation, t: int) -> bytes:
     idx, toks = real_tokens(ex, t)
-    scores = np.array(ex.methods["sinks"]["scores"], dtype=float)[:, t][:, :, idx].mean(axis=1)  # (layers, n)
+    scores = np.array(ex.methods["sink-scores"]["scores"], dtype=float)[:, t][:, :, idx].mean(axis=1)  # (layers, n)
     width, height = 2.0 + 0.42 * len(toks), 1.4 + 0.35 * scores.shape[0]
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(left=0.9 / width, right=1 - 1.1 / width, top=1 - 0.35 / height, bottom=0.95 / height)
@@ -148,7 +148,7 @@ def sinks_figure(ex: Explanation, t: int) -> bytes:
 
 def qk_figure(ex: Explanation) -> bytes:
     """Every head's joint embedding in one axes: head h of layer l in the unit box at column h, row l."""
-    heads = ex.methods["qk"]["heads"]
+    heads = ex.methods["qk-embedding"]["heads"]
     layers, n_heads = len(heads), len(heads[0])
     points: dict[str, list[np.ndarray]] = {"q": [], "k": []}
     for l_, row in enumerate(heads):
@@ -187,11 +187,11 @@ def figures(ex: Explanation) -> dict[str, bytes]:
             out[f"tokens_t{t + 1}.png"] = tokens_figure(ex, t)
         if ex.attention:  # empty when explain did not keep the maps (max_map_values)
             out[f"attention_t{t + 1}.png"] = attention_figure(ex, t)
-        if "heads" in ex.methods:
+        if "head-statistics" in ex.methods:
             out[f"heads_t{t + 1}.png"] = heads_figure(ex, t)
-        if "sinks" in ex.methods:
+        if "sink-scores" in ex.methods:
             out[f"sinks_t{t + 1}.png"] = sinks_figure(ex, t)
-    if "qk" in ex.methods:
+    if "qk-embedding" in ex.methods:
         out["qk.png"] = qk_figure(ex)
     return out
 

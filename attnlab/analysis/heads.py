@@ -19,6 +19,8 @@ given); padded keys carry no mass. Queries are bottom-right aligned with keys wh
   Σ A ⊙ P / Σ A over the real tokens of a sequence. Patterns (causal, from the token ids):
   previous token: j = i − 1; duplicate token: j < i and tok_j = tok_i; induction: j ≤ i and
   tok_{j−1} = tok_i with j − 1 < i (the token after an earlier copy of the current one).
+* head_statistics: the statistics of `HEAD_STATISTICS` at once, keyed by their catalogue names
+  (the `head-statistics` method of `attnlab explain`).
 """
 from __future__ import annotations
 
@@ -201,6 +203,24 @@ def induction_score(attentions: Maps, tokens: Tensor | None = None, *, attention
     return _pattern_score(maps, (pattern & torch.ones(n, n, dtype=torch.bool).tril()).to(torch.float64), single)
 
 
+HEAD_STATISTICS: tuple[str, ...] = ("attention-entropy", "mean-attention-distance", "qk-nmi", "previous-token-score",
+                                    "duplicate-token-score", "induction-score")  # catalogue names, head_statistics' keys
+
+
+def head_statistics(attentions: Maps, tokens: Tensor | None = None, *,
+                    attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Catalogue name -> statistic for each of `HEAD_STATISTICS`, each (layers, batch, heads) ((batch, heads) for one
+    map); tokens: the ids of the duplicate-token and induction scores (default: the capture's)."""
+    return {
+        "attention-entropy": attention_entropy(attentions, attention_mask=attention_mask),
+        "mean-attention-distance": mean_attention_distance(attentions, attention_mask=attention_mask),
+        "qk-nmi": query_key_nmi(attentions, attention_mask=attention_mask),
+        "previous-token-score": previous_token_score(attentions, attention_mask=attention_mask),
+        "duplicate-token-score": duplicate_token_score(attentions, tokens, attention_mask=attention_mask),
+        "induction-score": induction_score(attentions, tokens, attention_mask=attention_mask),
+    }
+
+
 _ATT = Param("attentions", (Attentions, list, tuple, Tensor), doc="a capture, or maps (batch, heads, n_q, n_k)")
 _MASK = Param("attention_mask", Tensor, None, "bool (batch, n), True = real token", optional=True)
 _TOK = Param("tokens", Tensor, None, "token ids (batch, n); default: the capture's", optional=True)
@@ -218,3 +238,6 @@ for _name, _paper, _fn, _summary, _extra in (
 ):
     add(Spec(name=_name, kind="analysis", paper=_paper, factory=_fn, family="E", summary=_summary,
              params=(_ATT, *_extra, _MASK)))
+add(Spec(name="head-statistics", kind="analysis", paper=P051, factory=head_statistics, family="E",
+         summary="every per-head statistic at once: " + ", ".join(HEAD_STATISTICS) + " (P051, P058)",
+         params=(_ATT, _TOK, _MASK)))

@@ -1,10 +1,11 @@
 """The self-contained HTML page of `attnlab explain`: inline CSS and JavaScript, no network.
 
-Per text: the text itself; its tokens coloured by each token-scoring method (rollout, flow,
-relevance, sinks — click a token to see rollout/flow/relevance for that output token instead of
-the target); the layer × head grid of attention maps (canvases drawn by the inline script from the
-embedded data; click one to enlarge it with token labels); the head statistics as layer × head
-tables; the sink table. Methods left out because they do not apply to the model are listed
+Per text: the text itself; its tokens coloured by each token-scoring method (rollout,
+attention-flow, relevance-generic, relevance-lrp, sink-scores — click a token to see the methods
+with a matrix for that output token instead of the target); the layer × head grid of attention
+maps (canvases drawn by the inline script from the embedded data; click one to enlarge it with
+token labels); head-statistics as layer × head tables (keyed by the catalogue names of the
+statistics); the sink table of sink-scores. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
 with the reason at the top. Then the QK embedding scatter per head (all texts jointly), the PNG figures
 (inline base64). Text from users and tokenizers is escaped by `html.escape` where the page is
 written, and the script puts it in the DOM only as text (`textContent`, canvas `fillText`). The
@@ -74,7 +75,7 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
 
 
 def _heads_section(ex: Explanation, t: int) -> str:
-    data = ex.methods["heads"]
+    data = ex.methods["head-statistics"]
     parts = []
     for name, values in data["stats"].items():
         grid = [row[t] for row in values]  # (layers, heads)
@@ -94,7 +95,7 @@ def _heads_section(ex: Explanation, t: int) -> str:
 
 def _sinks_section(ex: Explanation, t: int) -> str:
     rows = []
-    for row in ex.methods["sinks"]["table"]:
+    for row in ex.methods["sink-scores"]["table"]:
         if row["text"] != t:
             continue
         heads = ", ".join(f"L{l_}H{h}" for l_, h in row["layer_heads"][:12]) + (" …" if len(row["layer_heads"]) > 12 else "")
@@ -114,9 +115,9 @@ def _text_section(ex: Explanation, t: int) -> str:
              f"<p class='meta'>{len(idx)} tokens; target token <code>{_e(ex.tokens[t][target])}</code> (position {target}).</p>"]
     names = token_methods(ex)
     if names:
-        parts.append("<h3>Tokens</h3><p class='meta'>Colour = score / the largest score of the row (for rollout, flow "
-                     "and relevance the output token's own share is left out of that maximum). "
-                     "Click a token to show rollout, flow and relevance for that output token; "
+        parts.append("<h3>Tokens</h3><p class='meta'>Colour = score / the largest score of the row (for rollout, "
+                     "attention-flow and the relevances the output token's own share is left out of that maximum). "
+                     "Click a token to show rollout, attention-flow and the relevances for that output token; "
                      "<span class='reset' data-text='" + str(t) + "'>back to the target</span>.</p>")
         parts += [_strip(ex, t, name) for name in names]
     if ex.attention:
@@ -126,9 +127,9 @@ def _text_section(ex: Explanation, t: int) -> str:
     else:
         parts.append("<h3>Attention maps (layer × head)</h3><p class='meta'>Not kept: too many numbers for the page "
                      "(see the notes at the top; explain's max_map_values).</p>")
-    if "heads" in ex.methods:
+    if "head-statistics" in ex.methods:
         parts.append("<h3>Head statistics</h3>" + _heads_section(ex, t))
-    if "sinks" in ex.methods:
+    if "sink-scores" in ex.methods:
         parts.append("<h3>Attention sinks</h3>" + _sinks_section(ex, t))
     parts.append("</section>")
     return "".join(parts)
@@ -138,7 +139,7 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:2em}h3{margin-top:1.4em}
 .meta{color:#555;font-size:.92em}.source{font-size:1.1em;background:#f6f6f6;padding:.5em 1em;white-space:pre-wrap}
-.strip{margin:.25em 0;line-height:2}.strip .label{display:inline-block;width:7em;color:#555;font-size:.9em}
+.strip{margin:.25em 0;line-height:2}.strip .label{display:inline-block;width:10em;color:#555;font-size:.9em}
 .tok{padding:.15em .3em;margin:0 1px;border-radius:3px;cursor:pointer;font-family:ui-monospace,monospace;white-space:pre}
 .tok.sel{outline:2px solid #000}.reset{text-decoration:underline;cursor:pointer}
 .grid{display:grid;gap:3px;align-items:center}.grid canvas{width:100%;aspect-ratio:1/1;image-rendering:pixelated;border:1px solid #ddd;cursor:pointer}
@@ -223,7 +224,7 @@ JS = r"""
   document.querySelectorAll('.reset').forEach(r => r.addEventListener('click', () => {
     const t = +r.dataset.text; recolour(t, D.targets[t]);
   }));
-  const qk = D.methods.qk, qkBox = document.querySelector('.qk');
+  const qk = D.methods['qk-embedding'], qkBox = document.querySelector('.qk');
   if (qk && qkBox) {
     const zoom = qkBox.nextElementSibling, big = zoom.querySelector('canvas'), cap = zoom.querySelector('.caption');
     const label = (p, e) => D.tokens[e.sequence[p]][real(e.sequence[p])[e.position[p]]];
@@ -270,9 +271,9 @@ JS = r"""
 
 def _page_data(ex: Explanation) -> dict[str, Any]:
     """What the script needs, rounded: tokens, masks, targets, attention, and of each method its token scores,
-    matrix and qk heads (the rest, e.g. lrp's per-head relevance, stays in explain.json)."""
+    matrix and qk-embedding's heads (the rest, e.g. relevance-lrp's per-head relevance, stays in explain.json)."""
     used = ("token_scores", "matrix", "heads")
-    methods = {name: {k: v for k, v in data.items() if k in used and not (k == "heads" and name != "qk")}
+    methods = {name: {k: v for k, v in data.items() if k in used and not (k == "heads" and name != "qk-embedding")}
                for name, data in ex.methods.items()}
     return _round({
         "tokens": ex.tokens, "mask": ex.mask, "targets": ex.targets, "heads": ex.heads,
@@ -287,7 +288,7 @@ def render(ex: Explanation, figs: dict[str, bytes] | None = None) -> str:
     nav = " · ".join(f"<a href='#text{t + 1}'>text {t + 1}</a>" for t in range(len(ex.texts)))
     head = (f"<h1>attnlab explain</h1><p class='meta'>model <code>{_e(ex.model)}</code>: {ex.layers} layers × "
             f"{ex.heads} heads, {'causal' if ex.causal else 'bidirectional'}; methods: {_e(methods)}; "
-            f"time: {_e(times)}.</p><p>{nav}" + (" · <a href='#qk'>query–key embedding</a>" if "qk" in ex.methods else "")
+            f"time: {_e(times)}.</p><p>{nav}" + (" · <a href='#qk'>query–key embedding</a>" if "qk-embedding" in ex.methods else "")
             + (" · <a href='#figures'>figures</a>" if figs else "") + "</p>")
     summaries = "".join(f"<li><b>{_e(n)}</b>: {_e(i['summary'])}</li>" for n, i in ex.method_info.items())
     body = [head, f"<ul class='meta'>{summaries}</ul>"]
@@ -299,7 +300,7 @@ def render(ex: Explanation, figs: dict[str, bytes] | None = None) -> str:
         notes = "".join(f"<li>{_e(note)}</li>" for note in ex.notes)
         body.append(f"<div class='skipped'><p class='meta'>Limits applied:</p><ul class='meta'>{notes}</ul></div>")
     body += [_text_section(ex, t) for t in range(len(ex.texts))]
-    if "qk" in ex.methods:
+    if "qk-embedding" in ex.methods:
         body.append("<section id='qk'><h2>Query–key embedding (P093)</h2><p class='meta'>For each head, the queries "
                     "(red circles) and keys (blue squares) of the real tokens of all texts in one plane: keys translated "
                     "to the queries' centroid and q/k scaled to equal mean norms (the softmax is unchanged), then PCA. "

@@ -1,8 +1,9 @@
 """`attnlab explain` on MiniLM with a padded batch of two texts: every number against a slow computation
 written here from the model's own eager attentions, zero scores on padding, the JSON and PNG exports,
 CLI errors, and the page in headless Chromium (escaped token text, no script of the texts runs).
-Then a model made of attnlab mechanisms with token strings (no tokenizer): maps, rollout, flow,
-relevance and head statistics against the model written out by hand; methods that do not apply;
+Then a model made of attnlab mechanisms with token strings (no tokenizer): maps, rollout,
+attention-flow, relevance-generic and head-statistics against the model written out by hand;
+methods that do not apply;
 the CLI's --model MODULE:NAME; and a model directory whose own code must never run."""
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.conftest import SENTENCES  # noqa: E402
 from browser import open_page  # noqa: E402  (tests/browser.py)
 
+ALL = ("rollout", "attention-flow", "relevance-generic", "relevance-lrp", "head-statistics", "sink-scores",
+       "qk-embedding")
 EVIL = ['<script>window.__pwned=1</script>', '"><img src=x onerror="window.__pwned=2">']
 PROBE = """
 window.addEventListener('load', () => {
@@ -51,7 +54,7 @@ window.addEventListener('load', () => {
 @pytest.fixture(scope="module")
 def explained(minilm):
     model, tokenizer, _ = minilm
-    return explain(SENTENCES, model, tokenizer=tokenizer, methods=("rollout", "flow", "relevance", "lrp", "heads", "sinks", "qk"))
+    return explain(SENTENCES, model, tokenizer=tokenizer, methods=ALL)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_flow_equals_networkx_max_flow(explained, eager):
         for i in range(n):
             for j in range(n):
                 g.add_edge((l_ - 1, j), (l_, i), capacity=float(m[i, j]))
-    scores = explained.methods["flow"]["token_scores"][0]
+    scores = explained.methods["attention-flow"]["token_scores"][0]
     for j in range(n):
         value = nx.maximum_flow_value(g, (0, j), (layers, 0))
         assert scores[j] == pytest.approx(value, abs=1e-6)
@@ -114,7 +117,7 @@ def test_flow_equals_networkx_max_flow(explained, eager):
 
 def test_head_statistics_by_loops(explained, eager):
     maps, _ = eager
-    stats = explained.methods["heads"]["stats"]
+    stats = explained.methods["head-statistics"]["stats"]
     for b, a in enumerate(maps):
         for l_ in range(a.shape[0]):
             for h in range(a.shape[1]):
@@ -123,14 +126,14 @@ def test_head_statistics_by_loops(explained, eager):
                 entropy = np.mean([-sum(p * math.log(p) for p in row if p > 0) for row in m])
                 distance = np.mean([sum(m[i, j] * abs(i - j) for j in range(n)) for i in range(n)])
                 previous = sum(m[i, i - 1] for i in range(1, n)) / m.sum()
-                assert stats["entropy"][l_][b][h] == pytest.approx(entropy, abs=1e-5)
-                assert stats["mean_distance"][l_][b][h] == pytest.approx(distance, abs=1e-5)
-                assert stats["previous_token"][l_][b][h] == pytest.approx(previous, abs=1e-6)
+                assert stats["attention-entropy"][l_][b][h] == pytest.approx(entropy, abs=1e-5)
+                assert stats["mean-attention-distance"][l_][b][h] == pytest.approx(distance, abs=1e-5)
+                assert stats["previous-token-score"][l_][b][h] == pytest.approx(previous, abs=1e-6)
 
 
 def test_sinks_by_loops(explained, eager):
     maps, mask = eager
-    sinks = explained.methods["sinks"]
+    sinks = explained.methods["sink-scores"]
     for b, a in enumerate(maps):
         real = mask[b].nonzero().flatten().tolist()
         n = len(real)
@@ -166,8 +169,8 @@ def test_padded_tokens_score_zero_in_json(explained, tmp_path):
             if "scores" in result:
                 assert not np.array(result["scores"])[:, b][..., padded].any(), name
                 assert not np.array(result["is_sink"])[:, b][..., padded].any(), name
-    assert checked == 10  # rollout, flow, relevance, lrp, sinks × 2 texts
-    for layer in data["methods"]["qk"]["heads"]:  # points for the real tokens only
+    assert checked == 10  # rollout, attention-flow, relevance-generic, relevance-lrp, sink-scores × 2 texts
+    for layer in data["methods"]["qk-embedding"]["heads"]:  # points for the real tokens only
         for e in layer:
             assert len(e["x"]) == 2 * sum(map(sum, data["mask"]))
     att = np.array(data["attention"])[:, 0]
@@ -210,7 +213,7 @@ def test_relevance_by_hand(explained, minilm):
         m = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)
         y = ((out.last_hidden_state * m).sum(1) / m.sum(1)).norm(dim=-1)  # MiniLM has no head: pooled norm
         grads = torch.autograd.grad(y.sum(), out.attentions)
-    lrp_a = np.array(explained.methods["lrp"]["attention_relevance"])  # R^(A) of P111, (layers, batch, heads, n, n)
+    lrp_a = np.array(explained.methods["relevance-lrp"]["attention_relevance"])  # R^(A) of P111, (layers, batch, heads, n, n)
     for b in range(2):
         real = batch["attention_mask"][b].bool().nonzero().flatten()
         ix = np.ix_(real.numpy(), real.numpy())
@@ -220,7 +223,7 @@ def test_relevance_by_hand(explained, minilm):
             g_b = g[b][:, real][:, :, real].double().numpy()
             r = r + np.maximum(a_b * g_b, 0).mean(0) @ r  # P035, eq. 5-7
             c = c + np.maximum(lrp_a[layer, b][:, ix[0], ix[1]] * g_b, 0).mean(0) @ c  # P111: ∇A ⊙ R^(A)
-        for name, want in (("relevance", r), ("lrp", c)):
+        for name, want in (("relevance-generic", r), ("relevance-lrp", c)):
             scale = np.abs(want - np.eye(len(real))).max()
             got = np.array(explained.methods[name]["token_scores"][b])
             np.testing.assert_allclose(got[real.numpy()], want[0] - np.eye(len(real))[0], rtol=1e-4, atol=1e-4 * scale)
@@ -251,7 +254,7 @@ def test_qk_embedding_by_hand(explained, minilm):
     joint -= joint.mean(0)
     _, _, vt = np.linalg.svd(joint, full_matrices=False)
     want = joint @ vt[:2].T
-    e = explained.methods["qk"]["heads"][layer][head]
+    e = explained.methods["qk-embedding"]["heads"][layer][head]
     got = np.array([e["x"], e["y"]]).T
     assert e["kind"] == ["q"] * len(q) + ["k"] * len(k)
     for axis in range(2):  # each axis up to its sign
@@ -263,12 +266,12 @@ def test_cli_with_a_model_directory(tmp_path, capsys):
     from attnlab.analysis import minilm_path
 
     out = tmp_path / "out"
-    assert main(["explain", "It was tired.", "--model", str(minilm_path()), "--methods", "rollout,sinks", "--out", str(out)]) == 0
+    assert main(["explain", "It was tired.", "--model", str(minilm_path()), "--methods", "rollout,sink-scores", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out / "index.html")
-    assert "rollout" in captured.err and "sinks" in captured.err  # progress on stderr
+    assert "rollout" in captured.err and "sink-scores" in captured.err  # progress on stderr
     data = load_json(out / "explain.json")
-    assert list(data["methods"]) == ["rollout", "sinks"]
+    assert list(data["methods"]) == ["rollout", "sink-scores"]
     assert sorted(p.name for p in (out / "png").iterdir()) == ["attention_t1.png", "sinks_t1.png", "tokens_t1.png"]
     page = (out / "index.html").read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
@@ -277,7 +280,7 @@ def test_cli_with_a_model_directory(tmp_path, capsys):
 
 def test_page_escapes_texts_and_runs_offline(minilm, tmp_path):
     model, tokenizer, _ = minilm
-    ex = explain(EVIL, model, tokenizer=tokenizer, methods=("rollout", "relevance", "lrp", "heads", "sinks", "qk"))
+    ex = explain(EVIL, model, tokenizer=tokenizer, methods=[m for m in ALL if m != "attention-flow"])
     page = write_page(ex, tmp_path / "index.html", figures(ex))
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
@@ -322,7 +325,7 @@ def causal_dir(minilm, tmp_path_factory):
 def test_causal_model_directory_explains_the_last_token(causal_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    ex = explain(SENTENCES, causal_dir, methods=("rollout", "relevance", "sinks"))
+    ex = explain(SENTENCES, causal_dir, methods=("rollout", "relevance-generic", "sink-scores"))
     assert ex.causal and ex.layers == 2 and ex.heads == 4
     lengths = [sum(m) for m in ex.mask]
     assert ex.targets == [n - 1 for n in lengths]  # right padding: the last real token
@@ -336,7 +339,7 @@ def test_causal_model_directory_explains_the_last_token(causal_dir):
             r = m @ r
         scores = np.array(ex.methods["rollout"]["token_scores"][b])
         np.testing.assert_allclose(scores[:n], r[n - 1], atol=1e-6)
-        for name in ("rollout", "relevance", "sinks"):
+        for name in ("rollout", "relevance-generic", "sink-scores"):
             assert not np.array(ex.methods[name]["token_scores"][b])[n:].any(), name
 
 
@@ -399,7 +402,8 @@ def _by_hand(model: TinyLM, ids: list[int], causal: bool = False) -> tuple[list[
 
 def test_tokens_through_a_model_of_attnlab_mechanisms_by_hand():
     model = TinyLM().double().eval()
-    ex = explain(model=model, tokens=TOKENS, methods=("rollout", "flow", "relevance", "heads", "sinks"))
+    ex = explain(model=model, tokens=TOKENS,
+                 methods=("rollout", "attention-flow", "relevance-generic", "head-statistics", "sink-scores"))
     assert ex.vocabulary == ["<pad>", "the", "cat", "sat", "on", "mat", "a"]
     assert ex.tokens == [TOKENS[0], ["a", "cat", "", "", "", ""]] and ex.texts == ["the cat sat on the mat", "a cat"]
     assert ex.mask == [[True] * 6, [True, True] + [False] * 4]
@@ -414,19 +418,22 @@ def test_tokens_through_a_model_of_attnlab_mechanisms_by_hand():
         for m in _mixed(torch.stack(maps).numpy()):
             r = m @ r
         np.testing.assert_allclose(np.array(ex.methods["rollout"]["matrix"][b])[:n, :n], r, atol=1e-10)
-        np.testing.assert_allclose(ex.methods["flow"]["token_scores"][b][:n], _flow_by_networkx(torch.stack(maps).numpy(), 0),
-                                   atol=1e-6)
+        np.testing.assert_allclose(ex.methods["attention-flow"]["token_scores"][b][:n],
+                                   _flow_by_networkx(torch.stack(maps).numpy(), 0), atol=1e-6)
         rel = np.eye(n)
         for a, g in zip(maps, grads):
             rel = rel + np.maximum((a * g).numpy(), 0).mean(0) @ rel  # P035, eq. 5-7
-        np.testing.assert_allclose(np.array(ex.methods["relevance"]["matrix"][b])[:n, :n], rel - np.eye(n), atol=1e-10)
+        np.testing.assert_allclose(np.array(ex.methods["relevance-generic"]["matrix"][b])[:n, :n], rel - np.eye(n),
+                                   atol=1e-10)
         for layer, a in enumerate(maps):  # duplicate-token share from the strings: earlier copies of the same token
             for h in range(2):
                 dup = sum(a[h, i, j].item() for i in range(n) for j in range(i) if seq[i] == seq[j]) / a[h].sum().item()
-                assert ex.methods["heads"]["stats"]["duplicate_token"][layer][b][h] == pytest.approx(dup, abs=1e-10)
-        for name in ("rollout", "flow", "relevance", "sinks"):
+                got = ex.methods["head-statistics"]["stats"]["duplicate-token-score"][layer][b][h]
+                assert got == pytest.approx(dup, abs=1e-10)
+        for name in ("rollout", "attention-flow", "relevance-generic", "sink-scores"):
             assert not any(ex.methods[name]["token_scores"][b][n:]), name
-    assert any(ex.methods["heads"]["stats"]["duplicate_token"][layer][0][h] > 0 for layer in range(2) for h in range(2))
+    duplicate = ex.methods["head-statistics"]["stats"]["duplicate-token-score"]
+    assert any(duplicate[layer][0][h] > 0 for layer in range(2) for h in range(2))
 
 
 def _flow_by_networkx(maps: np.ndarray, target: int) -> list[float]:
@@ -470,11 +477,12 @@ def test_embeddings_given_as_inputs():
 
     ids = [1, 2, 3, 2]
     x = model.embed(torch.tensor([ids])).detach()
-    ex = explain(model=OnEmbeddings(), tokens=["w", "x", "y", "x"], inputs=x, methods=("rollout", "lrp", "heads"))
+    ex = explain(model=OnEmbeddings(), tokens=["w", "x", "y", "x"], inputs=x,
+                 methods=("rollout", "relevance-lrp", "head-statistics"))
     maps, _ = _by_hand(model, ids)
     np.testing.assert_allclose(np.array(ex.attention)[:, 0], torch.stack(maps).numpy(), atol=1e-10)
     assert ex.vocabulary == [] and ex.tokens == [["w", "x", "y", "x"]] and ex.layer_names == ["blocks.0.attn", "blocks.1.attn"]
-    relevance = ex.methods["lrp"]["input_relevance"][0]  # reaches the embeddings given as inputs
+    relevance = ex.methods["relevance-lrp"]["input_relevance"][0]  # reaches the embeddings given as inputs
     assert sum(relevance) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match=r"tokens: expected .* \[4\] real tokens .* got lists of \[3\]"):
         explain(model=OnEmbeddings(), tokens=["w", "x", "y"], inputs=x)
@@ -483,13 +491,13 @@ def test_embeddings_given_as_inputs():
 def test_methods_that_do_not_apply_are_left_out_with_the_reason(tmp_path):
     model = TinyLM(name="linear").double().eval()
     ex = explain(model=model, tokens=TOKENS)
-    assert list(ex.skipped) == ["lrp"] and "softmax" in ex.skipped["lrp"]
-    assert list(ex.methods) == ["rollout", "flow", "relevance", "heads", "sinks", "qk"]
+    assert list(ex.skipped) == ["relevance-lrp"] and "softmax" in ex.skipped["relevance-lrp"]
+    assert list(ex.methods) == [m for m in ALL if m != "relevance-lrp"]
     assert list(ex.method_info) == list(ex.methods)
     page = write_page(ex, tmp_path / "index.html", figures(ex)).read_text(encoding="utf-8")
-    assert "Left out" in page and "<b>lrp</b>" in page
+    assert "Left out" in page and "<b>relevance-lrp</b>" in page
     with pytest.raises(ValueError, match="softmax"):  # named explicitly: an error, not a skip
-        explain(model=model, tokens=TOKENS, methods=("rollout", "lrp"))
+        explain(model=model, tokens=TOKENS, methods=("rollout", "relevance-lrp"))
 
 
 @pytest.mark.parametrize("model, kwargs, error, needle", [
@@ -566,7 +574,7 @@ def test_cli_explains_a_module_model_from_token_strings(tmp_path, capsys):
     (["--model", "{path}:NOT_A_MODEL", "--tokens", "a b"], "got int"),
     (["--model", "no_such_module_xyz:make", "--tokens", "a b"], "no_such_module_xyz"),
     (["--model", "not-a-dir-nor-module", "--tokens", "a b"], "MODULE:NAME"),
-    (["--model", "{path}:make_model", "--tokens", "a b", "--methods", "lrp,nope"], "'nope'"),
+    (["--model", "{path}:make_model", "--tokens", "a b", "--methods", "relevance-lrp,nope"], "'nope'"),
 ])
 def test_cli_token_model_errors_exit_2(tmp_path, capsys, argv, needle):
     path = tmp_path / "tinymodels.py"
