@@ -299,6 +299,12 @@ def _check_no_mixing(name: str, impl: str, m: nn.Module, x: Tensor, kw: dict[str
             )
 
 
+def _side(m: Attention, x: Tensor) -> dict[str, Tensor]:
+    """The keyword of `attend` carrying the side input of the tokens x (batch, n, DIM), for a mechanism that takes one."""
+    side = m.side_input(x) if m.takes_side_input else None
+    return {} if side is None else {"side": side}
+
+
 def check_fully_masked_rows(spec: Spec) -> None:
     """A query with no visible key gives zeros (no NaN), forward and backward: the core on an `Attention`, the rows
     of materialize, and on other modules an output that depends on no other token (MIXES_OUTSIDE_ATTENTION aside)."""
@@ -319,7 +325,7 @@ def check_fully_masked_rows(spec: Spec) -> None:
         for impl in ("fast", "reference"):
             if isinstance(m, Attention):
                 q, k, v = m.project(x.reshape(x.shape[0], n, DIM))
-                core = m.attend(q, k, v, impl=impl, **kw)
+                core = m.attend(q, k, v, impl=impl, **_side(m, x.reshape(x.shape[0], n, DIM)), **kw)
                 blocked = core[bsel][:, :, qsel]
                 assert blocked.abs().max().item() == 0.0, f"{spec.name} ({impl}): fully masked rows are not zero"
                 (g,) = torch.autograd.grad(core.sum(), x)
@@ -564,7 +570,7 @@ def check_materialize(spec: Spec) -> None:
             continue
         for label, kw in _mask_cases(spec, x):
             q, k, v = m.project(x.reshape(x.shape[0], n_tokens(x), DIM))
-            out = m.attend(q, k, v, impl="fast", **kw)
+            out = m.attend(q, k, v, impl="fast", **_side(m, x.reshape(x.shape[0], n_tokens(x), DIM)), **kw)
             w = m.materialize(x, **kw)
             _close(out, w @ v, f"{spec.name} (causal={causal}, {label}): materialize does not explain the output (out != A v)")
 

@@ -20,6 +20,13 @@ form cannot carry, in one message naming the argument:
   (batch, N) in raster order (given as (batch, N) or (batch, *grid));
 * "none":    `mask` is None; every mask is refused (`mask_note` says why).
 
+The side-input hook: a mechanism whose cores read more of the tokens than q, k, v (e.g. gates computed
+from x, as GLA and DeltaNet do) declares `takes_side_input = True` and computes that input in
+`side_input(x, context)`, token-aligned with the keys: (batch, n_k, s) or per head (batch, heads, n_k, s).
+`forward`, `materialize` and the default `decode` compute it and `attend(q, k, v, side=...)` checks it
+and hands it to the cores as the keyword `side` (only when one is given); a functional caller of `attend`
+passes it explicitly, and `attend` refuses it, by name, on a mechanism that takes none.
+
 Everything else — projections, validation, cross-attention, `materialize`, decoding (`step`:
 the checks here, a mechanism's recurrence in `decode`, Attention generic in its state type) —
 lives here.
@@ -35,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ParameterError, ShapeError
+from .errors import DTypeError, ParameterError, ShapeError
 from .masks import combine_masks, module_keep_mask
 from .memory import check_memory
 from .validate import (
@@ -87,6 +94,7 @@ class KVCache:
 
     k: Tensor
     v: Tensor
+    side: Tensor | None = None  # the side inputs of those positions (`Attention.side_input`), positions at dim -2
 
     @property
     def length(self) -> int:
@@ -106,6 +114,7 @@ class Attention(nn.Module, ABC, Generic[State]):
     mask_form: ClassVar[MaskForm] = "dense"  # the part of `Mask` the cores take (module docstring)
     mask_note: ClassVar[str] = ""  # why the form refuses what it refuses, added to the refusal
     same_length: ClassVar[bool] = False  # the cores attend within one sequence: as many keys as queries
+    takes_side_input: ClassVar[bool] = False  # the cores take the keyword `side` (`side_input`, module docstring)
 
     def __init__(
         self,
@@ -154,6 +163,34 @@ class Attention(nn.Module, ABC, Generic[State]):
         """q from x, k and v from context (or x): each (batch, heads, n, head_dim)."""
         src = x if context is None else context
         return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src)), self.split_heads(self.v_proj(src))
+
+    def side_input(self, x: Tensor, context: Tensor | None = None) -> Tensor | None:
+        """The side input of the cores computed from the tokens x (batch, n, dim) [and context (batch, m, dim)],
+        aligned with the keys: (batch, n_k, s) or (batch, heads, n_k, s); None (here) for cores that read q, k, v only."""
+        return None
+
+    def check_side(self, side: Tensor | None, q: Tensor, k: Tensor) -> dict[str, Tensor]:
+        """The keywords handing `side` to the cores ({} when None): refused on a mechanism that takes none, else checked
+        against the core's q, k (batch, heads, *positions, head_dim): keys' positions at dim -2, q's dtype and device."""
+        if side is None:
+            return {}
+        if not self.takes_side_input:
+            got = f"shape {tuple(side.shape)}" if isinstance(side, Tensor) else type(side).__name__
+            raise ValueError(f"side: {self.spec.name} takes no side input (its cores read q, k, v only), got {got}")
+        check_tensor("side", side)
+        batch, n_k = q.shape[0], math.prod(k.shape[2:-1])
+        if side.dim() not in (3, 4) or side.shape[0] != batch or side.shape[-2] != n_k or (
+            side.dim() == 4 and side.shape[1] != self.heads
+        ):
+            raise ShapeError(
+                f"side: expected (batch, n_k, s) = ({batch}, {n_k}, s) or (batch, heads, n_k, s) = "
+                f"({batch}, {self.heads}, {n_k}, s), got shape {tuple(side.shape)}"
+            )
+        if side.dtype != q.dtype:
+            raise DTypeError(f"side: expected dtype {q.dtype} (as q), got {side.dtype}")
+        if side.device != q.device:
+            raise ValueError(f"side: expected device {q.device} (as q), got {side.device}")
+        return {"side": side}
 
     def masks(
         self,
@@ -215,19 +252,22 @@ class Attention(nn.Module, ABC, Generic[State]):
         attn_mask: Tensor | None = None,
         impl: Impl = "fast",
         grid: Sequence[int] | None = None,
+        side: Tensor | None = None,
     ) -> Tensor:
         """The attention core on projected heads (batch, heads, *positions, head_dim) -> (batch, heads, *q positions,
-        head_dim); a grid module also takes flat (batch, heads, N, head_dim) with `grid`."""
+        head_dim); a grid module also takes flat (batch, heads, N, head_dim) with `grid`. `side`: the cores' side
+        input, (batch, n_k, s) or (batch, heads, n_k, s), as `side_input(x, context)` computes it."""
         qc, kc, vc = self.core_view(q, k, v, grid)
         if impl not in ("fast", "reference"):
             raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        extra = self.check_side(side, qc, kc)
         fast = impl == "fast"
         mask = self.masks(qc, kc, attention_mask, attn_mask, kernel_causal=fast and self.causal_in_kernel,
                           grid=qc.shape[2:-1] if self.mask_form == "grid" else None)
         core = mask.for_core(self.mask_form)
         if not fast:
             self.check_dense_memory("impl='reference'", qc, kc)
-        out = self.attend_fast(qc, kc, vc, core) if fast else self.attend_reference(qc, kc, vc, core)[0]
+        out = self.attend_fast(qc, kc, vc, core, **extra) if fast else self.attend_reference(qc, kc, vc, core, **extra)[0]
         return out.reshape(*q.shape[:-1], out.shape[-1])
 
     def check_dense_memory(self, what: str, q: Tensor, k: Tensor) -> None:
@@ -288,7 +328,8 @@ class Attention(nn.Module, ABC, Generic[State]):
         self._check_inputs(x, context)
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
-        out = self.out_proj(self.merge_heads(self.attend(q, k, v, attention_mask=keep, attn_mask=attn_mask, impl=impl)))
+        side = self.side_input(x, context)
+        out = self.out_proj(self.merge_heads(self.attend(q, k, v, attention_mask=keep, attn_mask=attn_mask, impl=impl, side=side)))
         return out if self.batch_first else out.transpose(0, 1)
 
     def materialize(
@@ -306,8 +347,9 @@ class Attention(nn.Module, ABC, Generic[State]):
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
         q, k, v = self.project(x, context)
         check_qkv(q, k, v)
+        extra = self.check_side(self.side_input(x, context), q, k)
         self.check_dense_memory("materialize", q, k)
-        return self.attend_reference(q, k, v, self.combined_mask(q, k, keep, attn_mask))[1]
+        return self.attend_reference(q, k, v, self.combined_mask(q, k, keep, attn_mask), **extra)[1]
 
     def attention_path(
         self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
@@ -348,9 +390,12 @@ class Attention(nn.Module, ABC, Generic[State]):
 
     def decode(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
         """One checked position x_t (batch, 1, dim) and the state so far (None at the start) -> (y_t (batch, 1, dim),
-        the new state). The default keeps a KV cache and runs the core over it."""
+        the new state). The default keeps a KV cache (with the side inputs) and runs the core over it."""
         q, k, v = self.cached_qkv(x_t, state)
-        return self.out_proj(self.merge_heads(self.attend(q, k, v))), KVCache(k, v)
+        side = self.side_input(x_t)
+        if side is not None and state is not None and state.side is not None:
+            side = torch.cat([state.side, side], dim=-2)
+        return self.out_proj(self.merge_heads(self.attend(q, k, v, side=side))), KVCache(k, v, side)
 
     def cached_qkv(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
         """q of x_t (batch, heads, 1, head_dim) and the keys and values so far, x_t's included, checked against the cache."""

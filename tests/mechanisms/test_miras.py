@@ -196,7 +196,8 @@ def test_chunked_module_equals_reference_forward_and_backward(name, causal):
     for gf, gr in zip(torch.autograd.grad((fast * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
         close(gf, gr)
     q, k, v = projected(m, x)
-    close(m.materialize(x).reshape(2, 2, 12, 12) @ v, m.attend(q, k, v))  # materialize @ v == output
+    core = m.attend(q, k, v, side=m.side_input(x))  # delta, gated-linear: the gate logits from x
+    close(m.materialize(x).reshape(2, 2, 12, 12) @ v, core)  # materialize @ v == output
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -446,9 +447,44 @@ def test_gates_from_x_pass_the_conformance_suite_and_key_gates_remain(name):
     testing.run_all(dataclasses.replace(spec, test_params={**spec.test_params, "gate_source": "key"}))
     m = attnlab.build(name, dim=8, heads=2)
     assert m.gate_source == "x" and m.gate_width > 0
-    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
-    with pytest.raises(ShapeError, match="gate"):  # plain heads lack the gate channels project() adds
+    assert attnlab.build(name, dim=8, heads=2, gate_source="key").side_input(torch.randn(1, 5, 8)) is None
+
+
+@pytest.mark.parametrize("name", ["delta", "gated-linear", "miras-lp", "miras-huber"])
+def test_gates_from_x_reach_the_core_through_the_side_input(name):
+    """attend(q, k, v, side=side_input(x)) on the heads of project(x) is the module's core; the gate logits are
+    x's (changing them changes the output), a missing or misshapen side input is refused naming `side`, and the
+    per-head-key form takes none."""
+    torch.manual_seed(0)
+    m = attnlab.build(name, dim=8, heads=2, causal=True).double()
+    x = torch.randn(2, 6, 8, dtype=F64)
+    q, k, v = m.project(x)
+    assert q.shape == k.shape == (2, 2, 6, 4)  # the gates travel beside the heads, not in extra channels of k
+    side = m.side_input(x)
+    assert side.shape == (2, 2, 6, m.gate_width)
+    for impl in ("fast", "reference"):
+        close(m.out_proj(m.merge_heads(m.attend(q, k, v, side=side, impl=impl))), m(x))
+    assert (m.attend(q, k, v, side=side + 3.0) - m.attend(q, k, v, side=side)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="side: .* reads its gates from x"):
         m.attend(q, k, v)
+    with pytest.raises(ShapeError, match=r"side: expected the gate logits"):
+        m.attend(q, k, v, side=side[..., :0])
+    with pytest.raises(ShapeError, match=r"side: expected \(batch, n_k, s\)"):
+        m.attend(q, k, v, side=side[:, :, :5])
+    keyed = attnlab.build(name, dim=8, heads=2, gate_source="key").double()
+    with pytest.raises(ValueError, match="side: .* takes no side input \\(gate_source='key'"):
+        keyed.attend(q, k, v, side=side)
+
+
+@pytest.mark.parametrize("name", ["linear", "retention"])
+def test_entries_without_learned_gates_refuse_a_side_input(name):
+    m = attnlab.build(name, dim=8, heads=2)
+    assert not m.takes_side_input and m.side_input(torch.randn(1, 5, 8)) is None
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=f"side: {name} takes no side input"):
+        m.attend(q, k, v, side=torch.randn(1, 2, 5, 1))
+    with pytest.raises(ValueError, match="side: miras takes no side input \\(no learned gates"):
+        attnlab.build("miras", dim=8, heads=2).attend(q, k, v, side=torch.randn(1, 2, 5, 1))
 
 
 @pytest.mark.parametrize("name", ["miras-lp", "miras-huber"])

@@ -24,6 +24,8 @@ class LinearAttention(Attention[State]):
     `chunk_size`: the chunk of the causal fast path. The cores take the key padding keep-mask
     (batch, n_k) (`mask_form = "padding"`) — causality is `self.causal`, since a causal mask would
     be an N × N tensor. Arbitrary attention masks are refused: they need the N × N matrix.
+    A subclass whose terms read a side input (`takes_side_input`) overrides the cores and `decode`
+    and runs `scan`, `scan_reference` and `step_terms` on its terms.
     """
 
     mask_form = "padding"
@@ -49,14 +51,20 @@ class LinearAttention(Attention[State]):
         """Feature maps and gates on projected heads (batch, heads, n, head_dim)."""
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        t = self.terms(q, k, v, mask)
+        return self.scan(self.terms(q, k, v, mask), mask)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.scan_reference(self.terms(q, k, v, mask), mask)
+
+    def scan(self, t: LinearTerms, mask: Tensor | None) -> Tensor:
+        """The engine's fast path on a call's terms (chunk-parallel causal, or bidirectional)."""
         return linear_attention(
             t.q, t.k, t.v, causal=self.causal, attention_mask=mask, log_decay=t.log_decay, beta=t.beta,
             normalize=self.normalize, chunk_size=self.chunk_size,
         )
 
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        t = self.terms(q, k, v, mask)
+    def scan_reference(self, t: LinearTerms, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The engine's float64 reference on a call's terms: (out, the implicit matrix)."""
         return linear_attention_reference(
             t.q, t.k, t.v, causal=self.causal, attention_mask=mask, log_decay=t.log_decay, beta=t.beta,
             normalize=self.normalize,
@@ -66,7 +74,10 @@ class LinearAttention(Attention[State]):
         """One token with a constant-size state (a `LinearState` here; a subclass may keep more):
         (y_t (batch, 1, dim), state), equal to the causal forward."""
         q, k, v = self.project(x_t)
-        t = self.terms(q, k, v, None)
+        return self.step_terms(self.terms(q, k, v, None), state)
+
+    def step_terms(self, t: LinearTerms, state: Any) -> tuple[Tensor, Any]:
+        """One token's terms through the recurrence: (y_t (batch, 1, dim), the new `LinearState`)."""
         out, state = linear_attention_step(
             t.q, t.k, t.v, state, log_decay=t.log_decay, beta=t.beta, normalize=self.normalize
         )

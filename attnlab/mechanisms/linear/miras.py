@@ -23,12 +23,12 @@ Retention α_t, one of:
 
 Gates (the learned α_t and β_t) read the token x_t itself by default (`gate_source="x"`), as GLA
 and DeltaNet do: β_t = σ(x_t w_β,h + b) (DeltaNet's b_proj), scalar α_t = σ(x_t w_α,h + b)^(1/τ),
-per-channel α_t = σ(x_t W₁ W₂,h + b)^(1/τ) with GLA's low-rank map (rank 16). The core
-`attend(q, k, v)` has no side input for x, so `project` carries the gate logits to it in extra
-channels of k, after the head_dim key channels (q gets as many zero channels, so q and k keep one
-width): `project` then `attend` is the module, and `attend` on plain (…, head_dim) q, k, v of a
-module with learned gates raises (ShapeError naming the expected width). `gate_source="key"`
-keeps the earlier form, the gates read from the per-head key projection k_t (before φ):
+per-channel α_t = σ(x_t W₁ W₂,h + b)^(1/τ) with GLA's low-rank map (rank 16). Their logits reach
+the cores through the core's side-input hook: `side_input(x, context)` gives them per head,
+(batch, heads, n_k, gate_width) (α's, then β's), and `attend(q, k, v, side=...)` takes them — the
+module passes them itself; a caller of `attend` with a module whose gates read x passes
+`side=m.side_input(x)` (without it, ValueError naming `side`). `gate_source="key"` keeps the
+per-head-key form, the gates read from the per-head key projection k_t (before φ), no side input:
 β_t = σ(w·k_t + b), α_t = σ(W k_t + b)^(1/τ) — a low-rank x W_k W of GLA's kind, with W₁ = W_k. Feature maps φ: 'elu+1' (elu(x) + 1 > 0), 'identity' (queries
 scaled by 1/√d_k, as RetNet and GLA do), 'silu'; the L2 bias then L2-normalises q and k, which
 keeps the eigenvalues of I − β k kᵀ in [0, 1] (DeltaNet). normalize=True divides by φ(q)ᵀz
@@ -382,8 +382,11 @@ class MemoryAttention(LinearAttention):
     "gated-linear", "miras-lp" and "miras-huber" are its instances. Cross-attention is only in
     "linear" (a memory written from a context needs no positions); arbitrary attention masks need
     the N × N matrix and are refused. The ℓp and Huber biases have no attention matrix:
-    `materialize` raises for them.
+    `materialize` raises for them. Gates read from x reach the cores as the side input (`side_input`).
     """
+
+    takes_side_input = True  # the gate logits from x (gate_source='x'); None where the gates read no x
+    log_gamma: Tensor  # buffer: log γ_h per head (retention='fixed')
 
     def __init__(
         self,
@@ -431,7 +434,7 @@ class MemoryAttention(LinearAttention):
         self.gate_source = gate_source
         decay_width = {"scalar": 1, "channel": d}.get(retention, 0)
         beta_width = 1 if bias in GATED_STEP else 0
-        self.gate_width = decay_width + beta_width if gate_source == "x" else 0  # extra channels of k (see `project`)
+        self.gate_width = decay_width + beta_width if gate_source == "x" else 0  # gate logits of the side input
         if gate_source == "key":
             if decay_width:
                 self.decay_weight = nn.Parameter(torch.randn(heads, d, decay_width) / math.sqrt(d))
@@ -447,41 +450,46 @@ class MemoryAttention(LinearAttention):
             if beta_width:
                 self.beta_proj = nn.Linear(dim, heads)
 
-    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (batch, heads, n, head_dim); with gates from x, k carries the gate logits of its tokens in
-        `gate_width` extra channels (α's, then β's) and q as many zeros."""
-        q, k, v = super().project(x, context)
+    def side_input(self, x: Tensor, context: Tensor | None = None) -> Tensor | None:
+        """The gate logits read from the key tokens (context, or x) (batch, n_k, dim): (batch, heads, n_k, gate_width),
+        α's then β's, with gate_source='x'; None without learned gates or with gate_source='key'."""
         if not self.gate_width:
-            return q, k, v
+            return None
         src = x if context is None else context
         logits = []
         if self.retention in ("scalar", "channel"):
             logits.append(self.split_heads(self.decay_proj(src)))
         if self.bias in GATED_STEP:
             logits.append(self.split_heads(self.beta_proj(src)))
-        gates = torch.cat(logits, dim=-1)
-        return torch.cat([q, q.new_zeros(*q.shape[:-1], self.gate_width)], -1), torch.cat([k, gates], -1), v
+        return torch.cat(logits, dim=-1)
 
-    def _split(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """q and k without the gate channels, and the gate logits (batch, heads, n, gate_width) or None."""
+    def check_gate_logits(self, k: Tensor, side: Tensor | None) -> Tensor | None:
+        """`side` for the keys k (batch, heads, n, head_dim): the gate logits (batch, heads, n, gate_width) of
+        `side_input` where the gates read x, None otherwise; a ValueError naming `side` when it is not."""
         if not self.gate_width:
-            return q, k, None
-        want = self.head_dim + self.gate_width
-        if k.shape[-1] != want:
-            raise ShapeError(
-                f"k: expected head_dim + gate channels = {self.head_dim} + {self.gate_width} = {want} (the gates "
-                f"read x: use `project`, or build with gate_source='key'), got {k.shape[-1]} in shape {tuple(k.shape)}"
+            if side is not None:
+                why = "gate_source='key': its gates read the keys" if self.gate_source == "key" else "no learned gates"
+                raise ValueError(f"side: {self.spec.name} takes no side input ({why}), got shape {tuple(side.shape)}")
+            return None
+        want = (*k.shape[:3], self.gate_width)
+        if side is None:
+            raise ValueError(
+                f"side: {self.spec.name} reads its gates from x (gate_source='x'): expected the gate logits {want} "
+                "of `side_input(x)` (pass side=module.side_input(x), or build with gate_source='key'), got None"
             )
-        return q[..., : self.head_dim], k[..., : self.head_dim], k[..., self.head_dim :]
+        if tuple(side.shape) != want:
+            raise ShapeError(f"side: expected the gate logits (batch, heads, n_k, gate_width) = {want}, got shape "
+                             f"{tuple(side.shape)}")
+        return side
 
-    def gates(self, k: Tensor, logits: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """(log α, β) of the tokens: from the gate logits `project` computed from x (gate_source='x'), or from
+    def gates(self, k: Tensor, side: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(log α, β) of the tokens: from the gate logits `side_input` computed from x (gate_source='x'), or from
         the projected keys k (batch, heads, n, head_dim) (gate_source='key')."""
         b, h, n, _ = k.shape
+        logits = self.check_gate_logits(k, side)
         log_decay = beta = None
         learned = self.retention in ("scalar", "channel")
-        if self.gate_source == "x" and self.gate_width:
-            assert logits is not None
+        if logits is not None:
             width = logits.shape[-1] - (1 if self.bias in GATED_STEP else 0)
             decay_logits, beta_logits = logits[..., :width], logits[..., width:]
         elif self.gate_source == "key":
@@ -499,30 +507,31 @@ class MemoryAttention(LinearAttention):
             beta = torch.sigmoid(beta_logits[..., 0])
         return log_decay, beta
 
-    def terms(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> LinearTerms:
-        q, k, logits = self._split(q, k)
-        log_decay, beta = self.gates(k, logits)
+    def terms(
+        self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, side: Tensor | None = None
+    ) -> LinearTerms:
+        """φ(q), φ(k), v and the gates; `side`: the gate logits of `side_input` (gate_source='x')."""
+        log_decay, beta = self.gates(k, side)
         fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
         return LinearTerms(fq, fk, v, log_decay=log_decay, beta=beta)
 
-    def _scan_args(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """φ(q), φ(k) and the keywords of `memory_scan` / `gradient_memory_reference` (ℓp and Huber biases)."""
-        q, k, logits = self._split(q, k)
-        log_decay, beta = self.gates(k, logits)
-        fq, fk = feature_map_qk(q, k, self.feature_map, self.bias)
-        return fq, fk, {"bias": self.bias, "beta": beta, "p": self.p, "delta": self.delta, "log_decay": log_decay}
+    def _scan_args(self, t: LinearTerms) -> dict[str, Any]:
+        """The keywords of `memory_scan` / `gradient_memory_reference` (ℓp and Huber biases) for the terms t."""
+        return {"bias": self.bias, "beta": t.beta, "p": self.p, "delta": self.delta, "log_decay": t.log_decay}
 
-    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, side: Tensor | None = None) -> Tensor:
+        t = self.terms(q, k, v, mask, side)
         if self.bias not in NONLINEAR_BIASES:
-            return super().attend_fast(q, k, v, mask)
-        fq, fk, kw = self._scan_args(q, k)
-        return memory_scan(fq, fk, v, causal=self.causal, attention_mask=mask, **kw)[0]
+            return self.scan(t, mask)
+        return memory_scan(t.q, t.k, t.v, causal=self.causal, attention_mask=mask, **self._scan_args(t))[0]
 
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def attend_reference(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, side: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        t = self.terms(q, k, v, mask, side)
         if self.bias not in NONLINEAR_BIASES:
-            return super().attend_reference(q, k, v, mask)
-        fq, fk, kw = self._scan_args(q, k)
-        return gradient_memory_reference(fq, fk, v, causal=self.causal, attention_mask=mask, **kw)
+            return self.scan_reference(t, mask)
+        return gradient_memory_reference(t.q, t.k, t.v, causal=self.causal, attention_mask=mask, **self._scan_args(t))
 
     def materialize(self, x: Tensor, **kwargs: Any) -> Tensor:
         if self.bias in NONLINEAR_BIASES:
@@ -533,14 +542,15 @@ class MemoryAttention(LinearAttention):
         return super().materialize(x, **kwargs)
 
     def decode(self, x_t: Tensor, state: LinearState | None) -> tuple[Tensor, LinearState]:
-        """One checked token; the ℓp and Huber memories by their own recurrence."""
+        """One checked token, its gates read from x_t; the ℓp and Huber memories by their own recurrence."""
+        q, k, v = self.project(x_t)
+        t = self.terms(q, k, v, None, self.side_input(x_t))
         if self.bias not in NONLINEAR_BIASES:
-            return super().decode(x_t, state)
+            return self.step_terms(t, state)
         if state is not None and state.memory.shape[0] != x_t.shape[0]:
             raise ShapeError(f"state: expected batch {x_t.shape[0]} (as x_t), got {state.memory.shape[0]}")
-        q, k, v = self.project(x_t)
-        fq, fk, kw = self._scan_args(q, k)
-        out, memory = memory_scan(fq, fk, v, causal=True, memory=None if state is None else state.memory, **kw)
+        out, memory = memory_scan(t.q, t.k, t.v, causal=True, memory=None if state is None else state.memory,
+                                  **self._scan_args(t))
         return self.out_proj(self.merge_heads(out)), LinearState(memory)
 
     def extra_repr(self) -> str:
@@ -563,6 +573,8 @@ class MemoryAttention(LinearAttention):
 )
 class EluLinearAttention(MemoryAttention):
     """Linear attention (Katharopoulos et al., 2020): φ(x) = elu(x) + 1, normalised, M_t = M_{t−1} + v_t φ(k_t)ᵀ."""
+
+    takes_side_input = False  # no learned gates
 
     def __init__(
         self,
@@ -616,6 +628,8 @@ class DeltaRuleAttention(MemoryAttention):
 )
 class RetentionAttention(MemoryAttention):
     """Retention: M_t = γ_h M_{t−1} + v_t k_tᵀ, read with q_t/√d; γ_h = 1 − 2^(−5−h) unless `gamma` is given."""
+
+    takes_side_input = False  # no learned gates
 
     def __init__(
         self,
