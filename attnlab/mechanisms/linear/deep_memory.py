@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.registry import Param, Supports, register
 from ...core.validate import check_choice, check_int
-from .memora import _RETENTION, _TEMPERATURE, GatedScanMemory, ScanState, _check_scan
+from .memora import RETENTION_PARAM, TEMPERATURE_PARAM, GatedScanMemory, ScanState, check_scan_inputs
 from .miras import MIRAS, bias_gradient, check_bias_args
 
 BIASES: tuple[str, ...] = ("l2", "lp", "huber")
@@ -136,7 +136,7 @@ def _check_deep(
     q: Tensor, k: Tensor, v: Tensor, weights: tuple[Tensor, ...], eta: Tensor, alpha: Tensor | None,
     bias: str, activation: str, residual: bool, p: float, delta: float, mask: Tensor | None,
 ) -> None:
-    _check_scan(q, k, v, eta, alpha, mask)
+    check_scan_inputs(q, k, v, eta, alpha, mask)
     check_choice("bias", bias, BIASES)
     check_choice("activation", activation, ACTIVATIONS)
     check_bias_args(bias, eta, p, delta)
@@ -267,8 +267,8 @@ def _deep_reference_scan(
         Param("expansion", int, 4, "hidden width d_h = expansion · head_dim (layers=2)", low=1),
         Param("activation", str, "gelu", "σ of the hidden layer", choices=ACTIVATIONS),
         Param("residual", bool, True, "M(x) = x + …"),
-        _RETENTION,
-        _TEMPERATURE,
+        RETENTION_PARAM,
+        TEMPERATURE_PARAM,
         Param("p", float, 1.5, "exponent of the ℓp bias (bias='lp'; the paper's Moneta: 3, see the docstring)", low=1.0),
         Param("delta", float, 1.0, "threshold δ of the Huber bias (bias='huber')", low=1e-6),
     ),

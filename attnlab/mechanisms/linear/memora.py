@@ -87,7 +87,8 @@ def check_mass(mass: object) -> float:
     return float(mass)
 
 
-def _check_scan(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor | None, mask: Tensor | None) -> None:
+def check_scan_inputs(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor | None, mask: Tensor | None) -> None:
+    """q, k, v of one length, the gates (batch, heads, n), the keep-mask (batch, n) or None; errors name the argument."""
     check_qkv(q, k, v, same_length=True)
     check_gates("eta", eta, k)
     check_gates("alpha", alpha, k, optional=True)
@@ -145,7 +146,7 @@ def memora_attention(
 ) -> Tensor:
     """Memora's read y_t = W_t q_t (causal) over mapped q, k, v (batch, heads, n, head_dim), given the gates
     η (batch, heads, n), > 0, and α (batch, heads, n) in (0, 1] or None (α = 1); `mass` is c."""
-    _check_scan(q, k, v, eta, alpha, attention_mask)
+    check_scan_inputs(q, k, v, eta, alpha, attention_mask)
     return memora_scan(q, k, v, eta=eta, alpha=alpha, mass=check_mass(mass), attention_mask=attention_mask)[0]
 
 
@@ -161,7 +162,7 @@ def memora_attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """(out, final W (batch, heads, d_v, d_k)) of `memora_attention` in float64, per element, head and token:
     ∇ℓ by autograd of ½‖W k − v‖², then W ← c·exp(z)/Σ exp(z) per row, z = α log W − η ∇ℓ."""
-    _check_scan(q, k, v, eta, alpha, attention_mask)
+    check_scan_inputs(q, k, v, eta, alpha, attention_mask)
     mass = check_mass(mass)
     grad_wanted = torch.is_grad_enabled()  # the loss's gradient needs autograd even under no_grad
     with torch.enable_grad():
@@ -284,9 +285,9 @@ class GatedScanMemory(Attention[ScanState]):
         return self.out_proj(self.merge_heads(out)), state
 
 
-_RETENTION = Param("retention", str, "scalar", "retention α_t: 'scalar' σ(w·k_t + b)^(1/τ) per head and token, "
+RETENTION_PARAM = Param("retention", str, "scalar", "retention α_t: 'scalar' σ(w·k_t + b)^(1/τ) per head and token, "
                    "'none' α = 1", choices=RETENTIONS)
-_TEMPERATURE = Param("gate_temperature", float, 16.0, "τ of α_t = σ(·)^(1/τ)", low=1e-3)
+TEMPERATURE_PARAM = Param("gate_temperature", float, 16.0, "τ of α_t = σ(·)^(1/τ)", low=1e-3)
 
 
 @register(
@@ -296,7 +297,7 @@ _TEMPERATURE = Param("gate_temperature", float, 16.0, "τ of α_t = σ(·)^(1/τ
     cost="O(Nd²)",
     exponent=1.0,
     supports=Supports(causal=True, causal_only=True, key_padding=True, decode=True, materialize=False),
-    params=(_RETENTION, _TEMPERATURE, Param("mass", float, 1.0, "c, the mass of every row of W", low=1e-6)),
+    params=(RETENTION_PARAM, TEMPERATURE_PARAM, Param("mass", float, 1.0, "c, the mass of every row of W", low=1e-6)),
     summary="Memora (matrix memory): W_t = c·Softmax(α_t log W_{t−1} − η_t (W_{t−1}k_t − v_t)k_tᵀ) per row, "
     "y_t = W_t q_t; KL retention keeps W on the simplex.",
     normalized=False,
