@@ -45,7 +45,7 @@ def positions(spec: Spec) -> tuple[int, ...]:
 
 HEADS_SETTINGS = (3, 6)  # head counts that are not powers of two (ALiBi's slope recipe changes there)
 SETTINGS_HEAD_DIM = 4
-PER_HEAD = ("windows",)  # test_params holding one value per head: cycled to another head count
+PER_HEAD = ("windows", "tile_sizes")  # test_params holding one value per head: cycled to another head count
 DILATION = 2
 
 
@@ -452,11 +452,15 @@ PADDING_ANYWHERE = ("softmax", "linear", "efficient", "galerkin", "delta", "gate
 """Entries with no position in their maths (or a decay that skips padded keys): padding between real tokens
 is checked too, not only before and after them."""
 PADDING_MOVES = {
+    # P019: "window start s(i) clamped so the window stays inside the sequence/image per axis"
     "neighborhood": (("after", "before"), "a window is clamped at the sequence's ends, not at its real tokens (NAT)"),
+    # P223: "block i attends to block j iff i−j = 0 or i−j is a power of 2 (plus local sliding window / sink)"
     "power-attention": (("before",), "the sink blocks are the sequence's first blocks"),
+    # P200: "split token grid into spatial(-temporal) windows of size w; sample 1 random token per window as proxy"
     "proxy-token": (("before",), "a window's random proxy is drawn by the window's position"),
 }
-"""Entries whose pattern sits at absolute positions: (placements not checked, why)."""
+"""Entries whose pattern sits at absolute positions: (placements not checked, why). Each is true to its
+paper (the statement quoted from shared/PAPERS.md above it, and in the mechanism's docstring)."""
 
 
 def check_padding_is_removal(spec: Spec) -> None:

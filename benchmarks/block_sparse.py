@@ -10,7 +10,7 @@ q, k, v of shape (1, 8, N, 64) that require grad: the forward and the backward o
 
 * power-attention  — the registered module's core (`module.attend`), default parameters
   (B = 64, local 1 block, 1 sink block): O(N log N d);
-* sliding-window   — the registered module's core, causal, window 256, B = 64: O(N w d);
+* sliding-window   — the registered module's core, causal, radius 256, B = 64: O(N r d);
 * engine           — `block_sparse_attention` on a fixed random layout of 8 key blocks per
   query block (B = 64): O(N), the engine alone;
 * sdpa             — dense causal `scaled_dot_product_attention`, for the ratios (up to --sdpa-max).
@@ -58,7 +58,7 @@ def core(name: str, n: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     if name == "power-attention":
         return attnlab.build("power-attention", dim=HEADS * HEAD_DIM, heads=HEADS).attend
     if name == "sliding-window":
-        return attnlab.build("sliding-window", dim=HEADS * HEAD_DIM, heads=HEADS, window=256, causal=True).attend
+        return attnlab.build("sliding-window", dim=HEADS * HEAD_DIM, heads=HEADS, radius=256, causal=True).attend
     if name == "engine":
         layout = random_layout(n, 8)
         return lambda q, k, v: block_sparse_attention(q, k, v, layout)

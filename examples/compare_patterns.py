@@ -19,9 +19,9 @@ import attnlab
 from attnlab.analysis import attention_entropy, mean_attention_distance, rank_collapse_experiment, sink_scores
 
 DIM, HEADS, N = 64, 4, 32
-# a window well below N (and the 16 tokens of the rank-collapse stacks), so that sliding-window stays local: its
-# default window (256) would be full attention here (neighborhood's default kernel of 7 is local already)
-LOCAL = {"sliding-window": {"window": 4}}
+# a band well below N (and the 16 tokens of the rank-collapse stacks), so that sliding-window stays local: its
+# default radius (256) would be full attention here (neighborhood's default kernel of 7 is local already)
+LOCAL = {"sliding-window": {"radius": 4}}
 
 
 def params(name: str) -> dict[str, object]:

@@ -58,7 +58,7 @@ QUICK_REPEATS = 5
 QUICK_THREADS = 1  # one thread: the least hurt by other work on the machine (and what the peers' ratios use)
 # parameters that keep each mechanism's character at the suite's lengths (a 256-wide window is full attention
 # at N = 256; DHSA's 4 kept chunks of 64 are every chunk there): windows and kept chunks well below N = 256
-QUICK_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"window": 32}, "dhsa": {"chunk_size": 32, "top_chunks": 2}}
+QUICK_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"radius": 32}, "dhsa": {"chunk_size": 32, "top_chunks": 2}}
 # one peer per family that has one (docs/bench.md): peer -> (the mechanism it runs beside, at these N); flex
 # compiles once per N (tens of seconds), so at one N
 QUICK_PEERS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -151,7 +151,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the same shapes through other libraries (natten, flex, local-attention, "
                         "linear-attention-transformer) and compare")
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="MECH.NAME=VALUE",
-                        help="a mechanism's parameter, e.g. sliding-window.window=64 (VALUE read as JSON, else a "
+                        help="a mechanism's parameter, e.g. sliding-window.radius=64 (VALUE read as JSON, else a "
                         "string); repeatable; part of the configuration")
     _add_store_options(parser, leaf=True)
     _add_imports(parser, leaf=True)
@@ -189,7 +189,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "same run); the measured cost exponents; with --peers, other libraries on the same shapes.",
         epilog="What is timed, the budgets, the worker process and the comparison rules: docs/bench.md. "
         "Example: attnlab bench speed --mechanisms sliding-window,linear --lengths 512,1024,2048 "
-        "--param sliding-window.window=64 --causal")
+        "--param sliding-window.radius=64 --causal")
     add_speed_arguments(speed)
     speed.set_defaults(func=cmd_speed)
 

@@ -186,7 +186,7 @@ PANEL_CAP = GRIDS["panel"].cell_seconds
 PANEL_WORKERS = 2  # training processes at once (one thread each)
 # parameters that keep a mechanism's character at the panel's L = 32 (the default 256-wide window, or DHSA's
 # 64-token chunks, would be full attention there)
-PANEL_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"window": 8}, "dhsa": {"chunk_size": 8, "top_chunks": 1}}
+PANEL_PARAMS: dict[str, dict[str, Any]] = {"sliding-window": {"radius": 8}, "dhsa": {"chunk_size": 8, "top_chunks": 1}}
 CPU_BATCH = 64
 ZOOLOGY_TRAIN_EXAMPLES = 100_000
 
@@ -612,7 +612,7 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive(int), default=THREADS, metavar="N",
                         help=f"torch threads for training (default {THREADS})")
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="MECH.NAME=VALUE",
-                        help="a mechanism's parameter, e.g. sliding-window.window=16 (VALUE read as JSON, else a "
+                        help="a mechanism's parameter, e.g. sliding-window.radius=16 (VALUE read as JSON, else a "
                         "string); repeatable")
     parser.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or to stdout with -")
     parser.add_argument("--db", type=Path, default=argparse.SUPPRESS, metavar="PATH",

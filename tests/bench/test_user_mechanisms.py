@@ -105,14 +105,16 @@ def test_bad_params_are_one_line_usage_errors(user_module: Path, tmp_path: Path,
 
 
 def test_params_are_read_as_json_and_checked() -> None:
-    assert parse_params(["sliding-window.window=16", "sliding-window.block_size=32"], ["softmax", "sliding-window"]) == {
-        "sliding-window": {"window": 16, "block_size": 32}}
-    with pytest.raises(ParameterError, match="window"):
-        parse_params(["sliding-window.window=-1"], ["sliding-window"])
+    assert parse_params(["sliding-window.radius=16", "sliding-window.block_size=32"], ["softmax", "sliding-window"]) == {
+        "sliding-window": {"radius": 16, "block_size": 32}}
+    with pytest.raises(ParameterError, match="radius"):
+        parse_params(["sliding-window.radius=-1"], ["sliding-window"])
+    with pytest.raises(ParameterError, match="'window' was renamed radius"):
+        parse_params(["sliding-window.window=16"], ["sliding-window"])
 
 
 def test_recall_configs_carry_the_params() -> None:
     configs = recall.grid_configs(recall.GRIDS["panel"], ["sliding-window", "softmax"],
-                                  params=parse_params(["sliding-window.window=16"], ["sliding-window"]))
+                                  params=parse_params(["sliding-window.radius=16"], ["sliding-window"]))
     by = {c["mechanism"]: c["params"] for c in configs}
-    assert by["sliding-window"]["window"] == 16 and "window" not in by["softmax"]
+    assert by["sliding-window"]["radius"] == 16 and "radius" not in by["softmax"]

@@ -32,7 +32,7 @@ KNOBS = [
     ("delta", "chunk_size", {}), ("retention", "chunk_size", {}), ("gated-linear", "chunk_size", {}),
     ("linear", "chunk_size", {"causal": True}), ("miras", "chunk_size", {"causal": True}),
     ("dhsa", "chunk_size", {"top_chunks": 1}), ("power-attention", "block_size", {}),
-    ("sliding-window", "block_size", {"window": 3}), ("mra", "block_size", {"blocks": 2}),
+    ("sliding-window", "block_size", {"radius": 3}), ("mra", "block_size", {"blocks": 2}),
     ("combiner", "block_size", {}), ("mamba", "chunk_size", {}),
 ]
 

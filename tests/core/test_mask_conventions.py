@@ -60,7 +60,7 @@ def test_key_padding_mask_matches_nn_multihead_attention(causal: bool) -> None:
 @pytest.mark.parametrize("name", ["softmax", "alibi", "efficient", "sliding-window"])
 def test_both_spellings_equal_the_unpadded_sequences(name: str, causal: bool) -> None:
     torch.manual_seed(0)
-    params = {"window": 2} if name == "sliding-window" else {}
+    params = {"radius": 2} if name == "sliding-window" else {}
     m = attnlab.build(name, dim=DIM, heads=HEADS, causal=causal, **params).double().eval()
     x, pad = padded()
     by_pytorch = m(x, key_padding_mask=pad)

@@ -148,7 +148,7 @@ def test_one_layer_reaches_the_whole_image_unlike_window_attention() -> None:
     m = _build()
     (g,) = torch.autograd.grad(m(x)[0, 0, 0].sum(), x)
     assert (g.abs().sum(-1) > 0).all()
-    lsa = attnlab.build("twins-lsa", dim=8, heads=2, window=3).double()
+    lsa = attnlab.build("twins-lsa", dim=8, heads=2, tile_size=3).double()
     (g,) = torch.autograd.grad(lsa(x)[0, 0, 0].sum(), x)
     reached = g.abs().sum(-1)[0] > 0
     assert reached[:3, :3].all() and not reached[3:].any() and not reached[:, 3:].any()

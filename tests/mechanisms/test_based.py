@@ -9,6 +9,9 @@ import torch
 import attnlab
 from attnlab.core.errors import ParameterError
 from attnlab.mechanisms.linear.based import (
+    BasedAttention,
+    based_attention,
+    based_attention_reference,
     sliding_window_attention,
     sliding_window_attention_reference,
     taylor_feature_map,
@@ -20,7 +23,7 @@ DIM, HEADS = 16, 2
 
 def build(seed: int = 0, dtype: torch.dtype = torch.float64, **params):  # type: ignore[no-untyped-def]
     torch.manual_seed(seed)
-    params = {"feature_dim": 4, "window": 3, "chunk_size": 4, **params}
+    params = {"feature_dim": 4, "window_size": 3, "chunk_size": 4, **params}
     return attnlab.build("based", dim=DIM, heads=HEADS, **params).to(dtype)
 
 
@@ -89,7 +92,7 @@ def merged(m, per_head: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untype
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_at_least_n_equals_taylor_plus_exact_softmax(causal: bool) -> None:
-    m = build(causal=causal, window=12)
+    m = build(causal=causal, window_size=12)
     x = tokens(2, 10)
     q, k, v, _, _ = projections(m, x)
     future = torch.full((10, 10), float("-inf"), dtype=x.dtype).triu(1) if causal else 0.0
@@ -102,14 +105,14 @@ def test_window_at_least_n_equals_taylor_plus_exact_softmax(causal: bool) -> Non
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("window", [1, 3, 5])
-def test_window_smaller_than_n_with_padding(causal: bool, window: int) -> None:
-    m = build(causal=causal, window=window)
+@pytest.mark.parametrize("window_size", [1, 3, 5])
+def test_window_smaller_than_n_with_padding(causal: bool, window_size: int) -> None:
+    m = build(causal=causal, window_size=window_size)
     x = tokens(2, 11)
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[0, 8:] = False
     keep[1, 3] = False
-    want = merged(m, taylor_part(m, x, causal, keep) + window_part(m, x, causal, window, keep))
+    want = merged(m, taylor_part(m, x, causal, keep) + window_part(m, x, causal, window_size, keep))
     for impl in ("fast", "reference"):
         torch.testing.assert_close(m(x, attention_mask=keep, impl=impl), want)
 
@@ -120,17 +123,17 @@ def test_sliding_window_functional_forms_agree() -> None:
     keep = torch.ones(2, 13, dtype=torch.bool)
     keep[1, :5] = False  # query 0..4 of element 1 see no key at window 2 when causal: zeros
     for causal in (False, True):
-        for window in (1, 2, 4, 13, 40):
-            out, weights = sliding_window_attention_reference(q, k, v, window=window, causal=causal, attention_mask=keep)
-            fast = sliding_window_attention(q, k, v, window=window, causal=causal, attention_mask=keep)
+        for window_size in (1, 2, 4, 13, 40):
+            out, weights = sliding_window_attention_reference(q, k, v, window_size=window_size, causal=causal, attention_mask=keep)
+            fast = sliding_window_attention(q, k, v, window_size=window_size, causal=causal, attention_mask=keep)
             torch.testing.assert_close(fast, out)
             torch.testing.assert_close(weights @ v, out)
             band = weights[0, 0] != 0
             pos = torch.arange(13)
             rel = pos[:, None] - pos[None, :]
-            allowed = (rel >= 0) & (rel < window) if causal else rel.abs() < window
+            allowed = (rel >= 0) & (rel < window_size) if causal else rel.abs() < window_size
             assert not bool((band & ~allowed).any())
-    causal_out = sliding_window_attention(q, k, v, window=2, causal=True, attention_mask=keep)
+    causal_out = sliding_window_attention(q, k, v, window_size=2, causal=True, attention_mask=keep)
     assert causal_out[1, :, :5].abs().max().item() == 0.0
 
 
@@ -143,13 +146,13 @@ def test_materialize_rows_sum_to_two() -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 5, 12, 16])
 def test_chunked_causal_equals_recurrent_and_reference(chunk_size: int, causal_paths_agree) -> None:
-    m = build(causal=True, chunk_size=chunk_size, window=5)
+    m = build(causal=True, chunk_size=chunk_size, window_size=5)
     x = tokens(2, 12).requires_grad_(True)
     causal_paths_agree(m, x)
 
 
 def test_step_reproduces_the_causal_forward_in_float32(stepped) -> None:
-    m = build(causal=True, dtype=torch.float32, feature_dim=8, window=6, chunk_size=8)
+    m = build(causal=True, dtype=torch.float32, feature_dim=8, window_size=6, chunk_size=8)
     x = tokens(2, 40, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(stepped(m, x), m(x), atol=1e-5, rtol=1e-5)
@@ -157,15 +160,15 @@ def test_step_reproduces_the_causal_forward_in_float32(stepped) -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_finite_and_accurate_at_input_scale_1e3(causal: bool, float32_accurate) -> None:
-    m32 = build(causal=causal, dtype=torch.float32, feature_dim=8, window=6, chunk_size=8)
-    m64 = build(causal=causal, dtype=torch.float64, feature_dim=8, window=6, chunk_size=8)
+    m32 = build(causal=causal, dtype=torch.float32, feature_dim=8, window_size=6, chunk_size=8)
+    m64 = build(causal=causal, dtype=torch.float64, feature_dim=8, window_size=6, chunk_size=8)
     x = (tokens(2, 33) * 1e3).float().requires_grad_(True)
     float32_accurate(m32, m64, x)
 
 
 def test_bad_inputs_are_refused() -> None:
-    with pytest.raises(ParameterError, match="window"):
-        attnlab.build("based", dim=DIM, heads=HEADS, window=0)
+    with pytest.raises(ParameterError, match="window_size"):
+        attnlab.build("based", dim=DIM, heads=HEADS, window_size=0)
     with pytest.raises(ParameterError, match="feature_dim"):
         attnlab.build("based", dim=DIM, heads=HEADS, feature_dim=0)
     m = build()
@@ -174,3 +177,15 @@ def test_bad_inputs_are_refused() -> None:
         m.attend(q[..., :-1], k[..., :-1], v)
     with pytest.raises(ValueError, match="context"):
         m(tokens(2, 6), context=tokens(2, 6))
+
+
+def test_old_name_window_names_window_size() -> None:
+    """`window` (keys a causal query sees) was renamed `window_size`: build, the constructor and the functional ops say so."""
+    with pytest.raises(ParameterError, match=r"'window' was renamed window_size \(keys a causal query sees"):
+        attnlab.build("based", dim=DIM, heads=HEADS, window=3)
+    with pytest.raises(TypeError, match=r"BasedAttention: keyword 'window' was renamed window_size"):
+        BasedAttention(DIM, HEADS, window=3)
+    q, f = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 3)
+    for fn in (based_attention, based_attention_reference):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: keyword 'window' was renamed window_size"):
+            fn(q, q, q, q_feature=f, k_feature=f, window=3)

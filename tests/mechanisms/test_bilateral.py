@@ -8,7 +8,12 @@ import torch
 
 import attnlab
 from attnlab.core.errors import ParameterError
-from attnlab.mechanisms.sparse.bilateral import balanced_clusters, bilateral_attention, bilateral_attention_reference
+from attnlab.mechanisms.sparse.bilateral import (
+    BilateralAttention,
+    balanced_clusters,
+    bilateral_attention,
+    bilateral_attention_reference,
+)
 
 
 def qkv(b: int = 2, h: int = 2, grid: tuple[int, int] = (4, 8), d: int = 4, seed: int = 0) -> list[torch.Tensor]:
@@ -94,12 +99,12 @@ def test_first_split_by_hand() -> None:
 def test_branches_match_loops(branches: str) -> None:
     q, k, v = qkv()
     clusters = random_clusters(2, 2, 32, 8)
-    got = bilateral_attention(q, k, v, window=(2, 4), cluster_size=8, branches=branches, clusters=clusters)
+    got = bilateral_attention(q, k, v, tile_size=(2, 4), cluster_size=8, branches=branches, clusters=clusters)
     win = hand_window(q, k, v, (2, 4))
     feat = hand_clusters(q, k, v, clusters)
     want = {"image": win, "feature": feat, "both": (win + feat) / 2}[branches]
     torch.testing.assert_close(got.reshape(want.shape), want)
-    ref, _ = bilateral_attention_reference(q, k, v, window=(2, 4), cluster_size=8, branches=branches, clusters=clusters)
+    ref, _ = bilateral_attention_reference(q, k, v, tile_size=(2, 4), cluster_size=8, branches=branches, clusters=clusters)
     torch.testing.assert_close(ref.reshape(want.shape), want)
 
 
@@ -114,8 +119,8 @@ def test_attention_is_zero_across_clusters_and_windows() -> None:
     same_cluster = cid[..., :, None] == cid[..., None, :]
     r, c = torch.arange(16) // 4, torch.arange(16) % 4
     same_window = ((r[:, None] // 2) == (r[None, :] // 2)) & ((c[:, None] // 2) == (c[None, :] // 2))
-    _, feat = bilateral_attention_reference(q, k, v, window=2, cluster_size=4, branches="feature")
-    _, both = bilateral_attention_reference(q, k, v, window=2, cluster_size=4, branches="both")
+    _, feat = bilateral_attention_reference(q, k, v, tile_size=2, cluster_size=4, branches="feature")
+    _, both = bilateral_attention_reference(q, k, v, tile_size=2, cluster_size=4, branches="both")
     assert bool((feat[~same_cluster] == 0).all()) and bool((feat[same_cluster] > 0).all())
     assert bool((both[~(same_cluster | same_window)] == 0).all())
     torch.testing.assert_close(both.sum(-1), torch.ones(2, 2, 16, dtype=torch.float64))
@@ -127,7 +132,7 @@ def test_attention_is_zero_across_clusters_and_windows() -> None:
 def test_fast_equals_reference_forward_and_backward_for_one_assignment(branches: str, same_grads) -> None:
     q, k, v = (t.requires_grad_(True) for t in qkv(grid=(4, 8), seed=2))
     clusters = random_clusters(2, 2, 32, 4, seed=4)
-    kw = {"window": (4, 2), "cluster_size": 4, "branches": branches, "clusters": clusters}
+    kw = {"tile_size": (4, 2), "cluster_size": 4, "branches": branches, "clusters": clusters}
     fast = bilateral_attention(q, k, v, **kw)
     ref, _ = bilateral_attention_reference(q, k, v, **kw)
     torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-8)
@@ -141,7 +146,7 @@ def test_clustering_is_not_differentiated() -> None:
     q.requires_grad_(True)
     assert not balanced_clusters(q.reshape(1, 1, 8, 4) * 2, 2).requires_grad
     fixed = balanced_clusters(q.detach().reshape(1, 1, 8, 4), 2)
-    fast = bilateral_attention(q, k, v, window=2, cluster_size=2, branches="feature")
+    fast = bilateral_attention(q, k, v, tile_size=2, cluster_size=2, branches="feature")
     q2 = q.detach().clone().requires_grad_(True)
     want = hand_clusters(q2, k, v, fixed)
     g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -149,7 +154,7 @@ def test_clustering_is_not_differentiated() -> None:
     (gb,) = torch.autograd.grad((want * g).sum(), q2)
     torch.testing.assert_close(ga, gb)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: bilateral_attention(a, b, c, window=2, cluster_size=2),
+        lambda a, b, c: bilateral_attention(a, b, c, tile_size=2, cluster_size=2),
         (q.detach().clone().requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)),
     )
 
@@ -159,7 +164,7 @@ def test_deterministic_given_a_seed() -> None:
     outs = []
     for _ in range(2):
         torch.manual_seed(11)
-        m = attnlab.build("bilateral", dim=16, heads=2, window=(2, 4), cluster_size=4)
+        m = attnlab.build("bilateral", dim=16, heads=2, tile_size=(2, 4), cluster_size=4)
         outs.append((m(x), m.materialize(x)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
@@ -167,7 +172,7 @@ def test_deterministic_given_a_seed() -> None:
 def test_module_on_flat_inputs_with_a_grid(monkeypatch: pytest.MonkeyPatch) -> None:
     """`attend` takes flat heads with grid=(H, W); SDPA runs on w×w windows and m×m clusters, never N×N."""
     torch.manual_seed(0)
-    m = attnlab.build("bilateral", dim=8, heads=2, window=4, cluster_size=8).double()
+    m = attnlab.build("bilateral", dim=8, heads=2, tile_size=4, cluster_size=8).double()
     x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
     q, k, v = m._heads(x)
     shapes: list[tuple[int, ...]] = []
@@ -185,22 +190,22 @@ def test_module_on_flat_inputs_with_a_grid(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_errors_name_the_values() -> None:
     q, k, v = qkv(grid=(4, 8))
-    with pytest.raises(ValueError, match=r"window: \(8, 8\) is larger than the grid \(4, 8\)"):
-        bilateral_attention(q, k, v, window=8, cluster_size=4)
-    with pytest.raises(ValueError, match=r"window: \(3, 4\) does not tile the grid \(4, 8\)"):
-        bilateral_attention(q, k, v, window=(3, 4), cluster_size=4)
+    with pytest.raises(ValueError, match=r"tile_size: \(8, 8\) is larger than the grid \(4, 8\)"):
+        bilateral_attention(q, k, v, tile_size=8, cluster_size=4)
+    with pytest.raises(ValueError, match=r"tile_size: \(3, 4\) does not tile the grid \(4, 8\)"):
+        bilateral_attention(q, k, v, tile_size=(3, 4), cluster_size=4)
     with pytest.raises(ValueError, match="N=32 and cluster_size=12"):
-        bilateral_attention(q, k, v, window=4, cluster_size=12)
+        bilateral_attention(q, k, v, tile_size=4, cluster_size=12)
     with pytest.raises(ValueError, match="N=32 and cluster_size=64"):
-        bilateral_attention(q, k, v, window=4, cluster_size=64)
+        bilateral_attention(q, k, v, tile_size=4, cluster_size=64)
     with pytest.raises(ValueError, match="clusters"):
         bad = torch.zeros(2, 2, 8, 4, dtype=torch.int64)
-        bilateral_attention(q, k, v, window=4, cluster_size=4, clusters=bad)
+        bilateral_attention(q, k, v, tile_size=4, cluster_size=4, clusters=bad)
     with pytest.raises(ParameterError, match="branches"):
         attnlab.build("bilateral", dim=8, heads=2, branches="sideways")
-    with pytest.raises(ParameterError, match="window"):
-        attnlab.build("bilateral", dim=8, heads=2, window=0)
-    m = attnlab.build("bilateral", dim=8, heads=2, window=2, cluster_size=4)
+    with pytest.raises(ParameterError, match="tile_size"):
+        attnlab.build("bilateral", dim=8, heads=2, tile_size=0)
+    m = attnlab.build("bilateral", dim=8, heads=2, tile_size=2, cluster_size=4)
     qh = torch.randn(1, 2, 16, 4)
     with pytest.raises(ValueError, match=r"grid: \(3, 4\) holds 12 positions, but q, k, v have 16"):
         m.attend(qh, qh, qh, grid=(3, 4))
@@ -208,3 +213,16 @@ def test_errors_name_the_values() -> None:
         m.attend(qh, qh, qh)
     with pytest.raises(ValueError, match="attention_mask"):
         m(torch.randn(1, 4, 4, 8), attention_mask=torch.ones(1, 16, dtype=torch.bool))
+
+
+def test_old_name_window_names_tile_size() -> None:
+    """`window` (the image-space tiles' side) was renamed `tile_size`: build, the constructor and the functional
+    ops say so."""
+    with pytest.raises(ParameterError, match=r"'window' was renamed tile_size \(the \(wh, ww\) side"):
+        attnlab.build("bilateral", dim=8, heads=2, window=2)
+    with pytest.raises(TypeError, match=r"BilateralAttention: keyword 'window' was renamed tile_size"):
+        BilateralAttention(8, 2, window=2)
+    q, k, v = qkv()
+    for fn in (bilateral_attention, bilateral_attention_reference):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: keyword 'window' was renamed tile_size"):
+            fn(q, k, v, window=2, cluster_size=4)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.core.errors import ParameterError
 from attnlab.mechanisms.local.multi_window import (
     MultiWindowAttention,
-    default_windows,
+    default_tile_sizes,
     multi_window_attention,
     multi_window_attention_reference,
 )
@@ -50,14 +51,14 @@ def test_equals_softmax_per_window(causal: bool, padded: bool) -> None:
         kpm[1, 0:6] = False  # windows of element 1 with no real key: zeros
     want = _per_window(q, k, v, sizes, causal, kpm)
     for fn in (multi_window_attention, lambda *a, **kw: multi_window_attention_reference(*a, **kw)[0]):
-        got = fn(q, k, v, windows=sizes, causal=causal, attention_mask=kpm)
+        got = fn(q, k, v, tile_sizes=sizes, causal=causal, attention_mask=kpm)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
 def test_each_head_is_block_diagonal_with_its_window() -> None:
     torch.manual_seed(0)
     sizes = (1, 2, 4, 8, 0)
-    m = attnlab.build("multi-window", dim=20, heads=5, windows=sizes).double()
+    m = attnlab.build("multi-window", dim=20, heads=5, tile_sizes=sizes).double()
     w = m.materialize(torch.randn(1, 16, 20, dtype=torch.float64))[0]
     for h, size in enumerate(sizes):
         size = size or 16
@@ -68,10 +69,10 @@ def test_each_head_is_block_diagonal_with_its_window() -> None:
 
 def test_global_head_equals_softmax_attention() -> None:
     q, k, v = _qkv(10, 2)
-    got = multi_window_attention(q, k, v, windows=(0, 5))[:, 0]
+    got = multi_window_attention(q, k, v, tile_sizes=(0, 5))[:, 0]
     p = torch.softmax(q[:, 0] @ k[:, 0].transpose(-1, -2) / 2.0, -1)
     torch.testing.assert_close(got, p @ v[:, 0], atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(multi_window_attention(q, k, v, windows=(10, 5))[:, 0], got)  # w = N is global too
+    torch.testing.assert_close(multi_window_attention(q, k, v, tile_sizes=(10, 5))[:, 0], got)  # w = N is global too
 
 
 def test_gradients_match_reference() -> None:
@@ -80,7 +81,7 @@ def test_gradients_match_reference() -> None:
     kpm[0, ::5] = False
     g = torch.randn(2, 4, 12, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for causal in (False, True):
-        kw = {"windows": (3, 0, 6, 3), "causal": causal, "attention_mask": kpm}
+        kw = {"tile_sizes": (3, 0, 6, 3), "causal": causal, "attention_mask": kpm}
         fast, ref = multi_window_attention(q, k, v, **kw), multi_window_attention_reference(q, k, v, **kw)[0]
         for a, b in zip(torch.autograd.grad((fast * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
@@ -88,10 +89,10 @@ def test_gradients_match_reference() -> None:
 
 def test_default_windows_follow_the_divisor_rule() -> None:
     # divisors of 1024 below it and above 1: 2, 4, …, 512 (9 of them); 7 local heads spread over them
-    assert default_windows(1024, 8) == (2, 4, 16, 32, 64, 256, 512, 0)
-    assert default_windows(12, 3) == (2, 6, 0)  # divisors 2, 3, 4, 6: first and last
-    assert default_windows(7, 3) == (1, 1, 0)  # a prime length: windows of one token
-    assert default_windows(12, 1) == (0,)
+    assert default_tile_sizes(1024, 8) == (2, 4, 16, 32, 64, 256, 512, 0)
+    assert default_tile_sizes(12, 3) == (2, 6, 0)  # divisors 2, 3, 4, 6: first and last
+    assert default_tile_sizes(7, 3) == (1, 1, 0)  # a prime length: windows of one token
+    assert default_tile_sizes(12, 1) == (0,)
     m = MultiWindowAttention(12, 3).double()
     x = torch.randn(1, 12, 12, dtype=torch.float64)
     w = m.materialize(x)[0]
@@ -101,17 +102,17 @@ def test_default_windows_follow_the_divisor_rule() -> None:
 
 def test_errors_name_the_values() -> None:
     q, k, v = _qkv(12, 2)
-    with pytest.raises(ValueError, match=r"windows: head 1 has window 5, which does not divide the sequence length n=12"):
-        multi_window_attention(q, k, v, windows=(3, 5))
-    with pytest.raises(ValueError, match=r"windows: head 0 has window 16"):
-        multi_window_attention(q, k, v, windows=(16, 0))
-    with pytest.raises(ValueError, match=r"windows: expected one window size per head \(2 heads\), got 3"):
-        multi_window_attention(q, k, v, windows=(3, 0, 4))
-    with pytest.raises(ValueError, match=r"windows: expected a tuple of ints >= 0"):
-        multi_window_attention(q, k, v, windows=(3, -1))
-    with pytest.raises(ValueError, match=r"windows: expected one window size per head \(4 heads\), got 2"):
-        attnlab.build("multi-window", dim=16, heads=4, windows=(2, 0))
-    m = MultiWindowAttention(8, 2, windows=(3, 0))
+    with pytest.raises(ValueError, match=r"tile_sizes: head 1 has tile size 5, which does not divide the sequence length n=12"):
+        multi_window_attention(q, k, v, tile_sizes=(3, 5))
+    with pytest.raises(ValueError, match=r"tile_sizes: head 0 has tile size 16"):
+        multi_window_attention(q, k, v, tile_sizes=(16, 0))
+    with pytest.raises(ValueError, match=r"tile_sizes: expected one tile size per head \(2 heads\), got 3"):
+        multi_window_attention(q, k, v, tile_sizes=(3, 0, 4))
+    with pytest.raises(ValueError, match=r"tile_sizes: expected a tuple of ints >= 0"):
+        multi_window_attention(q, k, v, tile_sizes=(3, -1))
+    with pytest.raises(ValueError, match=r"tile_sizes: expected one tile size per head \(4 heads\), got 2"):
+        attnlab.build("multi-window", dim=16, heads=4, tile_sizes=(2, 0))
+    m = MultiWindowAttention(8, 2, tile_sizes=(3, 0))
     with pytest.raises(ValueError, match="attn_mask"):
         m(torch.randn(1, 6, 8), attn_mask=torch.ones(6, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="n=7"):
@@ -133,9 +134,9 @@ def test_window_bias_by_hand() -> None:
     want = torch.zeros(4, 4, dtype=torch.float64)
     for start in (0, 2):
         want[start : start + 2, start : start + 2] = torch.tensor(rows, dtype=torch.float64)
-    out, weights = multi_window_attention_reference(q, q, v, windows=(2,), position_bias=table)
+    out, weights = multi_window_attention_reference(q, q, v, tile_sizes=(2,), position_bias=table)
     torch.testing.assert_close(weights[0, 0], want, rtol=1e-14, atol=0)
-    torch.testing.assert_close(multi_window_attention(q, q, v, windows=(2,), position_bias=table), want @ v,
+    torch.testing.assert_close(multi_window_attention(q, q, v, tile_sizes=(2,), position_bias=table), want @ v,
                                rtol=1e-12, atol=1e-12)
 
 
@@ -145,7 +146,7 @@ def test_biased_fast_path_equals_reference_forward_and_backward(causal: bool) ->
     table = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[1, 5:9] = False
-    kw = dict(windows=(2, 4, 0), causal=causal, attention_mask=kpm, position_bias=table)
+    kw = dict(tile_sizes=(2, 4, 0), causal=causal, attention_mask=kpm, position_bias=table)
     fast = multi_window_attention(q, k, v, **kw)
     ref, weights = multi_window_attention_reference(q, k, v, **kw)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
@@ -155,16 +156,29 @@ def test_biased_fast_path_equals_reference_forward_and_backward(causal: bool) ->
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
     assert g_fast[2].abs().max() == 0  # the global head reads no bias
     assert g_fast[0, 3:].abs().max() == 0 and g_fast[0, :3].abs().max() > 0  # window 2 reads its first 3 entries
-    unbiased = multi_window_attention(q, k, v, windows=(2, 4, 0), causal=causal, attention_mask=kpm)
+    unbiased = multi_window_attention(q, k, v, tile_sizes=(2, 4, 0), causal=causal, attention_mask=kpm)
     assert (fast - unbiased)[:, :2].abs().max() > 1e-3 and (fast - unbiased)[:, 2].abs().max() == 0
 
 
 def test_rel_pos_bias_is_on_with_fixed_windows() -> None:
-    m = attnlab.build("multi-window", dim=12, heads=3, windows=(2, 4, 0))
+    m = attnlab.build("multi-window", dim=12, heads=3, tile_sizes=(2, 4, 0))
     assert m.rpb is not None and m.rpb.shape == (3, 7) and 0 < m.rpb.std() < 0.1
     assert attnlab.build("multi-window", dim=12, heads=3).rpb is None  # windows chosen per call: no table
-    assert attnlab.build("multi-window", dim=12, heads=3, windows=(2, 4, 0), rel_pos_bias=False).rpb is None
+    assert attnlab.build("multi-window", dim=12, heads=3, tile_sizes=(2, 4, 0), rel_pos_bias=False).rpb is None
     with pytest.raises(ValueError, match="rel_pos_bias"):
         attnlab.build("multi-window", dim=12, heads=3, rel_pos_bias=True)
     with pytest.raises(ValueError, match="position_bias"):
         multi_window_attention(*_qkv(4, 1), position_bias=torch.zeros(1, 3, dtype=torch.float64))
+
+
+def test_old_name_windows_names_tile_sizes() -> None:
+    """`windows` (one tile size per head) was renamed `tile_sizes`: build, the constructor and the functional ops
+    say so."""
+    with pytest.raises(ParameterError, match=r"'windows' was renamed tile_sizes \(one window \(tile\) size per head"):
+        attnlab.build("multi-window", dim=8, heads=2, windows=(3, 0))
+    with pytest.raises(TypeError, match=r"MultiWindowAttention: keyword 'windows' was renamed tile_sizes"):
+        MultiWindowAttention(8, 2, windows=(3, 0))
+    q, k, v = _qkv(6, 2)
+    for fn in (multi_window_attention, multi_window_attention_reference):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: keyword 'windows' was renamed tile_sizes"):
+            fn(q, k, v, windows=(3, 0))

@@ -9,6 +9,7 @@ import torch
 import attnlab
 from attnlab.core.errors import ParameterError
 from attnlab.mechanisms.sparse.sliding_window import (
+    SlidingWindowAttention,
     sliding_window_attention,
     sliding_window_attention_reference,
     window_layout,
@@ -40,7 +41,7 @@ def test_band_is_exact(n, w, bs, causal):
     q, k, v = qkv(n + w, n)
     kpm = torch.rand(2, n, generator=torch.Generator().manual_seed(w)) > 0.2
     want = hand_window(q, k, v, w, causal, kpm)
-    kw = {"window": w, "causal": causal, "block_size": bs, "attention_mask": kpm}
+    kw = {"radius": w, "causal": causal, "block_size": bs, "attention_mask": kpm}
     got = sliding_window_attention(q, k, v, **kw)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(sliding_window_attention_reference(q, k, v, **kw)[0], want)
@@ -52,20 +53,20 @@ def test_band_is_exact(n, w, bs, causal):
 def test_window_zero_returns_the_values():
     q, k, v = qkv(0, 13)
     for causal in (False, True):
-        torch.testing.assert_close(sliding_window_attention(q, k, v, window=0, causal=causal, block_size=4), v)
+        torch.testing.assert_close(sliding_window_attention(q, k, v, radius=0, causal=causal, block_size=4), v)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_as_wide_as_the_sequence_is_full_attention(causal):
     q, k, v = qkv(1, 19)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window=18, causal=causal, block_size=4), want)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, radius=18, causal=causal, block_size=4), want)
 
 
 def test_layout_reads_the_diagonal_and_ceil_w_over_b_blocks_each_side():
     for w, bs, reach in ((3, 4, 1), (4, 4, 1), (5, 4, 2), (64, 16, 4), (0, 8, 0)):
         for causal in (False, True):
-            lay = window_layout(64 * 16, window=w, block_size=bs, causal=causal)
+            lay = window_layout(64 * 16, radius=w, block_size=bs, causal=causal)
             want = reach + 1 if causal else 2 * reach + 1
             assert lay.max_row == want
             i = torch.arange(lay.n_q_blocks)[:, None]
@@ -76,7 +77,7 @@ def test_layout_reads_the_diagonal_and_ceil_w_over_b_blocks_each_side():
 
 def test_module_decodes_with_a_sliding_cache():
     torch.manual_seed(0)
-    m = attnlab.build("sliding-window", dim=8, heads=2, window=3, block_size=2, causal=True).double()
+    m = attnlab.build("sliding-window", dim=8, heads=2, radius=3, block_size=2, causal=True).double()
     x = torch.randn(2, 15, 8, dtype=torch.float64)
     full = m(x)
     state, outs = None, []
@@ -89,19 +90,31 @@ def test_module_decodes_with_a_sliding_cache():
 
 def test_materialize_is_zero_outside_the_band():
     torch.manual_seed(0)
-    m = attnlab.build("sliding-window", dim=8, heads=2, window=2, block_size=4).double()
+    m = attnlab.build("sliding-window", dim=8, heads=2, radius=2, block_size=4).double()
     a = m.materialize(torch.randn(1, 11, 8, dtype=torch.float64))
     dist = (torch.arange(11)[:, None] - torch.arange(11)[None, :]).abs()
     assert bool((a[0][:, dist > 2] == 0).all()) and bool((a[0][:, dist <= 2] > 0).all())
 
 
 def test_parameters_are_checked():
-    with pytest.raises(ParameterError, match="window"):
-        attnlab.build("sliding-window", dim=8, heads=2, window=-1)
+    with pytest.raises(ParameterError, match="radius"):
+        attnlab.build("sliding-window", dim=8, heads=2, radius=-1)
     with pytest.raises(ParameterError, match="block_size"):
-        window_layout(10, window=2, block_size=0)
+        window_layout(10, radius=2, block_size=0)
     with pytest.raises(ValueError, match="attn_mask"):
-        m = attnlab.build("sliding-window", dim=8, heads=2, window=2)
+        m = attnlab.build("sliding-window", dim=8, heads=2, radius=2)
         m(torch.randn(1, 5, 8), attn_mask=torch.ones(5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="causal"):
-        attnlab.build("sliding-window", dim=8, heads=2, window=2).step(torch.randn(1, 1, 8))
+        attnlab.build("sliding-window", dim=8, heads=2, radius=2).step(torch.randn(1, 1, 8))
+
+
+def test_old_name_window_names_radius() -> None:
+    """`window` (the band's half-width) was renamed `radius`: build, the constructor and both functional ops say so."""
+    with pytest.raises(ParameterError, match=r"'window' was renamed radius \(keys with \|i − j\| ≤ radius\)"):
+        attnlab.build("sliding-window", dim=8, heads=2, window=2)
+    with pytest.raises(TypeError, match=r"SlidingWindowAttention: keyword 'window' was renamed radius"):
+        SlidingWindowAttention(8, 2, window=2)
+    q = torch.randn(1, 2, 6, 4)
+    for fn in (sliding_window_attention, sliding_window_attention_reference):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: keyword 'window' was renamed radius"):
+            fn(q, q, q, window=2)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.core.errors import ParameterError
 from attnlab.mechanisms.local.twins import (
     TwinsGlobalAttention,
     TwinsLocalAttention,
@@ -45,8 +46,8 @@ def test_lsa_equals_attention_window_by_window(grid: tuple[int, int], window: tu
     kpm = torch.rand(2, math.prod(grid), generator=torch.Generator().manual_seed(4)) > 0.3
     for mask in (None, kpm):
         want = _windows_by_loops(q, k, v, window, mask)
-        torch.testing.assert_close(lsa_attention(q, k, v, window=window, attention_mask=mask), want)
-        torch.testing.assert_close(lsa_attention_reference(q, k, v, window=window, attention_mask=mask)[0], want)
+        torch.testing.assert_close(lsa_attention(q, k, v, tile_size=window, attention_mask=mask), want)
+        torch.testing.assert_close(lsa_attention_reference(q, k, v, tile_size=window, attention_mask=mask)[0], want)
 
 
 def test_lsa_fast_and_reference_gradients_agree() -> None:
@@ -55,8 +56,8 @@ def test_lsa_fast_and_reference_gradients_agree() -> None:
     kpm = torch.ones(2, 5, 7, dtype=torch.bool)
     kpm[0, 4, 6] = False
     w = torch.randn(2, 2, *grid, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    fast = torch.autograd.grad((lsa_attention(*leaves, window=window, attention_mask=kpm) * w).sum(), leaves)
-    ref = torch.autograd.grad((lsa_attention_reference(*leaves, window=window, attention_mask=kpm)[0] * w).sum(), leaves)
+    fast = torch.autograd.grad((lsa_attention(*leaves, tile_size=window, attention_mask=kpm) * w).sum(), leaves)
+    ref = torch.autograd.grad((lsa_attention_reference(*leaves, tile_size=window, attention_mask=kpm)[0] * w).sum(), leaves)
     for gf, gr in zip(fast, ref):
         torch.testing.assert_close(gf, gr)
 
@@ -64,20 +65,20 @@ def test_lsa_fast_and_reference_gradients_agree() -> None:
 def test_lsa_weights_are_block_diagonal_and_hand_values() -> None:
     """1×1 windows: every token attends to itself only (out = v); a window as large as the grid is full attention."""
     q, k, v = _qkv((3, 4))
-    torch.testing.assert_close(lsa_attention(q, k, v, window=1), v)
+    torch.testing.assert_close(lsa_attention(q, k, v, tile_size=1), v)
     flat = [t.reshape(2, 2, 12, 4) for t in (q, k, v)]
     full = torch.softmax(flat[0] @ flat[1].transpose(-1, -2) / 2.0, -1) @ flat[2]
-    torch.testing.assert_close(lsa_attention(q, k, v, window=(3, 4)).reshape(2, 2, 12, 4), full)
+    torch.testing.assert_close(lsa_attention(q, k, v, tile_size=(3, 4)).reshape(2, 2, 12, 4), full)
     # (2, 2) windows on a (3, 4) grid: tokens 0 = (0, 0) and 5 = (1, 1) share a window, 0 and 2 = (0, 2) do not,
     # and the bottom windows hold one row: token 8 = (2, 0) sees tokens 8, 9 only.
-    weights = lsa_attention_reference(q, k, v, window=2)[1]
+    weights = lsa_attention_reference(q, k, v, tile_size=2)[1]
     assert (weights[..., 0, 5] > 0).all() and (weights[..., 0, 2] == 0).all()
     assert torch.nonzero(weights[0, 0, 8]).flatten().tolist() == [8, 9]
 
 
 def test_lsa_module_flat_and_grid_inputs_and_materialize() -> None:
     torch.manual_seed(0)
-    m = attnlab.build("twins-lsa", dim=8, heads=2, window=(2, 2)).double()
+    m = attnlab.build("twins-lsa", dim=8, heads=2, tile_size=(2, 2)).double()
     x = torch.randn(1, 4, 6, 8, dtype=torch.float64)
     y = m(x)
     a = m.materialize(x)
@@ -93,25 +94,25 @@ def test_lsa_module_flat_and_grid_inputs_and_materialize() -> None:
 
 def test_lsa_errors_name_the_values() -> None:
     q, k, v = _qkv((3, 4))
-    with pytest.raises(ValueError, match=r"window.*\(3, 4\).*\(4, 2\)"):
-        lsa_attention(q, k, v, window=(4, 2))
-    with pytest.raises(ValueError, match="window"):
-        lsa_attention(q, k, v, window=0)
-    m = TwinsLocalAttention(8, 2, window=2)
+    with pytest.raises(ValueError, match=r"tile_size.*\(3, 4\).*\(4, 2\)"):
+        lsa_attention(q, k, v, tile_size=(4, 2))
+    with pytest.raises(ValueError, match="tile_size"):
+        lsa_attention(q, k, v, tile_size=0)
+    m = TwinsLocalAttention(8, 2, tile_size=2)
     flat = [t.reshape(2, 2, 12, 4).float() for t in (q, k, v)]
     with pytest.raises(ValueError, match=r"grid: \(3, 5\) holds 15 positions.*12"):
         m.attend(*flat, grid=(3, 5))
     with pytest.raises(ValueError, match="grid_shape"):
-        attnlab.build("twins-lsa", dim=8, heads=2, window=5, grid_shape=(4, 4))
+        attnlab.build("twins-lsa", dim=8, heads=2, tile_size=5, grid_shape=(4, 4))
     with pytest.raises(ValueError, match="attention_mask"):
-        lsa_attention(q, k, v, window=2, attention_mask=torch.ones(2, 11, dtype=torch.bool))
+        lsa_attention(q, k, v, tile_size=2, attention_mask=torch.ones(2, 11, dtype=torch.bool))
 
 
 def test_lsa_fully_padded_window_gives_zeros() -> None:
     q, k, v = _qkv((4, 4))
     kpm = torch.ones(2, 4, 4, dtype=torch.bool)
     kpm[:, :2, :2] = False  # the top-left 2×2 window holds only padding
-    out = lsa_attention(q, k, v, window=2, attention_mask=kpm)
+    out = lsa_attention(q, k, v, tile_size=2, attention_mask=kpm)
     assert out[:, :, :2, :2].abs().max() == 0.0 and torch.isfinite(out).all()
 
 
@@ -232,3 +233,16 @@ def test_gsa_errors_name_the_values() -> None:
         attnlab.build("twins-gsa", dim=8, heads=2, sr_ratio=0)
     with pytest.raises(ValueError, match="q"):
         gsa_attention(torch.randn(2, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+
+
+def test_old_name_window_names_tile_size() -> None:
+    """LSA's `window` (the side of the partition's tiles) was renamed `tile_size`: build, the constructor and the
+    functional ops say so."""
+    with pytest.raises(ParameterError, match=r"'window' was renamed tile_size \(the k or \(k1, k2\) side of the tiles"):
+        attnlab.build("twins-lsa", dim=8, heads=2, window=2)
+    with pytest.raises(TypeError, match=r"TwinsLocalAttention: keyword 'window' was renamed tile_size"):
+        TwinsLocalAttention(8, 2, window=2)
+    q, k, v = _qkv((4, 4))
+    for fn in (lsa_attention, lsa_attention_reference):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: keyword 'window' was renamed tile_size"):
+            fn(q, k, v, window=2)

@@ -13,8 +13,16 @@ over √(2d'), each off-diagonal pair once over √d'), the same inner product w
 features (153 for d' = 16) instead of 1 + d' + d'².
 
 Sliding-window softmax attention over the head's ordinary q, k (scale 1/√head_dim): causal, query i
-sees keys 0 ≤ i − j < window (window 64 by default, the "short (64) sliding window" of the official
-README); bidirectional, |i − j| < window.
+sees keys 0 ≤ i − j < window_size (64 by default, the "short (64) sliding window" of the official
+README); bidirectional, |i − j| < window_size.
+
+The name `window_size` (was `window`) is the count of keys a causal query sees, itself included: the
+sense of Longformer's and Mistral's "window size" (Mistral's sliding window W) and of the
+window_size of sliding-window kernels. Bidirectional (not in the paper, a causal LM) is the same
+band mirrored, 2·window_size − 1 keys. attnlab names a band's half-width
+`radius` (sliding-window: |i − j| ≤ radius) and a grid partition's side `tile_size` (twins-lsa,
+proxy-token, bilateral), so no two meanings share a name; passing `window=` raises an error naming
+`window_size`.
 
 How they combine. Based stacks them as separate layers (linear-attention layers and sliding-window
 layers among gated-convolution layers), each in its own residual block. One attention module cannot
@@ -27,8 +35,8 @@ and `materialize` returns A_taylor + A_window. The per-head query and key that `
 both parts side by side: the first head_dim channels feed the window softmax, the last d' the Taylor map.
 
 Forms: bidirectional (one pass), causal chunked and recurrent (the engine; the window part in blocks
-of `window` queries against ≤ 3 blocks of keys, O(N w d)), and `step`, which keeps the engine's state
-and the last window − 1 keys and values. Cost O(N d'² d + N w d).
+of window_size queries against ≤ 3 blocks of keys, O(N w d), w = window_size), and `step`, which keeps
+the engine's state and the last window_size − 1 keys and values. Cost O(N d'² d + N w d).
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ from torch import Tensor, nn
 
 from ...core.errors import ShapeError
 from ...core.reference import masked_softmax
-from ...core.registry import Paper, Param, Supports, register
+from ...core.registry import Paper, Param, Supports, register, renamed_keywords
 from ...core.validate import check_attention_mask, check_int, check_qkv
 from ...kernels.linear_scan import (
     LinearState,
@@ -52,7 +60,8 @@ from ...kernels.linear_scan import (
 from .base import LinearAttention
 
 BASED = Paper(None, "Simple linear attention language models balance the recall-throughput tradeoff", 2024, "2402.18668")
-FEATURE_DIM, WINDOW = 16, 64
+FEATURE_DIM, WINDOW_SIZE = 16, 64
+RENAMED = {"window": "window_size (keys a causal query sees, itself included)"}
 
 
 def taylor_feature_map(x: Tensor) -> Tensor:
@@ -70,9 +79,9 @@ def taylor_features(feature_dim: int) -> int:
     return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
 
 
-def _in_window(rel: Tensor, window: int, causal: bool) -> Tensor:
+def _in_window(rel: Tensor, window_size: int, causal: bool) -> Tensor:
     """Keys at offset rel = i − j that query i sees."""
-    return (rel >= 0) & (rel < window) if causal else rel.abs() < window
+    return (rel >= 0) & (rel < window_size) if causal else rel.abs() < window_size
 
 
 def sliding_window_attention(
@@ -80,23 +89,23 @@ def sliding_window_attention(
     k: Tensor,
     v: Tensor,
     *,
-    window: int = WINDOW,
+    window_size: int = WINDOW_SIZE,
     causal: bool = False,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Exact softmax attention over the keys 0 ≤ i − j < window (causal) or |i − j| < window, (batch, heads, n, d).
+    """Exact softmax attention over the keys 0 ≤ i − j < window_size (causal) or |i − j| < window_size, (batch, heads, n, d).
 
-    Blocks of c = min(window, n) queries attend to the keys of their block and its neighbours
-    (2c keys causal, 3c bidirectional): O(n·window·d) work and memory, no n × n tensor.
+    Blocks of c = min(window_size, n) queries attend to the keys of their block and its neighbours
+    (2c keys causal, 3c bidirectional): O(n·window_size·d) work and memory, no n × n tensor.
     A query with no visible key gives 0 (torch's SDPA on the blocks does so, forward and backward).
     """
     check_qkv(q, k, v, same_length=True)
-    check_int("window", window)
+    check_int("window_size", window_size)
     b, h, n, d = q.shape
     check_attention_mask(attention_mask, b, n)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    c = min(window, n)
+    c = min(window_size, n)
     m = -(-n // c)
     before, after = c, 0 if causal else c
     span = before + c + after
@@ -109,7 +118,7 @@ def sliding_window_attention(
     visible = neighbourhoods(real)[..., 0] > 0  # (b or 1, m, span): real keys inside the sequence
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(span, device=q.device)[None, :]
-    mask = _in_window(c + r - t, window, causal) & visible[:, None, :, None, :]  # (b or 1, 1, m, c, span)
+    mask = _in_window(c + r - t, window_size, causal) & visible[:, None, :, None, :]  # (b or 1, 1, m, c, span)
     qb = F.pad(q, (0, 0, 0, m * c - n)).reshape(b, h, m, c, d)
     out = F.scaled_dot_product_attention(qb, neighbourhoods(k), neighbourhoods(v), attn_mask=mask, scale=scale)
     return out.reshape(b, h, m * c, v.shape[-1])[:, :, :n]
@@ -120,25 +129,26 @@ def sliding_window_attention_reference(
     k: Tensor,
     v: Tensor,
     *,
-    window: int = WINDOW,
+    window_size: int = WINDOW_SIZE,
     causal: bool = False,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `sliding_window_attention`: the n × n banded softmax matrix in float64."""
     check_qkv(q, k, v, same_length=True)
-    check_int("window", window)
+    check_int("window_size", window_size)
     b, _, n, d = q.shape
     check_attention_mask(attention_mask, b, n)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     pos = torch.arange(n, device=q.device)
-    keep = _in_window(pos[:, None] - pos[None, :], window, causal)[None, None]
+    keep = _in_window(pos[:, None] - pos[None, :], window_size, causal)[None, None]
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :]
     weights = masked_softmax((q.double() @ k.double().transpose(-1, -2)) * scale, keep)
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
 
 
+@renamed_keywords("based_attention", RENAMED)
 def based_attention(
     q: Tensor,
     k: Tensor,
@@ -146,7 +156,7 @@ def based_attention(
     *,
     q_feature: Tensor,
     k_feature: Tensor,
-    window: int = WINDOW,
+    window_size: int = WINDOW_SIZE,
     causal: bool = False,
     attention_mask: Tensor | None = None,
     chunk_size: int = 64,
@@ -160,9 +170,10 @@ def based_attention(
         taylor_feature_map(q_feature), taylor_feature_map(k_feature), v,
         causal=causal, attention_mask=attention_mask, chunk_size=chunk_size,
     )
-    return linear + sliding_window_attention(q, k, v, window=window, causal=causal, attention_mask=attention_mask)
+    return linear + sliding_window_attention(q, k, v, window_size=window_size, causal=causal, attention_mask=attention_mask)
 
 
+@renamed_keywords("based_attention_reference", RENAMED)
 def based_attention_reference(
     q: Tensor,
     k: Tensor,
@@ -170,7 +181,7 @@ def based_attention_reference(
     *,
     q_feature: Tensor,
     k_feature: Tensor,
-    window: int = WINDOW,
+    window_size: int = WINDOW_SIZE,
     causal: bool = False,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -194,7 +205,7 @@ def based_attention_reference(
     total = kernel.sum(-1, keepdim=True)
     taylor = torch.where(total > 0, kernel / torch.where(total > 0, total, 1.0), 0.0)
     _, local = sliding_window_attention_reference(
-        q.double(), k.double(), v.double(), window=window, causal=causal, attention_mask=attention_mask
+        q.double(), k.double(), v.double(), window_size=window_size, causal=causal, attention_mask=attention_mask
     )
     weights = taylor + local
     return (weights @ v.double()).to(q.dtype), weights.to(q.dtype)
@@ -202,7 +213,7 @@ def based_attention_reference(
 
 @dataclass
 class BasedState:
-    """Decoding state: the engine's memory and normaliser, and the last window − 1 keys and values (batch, heads, ≤ w − 1, head_dim)."""
+    """Decoding state: the engine's memory and normaliser, and the last window_size − 1 keys and values (batch, heads, ≤ w − 1, head_dim)."""
 
     linear: LinearState | None
     keys: Tensor
@@ -210,10 +221,10 @@ class BasedState:
 
 
 def based_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
-    """Forward FLOPs at the defaults (d' = 16, window 64, chunk 64): the engine's linear attention with
+    """Forward FLOPs at the defaults (d' = 16, window_size 64, chunk 64): the engine's linear attention with
     d_k = 153 features and d_v = head_dim + 1 (the normaliser column), plus the window's blocks of scores and A v."""
     dk, dv = taylor_features(FEATURE_DIM), head_dim + 1
-    c, block = min(64, n), min(WINDOW, n)
+    c, block = min(64, n), min(WINDOW_SIZE, n)
     linear = 2.0 * n * c * (dk + dv) + 4.0 * n * dk * dv if causal else 4.0 * n * dk * dv
     local = 4.0 * n * (2 if causal else 3) * block * head_dim
     return heads * (linear + local)
@@ -228,13 +239,14 @@ def based_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
     params=(
         Param("feature_dim", int, FEATURE_DIM, "width d' of the q, k projections fed to the Taylor map", low=1),
-        Param("window", int, WINDOW, "keys a query sees in the sliding-window softmax (causal: itself and window − 1 before)", low=1),
+        Param("window_size", int, WINDOW_SIZE, "keys a query sees in the sliding-window softmax (causal: itself and window_size − 1 before)", low=1),
         Param("chunk_size", int, 64, "chunk of the causal fast path of the linear part", low=1, knob=True),
     ),
     summary="Based: 2nd-order Taylor linear attention plus exact sliding-window softmax attention, summed.",
     normalized=False,
-    test_params={"feature_dim": 4, "window": 3, "chunk_size": 4},
+    test_params={"feature_dim": 4, "window_size": 3, "chunk_size": 4},
     flops=based_flops,
+    renamed=RENAMED,
 )
 class BasedAttention(LinearAttention):
     """Multi-head Based attention: Taylor linear attention and sliding-window softmax sharing v (see the module docstring)."""
@@ -248,12 +260,12 @@ class BasedAttention(LinearAttention):
         qkv_bias: bool = True,
         causal: bool = False,
         feature_dim: int = FEATURE_DIM,
-        window: int = WINDOW,
+        window_size: int = WINDOW_SIZE,
         chunk_size: int = 64,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, normalize=True, chunk_size=chunk_size)
         check_int("feature_dim", feature_dim)
-        self.feature_dim, self.window = feature_dim, check_int("window", window)
+        self.feature_dim, self.window_size = feature_dim, check_int("window_size", window_size)
         self.feature_q = nn.Linear(dim, heads * feature_dim, bias=qkv_bias)
         self.feature_k = nn.Linear(dim, heads * feature_dim, bias=qkv_bias)
 
@@ -279,14 +291,14 @@ class BasedAttention(LinearAttention):
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention(
-            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal,
+            qw, kw, v, q_feature=qf, k_feature=kf, window_size=self.window_size, causal=self.causal,
             attention_mask=mask, chunk_size=self.chunk_size,
         )
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         (qw, qf), (kw, kf) = self._split(q, "q"), self._split(k, "k")
         return based_attention_reference(
-            qw, kw, v, q_feature=qf, k_feature=kf, window=self.window, causal=self.causal, attention_mask=mask
+            qw, kw, v, q_feature=qf, k_feature=kf, window_size=self.window_size, causal=self.causal, attention_mask=mask
         )
 
     def decode(self, x_t: Tensor, state: BasedState | None) -> tuple[Tensor, BasedState]:
@@ -299,5 +311,5 @@ class BasedAttention(LinearAttention):
         values = v if state is None else torch.cat([state.values, v], dim=2)
         weights = torch.softmax((qw @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim), dim=-1)
         out = linear_out + weights @ values
-        keep = max(0, keys.shape[2] - (self.window - 1))
+        keep = max(0, keys.shape[2] - (self.window_size - 1))
         return self.out_proj(self.merge_heads(out)), BasedState(linear, keys[:, :, keep:], values[:, :, keep:])

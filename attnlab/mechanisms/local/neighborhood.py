@@ -19,6 +19,11 @@ when the module is built, while one default module serves 1-, 2- and 3-D inputs,
 defines no bias with causal axes, which the causal default builds (decoding, the recall bench) use.
 Build with `rel_pos_bias=True` and a grid rank (`grid_rank` or a kernel_size per axis) for NAT's layer.
 
+Padding is not removal, true to the paper: P019 clamps the "window start s(i) … so the window stays
+inside the sequence/image per axis" (shared/PAPERS.md), i.e. at the ends of the padded input, so the
+window of a real query next to the padding reaches into the padded keys (masked) and holds fewer than
+k real keys, where without the padding it would be shifted onto k real ones (attnlab.testing.PADDING_MOVES).
+
 The fast path is the tiled GEMM formulation with a recomputing backward (attnlab.kernels.neighborhood).
 """
 from __future__ import annotations

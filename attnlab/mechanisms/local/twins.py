@@ -2,12 +2,19 @@
 Vision Transformers", 2021): locally-grouped self-attention (LSA) and global sub-sampled
 attention (GSA), on a 2-D grid of tokens (H, W).
 
-LSA partitions the grid into k1×k2 windows and runs full softmax attention inside each:
+LSA partitions the grid into k1×k2 windows (tiles) and runs full softmax attention inside each:
 
     out_i = Σ_{j : w(j) = w(i)} softmax_j(q_i·k_j·scale) v_j,   w(r, c) = (⌊r/k1⌋, ⌊c/k2⌋)
 
 A grid that k1 (k2) does not divide ends in a window of fewer rows (columns): as the official
 code, which zero-pads the map to whole windows and masks the padded keys out. Cost O(N·k1k2·d).
+
+The parameter is `tile_size` = k or (k1, k2) (was `window`). Twins (k1×k2 "sub-windows", the
+official `ws`) and Swin ("window size" M) say window size for this side of a fixed partition cell;
+attnlab says `tile_size` because its other local mechanisms use "window" for a band that moves
+with the query (sliding-window's `radius`, based's `window_size`, the count of keys a query sees,
+as Longformer and Mistral). A tile is shared by all its queries; proxy-token and bilateral name
+theirs the same. Passing `window=` raises an error naming `tile_size`.
 
 GSA lets every query attend to (H/s)(W/s) summaries of the map, each one s×s cell reduced by a
 stride-s, s×s convolution followed by LayerNorm, then projected to keys and values:
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
-from ...core.registry import Paper, Param, Supports, register
+from ...core.registry import Paper, Param, Supports, register, renamed_keywords
 from ...core.validate import (
     check_finite,
     check_grid_shape,
@@ -52,13 +59,14 @@ from ...kernels.sdpa import sdpa
 from .base import GridAttention, SummaryKeyAttention, grid_shape_param
 
 TWINS = Paper("P178", "Twins: Revisiting the Design of Spatial Attention in Vision Transformers", 2021, "2104.13840")
-WINDOW = 7  # Twins-SVT's window
+TILE_SIZE = 7  # Twins-SVT's window (tile) side
 SR_RATIO = 2
+LSA_RENAMED = {"window": "tile_size (the k or (k1, k2) side of the tiles the grid is partitioned into)"}
 
 
 def lsa_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     """Forward FLOPs of q·k and A·v with the default 7×7 windows: 4·h·d·N·min(49, N)."""
-    return 4.0 * heads * head_dim * n * min(WINDOW * WINDOW, n)
+    return 4.0 * heads * head_dim * n * min(TILE_SIZE * TILE_SIZE, n)
 
 
 def gsa_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
@@ -68,13 +76,13 @@ def gsa_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
 
 # -- LSA: the fast path ------------------------------------------------------------------------
 def _check_lsa(
-    q: Tensor, k: Tensor, v: Tensor, window: int | Sequence[int], attention_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, tile_size: int | Sequence[int], attention_mask: Tensor | None
 ) -> tuple[tuple[int, int], tuple[int, int], Tensor | None]:
     height, width = check_grid_qkv(q, k, v)
     grid = (height, width)
-    win = check_pair("window", window)
+    win = check_pair("tile_size", tile_size)
     if win[0] > grid[0] or win[1] > grid[1]:
-        raise ValueError(f"window: expected a window within the grid {grid}, got window {win} (rows, columns)")
+        raise ValueError(f"tile_size: expected a tile within the grid {grid}, got tile_size {win} (rows, columns)")
     return grid, win, grid_padding(attention_mask, q.shape[0], grid)
 
 
@@ -104,25 +112,26 @@ def _region(q: Tensor, k: Tensor, v: Tensor, win: tuple[int, int], kpm: Tensor |
     return _from_windows(out.view(b, heads, *tq.shape[2:4], v.shape[-1]), tuple(q.shape[2:4]), win)
 
 
+@renamed_keywords("lsa_attention", LSA_RENAMED)
 def lsa_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int | Sequence[int] = WINDOW,
+    tile_size: int | Sequence[int] = TILE_SIZE,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Locally-grouped self-attention of q, k, v (batch, heads, H, W, head_dim) in k1×k2 windows.
 
-    `window` is k or (k1, k2), within the grid; attention_mask bool (batch, N) in raster order
+    `tile_size` is k or (k1, k2), within the grid; attention_mask bool (batch, N) in raster order
     or (batch, H, W), True = real token. A query whose window holds no real key gives 0.
     The grid is cut into up to four regions that windows of one shape tile exactly (the whole
     windows, and the short ones at the bottom, right and corner); each region's windows are cut
     by reshapes and attended with one batched SDPA, without a mask unless there is padding.
     Memory O(N·k1k2).
     """
-    (h, w), win, kpm = _check_lsa(q, k, v, window, attention_mask)
+    (h, w), win, kpm = _check_lsa(q, k, v, tile_size, attention_mask)
     kpm3 = None if kpm is None else kpm.reshape(q.shape[0], h, w)
     rows = [(slice(0, h - h % win[0]), win[0]), (slice(h - h % win[0], h), h % win[0])]
     cols = [(slice(0, w - w % win[1]), win[1]), (slice(w - w % win[1], w), w % win[1])]
@@ -141,25 +150,26 @@ def lsa_attention(
 
 
 # -- LSA: the reference ------------------------------------------------------------------------
-def lsa_mask(grid: Sequence[int], window: Sequence[int], device: torch.device | None = None) -> Tensor:
+def lsa_mask(grid: Sequence[int], tile_size: Sequence[int], device: torch.device | None = None) -> Tensor:
     """bool (N, N), raster order: True where query i and key j lie in the same k1×k2 window."""
     rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij")
-    cell = ((rows // window[0]) * grid[1] + cols // window[1]).reshape(-1)
+    cell = ((rows // tile_size[0]) * grid[1] + cols // tile_size[1]).reshape(-1)
     return cell[:, None] == cell[None, :]
 
 
+@renamed_keywords("lsa_attention_reference", LSA_RENAMED)
 def lsa_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int | Sequence[int] = WINDOW,
+    tile_size: int | Sequence[int] = TILE_SIZE,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `lsa_attention` in float64: softmax over all N × N pairs under the window
     mask of `lsa_mask` and the padding; weights (batch, heads, N, N) in raster order."""
-    grid, win, kpm = _check_lsa(q, k, v, window, attention_mask)
+    grid, win, kpm = _check_lsa(q, k, v, tile_size, attention_mask)
     return masked_grid_reference(q, k, v, lsa_mask(grid, win, q.device), kpm, scale)
 
 
@@ -173,13 +183,15 @@ def lsa_attention_reference(
     exponent=1.0,
     supports=Supports(key_padding=True, grids=(2,), materialize=True),
     params=(
-        Param("window", (int, tuple), WINDOW, "window k or (k1, k2) the grid is partitioned into", low=1),
+        Param("tile_size", (int, tuple), TILE_SIZE, "window (tile) side k or (k1, k2) the grid is partitioned into",
+              low=1),
         grid_shape_param(),
     ),
     summary="Twins locally-grouped self-attention: full softmax inside each k1×k2 window of the grid.",
-    test_params={"window": (2, 3), "grid_shape": (5, 4)},
+    test_params={"tile_size": (2, 3), "grid_shape": (5, 4)},
     test_positions=(5, 4),
     flops=lsa_flops,
+    renamed=LSA_RENAMED,
 )
 class TwinsLocalAttention(GridAttention):
     """Twins-SVT LSA: the (H, W) grid is cut into k1×k2 windows (smaller ones at the bottom / right
@@ -192,22 +204,22 @@ class TwinsLocalAttention(GridAttention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
-        window: int | Sequence[int] = WINDOW,
+        tile_size: int | Sequence[int] = TILE_SIZE,
         grid_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias,
                          grid_shape=None if grid_shape is None else check_pair("grid_shape", grid_shape))
-        self.window = check_pair("window", window)
-        if self.grid_shape is not None and (self.window[0] > self.grid_shape[0] or self.window[1] > self.grid_shape[1]):
-            raise ParameterError(f"window: expected a window within grid_shape {self.grid_shape}, got {self.window}")
+        self.tile_size = check_pair("tile_size", tile_size)
+        if self.grid_shape is not None and (self.tile_size[0] > self.grid_shape[0] or self.tile_size[1] > self.grid_shape[1]):
+            raise ParameterError(f"tile_size: expected a tile within grid_shape {self.grid_shape}, got {self.tile_size}")
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path; `mask` is the key padding mask (batch, N) or None."""
-        return lsa_attention(q, k, v, window=self.window, attention_mask=mask, scale=self.scale)
+        return lsa_attention(q, k, v, tile_size=self.tile_size, attention_mask=mask, scale=self.scale)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, N, N)); `mask` as in attend_fast."""
-        return lsa_attention_reference(q, k, v, window=self.window, attention_mask=mask, scale=self.scale)
+        return lsa_attention_reference(q, k, v, tile_size=self.tile_size, attention_mask=mask, scale=self.scale)
 
 
 # -- GSA ---------------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ On an H × W grid of N tokens, per head:
   into N/m clusters of exactly m tokens by balanced hierarchical clustering, and full
   softmax attention runs inside each cluster.
 
+The window side is `tile_size` = (wh, ww) or one int (was `window`): Swin's and BOAT's "window
+size" is the side of a cell of a fixed partition of the grid, which attnlab calls a tile (twins-lsa,
+proxy-token), keeping "window" words for bands that move with the query (sliding-window's
+`radius`, based's `window_size`: the count of keys a query sees, as Longformer and Mistral).
+Passing `window=` raises an error naming `tile_size`.
+
 Balanced hierarchical clustering, as the paper: every group of s tokens is split into two
 halves of s/2 — two centroids start as the normalised means of the group's first and second
 half, two steps of soft 2-means refine them (assignment softmax(100 · cos(x, c)), centroid
@@ -42,7 +48,7 @@ from torch import Tensor
 from ...core.errors import MaskError, ShapeError
 from ...core.module import Impl
 from ...core.reference import masked_softmax
-from ...core.registry import Paper, Param, Supports, register
+from ...core.registry import Paper, Param, Supports, register, renamed_keywords
 from ...core.validate import check_choice, check_int, check_pair, check_scale, check_tensor
 from ...kernels.grid import check_grid_qkv, refuse_masks
 from ..local.base import GridAttention, grid_shape_param
@@ -51,6 +57,7 @@ BOAT = Paper("P208", "BOAT: Bilateral Local Attention Vision Transformer", 2022,
 KMEANS_STEPS = 2  # soft 2-means refinements per split, as the authors' code
 SHARPNESS = 100.0  # temperature of the soft assignment softmax(SHARPNESS · cos)
 BRANCHES = ("both", "image", "feature")
+RENAMED = {"window": "tile_size (the (wh, ww) side of the image-space windows the grid is tiled into)"}
 WHY_NO_MASK = "its windows and feature-space clusters partition every token of the grid"
 
 
@@ -65,11 +72,13 @@ def _check_cluster_size(n: int, cluster_size: int) -> int:
     return groups.bit_length() - 1
 
 
-def _check_window(grid: tuple[int, int], window: tuple[int, int]) -> None:
-    if window[0] > grid[0] or window[1] > grid[1]:
-        raise ShapeError(f"window: {window} is larger than the grid {grid}")
-    if grid[0] % window[0] or grid[1] % window[1]:
-        raise ShapeError(f"window: {window} does not tile the grid {grid} (each grid axis must be a multiple of the window)")
+def _check_tile(grid: tuple[int, int], tile_size: tuple[int, int]) -> None:
+    if tile_size[0] > grid[0] or tile_size[1] > grid[1]:
+        raise ShapeError(f"tile_size: {tile_size} is larger than the grid {grid}")
+    if grid[0] % tile_size[0] or grid[1] % tile_size[1]:
+        raise ShapeError(
+            f"tile_size: {tile_size} does not tile the grid {grid} (each grid axis must be a multiple of the tile)"
+        )
 
 
 @torch.no_grad()
@@ -109,15 +118,15 @@ def balanced_clusters(x: Tensor, cluster_size: int) -> Tensor:
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, window: int | Sequence[int], cluster_size: int, branches: str,
+    q: Tensor, k: Tensor, v: Tensor, tile_size: int | Sequence[int], cluster_size: int, branches: str,
     clusters: Tensor | None, scale: float | None,
 ) -> tuple[tuple[int, int], float]:
     check_grid_qkv(q, k, v)
     check_choice("branches", branches, BRANCHES)
     grid = (q.shape[2], q.shape[3])
-    win = check_pair("window", window)
+    win = check_pair("tile_size", tile_size)
     if branches != "feature":
-        _check_window(grid, win)
+        _check_tile(grid, win)
     n = grid[0] * grid[1]
     if branches != "image":
         _check_cluster_size(n, cluster_size)
@@ -158,12 +167,13 @@ def _cluster_branch(q: Tensor, k: Tensor, v: Tensor, clusters: Tensor, scale: fl
     return out.new_zeros(b * h * n, dv).index_copy(0, rows, out.reshape(-1, dv)).view(b, h, n, dv)
 
 
+@renamed_keywords("bilateral_attention", RENAMED)
 def bilateral_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int | Sequence[int] = 8,
+    tile_size: int | Sequence[int] = 8,
     cluster_size: int = 64,
     branches: str = "both",
     clusters: Tensor | None = None,
@@ -174,7 +184,7 @@ def bilateral_attention(
     `clusters` (batch, heads, N/m, m): a given feature-space assignment; default: the balanced
     hierarchical clustering of q. `branches`: "both" (the mean of the two), "image" or "feature".
     """
-    win, scale = _check(q, k, v, window, cluster_size, branches, clusters, scale)
+    win, scale = _check(q, k, v, tile_size, cluster_size, branches, clusters, scale)
     b, h, hh, ww, _ = q.shape
     n = hh * ww
     flat = [t.reshape(b, h, n, t.shape[-1]) for t in (q, k, v)]
@@ -188,19 +198,20 @@ def bilateral_attention(
     return out.reshape(b, h, hh, ww, v.shape[-1])
 
 
-def window_ids(grid: tuple[int, int], window: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """(N,) the window of each raster position."""
-    r = torch.arange(grid[0], device=device)[:, None] // window[0]
-    c = torch.arange(grid[1], device=device)[None, :] // window[1]
-    return (r * (grid[1] // window[1]) + c).reshape(-1)
+def window_ids(grid: tuple[int, int], tile_size: tuple[int, int], device: torch.device | None = None) -> Tensor:
+    """(N,) the window (tile) of each raster position."""
+    r = torch.arange(grid[0], device=device)[:, None] // tile_size[0]
+    c = torch.arange(grid[1], device=device)[None, :] // tile_size[1]
+    return (r * (grid[1] // tile_size[1]) + c).reshape(-1)
 
 
+@renamed_keywords("bilateral_attention_reference", RENAMED)
 def bilateral_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int | Sequence[int] = 8,
+    tile_size: int | Sequence[int] = 8,
     cluster_size: int = 64,
     branches: str = "both",
     clusters: Tensor | None = None,
@@ -208,7 +219,7 @@ def bilateral_attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """(out (batch, heads, H, W, d_v), weights (batch, heads, N, N)) in float64: one dense masked
     softmax per branch (same window / same cluster), averaged when both run; out = A v."""
-    win, scale = _check(q, k, v, window, cluster_size, branches, clusters, scale)
+    win, scale = _check(q, k, v, tile_size, cluster_size, branches, clusters, scale)
     b, h, hh, ww, _ = q.shape
     n = hh * ww
     q64, k64, v64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k, v))
@@ -240,7 +251,8 @@ def _bilateral_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     exponent=1.0,
     supports=Supports(grids=(2,), materialize=True),
     params=(
-        Param("window", (int, tuple), 8, "image-space window (wh, ww) or one int; must tile the grid (the paper: 7)", low=1),
+        Param("tile_size", (int, tuple), 8, "image-space window (tile) (wh, ww) or one int; must tile the grid "
+              "(the paper: 7)", low=1),
         Param("cluster_size", int, 64, "tokens m per feature-space cluster; N must be m·2^L (the paper: 49)", low=1),
         Param("branches", str, "both", "'both' (mean of the two branches), 'image' (windows) or 'feature' (clusters)",
               choices=BRANCHES),
@@ -251,7 +263,8 @@ def _bilateral_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
         "clusters of the queries, averaged. The clustering is not differentiated: gradients flow through the "
         "selected scores only."
     ),
-    test_params={"window": 2, "cluster_size": 4, "grid_shape": (4, 4)},
+    test_params={"tile_size": 2, "cluster_size": 4, "grid_shape": (4, 4)},
+    renamed=RENAMED,
     test_positions=(4, 4),
     flops=_bilateral_flops,
 )
@@ -273,19 +286,19 @@ class BilateralAttention(GridAttention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
-        window: int | Sequence[int] = 8,
+        tile_size: int | Sequence[int] = 8,
         cluster_size: int = 64,
         branches: str = "both",
         grid_shape: Sequence[int] | None = None,
     ) -> None:
-        win = check_pair("window", window)
+        win = check_pair("tile_size", tile_size)
         check_int("cluster_size", cluster_size)
         check_choice("branches", branches, BRANCHES)
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, grid_shape=grid_shape)
-        self.window, self.cluster_size, self.branches = win, cluster_size, branches
+        self.tile_size, self.cluster_size, self.branches = win, cluster_size, branches
 
     def _options(self) -> dict[str, object]:
-        return {"window": self.window, "cluster_size": self.cluster_size, "branches": self.branches,
+        return {"tile_size": self.tile_size, "cluster_size": self.cluster_size, "branches": self.branches,
                 "scale": self.scale}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -324,4 +337,4 @@ class BilateralAttention(GridAttention):
         return super().materialize(x, context=context)
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, cluster_size={self.cluster_size}, branches={self.branches!r}"
+        return f"tile_size={self.tile_size}, cluster_size={self.cluster_size}, branches={self.branches!r}"

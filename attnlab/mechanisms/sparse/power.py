@@ -15,6 +15,11 @@ that is a sum of d powers of two (or 0): that is every δ whose binary writing h
 d ones, which includes every δ ≤ 2^d — complete and continuous, where a sliding window
 of width w reaches d·w. At block size 1 this holds token by token; at block size B it
 holds between blocks.
+
+Padding is not removal, true to the paper: P223's mask is "block i attends to block j iff i−j = 0
+or i−j is a power of 2 (plus local sliding window / sink)" (shared/PAPERS.md), the sink being the
+sequence's first blocks, so tokens padded before the real ones take the sinks' place and the real
+first blocks lose their sink role (attnlab.testing.PADDING_MOVES lists it).
 """
 from __future__ import annotations
 

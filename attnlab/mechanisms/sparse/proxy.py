@@ -31,6 +31,17 @@ averages) the window's real tokens only, and a window without real tokens has no
 windows: partial windows at the borders instead of a cyclic roll; the paper alternates plain
 and shifted window attention between blocks). w must divide each axis (no padding).
 
+The window is `tile_size` w (was `window`): one int for every axis or one per axis. The paper's
+"window" is a cell of a fixed partition of the grid, as Swin's and Twins' "window size"; attnlab
+names such a cell a tile (twins-lsa, bilateral) and keeps "window" words for bands that move with
+the query (sliding-window's `radius`, based's `window_size`, Longformer's and Mistral's count of
+keys a query sees). Passing `window=` raises an error naming `tile_size`.
+
+Padding is not removal, true to the paper: P200 splits "the token grid into spatial(-temporal)
+windows of size w" and samples "1 random token per window as proxy" (shared/PAPERS.md), so the
+windows, and the random proxy drawn in each, are fixed by grid position, and tokens padded before
+the real ones move both (attnlab.testing.PADDING_MOVES lists it).
+
 Cost O(N·(N/w)·d + N·w·d): the cross-attention is N × N/w, the proxy attention (N/w)², the
 window attention N·w; no N × N tensor is built by the fast path.
 """
@@ -46,7 +57,7 @@ from torch import Tensor
 
 from ...core.errors import ParameterError, ShapeError
 from ...core.reference import masked_softmax
-from ...core.registry import Paper, Param, Supports, register
+from ...core.registry import Paper, Param, Supports, register, renamed_keywords
 from ...core.validate import check_choice, check_int, check_ints
 from ...kernels.grid import check_grid_qkv, grid_padding
 from ..local.base import GridAttention
@@ -54,7 +65,8 @@ from ..local.base import GridAttention
 PTDIT = Paper("P200", "Qihoo-T2X: An Efficient Proxy-Tokenized Diffusion Transformer", 2024, "2409.04005")
 ProxyChoice = Literal["random", "first", "mean"]
 PROXY_CHOICES = ("random", "first", "mean")
-WindowArg = int | Sequence[int]
+TileArg = int | Sequence[int]
+RENAMED = {"window": "tile_size (w: the side of the tiles the grid is cut into, one int or one per axis)"}
 
 
 def proxy_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
@@ -65,24 +77,24 @@ def proxy_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     return heads * head_dim * (4.0 * n * p + 6.0 * p * p + 4.0 * n * w)
 
 
-def window_shape(window: WindowArg, rank: int) -> tuple[int, ...]:
-    """The window per axis of a grid of `rank` axes: one int for every axis, or one per axis, each >= 1."""
-    return check_ints("window", window, rank)
+def tile_shape(tile_size: TileArg, rank: int) -> tuple[int, ...]:
+    """The tile per axis of a grid of `rank` axes: one int for every axis, or one per axis, each >= 1."""
+    return check_ints("tile_size", tile_size, rank)
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, window: WindowArg, proxy: str, attention_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, tile_size: TileArg, proxy: str, attention_mask: Tensor | None
 ) -> tuple[tuple[int, ...], tuple[int, ...], Tensor | None]:
     """(grid, window per axis, attention_mask (batch, N) or None) after checking everything."""
     grid = check_grid_qkv(q, k, v, (1, 2))
-    win = window_shape(window, len(grid))
+    win = tile_shape(tile_size, len(grid))
     for axis, (length, w) in enumerate(zip(grid, win)):
         if w > length:
-            raise ShapeError(f"window: {win} is larger than the grid {grid} on axis {axis} ({w} > {length})")
+            raise ShapeError(f"tile_size: {win} is larger than the grid {grid} on axis {axis} ({w} > {length})")
         if length % w:
             raise ShapeError(
-                f"window: {win} does not divide the grid {grid} on axis {axis} ({length} % {w} = {length % w}); "
-                "expected every axis a multiple of its window (pad the input)"
+                f"tile_size: {win} does not divide the grid {grid} on axis {axis} ({length} % {w} = {length % w}); "
+                "expected every axis a multiple of its tile (pad the input)"
             )
     check_choice("proxy", proxy, PROXY_CHOICES)
     return grid, win, grid_padding(attention_mask, q.shape[0], grid)
@@ -178,12 +190,13 @@ def _shifted_window_attention(
     return _to_windows(out[(slice(None), slice(None), *crop)], win)
 
 
+@renamed_keywords("proxy_token_attention", RENAMED)
 def proxy_token_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: WindowArg,
+    tile_size: TileArg,
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
@@ -192,13 +205,13 @@ def proxy_token_attention(
 ) -> Tensor:
     """Proxy-token attention of q, k, v (batch, heads, *grid, head_dim), a grid of 1 or 2 axes.
 
-    out = ½ (A_cross A_proxy S + A_win) v (see the module docstring); `window` one int or one
+    out = ½ (A_cross A_proxy S + A_win) v (see the module docstring); `tile_size` one int or one
     per axis, dividing each axis; `shift`: the window branch uses windows shifted by ⌊w/2⌋ per
     axis (partial windows at the borders), the proxies keep the unshifted ones; attention_mask bool (batch, N) in raster order or
     (batch, *grid), True = real token. Returns (batch, heads, *grid, head_dim of v); a query
     that sees no real key gives 0.
     """
-    grid, win, kpm = _check(q, k, v, window, proxy, attention_mask)
+    grid, win, kpm = _check(q, k, v, tile_size, proxy, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, d = q.shape[0], q.shape[-1]
     qw, kw, vw = (_to_windows(t, win) for t in (q, k, v))  # (b, h, windows, w, ·)
@@ -217,11 +230,12 @@ def proxy_token_attention(
     return _from_windows(out, grid, win)
 
 
+@renamed_keywords("proxy_token_matrices", RENAMED)
 def proxy_token_matrices(
     q: Tensor,
     k: Tensor,
     *,
-    window: WindowArg,
+    tile_size: TileArg,
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
@@ -232,7 +246,7 @@ def proxy_token_matrices(
     "select" S (batch|1, 1, N/w, N), "proxy" A_proxy (batch, heads, N/w, N/w), "cross" A_cross
     (batch, heads, N, N/w), "window" A_win (batch, heads, N, N; with `shift` on the windows offset by
     ⌊w/2⌋ per axis) and "composed" ½ (A_cross A_proxy S + A_win)."""
-    grid, win, kpm = _check(q, k, q, window, proxy, attention_mask)
+    grid, win, kpm = _check(q, k, q, tile_size, proxy, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, n = q.shape[0], q.shape[1], math.prod(grid)
     q64, k64 = (t.double().reshape(b, h, n, t.shape[-1]) for t in (q, k))
@@ -261,12 +275,13 @@ def proxy_token_matrices(
     return {"select": select, "proxy": a_proxy, "cross": a_cross, "window": a_win, "composed": composed}
 
 
+@renamed_keywords("proxy_token_attention_reference", RENAMED)
 def proxy_token_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: WindowArg,
+    tile_size: TileArg,
     proxy: ProxyChoice = "first",
     seed: int | None = 0,
     shift: bool = False,
@@ -275,9 +290,9 @@ def proxy_token_attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `proxy_token_attention` in float64: weights the composed (batch, heads, N, N)
     matrix ½ (A_cross A_proxy S + A_win) in raster order, out = weights v."""
-    grid, _, _ = _check(q, k, v, window, proxy, attention_mask)
+    grid, _, _ = _check(q, k, v, tile_size, proxy, attention_mask)
     weights = proxy_token_matrices(
-        q, k, window=window, proxy=proxy, seed=seed, shift=shift, attention_mask=attention_mask, scale=scale
+        q, k, tile_size=tile_size, proxy=proxy, seed=seed, shift=shift, attention_mask=attention_mask, scale=scale
     )["composed"]
     b, h, n = q.shape[0], q.shape[1], math.prod(grid)
     out = (weights @ v.double().reshape(b, h, n, v.shape[-1])).reshape(b, h, *grid, v.shape[-1])
@@ -293,7 +308,8 @@ def proxy_token_attention_reference(
     exponent=2.0,
     supports=Supports(key_padding=True, grids=(1, 2), materialize=True),
     params=(
-        Param("window", (int, tuple), 4, "window w: one int (every axis) or one per axis; divides each axis", low=1),
+        Param("tile_size", (int, tuple), 4, "window (tile) w: one int (every axis) or one per axis; divides each axis",
+              low=1),
         Param("proxy", str, "random", "proxy of a window: 'random' token (the paper), 'first' token or 'mean'",
               choices=PROXY_CHOICES),
         Param("seed", int, 0, "seed of the 'random' choice (eval mode, or train mode without resample)", low=0),
@@ -304,8 +320,9 @@ def proxy_token_attention_reference(
     ),
     summary="Proxy-token attention (PT-DiT): one proxy per window, proxy self-attention, every token reads the "
             "proxies, plus window attention; composed matrix ½(A_cross A_proxy S + A_win).",
-    test_params={"window": 3, "resample": False},
+    test_params={"tile_size": 3, "resample": False},
     flops=proxy_flops,
+    renamed=RENAMED,
 )
 class ProxyTokenAttention(GridAttention):
     """Multi-head proxy-token attention on a 1-D or 2-D grid of tokens.
@@ -326,26 +343,26 @@ class ProxyTokenAttention(GridAttention):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = True,
-        window: WindowArg = 4,
+        tile_size: TileArg = 4,
         proxy: ProxyChoice = "random",
         seed: int = 0,
         shift: bool = False,
         resample: bool = True,
     ) -> None:
-        rank = len(window) if isinstance(window, (tuple, list)) else 1
+        rank = len(tile_size) if isinstance(tile_size, (tuple, list)) else 1
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, grid_ranks=(2,) if rank == 2 else (1, 2))
         if rank not in (1, 2):
-            raise ParameterError(f"window: expected an int or 2 ints (one per grid axis), got {window!r}")
-        window_shape(window, rank)
+            raise ParameterError(f"tile_size: expected an int or 2 ints (one per grid axis), got {tile_size!r}")
+        tile_shape(tile_size, rank)
         check_choice("proxy", proxy, PROXY_CHOICES)
         check_int("seed", seed, low=0)
-        self.window: WindowArg = tuple(window) if isinstance(window, (tuple, list)) else window
+        self.tile_size: TileArg = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else tile_size
         self.proxy, self.seed, self.shift, self.resample = proxy, seed, bool(shift), bool(resample)
         self.grid_rank = 2 if rank == 2 else None
 
     def _options(self) -> dict[str, object]:
         seed = None if self.training and self.resample and self.proxy == "random" else self.seed
-        return {"window": self.window, "proxy": self.proxy, "seed": seed, "shift": self.shift, "scale": self.scale}
+        return {"tile_size": self.tile_size, "proxy": self.proxy, "seed": seed, "shift": self.shift, "scale": self.scale}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Fast path on (batch, heads, *grid, head_dim); `mask` is the key padding mask (batch, N) or None."""
@@ -356,4 +373,4 @@ class ProxyTokenAttention(GridAttention):
         return proxy_token_attention_reference(q, k, v, attention_mask=mask, **self._options())  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, proxy={self.proxy!r}, seed={self.seed}, shift={self.shift}, resample={self.resample}"
+        return f"tile_size={self.tile_size}, proxy={self.proxy!r}, seed={self.seed}, shift={self.shift}, resample={self.resample}"

@@ -1,13 +1,20 @@
 """Sliding-window attention (Longformer, Beltagy et al., 2020; causal as in Mistral 7B), exact band.
 
-Query i attends to the keys within w positions:
+Query i attends to the keys within `radius` r positions:
 
-    out_i = Σ_{j : |i − j| ≤ w} softmax_j(q_i · k_j / √d) v_j          (and j ≤ i when causal)
+    out_i = Σ_{j : |i − j| ≤ r} softmax_j(q_i · k_j / √d) v_j          (and j ≤ i when causal)
+
+so a query sees 2r + 1 keys (r + 1 when causal). The parameter is the band's half-width, named
+`radius` (was `window`): Longformer's and Mistral's "window size" w is the count of keys a query
+sees (Longformer: w/2 on each side; Mistral: the last W tokens, itself included), which here is
+2r + 1 or r + 1, and attnlab keeps `window_size` for that count (based) and `tile_size` for the side
+of a grid partition (Twins/Swin's "window size": twins-lsa, proxy-token, bilateral). Passing
+`window=` raises an error naming `radius`.
 
 On the block-sparse engine: query block I reads key blocks I − a … I + a with
-a = ⌈w / B⌉ (I − a … I when causal), and the mask_mod |i − j| ≤ w (j ≤ i) makes the band
-exact inside them. Cost O(N (2a + 1) B d) = O(N w d). Decoding keeps a sliding KV cache
-of the last w + 1 keys. P199's multi-scale heads (attnlab "multiscale") are the per-head
+a = ⌈r / B⌉ (I − a … I when causal), and the mask_mod |i − j| ≤ r (j ≤ i) makes the band
+exact inside them. Cost O(N (2a + 1) B d) = O(N r d). Decoding keeps a sliding KV cache
+of the last r + 1 keys. P199's multi-scale heads (attnlab "multiscale") are the per-head
 generalisation: one band width per head, on dense SDPA.
 """
 from __future__ import annotations
@@ -19,63 +26,66 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.module import KVCache
-from ...core.registry import Paper, Param, Supports, register
+from ...core.registry import Paper, Param, Supports, register, renamed_keywords
 from ...core.validate import check_int, check_qkv
 from ...kernels.block_sparse import BlockLayout, MaskMod, block_sparse_attention, block_sparse_attention_reference
 from .base import BlockSparseAttention
 
 LONGFORMER = Paper(None, "Longformer: The Long-Document Transformer", 2020, "2004.05150")
+RENAMED = {"window": "radius (keys with |i − j| ≤ radius)"}
 
 
-def window_block_rows(rows: Tensor, *, window: int, block_size: int, causal: bool) -> Tensor:
-    """Candidate key blocks (len(rows), C) of query blocks `rows`: I − ⌈w/B⌉ … I (+ ⌈w/B⌉ unless causal)."""
-    reach = math.ceil(check_int("window", window, 0) / check_int("block_size", block_size, 1))
+def window_block_rows(rows: Tensor, *, radius: int, block_size: int, causal: bool) -> Tensor:
+    """Candidate key blocks (len(rows), C) of query blocks `rows`: I − ⌈r/B⌉ … I (+ ⌈r/B⌉ unless causal)."""
+    reach = math.ceil(check_int("radius", radius, 0) / check_int("block_size", block_size, 1))
     offsets = torch.arange(-reach, 1 if causal else reach + 1, device=rows.device)
     return rows.to(torch.int64)[:, None] + offsets
 
 
-def window_layout(n: int, *, window: int, block_size: int = 64, causal: bool = False, device: torch.device | None = None) -> BlockLayout:
+def window_layout(n: int, *, radius: int, block_size: int = 64, causal: bool = False, device: torch.device | None = None) -> BlockLayout:
     """The block layout of sliding-window attention over n tokens."""
     nb = -(-check_int("n", n, 0) // check_int("block_size", block_size, 1))
-    rows = window_block_rows(torch.arange(nb, device=device), window=window, block_size=block_size, causal=causal)
+    rows = window_block_rows(torch.arange(nb, device=device), radius=radius, block_size=block_size, causal=causal)
     return BlockLayout.from_candidates(rows, block_size, nb)
 
 
-def band_mod(window: int, causal: bool) -> MaskMod:
-    """mask_mod of the band: key j visible from query i when |i − j| ≤ window (and j ≤ i when causal)."""
-    check_int("window", window, 0)
+def band_mod(radius: int, causal: bool) -> MaskMod:
+    """mask_mod of the band: key j visible from query i when |i − j| ≤ radius (and j ≤ i when causal)."""
+    check_int("radius", radius, 0)
 
     def mod(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         rel = q_idx - kv_idx
-        keep = rel.abs() <= window
+        keep = rel.abs() <= radius
         return keep & (rel >= 0) if causal else keep
 
     return mod
 
 
+@renamed_keywords("sliding_window_attention", RENAMED)
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int,
+    radius: int,
     causal: bool = False,
     block_size: int = 64,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Attention of each query to the keys with |i − j| ≤ window (j ≤ i when causal), block-sparse engine."""
+    """Attention of each query to the keys with |i − j| ≤ radius (j ≤ i when causal), block-sparse engine."""
     check_qkv(q, k, v, same_length=True)
-    layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
-    return block_sparse_attention(q, k, v, layout, mask_mod=band_mod(window, causal), attention_mask=attention_mask, scale=scale)
+    layout = window_layout(q.shape[2], radius=radius, block_size=block_size, causal=causal, device=q.device)
+    return block_sparse_attention(q, k, v, layout, mask_mod=band_mod(radius, causal), attention_mask=attention_mask, scale=scale)
 
 
+@renamed_keywords("sliding_window_attention_reference", RENAMED)
 def sliding_window_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    window: int,
+    radius: int,
     causal: bool = False,
     block_size: int = 64,
     attention_mask: Tensor | None = None,
@@ -83,9 +93,9 @@ def sliding_window_attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """(out, weights) of `sliding_window_attention`: the dense band-masked matrix in float64."""
     check_qkv(q, k, v, same_length=True)
-    layout = window_layout(q.shape[2], window=window, block_size=block_size, causal=causal, device=q.device)
+    layout = window_layout(q.shape[2], radius=radius, block_size=block_size, causal=causal, device=q.device)
     return block_sparse_attention_reference(
-        q, k, v, layout, mask_mod=band_mod(window, causal), attention_mask=attention_mask, scale=scale
+        q, k, v, layout, mask_mod=band_mod(radius, causal), attention_mask=attention_mask, scale=scale
     )
 
 
@@ -93,15 +103,16 @@ def sliding_window_attention_reference(
     name="sliding-window",
     paper=LONGFORMER,
     family="A",
-    cost="O(N w d)",
+    cost="O(N r d)",
     exponent=1.0,
     supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
     params=(
-        Param("window", int, 256, "w: keys with |i − j| ≤ w are seen (j ≤ i when causal)", low=0),
+        Param("radius", int, 256, "r: keys with |i − j| ≤ r are seen (j ≤ i when causal)", low=0),
         Param("block_size", int, 64, "tokens per block B of the block-sparse engine", low=1, knob=True),
     ),
-    summary="Sliding-window attention: each query sees the keys within w positions (exact band, block-sparse engine).",
-    test_params={"window": 2, "block_size": 2},
+    summary="Sliding-window attention: each query sees the keys within radius positions (exact band, block-sparse engine).",
+    test_params={"radius": 2, "block_size": 2},
+    renamed=RENAMED,
 )
 class SlidingWindowAttention(BlockSparseAttention):
     """Multi-head sliding-window attention, causal or bidirectional, on the block-sparse engine."""
@@ -114,26 +125,26 @@ class SlidingWindowAttention(BlockSparseAttention):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         causal: bool = False,
-        window: int = 256,
+        radius: int = 256,
         block_size: int = 64,
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal)
-        self.window = check_int("window", window, 0)
+        self.radius = check_int("radius", radius, 0)
         self.block_size = check_int("block_size", block_size, 1)
-        self._mod = band_mod(window, causal)
+        self._mod = band_mod(radius, causal)
 
     def block_rows(self, rows: Tensor, n_k_blocks: int) -> Tensor:
-        return window_block_rows(rows, window=self.window, block_size=self.block_size, causal=self.causal)
+        return window_block_rows(rows, radius=self.radius, block_size=self.block_size, causal=self.causal)
 
     def mask_mod(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self._mod(q_idx, kv_idx)
 
     def decode(self, x_t: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
-        """One checked token with a sliding KV cache: the last w + 1 keys, all inside the window."""
+        """One checked token with a sliding KV cache: the last radius + 1 keys, all inside the band."""
         q, k, v = self.cached_qkv(x_t, state)
-        k, v = k[:, :, -(self.window + 1):], v[:, :, -(self.window + 1):]
+        k, v = k[:, :, -(self.radius + 1):], v[:, :, -(self.radius + 1):]
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(self.merge_heads(out)), KVCache(k, v)
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, block_size={self.block_size}, causal={self.causal}"
+        return f"radius={self.radius}, block_size={self.block_size}, causal={self.causal}"
