@@ -140,7 +140,7 @@ def parse_params(items: Sequence[str], mechanisms: Sequence[str]) -> dict[str, d
         head, eq, text = item.partition("=")
         mechanism, dot, name = head.strip().rpartition(".")
         if not eq or not dot or not mechanism or not name:
-            raise ParameterError(f"--param: expected MECHANISM.NAME=VALUE (e.g. sliding-window.window=64), got {item!r}")
+            raise ParameterError(f"--param: expected MECHANISM.NAME=VALUE (e.g. sliding-window.radius=64), got {item!r}")
         if mechanism not in mechanisms:
             raise ParameterError(
                 f"--param: expected one of the measured mechanisms ({', '.join(mechanisms)}), got {mechanism!r} in {item!r}"
