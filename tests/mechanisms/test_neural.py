@@ -111,3 +111,24 @@ def test_bad_mlp_shapes_are_named():
         neural_attention(q, q, q, q_down=(torch.randn(3, 5), torch.randn(3)), k_down=down, layers=ok)
     with pytest.raises(ValueError, match="hidden"):
         attnlab.build("neural-attention", dim=8, heads=2, hidden=(4, 0))
+
+
+def test_backward_keeps_no_pair_tensor():
+    """The blocks are recomputed in the backward pass: no tensor the autograd graph saves is as large as one block's
+    pairs (batch, heads, chunk, n_k, H), let alone all of them."""
+    torch.manual_seed(6)
+    b, h, n, chunk, width = 2, 2, 32, 4, 8
+    m = attnlab.build("neural-attention", dim=8, heads=h, causal=True, projection_dim=width, chunk_size=chunk)
+    x = torch.randn(b, n, 8, requires_grad=True)
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.sum().backward()
+    block_pairs = b * h * chunk * n * width
+    assert sizes and max(sizes) < block_pairs, (max(sizes), block_pairs)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -119,7 +119,8 @@ def _query_temperature(q: Tensor, counts: Tensor | None, gate: Tensor | None, to
     tau = torch.ones((1, 1, 1, 1), dtype=q.dtype, device=q.device)
     if gate is not None:
         assert counts is not None
-        tau = tau + gate[None, :, None, None] * counts.to(q.dtype).clamp_min(1).log()[..., None]
+        wide = torch.promote_types(q.dtype, torch.float32)  # log n_i of large counts in at least float32
+        tau = tau + gate[None, :, None, None] * counts.to(wide).clamp_min(1).log().to(q.dtype)[..., None]
     if token is not None:
         weight, bias = token
         tau = tau + torch.tanh(torch.einsum("bhnd,hd->bhn", q, weight.to(q.dtype)) + bias.to(q.dtype)[None, :, None])[..., None]
