@@ -128,7 +128,8 @@ def example(spec: Spec) -> str:
     """A call of `attnlab.build` that works: the required parameters come from the spec's test config."""
     required = {p.name: spec.test_params[p.name] for p in spec.params if p.required and p.name in spec.test_params}
     missing = [p.name for p in spec.params if p.required and p.name not in ("dim", *required)]
-    attempts = [{"dim": dim, "heads": heads, **required} for dim, heads in EXAMPLE_SIZES]
+    has_heads = any(p.name == "heads" for p in spec.params)
+    attempts = [{"dim": dim, **({"heads": heads} if has_heads else {}), **required} for dim, heads in EXAMPLE_SIZES]
     chosen = attempts[0]
     if not missing:
         for kwargs in attempts:
@@ -168,6 +169,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(table(rows, ("name", "family", "cost", "paper"), WIDTH))
     more = "`attnlab info NAME` tells more" + ("" if args.wide else ", `attnlab list --wide` shows what each supports")
     print(f"\n{len(specs)} mechanism{'s' * (len(specs) != 1)}; {more}")
+    modules = [s for kind in ("pooling", "block") for s in entries(kind) if not args.family or s.family == args.family.upper()]
+    if modules:
+        rows = [(s.name, s.kind, s.family or "-", s.cost or "-", paper_text(s)) for s in modules]
+        print("\npooling layers (tokens -> m vectors) and blocks (a residual block around any mechanism, `mixer=`):\n")
+        print(table(rows, ("name", "kind", "family", "cost", "paper"), WIDTH))
     return 0
 
 
@@ -201,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"), WIDTH, wrap_cells=True)]
     if d["knobs"]:
         out += wrap(f"speed knobs: {', '.join(d['knobs'])} (they change the cost, not the result)", 2)
-    if spec.kind == "mechanism":
+    if spec.kind in ("mechanism", "pooling", "block"):
         out += ["", "example:", f"  {example(spec)}"]
     print("\n".join(out))
     return 0

@@ -357,3 +357,13 @@ def test_import_errors_exit_2_in_one_line(capsys, tmp_path, monkeypatch, argv, n
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == "" and needle in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("attnlab ")
+
+
+def test_list_shows_pooling_layers_and_blocks_after_the_mechanisms(capsys):
+    out = run(capsys, "list")[1]
+    tail = out.split("pooling layers")[1]
+    for spec in attnlab.core.registry.entries("pooling") + attnlab.core.registry.entries("block"):
+        assert f"\n{spec.name} " in tail and spec.kind in tail
+    assert "pre-norm-block" not in out.split("pooling layers")[0]
+    info = run(capsys, "info", "pre-norm-block")[1]
+    assert 'attnlab.build("pre-norm-block", dim=' in info and "mixer" in info
