@@ -35,6 +35,7 @@ token, so padding equals removal. Permuting the tokens changes nothing (no posit
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -220,6 +221,7 @@ class ClassAttentionPooling(AttentionPooling):
         a, weights = class_attention_reference(q, k, v, cls_key=slot_k, cls_value=slot_v, attention_mask=keep)
         c1 = c + self.gamma1.double() * linear64(a.permute(0, 2, 1, 3).reshape(b, 1, d), self.proj)
         if self.ffn is not None:
-            hidden = gelu64(linear64(layer_norm64(c1, self.norm2), self.ffn[0]))
-            c1 = c1 + self.gamma2.double() * linear64(hidden, self.ffn[2])
+            ffn_in, ffn_out = cast(nn.Linear, self.ffn[0]), cast(nn.Linear, self.ffn[2])
+            hidden = gelu64(linear64(layer_norm64(c1, self.norm2), ffn_in))
+            c1 = c1 + self.gamma2.double() * linear64(hidden, ffn_out)
         return c1.to(x.dtype), weights.to(x.dtype)
