@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.core.errors import ParameterError, ShapeError
+from attnlab.core.errors import ParameterError
 from attnlab.mechanisms.dense.gem import gem_attention, gem_attention_reference
 
 LN3 = math.log(3.0)
@@ -137,5 +137,25 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ParameterError, match="inverse_temperature"):
         attnlab.build("gem", dim=4, heads=1, inverse_temperature=-1.0)
     m = attnlab.build("gem", dim=4, heads=1).double()
-    with pytest.raises(ShapeError, match="^k: expected head_dim \\+ 1"):
-        m.attend(*(t.expand(1, 1, 2, 4).contiguous() for t in (torch.ones(1, 1, 1, 1, dtype=torch.float64),) * 3))
+    qkv = [torch.ones(1, 1, 2, 4, dtype=torch.float64)] * 3
+    with pytest.raises(ValueError, match="^side: gem's adaptive temperature reads the token norms"):
+        m.attend(*qkv)  # the adaptive temperature needs the norms
+    with pytest.raises(ValueError, match="^side: expected \\(batch, n_k, s\\)"):
+        m.attend(*qkv, side=torch.ones(1, 3, 1, dtype=torch.float64))
+    fixed = attnlab.build("gem", dim=4, heads=1, inverse_temperature=2.0).double()
+    with pytest.raises(ValueError, match="^side: gem with a fixed inverse_temperature takes no side input"):
+        fixed.attend(*qkv, side=torch.ones(1, 2, 1, dtype=torch.float64))
+
+
+def test_attend_with_the_side_input_equals_the_module():
+    """The adaptive temperature reaches the core as the side input ‖x_n‖: attend(project(x), side=side_input(x))
+    is the module's core, and other norms give another result."""
+    torch.manual_seed(0)
+    m = attnlab.build("gem", dim=8, heads=2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    q, k, v = m.project(x)
+    side = m.side_input(x)
+    torch.testing.assert_close(side[..., 0], x.norm(dim=-1))
+    core = m.attend(q, k, v, side=side)
+    torch.testing.assert_close(m.out_proj(m.merge_heads(core)), m(x))
+    assert not torch.allclose(m.attend(q, k, v, side=3 * side), core)

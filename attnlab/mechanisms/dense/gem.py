@@ -37,9 +37,9 @@ Defaults: `iterations=1` (the official code's default); `branches="qkv"` (the pa
 qkv-ensemble).
 
 The module. The attention core takes q, k, v (batch, heads, n, head_dim); with the adaptive
-temperature it needs ‖x_n‖ too, so `project` appends it to k as one extra channel (q gets a
-zero there, as q and k share their width) and the core reads it back: `attend(q, k, v)`
-then takes q, k of head_dim + 1 channels. With a fixed temperature q, k are plain.
+temperature it needs ‖x_n‖ too: the core's side input (`side_input(x)` -> (batch, n, 1), handed to
+the cores by `Attention.attend(..., side=)`), so a functional caller of `attend(q, k, v, side=...)`
+passes the norms explicitly. With a fixed temperature there is no side input.
 The output is out_proj(merge_heads(W v)); GEM's own residual pathway around the last
 layers of a ViT (GEMResidualBlock in the official code, without the MLP) is a block-level
 choice left to the caller.
@@ -201,6 +201,7 @@ class GEMAttention(Attention):
 
     mask_form = "padding"
     same_length = True
+    takes_side_input = True  # the adaptive temperature reads the token norms ‖x_n‖ (side_input)
 
     def __init__(
         self,
@@ -226,36 +227,33 @@ class GEMAttention(Attention):
         """τ from the input tokens (the paper's default) rather than fixed."""
         return self.inverse_temperature is None
 
-    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (batch, heads, n, head_dim); with the adaptive temperature k carries ‖x_n‖ in one extra channel
-        (the same in every head) and q a zero there."""
-        q, k, v = super().project(x, context)
-        if not self.adaptive:
-            return q, k, v
-        norms = torch.linalg.vector_norm(x, dim=-1)[:, None, :, None].expand(-1, self.heads, -1, 1)
-        return torch.cat([q, torch.zeros_like(norms)], -1), torch.cat([k, norms], -1), v
+    def side_input(self, x: Tensor, context: Tensor | None = None) -> Tensor | None:
+        """The token norms ‖x_n‖ (batch, n, 1) the adaptive temperature reads; None with a fixed temperature."""
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True) if self.adaptive else None
 
-    def _split(self, q: Tensor, k: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | float]:
-        """q, k without the norm channel and τ (per batch element, from the norms of the real tokens)."""
+    def _temperature(self, side: Tensor | None, mask: Tensor | None) -> Tensor | float:
+        """τ: fixed, or per batch element from the norms of the real tokens (the side input)."""
         if not self.adaptive:
+            if side is not None:
+                raise ValueError("side: gem with a fixed inverse_temperature takes no side input (the norms set the "
+                                 f"adaptive one), got shape {tuple(side.shape)}")
             assert self.inverse_temperature is not None
-            return q, k, self.inverse_temperature
-        if k.shape[-1] != self.head_dim + 1:
-            raise ShapeError(
-                f"k: expected head_dim + 1 = {self.head_dim + 1} channels (the last holds ‖x_n‖ for the adaptive "
-                f"temperature, see project), got {k.shape[-1]}"
-            )
-        return q[..., :-1], k[..., :-1], adaptive_inverse_temperature(k[:, 0, :, -1], self.head_dim, mask)
+            return self.inverse_temperature
+        if side is None:
+            raise ValueError("side: gem's adaptive temperature reads the token norms: expected "
+                             "side=module.side_input(x) (batch, n, 1), got None")
+        norms = side[..., 0] if side.dim() == 3 else side[:, 0, :, 0]
+        return adaptive_inverse_temperature(norms, self.head_dim, mask)
 
-    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        q, k, tau = self._split(q, k, mask)
-        return gem_attention(q, k, v, inverse_temperature=tau, iterations=self.iterations, branches=self.branches,
-                             attention_mask=mask)
+    def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, side: Tensor | None = None) -> Tensor:
+        return gem_attention(q, k, v, inverse_temperature=self._temperature(side, mask), iterations=self.iterations,
+                             branches=self.branches, attention_mask=mask)
 
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        q, k, tau = self._split(q, k, mask)
-        return gem_attention_reference(q, k, v, inverse_temperature=tau, iterations=self.iterations,
-                                       branches=self.branches, attention_mask=mask)
+    def attend_reference(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, side: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return gem_attention_reference(q, k, v, inverse_temperature=self._temperature(side, mask),
+                                       iterations=self.iterations, branches=self.branches, attention_mask=mask)
 
     def extra_repr(self) -> str:
         tau = "adaptive" if self.adaptive else f"{self.inverse_temperature:g}"
