@@ -45,7 +45,7 @@ def positions(spec: Spec) -> tuple[int, ...]:
 
 HEADS_SETTINGS = (3, 6)  # head counts that are not powers of two (ALiBi's slope recipe changes there)
 SETTINGS_HEAD_DIM = 4
-PER_HEAD = ("windows", "tile_sizes")  # test_params holding one value per head: cycled to another head count
+PER_HEAD = ("radii", "tile_sizes")  # test_params holding one value per head: cycled to another head count
 DILATION = 2
 
 

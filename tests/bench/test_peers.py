@@ -72,17 +72,17 @@ def test_flex_matches_the_definition(mechanism, causal):
 
 def test_flex_multiscale_bands_per_head():
     q, k, v = qkv()
-    windows = [1, 3, 9, -1]
-    out = flex.prepare(q, k, v, config("multiscale", params={"windows": windows}, causal=True))()
+    radii = [1, 3, 9, -1]
+    out = flex.prepare(q, k, v, config("multiscale", params={"radii": radii}, causal=True))()
     i = torch.arange(64)
     dist = i[:, None] - i[None, :]
-    keep = torch.stack([(dist >= 0) & ((dist <= w) if w >= 0 else True) for w in windows])[None]
+    keep = torch.stack([(dist >= 0) & ((dist <= w) if w >= 0 else True) for w in radii])[None]
     assert (out.double() - dense(q, k, v, keep)).abs().max() < 1e-5
 
 
 def test_flex_agrees_with_attnlab_in_a_run(tmp_path):
     configs = [config(m, causal=c) for m in ("softmax", "alibi") for c in (False, True)]
-    configs.append(config("multiscale", params={"windows": None}))
+    configs.append(config("multiscale", params={"radii": None}))
     results = run(tmp_path / "r.sqlite", P.peer_configs(configs, {"flex": flex}), {"flex": flex})
     mine = by_impl(results, "flex")
     assert len(mine) == 5
@@ -158,7 +158,7 @@ def test_local_attention_agrees_in_a_run_forward_and_backward(tmp_path):
     configs = P.peer_configs(shapes, {"local-attention": peer})
     assert {c["mechanism"] for c in configs} == {"softmax"}  # plain softmax has no counterpart: only the pattern
     assert all(c["params"]["attn_mask"]["pattern"] == "local-attention" for c in configs)
-    configs.append(config("multiscale", n=256, params={"windows": [16] * 4}, impl="local-attention", causal=True))
+    configs.append(config("multiscale", n=256, params={"radii": [16] * 4}, impl="local-attention", causal=True))
     results = run(tmp_path / "r.sqlite", configs, {"local-attention": peer})
     mine = by_impl(results, "local-attention")
     assert len(mine) == 5
@@ -175,7 +175,7 @@ def test_local_attention_refuses_what_it_cannot_map():
     assert "multiple of window_size" in peer.unsupported_params(
         config("softmax", n=200, params={"attn_mask": {"pattern": "local-attention", "window_size": 128,
                                                        "look_backward": 1, "look_forward": 1}}))
-    assert "one finite window" in peer.unsupported_params(config("multiscale", params={"windows": [1, 3, 9, -1]}))
+    assert "one finite radius" in peer.unsupported_params(config("multiscale", params={"radii": [1, 3, 9, -1]}))
     assert not peer.maps(config("softmax"))
 
 

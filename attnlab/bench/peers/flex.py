@@ -9,7 +9,7 @@ has no backward on CPU. `FlexPeer(compile=False)` runs the same mods unfused (th
 
 The mappings: softmax has no score_mod (causal: mask_mod q_idx >= kv_idx); alibi the
 score_mod s − m_h·|q_idx − kv_idx| with attnlab's slopes (`attnlab.functional.alibi_slopes`);
-multiscale a per-head band |q_idx − kv_idx| <= windows[h] (a global head has no limit);
+multiscale a per-head band |q_idx − kv_idx| <= radii[h] (a global head has no limit);
 neighborhood the mask_mod of NATTEN's clamped windows (`neighborhood.neighborhood_keep`).
 
 Checked equal: the output on the run's q, k, v must agree with the mapped mechanism's
@@ -38,7 +38,7 @@ class FlexPeer(Peer):
     mechanisms = {
         "softmax": "no score_mod; causal: mask_mod q_idx >= kv_idx",
         "alibi": "score_mod s − m_h·|q_idx − kv_idx| with attnlab's slopes m_h (alibi_slopes)",
-        "multiscale": "per-head band mask_mod |q_idx − kv_idx| <= windows[h] (global heads: no limit), & causal",
+        "multiscale": "per-head band mask_mod |q_idx − kv_idx| <= radii[h] (global heads: no limit), & causal",
         "neighborhood": "mask_mod of NATTEN's clamped windows per axis (kernel_size, dilation, causal), 1-D and 2-D",
     }
     modes = ("fwd",)
@@ -74,11 +74,11 @@ class FlexPeer(Peer):
 
             return alibi, causal_mask if causal else None, False
         if mechanism == "multiscale":
-            from ...mechanisms.dense.multiscale import GLOBAL, check_windows, default_windows
+            from ...mechanisms.dense.multiscale import GLOBAL, check_radii, default_radii
 
-            given = config["params"].get("windows")
-            windows = default_windows(heads) if given is None else check_windows(given, heads)
-            limit = torch.tensor([config["n"] if w == GLOBAL else w for w in windows], device=device)
+            given = config["params"].get("radii")
+            radii = default_radii(heads) if given is None else check_radii(given, heads)
+            limit = torch.tensor([config["n"] if w == GLOBAL else w for w in radii], device=device)
 
             def band(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
                 keep = (q_idx - kv_idx).abs() <= limit[h]

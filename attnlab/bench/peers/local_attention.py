@@ -83,12 +83,12 @@ class LocalAttentionPeer(Peer):
         """(window_size, look_backward, look_forward, exact_windowsize)."""
         params = config["params"]
         if config["mechanism"] == "multiscale":
-            windows = params.get("windows")
-            if windows is None or len(set(windows)) != 1 or windows[0] in (None, -1):
+            radii = params.get("radii")
+            if radii is None or len(set(radii)) != 1 or radii[0] in (None, -1):
                 raise ParameterError(
-                    f"windows: local-attention needs one finite window for every head, got {windows!r}"
+                    f"radii: local-attention needs one finite radius for every head, got {radii!r}"
                 )
-            return int(windows[0]), 1, 0 if config["causal"] else 1, True
+            return int(radii[0]), 1, 0 if config["causal"] else 1, True
         mask = params.get("attn_mask")
         if not isinstance(mask, Mapping) or mask.get("pattern") != LOCAL_PATTERN:
             raise ParameterError(f"attn_mask: expected the {LOCAL_PATTERN!r} pattern, got {mask!r}")
