@@ -44,10 +44,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ...core.errors import ShapeError
+from ...core.errors import ParameterError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_int, check_tensor
+from ...core.validate import check_attention_mask, check_int, check_tensor
 from ...kernels.grid import check_grid_qkv
 from ...kernels.sdpa import sdpa
 from ..local.base import GridAttention, grid_shape_param
@@ -98,11 +98,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, position_weights: Tensor, gate: Tens
         raise ShapeError(f"position_weights: expected (heads, 3) = ({heads}, 3), got {tuple(position_weights.shape)}")
     if tuple(gate.shape) != (heads,):
         raise ShapeError(f"gate: expected (heads,) = ({heads},), got {tuple(gate.shape)}")
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask)
-        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (q.shape[0], grid[0] * grid[1]):
-            raise ShapeError(f"attention_mask: expected bool (batch, N) = ({q.shape[0]}, {grid[0] * grid[1]}), got "
-                             f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+    check_attention_mask(attention_mask, q.shape[0], grid[0] * grid[1])
     return grid[0], grid[1]
 
 
@@ -221,6 +217,10 @@ class GatedPositionalSelfAttention(GridAttention):
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, grid_shape=grid_shape)
         if not isinstance(local_init, bool):
             raise TypeError(f"local_init: expected a bool, got {type(local_init).__name__} {local_init!r}")
+        if not isinstance(locality_strength, (int, float)) or not 0 <= locality_strength < math.inf:
+            raise ParameterError(f"locality_strength: expected a finite float >= 0, got {locality_strength!r}")
+        if not isinstance(gate_init, (int, float)) or not math.isfinite(gate_init):
+            raise ParameterError(f"gate_init: expected a finite float, got {gate_init!r}")
         self.locality_strength, self.local_init = float(locality_strength), local_init
         self.gate = nn.Parameter(torch.full((heads,), float(gate_init)))
         self.position_weights = nn.Parameter(torch.empty(heads, 3))
