@@ -14,6 +14,7 @@ import gc
 import importlib
 import inspect
 import json
+import math
 import os
 import queue
 import re
@@ -79,7 +80,15 @@ def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
     backward = config["mode"] == "fwd+bwd"
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(s, generator=gen, dtype=torch.float32).to(dtype).requires_grad_(backward) for s in shapes]
-    extra = {"grid": tuple(grid)} if takes_grid else {}
+    extra: dict[str, Any] = {"grid": tuple(grid)} if takes_grid else {}
+    if isinstance(module, Attention) and module.takes_side_input:
+        # the cores' side input (gates from x, token norms …) made from tokens once, outside the timed call, as
+        # q, k and v are: the call times the core, the projections stay out
+        with torch.no_grad():
+            tokens = torch.randn(batch, math.prod(positions), module.dim, generator=gen, dtype=torch.float32).to(dtype)
+            side = module.side_input(tokens)
+        if side is not None:
+            extra["side"] = side.requires_grad_(backward)
 
     if not backward:
         def forward() -> Any:
@@ -88,7 +97,8 @@ def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
 
         return forward
 
-    leaves = inputs + [p for p in module.parameters() if p.requires_grad]
+    leaves = inputs + [t for t in extra.values() if isinstance(t, torch.Tensor)]
+    leaves += [p for p in module.parameters() if p.requires_grad]
     grad: list[torch.Tensor] = []
 
     def forward_backward() -> None:
