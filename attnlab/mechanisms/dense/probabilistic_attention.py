@@ -402,7 +402,8 @@ class ProbabilisticAttention(Attention):
         impl: str = "fast",
     ) -> Tensor:
         """forward with value propagation: x (batch, n, dim) -> (batch, n, dim), the value means re-estimated from the
-        annotated tokens' fixed `values` (batch, n, heads·head_dim) where `annotated` (batch, n) is True."""
+        annotated tokens' fixed `values` (batch, n, heads·head_dim) where `annotated` (batch, n) is True (both
+        batch-major whatever batch_first; x as forward takes it)."""
         x, _ = self.batch_major(x)
         self._check_inputs(x, None)
         keep = self.keep_mask(x, None, attention_mask, key_padding_mask)

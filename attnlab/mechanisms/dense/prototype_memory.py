@@ -36,9 +36,11 @@ a strided window) is the caller's choice.
 m prototypes (m = 0 when the memory is empty). Defaults (bank 4096, 256 prototypes, 8 neighbours)
 are ours: the paper tunes the bank window and the prototype count per dataset.
 
-Deviations: none in the attention. The paper's k-means runs on the bank gathered during training
-(no code was released); k-means here restarts from k-means++ at each `compress`, and an empty
-cluster keeps its previous centroid (sklearn relocates it).
+Sources and choices. No code was released (shared/PAPER_NOTES.md); the attention over [K; K_m] with
+[V; V_m], the k-means prototype keys, the k-NN prototype values and the segment embeddings follow the
+paper's description. Its choices left open here: the k-NN mean is unweighted and its k is
+`value_neighbors`; k-means restarts from k-means++ at each `compress` (seeded, so a compress is
+reproducible), and an empty cluster keeps its previous centroid (sklearn relocates it instead).
 """
 from __future__ import annotations
 
@@ -252,6 +254,14 @@ class PrototypeMemoryAttention(Attention):
     """Softmax attention over [K; K_m + s] with values [V; V_m]: K_m, V_m prototypes (k-means, k-NN) of a bank of past
     keys and values held in buffers and changed only by `remember`/`store`, `compress`, `update_memory`, `clear_memory`."""
 
+    bank_keys: Tensor  # (heads, bank_size, head_dim) past keys, the first bank_count slots filled
+    bank_values: Tensor  # (heads, bank_size, head_dim) their values
+    bank_count: Tensor  # () long: filled slots of the bank
+    bank_cursor: Tensor  # () long: the slot written next
+    prototype_keys: Tensor  # (heads, prototypes, head_dim) K_m, the k-means centroids
+    prototype_values: Tensor  # (heads, prototypes, head_dim) V_m, the k-NN value means
+    prototype_count: Tensor  # () long: 0 (empty memory) or prototypes
+
     def __init__(
         self,
         dim: int,
@@ -277,11 +287,11 @@ class PrototypeMemoryAttention(Attention):
         d = self.head_dim
         self.register_buffer("bank_keys", torch.zeros(heads, bank_size, d))
         self.register_buffer("bank_values", torch.zeros(heads, bank_size, d))
-        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))  # filled slots of the bank
-        self.register_buffer("bank_cursor", torch.zeros((), dtype=torch.long))  # the slot written next
+        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("bank_cursor", torch.zeros((), dtype=torch.long))
         self.register_buffer("prototype_keys", torch.zeros(heads, prototypes, d))
         self.register_buffer("prototype_values", torch.zeros(heads, prototypes, d))
-        self.register_buffer("prototype_count", torch.zeros((), dtype=torch.long))  # 0 (empty memory) or prototypes
+        self.register_buffer("prototype_count", torch.zeros((), dtype=torch.long))
         self.memory_segment = nn.Parameter(torch.zeros(heads, d))  # s: added to the prototype keys
 
     @property
