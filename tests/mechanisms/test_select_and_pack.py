@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 import attnlab
@@ -44,10 +43,9 @@ def test_packed_result_equals_per_image_attention_over_the_selected_tokens() -> 
     w = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
-    for length in (5, 9, 18):  # the packing changes the cost, not the result
+    for length in (1, 3, 5, 9, 18):  # the packing changes the cost, not the result
         torch.testing.assert_close(select_and_pack_attention(q, k, v, gate, attention_mask=keep, pack_length=length), want)
-    with pytest.raises(ValueError, match="pack_length: expected at least the largest selection of an image, 4, got 3"):
-        select_and_pack_attention(q, k, v, gate, attention_mask=keep, pack_length=3)
+    assert pack_tokens(selected, 3).segment.tolist() == [[0, 0, 0, -1], [1, 1, -1, -1], [2, 2, 2, 2]]  # 4 > 3: alone
 
 
 def test_unselected_tokens_pass_unchanged() -> None:

@@ -10,7 +10,8 @@ Per image b and token i, with the gate of a small MLP on the token:
     s̃_i   = s_i + g_i − stop_grad(g_i)           straight-through: the value of s_i, the gradient of g_i
 
 The selected tokens of all the images are packed, one image after another, into packs of at most
-`pack_length` tokens (default: the sequence length, so any image fits); each pack is one row of a new
+`pack_length` tokens (default: the sequence length; an image is never split, one with more selected
+tokens gets a pack of its own); each pack is one row of a new
 batch, attended with a block-diagonal mask (a token sees only the selected tokens of its own image),
 then the results are scattered back to their places. The attention inside an image is exactly the
 dense attention over its selected tokens: packing changes the cost, never the result.
@@ -87,22 +88,19 @@ class Packing:
 
 def pack_tokens(selected: Tensor, pack_length: int | None = None) -> Packing:
     """Pack the selected tokens (batch, n) bool of each image, image after image, into packs of at most `pack_length`
-    tokens (default n); an image is never split, so `pack_length` must hold the largest selection."""
+    tokens (default n); an image is never split: one with more selected tokens than that gets a pack of its own."""
     check_tensor("selected", selected)
     if selected.dim() != 2 or selected.dtype != torch.bool:
         raise ShapeError(f"selected: expected a (batch, n) bool tensor, got shape {tuple(selected.shape)} and {selected.dtype}")
     batch, n = selected.shape
     capacity = n if pack_length is None else check_int("pack_length", pack_length)
     counts = selected.sum(1)
-    if batch and int(counts.max()) > capacity:
-        raise ValueError(f"pack_length: expected at least the largest selection of an image, {int(counts.max())}, "
-                         f"got {capacity}")
     packs: list[list[tuple[int, int]]] = [[]]
     for b in range(batch):
         tokens = (selected[b].nonzero()[:, 0] + b * n).tolist()
         if not tokens:
             continue
-        if len(packs[-1]) + len(tokens) > capacity:
+        if packs[-1] and len(packs[-1]) + len(tokens) > capacity:
             packs.append([])
         packs[-1].extend((t, b) for t in tokens)
     packs = [p for p in packs if p]
