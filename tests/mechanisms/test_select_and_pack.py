@@ -89,7 +89,7 @@ def test_straight_through_gate() -> None:
 
 def test_compute_saved_by_hand() -> None:
     """Selections of 3, 2 and 4 of 6 tokens: SPA needs 9 + 4 + 16 = 29 of 3·36 = 108 pairs; the packs [3 + 2] and [4]
-    score 2·5² = 50; 9 of 18 tokens kept. FLOPs of a keep ratio r: 4·(rN)²·d_h per head."""
+    score 2·5² = 50; 9 of 18 tokens kept. FLOPs of a keep ratio r: 4·(rN)²·d_h per head; the registry counts r = 1."""
     m = attnlab.build("select-and-pack", dim=8, heads=2, gate_hidden=0, pack_length=6).double()
     with torch.no_grad():
         m.gate.weight.zero_()
@@ -101,7 +101,6 @@ def test_compute_saved_by_hand() -> None:
     assert m.pair_counts(x) == {"selected": 9 / 18, "pairs": 29 / 108, "packed_pairs": 50 / 108}
     assert select_and_pack_flops(10, 2, 4, False, keep_ratio=0.5) == 2 * 4.0 * 25 * 4
     assert attnlab.get("select-and-pack").flops(10, 2, 4, False) == 2 * 4.0 * 100 * 4  # registry: keep ratio 1
-
 
 def test_selection_loss_is_the_bce_of_the_gates() -> None:
     m = attnlab.build("select-and-pack", dim=8, heads=2, gate_hidden=0).double()

@@ -23,10 +23,13 @@ the paper's BCE of the gates against the selection labels (e.g. from boxes or ma
 Compute: the paper reports a 16.4% reduction (and +0.6 mAP in detection, not checkable here). The
 attention pairs SPA scores are Σ_b |S_b|² of the dense B·N²; the packed kernel computes
 n_packs · L_max² of them (L_max: the fullest pack). `pair_counts(x)` returns both fractions for an
-input without running the attention. The registry's `flops` is the dense count (keep ratio 1): the
-speed harness calls `attend(q, k, v)` with no gate, where every real token is selected, so
-`attnlab bench speed` times the packed path with nothing dropped — the saving depends on the learned
-gate and is reported by `pair_counts`, not by the harness.
+input without running the attention; `select_and_pack_flops(..., keep_ratio)` the FLOPs of a keep
+ratio. `attnlab bench speed` hands `attend` the gate of random tokens (`side_input`) from an untrained
+gate, which keeps a fraction set by its random initialisation (61–64% of the tokens, ~40% of the pairs,
+in the harness's configuration at N = 256…4096; another seed or width gives another fraction): the
+harness times the packed path on that selection, while the registry's
+`flops` counts every token (keep ratio 1), so the harness's GFLOP/s is an upper bound. The saving of
+a trained gate depends on the data and is what `pair_counts` reports.
 
 Choices:
 
