@@ -21,7 +21,7 @@ from typing import Any
 
 from ..catalogue import add_import_argument
 from ..core.errors import ParameterError
-from ..core.registry import get, list_mechanisms
+from ..core.registry import benched_entries, list_mechanisms, module_entry
 from . import peers, recall, report
 from .compare import ABOVE_MATMUL, ZERO_PEAK, fit_exponents, sdpa_ratios
 from .env import environment, new_run_id
@@ -310,7 +310,7 @@ def speed_options(args: argparse.Namespace, mechanisms: Sequence[str] = ()) -> S
 
 def _mechanism_names(requested: Sequence[str]) -> list[str]:
     if "all" in requested:
-        return [s.name for s in list_mechanisms()]
+        return [s.name for s in benched_entries()]
     return list(requested)
 
 
@@ -322,7 +322,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
         peers.select_peers(args.peers)  # an unknown peer is a usage error before anything runs
     names = _mechanism_names(args.mechanisms)
     for name in names:
-        get(name)  # an unknown name is a usage error (with the close matches) before anything runs
+        module_entry(name)  # an unknown name is a usage error (with the close matches) before anything runs
     try:
         options = replace(speed_options(args, names), run_id=new_run_id())
     except ValueError as err:
@@ -359,7 +359,7 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
     """`attnlab bench`: the default suite (see QUICK_* and docs/bench.md), then the report's path."""
     import_user_modules(args.imports)
     store = ResultStore(args.db)  # checked writable before anything runs
-    names = [s.name for s in list_mechanisms()]
+    names = [s.name for s in benched_entries()]
     run_id = new_run_id()
     options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
                            repeats=QUICK_REPEATS, threads=QUICK_THREADS, total_s=args.speed_seconds,

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..core.errors import UnknownNameError
-from ..core.registry import get
+from ..core.registry import module_entry
 from .store import Result, canonical, config_hash
 
 BASELINE = "softmax"  # dense SDPA (its fastest form: is_causal for causal rows), the reference of every ratio
@@ -123,7 +123,7 @@ def loglog_slope(points: Sequence[tuple[float, float]], *, min_points: int = 3) 
 
 def _declared_exponent(name: str) -> float | None:
     try:
-        return get(name).exponent
+        return module_entry(name).exponent
     except UnknownNameError:
         return None
 

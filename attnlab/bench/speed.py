@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.registry import get
+from ..core.registry import module_entry
 from .compare import BASELINE, fit_exponents, flags, loglog_slope, sdpa_ratios
 from .env import new_run_id, run_environment
 from .progress import progress, say
@@ -129,7 +129,7 @@ def run_speed(store: ResultStore, mechanisms: Sequence[str], options: SpeedOptio
     measures them.
     """
     names = [BASELINE, *(m for m in dict.fromkeys(mechanisms) if m != BASELINE)]
-    specs = [get(name) for name in names]
+    specs = [module_entry(name) for name in names]
     needed = {math.prod(grid_for(n, grid_rank(s))) for s in specs
               for n in (options.lengths_for.get(s.name) or options.lengths)}
     baseline_lengths = sorted(set(options.lengths) | needed)

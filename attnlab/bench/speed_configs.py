@@ -208,7 +208,9 @@ def summary_keys(spec: Spec) -> bool:
 
 def build_module(spec: Spec, params: Mapping[str, Any], heads: int, head_dim: int, causal: bool) -> Any:
     """The mechanism at the benchmark's width (heads · head_dim), with its benchmark parameters."""
-    kwargs = {"dim": heads * head_dim, "heads": heads, "head_dim": head_dim, **params}
+    names = {p.name for p in spec.params}
+    width = {"heads": heads, "head_dim": head_dim}  # an entry without them (a pooling, say) is built at dim alone
+    kwargs = {"dim": heads * head_dim, **{k: v for k, v in width.items() if k in names}, **params}
     if spec.supports is not None and spec.supports.causal:
         kwargs["causal"] = causal
     return spec.build(**kwargs)

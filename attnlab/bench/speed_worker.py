@@ -30,7 +30,7 @@ import torch
 from ..catalogue import imported_modules
 from ..core.errors import ParameterError, UnknownNameError
 from ..core.module import Attention
-from ..core.registry import Spec, get
+from ..core.registry import Spec, module_entry
 from .compare import spread
 from .env import load_average, run_environment
 from .speed_configs import build_module, empty_metrics, import_user_modules, key_count, summary_keys, unsupported
@@ -47,12 +47,12 @@ _ALLOC_FAILURE = re.compile(r"can't allocate memory|not enough memory|out of mem
 # -- the worker (child process) ---------------------------------------------------------
 def _spec(name: str, module: str | None) -> Spec:
     try:
-        return get(name)
+        return module_entry(name)
     except UnknownNameError:
         if not module:
             raise
         importlib.import_module(module)  # a mechanism registered outside attnlab/mechanisms
-        return get(name)
+        return module_entry(name)
 
 
 def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
@@ -75,12 +75,17 @@ def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
             if config.get("n_keys", n_keys) != n_keys:
                 raise ValueError(f"config: n_keys {config['n_keys']}, but {spec.name} makes {n_keys} keys of {grid or [n]}")
             shapes[1:] = [(batch, heads, n_keys, t.shape[-1]) for t in probe[1:]]
+    elif hasattr(module, "bench_inputs"):  # a module of another input kind (sets, graphs …) makes its inputs
+        shapes = []
     else:
         shapes = [(batch, *positions, heads * head_dim)]
     backward = config["mode"] == "fwd+bwd"
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(s, generator=gen, dtype=torch.float32).to(dtype).requires_grad_(backward) for s in shapes]
     extra: dict[str, Any] = {"grid": tuple(grid)} if takes_grid else {}
+    if not shapes:  # `bench_inputs(batch, n, dtype, generator)` -> (tensors, keywords): the float tensors are timed inputs
+        made, extra = module.bench_inputs(batch, math.prod(positions), dtype, gen)
+        inputs = [t.requires_grad_(backward) if t.is_floating_point() else t for t in made]
     if isinstance(module, Attention) and module.takes_side_input:
         # the cores' side input (gates from x, token norms …) made from tokens once, outside the timed call, as
         # q, k and v are: the call times the core, the projections stay out
@@ -97,7 +102,7 @@ def prepare_call(spec: Spec, config: Mapping[str, Any]) -> Callable[[], Any]:
 
         return forward
 
-    leaves = inputs + [t for t in extra.values() if isinstance(t, torch.Tensor)]
+    leaves = [t for t in [*inputs, *extra.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
     leaves += [p for p in module.parameters() if p.requires_grad]
     grad: list[torch.Tensor] = []
 

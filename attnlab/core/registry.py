@@ -19,11 +19,18 @@ from typing import Any, Literal, TypeVar
 
 from .errors import ParameterError, UnknownNameError
 
-Kind = Literal["mechanism", "pooling", "block", "analysis", "task", "init", "recipe", "inference", "repro"]
-KINDS: tuple[str, ...] = ("mechanism", "pooling", "block", "analysis", "task", "init", "recipe", "inference", "repro")
+Kind = Literal[
+    "mechanism", "pooling", "block", "set", "graph", "table", "analysis", "task", "init", "recipe", "inference", "repro"
+]
+KINDS: tuple[str, ...] = (
+    "mechanism", "pooling", "block", "set", "graph", "table", "analysis", "task", "init", "recipe", "inference", "repro"
+)
 """mechanism: token-to-token attention (batch, n, dim) -> (batch, n, dim) with materialize (batch, heads, n_q, n_k);
 pooling: (batch, n, dim) -> (batch, m, dim), m queries over the tokens, materialize (batch, heads, m, n);
 block: a residual block (batch, n, dim) -> (batch, n, dim) whose token mixer is any registered mechanism;
+set: points with coordinates, (batch, n, dim) and (batch, n, d_pos) -> (batch, n, dim), equivariant to their order;
+graph: node features (nodes, dim) and edges (2, edges) -> (nodes, dim), messages only along edges;
+table: a table of datapoints × attributes (batch, rows, attributes, dim) -> the same shape;
 the other kinds register functions or recipes with the paper they come from."""
 FAMILIES = {
     "A": "attention operator",
@@ -35,6 +42,9 @@ FAMILIES = {
     "G": "synthetic task",
 }
 _MISSING: Any = inspect.Parameter.empty
+BUILDABLE: tuple[str, ...] = ("mechanism", "pooling", "block", "set", "graph", "table")
+"""The kinds whose entries are modules `attnlab.build` makes; set, graph and table modules also give the speed harness
+their inputs (`bench_inputs(batch, n, dtype, generator) -> (tensors, keywords)`)."""
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 
@@ -164,6 +174,10 @@ BATCH_FIRST_PARAM = Param(
 )
 CAUSAL_ONLY_PARAM = Param("causal", bool, True, "causal by construction: True is the only value", choices=(True,))
 POOLING_PARAMS: tuple[Param, ...] = (Param("dim", int, doc="model width", low=1),)
+MODULE_PARAMS: tuple[Param, ...] = (
+    Param("dim", int, doc="model width", low=1),
+    Param("heads", int, 8, "number of heads", low=1),
+)
 BLOCK_PARAMS: tuple[Param, ...] = (
     Param("dim", int, doc="model width", low=1),
     Param("heads", int, 8, "number of heads of the mixer", low=1),
@@ -313,7 +327,7 @@ def register(
     A mechanism's parameters are the common ones (dim, heads, head_dim, qkv_bias, causal when
     supported, batch_first when the constructor takes it) followed by `params`; a pooling's are
     dim then `params`; a block's are dim, heads, mixer, mixer_params, causal when supported,
-    then `params`.
+    then `params`; a set's, graph's or table's are dim, heads, causal when supported, then `params`.
     `functional`: the names of its functional ops (in `attnlab.functional`); by default
     `<name>_attention` and `<name>_attention_reference` where the class's module defines them.
     `renamed`: old parameter name -> "new_name (its meaning)"; `build` and the constructor name the
@@ -323,10 +337,10 @@ def register(
     def wrap(cls: type) -> type:
         if supports.causal_only and not supports.causal:
             raise ValueError(f"register {name!r}: causal_only needs causal=True in Supports")
-        if kind not in ("mechanism", "pooling", "block"):
-            raise ValueError(f"register {name!r}: kind expected 'mechanism', 'pooling' or 'block', got {kind!r}")
+        if kind not in BUILDABLE:
+            raise ValueError(f"register {name!r}: kind expected one of {BUILDABLE}, got {kind!r}")
         causal = (CAUSAL_ONLY_PARAM,) if supports.causal_only else (CAUSAL_PARAM,) if supports.causal else ()
-        common = {"mechanism": COMMON_PARAMS, "pooling": POOLING_PARAMS, "block": BLOCK_PARAMS}[kind]
+        common = {"mechanism": COMMON_PARAMS, "pooling": POOLING_PARAMS, "block": BLOCK_PARAMS}.get(kind, MODULE_PARAMS)
         common += () if kind == "pooling" else causal
         if "batch_first" in inspect.signature(cls).parameters:
             common += (BATCH_FIRST_PARAM,)
@@ -414,16 +428,27 @@ def get(name: str, kind: str = "mechanism") -> Spec:
         raise UnknownNameError(f"unknown {kind} {name!r}{hint} (see `attnlab list`)") from None
 
 
-BUILDABLE: tuple[str, ...] = ("mechanism", "pooling", "block")
+BENCHED: tuple[str, ...] = ("mechanism", "pooling", "set", "graph", "table")
+"""The kinds `attnlab bench speed` measures (a block is measured through its mixer)."""
+
+
+def module_entry(name: str) -> Spec:
+    """The entry named `name` among the module kinds (BUILDABLE: a mechanism first); UnknownNameError otherwise."""
+    _ensure_loaded()
+    for kind in BUILDABLE:
+        if (kind, name) in _CATALOGUE:
+            return _CATALOGUE[(kind, name)]
+    return get(name)  # the unknown-name error, with the close mechanism names
+
+
+def benched_entries() -> list[Spec]:
+    """The entries `attnlab bench speed` measures by default: every mechanism, then every pooling."""
+    return [s for kind in BENCHED for s in entries(kind)]
 
 
 def build(name: str, **params: Any) -> Any:
     """Build the mechanism (or pooling, or block) `name` with validated parameters: `build("alibi", dim=64, heads=4)`."""
-    _ensure_loaded()
-    for kind in BUILDABLE:
-        if (kind, name) in _CATALOGUE:
-            return _CATALOGUE[(kind, name)].build(**params)
-    return get(name).build(**params)  # the unknown-name error, with the close mechanism names
+    return module_entry(name).build(**params)
 
 
 def entries(kind: str | None = None) -> list[Spec]:
