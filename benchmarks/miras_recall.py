@@ -14,6 +14,19 @@ Memories: "linear" (dot bias, elu + 1, normalised), "delta" (ℓ2 bias), "miras-
 "miras-huber" (Huber, δ = 1), "memora" (ℓ2 bias, KL retention). The verdict line compares the mean
 accuracies of ℓp and Huber with the dot memory's: "beats" only when every seed of one is above every seed
 of the other; with a few seeds at this scale it is evidence, not proof.
+
+Measured (2026-12-07, taskset -c 1, torch CPU, one thread; --epochs 32, i.e. 1,024 steps of batch 64, the
+other arguments at their defaults: L = 32, 4 pairs, d_model 32, vocab 64), test accuracy, seeds 0 / 1:
+
+    linear (dot)       0.274 / 0.266
+    delta (ℓ2)         0.688 / 0.757
+    miras-lp (p 1.5)   0.801 / 0.899
+    miras-huber (δ 1)  0.226 / 0.231
+    memora (KL, c 1)   0.242 / 0.254
+At the default 8 epochs (256 steps) every memory is still at 0.17–0.26 (no separation). Verdict: the ℓp
+memory beats the dot memory on both seeds (and the ℓ2 one); the Huber memory with δ = 1 does not learn
+the task in this budget (with unit-scale values ‖e‖ is mostly above δ, so it takes ℓ1 sign steps), nor
+does memora (rows of mass 1 on the simplex read out values of at most max|q|).
 """
 from __future__ import annotations
 
