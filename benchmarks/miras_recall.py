@@ -25,8 +25,8 @@ other arguments at their defaults: L = 32, 4 pairs, d_model 32, vocab 64), test 
     memora (KL, c 1)   0.242 / 0.254
 At the default 8 epochs (256 steps) every memory is still at 0.17–0.26 (no separation). Verdict: the ℓp
 memory beats the dot memory on both seeds (and the ℓ2 one); the Huber memory with δ = 1 does not learn
-the task in this budget (with unit-scale values ‖e‖ is mostly above δ, so it takes ℓ1 sign steps), nor
-does memora (rows of mass 1 on the simplex read out values of at most max|q|).
+the task in this budget, nor does memora (likely causes, not checked: with unit-scale values ‖e‖ is mostly
+above δ, so Huber takes ℓ1 sign steps; rows of mass 1 on the simplex read out at most max|q|).
 """
 from __future__ import annotations
 
