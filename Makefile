@@ -16,7 +16,7 @@ BENCH_PEERS := einops local-attention==1.11.2 linear-attention-transformer==0.19
 # the other peers, for `attnlab bench speed --peers` and their tests (NATTEN builds pure Python on CPU; timm's
 # layers import with the torchvision stand-in of tests/conftest.py; labml-nn's Primer, dual-attention's relational
 # attention)
-TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 labml==0.5.3
+TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 labml==0.5.3 torch-geometric==2.8.1 point-transformer-pytorch==0.1.5 xxhash==4.1.0 psutil==7.2.2 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 idna==3.21
 BENCH_STAMP := $(VENV)/.bench-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 
