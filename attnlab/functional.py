@@ -15,10 +15,23 @@ from .kernels.neighborhood import tiled_attention
 from .kernels.sdpa import sdpa
 from .mechanisms.dense.alibi import alibi_attention, alibi_attention_reference, alibi_slopes
 from .mechanisms.dense.coca import coca_attention, coca_attention_reference
+from .mechanisms.dense.dependency_vit import reversed_attention, reversed_attention_reference
+from .mechanisms.dense.gem import gem_attention, gem_attention_reference
 from .mechanisms.dense.kerple import kerple_attention, kerple_attention_reference
 from .mechanisms.dense.multiscale import multiscale_attention, multiscale_attention_reference
+from .mechanisms.dense.neural import neural_attention, neural_attention_reference
+from .mechanisms.dense.normalized_attention import normalized_attention, normalized_attention_reference
+from .mechanisms.dense.primer import primer_attention, primer_attention_reference
+from .mechanisms.dense.probabilistic_attention import probabilistic_attention, probabilistic_attention_reference
+from .mechanisms.dense.prototype_memory import prototype_memory_attention, prototype_memory_attention_reference
 from .mechanisms.dense.rope import rope_attention, rope_attention_reference
+from .mechanisms.dense.selective import selective_attention, selective_attention_reference
+from .mechanisms.dense.self_fixed_point import self_fixed_point_attention, self_fixed_point_attention_reference
 from .mechanisms.dense.softmax import softmax_attention, softmax_attention_reference
+from .mechanisms.heads.dual_attention import relational_attention, relational_attention_reference
+from .mechanisms.heads.mhe import mhe_attention, mhe_attention_reference
+from .mechanisms.heads.moh import moh_attention, moh_attention_reference
+from .mechanisms.heads.shvit import shvit_attention, shvit_attention_reference
 from .mechanisms.linear.based import based_attention, based_attention_reference
 from .mechanisms.linear.deep_memory import deep_memory_attention, deep_memory_attention_reference
 from .mechanisms.linear.efficient import efficient_attention, efficient_attention_reference
@@ -41,21 +54,40 @@ from .mechanisms.local.multi_window import multi_window_attention, multi_window_
 from .mechanisms.local.neighborhood import neighborhood_attention, neighborhood_attention_reference
 from .mechanisms.local.twins import gsa_attention, gsa_attention_reference, lsa_attention, lsa_attention_reference
 from .mechanisms.mixers.channel_group import channel_group_attention, channel_group_attention_reference
+from .mechanisms.mixers.context_broadcasting import (
+    context_broadcasting_attention,
+    context_broadcasting_attention_reference,
+)
 from .mechanisms.mixers.lambda_layer import lambda_attention, lambda_attention_reference
 from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
 from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
+from .mechanisms.pooling.attention_bottleneck import bottleneck_attention, bottleneck_attention_reference
+from .mechanisms.pooling.class_attention import class_attention, class_attention_reference
+from .mechanisms.pooling.efficient_probing import efficient_probing_attention, efficient_probing_attention_reference
+from .mechanisms.pooling.simpool import simpool_attention, simpool_attention_reference
+from .mechanisms.positional.faceformer import (
+    aligned_cross_attention,
+    aligned_cross_attention_reference,
+    faceformer_attention,
+    faceformer_attention_reference,
+)
+from .mechanisms.positional.gpsa import gpsa_attention, gpsa_attention_reference, nonlocality
 from .mechanisms.sparse.bilateral import bilateral_attention, bilateral_attention_reference
 from .mechanisms.sparse.combiner import combiner_attention, combiner_attention_reference
 from .mechanisms.sparse.dhsa import dhsa_attention, dhsa_attention_reference
 from .mechanisms.sparse.fit import fit_attention, fit_attention_reference
+from .mechanisms.sparse.hierarchical_selection import (
+    hierarchical_selection_attention,
+    hierarchical_selection_attention_reference,
+)
 from .mechanisms.sparse.mra import mra_attention, mra_attention_reference
 from .mechanisms.sparse.power import power_attention, power_attention_reference
 from .mechanisms.sparse.proxy import proxy_token_attention, proxy_token_attention_reference
 from .mechanisms.sparse.routing import routing_attention, routing_attention_reference
+from .mechanisms.sparse.select_and_pack import select_and_pack_attention, select_and_pack_attention_reference
 from .mechanisms.sparse.sliding_window import sliding_window_attention, sliding_window_attention_reference
 
 __all__ = [
-    "BlockLayout",
     "additive_attention",
     "additive_attention_reference",
     "aggregated_attention",
@@ -63,6 +95,8 @@ __all__ = [
     "alibi_attention",
     "alibi_attention_reference",
     "alibi_slopes",
+    "aligned_cross_attention",
+    "aligned_cross_attention_reference",
     "axial_attention",
     "axial_attention_reference",
     "based_attention",
@@ -71,20 +105,31 @@ __all__ = [
     "bilateral_attention_reference",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "BlockLayout",
+    "bottleneck_attention",
+    "bottleneck_attention_reference",
     "channel_group_attention",
     "channel_group_attention_reference",
     "circular_window_attention",
     "circular_window_attention_reference",
+    "class_attention",
+    "class_attention_reference",
     "coca_attention",
     "coca_attention_reference",
     "combiner_attention",
     "combiner_attention_reference",
+    "context_broadcasting_attention",
+    "context_broadcasting_attention_reference",
     "deep_memory_attention",
     "deep_memory_attention_reference",
     "dhsa_attention",
     "dhsa_attention_reference",
     "efficient_attention",
     "efficient_attention_reference",
+    "efficient_probing_attention",
+    "efficient_probing_attention_reference",
+    "faceformer_attention",
+    "faceformer_attention_reference",
     "fit_attention",
     "fit_attention_reference",
     "focused_linear_attention",
@@ -93,11 +138,17 @@ __all__ = [
     "fourier_attention_reference",
     "galerkin_attention",
     "galerkin_attention_reference",
+    "gem_attention",
+    "gem_attention_reference",
+    "gpsa_attention",
+    "gpsa_attention_reference",
     "gsa_attention",
     "gsa_attention_reference",
     "halo_attention",
     "halo_attention_reference",
     "hidden_attention",
+    "hierarchical_selection_attention",
+    "hierarchical_selection_attention_reference",
     "kerple_attention",
     "kerple_attention_reference",
     "lambda_attention",
@@ -114,6 +165,10 @@ __all__ = [
     "memora_attention_reference",
     "memory_attention",
     "memory_attention_reference",
+    "mhe_attention",
+    "mhe_attention_reference",
+    "moh_attention",
+    "moh_attention_reference",
     "mra_attention",
     "mra_attention_reference",
     "multi_window_attention",
@@ -122,17 +177,42 @@ __all__ = [
     "multiscale_attention_reference",
     "neighborhood_attention",
     "neighborhood_attention_reference",
+    "neural_attention",
+    "neural_attention_reference",
+    "nonlocality",
+    "normalized_attention",
+    "normalized_attention_reference",
     "power_attention",
     "power_attention_reference",
+    "primer_attention",
+    "primer_attention_reference",
+    "probabilistic_attention",
+    "probabilistic_attention_reference",
+    "prototype_memory_attention",
+    "prototype_memory_attention_reference",
     "proxy_token_attention",
     "proxy_token_attention_reference",
+    "relational_attention",
+    "relational_attention_reference",
+    "reversed_attention",
+    "reversed_attention_reference",
     "rope_attention",
     "rope_attention_reference",
     "routing_attention",
     "routing_attention_reference",
     "sdpa",
+    "select_and_pack_attention",
+    "select_and_pack_attention_reference",
+    "selective_attention",
+    "selective_attention_reference",
     "selective_scan",
     "selective_scan_reference",
+    "self_fixed_point_attention",
+    "self_fixed_point_attention_reference",
+    "shvit_attention",
+    "shvit_attention_reference",
+    "simpool_attention",
+    "simpool_attention_reference",
     "sliding_window_attention",
     "sliding_window_attention_reference",
     "softmax_attention",
