@@ -162,7 +162,10 @@ class ContextBroadcasting(nn.Module):
         tokens = xb[:, None]  # one head: every head of CB is the same uniform map on the same tokens
         if impl == "fast":
             mixed = context_broadcasting_attention(tokens, tokens, tokens, attention_mask=keep)
-        elif impl == "reference":
+        elif impl == "reference":  # every head's (n, n) map, as materialize gives them
+            b, n = xb.shape[:2]
+            check_memory("impl='reference'", (b, self.heads, n, n), 8)
+            tokens = tokens.expand(b, self.heads, n, self.dim)
             mixed = context_broadcasting_attention_reference(tokens, tokens, tokens, attention_mask=keep)[0]
         else:
             raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
