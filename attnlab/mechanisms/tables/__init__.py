@@ -1,0 +1,1 @@
+"""Tables: attention over a table of datapoints × attributes, (batch, rows, attributes, dim) -> the same shape."""
