@@ -1,0 +1,83 @@
+"""The module side shared by the convolutional image mixers (LKA, ULSAM, PSA): tokens on a 2-D grid
+(batch, H, W, dim), no mask (a convolution over an image has no key to pad), no cross-attention.
+A subclass computes `mix_fast(x)` and `mix_reference(x) -> (out, weights)` with weights the
+(batch, heads, N, N) matrix its docstring defines; `materialize` returns those weights.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from ...core.memory import check_memory
+from ...core.module import Impl
+from ...core.registry import Spec
+from ...core.validate import check_finite, check_int, check_module_dtype, check_tokens
+from ...kernels.grid import refuse_masks
+
+
+class ImageMixer(nn.Module):
+    """A token mixer over images x (batch, H, W, dim) -> (batch, H, W, dim); masks and context refused by name.
+
+    `heads` is the number of maps `materialize` returns (batch, heads, H·W, H·W), raster order.
+    """
+
+    spec: ClassVar[Spec]
+    mask_note: ClassVar[str]  # why the mixer takes no mask, for the refusal's message
+    heads: int
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim)
+
+    def checked(
+        self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None, key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        """x checked: (batch, H, W, dim), finite, in the module's dtype; any mask or context refused."""
+        refuse_masks(self.spec.name, attention_mask, attn_mask, self.mask_note, key_padding_mask)
+        if context is not None:
+            raise ValueError(f"context: {self.spec.name} does not support cross-attention (it mixes one image)")
+        check_tokens("x", x, self.dim, grid_rank=2)
+        check_finite("x", x)
+        check_module_dtype("x", x, self)
+        return x
+
+    def mix_fast(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mix_reference(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        impl: Impl = "fast",
+    ) -> Tensor:
+        """x (batch, H, W, dim) -> (batch, H, W, dim); impl "fast" or "reference" (float64, cast back)."""
+        x = self.checked(x, context, attention_mask, key_padding_mask, attn_mask)
+        if impl == "fast":
+            return self.mix_fast(x)
+        if impl == "reference":
+            return self.mix_reference(x)[0]
+        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+
+    def materialize(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The (batch, heads, N, N) token matrices of the module's docstring, N = H·W in raster order."""
+        x = self.checked(x, context, attention_mask, key_padding_mask, attn_mask)
+        n = x.shape[1] * x.shape[2]
+        check_memory("materialize", (x.shape[0], self.heads, n, n), 8)
+        return self.mix_reference(x)[1]
