@@ -1,0 +1,216 @@
+"""Slot attention (Locatello et al., "Object-Centric Learning with Slot Attention", 2020): K slots compete for
+the N inputs — a softmax over the SLOTS — and each slot takes the weighted mean of the inputs it won.
+
+Inputs X ∈ R^{N×D} (LayerNorm'd), slots S⁰ ∈ R^{K×D}; k = W_k LN(X), v = W_v LN(X); T = `iters` times:
+
+    A = softmax_slots(k(X) q(LN S)ᵀ / √D) ∈ R^{N×K}      normalised over the slot axis (competition)
+    W = (A + ε) / Σ_inputs (A + ε)                          per slot: weights over the inputs summing to 1
+    U = Wᵀ v(X) ∈ R^{K×D}                                   weighted mean
+    S = GRU(input U, hidden S_prev);  S = S + MLP(LN S)
+    out = S (batch, K, D)
+
+Initial slots. S⁰ = μ + σ ⊙ ε, ε ~ N(0, I) per slot, with learned μ, log σ ∈ R^D (shared by the slots). The draw is
+explicit: `forward(x, slots=S⁰)` takes given initial slots ((K', D) or (batch, K', D): any number of slots), else
+`forward(x, generator=g)` draws ε from `g`; in training mode without either ε comes from torch's global RNG; in
+eval mode without either the slots start at the mean μ (deterministic, what the conformance suite runs; note that
+then every slot starts equal, and equal slots stay equal — give slots or a generator for distinct slots).
+
+`materialize` returns W of the last iteration, (batch, 1, K, N): per slot the weights of the weighted mean over
+the inputs, what the output uses; its rows sum to 1 over the (real) inputs — a row is NOT a softmax over the inputs:
+the softmax ran over the slots. The competition weights A themselves are `competition(x, ...)` (batch, N, K).
+
+Defaults and deviations: one head (the paper's); ε = 1e-8; W_q, W_k, W_v without bias (`qkv_bias=False`, the
+official Google code; slot-attention 1.5.2 has biases); MLP hidden `hidden` (128 in the paper) widened to
+max(dim, hidden) as slot-attention does (`mlp_hidden_at_least_dim`); μ ~ N(0, 1), log σ = 0 at initialisation.
+Padding: a padded input takes part in neither A nor W (it is no input; ε is added only to real inputs, so
+padding == removal exactly); a sample with no real input has W = 0 and U = 0, its slots evolve from S⁰ alone.
+The function is equivariant in the slots (permuting S⁰ permutes the output) and invariant in the inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ...core.errors import ParameterError, ShapeError
+from ...core.memory import check_memory
+from ...core.registry import Paper, Param, Supports, register
+from ...core.validate import check_finite, check_tensor
+from ..pooling._common import layer_norm64, linear64
+from ..pooling.base import AttentionPooling, Impl
+from ._common import check_positive_int
+
+SLOT_ATTENTION = Paper("P125", "Object-Centric Learning with Slot Attention", 2020, "2006.15055")
+
+
+def _sigmoid64(x: Tensor) -> Tensor:
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def gru64(u: Tensor, h: Tensor, cell: nn.GRUCell) -> Tensor:
+    """GRU cell in float64: r = σ(W_ir u + b_ir + W_hr h + b_hr), z = σ(W_iz u + … ), n = tanh(W_in u + b_in +
+    r ⊙ (W_hn h + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h (PyTorch's gate order r, z, n)."""
+    wi, wh = cell.weight_ih.double(), cell.weight_hh.double()
+    bi = cell.bias_ih.double() if cell.bias_ih is not None else torch.zeros(wi.shape[0], dtype=torch.float64, device=u.device)
+    bh = cell.bias_hh.double() if cell.bias_hh is not None else torch.zeros(wh.shape[0], dtype=torch.float64, device=u.device)
+    d = h.shape[-1]
+    gi = [u.double() @ wi[j * d : (j + 1) * d].T + bi[j * d : (j + 1) * d] for j in range(3)]
+    gh = [h.double() @ wh[j * d : (j + 1) * d].T + bh[j * d : (j + 1) * d] for j in range(3)]
+    r, z = _sigmoid64(gi[0] + gh[0]), _sigmoid64(gi[1] + gh[1])
+    n = torch.tanh(gi[2] + r * gh[2])
+    return (1.0 - z) * n + z * h.double()
+
+
+@register(
+    name="slot-attention",
+    kind="pooling",
+    paper=SLOT_ATTENTION,
+    family="B",
+    cost="O(T K N d + N d²)",
+    exponent=1.0,
+    supports=Supports(key_padding=True, order_invariant=True),
+    params=(
+        Param("num_slots", int, 7, "K, the number of slots (the output rows) drawn when no slots are given", low=1),
+        Param("iters", int, 3, "T, the attention iterations", low=1),
+        Param("hidden", int, 128, "MLP hidden width (widened to dim when smaller, as slot-attention does)", low=1),
+        Param("eps", float, 1e-8, "ε added to the competition weights before the weighted mean", low=0.0),
+        Param("qkv_bias", bool, False, "bias in W_q, W_k, W_v (the official code: none; slot-attention 1.5.2: yes)"),
+    ),
+    summary="slot attention: K slots compete (softmax over slots) for the inputs, weighted mean, GRU, iterated",
+    test_params={"num_slots": 3, "hidden": 8},
+    flops=None,
+)
+class SlotAttention(AttentionPooling):
+    """K slots from a learned Gaussian (or given) refined T times by competitive attention over the inputs."""
+
+    def __init__(
+        self, dim: int, *, num_slots: int = 7, iters: int = 3, hidden: int = 128, eps: float = 1e-8, qkv_bias: bool = False
+    ) -> None:
+        super().__init__(dim, 1)
+        self.num_slots = check_positive_int("num_slots", num_slots)
+        self.iters = check_positive_int("iters", iters)
+        check_positive_int("hidden", hidden)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            raise ParameterError(f"eps: expected a number in [0, 1), got {eps!r}")
+        self.eps = float(eps)
+        self.mu = nn.Parameter(torch.randn(dim))
+        self.log_sigma = nn.Parameter(torch.zeros(dim))
+        self.norm_input, self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.gru = nn.GRUCell(dim, dim)
+        width = max(dim, hidden)
+        self.mlp = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, dim))
+
+    @property
+    def queries(self) -> int:
+        return self.num_slots
+
+    def initial_slots(self, batch: int, *, slots: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """S⁰ (batch, K, dim): the given slots, else μ + σ ε (ε from `generator`, or the global RNG in training
+        mode), else (eval mode, no generator) μ."""
+        dtype, device = self.mu.dtype, self.mu.device
+        if slots is not None:
+            if generator is not None:
+                raise ValueError("slots, generator: expected at most one of them, got both")
+            slots = check_tensor("slots", slots)
+            if slots.dim() == 2:
+                slots = slots.expand(batch, *slots.shape)
+            if slots.dim() != 3 or slots.shape[0] != batch or slots.shape[-1] != self.dim or slots.shape[1] < 1:
+                raise ShapeError(f"slots: expected (K, {self.dim}) or ({batch}, K, {self.dim}), got {tuple(slots.shape)}")
+            if slots.dtype != dtype:
+                raise TypeError(f"slots: expected dtype {dtype} (the module's), got {slots.dtype}")
+            check_finite("slots", slots)
+            return slots
+        mean = self.mu.expand(batch, self.num_slots, self.dim)
+        if generator is None and not self.training:
+            return mean
+        noise = torch.randn(batch, self.num_slots, self.dim, generator=generator, dtype=dtype, device=device)
+        return mean + self.log_sigma.exp() * noise
+
+    def _fast(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(slots, W (batch, K, N), A (batch, N, K)) after the iterations."""
+        b, n, d = x.shape
+        h = self.norm_input(x)
+        k, v = self.k(h), self.v(h)
+        real = None if keep is None else keep[:, :, None].to(x.dtype)
+        s = slots
+        for _ in range(self.iters):
+            logits = k @ self.q(self.norm_slots(s)).transpose(-2, -1) / math.sqrt(d)  # (batch, N, K)
+            a = torch.softmax(logits, -1) + self.eps
+            if real is not None:
+                a = a * real
+            total = a.sum(1, keepdim=True)
+            w = (a / torch.where(total > 0, total, torch.ones_like(total))).transpose(1, 2)  # (batch, K, N)
+            updates = w @ v
+            s = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(b, -1, d)
+            s = s + self.mlp(self.norm_mlp(s))
+        return s, w, a - self.eps if real is None else (a - self.eps) * real
+
+    def _reference(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The same in float64, input by input: A_ik = exp(l_ik)/Σ_k' exp(l_ik'), W_ki = (A_ik + ε)/Σ_real (A_jk + ε)."""
+        b, n, d = x.shape
+        h = layer_norm64(x, self.norm_input)
+        k, v = linear64(h, self.k), linear64(h, self.v)
+        real = torch.ones(b, n, dtype=torch.bool, device=x.device) if keep is None else keep.bool()
+        s = slots.double()
+        for _ in range(self.iters):
+            q = linear64(layer_norm64(s, self.norm_slots), self.q)
+            logits = torch.einsum("bid,bkd->bik", k, q) / math.sqrt(d)
+            top = logits.amax(-1, keepdim=True)
+            e = torch.exp(logits - top)
+            a = e / e.sum(-1, keepdim=True)  # over the slots
+            shifted = torch.where(real[:, :, None], a + self.eps, torch.zeros_like(a))
+            total = shifted.sum(1, keepdim=True)  # over the inputs
+            w = torch.where(total > 0, shifted / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(a))
+            updates = torch.einsum("bik,bid->bkd", w, v)
+            s = gru64(updates, s, self.gru)
+            mlp = linear64(torch.relu(linear64(layer_norm64(s, self.norm_mlp), self.mlp[0])), self.mlp[2])
+            s = s + mlp
+        a = torch.where(real[:, :, None], a, torch.zeros_like(a))
+        return s.to(x.dtype), w.transpose(1, 2).to(x.dtype), a.to(x.dtype)
+
+    def pool_fast(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        return self._fast(x, keep, self.initial_slots(x.shape[0]))[0]
+
+    def pool_reference(self, x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        s, w, _ = self._reference(x, keep, self.initial_slots(x.shape[0]))
+        return s, w.unsqueeze(1)
+
+    def _run(
+        self, x: Tensor, attention_mask: Tensor | None, key_padding_mask: Tensor | None, impl: Impl,
+        slots: Tensor | None, generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        flat, keep = self.prepare(x, attention_mask, key_padding_mask)
+        start = self.initial_slots(flat.shape[0], slots=slots, generator=generator)
+        if impl == "fast":
+            return self._fast(flat, keep, start)
+        check_memory("impl='reference'", (flat.shape[0], start.shape[1], flat.shape[1]), 8 * 4)
+        return self._reference(flat, keep, start)
+
+    def forward(
+        self, x: Tensor, *, slots: Tensor | None = None, generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None, impl: Impl = "fast",
+    ) -> Tensor:
+        """Inputs (batch, *grid, dim) -> slots (batch, K, dim); initial `slots` or a `generator` for their draw."""
+        return self._run(x, attention_mask, key_padding_mask, impl, slots, generator)[0]
+
+    def materialize(
+        self, x: Tensor, *, slots: Tensor | None = None, generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """W of the last iteration (batch, 1, K, N): each slot's weighted-mean weights over the inputs (rows sum to 1)."""
+        return self._run(x, attention_mask, key_padding_mask, "reference", slots, generator)[1].unsqueeze(1)
+
+    def competition(
+        self, x: Tensor, *, slots: Tensor | None = None, generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """A of the last iteration (batch, N, K): the softmax over the slots per input (0 at padded inputs)."""
+        return self._run(x, attention_mask, key_padding_mask, "reference", slots, generator)[2]
+
+
