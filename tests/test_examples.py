@@ -80,7 +80,7 @@ KEY_OUTPUT: list[tuple[str, str]] = [
     ("attnlab list --family", "mechanism"),
     ("attnlab list", "neighborhood"),
     ("attnlab info", "parameters:"),
-    ("attnlab papers", "P019"),
+    ("attnlab papers", "P223"),  # the output keeps its last 6000 characters
     ("attnlab --version", attnlab.__version__),
 ]
 
