@@ -145,8 +145,8 @@ def sample_negative_edges(edges: Tensor, nodes: int, count: int, generator: torc
     taken[torch.arange(nodes) * (nodes + 1)] = True
     free = (~taken).nonzero().squeeze(1)
     if free.numel() < count:
-        raise ValueError(f"negative_ratio: expected at most {free.numel()} non-edges to sample, the graph leaves "
-                         f"{free.numel()} but {count} were asked for")
+        raise ValueError(f"negative_ratio: expected at most {free.numel()} negative pairs (the non-edges of the graph), "
+                         f"got {count} to sample")
     chosen = free[torch.randperm(free.numel(), generator=generator)[:count]]
     return torch.stack([chosen // nodes, chosen % nodes]).to(edges.device)
 
