@@ -9,12 +9,13 @@ a failure; tests/conformance/test_tables.py runs them over every table entry (`r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .core.registry import Spec
+from .mechanisms.tables.base import TableAttention
 from .testing import _close, _raises
 
 DIM, BATCH, ROWS = 16, 3, 7
@@ -22,13 +23,13 @@ SETTINGS_DIM = 12  # divisible by 3 and 6 heads
 HEADS_SETTINGS = (3, 6)
 
 
-def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> nn.Module:
+def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> TableAttention:
     """The entry at the suite's small size (dim 16, 2 heads, its test parameters), in `dtype`, eval mode."""
     torch.manual_seed(seed)
-    return spec.build(**{"dim": DIM, "heads": 2, **spec.test_params, **over}).to(dtype).eval()
+    return cast(TableAttention, spec.build(**{"dim": DIM, "heads": 2, **spec.test_params, **over}).to(dtype).eval())
 
 
-def table(m: nn.Module, *, batch: int = BATCH, rows: int = ROWS, seed: int = 1, dtype: torch.dtype = torch.float64) -> Tensor:
+def table(m: TableAttention, *, batch: int = BATCH, rows: int = ROWS, seed: int = 1, dtype: torch.dtype = torch.float64) -> Tensor:
     """A random table (batch, rows, m.attributes, m.dim)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, rows, m.attributes, m.dim, generator=gen, dtype=dtype)
@@ -52,7 +53,7 @@ def _grad(module: nn.Module, x: Tensor, weight: Tensor, **kw: Any) -> list[Tenso
 
 def _layers(read: Callable[..., Tensor], x: Tensor, **kw: Any) -> list[Tensor]:
     """The weights of every layer of a materialize method (layer 0, 1, … until it refuses the index)."""
-    found = []
+    found: list[Tensor] = []
     while True:
         try:
             found.append(read(x, layer=len(found), **kw))

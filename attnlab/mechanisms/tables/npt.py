@@ -219,6 +219,7 @@ class NonParametricTransformer(TableAttention):
         attributes: list[Tensor] = []
         h = x.double()
         for layer in self.layers:
+            assert isinstance(layer, (DatapointAttention, AttributeAttention))
             h, weights = layer.reference(h, keep)
             (rows if isinstance(layer, DatapointAttention) else attributes).append(weights)
         return TableWeights(h.to(x.dtype), tuple(rows), tuple(attributes))
@@ -252,7 +253,7 @@ class NPTModel(nn.Module):
     def forward(self, values: Tensor, masked: Tensor, *, row_mask: Tensor | None = None) -> list[Tensor]:
         """The logits of every column, a list of (batch, rows, categories[j])."""
         self.check_cells(values, masked)
-        dtype = self.embed[0].weight.dtype
+        dtype = next(self.parameters()).dtype
         cells = []
         for j, (c, embed) in enumerate(zip(self.categories, self.embed)):
             hidden = masked[..., j : j + 1]
