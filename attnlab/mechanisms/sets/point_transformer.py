@@ -21,6 +21,8 @@ Defaults and deviations:
   we follow the paper (φ(x_i) − ψ(x_j), p_i − p_j; plain MLPs, no normalisation). θ's hidden width
   h_pos = 64 and γ's expansion m = 4 follow point-transformer-pytorch (the paper does not state them).
 * The block around the layer (input/output linears, residual) is not part of the operator.
+* The neighbours are chosen from distances computed directly (not by the matmul expansion, whose rounding
+  could reorder near neighbours), in float32 at least.
 * The output depends on the coordinates only through p_i − p_j (and the kNN choice, which is
   translation invariant): the class declares `translation_invariant = True`.
 
@@ -56,7 +58,8 @@ def point_transformer_flops(n: int, heads: int, head_dim: int, causal: bool, k: 
 def knn_indices(pos: Tensor, keep: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
     """The k nearest real points of every point (itself included): indices (batch, n, k') and a bool (batch, n, k')
     marking those that are real, k' = min(k, n)."""
-    dist = torch.cdist(pos, pos)
+    exact = pos if pos.dtype in (torch.float32, torch.float64) else pos.float()  # the choice of neighbours in ≥ float32
+    dist = torch.cdist(exact, exact, compute_mode="donot_use_mm_for_euclid_dist")
     if keep is not None:
         dist = dist.masked_fill(~keep[:, None, :], float("inf"))
     nearest, idx = dist.topk(min(k, pos.shape[1]), dim=-1, largest=False)
