@@ -182,3 +182,16 @@ def test_matches_perceiver_pytorch(tied: bool) -> None:
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[0, 8:] = False
     torch.testing.assert_close(ours(x, attention_mask=keep), peer(x, mask=keep), atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("n", [20, 37])
+def test_flops_equal_the_counted_matmul_flops(n: int) -> None:
+    """The registry's FLOPs (default parameters, width 8 = 2 heads × 4) == torch's FlopCounterMode count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = attnlab.get("perceiver", "pooling")
+    torch.manual_seed(0)
+    m = spec.build(dim=8, **{'heads': 2}).eval()
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randn(1, n, 8))
+    assert spec.flops is not None and counter.get_total_flops() == spec.flops(n, 2, 4, False)

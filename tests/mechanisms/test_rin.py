@@ -127,3 +127,16 @@ def test_tokens_equivariant_and_grid() -> None:
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     torch.testing.assert_close(m(x[:, perm]), m(x)[:, perm])
     torch.testing.assert_close(m(x.reshape(2, 2, 3, DIM)), m(x).reshape(2, 2, 3, DIM))
+
+
+@pytest.mark.parametrize("n", [20, 37])
+def test_flops_equal_the_counted_matmul_flops(n: int) -> None:
+    """The registry's FLOPs (default parameters, width 8 = 2 heads × 4) == torch's FlopCounterMode count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = attnlab.get("rin", "mechanism")
+    torch.manual_seed(0)
+    m = spec.build(dim=8, **{'heads': 2, 'head_dim': 4}).eval()
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randn(1, n, 8))
+    assert spec.flops is not None and counter.get_total_flops() == spec.flops(n, 2, 4, False)

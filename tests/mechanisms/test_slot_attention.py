@@ -129,3 +129,16 @@ def test_matches_slot_attention_package() -> None:
     for impl in ("fast", "reference"):
         torch.testing.assert_close(ours(x, slots=start, impl=impl), want, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(ours(x, generator=torch.Generator().manual_seed(11)), want, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("n", [20, 37])
+def test_flops_equal_the_counted_matmul_flops(n: int) -> None:
+    """The registry's FLOPs (default parameters, width 8 = 2 heads × 4) == torch's FlopCounterMode count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = attnlab.get("slot-attention", "pooling")
+    torch.manual_seed(0)
+    m = spec.build(dim=8, **{}).eval()
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randn(1, n, 8))
+    assert spec.flops is not None and counter.get_total_flops() == spec.flops(n, 2, 4, False)

@@ -37,6 +37,13 @@ def softmax64(logits: Tensor, keep: Tensor | None) -> Tensor:
     return e / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def cross_attention_core(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """softmax(q kᵀ/√d) v per head: q (batch, heads, m, d), k, v (batch, heads, n, d), keep (batch, n) True = key;
+    the largest intermediate is the (batch, heads, m, n) logits; a row with no key is 0."""
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return masked_softmax(logits, None if keep is None else keep.bool()[:, None, None, :]) @ v
+
+
 class CrossAttention(nn.Module):
     """out = W_o concat_h(softmax(q_h k_hᵀ/√d) v_h), q = W_q LN(queries), k, v = W_k, W_v LN'(context);
     with `context_dim=None` a self-attention (k, v from the same normalised queries). Weights (batch, heads, m, n)."""
@@ -62,9 +69,7 @@ class CrossAttention(nn.Module):
         h = self.norm(queries)
         c = h if self.norm_context is None or context is None else self.norm_context(context)
         q, k, v = split_heads(self.q(h), self.heads), split_heads(self.k(c), self.heads), split_heads(self.v(c), self.heads)
-        logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        weights = masked_softmax(logits, None if keep is None else keep[:, None, None, :])
-        return self.out(merge_heads(weights @ v))
+        return self.out(merge_heads(cross_attention_core(q, k, v, keep)))
 
     def reference(self, queries: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(out, weights (batch, heads, m, n)) in float64 from the formula."""

@@ -39,12 +39,11 @@ from torch import Tensor, nn
 
 from ...core.errors import ParameterError, ShapeError
 from ...core.memory import check_memory
-from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
-from ..pooling._common import check_pooling_qkv, padded_logits
+from ..pooling._common import check_pooling_qkv
 from ..pooling.base import AttentionPooling, Impl
-from ._common import CrossAttention, FeedForward, Feedforward, check_positive_int, softmax64
+from ._common import CrossAttention, FeedForward, Feedforward, check_positive_int, cross_attention_core, softmax64
 
 PERCEIVER = Paper("P151", "Perceiver: General Perception with Iterative Attention", 2021, "2103.03206")
 
@@ -76,8 +75,7 @@ def perceiver_attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tens
     """Latent cross-attention softmax(q kᵀ/√d) v: q (batch, heads, M, d) latent queries, k, v (batch, heads, N, d),
     attention_mask (batch, N) True = real token; O(M·N) memory (never N×N). A latent with no real token reads 0."""
     q, k, v = check_pooling_qkv(q, k, v, attention_mask)
-    logits = padded_logits(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), attention_mask)
-    return masked_softmax(logits) @ v
+    return cross_attention_core(q, k, v, attention_mask)
 
 
 def perceiver_attention_reference(
@@ -125,6 +123,16 @@ class PerceiverRepeat(nn.Module):
         return z, weights
 
 
+def perceiver_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of one sample at the default parameters (M = 64 latents, depth 2, 2 latent layers, MLP 4·D, no
+    Fourier features), width D = heads·head_dim: per repeat the cross-attention 4·N·D² (W_k, W_v) + 4·M·D² (W_q,
+    W_o) + 4·M·N·D (logits, mixing) and its MLP 16·M·D², per latent layer 8·M·D² + 4·M²·D + 16·M·D²."""
+    d, m, depth, layers = heads * head_dim, 64, 2, 2
+    cross = 4.0 * n * d * d + 4.0 * m * d * d + 4.0 * m * n * d + 16.0 * m * d * d
+    latent = 8.0 * m * d * d + 4.0 * m * m * d + 16.0 * m * d * d
+    return depth * (cross + layers * latent)
+
+
 @register(
     name="perceiver",
     kind="pooling",
@@ -149,7 +157,7 @@ class PerceiverRepeat(nn.Module):
     ),
     summary="Perceiver: M learned latents cross-attend to the N inputs, then a latent self-attention stack; repeated",
     test_params={"num_latents": 4, "latent_heads": 2, "depth": 3, "latent_layers": 1},
-    flops=None,
+    flops=perceiver_flops,
 )
 class Perceiver(AttentionPooling):
     """Latent array Z (M, dim) read from the inputs by cross-attention, processed by latent self-attention."""

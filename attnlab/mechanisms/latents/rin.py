@@ -88,6 +88,17 @@ class RINBlock(nn.Module):
         return x + self.write_ff.reference(x), z, {"read": w_read, "process": w_process, "write": w_write}
 
 
+def rin_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of one sample at the default parameters (M = 64 latents of width dim, 2 blocks, 2 process
+    layers, MLP 4·width), dim = width D = heads·head_dim: per block the read 4·N·D² + 4·M·D² + 4·M·N·D and its MLP
+    16·M·D², per process layer 8·M·D² + 4·M²·D + 16·M·D², the write 4·N·D² + 4·M·D² + 4·N·M·D and its MLP 16·N·D²."""
+    d, m, blocks, layers = heads * head_dim, 64, 2, 2
+    read = 4.0 * n * d * d + 4.0 * m * d * d + 4.0 * m * n * d + 16.0 * m * d * d
+    process = 8.0 * m * d * d + 4.0 * m * m * d + 16.0 * m * d * d
+    write = 4.0 * n * d * d + 4.0 * m * d * d + 4.0 * n * m * d + 16.0 * n * d * d
+    return blocks * (read + layers * process + write)
+
+
 @register(
     name="rin",
     paper=RIN,
@@ -104,6 +115,7 @@ class RINBlock(nn.Module):
     ),
     summary="RIN: latents read the tokens, process by self-attention, write back; latent self-conditioning",
     test_params={"num_latents": 4, "blocks": 2, "process_layers": 1, "mlp_ratio": 2},
+    flops=rin_flops,
     functional=(),
 )
 class RecurrentInterfaceNetwork(nn.Module):

@@ -62,6 +62,15 @@ def gru64(u: Tensor, h: Tensor, cell: nn.GRUCell) -> Tensor:
     return (1.0 - z) * n + z * h.double()
 
 
+def slot_attention_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of one sample at the default parameters (K = 7 slots, T = 3, MLP hidden max(D, 128)), width
+    D = heads·head_dim: W_k, W_v 4·N·D²; per iteration W_q 2·K·D², logits and weighted mean 4·K·N·D, GRU 12·K·D²,
+    MLP 4·K·D·H."""
+    d, k, iters = heads * head_dim, 7, 3
+    hidden = max(d, 128)
+    return 4.0 * n * d * d + iters * (2.0 * k * d * d + 4.0 * k * n * d + 12.0 * k * d * d + 4.0 * k * d * hidden)
+
+
 @register(
     name="slot-attention",
     kind="pooling",
@@ -79,7 +88,7 @@ def gru64(u: Tensor, h: Tensor, cell: nn.GRUCell) -> Tensor:
     ),
     summary="slot attention: K slots compete (softmax over slots) for the inputs, weighted mean, GRU, iterated",
     test_params={"num_slots": 3, "hidden": 8},
-    flops=None,
+    flops=slot_attention_flops,
 )
 class SlotAttention(AttentionPooling):
     """K slots from a learned Gaussian (or given) refined T times by competitive attention over the inputs."""
@@ -212,5 +221,3 @@ class SlotAttention(AttentionPooling):
     ) -> Tensor:
         """A of the last iteration (batch, N, K): the softmax over the slots per input (0 at padded inputs)."""
         return self._run(x, attention_mask, key_padding_mask, "reference", slots, generator)[2]
-
-
