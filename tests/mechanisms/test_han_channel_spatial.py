@@ -44,6 +44,7 @@ def test_official_form_with_nn_conv3d() -> None:
     """The module equals x · (β·σ(Conv3d(x as (batch, 1, C, H, W)))) + x with torch's Conv3d holding its kernel."""
     csam = attnlab.build("han-channel-spatial", dim=6, beta_init=0.7, kernel_size=5).double()
     conv = torch.nn.Conv3d(1, 1, 5, padding=2).double()
+    assert conv.bias is not None
     with torch.no_grad():
         conv.weight.copy_(csam.weight[None, None])
         conv.bias.copy_(csam.bias.reshape(1))

@@ -120,6 +120,8 @@ class _FixedPrevious(PKCAM):
     """PKCAM whose previous descriptors are a fixed buffer (one per layer, shared by the batch): the full module
     under the generic suite's one-input contract."""
 
+    fixed: Tensor
+
     def __init__(self, dim: int, heads: int = 8, **kw: object) -> None:
         super().__init__(dim, heads, **kw)  # type: ignore[arg-type]
         self.register_buffer("fixed", torch.randn(1, self.previous_layers, dim).abs())

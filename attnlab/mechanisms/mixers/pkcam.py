@@ -65,7 +65,7 @@ from ...core.validate import (
 )
 from ...kernels.grid import refuse_masks
 
-PKCAM = Paper("P184", "PKCAM: Previous Knowledge Channel Attention Module", 2022, "2211.07521")
+PKCAM_PAPER = Paper("P184", "PKCAM: Previous Knowledge Channel Attention Module", 2022, "2211.07521")
 Previous = Tensor | Sequence[Tensor] | None
 
 
@@ -234,7 +234,7 @@ def pkcam_attention_reference(
 
 @register(
     name="pkcam",
-    paper=PKCAM,
+    paper=PKCAM_PAPER,
     family="B",
     cost="O(N·C)",
     exponent=1.0,
