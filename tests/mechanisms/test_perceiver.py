@@ -157,9 +157,9 @@ def _peer_weights(ours: torch.nn.Module, peer: torch.nn.Module) -> None:
         for mine, theirs in zip([ours.first, *ours.rest], peer.layers):
             attn(mine.cross, theirs.cross_attn)
             ff(mine.cross_ff, theirs.cross_ff)
-            for (a, f), (pa, pf) in zip(mine.latent, theirs.self_attns):
-                attn(a, pa)
-                ff(f, pf)
+            for layer, (pa, pf) in zip(mine.latent, theirs.self_attns):
+                attn(layer.attn, pa)
+                ff(layer.ff, pf)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -51,7 +51,7 @@ def test_read_process_write_by_hand() -> None:
     x = tokens()
     keep = torch.tensor([[True, True, True], [True, False, True]])
     block = m.layers[0]
-    (attn, ff) = block.process[0]
+    attn, ff = block.process[0].attn, block.process[0].ff
     for mask in (None, keep):
         maps = m.attention_maps(x, attention_mask=mask)[0]
         for b in range(2):

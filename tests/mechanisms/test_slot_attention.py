@@ -46,7 +46,7 @@ def test_one_iteration_by_hand() -> None:
             a = torch.softmax(k @ q.T / math.sqrt(DIM), dim=1)  # (n_real, K): over the slots
             w = (a + 1e-3) / (a + 1e-3).sum(0, keepdim=True)  # over the inputs
             s = m.gru(w.T @ v, s0[b])
-            s = s + m.mlp(ln(s, (DIM,), m.norm_mlp.weight, m.norm_mlp.bias))
+            s = s + m.mlp_out(torch.relu(m.mlp_in(ln(s, (DIM,), m.norm_mlp.weight, m.norm_mlp.bias))))
             want[b], want_w[b, :, real], want_a[b, real] = s, w.T, a
         for impl in ("fast", "reference"):
             torch.testing.assert_close(m(x, slots=s0, attention_mask=mask, impl=impl), want)
@@ -117,7 +117,8 @@ def test_matches_slot_attention_package() -> None:
         for name in ("q", "k", "v"):
             getattr(ours, name).load_state_dict(getattr(peer, f"to_{name}").state_dict())
         ours.gru.load_state_dict(peer.gru.state_dict())
-        ours.mlp.load_state_dict(peer.mlp.state_dict())
+        ours.mlp_in.load_state_dict(peer.mlp[0].state_dict())
+        ours.mlp_out.load_state_dict(peer.mlp[2].state_dict())
         ours.norm_input.load_state_dict(peer.norm_input.state_dict())
         ours.norm_slots.load_state_dict(peer.norm_slots.state_dict())
         ours.norm_mlp.load_state_dict(peer.norm_pre_ff.state_dict())

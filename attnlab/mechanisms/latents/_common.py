@@ -113,3 +113,22 @@ class FeedForward(nn.Module):
         else:
             h = gelu64(h)
         return linear64(h, self.fc2)
+
+
+class LatentLayer(nn.Module):
+    """A pre-norm transformer layer on the latents: Z ← Z + MHSA(LN Z); Z ← Z + MLP(LN Z)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, feedforward: Feedforward = "gelu", *, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.attn = CrossAttention(dim, None, heads, head_dim, qkv_bias=qkv_bias)
+        self.ff = FeedForward(dim, hidden, feedforward)
+
+    def forward(self, z: Tensor) -> Tensor:
+        z = z + self.attn(z)
+        return z + self.ff(z)
+
+    def reference(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(Z after the layer, the self-attention weights (batch, heads, M, M)) in float64."""
+        out, weights = self.attn.reference(z)
+        z = z.double() + out
+        return z + self.ff.reference(z), weights

@@ -33,6 +33,7 @@ No N×N tensor is ever formed: the largest intermediate of the fast path is the 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,15 @@ from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
 from ..pooling._common import check_pooling_qkv
 from ..pooling.base import AttentionPooling, Impl
-from ._common import CrossAttention, FeedForward, Feedforward, check_positive_int, cross_attention_core, softmax64
+from ._common import (
+    CrossAttention,
+    FeedForward,
+    Feedforward,
+    LatentLayer,
+    check_positive_int,
+    cross_attention_core,
+    softmax64,
+)
 
 PERCEIVER = Paper("P151", "Perceiver: General Perception with Iterative Attention", 2021, "2103.03206")
 
@@ -100,26 +109,23 @@ class PerceiverRepeat(nn.Module):
         self.cross = CrossAttention(dim, context_dim, heads, dim // heads, qkv_bias=qkv_bias)
         self.cross_ff = FeedForward(dim, hidden, feedforward)
         self.latent = nn.ModuleList(
-            nn.ModuleList([CrossAttention(dim, None, latent_heads, dim // latent_heads, qkv_bias=qkv_bias),
-                           FeedForward(dim, hidden, feedforward)])
+            LatentLayer(dim, latent_heads, dim // latent_heads, hidden, feedforward, qkv_bias=qkv_bias)
             for _ in range(latent_layers)
         )
 
     def forward(self, z: Tensor, context: Tensor, keep: Tensor | None) -> Tensor:
         z = z + self.cross(z, context, keep)
         z = z + self.cross_ff(z)
-        for attn, ff in self.latent:
-            z = z + attn(z)
-            z = z + ff(z)
+        for layer in cast("list[LatentLayer]", list(self.latent)):
+            z = layer(z)
         return z
 
     def reference(self, z: Tensor, context: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         read, weights = self.cross.reference(z, context, keep)
         z = z.double() + read
         z = z + self.cross_ff.reference(z)
-        for attn, ff in self.latent:
-            z = z + attn.reference(z)[0]
-            z = z + ff.reference(z)
+        for layer in cast("list[LatentLayer]", list(self.latent)):
+            z = layer.reference(z)[0]
         return z, weights
 
 
@@ -195,7 +201,7 @@ class Perceiver(AttentionPooling):
 
     def repeats(self) -> list[PerceiverRepeat]:
         """The depth repeats in order (the shared one listed depth − 1 times)."""
-        rest = list(self.rest)
+        rest: list[PerceiverRepeat] = [r for r in self.rest if isinstance(r, PerceiverRepeat)]
         later = rest[:1] * (self.depth - 1) if self.share_weights else rest
         return [self.first, *later]
 

@@ -34,6 +34,8 @@ the latents are left to the caller (concatenate them to the latents' input); MLP
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +46,7 @@ from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
 from ..pooling._common import layer_norm64
 from ..pooling.base import Impl, check_pooling_tokens
-from ._common import CrossAttention, FeedForward, check_positive_int
+from ._common import CrossAttention, FeedForward, LatentLayer, check_positive_int
 
 RIN = Paper("P144", "Scalable Adaptive Computation for Iterative Generation", 2022, "2212.11972")
 
@@ -57,9 +59,7 @@ class RINBlock(nn.Module):
         self.read = CrossAttention(latent_dim, dim, heads, head_dim, qkv_bias=qkv_bias)
         self.read_ff = FeedForward(latent_dim, mlp_ratio * latent_dim)
         self.process = nn.ModuleList(
-            nn.ModuleList([CrossAttention(latent_dim, None, heads, head_dim, qkv_bias=qkv_bias),
-                           FeedForward(latent_dim, mlp_ratio * latent_dim)])
-            for _ in range(process_layers)
+            LatentLayer(latent_dim, heads, head_dim, mlp_ratio * latent_dim, qkv_bias=qkv_bias) for _ in range(process_layers)
         )
         self.write = CrossAttention(dim, latent_dim, heads, head_dim, qkv_bias=qkv_bias)
         self.write_ff = FeedForward(dim, mlp_ratio * dim)
@@ -67,9 +67,8 @@ class RINBlock(nn.Module):
     def forward(self, x: Tensor, z: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         z = z + self.read(z, x, keep)
         z = z + self.read_ff(z)
-        for attn, ff in self.process:
-            z = z + attn(z)
-            z = z + ff(z)
+        for layer in cast("list[LatentLayer]", list(self.process)):
+            z = layer(z)
         x = x + self.write(x, z)
         return x + self.write_ff(x), z
 
@@ -78,10 +77,8 @@ class RINBlock(nn.Module):
         z = z.double() + read
         z = z + self.read_ff.reference(z)
         w_process = []
-        for attn, ff in self.process:
-            out, w = attn.reference(z)
-            z = z + out
-            z = z + ff.reference(z)
+        for layer in cast("list[LatentLayer]", list(self.process)):
+            z, w = layer.reference(z)
             w_process.append(w)
         write, w_write = self.write.reference(x, z)
         x = x.double() + write
@@ -198,6 +195,7 @@ class RecurrentInterfaceNetwork(nn.Module):
             z = z + layer_norm64(self.self_cond.reference(prev), self.self_cond_norm)
         h, maps = x.double(), []
         for block in self.layers:
+            assert isinstance(block, RINBlock)
             h, z, w = block.reference(h, z, keep)
             maps.append(w)
         return h, z, maps

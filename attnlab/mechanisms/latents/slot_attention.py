@@ -111,7 +111,7 @@ class SlotAttention(AttentionPooling):
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.gru = nn.GRUCell(dim, dim)
         width = max(dim, hidden)
-        self.mlp = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, dim))
+        self.mlp_in, self.mlp_out = nn.Linear(dim, width), nn.Linear(width, dim)
 
     @property
     def queries(self) -> int:
@@ -155,7 +155,7 @@ class SlotAttention(AttentionPooling):
             w = (a / torch.where(total > 0, total, torch.ones_like(total))).transpose(1, 2)  # (batch, K, N)
             updates = w @ v
             s = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(b, -1, d)
-            s = s + self.mlp(self.norm_mlp(s))
+            s = s + self.mlp_out(torch.relu(self.mlp_in(self.norm_mlp(s))))
         return s, w, a - self.eps if real is None else (a - self.eps) * real
 
     def _reference(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,7 +176,7 @@ class SlotAttention(AttentionPooling):
             w = torch.where(total > 0, shifted / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(a))
             updates = torch.einsum("bik,bid->bkd", w, v)
             s = gru64(updates, s, self.gru)
-            mlp = linear64(torch.relu(linear64(layer_norm64(s, self.norm_mlp), self.mlp[0])), self.mlp[2])
+            mlp = linear64(torch.relu(linear64(layer_norm64(s, self.norm_mlp), self.mlp_in)), self.mlp_out)
             s = s + mlp
         a = torch.where(real[:, :, None], a, torch.zeros_like(a))
         return s.to(x.dtype), w.transpose(1, 2).to(x.dtype), a.to(x.dtype)
