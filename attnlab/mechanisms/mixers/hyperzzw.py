@@ -166,13 +166,15 @@ class CoordinateMLP(nn.Module):
 
     def __init__(self, out: int, width: int, layers: int, omega_0: float, output_scale: float) -> None:
         super().__init__()
-        self.filters = nn.ModuleList(nn.Linear(1, width) for _ in range(layers + 1))
+        filters = [nn.Linear(1, width) for _ in range(layers + 1)]
+        with torch.no_grad():
+            for f in filters:
+                f.weight.uniform_(-omega_0, omega_0)
+                f.bias.uniform_(-math.pi, math.pi)
+        self.filters = nn.ModuleList(filters)
         self.linears = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
         self.output = nn.Linear(width, out)
         with torch.no_grad():
-            for f in self.filters:
-                f.weight.uniform_(-omega_0, omega_0)
-                f.bias.uniform_(-math.pi, math.pi)
             self.output.weight.mul_(output_scale)
 
     def forward(self, coords: Tensor) -> Tensor:
