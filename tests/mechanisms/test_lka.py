@@ -82,3 +82,30 @@ def test_kernel_sizes_and_refusals():
         m(x, attention_mask=torch.ones(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="context: lka does not support cross-attention"):
         m(x, context=x)
+
+
+@pytest.mark.parametrize("van_attention", [False, True])
+def test_attention_path_is_the_part_linear_in_the_matrix(van_attention):
+    m = lka(3, van_attention=van_attention)
+    with torch.no_grad():  # without biases (β = 0, b_1 = 0, proj_2's bias 0) the core output is linear in M
+        for conv in (m.depthwise, m.dilated, m.pointwise):
+            conv.bias.zero_()
+        if van_attention:
+            m.proj_out.bias.zero_()
+    x = torch.randn(2, 5, 6, 3, dtype=torch.float64)
+    shortcut = x if van_attention else 0
+    torch.testing.assert_close(m.attention_path(x, m.materialize(x)), m(x) - shortcut)
+
+
+def test_capture_with_gradients_reaches_the_matrix():
+    from attnlab.analysis.capture import capture
+
+    m = lka(2)
+    x = torch.randn(1, 5, 5, 2, dtype=torch.float64)
+    with capture(m, grads=True) as att:
+        m(x).square().sum().backward()
+    mixing = m.materialize(x).requires_grad_(True)
+    tokens = x.reshape(1, 25, 2)
+    inner = tokens * (torch.einsum("bcnm,bmc->bnc", mixing, tokens) @ m.pointwise.weight[:, :, 0, 0].T)
+    (want,) = torch.autograd.grad((2 * m(x).reshape(1, 25, 2).detach() * inner).sum(), mixing)
+    torch.testing.assert_close(att.grads[0], want)

@@ -138,3 +138,9 @@ def test_refusals():
     m = psa()
     with pytest.raises(ValueError, match="key_padding_mask: psa takes no mask"):
         m(image(), key_padding_mask=torch.zeros(2, 12, dtype=torch.bool))
+
+
+def test_attention_path_is_the_output():
+    m = psa(arrangement="sequential")
+    x = image()
+    torch.testing.assert_close(m.attention_path(x, m.materialize(x)), m(x))

@@ -76,3 +76,9 @@ def test_materialize_explains_the_output_with_uneven_groups():
 def test_more_groups_than_channels_refused():
     with pytest.raises(ParameterError, match=r"heads: expected an int in \[1, 4\] \(channel groups"):
         attnlab.build("ulsam", dim=4, heads=5)
+
+
+def test_attention_path_is_the_residual_free_part():
+    m = ulsam(5, 2)
+    x = torch.randn(2, 3, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(m.attention_path(x, m.materialize(x)), m(x) - x)

@@ -1,12 +1,14 @@
 """The module side shared by the convolutional image mixers (LKA, ULSAM, PSA): tokens on a 2-D grid
 (batch, H, W, dim), no mask (a convolution over an image has no key to pad), no cross-attention.
 A subclass computes `mix_fast(x)` and `mix_reference(x) -> (out, weights)` with weights the
-(batch, heads, N, N) matrix its docstring defines; `materialize` returns those weights.
+(batch, heads, N, N) matrix its docstring defines; `materialize` returns those weights and
+`attention_path(x, weights)` the part of the output linear in them (for `capture(grads=True)`).
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ...core.memory import check_memory
@@ -46,6 +48,15 @@ class ImageMixer(nn.Module):
     def mix_fast(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def path(self, x: Tensor, weights: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attention_path(
+        self, x: Tensor, weights: Tensor, *, context: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """The part of the output linear in `weights` (batch, heads, N, N), x detached: (batch, H, W, dim)."""
+        return self.path(x.detach().to(weights.dtype), weights)
+
     def mix_reference(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -81,3 +92,11 @@ class ImageMixer(nn.Module):
         n = x.shape[1] * x.shape[2]
         check_memory("materialize", (x.shape[0], self.heads, n, n), 8)
         return self.mix_reference(x)[1]
+
+
+def mix_channels(weights: Tensor, x: Tensor, group_of: Tensor) -> Tensor:
+    """out[b, n, c] = Σ_m weights[b, group_of[c], n, m] · x[b, m, c], for x (batch, H, W, C) and weights
+    (batch, heads, N, N): each channel mixed by its group's matrix; (batch, H, W, C)."""
+    b, h, w, c = x.shape
+    per_channel = weights[:, group_of]  # (batch, C, N, N)
+    return torch.einsum("bcnm,bmc->bnc", per_channel, x.reshape(b, h * w, c)).reshape(x.shape)

@@ -26,8 +26,9 @@ carried through the padding), and
 (F the LKA core's input: x, or GELU(proj_1 x) under van_attention). `materialize` returns M,
 (batch, dim, N, N), one head per channel (each channel has its own kernels), the same for every
 element of the batch: the token-mixing matrix of the attention branch, whose rows hold the
-composite kernel. Its rows do not sum to 1. The common parameters heads, head_dim and qkv_bias
-have no effect (LKA has no heads or q, k, v projections): `heads` of the module is dim.
+composite kernel; `attention_path(x, M)` is F ⊙ W_1(M F) (times proj_2's matrix under
+van_attention). Its rows do not sum to 1. The common parameters heads, head_dim and qkv_bias have
+no effect (LKA has no heads or q, k, v projections): `heads` of the module is dim.
 
 Masks: none. A padding mask would not remove a position from a convolution (zero padding is the
 convolution's border rule), so attention_mask, key_padding_mask and attn_mask are refused by name.
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_int, check_tensor
-from ._image_mixer import ImageMixer
+from ._image_mixer import ImageMixer, mix_channels
 
 VAN = Paper("P201", "Visual Attention Network", 2022, "2202.09741")
 
@@ -228,6 +229,13 @@ class LargeKernelAttention(ImageMixer):
         gated, mixing = lka_attention_reference(h, **self._weights(), dilation=self.dilation)  # type: ignore[arg-type]
         out = x64 + gated @ self.proj_out.weight.double().T + self.proj_out.bias.double()
         return out.to(x.dtype), mixing.to(x.dtype)
+
+    def path(self, x: Tensor, weights: Tensor) -> Tensor:
+        """F ⊙ W_1 (M F), F the core's input (then proj_2's matrix under van_attention): the output's part linear in M."""
+        inner = x if self.proj_in is None else F.gelu(self.proj_in(x.to(self.proj_in.weight.dtype))).to(x.dtype)
+        channels = torch.arange(self.dim, device=x.device)
+        gated = inner * (mix_channels(weights, inner, channels) @ self.pointwise.weight[:, :, 0, 0].T.to(x.dtype))
+        return gated if self.proj_out is None else gated @ self.proj_out.weight.T.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, kernel_size={self.kernel_size}, dilation={self.dilation}, "

@@ -34,9 +34,10 @@ paper's equations, and differently for each arrangement:
 materialize. Each token keeps its own features: out[n, c] = d[n, c]·x[n, c] with
 d = A^ch_c + A^sp_n (parallel) or A^ch_c·A^sp_n (sequential, A^sp of Z^ch). `materialize` returns
 diag(d[:, c]) for every channel c: (batch, dim, N, N), one head per channel (the gates differ
-per channel), out = A x channel by channel. The weights that mix tokens are inside the branches:
-`branch_weights(x)` gives the channel branch's softmax over positions, A^ch and A^sp. The common
-parameters heads, head_dim and qkv_bias have no effect (the module's `heads` is dim).
+per channel), out = A x channel by channel (= `attention_path(x, A)`). The weights that mix
+tokens are inside the branches: `branch_weights(x)` gives the channel branch's softmax over
+positions, A^ch and A^sp. The common parameters heads, head_dim and qkv_bias have no effect (the
+module's `heads` is dim).
 
 Masks: none. Both branches pool over all positions of the image (softmax, global average); an
 image grid has no padded positions, so attention_mask, key_padding_mask and attn_mask are refused.
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_choice
-from ._image_mixer import ImageMixer
+from ._image_mixer import ImageMixer, mix_channels
 
 PSA = Paper("P067", "Polarized Self-Attention: Towards High-quality Pixel-wise Regression", 2021, "2107.00782")
 Variant = Literal["paper", "code"]
@@ -246,6 +247,10 @@ class PolarizedSelfAttention(ImageMixer):
         b, h, w, c = x.shape
         weights = torch.diag_embed(d.reshape(b, h * w, c).transpose(1, 2))
         return (d * x.double()).to(x.dtype), weights.to(x.dtype)
+
+    def path(self, x: Tensor, weights: Tensor) -> Tensor:
+        """A x channel by channel: the whole output."""
+        return mix_channels(weights, x, torch.arange(self.dim, device=x.device))
 
     def branch_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(p, A^ch, A^sp): the channel branch's softmax over positions (batch, H, W), A^ch (batch, C) and A^sp

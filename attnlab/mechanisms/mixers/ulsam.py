@@ -21,7 +21,8 @@ does not offer that variant (train-mode BatchNorm would make an image's map depe
 materialize. Every token keeps its own features: per group, out = x + A x with A = diag(A_n), the
 group's spatial map on the diagonal of an (N, N) matrix. `materialize` returns those matrices,
 (batch, g, N, N) — the attention part, without the residual identity, as context-broadcasting's —
-and `spatial_maps(x)` the maps themselves, (batch, g, H, W). A's diagonal sums to 1 (its rows do not).
+and `spatial_maps(x)` the maps themselves, (batch, g, H, W); `attention_path(x, A)` is A x.
+A's diagonal sums to 1 (its rows do not).
 The common parameters head_dim and qkv_bias have no effect (ULSAM has no q, k, v projections).
 
 Masks: none. The softmax runs over the image's positions and the max-pool over neighbours; an
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from ...core.errors import ShapeError
 from ...core.registry import Paper, Supports, register
 from ...core.validate import check_int, check_tensor
-from ._image_mixer import ImageMixer
+from ._image_mixer import ImageMixer, mix_channels
 
 ULSAM = Paper("P049", "ULSAM: Ultra-Lightweight Subspace Attention Module for Compact Convolutional Neural Networks",
               2020, "1909.12400")
@@ -158,6 +159,11 @@ class SubspaceAttention(ImageMixer):
         """The g spatial maps A_n (batch, g, H, W), each summing to 1 over the positions."""
         a = self.materialize(x)
         return torch.diagonal(a, dim1=-2, dim2=-1).reshape(*a.shape[:2], *x.shape[1:3])
+
+    def path(self, x: Tensor, weights: Tensor) -> Tensor:
+        """A x per group (out = x + A x)."""
+        group_of = torch.repeat_interleave(torch.arange(self.heads, device=x.device), torch.tensor(self.sizes, device=x.device))
+        return mix_channels(weights, x, group_of)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.heads}"
