@@ -9,7 +9,18 @@ predicts its target at chance (1/categories) and only attention between datapoin
 ABD→ABA pairs, a linear read-out per column; trained with Adam on the masked reconstruction loss (cross-entropy
 of the masked target cells), fresh tables every step (no table seen twice), and tested on held-out tables.
 
-Measured: see MEASURED below (filled in from the runs of this script).
+Measured (2026-12-07, `taskset -c 1`, torch CPU, one thread, machine shared, load ~6), held-out accuracy on 512
+tables (4,096 masked targets at the default recipe: 16 rows, 3 features + target, 8 classes, dim 16, 2 heads,
+depth 1, 600 steps of 32 tables, Adam one-cycle lr 3e-3):
+
+    taskset -c 1 .venv/bin/python benchmarks/npt_lookup.py --seed 0     1.000 (0.998 at step 100), 37 s
+    taskset -c 1 .venv/bin/python benchmarks/npt_lookup.py --seed 1     1.000 (0.996 at step 100), 59 s
+    taskset -c 1 .venv/bin/python benchmarks/npt_lookup.py --seed 2     1.000 (0.998 at step 100), 51 s
+    taskset -c 1 .venv/bin/python benchmarks/npt_lookup.py --pairs 32 --categories 16 --attributes 6 --steps 1000
+                                                                        0.9999 (64 rows, chance 0.062), 333 s
+
+Chance is 1/categories (0.125 at the default). At 120 steps the default recipe is at 0.999–1.0 on seeds 0–5
+(256 test tables); tests/tasks/test_table_lookup.py runs it for 150 steps and asks for >= 0.9.
 """
 from __future__ import annotations
 
