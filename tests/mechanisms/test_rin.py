@@ -140,3 +140,22 @@ def test_flops_equal_the_counted_matmul_flops(n: int) -> None:
     with FlopCounterMode(display=False) as counter:
         m(torch.randn(1, n, 8))
     assert spec.flops is not None and counter.get_total_flops() == spec.flops(n, 2, 4, False)
+
+
+def test_functional_read_and_write() -> None:
+    """rin_attention == its reference == softmax over the (real) keys, by hand: a read (M latent queries over N
+    token keys, padding) and a write (N token queries over M latent keys)."""
+    from attnlab.mechanisms.latents.rin import rin_attention, rin_attention_reference
+
+    g = torch.Generator().manual_seed(5)
+    z, x = torch.randn(2, 2, M, 4, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3:] = False
+    read = rin_attention(z, x, x, attention_mask=keep)
+    ref, w = rin_attention_reference(z, x, x, attention_mask=keep)
+    torch.testing.assert_close(read, ref)
+    torch.testing.assert_close(read[1], torch.softmax(z[1] @ x[1, :, :3].transpose(-2, -1) / 2.0, -1) @ x[1, :, :3])
+    assert w[1, ..., 3:].abs().max() == 0
+    write = rin_attention(x, z, z)
+    torch.testing.assert_close(write, torch.softmax(x @ z.transpose(-2, -1) / 2.0, -1) @ z)
+    torch.testing.assert_close(rin_attention_reference(x, z, z)[0], write)

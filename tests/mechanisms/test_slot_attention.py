@@ -143,3 +143,24 @@ def test_flops_equal_the_counted_matmul_flops(n: int) -> None:
     with FlopCounterMode(display=False) as counter:
         m(torch.randn(1, n, 8))
     assert spec.flops is not None and counter.get_total_flops() == spec.flops(n, 2, 4, False)
+
+
+def test_functional_read() -> None:
+    """slot_attention == its reference == softmax over the slots, +ε, normalised over the real inputs, by hand."""
+    from attnlab.mechanisms.latents.slot_attention import slot_attention, slot_attention_reference
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), *torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 1] = False
+    keep[1] = False
+    out = slot_attention(q, k, v, attention_mask=keep, eps=0.01)
+    ref, w = slot_attention_reference(q, k, v, attention_mask=keep, eps=0.01)
+    torch.testing.assert_close(out, ref)
+    real = torch.tensor([0, 2, 3, 4])
+    a = torch.softmax(k[0, real] @ q[0].T / 2.0, dim=1) + 0.01
+    torch.testing.assert_close(w[0][:, real], (a / a.sum(0)).T)
+    torch.testing.assert_close(out[0], (a / a.sum(0)).T @ v[0, real])
+    assert w[0][:, 1].abs().max() == 0 and out[1].abs().max() == 0 and w[1].abs().max() == 0
+    with pytest.raises(ValueError, match="^q, k, v: expected"):
+        slot_attention(q[:, :, :3], k, v)

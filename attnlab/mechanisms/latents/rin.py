@@ -34,6 +34,7 @@ the latents are left to the caller (concatenate them to the latents' input); MLP
 """
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -44,11 +45,27 @@ from ...core.masks import module_keep_mask
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
-from ..pooling._common import layer_norm64
+from ..pooling._common import check_pooling_qkv, layer_norm64
 from ..pooling.base import Impl, check_pooling_tokens
-from ._common import CrossAttention, FeedForward, LatentLayer, check_positive_int
+from ._common import CrossAttention, FeedForward, LatentLayer, check_positive_int, cross_attention_core, softmax64
 
 RIN = Paper("P144", "Scalable Adaptive Computation for Iterative Generation", 2022, "2212.11972")
+
+
+def rin_attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+    """RIN's read and write core, softmax(q kᵀ/√d) v per head: the read with q the latents' (batch, heads, M, d) and
+    k, v the tokens' (batch, heads, N, d) (attention_mask (batch, N), True = real token), the write with q the tokens'
+    and k, v the latents'. O(M·N) memory; a query with no key reads 0."""
+    q, k, v = check_pooling_qkv(q, k, v, attention_mask)
+    return cross_attention_core(q, k, v, attention_mask)
+
+
+def rin_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, weights (batch, heads, n_q, n_k)) of `rin_attention` in float64 by einsum and exp/sum."""
+    q, k, v = check_pooling_qkv(q, k, v, attention_mask)
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    w = softmax64(logits, None if attention_mask is None else attention_mask.bool()[:, None, None, :])
+    return torch.einsum("bhij,bhjd->bhid", w, v.double()).to(v.dtype), w.to(v.dtype)
 
 
 class RINBlock(nn.Module):
@@ -113,7 +130,6 @@ def rin_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     summary="RIN: latents read the tokens, process by self-attention, write back; latent self-conditioning",
     test_params={"num_latents": 4, "blocks": 2, "process_layers": 1, "mlp_ratio": 2},
     flops=rin_flops,
-    functional=(),
 )
 class RecurrentInterfaceNetwork(nn.Module):
     """Interface tokens (batch, *grid, dim) -> (batch, *grid, dim) through `blocks` read-process-write blocks."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_tensor
+from ...core.validate import check_attention_mask, check_finite, check_tensor
 from ..pooling._common import layer_norm64, linear64
 from ..pooling.base import AttentionPooling, Impl
 from ._common import check_positive_int
@@ -46,6 +46,54 @@ SLOT_ATTENTION = Paper("P125", "Object-Centric Learning with Slot Attention", 20
 
 def _sigmoid64(x: Tensor) -> Tensor:
     return 1.0 / (1.0 + torch.exp(-x))
+
+
+def _check_slot_qkv(q: object, k: object, v: object, attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """q (batch, K, d), k (batch, N, d), v (batch, N, d_v), one floating dtype; attention_mask (batch, N)."""
+    q, k, v = check_tensor("q", q), check_tensor("k", k), check_tensor("v", v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ShapeError(f"{name}: expected a tensor (batch, tokens, width) of rank 3, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"q, k, v: expected (batch, K, d), (batch, N, d), (batch, N, d_v), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_mask(attention_mask, k.shape[0], k.shape[1])
+    return q, k, v
+
+
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """One slot-attention read: A = softmax over the K slots of k qᵀ/√d (batch, N, K), W = (A + ε) normalised over
+    the real inputs, U = Wᵀ v (batch, K, d_v). q (batch, K, d) slot queries, k, v (batch, N, ·) the inputs'."""
+    q, k, v = _check_slot_qkv(q, k, v, attention_mask)
+    a = torch.softmax(k @ q.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) + eps
+    if attention_mask is not None:
+        a = a * attention_mask.bool()[:, :, None].to(a.dtype)
+    total = a.sum(1, keepdim=True)
+    return (a / torch.where(total > 0, total, torch.ones_like(total))).transpose(1, 2) @ v
+
+
+def slot_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Tensor | None = None, eps: float = 1e-8
+) -> tuple[Tensor, Tensor]:
+    """(U (batch, K, d_v), W (batch, K, N)) of `slot_attention` in float64, slot by slot and input by input."""
+    q, k, v = _check_slot_qkv(q, k, v, attention_mask)
+    b, n, kk = k.shape[0], k.shape[1], q.shape[1]
+    w = torch.zeros(b, kk, n, dtype=torch.float64, device=q.device)
+    for bi in range(b):
+        real = [j for j in range(n) if attention_mask is None or bool(attention_mask[bi, j])]
+        for j in real:
+            logits = torch.stack([(k[bi, j].double() * q[bi, s].double()).sum() / math.sqrt(q.shape[-1]) for s in range(kk)])
+            e = torch.exp(logits - logits.max())
+            w[bi, :, j] = e / e.sum() + eps
+        for s in range(kk):
+            total = w[bi, s].sum()
+            if total > 0:
+                w[bi, s] = w[bi, s] / total
+    return (w @ v.double()).to(v.dtype), w.to(v.dtype)
 
 
 def gru64(u: Tensor, h: Tensor, cell: nn.GRUCell) -> Tensor:
@@ -139,24 +187,17 @@ class SlotAttention(AttentionPooling):
         noise = torch.randn(batch, self.num_slots, self.dim, generator=generator, dtype=dtype, device=device)
         return mean + self.log_sigma.exp() * noise
 
-    def _fast(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(slots, W (batch, K, N), A (batch, N, K)) after the iterations."""
+    def _fast(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> Tensor:
+        """The slots after the iterations."""
         b, n, d = x.shape
         h = self.norm_input(x)
         k, v = self.k(h), self.v(h)
-        real = None if keep is None else keep[:, :, None].to(x.dtype)
         s = slots
         for _ in range(self.iters):
-            logits = k @ self.q(self.norm_slots(s)).transpose(-2, -1) / math.sqrt(d)  # (batch, N, K)
-            a = torch.softmax(logits, -1) + self.eps
-            if real is not None:
-                a = a * real
-            total = a.sum(1, keepdim=True)
-            w = (a / torch.where(total > 0, total, torch.ones_like(total))).transpose(1, 2)  # (batch, K, N)
-            updates = w @ v
+            updates = slot_attention(self.q(self.norm_slots(s)), k, v, attention_mask=keep, eps=self.eps)
             s = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(b, -1, d)
             s = s + self.mlp_out(torch.relu(self.mlp_in(self.norm_mlp(s))))
-        return s, w, a - self.eps if real is None else (a - self.eps) * real
+        return s
 
     def _reference(self, x: Tensor, keep: Tensor | None, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The same in float64, input by input: A_ik = exp(l_ik)/Σ_k' exp(l_ik'), W_ki = (A_ik + ε)/Σ_real (A_jk + ε)."""
@@ -182,22 +223,19 @@ class SlotAttention(AttentionPooling):
         return s.to(x.dtype), w.transpose(1, 2).to(x.dtype), a.to(x.dtype)
 
     def pool_fast(self, x: Tensor, keep: Tensor | None) -> Tensor:
-        return self._fast(x, keep, self.initial_slots(x.shape[0]))[0]
+        return self._fast(x, keep, self.initial_slots(x.shape[0]))
 
     def pool_reference(self, x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         s, w, _ = self._reference(x, keep, self.initial_slots(x.shape[0]))
         return s, w.unsqueeze(1)
 
-    def _run(
-        self, x: Tensor, attention_mask: Tensor | None, key_padding_mask: Tensor | None, impl: Impl,
-        slots: Tensor | None, generator: torch.Generator | None,
+    def _traced(
+        self, x: Tensor, attention_mask: Tensor | None, key_padding_mask: Tensor | None, slots: Tensor | None,
+        generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if impl not in ("fast", "reference"):
-            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        """(slots, W, A) of the reference path."""
         flat, keep = self.prepare(x, attention_mask, key_padding_mask)
         start = self.initial_slots(flat.shape[0], slots=slots, generator=generator)
-        if impl == "fast":
-            return self._fast(flat, keep, start)
         check_memory("impl='reference'", (flat.shape[0], start.shape[1], flat.shape[1]), 8 * 4)
         return self._reference(flat, keep, start)
 
@@ -206,18 +244,23 @@ class SlotAttention(AttentionPooling):
         attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None, impl: Impl = "fast",
     ) -> Tensor:
         """Inputs (batch, *grid, dim) -> slots (batch, K, dim); initial `slots` or a `generator` for their draw."""
-        return self._run(x, attention_mask, key_padding_mask, impl, slots, generator)[0]
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        if impl == "reference":
+            return self._traced(x, attention_mask, key_padding_mask, slots, generator)[0]
+        flat, keep = self.prepare(x, attention_mask, key_padding_mask)
+        return self._fast(flat, keep, self.initial_slots(flat.shape[0], slots=slots, generator=generator))
 
     def materialize(
         self, x: Tensor, *, slots: Tensor | None = None, generator: torch.Generator | None = None,
         attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """W of the last iteration (batch, 1, K, N): each slot's weighted-mean weights over the inputs (rows sum to 1)."""
-        return self._run(x, attention_mask, key_padding_mask, "reference", slots, generator)[1].unsqueeze(1)
+        return self._traced(x, attention_mask, key_padding_mask, slots, generator)[1].unsqueeze(1)
 
     def competition(
         self, x: Tensor, *, slots: Tensor | None = None, generator: torch.Generator | None = None,
         attention_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """A of the last iteration (batch, N, K): the softmax over the slots per input (0 at padded inputs)."""
-        return self._run(x, attention_mask, key_padding_mask, "reference", slots, generator)[2]
+        return self._traced(x, attention_mask, key_padding_mask, slots, generator)[2]
