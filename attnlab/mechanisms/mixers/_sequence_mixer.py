@@ -75,6 +75,8 @@ class SequenceMixer(nn.Module):
         xb, keep = self.tokens(x, context, attention_mask, key_padding_mask, attn_mask)
         if impl not in ("fast", "reference"):
             raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+        if impl == "reference":  # the references build the (n, n) matrix in float64
+            check_memory("impl='reference'", (xb.shape[0], self.heads, xb.shape[1], xb.shape[1]), 8)
         out = self.mix(xb, keep, impl)
         return out if self.batch_first else out.transpose(0, 1)
 

@@ -51,7 +51,7 @@ from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, get, register
 from ...core.validate import check_attention_mask, check_choice, check_finite, check_int, check_qkv, check_tokens
 from ...kernels.sdpa import sdpa
-from ..dense.softmax import SoftmaxAttention, dense_flops
+from ..dense.softmax import SoftmaxAttention, dense_flops, softmax_attention, softmax_attention_reference  # noqa: F401 (decoupled-attention's ops)
 from ._sequence_mixer import SequenceMixer, drop_padding
 
 DECONSTRUCTING = Paper("P057", "Deconstructing Attention: Investigating Design Principles for Effective Language Modeling",
@@ -348,6 +348,7 @@ class AlteredSimilarity(Attention):
 
 
 @register(
+    functional=("softmax_attention", "softmax_attention_reference"),  # the core: softmax over q, k from the embeddings
     name="decoupled-attention",
     paper=DECONSTRUCTING,
     family="B",
