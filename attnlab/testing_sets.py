@@ -71,6 +71,7 @@ def check_shapes(spec: Spec) -> None:
     assert a.shape == (BATCH, m.heads, N, N), f"materialize: expected {(BATCH, m.heads, N, N)}, got {tuple(a.shape)}"
     assert torch.isfinite(a).all(), f"{spec.name}: materialize has NaN/Inf"
     assert a.permute(0, 3, 1, 2)[~keep].abs().max().item() == 0.0, f"{spec.name}: materialize puts weight on padded points"
+    assert a.permute(0, 2, 1, 3)[~keep].abs().max().item() == 0.0, f"{spec.name}: materialize has weights at padded points"
     if spec.normalized:
         rows = a.permute(0, 2, 1, 3)[keep].sum(-1)
         _close(rows, torch.ones_like(rows), f"{spec.name}: materialize rows of real points do not sum to 1")

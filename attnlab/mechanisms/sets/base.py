@@ -11,7 +11,8 @@ where `keep` is the key padding keep-mask (batch, n), True = real point, or None
 inputs and the padding arguments once (as `attnlab.core.module.Attention` does: `attention_mask`
 True/1 = real point, or PyTorch's `key_padding_mask` True = padding; never both) and offers
 `forward(x, pos, ..., impl=)`, `materialize(x, pos, ...)` -> A (where the method has per-pair weights;
-A[b, h, i, j] is the weight point j gets in point i's output, zero for j not among i's neighbours) and
+A[b, h, i, j] is the weight point j gets in point i's output, zero for j not among i's neighbours and in the
+rows and columns of padded points) and
 `bench_inputs` for the speed harness.
 
 Padding contract (checked by `attnlab.testing_sets`): a padded point is never a neighbour of any point,
@@ -119,7 +120,7 @@ class SetAttention(nn.Module, ABC):
         weights = self.set_reference(x, pos, keep)[1]
         if weights is None:
             raise NotImplementedError(f"{type(self).__name__}: the method has no per-pair weights to materialize")
-        return weights
+        return weights if keep is None else weights * keep[:, None, :, None].to(weights.dtype)
 
     def bench_inputs(
         self, batch: int, n: int, dtype: torch.dtype, generator: torch.Generator
