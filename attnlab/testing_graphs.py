@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .core.registry import Spec
 from .testing import _close, _raises
@@ -30,7 +30,7 @@ EDGES = torch.tensor([
 ])
 
 
-def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> nn.Module:
+def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> Any:
     """The entry at the suite's small size (dim 16 and its test parameters), in `dtype`, eval mode."""
     torch.manual_seed(seed)
     return spec.build(**{"dim": DIM, **spec.test_params, **over}).to(dtype).eval()
@@ -40,12 +40,12 @@ def nodes(*, n: int = NODES, dim: int = DIM, seed: int = 1, dtype: torch.dtype =
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def self_loop_settings(spec: Spec) -> list[dict[str, bool]]:
+def self_loop_settings(spec: Spec) -> list[dict[str, Any]]:
     """Both self-loop policies where the entry has an `add_self_loops` parameter, else its own."""
     return [{"add_self_loops": v} for v in (True, False)] if any(p.name == "add_self_loops" for p in spec.params) else [{}]
 
 
-def allowed(module: nn.Module, edges: Tensor, n: int) -> Tensor:
+def allowed(module: Any, edges: Tensor, n: int) -> Tensor:
     """bool (n, n): [i, j] True where j's features may reach i's output: an edge j → i, or j = i — under self-loops
     always; without them only when i receives some message (its features then form the query of its attention);
     a node with no incoming edge and no self-loop depends on no node at all."""

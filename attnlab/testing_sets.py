@@ -23,13 +23,13 @@ SETTINGS_DIM = 12  # divisible by 3 and 6 heads
 HEADS_SETTINGS = (3, 6)
 
 
-def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> nn.Module:
+def build(spec: Spec, *, seed: int = 0, dtype: torch.dtype = torch.float64, **over: Any) -> Any:
     """The entry at the suite's small size (dim 16 and its test parameters), in `dtype`, eval mode."""
     torch.manual_seed(seed)
     return spec.build(**{"dim": DIM, **spec.test_params, **over}).to(dtype).eval()
 
 
-def points(module: nn.Module, *, batch: int = BATCH, n: int = N, dim: int = DIM, seed: int = 1,
+def points(module: Any, *, batch: int = BATCH, n: int = N, dim: int = DIM, seed: int = 1,
            dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Features (batch, n, dim) and coordinates (batch, n, d_pos): normal, distinct almost surely."""
     gen = torch.Generator().manual_seed(seed)
