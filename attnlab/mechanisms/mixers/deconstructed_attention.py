@@ -57,7 +57,7 @@ from ._sequence_mixer import SequenceMixer, drop_padding
 DECONSTRUCTING = Paper("P057", "Deconstructing Attention: Investigating Design Principles for Effective Language Modeling",
                        2025, "2510.11602")
 SIMILARITIES = ("distance", "cosine")
-FIXED_MAX_LENGTH = 4096
+FIXED_MAX_LENGTH = 8192  # covers `attnlab bench speed`'s default lengths (256 … 8192)
 
 
 def _heads_width(dim: int, heads: int, head_dim: int | None) -> int:
