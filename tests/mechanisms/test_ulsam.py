@@ -82,3 +82,36 @@ def test_attention_path_is_the_residual_free_part():
     m = ulsam(5, 2)
     x = torch.randn(2, 3, 3, 5, dtype=torch.float64)
     torch.testing.assert_close(m.attention_path(x, m.materialize(x)), m(x) - x)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_official_code_variant_by_hand_in_eval_mode(impl):
+    # variant="code": ReLU(BN(DW x)) per channel, max-pool, ReLU(BN(PW ·)) per group's map, softmax, residual
+    torch.manual_seed(0)
+    m = attnlab.build("ulsam", dim=4, heads=2, variant="code").double().eval()
+    with torch.no_grad():
+        for norm, n in ((m.depthwise_norm, 4), (m.pointwise_norm, 2)):
+            norm.running_mean.copy_(torch.linspace(-0.5, 0.5, n))
+            norm.running_var.copy_(torch.linspace(0.5, 2.0, n))
+            norm.weight.copy_(torch.linspace(0.8, 1.5, n))
+            norm.bias.copy_(torch.linspace(-0.2, 0.3, n))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+
+    def bn_relu(t, norm):
+        return torch.relu((t - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5) * norm.weight + norm.bias)
+
+    features = bn_relu(x * m.depthwise + m.depthwise_bias, m.depthwise_norm)
+    pooled = torch.nn.functional.max_pool2d(features.permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    weighted = pooled * m.pointwise
+    logits = torch.stack([weighted[..., :2].sum(-1), weighted[..., 2:].sum(-1)], -1) + m.pointwise_bias
+    maps = torch.softmax(bn_relu(logits, m.pointwise_norm).reshape(2, 12, 2), 1).reshape(2, 3, 4, 2)
+    want = x + x * maps[..., [0, 0, 1, 1]]
+    torch.testing.assert_close(m(x, impl=impl), want)
+
+
+def test_official_code_variant_in_training_mode_uses_the_batch():
+    torch.manual_seed(0)
+    m = attnlab.build("ulsam", dim=4, heads=2, variant="code").double().train()
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(x, impl="fast"), m(x, impl="reference"))
+    assert (m(x)[:1] - m(x[:1])).abs().max() > 1e-6  # batch statistics: an image's map depends on the others
