@@ -168,7 +168,7 @@ def fixed_mixing_attention(
 def fixed_mixing_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(out, A) of `fixed_mixing_attention` in float64: A (batch, heads, n, n) by exp and sum."""
+    """(out, A) of `fixed_mixing_attention` in float64: A (batch, heads, n, n) the masked softmax of the logits."""
     _check_fixed(q, k, v, attention_mask)
     n = q.shape[1]
     logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) / math.sqrt(q.shape[-1])
@@ -177,8 +177,7 @@ def fixed_mixing_attention_reference(
         allowed = allowed & attention_mask[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
-    e = torch.where(allowed, (logits - logits.amax(-1, keepdim=True)).exp(), torch.zeros((), dtype=torch.float64))
-    a = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
+    a = masked_softmax(logits.expand(v.shape[0], -1, -1, -1), allowed)  # rows with no allowed key: 0
     return (a @ v.double()).to(v.dtype), a.to(v.dtype)
 
 
