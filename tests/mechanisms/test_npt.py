@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnlab
-from attnlab.mechanisms.tables.npt import AttributeAttention, DatapointAttention, NPTModel
+from attnlab.mechanisms.tables.npt import AttributeAttention, DatapointAttention, NonParametricTransformer, NPTModel
 
 ROWS, F_, E = 6, 3, 8
 
@@ -66,32 +66,38 @@ def _ln(z: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
     return F.layer_norm(z, z.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
-def _block_by_hand(block: torch.nn.Module, tokens: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One pre-LN block on tokens (..., n, w), heads split by hand: (out, weights (..., heads, n, n))."""
+def _block_by_hand(block: torch.nn.Module, tokens: Tensor, keep: Tensor | None, form: str) -> tuple[Tensor, Tensor]:
+    """One pre-LN block on tokens (..., n, w), heads split by hand: (out, weights (..., heads, n, n)). form
+    "standard": q, k, v of LN(tokens), logits / √(w / heads), identity residual; "official" (the official code's
+    MAB): q of LN(tokens), k and v of the tokens, logits / √w, residual tokens W^res + b^res."""
     heads, w = block.heads, tokens.shape[-1]
     z = _ln(tokens, block.norm1)
+    source = tokens if form == "official" else z
+    scale = math.sqrt(w if form == "official" else w // heads)
     outs, weights = [], []
     for h in range(heads):
         cols = slice(h * w // heads, (h + 1) * w // heads)
         q = z @ block.query.weight[cols].T + block.query.bias[cols]
-        k = z @ block.key.weight[cols].T + block.key.bias[cols]
-        v = z @ block.value.weight[cols].T + block.value.bias[cols]
-        logits = q @ k.transpose(-1, -2) / math.sqrt(w // heads)
+        k = source @ block.key.weight[cols].T + block.key.bias[cols]
+        v = source @ block.value.weight[cols].T + block.value.bias[cols]
+        logits = q @ k.transpose(-1, -2) / scale
         if keep is not None:
             logits = logits.masked_fill(~keep[..., None, :], float("-inf"))
         a = torch.softmax(logits, -1)
         outs.append(a @ v)
         weights.append(a)
-    mid = tokens + torch.cat(outs, -1) @ block.out.weight.T + block.out.bias
+    skip = tokens @ block.residual.weight.T + block.residual.bias if form == "official" else tokens
+    mid = skip + torch.cat(outs, -1) @ block.out.weight.T + block.out.bias
     hidden = F.gelu(_ln(mid, block.norm2) @ block.hidden.weight.T + block.hidden.bias)
     return mid + hidden @ block.back.weight.T + block.back.bias, torch.stack(weights, -3)
 
 
-def test_abd_by_hand_over_the_flattened_rows() -> None:
-    m = _npt()
+@pytest.mark.parametrize("form", ["standard", "official"])
+def test_abd_by_hand_over_the_flattened_rows(form: str) -> None:
+    m = _npt(form=form)
     x, keep = _table(), torch.tensor([[True] * ROWS, [True, False, True, True, True, False]])
     rows = x.reshape(2, ROWS, F_ * E)  # row i = concat of its f cells: width f·e
-    want, a = _block_by_hand(m.layers[0], rows, keep)
+    want, a = _block_by_hand(m.layers[0], rows, keep, form)
     a = a * keep[:, None, :, None]
     torch.testing.assert_close(m.materialize(x, row_mask=keep), a)
     for impl in ("fast", "reference"):
@@ -99,15 +105,30 @@ def test_abd_by_hand_over_the_flattened_rows() -> None:
         torch.testing.assert_close(got[keep], want.reshape(2, ROWS, F_, E)[keep])
 
 
-def test_aba_by_hand_within_each_row_and_the_stack_order() -> None:
-    m = _npt()
+@pytest.mark.parametrize("form", ["standard", "official"])
+def test_aba_by_hand_within_each_row_and_the_stack_order(form: str) -> None:
+    m = _npt(form=form)
     x = _table()
-    abd_out, _ = _block_by_hand(m.layers[0], x.reshape(2, ROWS, F_ * E), None)
+    abd_out, _ = _block_by_hand(m.layers[0], x.reshape(2, ROWS, F_ * E), None, form)
     h = abd_out.reshape(2, ROWS, F_, E)
-    want, b = _block_by_hand(m.layers[1], h, None)  # the cells of a row are the tokens
+    want, b = _block_by_hand(m.layers[1], h, None, form)  # the cells of a row are the tokens
     torch.testing.assert_close(m.materialize_attributes(x), b)
     torch.testing.assert_close(m(x), want)  # ABD then ABA
     torch.testing.assert_close(m(x, impl="reference"), want)
+
+
+def test_official_form_fast_matches_reference_with_gradients() -> None:
+    m = _npt(form="official", depth=2)
+    x, keep = _table(), torch.tensor([[True] * ROWS, [False, True, True, False, True, True]])
+    params = [x.clone().requires_grad_(True)] + list(m.parameters())
+    fast = torch.autograd.grad((m(params[0], row_mask=keep) ** 2).sum(), params)
+    ref = torch.autograd.grad((m(params[0], row_mask=keep, impl="reference") ** 2).sum(), params)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="parameter 'form' expected one of"):
+        attnlab.build("npt", dim=8, heads=2, form="offical")
+    with pytest.raises(ValueError, match="^form: expected one of"):
+        NonParametricTransformer(8, 2, form="offical")
 
 
 def test_depth_stacks_abd_aba_pairs() -> None:
