@@ -201,6 +201,19 @@ def check_float32(spec: Spec) -> None:
                atol=1e-4, rtol=1e-3)
 
 
+def check_bench_inputs(spec: Spec) -> None:
+    """`bench_inputs(batch, n, ...)`: batch graphs of n nodes as one disjoint union (no edge between two of them),
+    no self-loop or repeated edge, mean in-degree in [7, 8]; the module runs on them."""
+    m = build(spec)
+    tensors, keywords = m.bench_inputs(3, 64, torch.float64, torch.Generator().manual_seed(0))
+    x, edges = tensors
+    assert x.shape == (3 * 64, DIM), f"{spec.name}: bench_inputs x: expected {(3 * 64, DIM)}, got {tuple(x.shape)}"
+    assert bool((edges[0] // 64 == edges[1] // 64).all()), f"{spec.name}: bench_inputs has an edge between two graphs"
+    assert bool((edges[0] != edges[1]).all()), f"{spec.name}: bench_inputs has a self-loop"
+    assert 7 <= edges.shape[1] / (3 * 64) <= 8, f"{spec.name}: bench_inputs mean in-degree {edges.shape[1] / 192:.2f}"
+    assert m(*tensors, **keywords).shape == x.shape
+
+
 CHECKS: dict[str, Callable[[Spec], None]] = {
     "shapes": check_shapes,
     "no_message_across_a_non_edge": check_no_message_across_a_non_edge,
@@ -210,6 +223,7 @@ CHECKS: dict[str, Callable[[Spec], None]] = {
     "bad_inputs": check_bad_inputs,
     "state_dict": check_state_dict,
     "float32": check_float32,
+    "bench_inputs": check_bench_inputs,
 }
 
 

@@ -224,6 +224,15 @@ def check_float32(spec: Spec) -> None:
                f"{spec.name}: float32 materialize", atol=1e-4, rtol=1e-3)
 
 
+def check_bench_inputs(spec: Spec) -> None:
+    """`bench_inputs(batch, n, ...)` gives x (batch, n, dim) and pos (batch, n, d_pos) the module runs on."""
+    m = build(spec)
+    tensors, keywords = m.bench_inputs(2, 20, torch.float64, torch.Generator().manual_seed(0))
+    x, pos = tensors
+    assert x.shape == (2, 20, DIM) and pos.shape == (2, 20, m.pos_dim), f"{spec.name}: bench_inputs shapes"
+    assert m(*tensors, **keywords).shape == x.shape
+
+
 CHECKS: dict[str, Callable[[Spec], None]] = {
     "shapes": check_shapes,
     "permutation_equivariance": check_permutation_equivariance,
@@ -235,6 +244,7 @@ CHECKS: dict[str, Callable[[Spec], None]] = {
     "bad_inputs": check_bad_inputs,
     "state_dict": check_state_dict,
     "float32": check_float32,
+    "bench_inputs": check_bench_inputs,
 }
 
 
