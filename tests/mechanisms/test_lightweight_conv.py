@@ -107,3 +107,20 @@ def test_cost_is_linear_in_n(name: str) -> None:
     per_token = counts[0] / 256
     projections = 2 * 32 * 64 + 2 * 32 * 32 + (2 * 32 * 4 * 7 if name == "dynamicconv" else 0)
     assert per_token == projections + 2 * 7 * 32, (per_token, projections)
+
+
+@pytest.mark.parametrize("name", ["lightconv", "dynamicconv"])
+def test_step_keeps_the_last_k_minus_1_values_and_refuses_bad_input(name: str) -> None:
+    m = _build(name, causal=True)
+    x = torch.randn(2, 1, 12, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = m.step(x)
+        assert state.shape == (2, 3, 4, 4)
+        torch.testing.assert_close(state[:, :, -1], _values(m, x)[:, :, 0])  # the newest value, the older ones zeros
+        assert state[:, :, :-1].abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="^step: decoding needs a causal module"):
+        _build(name).step(x)
+    with pytest.raises(ValueError, match="^state: expected the last k − 1 values"):
+        m.step(x, torch.zeros(2, 3, 5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="^x_t: expected one position"):
+        m.step(torch.randn(2, 2, 12, dtype=torch.float64))

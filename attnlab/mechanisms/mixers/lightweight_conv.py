@@ -37,6 +37,8 @@ position still gets an output (its window's real neighbours), and an element wit
 token gets W^O's bias. Left aside from the paper: weight dropout (DropConnect on the
 normalised kernel, a training regulariser) and the per-layer kernel sizes (3, 7, 15, 31, …:
 build each layer with its own kernel_size). DynamicConv's kernel map W^Q has a bias.
+
+Decoding (causal): `step(x_t, state)` keeps the last k − 1 values per head, O(k·d) a token.
 """
 from __future__ import annotations
 
@@ -49,7 +51,14 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError, ShapeError
 from ...core.module import Impl
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_attention_mask, check_int, check_tensor
+from ...core.validate import (
+    check_attention_mask,
+    check_finite,
+    check_int,
+    check_module_dtype,
+    check_tensor,
+    check_tokens,
+)
 from ._sequence_mixer import SequenceMixer, drop_padding
 
 PAY_LESS = Paper("P105", "Pay Less Attention with Lightweight and Dynamic Convolutions", 2019, "1901.10430")
@@ -210,6 +219,35 @@ class _LightweightLayer(SequenceMixer):
         out = self.convolve(v, self.kernel_logits(v), keep, impl)
         return self.out_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
+    def step(self, x_t: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decode one position of the causal layer: x_t (batch, 1, dim) ((1, batch, dim) with batch_first=False) and
+        the state (the last k − 1 values per head, (batch, heads, k − 1, head_dim); None at the start: zeros, the
+        positions before the sequence) -> (y_t, new state), equal to the causal forward at that position."""
+        if not self.causal:
+            raise ValueError("step: decoding needs a causal module (build it with causal=True)")
+        check_tensor("x_t", x_t)
+        check_tokens("x_t", x_t, self.dim)
+        x = self.batch_major(x_t)
+        check_finite("x_t", x)
+        check_module_dtype("x_t", x, self)
+        if x.shape[1] != 1:
+            layout = "(batch, 1, dim)" if self.batch_first else "(1, batch, dim) (batch_first=False)"
+            raise ShapeError(f"x_t: expected one position {layout}, got shape {tuple(x_t.shape)}")
+        v = self.values(x)  # (batch, heads, 1, head_dim)
+        past = (self.kernel_size - 1, self.head_dim)
+        if state is None:
+            state = v.new_zeros(x.shape[0], self.heads, *past)
+        elif not isinstance(state, Tensor) or tuple(state.shape) != (x.shape[0], self.heads, *past):
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ShapeError(f"state: expected the last k − 1 values {(x.shape[0], self.heads, *past)} from this "
+                             f"module's step, got {got}")
+        window = torch.cat([state, v], dim=2)  # tap j reads position t − (k − 1) + j
+        logits = self.kernel_logits(v)
+        kernel = torch.softmax(logits if logits.dim() == 4 else logits[None, :, None, :], dim=-1)  # (b or 1, h, 1, k)
+        out = (kernel[:, :, 0, :, None] * window).sum(2)  # (batch, heads, head_dim)
+        y = self.out_proj(out.reshape(x.shape[0], 1, -1))
+        return (y if self.batch_first else y.transpose(0, 1)), window[:, :, 1:]
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, kernel_size={self.kernel_size}, causal={self.causal}, glu={self.glu}"
 
@@ -221,7 +259,7 @@ class _LightweightLayer(SequenceMixer):
     family="B",
     cost="O(N k d)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True),
+    supports=Supports(causal=True, key_padding=True, decode=True),
     params=COMMON,
     summary="LightConv: depthwise convolution with softmax-normalised kernels shared by the channels of each head, "
             "GLU input layer; causal form over the past k tokens.",
@@ -271,7 +309,7 @@ class LightConv(_LightweightLayer):
     family="B",
     cost="O(N k d)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True),
+    supports=Supports(causal=True, key_padding=True, decode=True),
     params=COMMON,
     summary="DynamicConv: LightConv with a kernel predicted at every position from that token (linear map, softmax "
             "over the width), GLU input layer; causal form over the past k tokens.",
