@@ -109,3 +109,14 @@ def test_capture_with_gradients_reaches_the_matrix():
     inner = tokens * (torch.einsum("bcnm,bmc->bnc", mixing, tokens) @ m.pointwise.weight[:, :, 0, 0].T)
     (want,) = torch.autograd.grad((2 * m(x).reshape(1, 25, 2).detach() * inner).sum(), mixing)
     torch.testing.assert_close(att.grads[0], want)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), [(21, 3), (9, 2), (5, 1)])
+@pytest.mark.parametrize("grid", [(7, 8), (9, 9), (4, 13)])
+def test_fast_path_equals_torch_dilated_convolutions(kernel_size, dilation, grid):
+    # the fast path runs the dilated convolution on the d² interleaved sub-images; the oracle is nn.Conv2d's own
+    m = lka(3, kernel_size=kernel_size, dilation=dilation)
+    x = torch.randn(2, *grid, 3, dtype=torch.float64)
+    with torch.no_grad():
+        attn = m.pointwise(m.dilated(m.depthwise(x.permute(0, 3, 1, 2)))).permute(0, 2, 3, 1)
+    torch.testing.assert_close(m(x), x * attn)
