@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ...core.errors import ParameterError
 from ...core.reference import masked_softmax
-from ..pooling._common import gelu64, layer_norm64, linear64, merge_heads, split_heads
+from ..pooling.common import gelu64, layer_norm64, linear64, merge_heads, split_heads
 
 Feedforward = Literal["gelu", "geglu"]
 

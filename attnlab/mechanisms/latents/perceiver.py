@@ -42,8 +42,8 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
-from ..pooling._common import check_pooling_qkv
 from ..pooling.base import AttentionPooling, Impl
+from ..pooling.common import check_pooling_qkv
 from ._common import (
     CrossAttention,
     FeedForward,

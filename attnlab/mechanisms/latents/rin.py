@@ -45,8 +45,8 @@ from ...core.masks import module_keep_mask
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
-from ..pooling._common import check_pooling_qkv, layer_norm64
 from ..pooling.base import Impl, check_pooling_tokens
+from ..pooling.common import check_pooling_qkv, layer_norm64
 from ._common import CrossAttention, FeedForward, LatentLayer, check_positive_int, cross_attention_core, softmax64
 
 RIN = Paper("P144", "Scalable Adaptive Computation for Iterative Generation", 2022, "2212.11972")

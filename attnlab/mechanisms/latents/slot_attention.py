@@ -37,8 +37,8 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_finite, check_tensor
-from ..pooling._common import layer_norm64, linear64
 from ..pooling.base import AttentionPooling, Impl
+from ..pooling.common import layer_norm64, linear64
 from ._common import check_positive_int
 
 SLOT_ATTENTION = Paper("P125", "Object-Centric Learning with Slot Attention", 2020, "2006.15055")

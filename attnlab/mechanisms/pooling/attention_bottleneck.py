@@ -53,8 +53,8 @@ from ...core.memory import check_memory
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_finite, check_tensor
-from ._common import check_pooling_qkv, layer_norm64, linear64, padded_logits, softmax64
 from .base import AttentionPooling, Impl
+from .common import check_pooling_qkv, layer_norm64, linear64, padded_logits, softmax64
 
 TAB = Paper(
     "P085",

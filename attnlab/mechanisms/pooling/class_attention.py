@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ._common import (
+from .base import AttentionPooling
+from .common import (
     check_pooling_qkv,
     gelu64,
     layer_norm64,
@@ -53,7 +54,6 @@ from ._common import (
     softmax64,
     split_heads,
 )
-from .base import AttentionPooling
 
 PATCHCONVNET = Paper("P097", "Augmenting Convolutional networks with attention-based aggregation", 2021, "2112.13692")
 LN_EPS = 1e-6

@@ -36,8 +36,8 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_attention_mask, check_tensor
-from ._common import linear64, softmax64
 from .base import AttentionPooling
+from .common import linear64, softmax64
 
 EFFICIENT_PROBING = Paper(
     "P094", "Attention, Please! Revisiting Attentive Probing Through the Lens of Efficiency", 2025, "2506.10178"

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from ...core.errors import ParameterError
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
-from ._common import check_pooling_qkv, layer_norm64, linear64, merge_heads, padded_logits, softmax64, split_heads
 from .base import AttentionPooling
+from .common import check_pooling_qkv, layer_norm64, linear64, merge_heads, padded_logits, softmax64, split_heads
 
 SIMPOOL = Paper("P142", "Keep It SimPool: Who Said Supervised Transformers Suffer from Attention Deficit?", 2023, "2309.06891")
 EPS = 1e-6  # the code's ε of the shift

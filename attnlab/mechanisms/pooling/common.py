@@ -1,4 +1,4 @@
-"""Shared pieces of the poolings: head splitting, input checks of the functional ops, and the float64
+"""Shared pieces of the poolings (and the latent bottlenecks built on them): head splitting, input checks of the functional ops, and the float64
 building blocks of the references (written from the formulas, independent of the fast paths)."""
 from __future__ import annotations
 
