@@ -1,4 +1,4 @@
-"""The speed harness measures the other benched kinds too (core.registry.BENCHED: pooling): `attnlab bench speed
+"""The speed harness measures the other benched kinds too (core.registry.BENCHED: pooling, set, graph, table): `attnlab bench speed
 --mechanisms all` includes them, the call of a configuration reaches the module once with the configuration's batch
 and tokens, and the backward gives the tokens a finite, nonzero gradient."""
 import functools
@@ -21,7 +21,7 @@ def test_all_means_every_benched_entry() -> None:
 
 
 @pytest.mark.parametrize("name", OTHER)
-def test_harness_runs_every_pooling(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_harness_runs_every_other_benched_entry(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = speed.module_entry(name)
     seen: dict[str, Any] = {}
     build = speed_worker.build_module
@@ -44,5 +44,9 @@ def test_harness_runs_every_pooling(name: str, monkeypatch: pytest.MonkeyPatch) 
     speed.prepare_call(spec, config)()
     assert seen.get("calls") == 1
     x, out = seen["x"], seen["out"]
-    assert x.shape == (2, 64, 64) and out.shape[0] == 2 and out.shape[-1] == 64 and torch.isfinite(out).all()
+    if spec.kind == "graph":  # a batch is the disjoint union of its graphs: (batch · n nodes, dim)
+        assert x.shape == (128, 64) and out.shape == (128, 64)
+    else:  # (batch, n, dim); a table (batch, n rows, attributes, dim); a pooling (batch, m, dim) out
+        assert x.shape[:2] == (2, 64) and x.shape[-1] == 64 and out.shape[0] == 2 and out.shape[-1] == 64
+    assert torch.isfinite(out).all()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
