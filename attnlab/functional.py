@@ -28,10 +28,14 @@ from .mechanisms.dense.rope import rope_attention, rope_attention_reference
 from .mechanisms.dense.selective import selective_attention, selective_attention_reference
 from .mechanisms.dense.self_fixed_point import self_fixed_point_attention, self_fixed_point_attention_reference
 from .mechanisms.dense.softmax import softmax_attention, softmax_attention_reference
+from .mechanisms.graphs.supergat import supergat_attention, supergat_attention_reference
 from .mechanisms.heads.dual_attention import relational_attention, relational_attention_reference
 from .mechanisms.heads.mhe import mhe_attention, mhe_attention_reference
 from .mechanisms.heads.moh import moh_attention, moh_attention_reference
 from .mechanisms.heads.shvit import shvit_attention, shvit_attention_reference
+from .mechanisms.latents.perceiver import perceiver_attention, perceiver_attention_reference
+from .mechanisms.latents.rin import rin_attention, rin_attention_reference
+from .mechanisms.latents.slot_attention import slot_attention, slot_attention_reference
 from .mechanisms.linear.based import based_attention, based_attention_reference
 from .mechanisms.linear.deep_memory import deep_memory_attention, deep_memory_attention_reference
 from .mechanisms.linear.efficient import efficient_attention, efficient_attention_reference
@@ -58,13 +62,37 @@ from .mechanisms.mixers.context_broadcasting import (
     context_broadcasting_attention,
     context_broadcasting_attention_reference,
 )
+from .mechanisms.mixers.deconstructed_attention import (
+    altered_similarity_attention,
+    altered_similarity_attention_reference,
+    fixed_mixing_attention,
+    fixed_mixing_attention_reference,
+    no_mixing_attention,
+    no_mixing_attention_reference,
+)
+from .mechanisms.mixers.han_channel_spatial import (
+    han_channel_spatial_attention,
+    han_channel_spatial_attention_reference,
+)
+from .mechanisms.mixers.han_layer_attention import han_layer_attention, han_layer_attention_reference
+from .mechanisms.mixers.hyperzzw import hyperzzw_attention, hyperzzw_attention_reference
 from .mechanisms.mixers.lambda_layer import lambda_attention, lambda_attention_reference
+from .mechanisms.mixers.lightweight_conv import (
+    dynamicconv_attention,
+    dynamicconv_attention_reference,
+    lightconv_attention,
+    lightconv_attention_reference,
+)
+from .mechanisms.mixers.lka import lka_attention, lka_attention_reference
+from .mechanisms.mixers.pkcam import pkcam_attention, pkcam_attention_reference
 from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
+from .mechanisms.mixers.ulsam import ulsam_attention, ulsam_attention_reference
 from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
 from .mechanisms.pooling.attention_bottleneck import bottleneck_attention, bottleneck_attention_reference
 from .mechanisms.pooling.class_attention import class_attention, class_attention_reference
 from .mechanisms.pooling.efficient_probing import efficient_probing_attention, efficient_probing_attention_reference
 from .mechanisms.pooling.simpool import simpool_attention, simpool_attention_reference
+from .mechanisms.positional.botnet import botnet_attention, botnet_attention_reference
 from .mechanisms.positional.faceformer import (
     aligned_cross_attention,
     aligned_cross_attention_reference,
@@ -72,6 +100,7 @@ from .mechanisms.positional.faceformer import (
     faceformer_attention_reference,
 )
 from .mechanisms.positional.gpsa import gpsa_attention, gpsa_attention_reference, nonlocality
+from .mechanisms.sets.point_transformer import point_transformer_attention, point_transformer_attention_reference
 from .mechanisms.sparse.bilateral import bilateral_attention, bilateral_attention_reference
 from .mechanisms.sparse.combiner import combiner_attention, combiner_attention_reference
 from .mechanisms.sparse.dhsa import dhsa_attention, dhsa_attention_reference
@@ -86,6 +115,12 @@ from .mechanisms.sparse.proxy import proxy_token_attention, proxy_token_attentio
 from .mechanisms.sparse.routing import routing_attention, routing_attention_reference
 from .mechanisms.sparse.select_and_pack import select_and_pack_attention, select_and_pack_attention_reference
 from .mechanisms.sparse.sliding_window import sliding_window_attention, sliding_window_attention_reference
+from .mechanisms.tables.npt import (
+    npt_attribute_attention,
+    npt_attribute_attention_reference,
+    npt_datapoint_attention,
+    npt_datapoint_attention_reference,
+)
 
 __all__ = [
     "additive_attention",
@@ -97,6 +132,8 @@ __all__ = [
     "alibi_slopes",
     "aligned_cross_attention",
     "aligned_cross_attention_reference",
+    "altered_similarity_attention",
+    "altered_similarity_attention_reference",
     "axial_attention",
     "axial_attention_reference",
     "based_attention",
@@ -106,6 +143,8 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "BlockLayout",
+    "botnet_attention",
+    "botnet_attention_reference",
     "bottleneck_attention",
     "bottleneck_attention_reference",
     "channel_group_attention",
@@ -124,6 +163,8 @@ __all__ = [
     "deep_memory_attention_reference",
     "dhsa_attention",
     "dhsa_attention_reference",
+    "dynamicconv_attention",
+    "dynamicconv_attention_reference",
     "efficient_attention",
     "efficient_attention_reference",
     "efficient_probing_attention",
@@ -132,6 +173,8 @@ __all__ = [
     "faceformer_attention_reference",
     "fit_attention",
     "fit_attention_reference",
+    "fixed_mixing_attention",
+    "fixed_mixing_attention_reference",
     "focused_linear_attention",
     "focused_linear_attention_reference",
     "fourier_attention",
@@ -146,17 +189,27 @@ __all__ = [
     "gsa_attention_reference",
     "halo_attention",
     "halo_attention_reference",
+    "han_channel_spatial_attention",
+    "han_channel_spatial_attention_reference",
+    "han_layer_attention",
+    "han_layer_attention_reference",
     "hidden_attention",
     "hierarchical_selection_attention",
     "hierarchical_selection_attention_reference",
+    "hyperzzw_attention",
+    "hyperzzw_attention_reference",
     "kerple_attention",
     "kerple_attention_reference",
     "lambda_attention",
     "lambda_attention_reference",
+    "lightconv_attention",
+    "lightconv_attention_reference",
     "linear_attention",
     "linear_attention_recurrent",
     "linear_attention_reference",
     "linear_attention_step",
+    "lka_attention",
+    "lka_attention_reference",
     "local_linear_attention",
     "local_linear_attention_reference",
     "lsa_attention",
@@ -179,9 +232,21 @@ __all__ = [
     "neighborhood_attention_reference",
     "neural_attention",
     "neural_attention_reference",
+    "no_mixing_attention",
+    "no_mixing_attention_reference",
     "nonlocality",
     "normalized_attention",
     "normalized_attention_reference",
+    "npt_attribute_attention",
+    "npt_attribute_attention_reference",
+    "npt_datapoint_attention",
+    "npt_datapoint_attention_reference",
+    "perceiver_attention",
+    "perceiver_attention_reference",
+    "pkcam_attention",
+    "pkcam_attention_reference",
+    "point_transformer_attention",
+    "point_transformer_attention_reference",
     "power_attention",
     "power_attention_reference",
     "primer_attention",
@@ -196,6 +261,8 @@ __all__ = [
     "relational_attention_reference",
     "reversed_attention",
     "reversed_attention_reference",
+    "rin_attention",
+    "rin_attention_reference",
     "rope_attention",
     "rope_attention_reference",
     "routing_attention",
@@ -215,9 +282,15 @@ __all__ = [
     "simpool_attention_reference",
     "sliding_window_attention",
     "sliding_window_attention_reference",
+    "slot_attention",
+    "slot_attention_reference",
     "softmax_attention",
     "softmax_attention_reference",
+    "supergat_attention",
+    "supergat_attention_reference",
     "tiled_attention",
+    "ulsam_attention",
+    "ulsam_attention_reference",
     "xca_attention",
     "xca_attention_reference",
 ]
