@@ -75,6 +75,7 @@ class ImageMixer(nn.Module):
         if impl == "fast":
             return self.mix_fast(x)
         if impl == "reference":
+            check_memory("impl='reference'", self.dense_shape(x), 8)
             return self.mix_reference(x)[0]
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
 
@@ -89,9 +90,13 @@ class ImageMixer(nn.Module):
     ) -> Tensor:
         """The (batch, heads, N, N) token matrices of the module's docstring, N = H·W in raster order."""
         x = self.checked(x, context, attention_mask, key_padding_mask, attn_mask)
-        n = x.shape[1] * x.shape[2]
-        check_memory("materialize", (x.shape[0], self.heads, n, n), 8)
+        check_memory("materialize", self.dense_shape(x), 8)
         return self.mix_reference(x)[1]
+
+    def dense_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """(batch, heads, N, N): the float64 matrices the reference and materialize build for x (batch, H, W, dim)."""
+        n = x.shape[1] * x.shape[2]
+        return (x.shape[0], self.heads, n, n)
 
 
 def mix_channels(weights: Tensor, x: Tensor, group_of: Tensor) -> Tensor:
