@@ -34,7 +34,7 @@ from .core.errors import (  # UsageError: re-exported as attnlab.cli.UsageError
     UnknownNameError,
     UsageError,
 )
-from .core.registry import FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
+from .core.registry import BUILDABLE, FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
 
 PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
 EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
@@ -169,10 +169,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(table(rows, ("name", "family", "cost", "paper"), WIDTH))
     more = "`attnlab info NAME` tells more" + ("" if args.wide else ", `attnlab list --wide` shows what each supports")
     print(f"\n{len(specs)} mechanism{'s' * (len(specs) != 1)}; {more}")
-    modules = [s for kind in ("pooling", "block") for s in entries(kind) if not args.family or s.family == args.family.upper()]
+    kinds = ("pooling", "block", "set", "graph", "table")
+    modules = [s for kind in kinds for s in entries(kind) if not args.family or s.family == args.family.upper()]
     if modules:
         rows = [(s.name, s.kind, s.family or "-", s.cost or "-", paper_text(s)) for s in modules]
-        print("\npooling layers (tokens -> m vectors) and blocks (a residual block around any mechanism, `mixer=`):\n")
+        print("\npooling layers (tokens -> m vectors), blocks (around a mechanism, `mixer=`), sets, graphs, tables:\n")
         print(table(rows, ("name", "kind", "family", "cost", "paper"), WIDTH))
     return 0
 
@@ -201,13 +202,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if spec.functional:
         out += wrap(f"  functional {', '.join(f'attnlab.functional.{f}' for f in spec.functional)}", 13)
     rows = [
-        (p["name"], p["type"], "required" if p["required"] else repr(p["default"]), _range_text(p), p["doc"])
-        for p in d["params"]
+        (p.name, p.type_name(), "required" if p.required else repr(p.default), _range_text(p.as_dict()), p.doc)
+        for p in spec.params  # the default as the user writes it (a tuple stays a tuple)
     ]
     out += ["", "parameters:", table(rows, ("name", "type", "default", "range", "doc"), WIDTH, wrap_cells=True)]
     if d["knobs"]:
         out += wrap(f"speed knobs: {', '.join(d['knobs'])} (they change the cost, not the result)", 2)
-    if spec.kind in ("mechanism", "pooling", "block"):
+    if spec.kind in BUILDABLE:
         out += ["", "example:", f"  {example(spec)}"]
     print("\n".join(out))
     return 0

@@ -191,7 +191,7 @@ def test_info_prints_every_parameter_and_the_paper(capsys):
         rule = next(line for line in params if line.startswith("--"))
         doc_column = rule.rindex(" ") + 1  # the doc column starts after the rule's last gap
         for p in spec.params:
-            i = next(i for i, line in enumerate(params) if line.split()[:1] == [p.name])
+            i = next(i for i, line in enumerate(params) if line.split()[:1] == [p.name] and not line.startswith(" "))
             row = params[i]
             assert row.split()[1] == p.type_name().split()[0]
             assert ("required" if p.required else repr(p.default)) in row
@@ -359,10 +359,10 @@ def test_import_errors_exit_2_in_one_line(capsys, tmp_path, monkeypatch, argv, n
     assert len(err.strip().splitlines()) == 1 and err.startswith("attnlab ")
 
 
-def test_list_shows_pooling_layers_and_blocks_after_the_mechanisms(capsys):
+def test_list_shows_the_other_module_kinds_after_the_mechanisms(capsys):
     out = run(capsys, "list")[1]
     tail = out.split("pooling layers")[1]
-    for spec in attnlab.core.registry.entries("pooling") + attnlab.core.registry.entries("block"):
+    for spec in [s for kind in ("pooling", "block", "set", "graph", "table") for s in attnlab.core.registry.entries(kind)]:
         assert f"\n{spec.name} " in tail and spec.kind in tail
     assert "pre-norm-block" not in out.split("pooling layers")[0]
     info = run(capsys, "info", "pre-norm-block")[1]
