@@ -44,7 +44,7 @@ from ...core.errors import ParameterError, ShapeError
 from ...core.masks import module_keep_mask
 from ...core.memory import check_memory
 from ...core.registry import Paper, Param, Supports, register
-from ...core.validate import check_finite, check_tensor
+from ...core.validate import check_finite, check_module_dtype, check_tensor
 from ..pooling.base import Impl, check_pooling_tokens
 from ..pooling.common import check_pooling_qkv, layer_norm64
 from ._common import CrossAttention, FeedForward, LatentLayer, check_positive_int, cross_attention_core, softmax64
@@ -167,8 +167,7 @@ class RecurrentInterfaceNetwork(nn.Module):
         flat = check_pooling_tokens(x, self.dim)
         if len(grid) > 2:
             raise ShapeError(f"x: expected a 1-D or 2-D grid of tokens (batch, n, dim) or (batch, h, w, dim), got shape {tuple(x.shape)}")
-        if flat.dtype != self.latents.dtype:
-            raise TypeError(f"x: expected dtype {self.latents.dtype} (the module's), got {flat.dtype}")
+        check_module_dtype("x", flat, self)
         keep = module_keep_mask(attention_mask, key_padding_mask, flat.shape[0], flat.shape[1], grid)
         if previous_latents is not None:
             previous_latents = check_tensor("previous_latents", previous_latents)

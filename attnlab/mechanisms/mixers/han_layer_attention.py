@@ -188,7 +188,8 @@ class HANLayerAttention(nn.Module):
             raise ShapeError(f"x: expected features of dim={self.dim} values per layer (H·W·C), got "
                              f"{tuple(x.shape[2:])} = {features} in shape {tuple(x.shape)}")
         if 0 in x.shape[:2]:
-            raise ShapeError(f"x: expected at least one batch element and one layer, got shape {tuple(x.shape)}")
+            raise ShapeError(f"x: expected at least one batch element and one position on every axis, got shape "
+                             f"{tuple(x.shape)} (the positions are the stacked layers)")
         check_finite("x", x)
         check_module_dtype("x", x, self)
         if context is not None:

@@ -35,7 +35,7 @@ Impl = Literal["fast", "reference"]
 
 
 def check_pooling_tokens(x: object, dim: int) -> Tensor:
-    """x (batch, *positions, dim) with at least one position axis, floating, finite: the flat (batch, n, dim)."""
+    """x (batch, *positions, dim) with at least one position axis, none empty, floating, finite: the flat (batch, n, dim)."""
     x = check_tensor("x", x)
     if x.dim() < 3:
         raise ShapeError(f"x: expected a tensor (batch, *positions, dim) of rank >= 3, got shape {tuple(x.shape)}")
@@ -43,6 +43,8 @@ def check_pooling_tokens(x: object, dim: int) -> Tensor:
         raise ShapeError(f"x: expected last dimension dim={dim}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if 0 in x.shape[:-1]:
+        raise ShapeError(f"x: expected at least one batch element and one position on every axis, got shape {tuple(x.shape)}")
     check_finite("x", x)
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), dim)
 
