@@ -21,7 +21,7 @@ from typing import Any
 
 from ..catalogue import add_import_argument
 from ..core.errors import ParameterError
-from ..core.registry import benched_entries, list_mechanisms, module_entry
+from ..core.registry import benched_entries, module_entry
 from . import peers, recall, report
 from .compare import ABOVE_MATMUL, ZERO_PEAK, fit_exponents, sdpa_ratios
 from .env import environment, new_run_id
@@ -364,7 +364,7 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
     options = SpeedOptions(lengths=QUICK_LENGTHS, modes=QUICK_MODES, budget_s=QUICK_BUDGET_S,
                            repeats=QUICK_REPEATS, threads=QUICK_THREADS, total_s=args.speed_seconds,
                            quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS, min_rounds=3, lengths_for={
-                               **{s.name: QUICK_GRID_LENGTHS for s in list_mechanisms() if grid_rank(s) > 1},
+                               **{s.name: QUICK_GRID_LENGTHS for s in benched_entries() if grid_rank(s) > 1},
                                **QUICK_LENGTHS_FOR})
     say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (2-D grids: "
         f"{', '.join(map(str, QUICK_GRID_LENGTHS))}), {' and '.join(QUICK_MODES)}, one thread, in rounds (each at its "

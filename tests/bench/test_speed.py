@@ -305,7 +305,7 @@ def test_default_suite_runs_speed_recall_report(tiny, monkeypatch, capsys):
     monkeypatch.setattr(bench_cli, "QUICK_LENGTHS", (64, 128))
     monkeypatch.setattr(bench_cli, "QUICK_BUDGET_S", 2.0)  # the fixture's budgets: everything is reused
     monkeypatch.setattr(bench_cli, "QUICK_REPEATS", 5)
-    monkeypatch.setattr(bench_cli, "list_mechanisms", lambda: [registry.get("softmax")])
+    monkeypatch.setattr(bench_cli, "benched_entries", lambda: [registry.get("softmax")])
     calls = []
 
     class Recall:
