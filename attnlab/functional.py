@@ -85,6 +85,7 @@ from .mechanisms.mixers.lightweight_conv import (
 )
 from .mechanisms.mixers.lka import lka_attention, lka_attention_reference
 from .mechanisms.mixers.pkcam import pkcam_attention, pkcam_attention_reference
+from .mechanisms.mixers.psa import psa_attention, psa_attention_reference, psa_channel_gate, psa_spatial_gate
 from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
 from .mechanisms.mixers.ulsam import ulsam_attention, ulsam_attention_reference
 from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
@@ -257,6 +258,10 @@ __all__ = [
     "prototype_memory_attention_reference",
     "proxy_token_attention",
     "proxy_token_attention_reference",
+    "psa_attention",
+    "psa_attention_reference",
+    "psa_channel_gate",
+    "psa_spatial_gate",
     "relational_attention",
     "relational_attention_reference",
     "reversed_attention",
