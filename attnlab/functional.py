@@ -62,6 +62,7 @@ from .mechanisms.mixers.context_broadcasting import (
     context_broadcasting_attention,
     context_broadcasting_attention_reference,
 )
+from .mechanisms.mixers.contmix import contmix_attention, contmix_attention_reference, contmix_kernels
 from .mechanisms.mixers.deconstructed_attention import (
     altered_similarity_attention,
     altered_similarity_attention_reference,
@@ -69,6 +70,11 @@ from .mechanisms.mixers.deconstructed_attention import (
     fixed_mixing_attention_reference,
     no_mixing_attention,
     no_mixing_attention_reference,
+)
+from .mechanisms.mixers.delta_conv_fusion import (
+    delta_conv_fusion_attention,
+    delta_conv_fusion_attention_reference,
+    delta_conv_fusion_mix,
 )
 from .mechanisms.mixers.han_channel_spatial import (
     han_channel_spatial_attention,
@@ -86,6 +92,7 @@ from .mechanisms.mixers.lightweight_conv import (
 from .mechanisms.mixers.lka import lka_attention, lka_attention_reference
 from .mechanisms.mixers.pkcam import pkcam_attention, pkcam_attention_reference
 from .mechanisms.mixers.psa import psa_attention, psa_attention_reference, psa_channel_gate, psa_spatial_gate
+from .mechanisms.mixers.ssm2d import ssm2d_attention, ssm2d_attention_reference
 from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
 from .mechanisms.mixers.ulsam import ulsam_attention, ulsam_attention_reference
 from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
@@ -160,8 +167,14 @@ __all__ = [
     "combiner_attention_reference",
     "context_broadcasting_attention",
     "context_broadcasting_attention_reference",
+    "contmix_attention",
+    "contmix_attention_reference",
+    "contmix_kernels",
     "deep_memory_attention",
     "deep_memory_attention_reference",
+    "delta_conv_fusion_attention",
+    "delta_conv_fusion_attention_reference",
+    "delta_conv_fusion_mix",
     "dhsa_attention",
     "dhsa_attention_reference",
     "dynamicconv_attention",
@@ -291,6 +304,8 @@ __all__ = [
     "slot_attention_reference",
     "softmax_attention",
     "softmax_attention_reference",
+    "ssm2d_attention",
+    "ssm2d_attention_reference",
     "supergat_attention",
     "supergat_attention_reference",
     "tiled_attention",

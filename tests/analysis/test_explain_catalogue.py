@@ -30,6 +30,7 @@ NOT_IN_EXPLAIN = {
     "rank-collapse": "an experiment on random attention stacks, not on a model's capture",
     "rank-residual": "a property of token matrices, not of attention maps",
     "unified-implicit-attention": "the implicit attention of a gated selective-SSM layer, not a captured map",
+    "attention-mass-by-distance": "a locality profile over image grids (P012); explain's pages are about text",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
