@@ -9,33 +9,37 @@ S state dimensions run independently):
     h^v[i, j] = A3 h^h[i−1, j] + A4 h^v[i−1, j] + B2 u[i, j]          (the vertical state moves down)
     y[i, j]   = C1 h^h[i, j] + C2 h^v[i, j]                             (states outside the grid are 0)
 
-It is linear and shift-invariant, so y = K ∗ u with the 2-D kernel K[a, b] (a, b ≥ 0) the recurrence's
-impulse response: the sum, over the lattice paths from (0, 0) to (a, b), of the products of the transitions
+It is linear and shift-invariant, so y = K ∗ u with the 2-D kernel K[p, q] (p, q ≥ 0) the recurrence's
+impulse response: the sum, over the lattice paths from (0, 0) to (p, q), of the products of the transitions
 along them (K[0, 0] = C1 B1 + C2 B2, K[0, 1] = C1 (A1 B1 + A2 B2), K[1, 0] = C2 (A3 B1 + A4 B2), …). One
 scan reads only the quadrant above-left of each position; the layer runs four scans with their own parameters,
 one per direction (flip the rows and/or the columns of the input, scan, flip back) and sums them:
 
     out = Σ_{(r, s) ∈ {no, yes}²} flip_{r,s}( K_{r,s} ∗ flip_{r,s}(x) )
 
-in the order (no flip, flip rows, flip columns, flip both). The paper computes it as described here: the
-kernel explicitly, then a convolution.
+in the order (no flip, flip rows, flip columns, flip both). As in the paper, the layer is computed as its
+explicit kernel applied by a convolution.
 
 Fast path (`ssm2d_kernel`, `ssm2d_attention`): the kernel of every direction by the recurrence on the impulse,
 anti-diagonal by anti-diagonal (the states on diagonal i + j = d depend only on diagonal d − 1: H + W − 1
-vectorised steps, O(N·C·S)); the four kernels are placed into one (2H, 2W) circular kernel and applied by
-FFT, O(C·N log N) (float16/bfloat16 inputs are computed in float32 and cast back). Reference
-(`ssm2d_attention_reference`, float64): the recurrence run position by position over the (flipped) input,
-explicit loops over rows and columns; its mixing matrices come from running the same recurrence on one
-impulse image per position — it never forms a kernel.
+vectorised steps over the H rows, O((H + W)·H·C·S), O(N·C·S) on square grids); the four kernels are placed into
+one (2H, 2W) circular kernel and applied by FFT, O(C·N log N) (float16/bfloat16 inputs are computed in float32
+and cast back). Reference (`ssm2d_attention_reference`, float64): the recurrence run position by position over
+the (flipped) input, explicit loops over rows and columns; its mixing matrices come from running the same
+recurrence on one impulse image per position — it never forms a kernel.
+
+The equations are those of the catalogue's specification (PAPERS.md P135): the input enters both states at its
+own position, so K[0, 0] = C1 B1 + C2 B2 weighs u[i, j] itself and no separate skip term D u is added (the
+textbook Roesser model feeds u[i, j] into the states of the next positions and adds D u).
 
 Parameterisation (a choice of this implementation; the paper states diagonal real parameters with a
 normalisation, the official repository is not runnable): per direction, channel and state dimension,
 A1 = ρ_h σ_h, A2 = ρ_h (1 − σ_h), A3 = ρ_v (1 − σ_v), A4 = ρ_v σ_v with ρ = sigmoid(decay) ∈ (0, 1) and
-σ = sigmoid(split). Then |A1| + |A2| = ρ_h < 1 and |A3| + |A4| = ρ_v < 1, and by induction
-|h[i, j]| ≤ ρ^{i+j} max|B|: the kernel decays geometrically on any grid size. B and C are free. Init: ρ
-uniform in [0.5, 0.95], split 0, B ~ N(0, 1), C ~ N(0, 1/(2S)). The paper's skip term D u is not included
-(K[0, 0] already weighs the input at the position itself); the common parameters heads, head_dim and qkv_bias
-have no effect (no heads, no projections).
+σ = sigmoid(split). Then |A1| + |A2| = ρ_h < 1 and |A3| + |A4| = ρ_v < 1, and by induction the states
+after an impulse at (0, 0) obey |h[i, j]| ≤ max(ρ_h, ρ_v)^{i+j} max(|B1|, |B2|): the kernel decays
+geometrically on any grid size. B and C are free. Init: ρ uniform in [0.5, 0.95], split 0, B ~ N(0, 1),
+C ~ N(0, 1/(2S)). The common parameters heads, head_dim and qkv_bias have no effect (no heads, no
+projections).
 
 materialize. The layer is linear in x: out[n, c] = Σ_m M_c[n, m] x[m, c] with M_c[n, m] the summed kernels of
 channel c at the offset between n and m (one head per channel; the same for every batch element; N = H·W in
@@ -171,7 +175,7 @@ def _roesser_scan(u: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 def ssm2d_attention_reference(x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """(out, M) of `ssm2d_attention` in float64 from the recurrence itself: out = Σ_dir flip(scan_dir(flip(x)));
     M (batch, C, N, N) with M[c, n, m] the output at n of the same layer on the impulse image at m (raster order).
-    out is cast back to x's dtype, M to x's dtype."""
+    Both are cast back to x's dtype."""
     _check_image(x)
     _check_parameters(a, b, c, x.shape[-1])
     batch, h, w, channels = x.shape
