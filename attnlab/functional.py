@@ -92,7 +92,7 @@ from .mechanisms.mixers.lightweight_conv import (
 from .mechanisms.mixers.lka import lka_attention, lka_attention_reference
 from .mechanisms.mixers.pkcam import pkcam_attention, pkcam_attention_reference
 from .mechanisms.mixers.psa import psa_attention, psa_attention_reference, psa_channel_gate, psa_spatial_gate
-from .mechanisms.mixers.ssm2d import ssm2d_attention, ssm2d_attention_reference
+from .mechanisms.mixers.ssm2d import ssm2d_attention, ssm2d_attention_reference, ssm2d_kernel
 from .mechanisms.mixers.swiftformer import additive_attention, additive_attention_reference
 from .mechanisms.mixers.ulsam import ulsam_attention, ulsam_attention_reference
 from .mechanisms.mixers.xcit import xca_attention, xca_attention_reference
@@ -306,6 +306,7 @@ __all__ = [
     "softmax_attention_reference",
     "ssm2d_attention",
     "ssm2d_attention_reference",
+    "ssm2d_kernel",
     "supergat_attention",
     "supergat_attention_reference",
     "tiled_attention",
