@@ -366,7 +366,7 @@ def cmd_default_suite(args: argparse.Namespace) -> int:
                            quiet=args.quiet, run_id=run_id, params=QUICK_PARAMS, min_rounds=3, lengths_for={
                                **{s.name: QUICK_GRID_LENGTHS for s in benched_entries() if grid_rank(s) > 1},
                                **QUICK_LENGTHS_FOR})
-    say(f"bench: speed of {len(names)} mechanisms at N = {', '.join(map(str, QUICK_LENGTHS))} (2-D grids: "
+    say(f"bench: speed of {len(names)} entries (mechanisms, pooling layers, sets, graphs, tables) at N = {', '.join(map(str, QUICK_LENGTHS))} (2-D grids: "
         f"{', '.join(map(str, QUICK_GRID_LENGTHS))}), {' and '.join(QUICK_MODES)}, one thread, in rounds (each at its "
         f"k-th N before any at its next), starting nothing after {args.speed_seconds:g} s once each has 3 lengths; "
         f"results in {args.db}",
