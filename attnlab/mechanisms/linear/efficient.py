@@ -56,13 +56,17 @@ def _key_counts(k: Tensor, attention_mask: Tensor | None, causal: bool) -> Tenso
 
 
 def _token_softmax(k: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """softmax over the real tokens (axis 2) of each channel; a column with no real token gives 0."""
-    if attention_mask is not None:
-        k = k.masked_fill(~attention_mask[:, None, :, None], float("-inf"))
-    top = k.amax(dim=2, keepdim=True).detach()
-    e = torch.exp(k - torch.where(torch.isfinite(top), top, 0.0))
-    total = e.sum(dim=2, keepdim=True)
-    return e / torch.where(total > 0, total, 1.0)
+    """softmax over the real tokens (axis 2) of each channel; a column with no real token gives 0.
+
+    torch's fused softmax (one kernel forward and backward, as linear-attention-transformer uses): a
+    hand-written max/exp/sum/divide costs 1.5× the whole layer's fwd+bwd at N = 16k. A sample with no
+    real token keeps its logits finite (no −inf column, no NaN) and is zeroed by the keep-mask after.
+    """
+    if attention_mask is None:
+        return torch.softmax(k, dim=2)
+    keep = attention_mask[:, None, :, None]
+    empty = ~attention_mask.any(dim=1)[:, None, None, None]
+    return torch.softmax(k.masked_fill(~keep & ~empty, float("-inf")), dim=2) * keep
 
 
 def _prefix_log_norm(k: Tensor, attention_mask: Tensor | None) -> Tensor:
