@@ -200,8 +200,8 @@ def memory_limit() -> Any:
     attnlab.set_memory_limit(None)
 
 
-NO_DENSE_REFERENCE = {"mamba", "swiftformer", "han-channel-spatial", "han-layer-attention", "pkcam"}
-"""Their references form no (n, n) matrix: a scan, an O(N) pool, a 3-D convolution gate, an L × L layer map or channel scales."""
+NO_DENSE_REFERENCE = {"mamba", "swiftformer", "han-layer-attention", "pkcam"}
+"""Their references form no (n, n) matrix: a scan, an O(N) pool, an L × L layer map or channel scales."""
 
 
 @pytest.mark.parametrize("name", [s.name for s in attnlab.list_mechanisms()])

@@ -70,3 +70,13 @@ def test_materialize_explains_the_output() -> None:
 def test_even_kernel_refused() -> None:
     with pytest.raises(ValueError, match="kernel_size: expected an odd int"):
         attnlab.build("han-channel-spatial", dim=3, kernel_size=4)
+
+
+def test_attention_path_is_the_part_linear_in_the_map():
+    """out = x + attention_path(x, A) with A = materialize(x): the β·(A x) per channel that capture(grads=True) routes."""
+    torch.manual_seed(3)
+    m = attnlab.build("han-channel-spatial", dim=4, beta_init=0.7).double()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    a = m.materialize(x)
+    torch.testing.assert_close(m(x), x + m.attention_path(x, a))
+    assert not torch.allclose(m.attention_path(x, 2 * a), m.attention_path(x, a))

@@ -25,26 +25,20 @@ zero-padded volume, float64. The layer attention module of the same paper is the
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import ShapeError
-from ...core.memory import check_memory
-from ...core.module import Impl
-from ...core.registry import Paper, Param, Spec, Supports, register
+from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import (
-    check_finite,
     check_int,
-    check_module_dtype,
     check_odd,
     check_optional_int,
     check_tensor,
-    check_tokens,
 )
-from ...kernels.grid import refuse_masks
+from ._image_mixer import ImageMixer, mix_channels
 
 HAN = Paper("P113", "Single Image Super-Resolution via a Holistic Attention Network", 2020, "2008.08767")
 
@@ -120,11 +114,11 @@ def han_channel_spatial_attention_reference(
     test_params={"beta_init": 0.6},
     flops=han_channel_spatial_flops,
 )
-class HANChannelSpatialAttention(nn.Module):
+class HANChannelSpatialAttention(ImageMixer):
     """CSAM on an image (batch, H, W, C): x + β·σ(Conv3D(x)) ⊙ x; materialize is the per-channel diagonal
     (batch, C, N, N) holding M."""
 
-    spec: ClassVar[Spec]
+    mask_note = "every position of the image is real"
 
     def __init__(
         self,
@@ -136,8 +130,7 @@ class HANChannelSpatialAttention(nn.Module):
         kernel_size: int = 3,
         beta_init: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.dim = check_int("dim", dim)
+        super().__init__(dim)
         check_int("heads", heads)
         check_optional_int("head_dim", head_dim)
         if not isinstance(qkv_bias, bool):
@@ -151,56 +144,24 @@ class HANChannelSpatialAttention(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().reshape(()).clone())  # type: ignore[union-attr]
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
-    def _image(self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None,
-               key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor:
-        check_tokens("x", x, self.dim, grid_rank=2)
-        check_finite("x", x)
-        check_module_dtype("x", x, self)
-        if context is not None:
-            raise ValueError("context: han-channel-spatial does not support cross-attention")
-        refuse_masks("han-channel-spatial", attention_mask, attn_mask, "every position of the image is real",
-                     key_padding_mask)
-        return x
+    def mix_fast(self, x: Tensor) -> Tensor:
+        """x + β·σ(Conv3D(x)) ⊙ x."""
+        return han_channel_spatial_attention(x, weight=self.weight, bias=self.bias, beta=self.beta)  # type: ignore[arg-type]
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        context: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        impl: Impl = "fast",
-    ) -> Tensor:
-        """x (batch, H, W, C) -> x + β·σ(Conv3D(x)) ⊙ x, the same shape."""
-        x = self._image(x, context, attention_mask, key_padding_mask, attn_mask)
-        options = {"weight": self.weight, "bias": self.bias, "beta": self.beta}
-        if impl == "fast":
-            return han_channel_spatial_attention(x, **options)  # type: ignore[arg-type]
-        if impl == "reference":
-            return han_channel_spatial_attention_reference(x, **options)[0]  # type: ignore[arg-type]
-        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+    def mix_reference(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(out, A): A (batch, C, N, N) = diag(M[b, c]) per channel c, raster order; out = x + β·A x per channel."""
+        out, m = han_channel_spatial_attention_reference(x, weight=self.weight, bias=self.bias, beta=self.beta)  # type: ignore[arg-type]
+        b, n = x.shape[0], x.shape[1] * x.shape[2]
+        return out, torch.diag_embed(m.reshape(b, self.dim, n))
+
+    def path(self, x: Tensor, weights: Tensor) -> Tensor:
+        """β·A x per channel: the part of the output linear in A."""
+        return self.beta.to(weights.dtype) * mix_channels(weights, x, torch.arange(self.dim, device=x.device))
 
     def gate(self, x: Tensor) -> Tensor:
         """M = σ(Conv3D(x)), (batch, C, H, W)."""
-        x = self._image(x, None, None, None, None)
+        x = self.checked(x, None, None, None, None)
         return han_channel_spatial_attention_reference(x, weight=self.weight, bias=self.bias, beta=0.0)[1]
-
-    def materialize(
-        self,
-        x: Tensor,
-        *,
-        context: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-    ) -> Tensor:
-        """A (batch, C, N, N): diag(M[b, c]) per channel c, positions in raster order; out = x + β·A x per channel."""
-        x = self._image(x, context, attention_mask, key_padding_mask, attn_mask)
-        b, n = x.shape[0], x.shape[1] * x.shape[2]
-        check_memory("materialize", (b, self.dim, n, n), 8)
-        m = han_channel_spatial_attention_reference(x, weight=self.weight, bias=self.bias, beta=0.0)[1]
-        return torch.diag_embed(m.reshape(b, self.dim, n))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}"
