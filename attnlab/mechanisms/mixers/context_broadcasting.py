@@ -29,24 +29,17 @@ tokens without a query-key attention.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 
 from ...core.errors import ParameterError
-from ...core.masks import module_keep_mask
-from ...core.memory import check_memory
 from ...core.module import Impl
-from ...core.registry import Paper, Param, Spec, Supports, register
+from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import (
     check_attention_mask,
-    check_finite,
-    check_int,
-    check_module_dtype,
     check_qkv,
-    check_tokens,
 )
+from ._sequence_mixer import SequenceMixer
 
 CB = Paper("P024", "Scratching Visual Transformer's Back with Uniform Attention", 2023, "2210.08457")
 
@@ -101,11 +94,9 @@ def context_broadcasting_attention_reference(
     test_params={"learned_scale": True},
     flops=cb_flops,
 )
-class ContextBroadcasting(nn.Module):
+class ContextBroadcasting(SequenceMixer):
     """CB: y_i = x_i + λ ⊙ (1/N) Σ_j x_j over the real tokens (λ = 1, or learned per channel with learned_scale);
     materialize is the uniform map 1/N in every head."""
-
-    spec: ClassVar[Spec]
 
     def __init__(
         self,
@@ -117,75 +108,28 @@ class ContextBroadcasting(nn.Module):
         batch_first: bool = True,
         learned_scale: bool = False,
     ) -> None:
-        super().__init__()
-        for name, flag in (("batch_first", batch_first), ("learned_scale", learned_scale)):
-            if not isinstance(flag, bool):
-                raise ParameterError(f"{name}: expected a bool, got {flag!r}")
-        self.dim = check_int("dim", dim)
-        self.heads = check_int("heads", heads)
-        self.batch_first = batch_first  # False: x and the output are (n, batch, dim), as in nn.MultiheadAttention
+        super().__init__(dim, heads, batch_first=batch_first)
+        if not isinstance(learned_scale, bool):
+            raise ParameterError(f"learned_scale: expected a bool, got {learned_scale!r}")
         self.scale = nn.Parameter(torch.ones(dim)) if learned_scale else None
-
-    def _tokens(
-        self, x: Tensor, context: Tensor | None, attention_mask: Tensor | None, key_padding_mask: Tensor | None,
-        attn_mask: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """x batch-major and checked, and the keep-mask (batch, n) of the padding arguments."""
-        check_tokens("x", x, self.dim)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        check_finite("x", x)
-        check_module_dtype("x", x, self)
-        if context is not None:
-            raise ValueError("context: context-broadcasting does not support cross-attention")
-        if attn_mask is not None:
-            raise ValueError("attn_mask: context-broadcasting does not support an arbitrary attention mask "
-                             "(the map is uniform over the real tokens)")
-        return x, module_keep_mask(attention_mask, key_padding_mask, x.shape[0], x.shape[1])
 
     def broadcast(self, mixed: Tensor) -> Tensor:
         """λ ⊙ the mixed tokens (batch, n, dim) (λ = 1 without learned_scale)."""
         return mixed if self.scale is None else mixed * self.scale.to(mixed.dtype)
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        context: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        impl: Impl = "fast",
-    ) -> Tensor:
-        """x (batch, n, dim) -> x + λ ⊙ mean of the real tokens; padding as `Attention.forward`."""
-        xb, keep = self._tokens(x, context, attention_mask, key_padding_mask, attn_mask)
-        tokens = xb[:, None]  # one head: every head of CB is the same uniform map on the same tokens
+    def mix(self, x: Tensor, keep: Tensor | None, impl: Impl) -> Tensor:
+        """x + λ ⊙ mean of the real tokens; the reference through every head's (n, n) map, as materialize."""
+        tokens = x[:, None]  # one head: every head of CB is the same uniform map on the same tokens
         if impl == "fast":
             mixed = context_broadcasting_attention(tokens, tokens, tokens, attention_mask=keep)
-        elif impl == "reference":  # every head's (n, n) map, as materialize gives them
-            b, n = xb.shape[:2]
-            check_memory("impl='reference'", (b, self.heads, n, n), 8)
-            tokens = tokens.expand(b, self.heads, n, self.dim)
-            mixed = context_broadcasting_attention_reference(tokens, tokens, tokens, attention_mask=keep)[0]
         else:
-            raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
-        out = xb + self.broadcast(mixed[:, 0])
-        return out if self.batch_first else out.transpose(0, 1)
+            tokens = tokens.expand(x.shape[0], self.heads, x.shape[1], self.dim)
+            mixed = context_broadcasting_attention_reference(tokens, tokens, tokens, attention_mask=keep)[0]
+        return x + self.broadcast(mixed[:, 0])
 
-    def materialize(
-        self,
-        x: Tensor,
-        *,
-        context: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-    ) -> Tensor:
+    def mixing(self, x: Tensor, keep: Tensor | None) -> Tensor:
         """The uniform map A (batch, heads, n, n): 1/n_real at the real keys, the same in every head."""
-        xb, keep = self._tokens(x, context, attention_mask, key_padding_mask, attn_mask)
-        b, n = xb.shape[:2]
-        check_memory("materialize", (b, self.heads, n, n), 8)
-        tokens = xb[:, None].expand(b, self.heads, n, self.dim)
+        tokens = x[:, None].expand(x.shape[0], self.heads, x.shape[1], self.dim)
         return context_broadcasting_attention_reference(tokens, tokens, tokens, attention_mask=keep)[1]
 
     def attention_path(
