@@ -35,15 +35,15 @@ $(PY):
 $(BENCH_STAMP): pyproject.toml | $(PY)
 	@echo "== make bench [1/3]: $(TORCH) (the largest download)"
 	$(PIP) $(TORCH)
-	@echo "== make bench [2/3]: attnlab, editable, with the report's dependencies (matplotlib, jinja2, tqdm)"
-	$(PIP) -e '.[report]'
+	@echo "== make bench [2/3]: attnlab, editable, with the report's dependencies (matplotlib, jinja2, tqdm) and numba (compiled CPU loops)"
+	$(PIP) -e '.[report,cpu]'
 	@echo "== make bench [3/3]: the bench's peers: $(BENCH_PEERS)"
 	$(PIP) --no-build-isolation --no-deps $(BENCH_PEERS)
 	touch $@
 
 $(TEST_STAMP): $(BENCH_STAMP)
 	@echo "== make test [1/2]: test and lint tools, the hf and analysis extras"
-	$(PIP) -e '.[dev,hf,report,analysis]'
+	$(PIP) -e '.[dev,hf,report,analysis,cpu]'
 	@echo "== make test [2/2]: the other peers: $(TEST_PEERS)"
 	$(PIP) --no-build-isolation --no-deps $(TEST_PEERS)
 	touch $@

@@ -199,6 +199,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         out.append(f"  dtypes     {', '.join(spec.supports.dtypes)}")
     out.append(f"  normalized {'yes: rows of materialize sum to 1' if spec.normalized else 'no'}")
     out.append(f"  source     {source_text(spec)}")  # a path is never cut
+    if d["backend"]:
+        out += wrap(f"  fast path  {d['backend']}", 13)
     if spec.functional:
         out += wrap(f"  functional {', '.join(f'attnlab.functional.{f}' for f in spec.functional)}", 13)
     rows = [

@@ -206,6 +206,7 @@ class Spec:
     flops: Callable[[int, int, int, bool], float] | None = None  # (n, heads, head_dim, causal) -> forward FLOPs, batch 1
     functional: tuple[str, ...] = ()  # names of its functional ops in `attnlab.functional` (fast path, reference)
     renamed: dict[str, str] = field(default_factory=dict)  # old parameter name -> "new_name (its meaning)"
+    backend: Callable[[], str] | None = None  # which fast path serves on this installation, and why (for `info`)
 
     @property
     def source(self) -> str:
@@ -259,6 +260,7 @@ class Spec:
             "source": self.source,
             "functional": [f"attnlab.functional.{f}" for f in self.functional],
             "knobs": [p.name for p in self.params if p.knob],
+            "backend": self.backend() if self.backend is not None else None,
         }
         if self.supports is not None:
             s = self.supports
@@ -321,6 +323,7 @@ def register(
     functional: Iterable[str] | None = None,
     renamed: Mapping[str, str] | None = None,
     kind: str = "mechanism",
+    backend: Callable[[], str] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator registering a module: an attention mechanism, or a `pooling` or `block` (KINDS).
 
@@ -332,6 +335,8 @@ def register(
     `<name>_attention` and `<name>_attention_reference` where the class's module defines them.
     `renamed`: old parameter name -> "new_name (its meaning)"; `build` and the constructor name the
     new parameter when given the old one (see `renamed_keywords`).
+    `backend`: () -> one line saying which fast path serves on this installation (a compiled loop or
+    its PyTorch path, and why), printed by `attnlab info`.
     """
 
     def wrap(cls: type) -> type:
@@ -361,6 +366,7 @@ def register(
             flops=flops,
             functional=tuple(functional) if functional is not None else default_functional(name, cls),
             renamed=dict(renamed or {}),
+            backend=backend,
         )
         if renamed:
             cls.__init__ = renamed_keywords(cls.__name__, renamed)(cls.__init__)  # type: ignore[misc]
