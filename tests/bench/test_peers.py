@@ -80,12 +80,23 @@ def test_flex_multiscale_bands_per_head():
     assert (out.double() - dense(q, k, v, keep)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_sliding_window_is_the_band(causal):
+    q, k, v = qkv()
+    out = flex.prepare(q, k, v, config("sliding-window", params={"radius": 5}, causal=causal))()
+    i = torch.arange(64)
+    dist = i[:, None] - i[None, :]
+    keep = (dist.abs() <= 5) & ((dist >= 0) if causal else True)
+    assert (out.double() - dense(q, k, v, keep)).abs().max() < 1e-5
+
+
 def test_flex_agrees_with_attnlab_in_a_run(tmp_path):
     configs = [config(m, causal=c) for m in ("softmax", "alibi") for c in (False, True)]
     configs.append(config("multiscale", params={"radii": None}))
+    configs.append(config("sliding-window", params={"radius": 5}, causal=True))
     results = run(tmp_path / "r.sqlite", P.peer_configs(configs, {"flex": flex}), {"flex": flex})
     mine = by_impl(results, "flex")
-    assert len(mine) == 5
+    assert len(mine) == 6
     for r in mine:
         assert r.status == "ok", r.metrics
         assert r.metrics["max_abs_diff"] <= P.TOLERANCE["float32"]

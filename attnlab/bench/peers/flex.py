@@ -1,4 +1,4 @@
-"""FlexAttention as a peer: softmax, alibi, multiscale and neighborhood as score_mod / mask_mod patterns.
+"""FlexAttention as a peer: softmax, alibi, sliding-window, multiscale and neighborhood as score_mod / mask_mod patterns.
 
 Peer path: `torch.nn.attention.flex_attention` compiled with torch.compile
 (`attnlab.kernels.flex.compiled_flex`, inductor's CPU template), FlexAttention's fast path:
@@ -9,6 +9,7 @@ has no backward on CPU. `FlexPeer(compile=False)` runs the same mods unfused (th
 
 The mappings: softmax has no score_mod (causal: mask_mod q_idx >= kv_idx); alibi the
 score_mod s − m_h·|q_idx − kv_idx| with attnlab's slopes (`attnlab.functional.alibi_slopes`);
+sliding-window the band |q_idx − kv_idx| <= radius (and q_idx >= kv_idx when causal, Mistral's form);
 multiscale a per-head band |q_idx − kv_idx| <= radii[h] (a global head has no limit);
 neighborhood the mask_mod of NATTEN's clamped windows (`neighborhood.neighborhood_keep`).
 
@@ -38,6 +39,7 @@ class FlexPeer(Peer):
     mechanisms = {
         "softmax": "no score_mod; causal: mask_mod q_idx >= kv_idx",
         "alibi": "score_mod s − m_h·|q_idx − kv_idx| with attnlab's slopes m_h (alibi_slopes)",
+        "sliding-window": "band mask_mod |q_idx − kv_idx| <= radius, & q_idx >= kv_idx when causal",
         "multiscale": "per-head band mask_mod |q_idx − kv_idx| <= radii[h] (global heads: no limit), & causal",
         "neighborhood": "mask_mod of NATTEN's clamped windows per axis (kernel_size, dilation, causal), 1-D and 2-D",
     }
@@ -73,6 +75,14 @@ class FlexPeer(Peer):
                 return score - slopes[h] * (q_idx - kv_idx).abs()
 
             return alibi, causal_mask if causal else None, False
+        if mechanism == "sliding-window":
+            radius = int(config["params"]["radius"])
+
+            def window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                keep = (q_idx - kv_idx).abs() <= radius
+                return keep & (q_idx >= kv_idx) if causal else keep
+
+            return None, window, False
         if mechanism == "multiscale":
             from ...mechanisms.dense.multiscale import GLOBAL, check_radii, default_radii
 
