@@ -22,7 +22,7 @@ from typing import Any
 from ..catalogue import add_import_argument
 from ..core.errors import ParameterError
 from ..core.registry import benched_entries, module_entry
-from . import peers, recall, report
+from . import limits, peers, recall, report
 from .compare import ABOVE_MATMUL, ZERO_PEAK, fit_exponents, sdpa_ratios
 from .env import environment, new_run_id
 from .progress import say
@@ -199,6 +199,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_imports(p, leaf=True)
     p.set_defaults(func=recall.run_recall_command)
 
+    p = suites.add_parser("limits", help="attnlab beside peers and the machine's matmul and memory limits",
+                          description=limits.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    limits.add_arguments(p)
+    _add_store_options(p, leaf=True)
+    p.set_defaults(func=cmd_limits)
+
     p = subparsers.add_parser("report", help="render the results as a self-contained HTML page",
                               description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_report_arguments(p)
@@ -312,6 +318,12 @@ def _mechanism_names(requested: Sequence[str]) -> list[str]:
     if "all" in requested:
         return [s.name for s in benched_entries()]
     return list(requested)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    """`attnlab bench limits`: the table of issue 14, measured in one run, stored and printed."""
+    store = ResultStore(getattr(args, "db", DEFAULT_DB))  # checked writable before anything runs
+    return limits.run_command(args, store)
 
 
 def cmd_speed(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -211,16 +212,41 @@ def _metrics(timing: Timing, flops: float | None, diff: float | None, note: str)
     return metrics
 
 
-def measure_pair(
-    peer: Peer, config: Mapping[str, Any], *, budget_s: float, repeats: int, measure_attnlab: bool = True
-) -> tuple[str, dict[str, Any], tuple[str, dict[str, Any]] | None]:
-    """Check and time one peer configuration in this process: (status, metrics, attnlab's (status, metrics) or None).
+@dataclass(frozen=True)
+class CheckedCalls:
+    """Both sides of a peer configuration, computed once and compared: the timed calls (forward under no_grad,
+    or forward + backward of a fixed gradient), their largest difference (output, and gradients of q, k, v
+    for "fwd+bwd") against `tolerance`, and the seconds of attnlab's first call."""
 
-    Both sides run once for the agreement check (that call is their warm-up, and
-    FlexAttention's compilation); attnlab's side is measured only when the peer agreed
-    and `measure_attnlab`, and is "over_time" when its check call alone took more than
-    `budget_s`.
-    """
+    ours: Callable[[], Any]
+    theirs: Callable[[], Any]
+    diff: float
+    tolerance: float
+    ours_first_s: float
+    mask: Tensor | None
+
+    @property
+    def agree(self) -> bool:
+        return self.diff <= self.tolerance
+
+
+def _gradient(q: Tensor) -> Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(q.shape, generator=gen, dtype=torch.float32).to(q.dtype)
+
+
+def attnlab_call(config: Mapping[str, Any]) -> Callable[[], Any]:
+    """attnlab's timed call of `config` alone (forward under no_grad, or forward + backward of a fixed gradient),
+    on the inputs `make_inputs` draws."""
+    backward = config["mode"] == "fwd+bwd"
+    q, k, v = make_inputs(config)
+    leaves = _leaves(q, k, v, backward)
+    return _call(attnlab_prepare(*leaves, config), leaves, _gradient(q) if backward else None)
+
+
+def checked_calls(peer: Peer, config: Mapping[str, Any]) -> CheckedCalls:
+    """attnlab's and the peer's timed calls on the inputs of `config`, each run once and compared (that call is
+    their warm-up, and FlexAttention's compilation)."""
     backward = config["mode"] == "fwd+bwd"
     q, k, v = make_inputs(config)
     mask = peer.attnlab_mask(config, q.device) if "attn_mask" in config["params"] else None
@@ -228,31 +254,42 @@ def measure_pair(
     theirs_leaves = _leaves(q, k, v, backward)
     ours = attnlab_prepare(*ours_leaves, config, attn_mask=mask)
     theirs = peer.prepare(*theirs_leaves, config)
-    grad = None
-    if backward:
-        gen = torch.Generator().manual_seed(1)
-        grad = torch.randn(q.shape, generator=gen, dtype=torch.float32).to(q.dtype)
+    grad = _gradient(q) if backward else None
     start = time.perf_counter()
     expected = _outputs(ours, ours_leaves, grad)
     ours_first_s = time.perf_counter() - start
     diff = max_abs_diff(expected, _outputs(theirs, theirs_leaves, grad))
-    tolerance = TOLERANCE[config["dtype"]]
-    what = "output and gradients" if backward else "output"
-    if not diff <= tolerance:
-        note = f"{what} differ from attnlab's by {diff:.3g} > tolerance {tolerance:g}: not timed"
+    return CheckedCalls(_call(ours, ours_leaves, grad), _call(theirs, theirs_leaves, grad), diff,
+                        TOLERANCE[config["dtype"]], ours_first_s, mask)
+
+
+def measure_pair(
+    peer: Peer, config: Mapping[str, Any], *, budget_s: float, repeats: int, measure_attnlab: bool = True
+) -> tuple[str, dict[str, Any], tuple[str, dict[str, Any]] | None]:
+    """Check and time one peer configuration in this process: (status, metrics, attnlab's (status, metrics) or None).
+
+    Both sides run once for the agreement check (`checked_calls`); attnlab's side is measured only when the
+    peer agreed and `measure_attnlab`, and is "over_time" when its check call alone took more than `budget_s`.
+    """
+    calls = checked_calls(peer, config)
+    what = "output and gradients" if config["mode"] == "fwd+bwd" else "output"
+    if not calls.agree:
+        diff = calls.diff
+        note = f"{what} differ from attnlab's by {diff:.3g} > tolerance {calls.tolerance:g}: not timed"
         return "disagree", empty_metrics(note, max_abs_diff=diff if math.isfinite(diff) else None), None
-    flops = flops_for(config, mask)
-    timing = _timed(_call(theirs, theirs_leaves, grad), budget_s, repeats)
-    note = f"{peer.name} {peer.version() or ''}".strip() + f"; {what} agree with attnlab's within {tolerance:g}"
-    metrics = _metrics(timing, flops, diff, note)
+    flops = flops_for(config, calls.mask)
+    timing = _timed(calls.theirs, budget_s, repeats)
+    note = f"{peer.name} {peer.version() or ''}".strip() + f"; {what} agree with attnlab's within {calls.tolerance:g}"
+    metrics = _metrics(timing, flops, calls.diff, note)
     if not measure_attnlab:
         return "ok", metrics, None
-    side = "dense SDPA with the pattern's explicit attn_mask" if mask is not None else "module.attend"
-    if ours_first_s > budget_s:
+    side = "dense SDPA with the pattern's explicit attn_mask" if calls.mask is not None else "module.attend"
+    if calls.ours_first_s > budget_s:
         return "ok", metrics, ("over_time", empty_metrics(
-            f"in-process beside {peer.name} ({side}): one call took {ours_first_s:.3g} s, over the budget of {budget_s:g} s"
+            f"in-process beside {peer.name} ({side}): one call took {calls.ours_first_s:.3g} s, over the budget of "
+            f"{budget_s:g} s"
         ))
-    timing = _timed(_call(ours, ours_leaves, grad), budget_s, repeats)
+    timing = _timed(calls.ours, budget_s, repeats)
     return "ok", metrics, ("ok", _metrics(timing, flops, None, f"measured in-process beside {peer.name}: {side}"))
 
 

@@ -18,6 +18,7 @@ from ... import __version__
 from ...core.registry import FAMILIES
 from .. import plots
 from ..compare import comparable
+from ..limits import BAR_TEXT, TWO_THREADS, limit_value_text
 from ..store import canonical
 from . import headline
 from .fmt import (
@@ -187,13 +188,14 @@ class Page:
                 f"from <code>{esc(r.database)}</code> · generated {esc(gen)} · attnlab {esc(__version__)}</p>",
                 "<nav><a href='#headline'>headline</a> · <a href='#speed'>speed and memory by family</a> · "
                 "<a href='#exponents'>exponents</a> · <a href='#sdpa'>ratios to SDPA</a> · "
-                "<a href='#peers'>peers</a> · <a href='#recall'>recall</a> · <a href='#coverage'>mechanisms</a> · "
+                "<a href='#peers'>peers</a> · <a href='#limits'>limits</a> · <a href='#recall'>recall</a> · <a href='#coverage'>mechanisms</a> · "
                 "<a href='#environment'>environment</a></nav>"]
         body.append(self.headline())
         body.append(self.speed(figures))
         body.append(self.exponents())
         body.append(self.sdpa())
         body.append(self.peers())
+        body.append(self.limits())
         body.append(self.recall(figures))
         body.append(self.coverage())
         body.append(self.environment())
@@ -486,6 +488,47 @@ class Page:
         if theirs.time_flagged or ours.time_flagged:
             return None, "flagged" if theirs.time_flagged else f"{PEER_BASE} flagged"
         return None, "not comparable" if self.r.incomparable(peer, n) else "no time"
+
+    def limits(self) -> str:
+        """The `attnlab bench limits` table (newest run per row) and every series' share of the matmul rate."""
+        r = self.r
+        parts = []
+        rows = r.limit_rows()
+        if rows:
+            env = rows[-1]["env"]
+            parts.append(
+                f"<p>From <code>attnlab bench limits</code>: one thread pinned to one CPU, medians of "
+                f"{esc(str(env.get('rounds')))} interleaved rounds, load {esc(str(env.get('load_1m')))}. The machine in "
+                f"that run: matmul {esc(fmt_num(env.get('matmul_1_gflops'), 0))} GFLOP/s on one thread "
+                f"({esc(fmt_num(env.get('matmul_2_gflops'), 0))} on two), streaming "
+                f"{esc(fmt_num(env.get('stream_1_gbs'), 1))} GB/s ({esc(fmt_num(env.get('stream_2_gbs'), 1))} on two). "
+                "<i>Of limit</i> is the time the work needs at those rates (its FLOPs at the matmul rate, or its "
+                "tensors streamed, whichever is longer) over the time measured; <i>2 threads</i> is the one-thread "
+                f"time over the two-thread time, with the bar ≥ {TWO_THREADS:g}× for the parallel engines.</p>")
+            table_rows = []
+            for row in rows:
+                met = {None: "", True: "<span class='faster'>met</span>", False: "<span class='slower'>not met</span>"}
+                table_rows.append([
+                    esc(row.get("work", "")), esc(fmt_num(row.get("ms"), 1)), esc(fmt_num(row.get("other_ms"), 1)),
+                    esc(limit_value_text(row)), esc(BAR_TEXT[row["bar_kind"]].format(row["bar"])),
+                    met[row.get("passed")],
+                    esc(fmt_num(row["of_limit"] * 100, 0) + "%" if row.get("of_limit") is not None else "-"),
+                    esc(fmt_num(row.get("speedup"), 2) + "×" if row.get("speedup") is not None else "-"),
+                    met[row.get("two_threads_passed")],
+                ])
+            parts.append(_table(["work", "attnlab ms", "peer or second case ms", "value", "bar", "", "of limit",
+                                 "2 threads", ""], table_rows))
+        else:
+            parts.append("<p class='empty'>No limits run yet (<code>attnlab bench limits</code>).</p>")
+        shares = r.matmul_shares()
+        if shares:
+            ns = sorted({n for _, cells in shares for n in cells})
+            share_rows = [[esc(r.label(s)), esc(s.mode), *(esc(f"{cells[n]:.0%}") if n in cells else "" for n in ns)]
+                          for s, cells in shares]
+            parts.append("<h3>Share of the matmul rate, every series that declares a FLOP count</h3><p>Its FLOPs per "
+                         "second (the registry's count; fwd+bwd 3× the forward) over the matmul GFLOP/s measured in the "
+                         "same run and process.</p>" + _table(["run", "mode", *(f"N={n}" for n in ns)], share_rows))
+        return _fold("limits", "Limits: the machine's matmul and memory rates, and two threads", "".join(parts))
 
     def recall(self, figures: Any) -> str:
         r = self.r

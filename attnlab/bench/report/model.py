@@ -182,6 +182,7 @@ class Report:
     def __post_init__(self) -> None:
         self.speed = [r for r in self.results if r.suite == "speed"]
         self.recall = [r for r in self.results if r.suite == "recall"]
+        self.limits = [r for r in self.results if r.suite == "limits"]  # `attnlab bench limits`, one per row
         newest = max(self.speed, key=lambda r: r.created, default=None)
         self.latest_run = run_of(newest) if newest is not None else None  # rows of other runs are "reused"
         starts: dict[str | None, float] = {}  # run id -> its start (the env's time, else its first result's)
@@ -352,6 +353,27 @@ class Report:
             return False
         rows = self._peer if s.peer else self._sdpa
         return bool((rows.get(point.result.config_hash) or {}).get("incomparable"))
+
+    def matmul_shares(self) -> list[tuple[SpeedSeries, dict[int, float]]]:
+        """Per series of a mechanism that declares a FLOP count: at each N, its FLOP rate over the matmul rate
+        measured in the same run (env["matmul_gflops"]): the fraction of the machine's compute limit reached."""
+        out = []
+        for s in sorted(self.series, key=lambda s: (s.mode,) + self.series_order(s)):
+            cells = {}
+            for n, point in self.series[s].items():
+                rate, matmul = point.result.metrics.get("flops_per_s"), _number(point.result.env.get("matmul_gflops"))
+                if point.time is not None and isinstance(rate, (int, float)) and matmul:
+                    cells[n] = rate / (matmul * 1e9)
+            if cells:
+                out.append((s, cells))
+        return out
+
+    def limit_rows(self) -> list[dict[str, Any]]:
+        """The newest `attnlab bench limits` result of each row, in the order they were stored."""
+        newest: dict[str, Result] = {}
+        for r in sorted(self.limits, key=lambda r: r.created):
+            newest[str(r.config.get("row"))] = r
+        return [{**r.metrics, "status": r.status, "env": r.env} for r in newest.values()]
 
     def peer_ratio(self, peer: SpeedSeries, n: int) -> float | None:
         """attnlab time / peer time at N (`compare.peer_ratios`: comparable results only); None unless both
