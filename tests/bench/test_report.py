@@ -305,7 +305,7 @@ def test_peers_show_ratios_and_disagreement_never_a_time(run) -> None:
     assert [r.status for r in disagree] == ["disagree"] * len(LENGTHS)
     assert {r.status for r in _peer_results(store, "planted-agree", "fwd+bwd")} == {"unsupported"}
     text = page.read_text(encoding="utf-8")
-    section = text[text.index("id='peers'"):text.index("id='recall'")]
+    section = text[text.index("id='peers'"):text.index("id='limits'")]
     rows = {m[1]: re.findall(r"<td>(.*?)</td>", m[0])[2:] for m in re.finditer(r"<tr><td>(.*?)</td>.*?</tr>", section)}
     assert set(rows) == {"softmax [planted-agree]", "softmax [planted-disagree]"}
     shown = [re.sub(r"<.*?>", "", cell) for cell in rows["softmax [planted-agree]"]]
