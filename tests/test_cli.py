@@ -45,6 +45,7 @@ def planted():
         params=(registry.Param("width", int, doc="a required width", low=2, high=9),),
         summary="A mechanism planted by the CLI tests.",
         test_params={"width": 3},
+        backend=lambda: "planted loops (here); the PyTorch path elsewhere",
     )
     class Planted(SoftmaxAttention):
         def __init__(self, dim: int, heads: int = 8, *, head_dim=None, qkv_bias=True, width: int) -> None:
@@ -218,6 +219,8 @@ def test_info_of_a_planted_mechanism(capsys, planted):
     out = run(capsys, "info", "test-planted-mech")[1]
     assert "P998 A Planted Paper (2001, arXiv:0101.00001)" in out
     assert "B (token mixer)" in out and "O(Nd), exponent 1 in N" in out
+    assert "fast path  planted loops (here); the PyTorch path elsewhere" in out  # Spec.backend, asked at `info` time
+    assert "  fast path  " not in run(capsys, "info", "softmax")[1]  # entries without a compiled path say nothing
     width = next(line for line in out.splitlines() if line.startswith("width"))
     assert width.split()[:3] == ["width", "int", "required"] and "[2, 9]" in width
     example = out.split("example:")[1].strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from ..limits import BAR_TEXT, limit_value_text
 from . import headline
 from .fmt import (
     MEMORY_UNIT,
@@ -118,6 +119,20 @@ def render(report: Report) -> str:
             out += ["", "## attnlab time / peer time", ""]
             rows = [[md(r.label(s)), md(s.mode), *(md(_peer_cell(r, s, n)) for n in ns)] for s in peers]
             out += _table(["peer run", "mode", *map(str, ns)], rows)
+    limit_rows = r.limit_rows()
+    if limit_rows:
+        env = limit_rows[-1]["env"]
+        out += ["", "## Limits (`attnlab bench limits`)", "",
+                f"Matmul {fmt_num(env.get('matmul_1_gflops'), 0)} GFLOP/s and streaming {fmt_num(env.get('stream_1_gbs'), 1)} "
+                f"GB/s on one thread in that run; medians of {env.get('rounds')} interleaved rounds, load {env.get('load_1m')}.",
+                ""]
+        met = {None: "-", True: "yes", False: "no"}
+        rows = [[md(row.get("work", "")), fmt_num(row.get("ms"), 1), fmt_num(row.get("other_ms"), 1),
+                 md(limit_value_text(row)), md(BAR_TEXT[row["bar_kind"]].format(row["bar"])), met[row.get("passed")],
+                 fmt_num(row["of_limit"] * 100, 0) + "%" if row.get("of_limit") is not None else "-",
+                 fmt_num(row.get("speedup"), 2), met[row.get("two_threads_passed")]] for row in limit_rows]
+        out += _table(["work", "attnlab ms", "other ms", "value", "bar", "met", "of limit", "2 threads ×",
+                       "≥ 1.7×"], rows)
     cells = r.recall_cells()
     several = len({budget for _, _, budget in cells}) > 1
     for (d_model, seq_len, budget), rows_ in cells.items():
