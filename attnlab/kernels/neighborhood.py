@@ -16,6 +16,14 @@ integer arithmetic, built once per (grid, kernel, dilation, causal, tile) and ca
 Work goes in chunks of (batch·head, tile) pairs whose scores fit in cache. The backward
 recomputes a chunk's scores (as FlashAttention does) instead of keeping P: memory is
 q, k, v, the output and one chunk per worker thread, never N × N.
+
+`loop_attention` is the other engine: direct loops over each query's own keys, compiled with numba
+(attnlab.kernels._neighborhood_loops), forward and a recomputing backward from the saved
+logsumexp. It does no work on keys outside a window (a tile's halo does: with a window of 7 on a
+sequence, tiles of 32 compute 38 keys a query), reads each input row from cache instead of
+gathering copies, and fuses scores, softmax and the weighted sum, so it is 2–5× faster than the
+tiles on the CPU (benchmarks/neighborhood.py). It serves CPU float32/float64 tensors when numba
+is installed (attnlab.kernels.compiled.serves); the tiles serve the rest (CUDA, half precision).
 """
 from __future__ import annotations
 
@@ -23,11 +31,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .compiled import numba_threads
 from .pool import run_parallel
 
 # Scores of one chunk stay in cache through mask, softmax and the second matmul. Measured on
@@ -401,3 +412,127 @@ def tiled_attention(
         valid = (p.keep & real).any(dim=-1).to(q.dtype)
     table = None if rpb is None else rpb.reshape(h, -1)
     return TiledAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, key_bias, valid, p, scale)
+
+
+# -- the compiled loops --------------------------------------------------------------------------
+def loops() -> ModuleType:
+    """The numba loops (imported on first use: numba compiles them then, or loads its disk cache)."""
+    from . import _neighborhood_loops
+
+    return _neighborhood_loops
+
+
+@dataclass(frozen=True, eq=False)
+class Windows:
+    """Each query's keys as the loops take them: three axes (leading axes of length 1, kernel 1, for
+    grids of lower rank), per axis (L_a, k_a) int64 tables `pos` (the key's position on the axis,
+    −1 where the window slot holds no real key) and `rel` (c' − c + k − 1, the bias index);
+    `reach`: the largest raster distance between a query and one of its keys."""
+
+    pos: tuple[np.ndarray, np.ndarray, np.ndarray]
+    rel: tuple[np.ndarray, np.ndarray, np.ndarray]
+    reach: int
+
+
+def windows(axes: list[tuple[Tensor, Tensor, Tensor]]) -> Windows:
+    """Windows from each axis's (positions (L, k), real (L, k), bias index (L, k)) tables, the
+    windows' definition (attnlab.mechanisms.local.neighborhood.axis_windows)."""
+    one = (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long))
+    full = [one] * (3 - len(axes)) + list(axes)
+    lengths = [pos.shape[0] for pos, _, _ in full]
+    reach = 0
+    for a, (pos, real, _) in enumerate(full):
+        offset = (pos - torch.arange(lengths[a])[:, None]).abs()
+        reach += int(offset[real].max()) * math.prod(lengths[a + 1 :])
+    return Windows(
+        pos=tuple(np.ascontiguousarray(torch.where(real, pos, -1).numpy(), dtype=np.int64) for pos, real, _ in full),
+        rel=tuple(np.ascontiguousarray(rel.numpy(), dtype=np.int64) for _, _, rel in full),
+        reach=reach,
+    )  # type: ignore[arg-type]
+
+
+def _stripes(rows: int, n: int, reach: int) -> int:
+    """Stripes per (batch·head) row for the backward: at least 2·reach queries each (so that every other
+    stripe can run at once), about 2·UNITS / rows of them (a constant, so the result does not depend
+    on the thread count)."""
+    want = 2 * -(-UNITS // rows)
+    return max(1, min(want, n // max(2 * reach, 1)))
+
+
+def _numpy(t: Tensor, rows: int) -> np.ndarray:
+    """t (B, H, n, d) as a C-contiguous (B·H, n, d) array sharing memory where it can."""
+    return t.detach().contiguous().view(rows, t.shape[2], t.shape[3]).numpy()
+
+
+class LoopAttention(torch.autograd.Function):
+    """neighborhood attention by the numba loops: q, k (B, H, n, d), v (B, H, n, e); rpb (H, R) or None;
+    keep (B, n) bool or None. Saves the logsumexp (B·H, n) for the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rpb: Tensor | None,
+        keep: Tensor | None,
+        w: Windows,
+        scale: float,
+    ) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the loops read them
+        b, h, n, _ = q.shape
+        rows, e = b * h, v.shape[-1]
+        lib = loops()
+        dtype = np.dtype(np.float32 if q.dtype == torch.float32 else np.float64)
+        out = q.new_empty(b, h, n, e)
+        lse = q.new_empty(rows, n)
+        keep_np = np.zeros((1, 0), np.uint8) if keep is None else keep.to(torch.uint8).contiguous().numpy()
+        rpb_np = np.zeros((h, 0), dtype) if rpb is None else rpb.detach().contiguous().numpy()
+        consts = lib.constants(dtype, scale)
+        with numba_threads(torch.get_num_threads()):
+            lib.forward(_numpy(q, rows), _numpy(k, rows), _numpy(v, rows), *w.pos, *w.rel, keep_np, h, rpb_np,
+                        consts, out.view(rows, n, e).numpy(), lse.numpy())
+        ctx.save_for_backward(q, k, v, rpb, out, lse)  # type: ignore[arg-type]  # None saves as None
+        ctx.windows, ctx.keep_np, ctx.rpb_np, ctx.consts = w, keep_np, rpb_np, consts  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, rpb, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        w: Windows = ctx.windows  # type: ignore[attr-defined]
+        b, h, n, d = q.shape
+        rows, e = b * h, v.shape[-1]
+        stripes = _stripes(rows, n, w.reach)
+        dq, dk, dv = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        rpb_np = ctx.rpb_np  # type: ignore[attr-defined]
+        drpb = np.zeros((rows * stripes, rpb_np.shape[1]), rpb_np.dtype)
+        with numba_threads(torch.get_num_threads()):
+            loops().backward(stripes, h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
+                             _numpy(grad, rows), lse.numpy(), *w.pos, *w.rel, ctx.keep_np, rpb_np,  # type: ignore[attr-defined]
+                             ctx.consts, dq.view(rows, n, d).numpy(), dk.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
+                             dv.view(rows, n, e).numpy(), drpb)
+        grad_rpb = None
+        if rpb is not None and ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
+            # the partials of each head summed in one fixed order (numpy, one thread)
+            grad_rpb = torch.from_numpy(drpb.reshape(b, h, stripes, -1).sum(axis=(0, 2))).view(rpb.shape)
+        return dq, dk, dv, grad_rpb, None, None, None
+
+
+def loop_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Windows,
+    *,
+    scale: float,
+    rpb: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Neighborhood attention of q, k, v (B, H, n, d) (positions in raster order) by the numba loops, on
+    CPU float32/float64 tensors (the caller checks: attnlab.kernels.compiled.serves).
+
+    rpb: (H, 2k_1 − 1, …) relative position bias; attention_mask: bool (B, n), True = real.
+    """
+    table = None if rpb is None else rpb.reshape(rpb.shape[0], -1)
+    return LoopAttention.apply(q, k, v, table, attention_mask, w, scale)

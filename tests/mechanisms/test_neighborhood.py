@@ -1,10 +1,12 @@
 """Neighborhood attention: windows written out by hand (NATTEN's clamping, dilation, causal), a loop
-implementation written here, k = N is dense attention, the relative position bias table, the three
-implementations forward and backward, threads, decoding, errors, the conformance suite on 2-D and
-3-D grids, and NATTEN itself where it is installed."""
+implementation written here, k = N is dense attention, the relative position bias table, the four
+implementations (the fast path's two engines, numba loops and PyTorch tiles, forced with `backend=`;
+the reference; unfold) forward and backward, threads, decoding, errors, the conformance suite on
+2-D and 3-D grids, and NATTEN itself where it is installed."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -22,8 +24,9 @@ from attnlab.mechanisms.local.neighborhood import (
     neighborhood_attention_unfold,
 )
 
+FAST = {backend: functools.partial(neighborhood_attention, backend=backend) for backend in ("numba", "torch")}
 IMPLS = {
-    "fast": neighborhood_attention,
+    **FAST,
     "reference": lambda *a, **kw: neighborhood_attention_reference(*a, **kw)[0],
     "unfold": neighborhood_attention_unfold,
 }
@@ -110,7 +113,7 @@ def test_windows_2d_written_out(impl):
         assert set(torch.nonzero(w[5 * r + c]).flatten().tolist()) == keys, (r, c)
 
 
-@pytest.mark.parametrize("impl", ["fast", "unfold"])
+@pytest.mark.parametrize("impl", ["numba", "torch", "unfold"])
 @pytest.mark.parametrize("grid,kernel,dil", [((11,), 5, 2), ((6, 7), (3, 5), (2, 1)), ((4, 6, 5), 3, (1, 2, 1))])
 def test_every_query_sees_k_to_the_r_keys(impl, grid, kernel, dil):
     w = weights_of(impl, grid, kernel_size=kernel, dilation=dil)
@@ -161,7 +164,8 @@ def test_matches_loops_forward_and_backward(config):
         for i, (a, b) in enumerate(zip(torch.autograd.grad((out * g).sum(), inputs), want_grads)):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=f"{name} backward, input {i}")
     if kw["attention_mask"] is not None:
-        assert neighborhood_attention(q, k, v, **kw)[1].abs().max() == 0  # no real key: zeros
+        for fast in FAST.values():
+            assert fast(q, k, v, **kw)[1].abs().max() == 0  # no real key: zeros
 
 
 @pytest.mark.parametrize("grid", [(9,), (5, 7), (3, 5, 3)])
@@ -197,9 +201,11 @@ def test_bias_table_indices_as_natten(impl):
             torch.testing.assert_close(w[i, keys], want)
 
 
-def test_fast_path_threads_and_chunks(monkeypatch):
-    """Many small chunks on two worker threads give bit-for-bit the one-thread result (whole rows per
-    worker with 6 batch·heads, runs of one row's tiles with 1), equal to the reference."""
+@pytest.mark.parametrize("backend", sorted(FAST))
+def test_fast_path_threads_and_chunks(monkeypatch, backend):
+    """Two threads give bit-for-bit the one-thread result, equal to the reference. Tiles: many small
+    chunks (whole rows per worker with 6 batch·heads, runs of one row's tiles with 1); loops: one
+    stripe a row here (test_neighborhood_backends has several)."""
     monkeypatch.setattr(tiles, "CHUNK_BYTES", 4096)
     before = torch.get_num_threads()
     for b, h, rpb in ((2, 3, True), (1, 1, False)):
@@ -210,7 +216,7 @@ def test_fast_path_threads_and_chunks(monkeypatch):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             try:
-                out = neighborhood_attention(q, k, v, kernel_size=3, dilation=(2, 1), rpb=table)
+                out = FAST[backend](q, k, v, kernel_size=3, dilation=(2, 1), rpb=table)
                 results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
             finally:
                 torch.set_num_threads(before)
@@ -220,12 +226,19 @@ def test_fast_path_threads_and_chunks(monkeypatch):
         torch.testing.assert_close(results[0][0], ref)
 
 
-def test_float32_close_to_float64():
+@pytest.mark.parametrize("backend", sorted(FAST))
+def test_float32_close_to_float64(backend):
     q, k, v = qkv((12, 13), seed=2)
     want = neighborhood_attention_reference(q, k, v, kernel_size=5)[0]
-    got = neighborhood_attention(q.float(), k.float(), v.float(), kernel_size=5)
+    g = torch.randn(want.shape, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * g).sum(), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    got = FAST[backend](q32, k32, v32, kernel_size=5)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad((got * g.float()).sum(), (q32, k32, v32)), want_grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
 
 
 # -- the module ----------------------------------------------------------------------------------
@@ -338,14 +351,15 @@ def test_conformance_on_grids(check, positions, params):
     testing.CHECKS[check](grid_spec)
 
 
-def test_inference_mode_on_worker_threads(monkeypatch):
+@pytest.mark.parametrize("backend", sorted(FAST))
+def test_inference_mode_on_worker_threads(monkeypatch, backend):
     monkeypatch.setattr(tiles, "CHUNK_BYTES", 4096)  # several chunks, so that the workers run them
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         q, k, v = (t.detach() for t in qkv((8, 9), seed=4))
         with torch.inference_mode():
-            out = neighborhood_attention(q, k, v, kernel_size=3)
+            out = FAST[backend](q, k, v, kernel_size=3)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, neighborhood_attention_reference(q, k, v, kernel_size=3)[0])
@@ -366,5 +380,6 @@ def test_matches_natten(grid, kernel, dil, causal):
     op = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[rank]
     theirs = op(*(t.movedim(1, -2).contiguous() for t in (q, k, v)), kernel_size=ks, dilation=ds,
                 is_causal=(causal,) * rank, backend="flex-fna").movedim(-2, 1)
-    ours = neighborhood_attention(q, k, v, kernel_size=ks, dilation=ds, causal=causal)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for fast in FAST.values():
+        ours = fast(q, k, v, kernel_size=ks, dilation=ds, causal=causal)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -24,12 +24,17 @@ inside the sequence/image per axis" (shared/PAPERS.md), i.e. at the ends of the 
 window of a real query next to the padding reaches into the padded keys (masked) and holds fewer than
 k real keys, where without the padding it would be shifted onto k real ones (attnlab.testing.PADDING_MOVES).
 
-The fast path is the tiled GEMM formulation with a recomputing backward (attnlab.kernels.neighborhood).
+Two engines serve the fast path (attnlab.kernels.neighborhood), both with a backward that recomputes
+the weights: direct loops over each query's keys compiled with numba, and the tiled GEMM formulation in
+PyTorch. The rule (`backend=None`): the numba loops where they serve (numba installed, CPU tensors of
+float32 or float64: attnlab.kernels.compiled.serves), the tiles otherwise (CUDA, half precision, no
+numba); `attnlab info neighborhood` says which serves here. `backend="numba"` or `"torch"` forces one.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +44,9 @@ from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_bools, check_ints, check_tensor
+from ...kernels import compiled
 from ...kernels.grid import check_grid_qkv, grid_padding
-from ...kernels.neighborhood import plan, tiled_attention
+from ...kernels.neighborhood import Windows, loop_attention, plan, tiled_attention, windows
 from .base import GridAttention
 
 NAT = Paper("P019", "Neighborhood Attention Transformer", 2023, "2204.07143")
@@ -48,6 +54,7 @@ KERNEL_SIZE = 7
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
+BACKENDS = ("numba", "torch")
 
 
 def neighborhood_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
@@ -126,6 +133,35 @@ def _check(
 
 
 # -- the fast path -----------------------------------------------------------------------------
+def backend_line() -> str:
+    """Which engine serves here, for `attnlab info neighborhood`."""
+    tiles = "the tiled PyTorch path"
+    if compiled.numba_module() is None:
+        return f"{tiles}: {compiled.numba_status()}"
+    return f"numba loops ({compiled.numba_status()}) for CPU float32/float64; {tiles} otherwise (CUDA, half precision)"
+
+
+def choose_backend(backend: str | None, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None) -> str:
+    """"numba" or "torch" by the rule of the module docstring; a forced "numba" that cannot serve raises."""
+    if backend is not None and backend not in BACKENDS:
+        raise ParameterError(f"backend: expected 'numba', 'torch' or None, got {backend!r}")
+    tensors = [t for t in (q, k, v, rpb) if t is not None]
+    if backend == "numba" and not compiled.serves(*tensors):
+        why = (compiled.numba_status() if compiled.numba_module() is None
+               else f"its loops take CPU float32/float64 tensors, got {q.dtype} on {q.device}")
+        raise ParameterError(f"backend: 'numba' cannot serve here: {why}")
+    if backend is None:
+        return "numba" if compiled.serves(*tensors) else "torch"
+    return backend
+
+
+@lru_cache(maxsize=16)
+def loop_windows(grid: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
+                 causal: tuple[bool, ...]) -> Windows:
+    """The numba loops' tables of every axis, from axis_windows (cached)."""
+    return windows([axis_windows(*args) for args in zip(grid, kernel, dilation, causal)])
+
+
 def neighborhood_attention(
     q: Tensor,
     k: Tensor,
@@ -137,22 +173,26 @@ def neighborhood_attention(
     rpb: Tensor | None = None,
     attention_mask: Tensor | None = None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Neighborhood attention of q, k, v (batch, heads, *grid, head_dim), a grid of 1, 2 or 3 axes.
 
     kernel_size, dilation, causal: one value or one per axis; rpb: (heads, 2k_1 − 1, …);
     attention_mask: bool (batch, N) in raster order or (batch, *grid), True = real token (a
     query whose window holds no real key gives 0); scale defaults to 1/√head_dim.
-    Forward and backward are tiled (memory O(N·window), never N×N); see attnlab.kernels.neighborhood.
+    backend: "numba" (direct loops), "torch" (tiles) or None (numba where it serves, see the module
+    docstring). Both recompute in the backward (memory O(N·window), never N×N).
     """
     grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
+    engine = choose_backend(backend, q, k, v, rpb)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    p = plan(grid, kernel, dil, caus, tile_shape(kernel), q.device)
-    out = tiled_attention(
-        q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]), p,
-        scale=scale, rpb=rpb, attention_mask=kpm,
-    )
+    flat = (q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]))
+    if engine == "numba":
+        out = loop_attention(*flat, loop_windows(grid, kernel, dil, caus), scale=scale, rpb=rpb, attention_mask=kpm)
+    else:
+        p = plan(grid, kernel, dil, caus, tile_shape(kernel), q.device)
+        out = tiled_attention(*flat, p, scale=scale, rpb=rpb, attention_mask=kpm)
     return out.view(b, h, *grid, v.shape[-1])
 
 
@@ -294,6 +334,7 @@ def _rank_of(value: object) -> int | None:
     summary="Neighborhood attention (NAT/DiNAT): each token attends to its k^r nearest, windows clamped at borders.",
     test_params={"kernel_size": 3},
     flops=neighborhood_flops,
+    backend=backend_line,
 )
 class NeighborhoodAttention(GridAttention):
     """Multi-head neighborhood attention on a 1-, 2- or 3-D grid of tokens.
