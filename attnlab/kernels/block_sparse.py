@@ -22,6 +22,16 @@ per call instead of one per small op; dk and dv accumulate per worker). First de
 only (no double backward). N need not be a multiple of B: the last block is padded and its
 padding masked.
 
+The band path: when mask_mod is a `RelativeBand` (lo ≤ j − i ≤ hi, e.g. a sliding window) and
+the layout holds every key block the band touches, query block r sees one contiguous range of
+B + hi − lo keys, the previous block's moved by B. The engine then reads the keys in place through
+overlapping strided views (no gather, no mask per block): the band inside a window is one additive
+bias shared by all windows, fused into the score matmul (see "the band path" below). Same results,
+same recomputing backward (memory O(N·d) plus the per-thread workspaces), same worker threads.
+`backend="engine"` (the default) takes the band path exactly in that case and the block path
+otherwise; `backend="band"` requires it (ParameterError if it does not apply), `backend="blocks"`
+never takes it.
+
 `backend="flex"` runs the same layout and mask_mod through torch's FlexAttention
 (`BlockMask.from_kv_blocks`, `attnlab.kernels.flex`): on CPU it runs the forward only.
 The module base of block-sparse patterns is `attnlab.mechanisms.sparse.base.BlockSparseAttention`.
@@ -32,7 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +60,7 @@ from .sizes import fit_block
 
 MaskMod = Callable[[Tensor, Tensor], Tensor]
 """mask_mod(q_idx, kv_idx) -> bool tensor (True = attend) on broadcasting int64 position tensors."""
-Backend = Literal["engine", "flex"]
+Backend = Literal["engine", "band", "blocks", "flex"]
 CHUNK_ELEMENTS = 1 << 19  # scores held per chunk (batch · heads · c · B · R·B): 2 MiB in float32
 PARALLEL_ELEMENTS = 1 << 21  # scores per worker thread below which a call stays on the calling thread
 
@@ -212,6 +222,32 @@ def call_mask_mod(mask_mod: MaskMod, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
         raise TypeError(f"mask_mod: expected mask_mod(q_idx, kv_idx) to return a bool tensor (True = attend), got {_describe(keep)}")
     return keep
+
+
+@dataclass(frozen=True)
+class RelativeBand:
+    """The mask_mod of a band of offsets: key j visible from query i when lo ≤ j − i ≤ hi.
+
+    A plain mask_mod everywhere (references, FlexAttention, decoding), which the engine also
+    recognises: given with a layout holding every key block the band touches, the call takes the
+    band path (see `block_sparse_attention`). Sliding-window attention of radius r is
+    RelativeBand(−r, r), or RelativeBand(−r, 0) when causal.
+    """
+
+    lo: int
+    hi: int
+
+    def __post_init__(self) -> None:
+        for name in ("lo", "hi"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParameterError(f"{name}: expected an int (an offset j − i), got {value!r}")
+        if self.lo > self.hi:
+            raise ParameterError(f"hi: expected an offset >= lo = {self.lo}, got {self.hi}")
+
+    def __call__(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        rel = kv_idx - q_idx
+        return (rel >= self.lo) & (rel <= self.hi)
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -505,6 +541,303 @@ class _BlockSparseFunction(torch.autograd.Function):
         )
 
 
+# -- the band path --------------------------------------------------------------------------------
+# With a RelativeBand lo ≤ j − i ≤ hi as the element mask, query block r (queries r·B … r·B + B − 1)
+# sees keys in r·B + lo … r·B + B − 1 + hi only: one window of W = B + hi − lo keys, block r − 1's
+# moved by B. The keys are read in place through overlapping strided views (Tensor.unfold(0, W, B):
+# window r starts B keys after window r − 1), so no key or value block is gathered or copied; only
+# the few windows that reach past either end of the keys read small zero-padded copies of the keys
+# they cover. The band inside a window is the same (B, W) additive bias (0 / −inf) for every r, added
+# by baddbmm while it computes the scores; padding and masked keys add a (keys,) bias only in the
+# chunks that read such a key. Softmax runs in place on the scores; the backward recomputes them
+# from the saved log-sum-exp, and adds the overlapping windows' key gradients B-wide slice by slice.
+#
+# Measured (16,384 tokens, 8 heads, d = 64, causal radius 256, one thread pinned, float32, medians
+# of interleaved rounds, CPU time on a shared 2-core EPYC): at B = 64 (W = 320) the two matmuls
+# run at ~78 GFLOP/s and scores, softmax and output take ~70 / ~27 / ~70 ms; B = 32 (W = 288: 11%
+# of the scores outside the band instead of 20%) took 0.96× that and B = 128 (W = 384) 1.1×: the
+# smaller matmuls lose about what the narrower windows save, so the sliding-window module keeps its
+# default B = 64. Chunks of 2^19 scores (2 MiB in float32, 25 windows at B = 64) beat 2^17 and
+# 2^18 (1.1–1.2× the time: more, smaller matmuls) and 2^20 (1.05×: past the 1 MiB L2).
+class _BandItem(NamedTuple):
+    """Windows start..stop of one (batch, head), read from the keys in place (segment −1) or from
+    the padded copy of an edge segment; `hidden`: whether they read a padding or masked key."""
+
+    batch: int
+    head: int
+    start: int
+    stop: int
+    hidden: bool
+    segment: int
+
+
+@dataclass(frozen=True, eq=False)
+class _BandPlan:
+    """A band call's work: windows of B queries against W keys, in chunks per (batch, head)."""
+
+    block_size: int  # B: queries per window
+    width: int  # W: keys per window
+    lo: int  # window r's first key is r·B + lo
+    n_blocks: int  # windows: ⌈n_q / B⌉
+    segments: tuple[tuple[int, int], ...]  # runs of windows (first, stop) reaching past an end of the keys
+    front: int  # key_bias[front + j] is key j's
+    window_bias: Tensor  # (B, W): 0 inside the band, −inf outside
+    key_bias: Tensor  # (batch or 1, front + keys + back): 0 for a real key, −inf for padding and masked keys
+    items: tuple[_BandItem, ...]
+    spans: tuple[tuple[int, int], ...]  # items lo..hi of each worker thread
+
+    @property
+    def max_windows(self) -> int:
+        return max((item.stop - item.start for item in self.items), default=0)
+
+    def first_key(self, item: _BandItem) -> int:
+        """Where the item's first window starts in its source: the keys, or its segment's copy."""
+        if item.segment < 0:
+            return item.start * self.block_size + self.lo
+        return (item.start - self.segments[item.segment][0]) * self.block_size
+
+
+def _visible_band(band: RelativeBand, n_q: int, n_k: int) -> tuple[int, int]:
+    """The band's offsets lo..hi clipped to those a query 0 ≤ i < n_q and a key 0 ≤ j < n_k can have."""
+    return max(band.lo, 1 - n_q), min(band.hi, n_k - 1)
+
+
+def _covers_band(layout: BlockLayout, band: RelativeBand, n_q: int, n_k: int) -> bool:
+    """Whether some query sees a key through the band and every layout row (of every head) holds
+    all the key blocks its band touches (blocks beyond the band may be there: the band hides them)."""
+    lo, hi = _visible_band(band, n_q, n_k)
+    if lo > hi:
+        return False
+    b, nkb, dev = layout.block_size, layout.n_k_blocks, layout.indices.device
+    first = torch.arange(layout.n_q_blocks, device=dev) * b
+    lo_key = (first + lo).clamp(min=0)
+    hi_key = ((first + b).clamp(max=n_q) - 1 + hi).clamp(max=n_k - 1)
+    touched = lo_key <= hi_key
+    lo_block, hi_block = lo_key // b, hi_key.clamp(min=0) // b
+    rows = torch.where(layout.valid, layout.indices, nkb).contiguous()  # each row increasing, then nkb
+    bounds = torch.stack([lo_block, hi_block + 1], -1).expand(layout.heads, -1, -1).contiguous()
+    held = torch.searchsorted(rows, bounds).diff(dim=-1)[..., 0]  # entries in lo_block..hi_block
+    return bool(((held == hi_block - lo_block + 1) | ~touched).all())
+
+
+def _band_plan(
+    band: RelativeBand, b: int, n_q: int, n_k: int, batch: int, heads: int,
+    attention_mask: Tensor | None, chunk: int | None, work: torch.dtype, device: torch.device,
+) -> _BandPlan:
+    lo, hi = _visible_band(band, n_q, n_k)
+    width, n_blocks = b + hi - lo, -(-n_q // b)
+    rel = lo + torch.arange(width, device=device) - torch.arange(b, device=device)[:, None]  # j − i in a window
+    window_bias = torch.zeros(b, width, dtype=work, device=device)
+    window_bias.masked_fill_((rel < band.lo) | (rel > band.hi), float("-inf"))
+    # windows 0..inner_first − 1 start before key 0, inner_stop.. end after key n_k − 1
+    inner_first = min(n_blocks, max(0, -(lo // b)))
+    inner_stop = max(inner_first, min(n_blocks, (n_k - lo - width) // b + 1))
+    runs = [(0, inner_first, 0), (inner_first, inner_stop, -1), (inner_stop, n_blocks, 1)]
+    segments = tuple((first, stop) for first, stop, kind in runs if kind >= 0 and stop > first)
+    front = max(0, -lo)
+    key_ok = torch.zeros(1 if attention_mask is None else batch, front + max(n_k, (n_blocks - 1) * b + lo + width),
+                         dtype=torch.bool, device=device)
+    key_ok[:, front : front + n_k] = True if attention_mask is None else attention_mask
+    key_bias = torch.zeros(key_ok.shape, dtype=work, device=device).masked_fill_(~key_ok, float("-inf"))
+    step = chunk or max(1, CHUNK_ELEMENTS // (b * width))
+    chunks = [
+        (start, min(start + step, stop), -1 if kind < 0 else segments.index((first, stop)))
+        for first, stop, kind in runs for start in range(first, stop, step)
+    ]
+    hidden = F.pad((~key_ok).cumsum(-1), (1, 0))  # hidden keys before each position of key_bias
+    begin = torch.tensor([front + lo + start * b for start, _, _ in chunks], dtype=torch.int64, device=device)
+    end = torch.tensor([front + lo + (stop - 1) * b + width for _, stop, _ in chunks], dtype=torch.int64, device=device)
+    reads_hidden = ((hidden[:, end] - hidden[:, begin]) > 0).tolist()  # (batch or 1, chunks)
+    items = tuple(
+        _BandItem(bi, hh, start, stop, reads_hidden[bi % len(reads_hidden)][ci], segment)
+        for bi in range(batch) for hh in range(heads) for ci, (start, stop, segment) in enumerate(chunks)
+    )
+    amounts = [item.stop - item.start for item in items]
+    workers = min(torch.get_num_threads(), _cpus(), max(1, sum(amounts) * b * width // PARALLEL_ELEMENTS))
+    return _BandPlan(b, width, lo, n_blocks, segments, front, window_bias, key_bias, items, _split(amounts, workers))
+
+
+def _windows(x: Tensor, first: int, count: int, plan: _BandPlan, width: int | None = None) -> Tensor:
+    """`count` windows of `width` (default W) rows of x (length, …), the first at row `first`, each B
+    rows after the previous: an overlapping view (count, …, width)."""
+    w = plan.width if width is None else width
+    return x[first : first + (count - 1) * plan.block_size + w].unfold(0, w, plan.block_size)
+
+
+def _rows(x: Tensor, plan: _BandPlan, item: _BandItem) -> Tensor:
+    """The queries (or their outputs, gradients) of an item's windows: (batch, heads, n, w) -> (c, B, w)."""
+    b = plan.block_size
+    return x[item.batch, item.head, item.start * b : item.stop * b].unflatten(0, (item.stop - item.start, b))
+
+
+def _source(keys: Tensor, edges: list[Tensor], item: _BandItem) -> Tensor:
+    """The (length, w) keys (or values, or their gradients) an item reads: in place, or its segment's copy."""
+    return (keys if item.segment < 0 else edges[item.segment])[item.batch, item.head]
+
+
+def _band_scores(plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, scale: float, space: Tensor) -> Tensor:
+    """Scores (c, B, W) of an item's windows into `space`, −inf outside the band and on hidden keys;
+    keys: the item's source (length, d)."""
+    c = item.stop - item.start
+    scores = _take(space, c, plan.block_size, plan.width)
+    torch.baddbmm(plan.window_bias, _rows(qp, plan, item), _windows(keys, plan.first_key(item), c, plan),
+                  alpha=scale, out=scores)
+    if item.hidden:
+        first = plan.front + plan.lo + item.start * plan.block_size
+        scores.add_(_windows(plan.key_bias[item.batch % plan.key_bias.shape[0]], first, c, plan)[:, None, :])
+    return scores
+
+
+def _band_forward_item(
+    plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, values: Tensor,
+    out: Tensor, lse: Tensor | None, scale: float, space: Tensor,
+) -> None:
+    """out of an item's windows, and their rows' log-sum-exp (+inf on a row that sees no key) unless
+    lse is None; keys, values: the item's sources."""
+    p = _band_scores(plan, item, qp, keys, scale, space)
+    top = p.amax(-1, keepdim=True) if item.hidden or lse is not None else None
+    torch.softmax(p, -1, out=p)  # in place
+    o = _rows(out, plan, item)
+    torch.bmm(p, _windows(values, plan.first_key(item), item.stop - item.start, plan).transpose(1, 2), out=o)
+    empty = top == float("-inf") if item.hidden and top is not None else None
+    if empty is not None:
+        o.masked_fill_(empty, 0.0)  # their softmax was 0/0
+    if lse is not None and top is not None:
+        row = _rows(lse, plan, item)
+        torch.log(p.amax(-1, keepdim=True), out=row)  # log max P = max S − LSE
+        torch.sub(top, row, out=row)
+        if empty is not None:
+            row.masked_fill_(empty, float("inf"))
+
+
+def _fold(acc: Tensor, grad: Tensor, first: int, plan: _BandPlan) -> None:
+    """acc[the keys of window r] += grad[r] for the windows (c, W, w) whose first starts at row `first` of
+    acc (length, w). Windows overlap, so B-wide slice by slice: slice t of every window is a
+    non-overlapping view of acc."""
+    for t in range(0, plan.width, plan.block_size):
+        part = min(plan.block_size, plan.width - t)
+        _windows(acc, first + t, grad.shape[0], plan, part).transpose(1, 2).add_(grad[:, t : t + part])
+
+
+def _band_backward_item(
+    plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, values: Tensor, lse: Tensor,
+    dout: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, scale: float, space: list[Tensor],
+) -> None:
+    """dQ of an item's windows (up to the scale); their dK (up to the scale) and dV added to dk, dv.
+    keys, values, dk, dv: the item's sources and their gradients' (length, w); space: workspaces
+    (scores, score gradients, key gradients)."""
+    c, b, w, first = item.stop - item.start, plan.block_size, plan.width, plan.first_key(item)
+    q, do = _rows(qp, plan, item), _rows(dout, plan, item)
+    p = _band_scores(plan, item, qp, keys, scale, space[0])
+    p.sub_(_rows(lse, plan, item)).exp_()  # P = exp(S − LSE)
+    _fold(dv, torch.bmm(p.transpose(1, 2), do, out=_take(space[2], c, w, do.shape[-1])), first, plan)  # dV = Pᵀ dO
+    ds = torch.bmm(do, _windows(values, first, c, plan), out=_take(space[1], c, b, w))  # dP = dO Vᵀ
+    ds.sub_(_rows(delta, plan, item)).mul_(p)  # dS = P ∘ (dP − D)
+    torch.bmm(ds, _windows(keys, first, c, plan).transpose(1, 2), out=_rows(dq, plan, item))  # dQ = dS K
+    _fold(dk, torch.bmm(ds.transpose(1, 2), q, out=_take(space[2], c, w, q.shape[-1])), first, plan)  # dK = dSᵀ Q
+
+
+def _band_run(plan: _BandPlan, step: Callable[[int, _BandItem, list[Tensor]], None], like: Tensor, sizes: tuple[int, ...]) -> None:
+    """step(worker, item, workspaces) for every item, the spans on worker threads; each worker
+    allocates its workspaces once, sizes[i] elements per window of the largest chunk."""
+    def span(w: int) -> None:
+        space = [like.new_empty(plan.max_windows * n) for n in sizes]
+        with torch.no_grad():
+            for item in plan.items[slice(*plan.spans[w])]:
+                step(w, item, space)
+
+    run_parallel([partial(span, w) for w in range(len(plan.spans))])
+
+
+def _band_queries(x: Tensor, plan: _BandPlan, work: torch.dtype) -> Tensor:
+    """(batch, heads, n, w) -> (batch, heads, windows · B, w) in `work`, padding rows 0 (x itself when it fits)."""
+    rows = plan.n_blocks * plan.block_size
+    if x.shape[2] == rows and x.dtype == work:
+        return x
+    out = x.new_zeros(*x.shape[:2], rows, x.shape[3], dtype=work)
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def _edges(x: Tensor, plan: _BandPlan) -> list[Tensor]:
+    """Per segment, the keys (or values) its windows read, zero-padded past either end: (batch, heads, length, w)."""
+    n_k, b, copies = x.shape[2], plan.block_size, []
+    for first, stop in plan.segments:
+        begin, end = first * b + plan.lo, (stop - 1) * b + plan.lo + plan.width  # key range, may reach past 0 or n_k
+        copy = x.new_zeros(*x.shape[:2], end - begin, x.shape[3])
+        if min(n_k, end) > max(0, begin):
+            copy[:, :, max(0, -begin) : min(n_k, end) - begin] = x[:, :, max(0, begin) : min(n_k, end)]
+        copies.append(copy)
+    return copies
+
+
+def _band_forward(
+    plan: _BandPlan, q: Tensor, k: Tensor, v: Tensor, scale: float, work: torch.dtype, with_lse: bool,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, Tensor]]:
+    """(out (batch, heads, windows · B, dv), rows' log-sum-exp or None, (q padded, k, v) in `work`)."""
+    qp, k, v = _band_queries(q, plan, work), k.to(work), v.to(work)
+    k_edges, v_edges = _edges(k, plan), _edges(v, plan)
+    out = qp.new_empty(*qp.shape[:3], v.shape[-1])
+    lse = qp.new_empty(*qp.shape[:3], 1) if with_lse else None
+
+    def step(w: int, item: _BandItem, space: list[Tensor]) -> None:
+        _band_forward_item(plan, item, qp, _source(k, k_edges, item), _source(v, v_edges, item), out, lse, scale, space[0])
+
+    _band_run(plan, step, qp, (plan.block_size * plan.width,))
+    return out, lse, (qp, k, v)
+
+
+def _band_backward(
+    plan: _BandPlan, qp: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq (batch, heads, windows · B, d), dk, dv) of the band path, recomputing the scores."""
+    dout = _band_queries(grad, plan, qp.dtype)
+    delta = (dout * out).sum(-1, keepdim=True)  # D_i = Σ_c dO_ic O_ic
+    k_edges, v_edges = _edges(k, plan), _edges(v, plan)
+    dq = torch.empty_like(qp, memory_format=torch.contiguous_format)
+    # one set of accumulators per worker: the keys' own, then each segment's
+    dks = [[torch.zeros_like(t) for t in (k, *k_edges)] for _ in plan.spans]
+    dvs = [[torch.zeros_like(t) for t in (v, *v_edges)] for _ in plan.spans]
+
+    def step(w: int, item: _BandItem, space: list[Tensor]) -> None:
+        _band_backward_item(
+            plan, item, qp, _source(k, k_edges, item), _source(v, v_edges, item), lse, dout, delta, dq,
+            _source(dks[w][0], dks[w][1:], item), _source(dvs[w][0], dvs[w][1:], item), scale, space,
+        )
+
+    bw = plan.block_size * plan.width
+    _band_run(plan, step, qp, (bw, bw, plan.width * max(qp.shape[-1], v.shape[-1])))
+    dk, dv = (sum((acc[0] for acc in accs[1:]), accs[0][0]) for accs in (dks, dvs))
+    n_k = k.shape[2]
+    for s, (first, stop) in enumerate(plan.segments):  # the segments' gradients onto their real keys
+        begin, end = first * plan.block_size + plan.lo, (stop - 1) * plan.block_size + plan.lo + plan.width
+        if min(n_k, end) <= max(0, begin):
+            continue
+        for total, accs in ((dk, dks), (dv, dvs)):
+            for acc in accs:
+                total[:, :, max(0, begin) : min(n_k, end)] += acc[s + 1][:, :, max(0, -begin) : min(n_k, end) - begin]
+    return dq.mul_(scale), dk.mul_(scale), dv  # scores = scale · q kᵀ
+
+
+class _BandFunction(torch.autograd.Function):
+    """The band path's forward; its backward recomputes each chunk's scores from the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: _BandPlan, scale: float, work: torch.dtype) -> Tensor:  # type: ignore[override]
+        out, lse, (qp, kw, vw) = _band_forward(plan, q, k, v, scale, work, with_lse=True)
+        ctx.save_for_backward(qp, kw, vw, out, lse)
+        ctx.plan, ctx.scale, ctx.dtypes = plan, scale, (q.dtype, k.dtype, v.dtype)
+        return out[:, :, : q.shape[2]].to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        qp, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _band_backward(ctx.plan, qp, k, v, out, lse, grad, ctx.scale)
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return dq[:, :, : grad.shape[2]].to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
+
+
 def _check_call(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mask_mod: MaskMod | None,
     attention_mask: Tensor | None, scale: float | None,
@@ -549,21 +882,35 @@ def block_sparse_attention(
 
     q (batch, heads, n_q, d), k (batch, heads, n_k, d), v (batch, heads, n_k, dv); positions
     are absolute (query i and key j both count from 0). `chunk`: query blocks per step of the
-    engine (default: ~2 MiB of float32 scores). `backend="flex"`: FlexAttention (forward only on
+    engine (default: ~2 MiB of float32 scores). `backend`: "engine" (the band path when mask_mod
+    is a RelativeBand whose key blocks the layout holds, else the block path), "band" (the band
+    path, or ParameterError), "blocks" (the block path), "flex" (FlexAttention, forward only on
     CPU). Rows that see no key give 0.
     """
     scale = _check_call(q, k, v, layout, mask_mod, attention_mask, scale)
     layout = layout.fitted(q.shape[2], k.shape[2])
     if backend == "flex":
         return _flex_attention(q, k, v, layout, mask_mod, attention_mask, scale)
-    if backend != "engine":
-        raise ParameterError(f"backend: expected 'engine' or 'flex', got {backend!r}")
+    if backend not in ("engine", "band", "blocks"):
+        raise ParameterError(f"backend: expected 'engine', 'band', 'blocks' or 'flex', got {backend!r}")
     check_optional_int("chunk", chunk, meaning="(query blocks per step)")
     bsz, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[-1]
     if n_q == 0 or n_k == 0:
         return q.new_zeros(bsz, h, n_q, dv)
+    band = mask_mod if isinstance(mask_mod, RelativeBand) and backend != "blocks" and _covers_band(layout, mask_mod, n_q, n_k) else None
+    if backend == "band" and band is None:
+        raise ParameterError(
+            "backend: 'band' needs mask_mod a RelativeBand through which some query sees a key, with a layout "
+            f"holding every key block the band touches; got mask_mod {mask_mod!r}"
+        )
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if band is not None:
+        band_plan = _band_plan(band, layout.block_size, n_q, n_k, bsz, h, attention_mask, chunk, work, q.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _BandFunction.apply(q, k, v, band_plan, scale, work)
+        out = _band_forward(band_plan, q, k, v, scale, work, with_lse=False)[0]
+        return out[:, :, :n_q].to(q.dtype)
     plan = _make_plan(layout, mask_mod, attention_mask, n_k, bsz * h, chunk, work)
     return _BlockSparseFunction.apply(q, k, v, plan, scale, work)
 
