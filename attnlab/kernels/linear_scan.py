@@ -33,6 +33,20 @@ Forms (all equal where they overlap; tests/mechanisms/test_linear_engine.py chec
 * reference: the N × N matrix A_ij built naively in float64 (decay products from cumulative
   sums of log α; for the delta rule, products of the per-step transition matrices T_t), out = A v.
 
+Paths of the causal form without decay or delta rule (the `backend` argument; `hebbian_backend()` is the
+line `attnlab info` prints): fused chunk loops compiled with numba (`_linear_loops`, chosen where
+`loops_serve`: numba installed, CPU, float32/float64), else the chunked PyTorch form (CUDA, bfloat16,
+no numba). Why loops: the PyTorch form runs every chunk's C × C products as one batched matmul over
+all chunks, so scores, chunk states and their prefix sums are full tensors streamed through memory,
+and torch's batched matmul on 64 × 64 blocks out of cache reaches about a third of a large matmul's
+rate; a profile at N = 16,384 (8 heads, d 64, one thread) gave bmm 57%, cat 12% (the ones column and
+the zero state), cumsum 11%, add, div, copy and masked_fill the rest: 15.6 GFLOP/s. The loops keep one
+(batch·head) row's state in cache, skip the causal triangle and run rows in parallel: ~0.45–0.55 of a
+2048³ matmul's rate forward, backward (recomputing each chunk's blocks) ~3.7× the forward. The
+bidirectional form stays two matmuls: it is bound by memory, not FLOPs (4·d² = 16k FLOPs per token
+and head against reading q, k, v and writing out, plus the ones column's copy of v and the division's
+pass over the output), so it reaches only ~0.25 of the matmul rate.
+
 Numerics. Decays enter only as exp of non-positive sums of log α within a chunk, so nothing
 overflows. A normaliser is clamped below at `normalizer_floor(dtype)` = √(finfo(dtype).tiny)
 (1.1e-19 in float32, 1.5e-154 in float64): it leaves every row whose weights sum above it
@@ -60,10 +74,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..core.errors import DTypeError, ShapeError
+from ..core.errors import DTypeError, ParameterError, ShapeError
 from ..core.validate import check_attention_mask, check_finite, check_int, check_qkv, check_tensor
+from . import compiled
 from .sizes import fit_block
 
+BACKENDS = ("numba", "torch")  # the causal Hebbian form's paths (`backend=`); None picks by the rule in `loops_serve`
 PAIRWISE_BLOCK = 1 << 22  # elements of one block of the per-channel pairwise decay tensor
 SUB_BLOCK = 16  # per-channel decay: largest sub-block whose pairs are built elementwise
 
@@ -386,6 +402,66 @@ def _causal_delta(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, bet
     return _unchunk(torch.stack(outs, dim=2), n)
 
 
+# -- the compiled path of the causal Hebbian form -------------------------------------------------
+def loops_serve(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor | None) -> bool:
+    """Whether the numba loops serve a causal call: no decay, no delta rule, and `compiled.serves` (numba
+    installed, CPU, float32/float64, one dtype). Everything else (CUDA, bfloat16, decays) takes the PyTorch path."""
+    return log_decay is None and beta is None and compiled.serves(q, k, v)
+
+
+def hebbian_backend() -> str:
+    """The `backend` line of the entries whose causal form is Hebbian without decay (shown by `attnlab info`)."""
+    if compiled.numba_module() is None:
+        return f"chunked PyTorch path: {compiled.numba_status()}"
+    return (
+        f"causal: fused chunk loops ({compiled.numba_status()}) for CPU float32/float64; the chunked PyTorch "
+        "path otherwise (CUDA, bfloat16); bidirectional: two matmuls"
+    )
+
+
+def _loops():  # type: ignore[no-untyped-def]
+    from . import _linear_loops  # compiles on first use (cached on disk); imports numba
+
+    return _linear_loops
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(b, h, n, d) -> contiguous (b·h, n, d), detached (the loops write numpy views)."""
+    return t.detach().reshape(-1, *t.shape[2:]).contiguous()
+
+
+class _CausalLoops(torch.autograd.Function):
+    """Causal linear attention, no decay, through `_linear_loops` (forward and a recomputing backward).
+
+    Saves q, k, v, the output and the (b·h, n) denominators; the backward rebuilds each chunk's
+    C × C blocks instead of storing them. Threads: torch.get_num_threads(), so one setting drives both.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, normalize: bool, chunk: int) -> Tensor:  # type: ignore[override]
+        qr, kr, vr = _rows(q), _rows(k), _rows(v)
+        out, den = torch.empty_like(vr), q.new_empty(qr.shape[:2])
+        floor = qr.numpy().dtype.type(normalizer_floor(q.dtype))
+        with compiled.numba_threads(torch.get_num_threads()):
+            _loops().causal_forward(qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(), chunk, normalize, floor)
+        ctx.save_for_backward(qr, kr, vr, out, den)
+        ctx.normalize, ctx.chunk = normalize, chunk
+        return out.view(v.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+        qr, kr, vr, out, den = ctx.saved_tensors
+        g = _rows(grad)
+        dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)
+        floor = qr.numpy().dtype.type(normalizer_floor(qr.dtype))
+        arrays = (qr, kr, vr, out, den, g, dq, dk, dv)
+        with compiled.numba_threads(torch.get_num_threads()):
+            _loops().causal_backward(*(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor)
+        shape = grad.shape[:2]
+        return dq.view(*shape, *qr.shape[1:]), dk.view(*shape, *kr.shape[1:]), dv.view(*shape, *vr.shape[1:]), None, None
+
+
 def _causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor | None, c: int) -> Tensor:
     c = fit_block(c, q.shape[2])
     if beta is None:
@@ -415,16 +491,30 @@ def linear_attention(
     beta: Tensor | None = None,
     normalize: bool = True,
     chunk_size: int = 64,
+    backend: str | None = None,
 ) -> Tensor:
     """The fast path on feature-mapped q = φ(q), k = φ(k): (batch, heads, n_q, d_v).
 
     causal: chunk-parallel with `chunk_size`; bidirectional: one pass, or two scans with a
     decay or the delta rule (see the module docstring). attention_mask (batch, n_k), True = real.
+    backend, for the causal form without decay or delta rule: "numba" (the fused loops of
+    `_linear_loops`; ValueError where they do not serve), "torch" (the chunked PyTorch form), or
+    None: the loops where `loops_serve`, PyTorch otherwise.
     """
     check_chunk_size(chunk_size)
+    if backend is not None and backend not in BACKENDS:
+        raise ParameterError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     k, v, log_decay, beta = _prepare(
         q, k, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta, normalize=normalize
     )
+    if backend == "numba" and not (causal and loops_serve(q, k, v, log_decay, beta)):
+        raise ValueError(
+            "backend: the numba loops serve the causal form without decay or delta rule on CPU float32/float64 "
+            f"with numba installed; got causal={causal}, decay={log_decay is not None}, delta rule={beta is not None}, "
+            f"{q.dtype} on {q.device.type}, {compiled.numba_status()}"
+        )
+    if causal and backend != "torch" and loops_serve(q, k, v, log_decay, beta):
+        return _CausalLoops.apply(q, k, v, normalize, fit_block(chunk_size, q.shape[2]))
     if causal:
         return _with_normalizer(lambda vv: _causal(q, k, vv, log_decay, beta, chunk_size), v, normalize)
     if log_decay is None and beta is None:

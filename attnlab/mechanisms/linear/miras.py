@@ -81,6 +81,7 @@ from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     check_chunk_size,
+    hebbian_backend,
     linear_attention,
     linear_attention_reference,
     linear_flops,
@@ -570,6 +571,7 @@ class MemoryAttention(LinearAttention):
     summary="Linear attention, φ = elu + 1: φ(q)ᵀΣφ(k)vᵀ / φ(q)ᵀΣφ(k); Miras' dot-product memory.",
     normalized=True,
     flops=_memory_flops("none", "dot"),
+    backend=hebbian_backend,
 )
 class EluLinearAttention(MemoryAttention):
     """Linear attention (Katharopoulos et al., 2020): φ(x) = elu(x) + 1, normalised, M_t = M_{t−1} + v_t φ(k_t)ᵀ."""

@@ -1,0 +1,103 @@
+"""Causal linear attention (the "linear" entry's engine form, normalised, chunk 64) beside the machine's matmul rate.
+
+    taskset -c 1 .venv/bin/python benchmarks/linear_chunked.py                   # one thread, N = 16,384 and 65,536
+    taskset -c 0,1 .venv/bin/python benchmarks/linear_chunked.py --threads 1 2   # two threads vs one
+    .venv/bin/python benchmarks/linear_chunked.py --tokens 4096 --rounds 3        # quick look
+
+On feature-mapped φ(q), φ(k) >= 0 and v (batch 1, 8 heads, head dim 64, float32), per N and thread
+count, timed interleaved (every variant once per round, --rounds rounds, medians): a 2048³ float32
+matmul (the machine's matmul rate, measured in the same rounds), the bidirectional form (two
+matmuls), the causal form through the numba loops and through the chunked PyTorch form, each
+forward only and forward + backward. Outputs (and, for fwd+bwd, gradients) are checked equal
+first. Printed: milliseconds, GFLOP/s of the forward by `linear_flops`, that rate as a fraction of
+the matmul rate, and causal / bidirectional fwd+bwd time (issue 14's bars: >= 0.30 and <= 1.5×).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from attnlab.kernels import compiled
+from attnlab.kernels.linear_scan import linear_attention, linear_flops
+
+HEADS, HEAD_DIM, CHUNK, MATMUL = 8, 64, 64, 2048
+
+
+def variants(n: int) -> dict[str, Callable[[], object]]:
+    """name -> a call to time; also checks the causal paths agree (values and gradients)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_()
+    w = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+    a, b = torch.randn(MATMUL, MATMUL, generator=g), torch.randn(MATMUL, MATMUL, generator=g)
+
+    def run(causal: bool, backend: str | None, grad: bool) -> object:
+        if not grad:
+            with torch.no_grad():
+                return linear_attention(q, k, v, causal=causal, chunk_size=CHUNK, backend=backend)
+        out = linear_attention(q, k, v, causal=causal, chunk_size=CHUNK, backend=backend)
+        return torch.autograd.grad(out, (q, k, v), w)
+
+    loops, torch_form = run(True, "numba", True), run(True, "torch", True)
+    for x, y in zip(loops, torch_form):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(run(True, "numba", False), run(True, "torch", False), rtol=1e-4, atol=1e-6)
+    return {
+        "matmul 2048³": lambda: a @ b,
+        "bidirectional fwd": lambda: run(False, None, False),
+        "causal loops fwd": lambda: run(True, "numba", False),
+        "causal torch fwd": lambda: run(True, "torch", False),
+        "bidirectional fwd+bwd": lambda: run(False, None, True),
+        "causal loops fwd+bwd": lambda: run(True, "numba", True),
+        "causal torch fwd+bwd": lambda: run(True, "torch", True),
+    }
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call, timed A B C … A B C … over `rounds` rounds after one warm-up each."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if compiled.numba_module() is None:
+        raise SystemExit(f"numba is needed for the loops ({compiled.INSTALL})")
+    print(f"float32, batch 1, {HEADS} heads, head dim {HEAD_DIM}, chunk {CHUNK}; medians of {args.rounds} interleaved rounds")
+    for n in args.tokens:
+        calls = variants(n)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            t = interleaved(calls, args.rounds)
+            rate = 2 * MATMUL**3 / t["matmul 2048³"]
+            print(f"\nN = {n}, {threads} thread(s): matmul {rate / 1e9:.1f} GFLOP/s")
+            for name, sec in t.items():
+                if name.startswith("matmul"):
+                    continue
+                line = f"  {name:24s} {sec * 1e3:9.1f} ms"
+                if name.endswith(" fwd"):
+                    flops = linear_flops(n, HEADS, HEAD_DIM, not name.startswith("bidirectional"), chunk_size=CHUNK)
+                    line += f"  {flops / sec / 1e9:6.1f} GFLOP/s  {flops / sec / rate:.2f} of matmul"
+                print(line)
+            for form in ("loops", "torch"):
+                ratio = t[f"causal {form} fwd+bwd"] / t["bidirectional fwd+bwd"]
+                print(f"  causal ({form}) / bidirectional fwd+bwd: {ratio:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
