@@ -1,17 +1,22 @@
-"""Neighborhood attention on the CPU: the tiled fast path against the plain unfold implementation
-and dense SDPA, forward + backward, in one run.
+"""Neighborhood attention on the CPU: the fast path's two engines (numba loops, PyTorch tiles)
+against each other, the plain unfold implementation and dense SDPA, in one run.
 
     .venv/bin/python benchmarks/neighborhood.py                       # every case, 3 rounds
     .venv/bin/python benchmarks/neighborhood.py --cases 2d-7 --rounds 5 --json out.json
+    taskset -c 1 .venv/bin/python benchmarks/neighborhood.py --threads 1 --forward --no-memory \
+        --cases 1d-7,1d-65,2d-7,2d-13 --rounds 5                       # issue 14's forward rows
 
 Batch 1, 8 heads, head dim 64, float32. Each call is the forward of the attention core on q, k, v
-that require grad and the backward of (out · g).sum() for a fixed random g. Cases:
+that require grad and the backward of (out · g).sum() for a fixed random g (--forward: the forward
+alone, without autograd). Contenders: `neighborhood_attention(backend="numba")` (numba, the direct
+loops), `neighborhood_attention(backend="torch")` (torch, the tiles), `neighborhood_attention_unfold`
+(gathers every query's window) and dense SDPA over all tokens without a mask. Cases:
 
-* 2d-7, 2d-13   — a 64×64 grid, 7×7 / 13×13 windows: `neighborhood_attention` (fast),
-                  `neighborhood_attention_unfold` (gathers every query's k² keys) and dense SDPA
-                  over the 4,096 tokens without a mask;
-* 1d-causal-256 — N = 16,384, a causal window of 256: fast against causal SDPA;
-* memory        — peak memory of the fast path at 64×64 and 128×128 (7×7 and 13×13).
+* 1d-7, 1d-65   — N = 65,536, windows of 7 / 65: numba against torch (issue 14's 1-D rows);
+* 2d-7, 2d-13   — a 64×64 grid, 7×7 / 13×13 windows: numba, torch, unfold and dense SDPA over the
+                  4,096 tokens;
+* 1d-causal-256 — N = 16,384, a causal window of 256: numba, torch and causal SDPA;
+* memory        — peak memory of the numba loops at 64×64 and 128×128 (7×7 and 13×13).
 
 Times: every round times every contender of every case once more (`attnlab.bench.timing.measure`:
 the median of the calls that fit in --budget seconds, at least one), after one warm-up call
@@ -22,6 +27,8 @@ in this process, with the allocator's defaults.
 
 Acceptance targets (issue 5): 2-D fwd+bwd >= 5× faster than unfold and >= 3× than dense SDPA;
 memory 64×64 -> 128×128 <= 4.6×; causal 1-D >= 4× faster than causal SDPA.
+
+RATIOS
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ import torch.nn.functional as F
 from attnlab.bench.timing import MMAP_THRESHOLD_ENV, measure
 from attnlab.mechanisms.local.neighborhood import neighborhood_attention, neighborhood_attention_unfold
 
+FAST = "numba"  # the contender the others are compared with
+
 HEADS, HEAD_DIM = 8, 64
 
 
@@ -54,12 +63,14 @@ class Case:
 
 
 CASES = {
-    "2d-7": Case("2d-7", (64, 64), 7, False, ("fast", "unfold", "sdpa")),
-    "2d-13": Case("2d-13", (64, 64), 13, False, ("fast", "unfold", "sdpa")),
-    "1d-causal-256": Case("1d-causal-256", (16384,), 256, True, ("fast", "sdpa")),
+    "1d-7": Case("1d-7", (65536,), 7, False, ("numba", "torch")),
+    "1d-65": Case("1d-65", (65536,), 65, False, ("numba", "torch")),
+    "2d-7": Case("2d-7", (64, 64), 7, False, ("numba", "torch", "unfold", "sdpa")),
+    "2d-13": Case("2d-13", (64, 64), 13, False, ("numba", "torch", "unfold", "sdpa")),
+    "1d-causal-256": Case("1d-causal-256", (16384,), 256, True, ("numba", "torch", "sdpa")),
 }
 MEMORY = [("2d-7", (64, 64)), ("2d-7", (128, 128)), ("2d-13", (64, 64)), ("2d-13", (128, 128))]
-TARGETS = {  # (case, slower contender): least speed-up of the fast path
+TARGETS = {  # (case, slower contender): least speed-up of the numba loops
     ("2d-7", "unfold"): 5.0,
     ("2d-7", "sdpa"): 3.0,
     ("2d-13", "unfold"): 5.0,
@@ -69,29 +80,39 @@ TARGETS = {  # (case, slower contender): least speed-up of the fast path
 MEMORY_RATIO_MAX = 4.6
 
 
-def call(case: Case, contender: str, grid: tuple[int, ...] | None = None) -> Callable[[], None]:
-    """One forward + backward of `contender` on fresh inputs of the case (grid overridable)."""
+def call(case: Case, contender: str, grid: tuple[int, ...] | None = None, backward: bool = True) -> Callable[[], None]:
+    """One forward (+ backward) of `contender` on fresh inputs of the case (grid overridable)."""
     grid = case.grid if grid is None else grid
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, *grid, HEAD_DIM, generator=gen).requires_grad_(True) for _ in range(3))
+    q, k, v = (torch.randn(1, HEADS, *grid, HEAD_DIM, generator=gen).requires_grad_(backward) for _ in range(3))
     g = torch.randn(1, HEADS, *grid, HEAD_DIM, generator=gen)
 
     def forward() -> torch.Tensor:
-        if contender == "fast":
-            return neighborhood_attention(q, k, v, kernel_size=case.kernel, causal=case.causal)
+        if contender in ("numba", "torch"):
+            return neighborhood_attention(q, k, v, kernel_size=case.kernel, causal=case.causal, backend=contender)
         if contender == "unfold":
             return neighborhood_attention_unfold(q, k, v, kernel_size=case.kernel, causal=case.causal)
         if contender == "sdpa":  # dense over the flattened grid (causal: causal SDPA), no mask
             flat = [t.flatten(2, -2) for t in (q, k, v)]
             return F.scaled_dot_product_attention(*flat, is_causal=case.causal).view(g.shape)
-        raise ValueError(f"contender: expected fast, unfold or sdpa, got {contender!r}")
+        raise ValueError(f"contender: expected numba, torch, unfold or sdpa, got {contender!r}")
 
     def run() -> None:
+        if not backward:
+            with torch.no_grad():
+                forward()
+            return
         forward().backward(g)
         for t in (q, k, v):  # the gradients are part of the call: freed after it, not before the next
             t.grad = None
 
     return run
+
+
+def call_inputs(case: Case) -> list[torch.Tensor]:
+    """q, k, v of the case, as `call` makes them."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, HEADS, *case.grid, HEAD_DIM, generator=gen) for _ in range(3)]
 
 
 def memory_of(case: str, contender: str, grid: tuple[int, ...]) -> int | None:
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement (at least one call)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurements")
+    parser.add_argument("--forward", action="store_true", help="time the forward alone (targets are for fwd+bwd)")
     parser.add_argument("--json", default="attnlab-results/neighborhood-bench.json", help="where to write the results")
     parser.add_argument("--memory-worker", nargs=3, metavar=("CASE", "CONTENDER", "GRID"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -124,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         memory_worker(*args.memory_worker)
         return 0
     cases = [CASES[name] for name in args.cases.split(",")]
-    fns = {(c.name, who): call(c, who) for c in cases for who in c.contenders}
+    fns = {(c.name, who): call(c, who, backward=not args.forward) for c in cases for who in c.contenders}
+    for c in cases:  # outputs checked equal first
+        outs = [neighborhood_attention(*call_inputs(c), kernel_size=c.kernel, causal=c.causal, backend=b)
+                for b in ("numba", "torch")]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
     for fn in fns.values():  # warm-up
         fn()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
@@ -133,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             times[key].append(measure(fn, warmup=0, repeats=5, budget_s=args.budget).median_s)
             print(f"round {r + 1}/{args.rounds}  {key[0]:<14} {key[1]:<7} {times[key][-1]:8.3f} s", file=sys.stderr)
     ratios = {
-        key: [t / f for t, f in zip(ts, times[(key[0], "fast")])] for key, ts in times.items() if key[1] != "fast"
+        key: [t / f for t, f in zip(ts, times[(key[0], FAST)])] for key, ts in times.items() if key[1] != FAST
     }
     peaks: dict[str, int | None] = {}
     if not args.no_memory:
@@ -141,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             for who in c.contenders:
                 peaks[f"{c.name}/{who}/{'x'.join(map(str, c.grid))}"] = memory_of(c.name, who, c.grid)
         for name, grid in MEMORY:
-            key = f"{name}/fast/{'x'.join(map(str, grid))}"
+            key = f"{name}/{FAST}/{'x'.join(map(str, grid))}"
             if key not in peaks:
-                peaks[key] = memory_of(name, "fast", grid)
+                peaks[key] = memory_of(name, FAST, grid)
 
-    print(f"\nneighborhood attention, fwd+bwd, batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32, "
+    print(f"\nneighborhood attention, {'fwd' if args.forward else 'fwd+bwd'}, batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'case':<15}{'contender':<10}{'median s':>10}{'peak MiB':>10}{'× fast (median, min)':>24}{'target':>9}")
+    print(f"{'case':<15}{'contender':<10}{'median s':>10}{'peak MiB':>10}{'× numba (median, min)':>24}{'target':>9}")
     checks: dict[str, bool] = {}
     for c in cases:
         for who in c.contenders:
@@ -155,17 +181,17 @@ def main(argv: list[str] | None = None) -> int:
             peak = peaks.get(f"{c.name}/{who}/{'x'.join(map(str, c.grid))}")
             mib = f"{peak / 2**20:.0f}" if peak is not None else "-"
             rel, target = "", ""
-            if who != "fast":
+            if who != FAST:
                 rel = f"{statistics.median(ratios[key]):.1f}, {min(ratios[key]):.1f}"
                 goal = TARGETS.get(key)
-                if goal is not None:
+                if goal is not None and not args.forward:
                     ok = statistics.median(ratios[key]) >= goal
-                    checks[f"{c.name}: fast >= {goal}x {who}"] = ok
+                    checks[f"{c.name}: {FAST} >= {goal}x {who}"] = ok
                     target = f">={goal:.0f} {'ok' if ok else 'MISS'}"
             print(f"{c.name:<15}{who:<10}{statistics.median(times[key]):>10.3f}{mib:>10}{rel:>24}{target:>9}")
     memory_ratios = {}
     for name in {n for n, _ in MEMORY}:
-        small, large = peaks.get(f"{name}/fast/64x64"), peaks.get(f"{name}/fast/128x128")
+        small, large = peaks.get(f"{name}/{FAST}/64x64"), peaks.get(f"{name}/{FAST}/128x128")
         if small and large:
             memory_ratios[name] = large / small
             ok = memory_ratios[name] <= MEMORY_RATIO_MAX
@@ -176,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         "env": {
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "loadavg": os.getloadavg(), "rounds": args.rounds, "budget_s": args.budget,
+            "forward_only": args.forward,
         },
         "times_s": {f"{c}/{w}": ts for (c, w), ts in times.items()},
-        "ratios_to_fast": {f"{c}/{w}": rs for (c, w), rs in ratios.items()},
+        "ratios_to_numba": {f"{c}/{w}": rs for (c, w), rs in ratios.items()},
         "peak_bytes": peaks,
         "memory_ratios": memory_ratios,
         "targets_met": checks,

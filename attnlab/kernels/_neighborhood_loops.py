@@ -35,8 +35,7 @@ from numba.extending import intrinsic
 
 # Queries per unit of the forward: enough to amortise a unit's scratch arrays.
 CHUNK = 256
-# Queries whose scores are taken before their outputs: the k rows of a block's windows, then its v
-# rows, stay in the L1 cache (one query's k and v rows of a window of 65 would not: 2 × 16 KiB).
+# Queries whose weights are all taken (reading k rows) before their outputs (reading v rows).
 BLOCK = 16
 # 1/j! for j = 0..13: the Taylor polynomial of exp on |r| <= ln 2 / 2.
 _TAYLOR = [1.0 / float(np.prod(np.arange(1, j + 1, dtype=np.float64))) for j in range(14)]
@@ -148,9 +147,16 @@ def _combine(rows, keys, weights, count, c, acc):  # type: ignore[no-untyped-def
     """acc = Σ_{u < count} weights[u] · rows[keys[u]], four rows per pass over acc (a quarter of the
     loads and stores of acc, whose updates form the loop's dependency chain)."""
     e = acc.shape[0]
-    for f in range(e):
-        acc[f] = c[ZERO]
     u = 0
+    if count >= 4:
+        r0, r1, r2, r3 = rows[keys[0]], rows[keys[1]], rows[keys[2]], rows[keys[3]]
+        w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
+        for f in range(e):
+            acc[f] = (w0 * r0[f] + w1 * r1[f]) + (w2 * r2[f] + w3 * r3[f])
+        u = 4
+    else:
+        for f in range(e):
+            acc[f] = c[ZERO]
     while u + 4 <= count:
         r0, r1, r2, r3 = rows[keys[u]], rows[keys[u + 1]], rows[keys[u + 2]], rows[keys[u + 3]]
         w0, w1, w2, w3 = weights[u], weights[u + 1], weights[u + 2], weights[u + 3]
@@ -162,6 +168,16 @@ def _combine(rows, keys, weights, count, c, acc):  # type: ignore[no-untyped-def
         for f in range(e):
             acc[f] += w0 * r0[f]
         u += 1
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _pad(keys, count):  # type: ignore[no-untyped-def]
+    """Repeat the last key up to a multiple of four slots (their weights are set to 0), so that _dots and
+    _combine take every key in blocks of four; the padded count."""
+    padded = (count + 3) // 4 * 4
+    for u in range(count, padded):
+        keys[u] = keys[count - 1]
+    return padded
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
@@ -177,9 +193,9 @@ def forward(q, k, v, pos0, pos1, pos2, rel0, rel1, rel2, keep, heads, rpb, c, ou
         b, h = row // heads, row % heads
         keep_row = keep[b if use_keep else 0]
         qr, kr, vr, orow = q[row], k[row], v[row], out[row]
-        keys = np.empty((BLOCK, window), np.int64)
-        rel = np.empty((BLOCK, window), np.int64)
-        s = np.empty((BLOCK, window), q.dtype)
+        keys = np.empty((BLOCK, window + 3), np.int64)
+        rel = np.empty((BLOCK, window + 3), np.int64)
+        s = np.empty((BLOCK, window + 3), q.dtype)
         counts = np.empty(BLOCK, np.int64)
         start = (unit % chunks) * CHUNK
         stop = min(start + CHUNK, n)
@@ -193,7 +209,8 @@ def forward(q, k, v, pos0, pos1, pos2, rel0, rel1, rel2, keep, heads, rpb, c, ou
                     lse[row, i] = -np.inf
                     continue
                 st = s[t]
-                _dots(qr[i], kr, keys[t], count, c, st)
+                padded = _pad(keys[t], count)
+                _dots(qr[i], kr, keys[t], padded, c, st)
                 m = c[NEG_INF]
                 for u in range(count):
                     sc = st[u] * c[SCALE]
@@ -209,6 +226,9 @@ def forward(q, k, v, pos0, pos1, pos2, rel0, rel1, rel2, keep, heads, rpb, c, ou
                 inv = c[ONE] / total
                 for u in range(count):
                     st[u] *= inv
+                for u in range(count, padded):
+                    st[u] = c[ZERO]
+                counts[t] = padded
                 lse[row, i] = m + np.log(total)
             for i in range(first, last):  # the block's outputs: reads v rows only
                 t = i - first
@@ -237,8 +257,9 @@ def _backward_run(row, start, stop, heads, q, k, v, out, grad, lse, pos0, pos1, 
         delta = c[ZERO]
         for f in range(e):
             delta += gi[f] * orow[i, f]
-        _dots(qi, kr, keys, count, c, s)
-        _dots(gi, vr, keys, count, c, dp)
+        padded = _pad(keys, count)
+        _dots(qi, kr, keys, padded, c, s)
+        _dots(gi, vr, keys, padded, c, dp)
         for u in range(count):
             sc = s[u] * c[SCALE] - lse[row, i]
             if use_rpb:
@@ -248,7 +269,9 @@ def _backward_run(row, start, stop, heads, q, k, v, out, grad, lse, pos0, pos1, 
             p = _exp(s[u], c)
             s[u] = p
             dp[u] = p * (dp[u] - delta)
-        _combine(kr, keys, dp, count, c, dqi)
+        for u in range(count, padded):
+            dp[u] = c[ZERO]
+        _combine(kr, keys, dp, padded, c, dqi)
         for f in range(d):
             dqi[f] *= c[SCALE]
         for u in range(count):
@@ -274,10 +297,10 @@ def _backward_phase(phase, stripes, heads, q, k, v, out, grad, lse, pos0, pos1, 
         stripe = phase + 2 * (unit % per_row)
         start = stripe * length
         stop = n if stripe == stripes - 1 else start + length
-        keys = np.empty(window, np.int64)
-        rel = np.empty(window, np.int64)
-        s = np.empty(window, q.dtype)
-        dp = np.empty(window, q.dtype)
+        keys = np.empty(window + 3, np.int64)
+        rel = np.empty(window + 3, np.int64)
+        s = np.empty(window + 3, q.dtype)
+        dp = np.empty(window + 3, q.dtype)
         _backward_run(row, start, stop, heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2, keep, rpb,
                       c, dq, dk, dv, drpb[row * stripes + stripe], keys, rel, s, dp)
 
