@@ -1,7 +1,8 @@
 """Neighborhood attention's two engines, forced with `backend=`: the numba loops' backward in stripes
 (bit-for-bit the same on one or two threads, equal to the float64 reference), windows with no real key,
 a value width other than the head dim, large scores, the loops' exp, and the rule that picks the
-engine (numba loops for CPU float32/float64 where numba is installed, tiles otherwise) with its errors."""
+engine (numba loops for CPU float32/float64 where numba is installed, except long windows on a sequence;
+tiles otherwise) with its errors."""
 from __future__ import annotations
 
 import math
@@ -106,17 +107,21 @@ def test_loops_exp(dtype, rtol):
 
 def test_the_rule_and_its_errors(monkeypatch):
     q = torch.zeros(1, 2, 9, 4)
-    assert nb.choose_backend(None, q, q, q, None) == "numba"
-    assert nb.choose_backend(None, q.double(), q.double(), q.double(), None) == "numba"
+    assert nb.choose_backend(None, q, q, q, None, (3,)) == "numba"
+    assert nb.choose_backend(None, q.double(), q.double(), q.double(), None, (3,)) == "numba"
+    long_1d = nb.LONG_WINDOW_1D + 1
+    assert nb.choose_backend(None, q, q, q, None, (long_1d,)) == "torch"
+    assert nb.choose_backend(None, q, q, q, None, (long_1d, 3)) == "numba"
+    assert nb.choose_backend("numba", q, q, q, None, (long_1d,)) == "numba"
     half = q.bfloat16()
-    assert nb.choose_backend(None, half, half, half, None) == "torch"
+    assert nb.choose_backend(None, half, half, half, None, (3,)) == "torch"
     assert nb.backend_line().startswith("numba loops (numba ")
     with pytest.raises(ParameterError, match=r"backend: 'numba' cannot serve here: .*got torch.bfloat16 on cpu"):
         neighborhood_attention(half, half, half, kernel_size=3, backend="numba")
     with pytest.raises(ParameterError, match=r"backend: expected 'numba', 'torch' or None, got 'cuda'"):
         neighborhood_attention(q, q, q, kernel_size=3, backend="cuda")
     monkeypatch.setattr(compiled, "numba_module", lambda: None)  # as without numba
-    assert nb.choose_backend(None, q, q, q, None) == "torch"
+    assert nb.choose_backend(None, q, q, q, None, (3,)) == "torch"
     assert nb.backend_line().startswith("the tiled PyTorch path: numba is not installed")
     with pytest.raises(ParameterError, match=r"backend: 'numba' cannot serve here: numba is not installed"):
         neighborhood_attention(q, q, q, kernel_size=3, backend="numba")
