@@ -22,9 +22,16 @@ of it (R = Σ_a (k_a − 1)·δ_a·stride_a), so runs ("stripes") of at least 2R
 keys of their neighbours; the even stripes run in parallel, then the odd ones, and no two threads
 ever write the same row. Each key's sum is so taken in one fixed order whatever the thread count.
 
-exp is written out (range reduction by 2^n, n an integer, and a polynomial of degree 13 on
-|r| <= ln2/2: within 3e-7 (float32) and 3e-15 (float64) relative of exp), so that the loops over a query's keys vectorise:
-numba's math.exp is a scalar call without Intel's SVML.
+Inner loops run over the head dim (contiguous rows, vectorised by LLVM with fastmath), four keys at a
+time: a window is padded to a multiple of four slots by repeating its last key with weight 0. exp is
+written out (range reduction by 2^n, n an integer, and a polynomial of degree 13 on |r| <= ln2/2:
+within 3e-7 (float32) and 3e-15 (float64) relative of exp), so that the loops over a query's keys
+vectorise: numba's math.exp is a scalar call without Intel's SVML.
+
+Why numba: the loops fuse scores, softmax and the weighted sum over each query's own keys (no halo, no
+gathered copies) with no build step; its limit is that it cannot hold a block of queries' accumulators
+in registers as a GEMM micro-kernel does, so on long 1-D windows the tiles' matrix products win (the
+rule in attnlab.mechanisms.local.neighborhood sends them there).
 """
 from __future__ import annotations
 
