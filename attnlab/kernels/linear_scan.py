@@ -41,8 +41,10 @@ all chunks, so scores, chunk states and their prefix sums are full tensors strea
 and torch's batched matmul on 64 × 64 blocks out of cache reaches about a third of a large matmul's
 rate; a profile at N = 16,384 (8 heads, d 64, one thread) gave bmm 57%, cat 12% (the ones column and
 the zero state), cumsum 11%, add, div, copy and masked_fill the rest: 15.6 GFLOP/s. The loops keep one
-(batch·head) row's state in cache, skip the causal triangle and run rows in parallel: ~0.45–0.55 of a
-2048³ matmul's rate forward, backward (recomputing each chunk's blocks) ~3.7× the forward. The
+(batch·head) row's state in cache, skip the causal triangle and run rows in parallel: 0.38–0.48 of a
+2048³ matmul's rate forward at N = 16k–65k (one thread, a shared machine; the PyTorch form 0.11–0.16),
+backward (recomputing each chunk's blocks) ~3.6× the forward, causal / bidirectional fwd+bwd 1.1–1.4×
+(PyTorch form 1.8–2.6×); `benchmarks/linear_chunked.py` measures it. The
 bidirectional form stays two matmuls: it is bound by memory, not FLOPs (4·d² = 16k FLOPs per token
 and head against reading q, k, v and writing out, plus the ones column's copy of v and the division's
 pass over the output), so it reaches only ~0.25 of the matmul rate.
@@ -427,7 +429,7 @@ def _loops():  # type: ignore[no-untyped-def]
 
 def _rows(t: Tensor) -> Tensor:
     """(b, h, n, d) -> contiguous (b·h, n, d), detached (the loops write numpy views)."""
-    return t.detach().reshape(-1, *t.shape[2:]).contiguous()
+    return t.detach().reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous()
 
 
 class _CausalLoops(torch.autograd.Function):

@@ -106,3 +106,10 @@ def test_the_path_rule():
     with pytest.raises(ParameterError, match="backend"):
         linear_attention(q, k, v, causal=True, backend="loops")
     assert ("numba" in hebbian_backend()) and (("pip install" in hebbian_backend()) != served)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_sequence_gives_empty_outputs_and_gradients(backend):
+    q, k, v, w = features(1, 2, 0, 4, 3)
+    out, dq, dk, dv = out_and_grads(lambda *t: linear_attention(*t, causal=True, backend=backend), q, k, v, w)
+    assert out.shape == (1, 2, 0, 3) and dq.shape == (1, 2, 0, 4) and dv.shape == (1, 2, 0, 3)
