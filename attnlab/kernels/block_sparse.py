@@ -38,7 +38,9 @@ The module base of block-sparse patterns is `attnlab.mechanisms.sparse.base.Bloc
 """
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -560,15 +562,15 @@ class _BlockSparseFunction(torch.autograd.Function):
 # default B = 64. Chunks of 2^19 scores (2 MiB in float32, 25 windows at B = 64) beat 2^17 and
 # 2^18 (1.1–1.2× the time: more, smaller matmuls) and 2^20 (1.05×: past the 1 MiB L2).
 class _BandItem(NamedTuple):
-    """Windows start..stop of one (batch, head), read from the keys in place (segment −1) or from
-    the padded copy of an edge segment; `hidden`: whether they read a padding or masked key."""
+    """Windows start..stop of one (batch, head); `hidden`: whether they read a padding or masked key;
+    `edge`: whether they reach past either end of the keys (then they read a zero-padded copy)."""
 
     batch: int
     head: int
     start: int
     stop: int
     hidden: bool
-    segment: int
+    edge: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -579,22 +581,19 @@ class _BandPlan:
     width: int  # W: keys per window
     lo: int  # window r's first key is r·B + lo
     n_blocks: int  # windows: ⌈n_q / B⌉
-    segments: tuple[tuple[int, int], ...]  # runs of windows (first, stop) reaching past an end of the keys
     front: int  # key_bias[front + j] is key j's
     window_bias: Tensor  # (B, W): 0 inside the band, −inf outside
     key_bias: Tensor  # (batch or 1, front + keys + back): 0 for a real key, −inf for padding and masked keys
     items: tuple[_BandItem, ...]
-    spans: tuple[tuple[int, int], ...]  # items lo..hi of each worker thread
+    workers: int  # threads taking the items
 
     @property
     def max_windows(self) -> int:
         return max((item.stop - item.start for item in self.items), default=0)
 
-    def first_key(self, item: _BandItem) -> int:
-        """Where the item's first window starts in its source: the keys, or its segment's copy."""
-        if item.segment < 0:
-            return item.start * self.block_size + self.lo
-        return (item.start - self.segments[item.segment][0]) * self.block_size
+    def keys_of(self, item: _BandItem) -> tuple[int, int]:
+        """The keys begin..end the item's windows read (past 0 or n_k for an edge item)."""
+        return item.start * self.block_size + self.lo, (item.stop - 1) * self.block_size + self.lo + self.width
 
 
 def _visible_band(band: RelativeBand, n_q: int, n_k: int) -> tuple[int, int]:
@@ -608,16 +607,14 @@ def _covers_band(layout: BlockLayout, band: RelativeBand, n_q: int, n_k: int) ->
     lo, hi = _visible_band(band, n_q, n_k)
     if lo > hi:
         return False
-    b, nkb, dev = layout.block_size, layout.n_k_blocks, layout.indices.device
+    b, dev = layout.block_size, layout.indices.device
     first = torch.arange(layout.n_q_blocks, device=dev) * b
     lo_key = (first + lo).clamp(min=0)
     hi_key = ((first + b).clamp(max=n_q) - 1 + hi).clamp(max=n_k - 1)
     touched = lo_key <= hi_key
-    lo_block, hi_block = lo_key // b, hi_key.clamp(min=0) // b
-    rows = torch.where(layout.valid, layout.indices, nkb).contiguous()  # each row increasing, then nkb
-    bounds = torch.stack([lo_block, hi_block + 1], -1).expand(layout.heads, -1, -1).contiguous()
-    held = torch.searchsorted(rows, bounds).diff(dim=-1)[..., 0]  # entries in lo_block..hi_block
-    return bool(((held == hi_block - lo_block + 1) | ~touched).all())
+    lo_block, hi_block = (lo_key // b)[:, None], (hi_key.clamp(min=0) // b)[:, None]
+    held = (layout.valid & (layout.indices >= lo_block) & (layout.indices <= hi_block)).sum(-1)  # distinct entries
+    return bool(((held == (hi_block - lo_block + 1)[:, 0]) | ~touched).all())
 
 
 def _band_plan(
@@ -632,29 +629,25 @@ def _band_plan(
     # windows 0..inner_first − 1 start before key 0, inner_stop.. end after key n_k − 1
     inner_first = min(n_blocks, max(0, -(lo // b)))
     inner_stop = max(inner_first, min(n_blocks, (n_k - lo - width) // b + 1))
-    runs = [(0, inner_first, 0), (inner_first, inner_stop, -1), (inner_stop, n_blocks, 1)]
-    segments = tuple((first, stop) for first, stop, kind in runs if kind >= 0 and stop > first)
+    runs = ((0, inner_first, True), (inner_first, inner_stop, False), (inner_stop, n_blocks, True))
     front = max(0, -lo)
     key_ok = torch.zeros(1 if attention_mask is None else batch, front + max(n_k, (n_blocks - 1) * b + lo + width),
                          dtype=torch.bool, device=device)
     key_ok[:, front : front + n_k] = True if attention_mask is None else attention_mask
     key_bias = torch.zeros(key_ok.shape, dtype=work, device=device).masked_fill_(~key_ok, float("-inf"))
     step = chunk or max(1, CHUNK_ELEMENTS // (b * width))
-    chunks = [
-        (start, min(start + step, stop), -1 if kind < 0 else segments.index((first, stop)))
-        for first, stop, kind in runs for start in range(first, stop, step)
-    ]
+    chunks = [(start, min(start + step, stop), edge) for first, stop, edge in runs for start in range(first, stop, step)]
     hidden = F.pad((~key_ok).cumsum(-1), (1, 0))  # hidden keys before each position of key_bias
     begin = torch.tensor([front + lo + start * b for start, _, _ in chunks], dtype=torch.int64, device=device)
     end = torch.tensor([front + lo + (stop - 1) * b + width for _, stop, _ in chunks], dtype=torch.int64, device=device)
     reads_hidden = ((hidden[:, end] - hidden[:, begin]) > 0).tolist()  # (batch or 1, chunks)
     items = tuple(
-        _BandItem(bi, hh, start, stop, reads_hidden[bi % len(reads_hidden)][ci], segment)
-        for bi in range(batch) for hh in range(heads) for ci, (start, stop, segment) in enumerate(chunks)
+        _BandItem(bi, hh, start, stop, reads_hidden[bi % len(reads_hidden)][ci], edge)
+        for bi in range(batch) for hh in range(heads) for ci, (start, stop, edge) in enumerate(chunks)
     )
-    amounts = [item.stop - item.start for item in items]
-    workers = min(torch.get_num_threads(), _cpus(), max(1, sum(amounts) * b * width // PARALLEL_ELEMENTS))
-    return _BandPlan(b, width, lo, n_blocks, segments, front, window_bias, key_bias, items, _split(amounts, workers))
+    windows = sum(item.stop - item.start for item in items)
+    workers = min(torch.get_num_threads(), _cpus(), max(1, windows * b * width // PARALLEL_ELEMENTS))
+    return _BandPlan(b, width, lo, n_blocks, front, window_bias, key_bias, items, workers)
 
 
 def _windows(x: Tensor, first: int, count: int, plan: _BandPlan, width: int | None = None) -> Tensor:
@@ -670,35 +663,45 @@ def _rows(x: Tensor, plan: _BandPlan, item: _BandItem) -> Tensor:
     return x[item.batch, item.head, item.start * b : item.stop * b].unflatten(0, (item.stop - item.start, b))
 
 
-def _source(keys: Tensor, edges: list[Tensor], item: _BandItem) -> Tensor:
-    """The (length, w) keys (or values, or their gradients) an item reads: in place, or its segment's copy."""
-    return (keys if item.segment < 0 else edges[item.segment])[item.batch, item.head]
+def _source(x: Tensor, plan: _BandPlan, item: _BandItem, space: Tensor) -> tuple[Tensor, int]:
+    """(source, row of the item's first key in it): the keys (or values) x (batch, heads, n_k, w) of the
+    item's (batch, head) in place, or for an edge item a copy of the keys it reads into `space`, zero
+    past either end (a few windows per sequence: the copy is small)."""
+    begin, end = plan.keys_of(item)
+    if not item.edge:
+        return x[item.batch, item.head], begin
+    n_k = x.shape[2]
+    copy = _take(space, end - begin, x.shape[-1]).zero_()
+    if min(n_k, end) > max(0, begin):
+        copy[max(0, -begin) : min(n_k, end) - begin] = x[item.batch, item.head, max(0, begin) : min(n_k, end)]
+    return copy, 0
 
 
-def _band_scores(plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, scale: float, space: Tensor) -> Tensor:
+def _band_scores(plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, first: int, scale: float, space: Tensor) -> Tensor:
     """Scores (c, B, W) of an item's windows into `space`, −inf outside the band and on hidden keys;
-    keys: the item's source (length, d)."""
+    keys: the item's source (length, d), its first window at row `first`."""
     c = item.stop - item.start
     scores = _take(space, c, plan.block_size, plan.width)
-    torch.baddbmm(plan.window_bias, _rows(qp, plan, item), _windows(keys, plan.first_key(item), c, plan),
-                  alpha=scale, out=scores)
+    torch.baddbmm(plan.window_bias, _rows(qp, plan, item), _windows(keys, first, c, plan), alpha=scale, out=scores)
     if item.hidden:
-        first = plan.front + plan.lo + item.start * plan.block_size
-        scores.add_(_windows(plan.key_bias[item.batch % plan.key_bias.shape[0]], first, c, plan)[:, None, :])
+        key_bias = plan.key_bias[item.batch % plan.key_bias.shape[0]]
+        scores.add_(_windows(key_bias, plan.front + plan.keys_of(item)[0], c, plan)[:, None, :])
     return scores
 
 
 def _band_forward_item(
-    plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, values: Tensor,
-    out: Tensor, lse: Tensor | None, scale: float, space: Tensor,
+    plan: _BandPlan, item: _BandItem, qp: Tensor, k: Tensor, v: Tensor,
+    out: Tensor, lse: Tensor | None, scale: float, space: list[Tensor],
 ) -> None:
     """out of an item's windows, and their rows' log-sum-exp (+inf on a row that sees no key) unless
-    lse is None; keys, values: the item's sources."""
-    p = _band_scores(plan, item, qp, keys, scale, space)
+    lse is None. space: workspaces (scores, edge keys, edge values)."""
+    keys, first = _source(k, plan, item, space[1])
+    values, _ = _source(v, plan, item, space[2])
+    p = _band_scores(plan, item, qp, keys, first, scale, space[0])
     top = p.amax(-1, keepdim=True) if item.hidden or lse is not None else None
     torch.softmax(p, -1, out=p)  # in place
     o = _rows(out, plan, item)
-    torch.bmm(p, _windows(values, plan.first_key(item), item.stop - item.start, plan).transpose(1, 2), out=o)
+    torch.bmm(p, _windows(values, first, item.stop - item.start, plan).transpose(1, 2), out=o)
     empty = top == float("-inf") if item.hidden and top is not None else None
     if empty is not None:
         o.masked_fill_(empty, 0.0)  # their softmax was 0/0
@@ -720,33 +723,53 @@ def _fold(acc: Tensor, grad: Tensor, first: int, plan: _BandPlan) -> None:
 
 
 def _band_backward_item(
-    plan: _BandPlan, item: _BandItem, qp: Tensor, keys: Tensor, values: Tensor, lse: Tensor,
+    plan: _BandPlan, item: _BandItem, qp: Tensor, k: Tensor, v: Tensor, lse: Tensor,
     dout: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, scale: float, space: list[Tensor],
 ) -> None:
-    """dQ of an item's windows (up to the scale); their dK (up to the scale) and dV added to dk, dv.
-    keys, values, dk, dv: the item's sources and their gradients' (length, w); space: workspaces
-    (scores, score gradients, key gradients)."""
-    c, b, w, first = item.stop - item.start, plan.block_size, plan.width, plan.first_key(item)
+    """dQ of an item's windows (up to the scale); their dK (up to the scale) and dV added to dk, dv
+    (batch, heads, n_k, w). space: workspaces (scores, score gradients, key-window gradients, edge keys,
+    edge values, edge key gradients, edge value gradients)."""
+    c, b, w = item.stop - item.start, plan.block_size, plan.width
+    keys, first = _source(k, plan, item, space[3])
+    values, _ = _source(v, plan, item, space[4])
+    if item.edge:  # the gradients of the edge copies, added to the real keys' at the end
+        dk_src, dv_src = (_take(space[i], keys.shape[0], t.shape[-1]).zero_() for i, t in ((5, k), (6, v)))
+    else:
+        dk_src, dv_src = dk[item.batch, item.head], dv[item.batch, item.head]
     q, do = _rows(qp, plan, item), _rows(dout, plan, item)
-    p = _band_scores(plan, item, qp, keys, scale, space[0])
+    p = _band_scores(plan, item, qp, keys, first, scale, space[0])
     p.sub_(_rows(lse, plan, item)).exp_()  # P = exp(S − LSE)
-    _fold(dv, torch.bmm(p.transpose(1, 2), do, out=_take(space[2], c, w, do.shape[-1])), first, plan)  # dV = Pᵀ dO
+    _fold(dv_src, torch.bmm(p.transpose(1, 2), do, out=_take(space[2], c, w, do.shape[-1])), first, plan)  # dV = Pᵀ dO
     ds = torch.bmm(do, _windows(values, first, c, plan), out=_take(space[1], c, b, w))  # dP = dO Vᵀ
     ds.sub_(_rows(delta, plan, item)).mul_(p)  # dS = P ∘ (dP − D)
     torch.bmm(ds, _windows(keys, first, c, plan).transpose(1, 2), out=_rows(dq, plan, item))  # dQ = dS K
-    _fold(dk, torch.bmm(ds.transpose(1, 2), q, out=_take(space[2], c, w, q.shape[-1])), first, plan)  # dK = dSᵀ Q
+    _fold(dk_src, torch.bmm(ds.transpose(1, 2), q, out=_take(space[2], c, w, q.shape[-1])), first, plan)  # dK = dSᵀ Q
+    if item.edge:
+        begin, end = plan.keys_of(item)
+        lo, hi = max(0, begin), min(k.shape[2], end)
+        if hi > lo:
+            dk[item.batch, item.head, lo:hi] += dk_src[lo - begin : hi - begin]
+            dv[item.batch, item.head, lo:hi] += dv_src[lo - begin : hi - begin]
 
 
 def _band_run(plan: _BandPlan, step: Callable[[int, _BandItem, list[Tensor]], None], like: Tensor, sizes: tuple[int, ...]) -> None:
-    """step(worker, item, workspaces) for every item, the spans on worker threads; each worker
-    allocates its workspaces once, sizes[i] elements per window of the largest chunk."""
-    def span(w: int) -> None:
-        space = [like.new_empty(plan.max_windows * n) for n in sizes]
-        with torch.no_grad():
-            for item in plan.items[slice(*plan.spans[w])]:
-                step(w, item, space)
+    """step(worker, item, workspaces) for every item, on `plan.workers` threads that take the items in
+    order as they finish the previous one (not fixed spans: a worker whose core is shared with another
+    process takes fewer instead of holding up the call). Each worker allocates its workspaces once,
+    of sizes[i] elements."""
+    lock, taken = threading.Lock(), itertools.count()
 
-    run_parallel([partial(span, w) for w in range(len(plan.spans))])
+    def work(w: int) -> None:
+        space = [like.new_empty(n) for n in sizes]
+        with torch.no_grad():
+            while True:
+                with lock:
+                    i = next(taken)
+                if i >= len(plan.items):
+                    return
+                step(w, plan.items[i], space)
+
+    run_parallel([partial(work, w) for w in range(plan.workers)])
 
 
 def _band_queries(x: Tensor, plan: _BandPlan, work: torch.dtype) -> Tensor:
@@ -759,31 +782,19 @@ def _band_queries(x: Tensor, plan: _BandPlan, work: torch.dtype) -> Tensor:
     return out
 
 
-def _edges(x: Tensor, plan: _BandPlan) -> list[Tensor]:
-    """Per segment, the keys (or values) its windows read, zero-padded past either end: (batch, heads, length, w)."""
-    n_k, b, copies = x.shape[2], plan.block_size, []
-    for first, stop in plan.segments:
-        begin, end = first * b + plan.lo, (stop - 1) * b + plan.lo + plan.width  # key range, may reach past 0 or n_k
-        copy = x.new_zeros(*x.shape[:2], end - begin, x.shape[3])
-        if min(n_k, end) > max(0, begin):
-            copy[:, :, max(0, -begin) : min(n_k, end) - begin] = x[:, :, max(0, begin) : min(n_k, end)]
-        copies.append(copy)
-    return copies
-
-
 def _band_forward(
     plan: _BandPlan, q: Tensor, k: Tensor, v: Tensor, scale: float, work: torch.dtype, with_lse: bool,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(out (batch, heads, windows · B, dv), rows' log-sum-exp or None, (q padded, k, v) in `work`)."""
     qp, k, v = _band_queries(q, plan, work), k.to(work), v.to(work)
-    k_edges, v_edges = _edges(k, plan), _edges(v, plan)
     out = qp.new_empty(*qp.shape[:3], v.shape[-1])
     lse = qp.new_empty(*qp.shape[:3], 1) if with_lse else None
+    span = (plan.max_windows - 1) * plan.block_size + plan.width  # keys of the longest item
 
     def step(w: int, item: _BandItem, space: list[Tensor]) -> None:
-        _band_forward_item(plan, item, qp, _source(k, k_edges, item), _source(v, v_edges, item), out, lse, scale, space[0])
+        _band_forward_item(plan, item, qp, k, v, out, lse, scale, space)
 
-    _band_run(plan, step, qp, (plan.block_size * plan.width,))
+    _band_run(plan, step, qp, (plan.max_windows * plan.block_size * plan.width, span * k.shape[-1], span * v.shape[-1]))
     return out, lse, (qp, k, v)
 
 
@@ -793,29 +804,19 @@ def _band_backward(
     """(dq (batch, heads, windows · B, d), dk, dv) of the band path, recomputing the scores."""
     dout = _band_queries(grad, plan, qp.dtype)
     delta = (dout * out).sum(-1, keepdim=True)  # D_i = Σ_c dO_ic O_ic
-    k_edges, v_edges = _edges(k, plan), _edges(v, plan)
     dq = torch.empty_like(qp, memory_format=torch.contiguous_format)
-    # one set of accumulators per worker: the keys' own, then each segment's
-    dks = [[torch.zeros_like(t) for t in (k, *k_edges)] for _ in plan.spans]
-    dvs = [[torch.zeros_like(t) for t in (v, *v_edges)] for _ in plan.spans]
+    dks = [torch.zeros_like(k, memory_format=torch.contiguous_format) for _ in range(plan.workers)]  # one per worker
+    dvs = [torch.zeros_like(v, memory_format=torch.contiguous_format) for _ in range(plan.workers)]
 
     def step(w: int, item: _BandItem, space: list[Tensor]) -> None:
-        _band_backward_item(
-            plan, item, qp, _source(k, k_edges, item), _source(v, v_edges, item), lse, dout, delta, dq,
-            _source(dks[w][0], dks[w][1:], item), _source(dvs[w][0], dvs[w][1:], item), scale, space,
-        )
+        _band_backward_item(plan, item, qp, k, v, lse, dout, delta, dq, dks[w], dvs[w], scale, space)
 
-    bw = plan.block_size * plan.width
-    _band_run(plan, step, qp, (bw, bw, plan.width * max(qp.shape[-1], v.shape[-1])))
-    dk, dv = (sum((acc[0] for acc in accs[1:]), accs[0][0]) for accs in (dks, dvs))
-    n_k = k.shape[2]
-    for s, (first, stop) in enumerate(plan.segments):  # the segments' gradients onto their real keys
-        begin, end = first * plan.block_size + plan.lo, (stop - 1) * plan.block_size + plan.lo + plan.width
-        if min(n_k, end) <= max(0, begin):
-            continue
-        for total, accs in ((dk, dks), (dv, dvs)):
-            for acc in accs:
-                total[:, :, max(0, begin) : min(n_k, end)] += acc[s + 1][:, :, max(0, -begin) : min(n_k, end) - begin]
+    scores = plan.max_windows * plan.block_size * plan.width
+    span = (plan.max_windows - 1) * plan.block_size + plan.width  # keys of the longest item
+    d, dv_width = k.shape[-1], v.shape[-1]
+    _band_run(plan, step, qp, (scores, scores, plan.max_windows * plan.width * max(d, dv_width),
+                               span * d, span * dv_width, span * d, span * dv_width))
+    dk, dv = sum(dks[1:], dks[0]), sum(dvs[1:], dvs[0])
     return dq.mul_(scale), dk.mul_(scale), dv  # scores = scale · q kᵀ
 
 
