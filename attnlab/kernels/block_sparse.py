@@ -554,13 +554,15 @@ class _BlockSparseFunction(torch.autograd.Function):
 # chunks that read such a key. Softmax runs in place on the scores; the backward recomputes them
 # from the saved log-sum-exp, and adds the overlapping windows' key gradients B-wide slice by slice.
 #
-# Measured (16,384 tokens, 8 heads, d = 64, causal radius 256, one thread pinned, float32, medians
-# of interleaved rounds, CPU time on a shared 2-core EPYC): at B = 64 (W = 320) the two matmuls
-# run at ~78 GFLOP/s and scores, softmax and output take ~70 / ~27 / ~70 ms; B = 32 (W = 288: 11%
-# of the scores outside the band instead of 20%) took 0.96× that and B = 128 (W = 384) 1.1×: the
-# smaller matmuls lose about what the narrower windows save, so the sliding-window module keeps its
-# default B = 64. Chunks of 2^19 scores (2 MiB in float32, 25 windows at B = 64) beat 2^17 and
-# 2^18 (1.1–1.2× the time: more, smaller matmuls) and 2^20 (1.05×: past the 1 MiB L2).
+# Measured (16,384 tokens, 8 heads, d = 64, causal radius 256, float32, one thread pinned, medians of
+# 7 interleaved rounds on an otherwise idle 2-core EPYC, `taskset -c 1`): the forward takes ~189 ms at
+# B = 64 (W = 320), of which the score matmul with the fused bias ~72 ms, the in-place softmax ~25 ms
+# and the output matmul ~82 ms (cProfile); Python and the plan ~2%. B = 32 (W = 288: 11% of the
+# scores outside the band instead of 20%) took 0.98× that time and B = 128 (W = 384) 1.11×: the
+# smaller matmuls lose about what the narrower windows save, so the sliding-window module keeps B = 64.
+# Chunks of 2^19 scores (CHUNK_ELEMENTS: 2 MiB in float32, 25 windows at B = 64): 2^17 took 1.06× the
+# time (more, smaller calls), 2^18 and 2^20 within 2% of it. Two threads: 1.96× faster than one
+# (`taskset -c 0,1`, same machine idle). Compiled FlexAttention on the same shapes: ~1.5× our time.
 class _BandItem(NamedTuple):
     """Windows start..stop of one (batch, head); `hidden`: whether they read a padding or masked key;
     `edge`: whether they reach past either end of the keys (then they read a zero-padded copy)."""

@@ -18,7 +18,7 @@ the engine takes its band path: query block I reads the B + 2r (B + r when causa
 I·B − r … I·B + B − 1 + r in place, through overlapping strided views of k and v, with the band
 as one additive bias fused into the score matmul. Cost O(N (B + 2r) d) = O(N r d) for r ≥ B. The
 default B = 64 was chosen by measurement (N = 16,384, r = 256, causal, one thread: B = 32 and
-B = 128 took 0.96× and 1.1× its time; see `attnlab.kernels.block_sparse`). Decoding keeps a sliding
+B = 128 took 0.98× and 1.11× its time; see `attnlab.kernels.block_sparse`). Decoding keeps a sliding
 KV cache of the last r + 1 keys. P199's multi-scale heads (attnlab "multiscale") are the per-head
 generalisation: one band width per head, on dense SDPA.
 """
