@@ -124,7 +124,7 @@ def check_memory_config(feature_map: str, bias: str, retention: str, normalize: 
 def feature_map_qk(q: Tensor, k: Tensor, feature_map: str, bias: str) -> tuple[Tensor, Tensor]:
     """φ(q), φ(k); with the L2, ℓp or Huber bias both are then L2-normalised."""
     if feature_map == "elu+1":
-        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        q, k = F.elu(q).add_(1.0), F.elu(k).add_(1.0)  # in place: one new tensor each (elu saves its input)
     elif feature_map == "silu":
         q, k = F.silu(q), F.silu(k)
     else:
