@@ -121,7 +121,10 @@ def flops_of(spec: Spec, config: Mapping[str, Any]) -> float | None:
     """FLOPs of one call of `config`, or None when the registry declares none."""
     if spec.flops is None:
         return None
-    fwd = spec.flops(config["n"], config["heads"], config["head_dim"], config["causal"]) * config["batch"]
+    taken = inspect.signature(spec.flops).parameters  # a count may also take the mechanism's parameters and the grid
+    extra = {key: value for key, value in {**config.get("params", {}), "grid": config.get("grid")}.items()
+             if key in taken and value is not None}
+    fwd = spec.flops(config["n"], config["heads"], config["head_dim"], config["causal"], **extra) * config["batch"]
     return fwd * (BACKWARD_FLOPS_FACTOR if config["mode"] == "fwd+bwd" else 1.0)
 
 

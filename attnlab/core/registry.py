@@ -203,7 +203,9 @@ class Spec:
     normalized: bool = False  # materialize rows sum to 1 (softmax-normalised)
     test_params: dict[str, Any] = field(default_factory=dict)  # a small config for the conformance suite
     test_positions: tuple[int, ...] | None = None  # positions of the suite's inputs, e.g. (9,) or (4, 5)
-    flops: Callable[[int, int, int, bool], float] | None = None  # (n, heads, head_dim, causal) -> forward FLOPs, batch 1
+    # (n, heads, head_dim, causal) -> forward FLOPs, batch 1; keyword arguments named as the entry's parameters
+    # (and `grid`) are passed when the count declares them, else it counts at the defaults
+    flops: Callable[..., float] | None = None
     functional: tuple[str, ...] = ()  # names of its functional ops in `attnlab.functional` (fast path, reference)
     renamed: dict[str, str] = field(default_factory=dict)  # old parameter name -> "new_name (its meaning)"
     backend: Callable[[], str] | None = None  # which fast path serves on this installation, and why (for `info`)
@@ -319,7 +321,7 @@ def register(
     normalized: bool = True,
     test_params: dict[str, Any] | None = None,
     test_positions: tuple[int, ...] | None = None,
-    flops: Callable[[int, int, int, bool], float] | None = None,
+    flops: Callable[..., float] | None = None,
     functional: Iterable[str] | None = None,
     renamed: Mapping[str, str] | None = None,
     kind: str = "mechanism",

@@ -125,3 +125,25 @@ def test_report_shows_the_share_of_the_matmul_rate(tmp_path):
     shares = Report.from_store(store).matmul_shares()
     assert [cells for _, cells in shares] == [{1024: pytest.approx(0.25)}]
     assert ">25%<" in Page(Report.from_store(store)).limits()
+
+
+@pytest.mark.parametrize("n,radius,causal", [(10, 3, True), (10, 3, False), (5, 9, False), (1, 4, True)])
+def test_sliding_window_flops_count_the_band_pairs(n, radius, causal):
+    import torch
+
+    from attnlab.mechanisms.sparse.sliding_window import sliding_window_flops
+
+    i = torch.arange(n)
+    dist = i[:, None] - i[None, :]
+    pairs = ((dist.abs() <= radius) & ((dist >= 0) if causal else True)).sum().item()
+    assert sliding_window_flops(n, 2, 3, causal, radius=radius) == 4 * 2 * 3 * pairs
+
+
+def test_flop_counts_take_the_entry_parameters_and_grid():
+    """flops_of hands the count the parameters it declares: a 13×13 window on a 64×64 grid, not the default 7."""
+    two_d = L.Case("neighborhood", 4096, params={"kernel_size": 13}, grid=(64, 64))
+    assert L._flops(two_d) == 4.0 * 8 * 64 * 4096 * 169
+    causal = L.Case("neighborhood", 10, causal=True, params={"kernel_size": 3})
+    assert L._flops(causal) == 4.0 * 8 * 64 * (1 + 2 + 3 * 8)  # Σ_i min(i + 1, 3)
+    band = L.Case("sliding-window", 1000, causal=True, params={"radius": 256})
+    assert L._flops(band) == 4.0 * 8 * 64 * (1000 + 1000 * 256 - 256 * 257 // 2)

@@ -61,12 +61,20 @@ BACKENDS = ("numba", "torch")
 LONG_WINDOW_1D = 96  # on a sequence, longer windows go to the tiles (see the module docstring)
 
 
-def neighborhood_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
-    """Forward FLOPs of q·k and A·v at the default kernel_size 7 on a sequence: 4·h·d·Σ_i |N(i)|."""
-    keys = n * min(KERNEL_SIZE, n)
-    if causal:
-        first = min(KERNEL_SIZE, n)
-        keys -= first * (first - 1) // 2
+def neighborhood_flops(
+    n: int, heads: int, head_dim: int, causal: bool, *, kernel_size: IntOrTuple = KERNEL_SIZE,
+    grid: Sequence[int] | None = None,
+) -> float:
+    """Forward FLOPs of q·k and A·v: 4·h·d·Σ_i |N(i)|. Not causal, every query sees Π k_a keys (windows are
+    shifted, not cut, at borders); causal on a sequence, the first k − 1 see fewer (Σ_i min(i + 1, k)); causal
+    axes of a grid are counted as full windows (an upper bound)."""
+    axes = tuple(grid) if grid else (n,)
+    kernel = check_ints("kernel_size", kernel_size, len(axes))
+    if causal and len(axes) == 1:
+        k = min(kernel[0], n)
+        keys = n * k - k * (k - 1) // 2
+    else:
+        keys = n * math.prod(min(k, length) for k, length in zip(kernel, axes))
     return 4.0 * heads * head_dim * keys
 
 

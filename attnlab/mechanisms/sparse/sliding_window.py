@@ -99,6 +99,13 @@ def sliding_window_attention_reference(
     )
 
 
+def sliding_window_flops(n: int, heads: int, head_dim: int, causal: bool, *, radius: int = 256) -> float:
+    """Forward FLOPs of q·k and A·v over the band: 4·h·d·Σ_i |{j : |i − j| ≤ r (, j ≤ i)}| (useful pairs only)."""
+    r = min(radius, max(n - 1, 0))
+    before = n * r - r * (r + 1) // 2  # Σ_i min(i, r)
+    return 4.0 * heads * head_dim * (n + before * (1 if causal else 2))
+
+
 def backend_line() -> str:
     """The fast path, for `attnlab info sliding-window`."""
     return ("the block-sparse engine's band path (keys read in place through strided windows, the band a "
@@ -120,6 +127,7 @@ def backend_line() -> str:
     test_params={"radius": 2, "block_size": 2},
     renamed=RENAMED,
     backend=backend_line,
+    flops=sliding_window_flops,
 )
 class SlidingWindowAttention(BlockSparseAttention):
     """Multi-head sliding-window attention, causal or bidirectional, on the block-sparse engine."""
