@@ -25,6 +25,14 @@ as the products); the whole forward ~0.45 of the matmul rate by `linear_flops` (
 makes up part of the gap), the backward ~3.6× the forward. Tried and dropped: concatenating operands
 into one longer reduction per product (e.g. [Q | P][S | V]ᵀ) was no faster forward and slower backward.
 
+Feature map: with fmap = ELU1 the loops take the raw projections and apply φ(x) = elu(x) + 1 to each
+q and k chunk as they load it (`_map_chunk`, with its own vectorised e^x, since numba has no vector
+math library here and libm's exp one element at a time cost ~5 ns per element, more than the map
+saved); the backward reloads φ and multiplies dq, dk by φ'(x) = min(φ(x), 1) (1 for x > 0, e^x
+otherwise). A padded key's φ(k) is set to 0 from the keep mask (its raw k, zeroed by the caller,
+would map to 1). This saves the two N × d tensors φ(q), φ(k): at N = 16k, 8 heads, one thread, ~30 ms
+each (elu ~11 ms, the rest the first touch of each fresh 32 MiB), against ~9 ms for both maps here.
+
 Compilation: ~40 s for float32 on first use (with numba's import), ~20 s more for float64; `cache=True`
 keeps the result on disk, so later processes load it in under a second.
 """
@@ -34,6 +42,86 @@ import numpy as np
 from numba import njit, prange
 
 NONE, LOWER, UPPER = 0, 1, 2  # a triangle: j <= i (LOWER) or j >= i (UPPER) of a C × C block
+IDENTITY, ELU1 = 0, 1  # the feature map the loops apply to q and k chunks: none, or elu(x) + 1
+EXP_TERMS = 13  # Taylor terms of e^r on |r| <= ln2 / 2: truncation (ln2/2)^13 / 13! ~ 3e-16
+# fastmath without reassociation for the map: reassociating would fold the two-part ln 2 of the reduction
+# x − n ln2_hi − n ln2_lo into one rounded ln 2 (an error of n ulp, ~100 ulp near the float64 underflow)
+NO_REASSOCIATION = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+POW2_STEPS = 10  # 2^−m for 0 <= m < 1024 as a product of 2^−512, 2^−256, …, 2^−1
+
+
+def exp_constants(dtype: np.dtype) -> np.ndarray:
+    """The constants of `_map_chunk`'s e^x (x <= 0) in `dtype`: log2 e, ln2 split in a high part (exact times
+    any exponent below 2^11) and the rest, the lowest x kept (below it e^x is taken as 0: the smallest normal
+    number's log), the Taylor coefficients 1/i!, then the powers 2^−512 … 2^−1."""
+    info = np.finfo(dtype)
+    lowest = np.log(info.tiny)
+    coef = [1.0]
+    for i in range(1, EXP_TERMS):
+        coef.append(coef[-1] / i)
+    steps = [2.0 ** -(1 << e) for e in range(POW2_STEPS - 1, -1, -1)]
+    ln2_hi, ln2_lo = 0.693145751953125, 1.4286068203094172321e-06  # ln 2 = 0.69314718055994530941723…
+    return np.array([1.0 / np.log(2.0), ln2_hi, ln2_lo, lowest, *coef, *steps], dtype=dtype)
+
+
+@njit(fastmath=NO_REASSOCIATION, nogil=True, cache=True)
+def _map_chunk(src, t0, size, d, fmap, keep, cst, dst):  # type: ignore[no-untyped-def]
+    """dst[s] = φ(src[t0 + s]) for s < size (φ = identity or elu + 1), 0 where keep (a row of 0/1 per key,
+    or empty: keep all) says padding.
+
+    elu(x) + 1 is x + 1 for x > 0 and e^x otherwise. e^x is computed here rather than by libm's exp,
+    which numba calls one element at a time (no vector math library): x = n ln2 + r with n = round(x log2 e),
+    e^r by Taylor terms (|r| <= ln2 / 2), times 2^n built from powers 2^−512 … 2^−1 by selects. Every
+    step is elementwise with no branch, so the loop over a row vectorises; the error is a few ulp."""
+    zero, one, half = dst.dtype.type(0), dst.dtype.type(1), dst.dtype.type(0.5)
+    log2e, ln2_hi, ln2_lo, lowest = cst[0], cst[1], cst[2], cst[3]
+    # constants in locals (loads from `cst` under a select would keep the loop from vectorising)
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12 = (
+        cst[4], cst[5], cst[6], cst[7], cst[8], cst[9], cst[10], cst[11], cst[12], cst[13], cst[14], cst[15], cst[16])
+    s9, s8, s7, s6, s5, s4, s3, s2, s1, s0 = (
+        cst[17], cst[18], cst[19], cst[20], cst[21], cst[22], cst[23], cst[24], cst[25], cst[26])
+    b9, b8, b7, b6, b5 = (dst.dtype.type(512), dst.dtype.type(256), dst.dtype.type(128), dst.dtype.type(64),
+                          dst.dtype.type(32))
+    b4, b3, b2, b1 = dst.dtype.type(16), dst.dtype.type(8), dst.dtype.type(4), dst.dtype.type(2)
+    masked = keep.shape[0] > 0
+    for s in range(size):
+        if masked and keep[t0 + s] == 0:
+            for j in range(d):
+                dst[s, j] = zero
+            continue
+        if fmap == IDENTITY:
+            for j in range(d):
+                dst[s, j] = src[t0 + s, j]
+            continue
+        for j in range(d):
+            x = src[t0 + s, j]
+            y = min(max(x, lowest), zero)
+            n = np.floor(y * log2e + half)
+            r = (y - n * ln2_hi) - n * ln2_lo
+            p = ((((((c12 * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5
+            p = ((((p * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+            m = -n  # 0 <= m < 1024: p · 2^−m, one power of two per bit of m
+            for step, power in ((b9, s9), (b8, s8), (b7, s7), (b6, s6), (b5, s5), (b4, s4), (b3, s3), (b2, s2),
+                                (b1, s1), (one, s0)):
+                take = m >= step
+                p *= power if take else one
+                m -= step if take else zero
+            e = p if x >= lowest else zero
+            dst[s, j] = x + one if x > zero else e
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _times_map_slope(acc, fx, size, d, fmap, dst, t0):  # type: ignore[no-untyped-def]
+    """dst[t0 + s] = acc[s] φ'(x) for s < size, from fx = φ(x): φ' = 1 (identity), or min(φ(x), 1) for elu + 1
+    (1 where x > 0, e^x = φ(x) otherwise); a padded key (φ = 0) gets 0 either way under elu + 1."""
+    one = dst.dtype.type(1)
+    for s in range(size):
+        if fmap == IDENTITY:
+            for j in range(d):
+                dst[t0 + s, j] = acc[s, j]
+        else:
+            for j in range(d):
+                dst[t0 + s, j] = acc[s, j] * min(fx[s, j], one)
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -156,15 +244,21 @@ def _grad_ext(g, out, den, t0, rows, dv, ext, floor, dst):  # type: ignore[no-un
 
 
 @njit(fastmath=True, nogil=True, parallel=True, cache=True)
-def causal_forward(q, k, v, out, den, chunk, normalize, floor):  # type: ignore[no-untyped-def]
+def causal_forward(q, k, v, out, den, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
     """q, k (R, n, d_k), v (R, n, d_v) -> out (R, n, d_v) and den (R, n) (the raw denominators), in place.
 
-    All arrays C-contiguous of one dtype; `floor` (the smallest denominator) of that dtype too."""
+    fmap: the feature map applied to q and k chunk by chunk (IDENTITY or ELU1, constants `cst` of
+    `exp_constants`); keep (batch, n) 0/1, row r's keys in keep[r // heads] (shape (1, 0): no padding),
+    a padded key's φ(k) is 0. All arrays C-contiguous of one dtype (keep uint8); `floor` (the smallest
+    denominator) of that dtype too."""
     rows, n, d = q.shape
     dv = v.shape[2]
     ext = dv + 1 if normalize else dv
     for r in prange(rows):
+        keep_row = keep[(r // heads) % keep.shape[0]]
         state_t = np.zeros((ext, d), q.dtype)  # Sᵀ: state_t[j, c] = Σ_s v_ext[s, j] k[s, c]
+        qc = np.empty((chunk, d), q.dtype)
+        kc = np.empty((chunk, d), q.dtype)
         k_t = np.empty((d, chunk), q.dtype)
         ve = np.empty((chunk, ext), q.dtype)
         ve_t = np.empty((ext, chunk), q.dtype)
@@ -172,7 +266,8 @@ def causal_forward(q, k, v, out, den, chunk, normalize, floor):  # type: ignore[
         acc = np.empty((chunk, ext), q.dtype)
         for t0 in range(0, n, chunk):
             size = min(chunk, n - t0)
-            qc, kc = q[r, t0 : t0 + size], k[r, t0 : t0 + size]
+            _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
+            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
             _transpose(kc, k_t, size, d)
             _values_ext(v[r], t0, size, dv, ext, ve)
             _transpose(ve, ve_t, size, ext)
@@ -193,16 +288,20 @@ def causal_forward(q, k, v, out, den, chunk, normalize, floor):  # type: ignore[
 
 
 @njit(fastmath=True, nogil=True, parallel=True, cache=True)
-def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor):  # type: ignore[no-untyped-def]
-    """The gradients of `causal_forward` for the output gradient g (R, n, d_v): dq, dk, dv_out in place."""
+def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
+    """The gradients of `causal_forward` for the output gradient g (R, n, d_v): dq, dk, dv_out in place
+    (with respect to the inputs of the feature map: dq = φ'(q) ⊙ dφ(q), dk likewise)."""
     rows, n, d = q.shape
     dv = v.shape[2]
     ext = dv + 1 if normalize else dv
     last = ((n - 1) // chunk) * chunk
     for r in prange(rows):
+        keep_row = keep[(r // heads) % keep.shape[0]]
         state = np.zeros((d, ext), q.dtype)  # S[c, j]
         carry = np.zeros((d, ext), q.dtype)  # G[c, j] = Σ_(later chunks) q[t, c] dO[t, j]
         carry_t = np.empty((ext, d), q.dtype)
+        qc = np.empty((chunk, d), q.dtype)
+        kc = np.empty((chunk, d), q.dtype)
         k_t = np.empty((d, chunk), q.dtype)
         q_t = np.empty((d, chunk), q.dtype)
         ve = np.empty((chunk, ext), q.dtype)
@@ -215,7 +314,7 @@ def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floo
         acc_v = np.empty((chunk, dv), q.dtype)
         for t0 in range(0, n, chunk):  # dQ, chunks in order
             size = min(chunk, n - t0)
-            kc = k[r, t0 : t0 + size]
+            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
             _transpose(kc, k_t, size, d)
             _values_ext(v[r], t0, size, dv, ext, ve)
             _transpose(ve, ve_t, size, ext)
@@ -223,11 +322,14 @@ def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floo
             _gemm_nt(go, ve, block, size, size, ext, LOWER, NONE, False)  # dP = tril(dO Vᵀ)
             _gemm_nt(go, state, acc, size, d, ext, NONE, NONE, False)  # dO Sᵀ
             _gemm_nt(block, k_t, acc, size, d, size, NONE, LOWER, True)  # + dP K
-            dq[r, t0 : t0 + size] = acc[:size]
+            if fmap != IDENTITY:
+                _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
+            _times_map_slope(acc, qc, size, d, fmap, dq[r], t0)
             _gemm_nt(k_t, ve_t, state, d, ext, size, NONE, NONE, True)  # S += Kᵀ V
         for t0 in range(last, -1, -chunk):  # dK, dV, chunks reversed
             size = min(chunk, n - t0)
-            qc, kc = q[r, t0 : t0 + size], k[r, t0 : t0 + size]
+            _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
+            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
             _transpose(qc, q_t, size, d)
             _values_ext(v[r], t0, size, dv, ext, ve)
             _grad_ext(g[r], out[r], den[r], t0, size, dv, ext, floor, go)
@@ -237,7 +339,7 @@ def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floo
             _gemm_nt(ve, go, block2, size, size, ext, UPPER, NONE, False)  # dPᵀ = triu(V dOᵀ)
             _gemm_nt(ve, carry, acc, size, d, ext, NONE, NONE, False)  # V Gᵀ
             _gemm_nt(block2, q_t, acc, size, d, size, NONE, UPPER, True)  # + dPᵀ Q
-            dk[r, t0 : t0 + size] = acc[:size]
+            _times_map_slope(acc, kc, size, d, fmap, dk[r], t0)
             _gemm_nt(kc, carry_t, acc_v, size, dv, d, NONE, NONE, False)  # K G (value columns only)
             _gemm_nt(block, go_t, acc_v, size, dv, size, NONE, UPPER, True)  # + Pᵀ dO
             dv_out[r, t0 : t0 + size] = acc_v[:size]

@@ -81,6 +81,7 @@ from ..core.validate import check_attention_mask, check_finite, check_int, check
 from . import compiled
 from .sizes import fit_block
 
+FUSED_FEATURE_MAPS = ("elu+1",)  # `feature_map=` of linear_attention: applied inside the loops where they serve
 BACKENDS = ("numba", "torch")  # the causal Hebbian form's paths (`backend=`); None picks by the rule in `loops_serve`
 PAIRWISE_BLOCK = 1 << 22  # elements of one block of the per-channel pairwise decay tensor
 SUB_BLOCK = 16  # per-channel decay: largest sub-block whose pairs are built elementwise
@@ -435,33 +436,50 @@ def _rows(t: Tensor) -> Tensor:
 class _CausalLoops(torch.autograd.Function):
     """Causal linear attention, no decay, through `_linear_loops` (forward and a recomputing backward).
 
-    Saves q, k, v, the output and the (b·h, n) denominators; the backward rebuilds each chunk's
-    C × C blocks instead of storing them. Threads: torch.get_num_threads(), so one setting drives both.
+    feature_map "elu+1": q and k are the raw projections, mapped chunk by chunk inside the loops (no
+    φ(q), φ(k) tensors; keep (batch, n) marks real keys, whose φ(k) the loops zero otherwise), and
+    the gradients are with respect to the raw q, k. Saves q, k, v, the output and the (b·h, n)
+    denominators; the backward rebuilds each chunk's C × C blocks (and φ) instead of storing them.
+    Threads: torch.get_num_threads(), so one setting drives both.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, normalize: bool, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, v: Tensor, normalize: bool, chunk: int, feature_map: str | None, keep: Tensor | None
+    ) -> Tensor:
+        loops = _loops()
         qr, kr, vr = _rows(q), _rows(k), _rows(v)
         out, den = torch.empty_like(vr), q.new_empty(qr.shape[:2])
-        floor = qr.numpy().dtype.type(normalizer_floor(q.dtype))
+        dtype = qr.numpy().dtype
+        fmap = loops.IDENTITY if feature_map is None else loops.ELU1
+        keep_rows = (keep if keep is not None and feature_map is not None else q.new_ones(1, 0)).to(torch.uint8)
+        extra = (fmap, keep_rows.contiguous().numpy(), q.shape[1], loops.exp_constants(dtype))
+        floor = dtype.type(normalizer_floor(q.dtype))
         with compiled.numba_threads(torch.get_num_threads()):
-            _loops().causal_forward(qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(), chunk, normalize, floor)
+            loops.causal_forward(qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(), chunk, normalize, floor,
+                                 *extra)
         ctx.save_for_backward(qr, kr, vr, out, den)
-        ctx.normalize, ctx.chunk = normalize, chunk
+        ctx.normalize, ctx.chunk, ctx.extra = normalize, chunk, extra
         return out.view(v.shape)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         qr, kr, vr, out, den = ctx.saved_tensors
         g = _rows(grad)
         dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)
         floor = qr.numpy().dtype.type(normalizer_floor(qr.dtype))
         arrays = (qr, kr, vr, out, den, g, dq, dk, dv)
         with compiled.numba_threads(torch.get_num_threads()):
-            _loops().causal_backward(*(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor)
+            _loops().causal_backward(*(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor, *ctx.extra)
         shape = grad.shape[:2]
-        return dq.view(*shape, *qr.shape[1:]), dk.view(*shape, *kr.shape[1:]), dv.view(*shape, *vr.shape[1:]), None, None
+        grads = (dq.view(*shape, *qr.shape[1:]), dk.view(*shape, *kr.shape[1:]), dv.view(*shape, *vr.shape[1:]))
+        return (*grads, None, None, None, None)
+
+
+def elu_plus_one(x: Tensor) -> Tensor:
+    """φ(x) = elu(x) + 1 (x + 1 for x > 0, e^x otherwise): positive features (Katharopoulos et al., 2020)."""
+    return F.elu(x).add_(1.0)  # in place: one new tensor (elu saves its input, so the gradient is unchanged)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor | None, c: int) -> Tensor:
@@ -494,6 +512,7 @@ def linear_attention(
     normalize: bool = True,
     chunk_size: int = 64,
     backend: str | None = None,
+    feature_map: str | None = None,
 ) -> Tensor:
     """The fast path on feature-mapped q = φ(q), k = φ(k): (batch, heads, n_q, d_v).
 
@@ -502,10 +521,21 @@ def linear_attention(
     backend, for the causal form without decay or delta rule: "numba" (the fused loops of
     `_linear_loops`; ValueError where they do not serve), "torch" (the chunked PyTorch form), or
     None: the loops where `loops_serve`, PyTorch otherwise.
+    feature_map "elu+1": q and k are the raw projections and φ = `elu_plus_one` is applied here (the result
+    and gradients equal those of linear_attention(φ(q), φ(k), v)): inside the loops, chunk by chunk, where
+    they serve (no φ(q), φ(k) tensors are built: at N = 16k with 8 heads each is a fresh 32 MiB whose
+    first touch costs as much as the map), on whole tensors before any other path. None: q, k are φ(q), φ(k).
     """
     check_chunk_size(chunk_size)
     if backend is not None and backend not in BACKENDS:
         raise ParameterError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if feature_map is not None:
+        if feature_map not in FUSED_FEATURE_MAPS:
+            raise ParameterError(f"feature_map: expected one of {FUSED_FEATURE_MAPS} or None, got {feature_map!r}")
+        check_qkv(q, k, v)  # before the path rule reads their dtype and device
+    fused = causal and backend != "torch" and loops_serve(q, k, v, log_decay, beta)
+    if feature_map is not None and not fused:
+        q, k = elu_plus_one(q), elu_plus_one(k)
     k, v, log_decay, beta = _prepare(
         q, k, v, causal=causal, attention_mask=attention_mask, log_decay=log_decay, beta=beta, normalize=normalize
     )
@@ -515,8 +545,9 @@ def linear_attention(
             f"with numba installed; got causal={causal}, decay={log_decay is not None}, delta rule={beta is not None}, "
             f"{q.dtype} on {q.device.type}, {compiled.numba_status()}"
         )
-    if causal and backend != "torch" and loops_serve(q, k, v, log_decay, beta):
-        return _CausalLoops.apply(q, k, v, normalize, fit_block(chunk_size, q.shape[2]))
+    if fused:
+        keep = attention_mask if feature_map is not None else None  # raw keys: the loops zero φ(k) at padding
+        return _CausalLoops.apply(q, k, v, normalize, fit_block(chunk_size, q.shape[2]), feature_map, keep)
     if causal:
         return _with_normalizer(lambda vv: _causal(q, k, vv, log_decay, beta, chunk_size), v, normalize)
     if log_decay is None and beta is None:

@@ -1,9 +1,11 @@
 """The causal Hebbian form's two paths (numba loops, chunked PyTorch) against the float64 reference, and the path rule."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import attnlab
 from attnlab.core.errors import ParameterError
 from attnlab.kernels import compiled
 from attnlab.kernels.linear_scan import hebbian_backend, linear_attention, linear_attention_reference, loops_serve
@@ -113,3 +115,105 @@ def test_an_empty_sequence_gives_empty_outputs_and_gradients(backend):
     q, k, v, w = features(1, 2, 0, 4, 3)
     out, dq, dk, dv = out_and_grads(lambda *t: linear_attention(*t, causal=True, backend=backend), q, k, v, w)
     assert out.shape == (1, 2, 0, 3) and dq.shape == (1, 2, 0, 4) and dv.shape == (1, 2, 0, 3)
+
+
+# -- the elu + 1 feature map applied inside the engine (feature_map="elu+1") ---------------------------
+def elu_plus_one_formula(x):
+    """φ(x) = x + 1 for x > 0, e^x otherwise, from the formula (not the engine's helper)."""
+    return torch.where(x > 0, x + 1, torch.exp(x.clamp_max(0)))
+
+
+def raw_projections(b, h, n, dk, dv, dtype=F64, seed=0):
+    """Raw q, k of both signs (some far below 0, where φ is a tiny e^x), v and an output weight w."""
+    g = torch.Generator().manual_seed(seed)
+    q = 2 * torch.randn(b, h, n, dk, generator=g, dtype=dtype)
+    k = 2 * torch.randn(b, h, n, dk, generator=g, dtype=dtype)
+    q.view(-1)[::7] = -30.0  # φ = e^−30: the slope e^x matters, not 1
+    k.view(-1)[3::11] = -90.0
+    v = torch.randn(b, h, n, dv, generator=g, dtype=dtype)
+    w = torch.randn(b, h, n, dv, generator=g, dtype=dtype)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}n{}dk{}dv{}c{}".format(*s))
+def test_the_fused_elu_map_equals_the_float64_reference_on_mapped_inputs_forward_and_backward(backend, normalize, shape):
+    """feature_map="elu+1" on raw q, k = the reference on φ(q), φ(k): value and gradients with respect to the
+    raw q, k (the slope 1 or e^x), with padded keys (whose raw k is not 0 and whose φ(k) must not count)."""
+    b, h, n, dk, dv, chunk = shape
+    q, k, v, w = raw_projections(b, h, n, dk, dv)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, n // 2 :] = False
+    keep[-1, 0] = n == 1
+    kw = dict(causal=True, attention_mask=keep, normalize=normalize)
+    want = out_and_grads(
+        lambda q, k, v: linear_attention_reference(elu_plus_one_formula(q), elu_plus_one_formula(k), v, **kw)[0],
+        q, k, v, w,
+    )
+    got = out_and_grads(
+        lambda *t: linear_attention(*t, chunk_size=chunk, backend=backend, feature_map="elu+1", **kw), q, k, v, w
+    )
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+    if backend == "numba":
+        out = linear_attention(q, k, v, feature_map="elu+1", **kw)
+        assert "CausalLoops" in type(out.grad_fn).__name__  # the loops served, applying φ themselves
+
+
+@needs_numba
+def test_the_fused_map_in_float32_matches_the_float64_reference_at_a_few_thousand_tokens():
+    """Stated tolerance, as for mapped inputs: 1e-5 of the largest output (value and gradients), N = 3,000."""
+    q, k, v, w = raw_projections(1, 2, 3000, 32, 32, dtype=torch.float32, seed=5)
+    got = out_and_grads(lambda *t: linear_attention(*t, causal=True, backend="numba", feature_map="elu+1"), q, k, v, w)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = out_and_grads(
+        lambda q, k, v: linear_attention_reference(elu_plus_one_formula(q), elu_plus_one_formula(k), v, causal=True)[0],
+        *wide, w.double(),
+    )
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (x.double() - y).abs().max().item()
+        assert err <= 1e-5 * y.abs().max().item(), f"{name}: float32 error {err:.2e}"
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_loops_exponential_is_within_two_ulp_of_exp_down_to_the_underflow(dtype):
+    """The loops' own e^x (no vector libm in numba): relative error <= 2 eps where e^x is a normal number,
+    0 below the smallest normal's log, x + 1 above 0."""
+    from attnlab.kernels import _linear_loops as loops
+
+    x = np.concatenate([np.linspace(-800.0, 6.0, 64 * 500), [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, -87.5, -708.5]])
+    x = np.resize(x, (x.size // 64 + 1) * 64).astype(dtype).reshape(-1, 64)
+    got = np.empty_like(x)
+    loops._map_chunk(x, 0, x.shape[0], 64, loops.ELU1, np.ones(0, np.uint8), loops.exp_constants(np.dtype(dtype)), got)
+    x64 = x.astype(np.float64)
+    want = np.where(x64 > 0, x64 + 1, np.exp(np.minimum(x64, 0)))
+    tiny = np.finfo(dtype).tiny
+    normal = want >= 2 * tiny
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() <= 2 * np.finfo(dtype).eps, f"worst relative error {rel.max():.3g}"
+    assert np.all(got[~normal] <= 2 * tiny)
+
+
+def test_the_linear_entry_core_takes_the_fused_map_and_equals_its_reference():
+    """The "linear" module's causal core (padding mask, float64): fast = reference in value and gradients; the
+    fast core runs the loops with φ inside where numba serves."""
+    torch.manual_seed(0)
+    m = attnlab.build("linear", dim=12, heads=3, causal=True, chunk_size=4).double()
+    q, k, v, w = raw_projections(2, 3, 11, 4, 4)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 7:] = False
+    fast = out_and_grads(lambda *t: m.attend(*t, attention_mask=keep), q, k, v, w)
+    ref = out_and_grads(lambda *t: m.attend(*t, attention_mask=keep, impl="reference"), q, k, v, w)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-9, msg=lambda msg, name=name: f"{name}: {msg}")
+    served = compiled.numba_module() is not None
+    core = m.attend(q, k, v, attention_mask=keep).grad_fn.next_functions[0][0]  # under attend's reshape
+    assert ("CausalLoops" in type(core).__name__) == served
+
+
+def test_an_unknown_feature_map_is_refused():
+    q, k, v, _ = features(1, 1, 4, 2, 2)
+    with pytest.raises(ParameterError, match="feature_map"):
+        linear_attention(q, k, v, causal=True, feature_map="relu")

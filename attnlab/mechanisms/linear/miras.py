@@ -81,6 +81,7 @@ from ...kernels.linear_scan import (
     LinearState,
     LinearTerms,
     check_chunk_size,
+    elu_plus_one,
     hebbian_backend,
     linear_attention,
     linear_attention_reference,
@@ -124,7 +125,7 @@ def check_memory_config(feature_map: str, bias: str, retention: str, normalize: 
 def feature_map_qk(q: Tensor, k: Tensor, feature_map: str, bias: str) -> tuple[Tensor, Tensor]:
     """φ(q), φ(k); with the L2, ℓp or Huber bias both are then L2-normalised."""
     if feature_map == "elu+1":
-        q, k = F.elu(q).add_(1.0), F.elu(k).add_(1.0)  # in place: one new tensor each (elu saves its input)
+        q, k = elu_plus_one(q), elu_plus_one(k)
     elif feature_map == "silu":
         q, k = F.silu(q), F.silu(k)
     else:
@@ -521,6 +522,11 @@ class MemoryAttention(LinearAttention):
         return {"bias": self.bias, "beta": t.beta, "p": self.p, "delta": self.delta, "log_decay": t.log_decay}
 
     def attend_fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, side: Tensor | None = None) -> Tensor:
+        if self.feature_map == "elu+1" and self.bias == "dot" and self.retention == "none":
+            # linear attention: the engine applies φ = elu + 1 itself (inside the causal loops where they serve)
+            self.check_gate_logits(k, side)
+            return linear_attention(q, k, v, causal=self.causal, attention_mask=mask, normalize=self.normalize,
+                                    chunk_size=self.chunk_size, feature_map="elu+1")
         t = self.terms(q, k, v, mask, side)
         if self.bias not in NONLINEAR_BIASES:
             return self.scan(t, mask)
