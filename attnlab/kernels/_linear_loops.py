@@ -6,7 +6,8 @@ once, so each intermediate (scores, chunk states, their prefix sums) is a full t
 and read from memory, and torch's batched matmul on 64 × 64 blocks out of cache reaches about a
 third of a large matmul's rate. Here one (batch·head) row is one unit: its state S (d_k × e) stays
 in cache while the chunks stream past, nothing of size N × d² is ever built, the causal triangle is
-skipped (a C × C block costs half a product), and the rows run in parallel (`prange`).
+skipped (a C × C block costs half a product), and the rows run in parallel (each kernel call is one row;
+the caller's worker threads take rows from a shared counter, see `linear_scan._over_rows`).
 
 Per chunk (queries Q, keys K, values V of its L <= C tokens; e = d_v + 1 when normalising, the extra
 value column being 1 so that the same products give the denominator):
@@ -33,13 +34,13 @@ otherwise). A padded key's φ(k) is set to 0 from the keep mask (its raw k, zero
 would map to 1). This saves the two N × d tensors φ(q), φ(k): at N = 16k, 8 heads, one thread, ~30 ms
 each (elu ~11 ms, the rest the first touch of each fresh 32 MiB), against ~9 ms for both maps here.
 
-Compilation: ~40 s for float32 on first use (with numba's import), ~20 s more for float64; `cache=True`
-keeps the result on disk, so later processes load it in under a second.
+Compilation: ~13 s for float32 on first use (fwd + bwd, with numba's import; one-row kernels, no parfors),
+~10 s more for float64; `cache=True` keeps the result on disk, so later processes load it in under a second.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 NONE, LOWER, UPPER = 0, 1, 2  # a triangle: j <= i (LOWER) or j >= i (UPPER) of a C × C block
 IDENTITY, ELU1 = 0, 1  # the feature map the loops apply to q and k chunks: none, or elu(x) + 1
@@ -243,104 +244,102 @@ def _grad_ext(g, out, den, t0, rows, dv, ext, floor, dst):  # type: ignore[no-un
         dst[t, dv] = -dot * inv if dn >= floor else zero
 
 
-@njit(fastmath=True, nogil=True, parallel=True, cache=True)
-def causal_forward(q, k, v, out, den, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
-    """q, k (R, n, d_k), v (R, n, d_v) -> out (R, n, d_v) and den (R, n) (the raw denominators), in place.
+@njit(fastmath=True, nogil=True, cache=True)
+def causal_forward(r, q, k, v, out, den, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
+    """Row r of q, k (R, n, d_k), v (R, n, d_v) -> out[r] (n, d_v) and den[r] (n) (the raw denominators), in place.
 
     fmap: the feature map applied to q and k chunk by chunk (IDENTITY or ELU1, constants `cst` of
     `exp_constants`); keep (batch, n) 0/1, row r's keys in keep[r // heads] (shape (1, 0): no padding),
     a padded key's φ(k) is 0. All arrays C-contiguous of one dtype (keep uint8); `floor` (the smallest
     denominator) of that dtype too."""
-    rows, n, d = q.shape
+    n, d = q.shape[1], q.shape[2]
     dv = v.shape[2]
     ext = dv + 1 if normalize else dv
-    for r in prange(rows):
-        keep_row = keep[(r // heads) % keep.shape[0]]
-        state_t = np.zeros((ext, d), q.dtype)  # Sᵀ: state_t[j, c] = Σ_s v_ext[s, j] k[s, c]
-        qc = np.empty((chunk, d), q.dtype)
-        kc = np.empty((chunk, d), q.dtype)
-        k_t = np.empty((d, chunk), q.dtype)
-        ve = np.empty((chunk, ext), q.dtype)
-        ve_t = np.empty((ext, chunk), q.dtype)
-        scores = np.empty((chunk, chunk), q.dtype)
-        acc = np.empty((chunk, ext), q.dtype)
-        for t0 in range(0, n, chunk):
-            size = min(chunk, n - t0)
-            _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
-            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
-            _transpose(kc, k_t, size, d)
-            _values_ext(v[r], t0, size, dv, ext, ve)
-            _transpose(ve, ve_t, size, ext)
-            _gemm_nt(qc, kc, scores, size, size, d, LOWER, NONE, False)  # P = tril(Q Kᵀ)
-            _gemm_nt(qc, state_t, acc, size, ext, d, NONE, NONE, False)  # Q S
-            _gemm_nt(scores, ve_t, acc, size, ext, size, NONE, LOWER, True)  # + P V
-            for t in range(size):
-                if normalize:
-                    dn = acc[t, dv]
-                    den[r, t0 + t] = dn
-                    inv = q.dtype.type(1) / max(dn, floor)
-                    for j in range(dv):
-                        out[r, t0 + t, j] = acc[t, j] * inv
-                else:
-                    for j in range(dv):
-                        out[r, t0 + t, j] = acc[t, j]
-            _gemm_nt(ve_t, k_t, state_t, ext, d, size, NONE, NONE, True)  # S += Kᵀ V
+    keep_row = keep[(r // heads) % keep.shape[0]]
+    state_t = np.zeros((ext, d), q.dtype)  # Sᵀ: state_t[j, c] = Σ_s v_ext[s, j] k[s, c]
+    qc = np.empty((chunk, d), q.dtype)
+    kc = np.empty((chunk, d), q.dtype)
+    k_t = np.empty((d, chunk), q.dtype)
+    ve = np.empty((chunk, ext), q.dtype)
+    ve_t = np.empty((ext, chunk), q.dtype)
+    scores = np.empty((chunk, chunk), q.dtype)
+    acc = np.empty((chunk, ext), q.dtype)
+    for t0 in range(0, n, chunk):
+        size = min(chunk, n - t0)
+        _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
+        _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
+        _transpose(kc, k_t, size, d)
+        _values_ext(v[r], t0, size, dv, ext, ve)
+        _transpose(ve, ve_t, size, ext)
+        _gemm_nt(qc, kc, scores, size, size, d, LOWER, NONE, False)  # P = tril(Q Kᵀ)
+        _gemm_nt(qc, state_t, acc, size, ext, d, NONE, NONE, False)  # Q S
+        _gemm_nt(scores, ve_t, acc, size, ext, size, NONE, LOWER, True)  # + P V
+        for t in range(size):
+            if normalize:
+                dn = acc[t, dv]
+                den[r, t0 + t] = dn
+                inv = q.dtype.type(1) / max(dn, floor)
+                for j in range(dv):
+                    out[r, t0 + t, j] = acc[t, j] * inv
+            else:
+                for j in range(dv):
+                    out[r, t0 + t, j] = acc[t, j]
+        _gemm_nt(ve_t, k_t, state_t, ext, d, size, NONE, NONE, True)  # S += Kᵀ V
 
 
-@njit(fastmath=True, nogil=True, parallel=True, cache=True)
-def causal_backward(q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
-    """The gradients of `causal_forward` for the output gradient g (R, n, d_v): dq, dk, dv_out in place
+@njit(fastmath=True, nogil=True, cache=True)
+def causal_backward(r, q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
+    """Row r's gradients of `causal_forward` for the output gradient g (R, n, d_v): dq, dk, dv_out in place
     (with respect to the inputs of the feature map: dq = φ'(q) ⊙ dφ(q), dk likewise)."""
-    rows, n, d = q.shape
+    n, d = q.shape[1], q.shape[2]
     dv = v.shape[2]
     ext = dv + 1 if normalize else dv
     last = ((n - 1) // chunk) * chunk
-    for r in prange(rows):
-        keep_row = keep[(r // heads) % keep.shape[0]]
-        state = np.zeros((d, ext), q.dtype)  # S[c, j]
-        carry = np.zeros((d, ext), q.dtype)  # G[c, j] = Σ_(later chunks) q[t, c] dO[t, j]
-        carry_t = np.empty((ext, d), q.dtype)
-        qc = np.empty((chunk, d), q.dtype)
-        kc = np.empty((chunk, d), q.dtype)
-        k_t = np.empty((d, chunk), q.dtype)
-        q_t = np.empty((d, chunk), q.dtype)
-        ve = np.empty((chunk, ext), q.dtype)
-        ve_t = np.empty((ext, chunk), q.dtype)
-        go = np.empty((chunk, ext), q.dtype)
-        go_t = np.empty((ext, chunk), q.dtype)
-        block = np.empty((chunk, chunk), q.dtype)
-        block2 = np.empty((chunk, chunk), q.dtype)
-        acc = np.empty((chunk, d), q.dtype)
-        acc_v = np.empty((chunk, dv), q.dtype)
-        for t0 in range(0, n, chunk):  # dQ, chunks in order
-            size = min(chunk, n - t0)
-            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
-            _transpose(kc, k_t, size, d)
-            _values_ext(v[r], t0, size, dv, ext, ve)
-            _transpose(ve, ve_t, size, ext)
-            _grad_ext(g[r], out[r], den[r], t0, size, dv, ext, floor, go)
-            _gemm_nt(go, ve, block, size, size, ext, LOWER, NONE, False)  # dP = tril(dO Vᵀ)
-            _gemm_nt(go, state, acc, size, d, ext, NONE, NONE, False)  # dO Sᵀ
-            _gemm_nt(block, k_t, acc, size, d, size, NONE, LOWER, True)  # + dP K
-            if fmap != IDENTITY:
-                _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
-            _times_map_slope(acc, qc, size, d, fmap, dq[r], t0)
-            _gemm_nt(k_t, ve_t, state, d, ext, size, NONE, NONE, True)  # S += Kᵀ V
-        for t0 in range(last, -1, -chunk):  # dK, dV, chunks reversed
-            size = min(chunk, n - t0)
+    keep_row = keep[(r // heads) % keep.shape[0]]
+    state = np.zeros((d, ext), q.dtype)  # S[c, j]
+    carry = np.zeros((d, ext), q.dtype)  # G[c, j] = Σ_(later chunks) q[t, c] dO[t, j]
+    carry_t = np.empty((ext, d), q.dtype)
+    qc = np.empty((chunk, d), q.dtype)
+    kc = np.empty((chunk, d), q.dtype)
+    k_t = np.empty((d, chunk), q.dtype)
+    q_t = np.empty((d, chunk), q.dtype)
+    ve = np.empty((chunk, ext), q.dtype)
+    ve_t = np.empty((ext, chunk), q.dtype)
+    go = np.empty((chunk, ext), q.dtype)
+    go_t = np.empty((ext, chunk), q.dtype)
+    block = np.empty((chunk, chunk), q.dtype)
+    block2 = np.empty((chunk, chunk), q.dtype)
+    acc = np.empty((chunk, d), q.dtype)
+    acc_v = np.empty((chunk, dv), q.dtype)
+    for t0 in range(0, n, chunk):  # dQ, chunks in order
+        size = min(chunk, n - t0)
+        _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
+        _transpose(kc, k_t, size, d)
+        _values_ext(v[r], t0, size, dv, ext, ve)
+        _transpose(ve, ve_t, size, ext)
+        _grad_ext(g[r], out[r], den[r], t0, size, dv, ext, floor, go)
+        _gemm_nt(go, ve, block, size, size, ext, LOWER, NONE, False)  # dP = tril(dO Vᵀ)
+        _gemm_nt(go, state, acc, size, d, ext, NONE, NONE, False)  # dO Sᵀ
+        _gemm_nt(block, k_t, acc, size, d, size, NONE, LOWER, True)  # + dP K
+        if fmap != IDENTITY:
             _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
-            _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
-            _transpose(qc, q_t, size, d)
-            _values_ext(v[r], t0, size, dv, ext, ve)
-            _grad_ext(g[r], out[r], den[r], t0, size, dv, ext, floor, go)
-            _transpose(go, go_t, size, ext)
-            _transpose(carry, carry_t, d, ext)
-            _gemm_nt(kc, qc, block, size, size, d, UPPER, NONE, False)  # Pᵀ = triu(K Qᵀ)
-            _gemm_nt(ve, go, block2, size, size, ext, UPPER, NONE, False)  # dPᵀ = triu(V dOᵀ)
-            _gemm_nt(ve, carry, acc, size, d, ext, NONE, NONE, False)  # V Gᵀ
-            _gemm_nt(block2, q_t, acc, size, d, size, NONE, UPPER, True)  # + dPᵀ Q
-            _times_map_slope(acc, kc, size, d, fmap, dk[r], t0)
-            _gemm_nt(kc, carry_t, acc_v, size, dv, d, NONE, NONE, False)  # K G (value columns only)
-            _gemm_nt(block, go_t, acc_v, size, dv, size, NONE, UPPER, True)  # + Pᵀ dO
-            dv_out[r, t0 : t0 + size] = acc_v[:size]
-            _gemm_nt(q_t, go_t, carry, d, ext, size, NONE, NONE, True)  # G += Qᵀ dO
+        _times_map_slope(acc, qc, size, d, fmap, dq[r], t0)
+        _gemm_nt(k_t, ve_t, state, d, ext, size, NONE, NONE, True)  # S += Kᵀ V
+    for t0 in range(last, -1, -chunk):  # dK, dV, chunks reversed
+        size = min(chunk, n - t0)
+        _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
+        _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
+        _transpose(qc, q_t, size, d)
+        _values_ext(v[r], t0, size, dv, ext, ve)
+        _grad_ext(g[r], out[r], den[r], t0, size, dv, ext, floor, go)
+        _transpose(go, go_t, size, ext)
+        _transpose(carry, carry_t, d, ext)
+        _gemm_nt(kc, qc, block, size, size, d, UPPER, NONE, False)  # Pᵀ = triu(K Qᵀ)
+        _gemm_nt(ve, go, block2, size, size, ext, UPPER, NONE, False)  # dPᵀ = triu(V dOᵀ)
+        _gemm_nt(ve, carry, acc, size, d, ext, NONE, NONE, False)  # V Gᵀ
+        _gemm_nt(block2, q_t, acc, size, d, size, NONE, UPPER, True)  # + dPᵀ Q
+        _times_map_slope(acc, kc, size, d, fmap, dk[r], t0)
+        _gemm_nt(kc, carry_t, acc_v, size, dv, d, NONE, NONE, False)  # K G (value columns only)
+        _gemm_nt(block, go_t, acc_v, size, dv, size, NONE, UPPER, True)  # + Pᵀ dO
+        dv_out[r, t0 : t0 + size] = acc_v[:size]
+        _gemm_nt(q_t, go_t, carry, d, ext, size, NONE, NONE, True)  # G += Qᵀ dO

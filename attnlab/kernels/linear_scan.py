@@ -68,6 +68,8 @@ padding-only mask and `step`.
 """
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +81,7 @@ from torch.autograd.function import once_differentiable
 from ..core.errors import DTypeError, ParameterError, ShapeError
 from ..core.validate import check_attention_mask, check_finite, check_int, check_qkv, check_tensor
 from . import compiled
+from .pool import cpus, run_parallel
 from .sizes import fit_block
 
 FUSED_FEATURE_MAPS = ("elu+1",)  # `feature_map=` of linear_attention: applied inside the loops where they serve
@@ -433,6 +436,24 @@ def _rows(t: Tensor) -> Tensor:
     return t.detach().reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous()
 
 
+def _over_rows(kernel: Callable[..., None], rows: int, *args: object) -> None:
+    """kernel(r, *args) for every (batch·head) row r, on min(torch.get_num_threads(), CPUs, rows) worker threads
+    (`pool`) that take the rows one at a time from a shared counter: a worker on a core that another process
+    also runs takes fewer rows instead of holding up the call (numba's `prange` splits them evenly in advance:
+    two threads measured 0.95–1.0× one with the other core busy). The kernels release the GIL (nogil)."""
+    taken, lock = itertools.count(), threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                r = next(taken)
+            if r >= rows:
+                return
+            kernel(r, *args)
+
+    run_parallel([worker] * min(torch.get_num_threads(), cpus(), rows))
+
+
 class _CausalLoops(torch.autograd.Function):
     """Causal linear attention, no decay, through `_linear_loops` (forward and a recomputing backward).
 
@@ -440,7 +461,7 @@ class _CausalLoops(torch.autograd.Function):
     φ(q), φ(k) tensors; keep (batch, n) marks real keys, whose φ(k) the loops zero otherwise), and
     the gradients are with respect to the raw q, k. Saves q, k, v, the output and the (b·h, n)
     denominators; the backward rebuilds each chunk's C × C blocks (and φ) instead of storing them.
-    Threads: torch.get_num_threads(), so one setting drives both.
+    Threads: torch.get_num_threads() (`_over_rows`).
     """
 
     @staticmethod
@@ -455,9 +476,8 @@ class _CausalLoops(torch.autograd.Function):
         keep_rows = (keep if keep is not None and feature_map is not None else q.new_ones(1, 0)).to(torch.uint8)
         extra = (fmap, keep_rows.contiguous().numpy(), q.shape[1], loops.exp_constants(dtype))
         floor = dtype.type(normalizer_floor(q.dtype))
-        with compiled.numba_threads(torch.get_num_threads()):
-            loops.causal_forward(qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(), chunk, normalize, floor,
-                                 *extra)
+        _over_rows(loops.causal_forward, qr.shape[0], qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(),
+                   chunk, normalize, floor, *extra)
         ctx.save_for_backward(qr, kr, vr, out, den)
         ctx.normalize, ctx.chunk, ctx.extra = normalize, chunk, extra
         return out.view(v.shape)
@@ -470,8 +490,8 @@ class _CausalLoops(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)
         floor = qr.numpy().dtype.type(normalizer_floor(qr.dtype))
         arrays = (qr, kr, vr, out, den, g, dq, dk, dv)
-        with compiled.numba_threads(torch.get_num_threads()):
-            _loops().causal_backward(*(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor, *ctx.extra)
+        _over_rows(_loops().causal_backward, qr.shape[0], *(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor,
+                   *ctx.extra)
         shape = grad.shape[:2]
         grads = (dq.view(*shape, *qr.shape[1:]), dk.view(*shape, *kr.shape[1:]), dv.view(*shape, *vr.shape[1:]))
         return (*grads, None, None, None, None)
