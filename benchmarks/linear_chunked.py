@@ -8,7 +8,9 @@ On feature-mapped φ(q), φ(k) >= 0 and v (batch 1, 8 heads, head dim 64, float3
 count, timed interleaved (every variant once per round, --rounds rounds, medians): a 2048³ float32
 matmul (the machine's matmul rate, measured in the same rounds), the bidirectional form (two
 matmuls), the causal form through the numba loops and through the chunked PyTorch form, each
-forward only and forward + backward. Outputs (and, for fwd+bwd, gradients) are checked equal
+forward only and forward + backward; and, on raw q, k (what the "linear" entry's core receives),
+the causal loops with φ = elu + 1 applied inside (feature_map="elu+1") and applied outside first
+(`elu_plus_one`, two fresh tensors). Outputs (and, for fwd+bwd, gradients) are checked equal
 first. Printed: milliseconds, GFLOP/s of the forward by `linear_flops`, that rate as a fraction of
 the matmul rate, and causal / bidirectional fwd+bwd time (issue 14's bars: >= 0.30 and <= 1.5×).
 """
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from attnlab.kernels import compiled
-from attnlab.kernels.linear_scan import linear_attention, linear_flops
+from attnlab.kernels.linear_scan import elu_plus_one, linear_attention, linear_flops
 
 HEADS, HEAD_DIM, CHUNK, MATMUL = 8, 64, 64, 2048
 
@@ -33,6 +35,7 @@ def variants(n: int) -> dict[str, Callable[[], object]]:
     q, k = (torch.rand(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
     v = torch.randn(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_()
     w = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+    raw_q, raw_k = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(2))
     a, b = torch.randn(MATMUL, MATMUL, generator=g), torch.randn(MATMUL, MATMUL, generator=g)
 
     def run(causal: bool, backend: str | None, grad: bool) -> object:
@@ -46,11 +49,21 @@ def variants(n: int) -> dict[str, Callable[[], object]]:
     for x, y in zip(loops, torch_form):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(run(True, "numba", False), run(True, "torch", False), rtol=1e-4, atol=1e-6)
+
+    def mapped(inside: bool) -> object:
+        with torch.no_grad():
+            if inside:
+                return linear_attention(raw_q, raw_k, v, causal=True, chunk_size=CHUNK, feature_map="elu+1")
+            return linear_attention(elu_plus_one(raw_q), elu_plus_one(raw_k), v, causal=True, chunk_size=CHUNK)
+
+    torch.testing.assert_close(mapped(True), mapped(False), rtol=1e-4, atol=1e-6)
     return {
         "matmul 2048³": lambda: a @ b,
         "bidirectional fwd": lambda: run(False, None, False),
         "causal loops fwd": lambda: run(True, "numba", False),
         "causal torch fwd": lambda: run(True, "torch", False),
+        "elu+1 inside fwd": lambda: mapped(True),
+        "elu+1 outside fwd": lambda: mapped(False),
         "bidirectional fwd+bwd": lambda: run(False, None, True),
         "causal loops fwd+bwd": lambda: run(True, "numba", True),
         "causal torch fwd+bwd": lambda: run(True, "torch", True),
@@ -81,9 +94,11 @@ def main() -> None:
     print(f"float32, batch 1, {HEADS} heads, head dim {HEAD_DIM}, chunk {CHUNK}; medians of {args.rounds} interleaved rounds")
     for n in args.tokens:
         calls = variants(n)
+        first: dict[str, float] = {}
         for threads in args.threads:
             torch.set_num_threads(threads)
             t = interleaved(calls, args.rounds)
+            first = first or t
             rate = 2 * MATMUL**3 / t["matmul 2048³"]
             print(f"\nN = {n}, {threads} thread(s): matmul {rate / 1e9:.1f} GFLOP/s")
             for name, sec in t.items():
@@ -97,6 +112,9 @@ def main() -> None:
             for form in ("loops", "torch"):
                 ratio = t[f"causal {form} fwd+bwd"] / t["bidirectional fwd+bwd"]
                 print(f"  causal ({form}) / bidirectional fwd+bwd: {ratio:.2f}×")
+            if t is not first:
+                speed_ups = ", ".join(f"{name} {first[name] / t[name]:.2f}×" for name in t if "loops" in name)
+                print(f"  speed-up over {args.threads[0]} thread(s): {speed_ups}")
 
 
 if __name__ == "__main__":
