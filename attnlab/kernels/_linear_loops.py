@@ -25,6 +25,11 @@ sizes ~30–40 GFLOP/s against ~95 for a 2048³ matmul (the lane sums closing ea
 as the products); the whole forward ~0.45 of the matmul rate by `linear_flops` (the skipped triangle
 makes up part of the gap), the backward ~3.6× the forward. Tried and dropped: concatenating operands
 into one longer reduction per product (e.g. [Q | P][S | V]ᵀ) was no faster forward and slower backward.
+Also dropped: the broadcast-FMA form C[i, j:j+16] += A[i, p] Bᵀ[p, j:j+16] (no lane sums). Measured on a
+hot 64³ product, one thread: this reduction form 64 GFLOP/s; broadcast with the 4 × 16 accumulators as
+scalars 6 GFLOP/s (numba's LLVM packs them only partly: 64 scalar FMAs beside 64 zmm ones, ~100 spills);
+broadcast accumulating into the output rows (one zmm FMA per 16 columns, C reloaded and stored every p)
+40–44 GFLOP/s. numba has no vector types to hold a register tile, so the lane sums stay.
 
 Feature map: with fmap = ELU1 the loops take the raw projections and apply φ(x) = elu(x) + 1 to each
 q and k chunk as they load it (`_map_chunk`, with its own vectorised e^x, since numba has no vector
