@@ -44,7 +44,10 @@ the zero state), cumsum 11%, add, div, copy and masked_fill the rest: 15.6 GFLOP
 (batch·head) row's state in cache, skip the causal triangle and run rows in parallel: 0.38–0.48 of a
 2048³ matmul's rate forward at N = 16k–65k (one thread, a shared machine; the PyTorch form 0.11–0.16),
 backward (recomputing each chunk's blocks) ~3.6× the forward, causal / bidirectional fwd+bwd 1.1–1.4×
-(PyTorch form 1.8–2.6×); `benchmarks/linear_chunked.py` measures it. The
+(PyTorch form 1.8–2.6×); `benchmarks/linear_chunked.py` measures it. With `feature_map="elu+1"` the
+loops also apply φ (no φ(q), φ(k) tensors): the "linear" entry's causal core (`attnlab bench limits`,
+one thread, load ~1.8) 120 ms at N = 16k and 480 ms at 65k, 0.40 of the matmul rate, where mapping
+outside first cost 0.27. The
 bidirectional form stays two matmuls: it is bound by memory, not FLOPs (4·d² = 16k FLOPs per token
 and head against reading q, k, v and writing out, plus the ones column's copy of v and the division's
 pass over the output), so it reaches only ~0.25 of the matmul rate.
@@ -420,8 +423,8 @@ def hebbian_backend() -> str:
     if compiled.numba_module() is None:
         return f"chunked PyTorch path: {compiled.numba_status()}"
     return (
-        f"causal: fused chunk loops ({compiled.numba_status()}) for CPU float32/float64; the chunked PyTorch "
-        "path otherwise (CUDA, bfloat16); bidirectional: two matmuls"
+        f"causal: fused chunk loops ({compiled.numba_status()}) for CPU float32/float64, φ = elu + 1 applied "
+        "inside them; the chunked PyTorch path otherwise (CUDA, bfloat16); bidirectional: two matmuls"
     )
 
 
