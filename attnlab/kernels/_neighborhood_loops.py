@@ -28,17 +28,33 @@ written out (range reduction by 2^n, n an integer, and a polynomial of degree 13
 within 3e-7 (float32) and 3e-15 (float64) relative of exp), so that the loops over a query's keys
 vectorise: numba's math.exp is a scalar call without Intel's SVML.
 
+Register-blocked forward (forward_blocked, where a window's keys on the last axis are consecutive): a
+block of QUERIES = 4 consecutive queries of a line needs, per window row, one run of QUERIES + k − 1 keys.
+With k transposed (d × keys, keys contiguous), scores[r, run] += q[r, f] · kT[f, run] for f < d are
+broadcast FMAs into 4 × (run / 16) float32 vector accumulators held in registers (GEMM's micro-kernel;
+the vectors are LLVM vector types, `Vector`, built with llvmlite intrinsics: numba's auto-vectoriser
+keeps them in memory). Keys outside each query's own window get weight 0 after the softmax; the outputs
+are out[r] += p[r, j] v_j, vectorised over the value width with 4 × (e / 16) accumulators. Checked
+with inspect_asm (float32, AVX-512): the score loop is vbroadcastss + vmovups + vfmadd231ps zmm with no
+stack access (5 loads, 20 FMAs an f for k = 65); the output loop 4 loads, 16 FMAs a key, no spills;
+LLVM vectors wider than four registers or not a power of two in registers spill (80 floats: 1,800
+stack accesses), so a run longer than 64 keys is 64 + whole registers. The scores cost is then at the
+FMA rate (Zen 4: one zmm FMA a cycle): 1-D k = 65 computes 80 keys a query (the union rounded up to
+registers), 59 ms of FMAs for N = 65,536 × 8 heads; the softmax ~45 ms, the outputs ~42 ms, k's
+transposition and the output stores ~30 ms (one thread, measured by removing each phase).
+
 Why numba: the loops fuse scores, softmax and the weighted sum over each query's own keys (no halo, no
-gathered copies) with no build step; its limit is that it cannot hold a block of queries' accumulators
-in registers as a GEMM micro-kernel does, so on long 1-D windows the tiles' matrix products win (the
-rule in attnlab.mechanisms.local.neighborhood sends them there).
+gathered copies) with no build step. The per-query loops (`forward`, and the backward) vectorise over
+the head dim, so each key's dot product ends in a horizontal sum; on long 1-D windows the tiles' matrix
+products beat them (the rule in attnlab.mechanisms.local.neighborhood sends those to the tiles).
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.core import cgutils
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
 # Queries per unit of the forward: enough to amortise a unit's scratch arrays.
 CHUNK = 256
@@ -52,6 +68,7 @@ _TAYLOR = [1.0 / float(np.prod(np.arange(1, j + 1, dtype=np.float64))) for j in 
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # Slots of the constants array (typed as the inputs, so that float32 loops stay in float32).
 LOW, LOG2E, LN2_HI, LN2_LO, ZERO, ONE, HALF, NEG_INF, SCALE, POLY = range(10)
+P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13 = range(POLY + 1, POLY + 14)
 
 
 def constants(dtype: np.dtype, scale: float) -> np.ndarray:
@@ -83,13 +100,24 @@ def _pow2(typingctx, n):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
 def _exp(x, c):  # type: ignore[no-untyped-def]
-    """exp(x) for x <= 0 with the constants c."""
+    """exp(x) for x <= 0 with the constants c (an array, or a tuple: then every index must be a constant,
+    hence Horner's scheme written out)."""
     x = max(x, c[LOW])
     n = np.floor(x * c[LOG2E] + c[HALF])
     r = (x - n * c[LN2_HI]) - n * c[LN2_LO]
-    p = c[POLY]
-    for j in range(POLY + 1, POLY + 14):
-        p = p * r + c[j]
+    p = c[POLY] * r + c[P1]
+    p = p * r + c[P2]
+    p = p * r + c[P3]
+    p = p * r + c[P4]
+    p = p * r + c[P5]
+    p = p * r + c[P6]
+    p = p * r + c[P7]
+    p = p * r + c[P8]
+    p = p * r + c[P9]
+    p = p * r + c[P10]
+    p = p * r + c[P11]
+    p = p * r + c[P12]
+    p = p * r + c[P13]
     return p * _pow2(n)
 
 
@@ -320,3 +348,384 @@ def backward(stripes, heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, re
         if phase < stripes:
             _backward_phase(phase, stripes, heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2, keep,
                             rpb, c, dq, dk, dv, drpb)
+
+
+# -- the register-blocked forward ----------------------------------------------------------------
+class Width:
+    """A vector width, passed to the loops as a type (WidthType(count)), so that vectors of it are LLVM
+    vector types of a size known when compiling."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class WidthType(types.Type):
+    def __init__(self, count: int) -> None:
+        self.count = count
+        super().__init__(name=f"Width({count})")
+
+
+@typeof_impl.register(Width)
+def _typeof_width(value, context):  # type: ignore[no-untyped-def]
+    return WidthType(value.count)
+
+
+register_model(WidthType)(models.OpaqueModel)
+
+
+@unbox(WidthType)
+def _unbox_width(typ, obj, c):  # type: ignore[no-untyped-def]
+    return NativeValue(c.context.get_dummy_value())
+
+
+@intrinsic
+def width_of(typingctx, width):  # type: ignore[no-untyped-def]
+    """The count of a Width, a constant."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return ir.Constant(ir.IntType(64), width.count)
+
+    return types.int64(width), codegen
+
+
+class Vector(types.Type):
+    """An LLVM vector <width × dtype>: a value kept in registers (one zmm holds 16 float32)."""
+
+    def __init__(self, dtype: types.Float, width: int) -> None:
+        self.dtype, self.width = dtype, width
+        super().__init__(name=f"Vector({dtype}, {width})")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.width))
+
+
+def _pointer(context, builder, aryty, ary, i, j, vty):  # type: ignore[no-untyped-def]
+    """The address of ary[i, j] (2-D, C order, no bounds check) as a pointer to a vector."""
+    array = context.make_array(aryty)(context, builder, ary)
+    item = cgutils.get_item_pointer(context, builder, aryty, array, [i, j], wraparound=False)
+    return builder.bitcast(item, context.get_value_type(vty).as_pointer())
+
+
+@intrinsic
+def vload(typingctx, width, ary, i, j):  # type: ignore[no-untyped-def]
+    """ary[i, j : j + width] as a vector (width: a Width)."""
+    vty = Vector(ary.dtype, width.count)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _pointer(context, builder, signature.args[1], args[1], args[2], args[3], vty)
+        return builder.load(ptr, align=ary.dtype.bitwidth // 8)
+
+    return vty(width, ary, i, j), codegen
+
+
+@intrinsic
+def vstore(typingctx, ary, i, j, vec):  # type: ignore[no-untyped-def]
+    """ary[i, j : j + vec.width] = vec."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _pointer(context, builder, signature.args[0], args[0], args[1], args[2], signature.args[3])
+        builder.store(args[3], ptr, align=ary.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(ary, i, j, vec), codegen
+
+
+@intrinsic
+def vzero(typingctx, width, like):  # type: ignore[no-untyped-def]
+    """A vector of `width` zeros of like's type."""
+    vty = Vector(like, width.count)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return ir.Constant(context.get_value_type(vty), None)
+
+    return vty(width, like), codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, x, vec):  # type: ignore[no-untyped-def]
+    """acc + x · vec (x a scalar, broadcast), one fused multiply-add per register."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        lt = context.get_value_type(acc)
+        one = builder.insert_element(ir.Constant(lt, ir.Undefined), args[1], ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(one, ir.Constant(lt, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), acc.width), None))
+        return builder.fadd(builder.fmul(splat, args[2], flags=("contract",)), args[0], flags=("contract",))
+
+    return acc(acc, x, vec), codegen
+
+
+@intrinsic
+def transpose_block(typingctx, src, i, j, dst, a, b):  # type: ignore[no-untyped-def]
+    """dst[a + t, b + u] = src[i + u, j + t] for t, u < L, the lanes of a 512-bit register (16 float32,
+    8 float64): L rows loaded, transposed in registers by log2 L rounds of interleaving row r with row
+    r + L/2 (each round's lo and hi halves become rows 2r, 2r + 1), L rows stored."""
+    lanes = 512 // src.dtype.bitwidth
+    vty = Vector(src.dtype, lanes)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        s_ty, _, _, d_ty, _, _ = signature.args
+        index = ir.IntType(32)
+        low = ir.Constant(ir.VectorType(index, lanes), [x for t in range(lanes // 2) for x in (t, lanes + t)])
+        high = ir.Constant(ir.VectorType(index, lanes),
+                           [x for t in range(lanes // 2, lanes) for x in (t, lanes + t)])
+        align = src.dtype.bitwidth // 8
+        rows = []
+        for u in range(lanes):
+            at = builder.add(args[1], ir.Constant(args[1].type, u))
+            rows.append(builder.load(_pointer(context, builder, s_ty, args[0], at, args[2], vty), align=align))
+        for _ in range(lanes.bit_length() - 1):
+            half = lanes // 2
+            rows = [shuffled for r in range(half)
+                    for shuffled in (builder.shuffle_vector(rows[r], rows[r + half], low),
+                                     builder.shuffle_vector(rows[r], rows[r + half], high))]
+        for t in range(lanes):
+            at = builder.add(args[4], ir.Constant(args[4].type, t))
+            builder.store(rows[t], _pointer(context, builder, d_ty, args[3], at, args[5], vty), align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, i, j, dst, a, b), codegen
+
+
+# Queries per block of the register-blocked forward (consecutive on the last axis).
+QUERIES = 4
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _tile1(wa, qr, i, kt, ja, c, s, sa, ca):  # type: ignore[no-untyped-def]
+    """s[sa + r, ca : ca + wa] = scale · Σ_f q[i + r, f] · kt[f, ja : ja + wa], r < 4: four vector
+    accumulators."""
+    a0 = a1 = a2 = a3 = vzero(wa, c[ZERO])
+    q0, q1, q2, q3 = qr[i], qr[i + 1], qr[i + 2], qr[i + 3]
+    for f in range(qr.shape[1]):
+        ka = vload(wa, kt, f, ja)
+        a0 = vfma(a0, q0[f], ka)
+        a1 = vfma(a1, q1[f], ka)
+        a2 = vfma(a2, q2[f], ka)
+        a3 = vfma(a3, q3[f], ka)
+    zero = vzero(wa, c[ZERO])
+    vstore(s, sa, ca, vfma(zero, c[SCALE], a0))
+    vstore(s, sa + 1, ca, vfma(zero, c[SCALE], a1))
+    vstore(s, sa + 2, ca, vfma(zero, c[SCALE], a2))
+    vstore(s, sa + 3, ca, vfma(zero, c[SCALE], a3))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _tile2(wa, wb, qr, i, kt, ja, jb, c, s, sa, sb, cb):  # type: ignore[no-untyped-def]
+    """_tile1 on two runs of keys at once (eight accumulators: enough independent FMAs to fill both
+    ports): s[sa + r, :wa] from kt[:, ja…], s[sb + r, cb : cb + wb] from kt[:, jb…]."""
+    a0 = a1 = a2 = a3 = vzero(wa, c[ZERO])
+    b0 = b1 = b2 = b3 = vzero(wb, c[ZERO])
+    q0, q1, q2, q3 = qr[i], qr[i + 1], qr[i + 2], qr[i + 3]
+    for f in range(qr.shape[1]):
+        ka = vload(wa, kt, f, ja)
+        kb = vload(wb, kt, f, jb)
+        x0, x1, x2, x3 = q0[f], q1[f], q2[f], q3[f]
+        a0 = vfma(a0, x0, ka)
+        a1 = vfma(a1, x1, ka)
+        a2 = vfma(a2, x2, ka)
+        a3 = vfma(a3, x3, ka)
+        b0 = vfma(b0, x0, kb)
+        b1 = vfma(b1, x1, kb)
+        b2 = vfma(b2, x2, kb)
+        b3 = vfma(b3, x3, kb)
+    za, zb = vzero(wa, c[ZERO]), vzero(wb, c[ZERO])
+    vstore(s, sa, 0, vfma(za, c[SCALE], a0))
+    vstore(s, sa + 1, 0, vfma(za, c[SCALE], a1))
+    vstore(s, sa + 2, 0, vfma(za, c[SCALE], a2))
+    vstore(s, sa + 3, 0, vfma(za, c[SCALE], a3))
+    vstore(s, sb, cb, vfma(zb, c[SCALE], b0))
+    vstore(s, sb + 1, cb, vfma(zb, c[SCALE], b1))
+    vstore(s, sb + 2, cb, vfma(zb, c[SCALE], b2))
+    vstore(s, sb + 3, cb, vfma(zb, c[SCALE], b3))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _max(x, c):  # type: ignore[no-untyped-def]
+    """max(x) (−inf if x is empty) in four chains: one chain waits 4 cycles per element for the previous
+    comparison (LLVM does not vectorise a max without "no NaNs")."""
+    m0 = m1 = m2 = m3 = c[NEG_INF]
+    n4 = x.shape[0] // 4 * 4
+    for j in range(0, n4, 4):
+        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
+    for j in range(x.shape[0] - n4):
+        m0 = max(m0, x[n4 + j])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _transpose_into(kr, first, buf):  # type: ignore[no-untyped-def]
+    """buf[f, j] = kr[first + j, f] for j < buf.shape[1] (zeros past kr's end), in blocks of 16 keys so that
+    the rows read stay in L1."""
+    d, count = buf.shape
+    lanes = 64 // kr.itemsize
+    real = max(0, min(count, kr.shape[0] - first))
+    blocks = real // lanes if d % lanes == 0 else 0
+    for jb in range(blocks):
+        for fb in range(d // lanes):
+            transpose_block(kr, first + jb * lanes, fb * lanes, buf, fb * lanes, jb * lanes)
+    for f in range(d):
+        for j in range(real - blocks * lanes):
+            buf[f, blocks * lanes + j] = kr[first + blocks * lanes + j, f]
+        buf[f, real:] = 0.0
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
+def transpose(k, pad, kt):  # type: ignore[no-untyped-def]
+    """kt[row, f, j] = k[row, j, f] (keys contiguous), then `pad` zero columns per f; in blocks of 16 keys
+    (one register's width of float32), so that the 16 rows read stay in cache."""
+    rows, n, d = k.shape
+    blocks = n // 16
+    for row in prange(rows):
+        kr, ktr = k[row], kt[row]
+        for jb in range(blocks):
+            src = kr[jb * 16 : jb * 16 + 16]
+            for f in range(d):
+                dst = ktr[f, jb * 16 : jb * 16 + 16]
+                for j in range(16):
+                    dst[j] = src[j, f]
+        for f in range(d):
+            for j in range(n - blocks * 16):
+                ktr[f, blocks * 16 + j] = kr[blocks * 16 + j, f]
+            ktr[f, n : n + pad] = 0.0
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
+def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, rpb, c, out, lse,  # type: ignore[no-untyped-def]
+                    wa, wl, we):
+    """forward's out and lse for windows whose keys on the last axis are a contiguous run (no dilation
+    there), QUERIES consecutive queries of a line at a time. runs (L_2, 3): each last-axis position's
+    first key, last key and the bias index of the first; k2: the last axis's kernel. kt (BH, d, N + pad):
+    k transposed (transpose), or (BH, d, 0): each unit transposes the keys of its chunk itself (a grid
+    of one line). wa, wl, we: Widths: the main run of keys (a power of two times the lanes), the lanes
+    of a register, and the value width."""
+    rows = q.shape[0]
+    l0, l1, l2 = pos0.shape[0], pos1.shape[0], runs.shape[0]
+    k0, k1 = pos0.shape[1], pos1.shape[1]
+    r1, r2 = 2 * k1 - 1, 2 * k2 - 1
+    na, nl = width_of(wa), width_of(wl)
+    e = (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
+         c[16], c[17], c[18], c[19], c[20], c[21], c[22])
+    need = QUERIES + k2 - 1  # keys of a block's union on the last axis
+    tails = 0 if need <= na else (need - na + nl - 1) // nl
+    span = na + tails * nl
+    lines = l0 * l1
+    chunks = (l2 + CHUNK - 1) // CHUNK
+    use_keep, use_rpb = keep.shape[1] > 0, rpb.shape[1] > 0
+    for unit in prange(rows * lines * chunks):
+        row = unit // (lines * chunks)
+        line = (unit // chunks) % lines
+        x, y = line // l1, line % l1
+        b, h = row // heads, row % heads
+        keep_row = keep[b if use_keep else 0]
+        qr, vr, orow = q[row], v[row], out[row]
+        start = (unit % chunks) * CHUNK
+        if kt.shape[2] == 0:  # one line: its chunk's keys, transposed here (in cache when read)
+            koff = runs[max(0, min(start, l2 - QUERIES)), 0]
+            ktr = np.empty((q.shape[2], runs[min(start + CHUNK, l2) - 1, 1] + 1 - koff + span), q.dtype)
+            _transpose_into(k[row], koff, ktr)
+        else:
+            koff, ktr = 0, kt[row]
+        bases = np.empty(k0 * k1, np.int64)
+        rels = np.empty(k0 * k1, np.int64)
+        g = 0  # the window's real rows (outer axes), the same for every query of the line
+        for t0 in range(k0):
+            a0 = pos0[x, t0]
+            for t1 in range(k1):
+                a1 = pos1[y, t1]
+                if a0 >= 0 and a1 >= 0:
+                    bases[g] = (a0 * l1 + a1) * l2
+                    rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
+                    g += 1
+        s = np.empty((QUERIES * max(g, 1), span), q.dtype)
+        lo = np.empty(QUERIES, np.int64)
+        hi = np.empty(QUERIES, np.int64)
+        rel_lo = np.empty(QUERIES, np.int64)
+        inv = np.empty(QUERIES, q.dtype)
+        line_start = line * l2
+        for z0 in range(start, min(start + CHUNK, l2), QUERIES):
+            # the block: queries z0 … z0 + 3, moved back to end at the line's end (l2 >= QUERIES; the
+            # queries it takes again get the same values: weights 0 add exact zeros)
+            zb = min(z0, l2 - QUERIES)
+            for r in range(QUERIES):
+                lo[r], hi[r], rel_lo[r] = runs[zb + r, 0], runs[zb + r, 1], runs[zb + r, 2]
+            u0 = lo[0]
+            for r in range(QUERIES):
+                u0 = min(u0, lo[r])
+            width = 0
+            for r in range(QUERIES):
+                width = max(width, hi[r] - u0 + 1)
+            # scores: q of the block against the run u0 … u0 + span − 1 of every window row
+            qb = line_start + zb
+            if tails == 0 and na <= 2 * nl:  # two rows at once: 8 or 16 accumulators
+                u = 0
+                while u + 2 <= g:
+                    _tile2(wa, wa, qr, qb, ktr, bases[u] + u0 - koff, bases[u + 1] + u0 - koff, c, s, u * QUERIES,
+                           (u + 1) * QUERIES, 0)
+                    u += 2
+                if u < g:
+                    _tile1(wa, qr, qb, ktr, bases[u] + u0 - koff, c, s, u * QUERIES, 0)
+            elif tails == 0:  # 16 accumulators a row
+                for u in range(g):
+                    _tile1(wa, qr, qb, ktr, bases[u] + u0 - koff, c, s, u * QUERIES, 0)
+            else:
+                for u in range(g):
+                    _tile2(wa, wl, qr, qb, ktr, bases[u] + u0 - koff, bases[u] + u0 - koff + na, c, s, u * QUERIES,
+                           u * QUERIES, na)
+                    for tail in range(1, tails):
+                        _tile1(wl, qr, qb, ktr, bases[u] + u0 - koff + na + tail * nl, c, s, u * QUERIES,
+                               na + tail * nl)
+            # softmax of each query over its own keys; weights 0 elsewhere in the run. The loops run over
+            # slices from 0 (a loop from a possibly negative index keeps numba's wraparound test in the
+            # loop and stops LLVM from vectorising it: measured 4× slower)
+            for r in range(QUERIES):
+                m = c[NEG_INF]
+                a, z_hi = lo[r] - u0, hi[r] - u0 + 1
+                for u in range(g):
+                    sr = s[u * QUERIES + r]
+                    sr[:a] = 0.0
+                    sr[z_hi:width] = 0.0
+                    seg = sr[a:z_hi]
+                    if use_rpb:
+                        bias = rpb[h, rels[u] + rel_lo[r] : rels[u] + rel_lo[r] + seg.shape[0]]
+                        for j in range(seg.shape[0]):
+                            seg[j] += bias[j]
+                    if use_keep:
+                        kept = keep_row[bases[u] + lo[r] : bases[u] + lo[r] + seg.shape[0]]
+                        for j in range(seg.shape[0]):
+                            seg[j] = seg[j] if kept[j] else e[NEG_INF]
+                    m = max(m, _max(seg, e))
+                i = qb + r
+                if m == c[NEG_INF]:
+                    for u in range(g):
+                        s[u * QUERIES + r, a:z_hi] = 0.0
+                    inv[r] = c[ZERO]
+                    lse[row, i] = c[NEG_INF]
+                    continue
+                total = c[ZERO]
+                for u in range(g):
+                    seg = s[u * QUERIES + r, a:z_hi]
+                    for j in range(seg.shape[0]):
+                        sc = seg[j]
+                        p = _exp(sc - m, e)
+                        p = p if sc > e[NEG_INF] else e[ZERO]
+                        seg[j] = p
+                        total += p
+                inv[r] = c[ONE] / total
+                lse[row, i] = m + np.log(total)
+            # outputs: the weighted sums of v rows, four queries at a time
+            o0 = o1 = o2 = o3 = vzero(we, c[ZERO])
+            for u in range(g):
+                s0, s1, s2, s3 = s[u * QUERIES], s[u * QUERIES + 1], s[u * QUERIES + 2], s[u * QUERIES + 3]
+                key = bases[u] + u0
+                for j in range(width):
+                    vj = vload(we, vr, key + j, 0)
+                    o0 = vfma(o0, s0[j], vj)
+                    o1 = vfma(o1, s1[j], vj)
+                    o2 = vfma(o2, s2[j], vj)
+                    o3 = vfma(o3, s3[j], vj)
+            zero = vzero(we, c[ZERO])
+            vstore(orow, qb, 0, vfma(zero, inv[0], o0))
+            vstore(orow, qb + 1, 0, vfma(zero, inv[1], o1))
+            vstore(orow, qb + 2, 0, vfma(zero, inv[2], o2))
+            vstore(orow, qb + 3, 0, vfma(zero, inv[3], o3))

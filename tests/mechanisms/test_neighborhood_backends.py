@@ -125,3 +125,80 @@ def test_the_rule_and_its_errors(monkeypatch):
     assert nb.backend_line().startswith("the tiled PyTorch path: numba is not installed")
     with pytest.raises(ParameterError, match=r"backend: 'numba' cannot serve here: numba is not installed"):
         neighborhood_attention(q, q, q, kernel_size=3, backend="numba")
+
+
+BLOCKED_CASES = [  # (grid, kernel, dilation, causal, dtype, head dim, value width, bias, padding)
+    ((40,), 9, 1, False, torch.float64, 8, 8, True, True),  # one line: each unit transposes its keys
+    ((45,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal: the first queries see fewer keys
+    ((70,), 65, 1, False, torch.float64, 8, 8, True, False),  # a run of keys wider than four registers
+    ((7, 23), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),  # dilated rows, two rows at once
+    ((3, 4, 14), (3, 3, 11), 1, (False, True, False), torch.float64, 8, 8, False, True),
+    ((6, 30), (5, 13), 1, False, torch.float32, 16, 32, True, True),
+]
+
+
+@pytest.mark.parametrize("grid,kernel,dil,causal,dtype,d,e,bias,padding", BLOCKED_CASES)
+def test_blocked_forward_reference_and_per_query_loops(monkeypatch, grid, kernel, dil, causal, dtype, d, e, bias,
+                                                       padding):
+    """The register-blocked forward serves (counted), equals the float64 reference forward and backward (the
+    backward recomputes from its logsumexp), the per-query loops, and is bit-for-bit the same on 1 and 2
+    threads; a padding mask leaves some windows without a real key (zeros)."""
+    rank = len(grid)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, *grid, x, generator=gen, dtype=dtype).requires_grad_(True) for x in (d, d, e))
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    kw = dict(kernel_size=kernel, dilation=dil, causal=causal)
+    if bias:
+        kw["rpb"] = torch.randn(3, *(2 * x - 1 for x in ks), generator=gen, dtype=dtype)
+    if padding:
+        n = math.prod(grid)
+        mask = torch.rand(2, n, generator=gen) > 0.3
+        mask[0, :-1] = False  # batch 0: only its last position real, most windows without a real key
+        kw["attention_mask"] = mask
+    grad = torch.randn(*v.shape, generator=gen, dtype=dtype)
+    calls = []
+    lib = engines.loops()
+    blocked = lib.forward_blocked
+    monkeypatch.setattr(lib, "forward_blocked", lambda *a: calls.append(1) or blocked(*a))
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(fwd_bwd(lambda *t: neighborhood_attention(*t, **kw, backend="numba"), [q, k, v], grad))
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 2
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+    want = fwd_bwd(lambda *t: neighborhood_attention_reference(*t, **kw)[0], [q, k, v], grad)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    if dtype == torch.float32:  # the reference in float64 on the same values
+        kw64 = {**kw, "rpb": kw["rpb"].double()} if bias else kw
+        want = fwd_bwd(lambda *t: neighborhood_attention_reference(*t, **kw64)[0],
+                       [t.detach().double().requires_grad_(True) for t in (q, k, v)], grad.double())
+        want = [t.float() for t in want]
+    agree(runs[0], want, **tol)
+    if padding:
+        dead = runs[0][0].reshape(2, 3, -1, e).abs().sum(-1) == 0
+        assert dead[0].any() and not dead[1].all()
+    monkeypatch.setattr(engines, "BLOCKED", False)
+    agree(fwd_bwd(lambda *t: neighborhood_attention(*t, **kw, backend="numba"), [q, k, v], grad), runs[0], **tol)
+    assert len(calls) == 2  # the per-query loops took that call
+
+
+def test_blocked_forward_rule():
+    """Consecutive keys on the last axis, a kernel there of at least BLOCKED_MIN_KERNEL, lines of at least
+    QUERIES positions; each position's run of keys is its window on that axis."""
+    small = engines.BLOCKED_MIN_KERNEL - 2
+    assert engines.blocked_serves(nb.loop_windows((30,), (9,), (1,), (False,)))
+    assert engines.blocked_serves(nb.loop_windows((5, 30), (3, 9), (2, 1), (False, True)))
+    assert not engines.blocked_serves(nb.loop_windows((30,), (9,), (2,), (False,)))  # dilated last axis
+    assert not engines.blocked_serves(nb.loop_windows((30,), (small,), (1,), (False,)))
+    assert not engines.blocked_serves(nb.loop_windows((30, 3), (9, 3), (1, 1), (False, False)))  # lines of 3
+    w = nb.loop_windows((12,), (5,), (1,), (True,))
+    assert w.runs[:, 0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]  # causal: first real key
+    assert w.runs[:, 1].tolist() == list(range(12)) and w.runs[:3, 2].tolist() == [4, 3, 2]
+    w = nb.loop_windows((12,), (5,), (1,), (False,))
+    assert w.runs[:, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7] and (w.runs[:, 1] == w.runs[:, 0] + 4).all()
+    assert w.runs[:, 2].tolist() == [4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 0]
