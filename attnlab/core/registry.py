@@ -152,6 +152,9 @@ class Supports:
     # (pooling); checked by the conformance suite
     order_invariant: bool = False
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16")
+    # exact sequence-parallel forms over torch.distributed (attnlab.distributed): "ring", "tree" (softmax
+    # family), "state" (state passing, linear family), "halo" (halo exchange, local windows); () = not shardable
+    sharding: tuple[str, ...] = ()
 
     def flags(self) -> list[str]:
         names = ("causal", "key_padding", "attn_mask", "cross", "decode", "materialize", "summary_keys", "order_invariant")
@@ -159,6 +162,8 @@ class Supports:
         if self.causal_only:
             out[0] = "causal only"
         out.append("grid " + "/".join(f"{g}d" for g in self.grids))
+        if self.sharding:
+            out.append("sharded by " + "/".join(self.sharding))
         return out
 
 
@@ -278,6 +283,7 @@ class Spec:
                 "summary_keys": s.summary_keys,
                 "order_invariant": s.order_invariant,
                 "dtypes": list(s.dtypes),
+                "sharding": list(s.sharding),
             }
         return d
 
