@@ -20,7 +20,8 @@ BENCH_PEERS := einops local-attention==1.11.2 linear-attention-transformer==0.19
 TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 labml==0.5.3 \
   torch-geometric==2.8.1 point-transformer-pytorch==0.1.5 perceiver-pytorch==0.11.0 slot-attention==1.5.2 \
   xxhash==4.1.0 psutil==7.2.2 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 idna==3.21 \
-  einx==0.4.3 frozendict==2.5.1 vector-quantize-pytorch==1.32.0 loguru==0.7.3
+  einx==0.4.3 frozendict==2.5.1 vector-quantize-pytorch==1.32.0 loguru==0.7.3 \
+  ring-attention-pytorch==0.5.20 beartype==0.23.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
 BENCH_STAMP := $(VENV)/.bench-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 

@@ -1,6 +1,6 @@
 """The import layers of attnlab, read from the source (ast), every import including those inside functions:
 
-    core  <-  kernels  <-  mechanisms  <-  functional  <-  {tasks, analysis, testing}
+    core  <-  kernels  <-  mechanisms  <-  functional  <-  {tasks, analysis, inference, distributed, testing}
           <-  {catalogue, attnlab (the package's __init__)}  <-  {bench, catalogue_table}  <-  cli
 
 A module may import its own layer and those to its left, never one to its right; the command lines
@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attnlab.kernels",),
     ("attnlab.mechanisms",),
     ("attnlab.functional",),
-    ("attnlab.tasks", "attnlab.analysis", "attnlab.testing"),
+    ("attnlab.tasks", "attnlab.analysis", "attnlab.inference", "attnlab.distributed", "attnlab.testing"),
     ("attnlab.catalogue", "attnlab"),
     ("attnlab.bench", "attnlab.catalogue_table"),
     ("attnlab.cli", "attnlab.__main__", "attnlab.bench.cli", "attnlab.analysis.cli"),
