@@ -675,16 +675,18 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
                     for tail in range(1, tails):
                         _tile1(wl, qr, qb, ktr, bases[u] + u0 - koff + na + tail * nl, c, s, u * QUERIES,
                                na + tail * nl)
-            # softmax of each query over its own keys; weights 0 elsewhere in the run. The loops run over
-            # slices from 0 (a loop from a possibly negative index keeps numba's wraparound test in the
-            # loop and stops LLVM from vectorising it: measured 4× slower)
+            # softmax of each query over its own keys; weights 0 elsewhere in the run. The bias and the
+            # padding mask and the max touch the window's slice (a loop from a possibly negative index keeps
+            # numba's wraparound test in the loop and stops LLVM from vectorising it); the weights run over
+            # whole rows of the run with the window as a mask (trip counts in whole registers: on 13-key rows
+            # the slices' exp ran in its scalar remainder). LLVM vectorises no max without "no NaNs", even
+            # compiled apart with it: _max's four chains over the slice (a masked max over whole rows, one
+            # chain, made 1-D k = 65 257 → 326 ms)
             for r in range(QUERIES):
-                m = c[NEG_INF]
                 a, z_hi = lo[r] - u0, hi[r] - u0 + 1
+                m = c[NEG_INF]
                 for u in range(g):
                     sr = s[u * QUERIES + r]
-                    sr[:a] = 0.0
-                    sr[z_hi:width] = 0.0
                     seg = sr[a:z_hi]
                     if use_rpb:
                         bias = rpb[h, rels[u] + rel_lo[r] : rels[u] + rel_lo[r] + seg.shape[0]]
@@ -698,18 +700,18 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
                 i = qb + r
                 if m == c[NEG_INF]:
                     for u in range(g):
-                        s[u * QUERIES + r, a:z_hi] = 0.0
+                        s[u * QUERIES + r] = 0.0
                     inv[r] = c[ZERO]
                     lse[row, i] = c[NEG_INF]
                     continue
                 total = c[ZERO]
                 for u in range(g):
-                    seg = s[u * QUERIES + r, a:z_hi]
-                    for j in range(seg.shape[0]):
-                        sc = seg[j]
+                    sr = s[u * QUERIES + r]
+                    for j in range(span):
+                        sc = sr[j]
                         p = _exp(sc - m, e)
-                        p = p if sc > e[NEG_INF] else e[ZERO]
-                        seg[j] = p
+                        p = p if (j >= a and j < z_hi and sc > e[NEG_INF]) else e[ZERO]
+                        sr[j] = p
                         total += p
                 inv[r] = c[ONE] / total
                 lse[row, i] = m + np.log(total)
