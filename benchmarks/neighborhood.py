@@ -41,6 +41,13 @@ torch engine's time / the numba loops' (median of the rounds, min):
 
 and the numba loops against unfold / dense SDPA (fwd+bwd): 2d-7 21× / 24×, 2d-13 32× / 9×,
 1d-causal-256 against causal SDPA 6×.
+
+Later the same day the loops' forward became register-blocked where the last axis's kernel is >= 9
+(attnlab.kernels.neighborhood.BLOCKED_MIN_KERNEL); one thread, pinned, shared machine (load 1.4–1.8),
+forward, per-query loops → blocked (median ms): 1d-65 446 → 250, 2d-13 78 → 45, 2d-11 45 → 34,
+2d-9 28 → 24, 1d-33 266 → 204, 1d-13 196 → 178 (2d-7, 3-D 5³ / 7³: slower blocked, so not used).
+N = 16,384, numba / torch (ms): k = 65 fwd 61 / 146, fwd+bwd 364 / 411; k = 97 84 / 140, 546 / 529;
+k = 129 81 / 148, 920 / 1043; causal 256 262 / 491, 2165 / 2792 (one run each, 3 rounds).
 """
 from __future__ import annotations
 
