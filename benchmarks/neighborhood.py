@@ -44,8 +44,9 @@ and the numba loops against unfold / dense SDPA (fwd+bwd): 2d-7 21× / 24×, 2d-
 
 Later the same day the loops' forward became register-blocked where the last axis's kernel is >= 9
 (attnlab.kernels.neighborhood.BLOCKED_MIN_KERNEL); one thread, pinned, shared machine (load 1.4–1.8),
-forward, per-query loops → blocked (median ms): 1d-65 446 → 250, 2d-13 78 → 45, 2d-11 45 → 34,
-2d-9 28 → 24, 1d-33 266 → 204, 1d-13 196 → 178 (2d-7, 3-D 5³ / 7³: slower blocked, so not used).
+forward, per-query loops → blocked (median ms, the same run): 1d-65 446 → 257, 2d-13 78 → 58, 2d-11
+45 → 34, 2d-9 28 → 24, 1d-33 266 → 204, 1d-13 196 → 178 (2d-7 26 → 39, 3-D 16³ 5³ 45 → 60, 7³ 112 → 126:
+not used there); then the weights over whole rows, against that (A/B): 2d-13 53 → 45, 1d-65 261 → 250.
 N = 16,384, numba / torch (ms): k = 65 fwd 61 / 146, fwd+bwd 364 / 411; k = 97 84 / 140, 546 / 529;
 k = 129 81 / 148, 920 / 1043; causal 256 262 / 491, 2165 / 2792 (one run each, 3 rounds).
 """
