@@ -10,8 +10,9 @@ inference, for a query q and keys K,
 
 (the paper's `methods/pca_topk`, P027; cost O(N r + k d) per query instead of O(N d)). Since P is orthonormal,
 (q P)(K P)ᵀ = q Kᵀ: with r = d the ranking is exact, and with k ≥ the number of visible keys Loki is dense
-attention. The decode form keeps the cache rotated, K P, as the paper does: the first r columns of the
-cache rank the keys and the full rotated rows give the exact logits, (q P)(K P)_Sᵀ = q K_Sᵀ.
+attention. The decode form keeps the cache rotated, K P, as the paper does, stored as two contiguous parts,
+(K P)_{:, :r} (read in full to rank the keys: N·r numbers) and (K P)_{:, r:} (read at the k selected rows only);
+the exact logits are the approximate ones plus the rest, s̃_S + (q P)_{r:} (K P)_{S, r:}ᵀ/√d = q K_Sᵀ/√d.
 
 Deviations and choices: the basis is fitted on mean-centred keys (the PCA) but applied to the raw keys
 (centring would change the scores; a rotation does not); an additive score term b of the wrapped module
@@ -145,9 +146,9 @@ def attend_selected(
     b, h, n_q, s = indices.shape
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    flat = indices.reshape(b, h, n_q * s, 1)
-    k_s = k.gather(2, flat.expand(-1, -1, -1, d)).view(b, h, n_q, s, d)
-    v_s = v.gather(2, flat.expand(-1, -1, -1, v.shape[-1])).view(b, h, n_q, s, v.shape[-1])
+    flat = indices.reshape(b, h, n_q * s)
+    k_s = gather_rows(k, flat).view(b, h, n_q, s, d)
+    v_s = gather_rows(v, flat).view(b, h, n_q, s, v.shape[-1])
     logits = torch.einsum("bhqd,bhqsd->bhqs", q, k_s) * scale
     if bias is not None:
         logits = logits + bias.expand(b, h, n_q, k.shape[2]).gather(-1, indices)
@@ -171,21 +172,58 @@ def loki_attention(
 
 
 def rotate_keys(k: Tensor, components: Tensor) -> Tensor:
-    """K P: the keys (batch, heads, n, d) in the PCA basis (heads, d, d), the form Loki's decode cache holds."""
+    """K P: the keys (batch, heads, n, d) in the PCA basis (heads, d, d)."""
     return k @ components.to(k.dtype)
 
 
+def split_rotated_keys(k: Tensor, components: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Loki's decode cache of keys: K P split into the ranking columns (K P)_{:, :r} and the rest (K P)_{:, r:}, each
+    contiguous (the ranking pass then reads N·r numbers, not N·d with a stride), together the memory of K."""
+    rotated = rotate_keys(k, components)
+    check_int("rank", rank, 1, rotated.shape[-1], meaning="(dimensions of the approximate scores)")
+    return rotated[..., :rank].contiguous(), rotated[..., rank:].contiguous()
+
+
+def gather_rows(x: Tensor, indices: Tensor) -> Tensor:
+    """x (batch, heads, n, c) at `indices` (batch, heads, m): (batch, heads, m, c), one row copy per index."""
+    b, h, n, c = x.shape
+    offsets = torch.arange(b * h, device=x.device).view(b, h, 1) * n
+    return x.reshape(b * h * n, c).index_select(0, (indices + offsets).reshape(-1)).view(b, h, indices.shape[-1], c)
+
+
 def loki_decode(
-    q: Tensor, k_rotated: Tensor, v: Tensor, components: Tensor, rank: int, top_k: int, *,
+    q: Tensor, keys_low: Tensor, keys_rest: Tensor, v: Tensor, components: Tensor, top_k: int, *,
     bias: Tensor | None = None, scale: float | None = None,
 ) -> Tensor:
-    """One query q (batch, heads, 1, d) against a rotated cache K P (batch, heads, N, d) and V: top-k by
-    (q P_r)(K P)_{:, :r}ᵀ/√d, then exact softmax((q P)(K P)_Sᵀ/√d) V_S. Returns (batch, heads, 1, d_v)."""
+    """One query q (batch, heads, 1, d) against Loki's cache: keys_low = (K P)_{:, :r}, keys_rest = (K P)_{:, r:}
+    (`split_rotated_keys`), V (batch, heads, N, d_v). With q̂ = q P: s̃ = q̂_{:r} keys_lowᵀ·scale + b, S = top-k of s̃,
+    exact logits s̃_S + q̂_{r:} keys_rest_Sᵀ·scale (= q K_Sᵀ·scale + b_S since P is orthonormal), softmax, V_S.
+    Returns (batch, heads, 1, d_v)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ShapeError(f"q: expected one query (batch, heads, 1, head_dim), got shape {tuple(q.shape)}")
-    indices, valid = loki_select(q, k_rotated, components, rank, top_k, bias=bias, scale=scale, keys_rotated=True)
-    q_rotated = q @ components.to(q.dtype)
-    return attend_selected(q_rotated, k_rotated, v, indices, valid, bias=bias, scale=scale)
+    d, r = q.shape[-1], keys_low.shape[-1]
+    check_tensor("keys_rest", keys_rest)
+    if keys_rest.shape != (*keys_low.shape[:3], d - r):
+        raise ShapeError(f"keys_rest: expected shape {(*keys_low.shape[:3], d - r)} (the columns r.. of K P), "
+                         f"got {tuple(keys_rest.shape)}")
+    check_tensor("v", v)
+    if v.dim() != 4 or v.shape[:3] != keys_low.shape[:3]:
+        raise ShapeError(f"v: expected (batch, heads, N, d_v) with (batch, heads, N) = {tuple(keys_low.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    _check_selection(q[..., :r], keys_low, components[:, :r, :r], r, top_k)
+    if components.shape != (q.shape[1], d, d):
+        raise ShapeError(f"components: expected shape {(q.shape[1], d, d)} (heads, d, d), got {tuple(components.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_rot = q @ components.to(q.dtype)
+    approx = (q_rot[..., :r] @ keys_low.transpose(-1, -2)) * scale
+    if bias is not None:
+        approx = approx + bias
+    picked, indices = approx.topk(min(top_k, keys_low.shape[2]), dim=-1, sorted=False)
+    b, h = q.shape[:2]
+    flat = indices.view(b, h, -1)
+    logits = picked + (q_rot[..., r:] @ gather_rows(keys_rest, flat).transpose(-1, -2)) * scale
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # no finite logit (a -inf bias everywhere) -> zeros
+    return weights @ gather_rows(v, flat)
 
 
 class LokiAttention(nn.Module):
@@ -232,18 +270,19 @@ class LokiAttention(nn.Module):
                              bias=bias, scale=m.scale)
         return m.out_proj(m.merge_heads(out))
 
-    def step(self, x_t: Tensor, cache: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Decode one token x_t (batch, 1, dim); `cache` = (K P, V) so far (None at the start)."""
+    def step(self, x_t: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None = None
+             ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Decode one token x_t (batch, 1, dim); `cache` = ((K P)_{:, :r}, (K P)_{:, r:}, V) so far (None at the start)."""
         m = self.module
         if x_t.dim() != 3 or x_t.shape[1] != 1:
             raise ShapeError(f"x_t: expected one token (batch, 1, dim), got shape {tuple(x_t.shape)}")
         q, k, v = m.project(x_t)
-        k_rot = rotate_keys(k, self.components)
+        k_low, k_rest = split_rotated_keys(k, self.components, self.rank)
         if cache is not None:
-            k_rot, v = torch.cat([cache[0], k_rot], dim=2), torch.cat([cache[1], v], dim=2)
-        bias = m.score_bias(q, k_rot)
-        out = loki_decode(q, k_rot, v, self.components, self.rank, self.top_k, bias=bias, scale=m.scale)
-        return m.out_proj(m.merge_heads(out)), (k_rot, v)
+            k_low, k_rest, v = (torch.cat([old, new], dim=2) for old, new in zip(cache, (k_low, k_rest, v), strict=True))
+        bias = m.score_bias(q, k_low)
+        out = loki_decode(q, k_low, k_rest, v, self.components, self.top_k, bias=bias, scale=m.scale)
+        return m.out_proj(m.merge_heads(out)), (k_low, k_rest, v)
 
 
 add(Spec(

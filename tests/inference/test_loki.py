@@ -14,13 +14,15 @@ from attnlab.inference.loki import (
     loki_attention,
     loki_decode,
     loki_select,
-    rotate_keys,
+    split_rotated_keys,
 )
 
 
-def reference(q, k, v, P, r, top_k, causal):
-    """Per query, loops: s̃_j = (q P_r)·(k_j P_r)/√d over visible j, top-k, softmax of exact q·k_j/√d, Σ w_j v_j."""
+def reference(q, k, v, P, r, top_k, causal, bias=None):
+    """Per query, loops: s̃_j = (q P_r)·(k_j P_r)/√d + b_ij over visible j, top-k, softmax of exact q·k_j/√d + b_ij,
+    Σ w_j v_j."""
     q, k, v, P = q.double(), k.double(), v.double(), P.double()
+    bias = torch.zeros(q.shape[1], q.shape[2], k.shape[2], dtype=torch.float64) if bias is None else bias.double()
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     out = torch.zeros(b, h, n_q, v.shape[-1], dtype=torch.float64)
@@ -30,9 +32,10 @@ def reference(q, k, v, P, r, top_k, causal):
             for i in range(n_q):
                 pos = n_k - n_q + i
                 visible = [j for j in range(n_k) if not causal or j <= pos]
-                approx = {j: float((q[bi, hi, i] @ Pr) @ (k[bi, hi, j] @ Pr)) / math.sqrt(d) for j in visible}
+                approx = {j: float((q[bi, hi, i] @ Pr) @ (k[bi, hi, j] @ Pr)) / math.sqrt(d) + float(bias[hi, i, j])
+                          for j in visible}
                 chosen = sorted(visible, key=lambda j: -approx[j])[:top_k]
-                logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] / math.sqrt(d) for j in chosen])
+                logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] / math.sqrt(d) + bias[hi, i, j] for j in chosen])
                 w = torch.softmax(logits, 0)
                 out[bi, hi, i] = sum(w[t] * v[bi, hi, j] for t, j in enumerate(chosen))
     return out
@@ -58,6 +61,10 @@ def test_matches_float64_reference(causal, r, top_k):
     P = random_orthonormal(2, 8, gen)
     got = loki_attention(q, k, v, P, r, top_k, causal=causal)
     torch.testing.assert_close(got, reference(q, k, v, P, r, top_k, causal), atol=1e-12, rtol=1e-12)
+    # an additive score term (ALiBi-like) enters both the ranking and the exact logits; scale 1/√d (full d) matters
+    bias = -0.4 * torch.arange(9.0)[None, None, :].flip(-1).expand(2, 5, 9) * torch.tensor([1.0, 2.0])[:, None, None]
+    got = loki_attention(q, k, v, P, r, top_k, causal=causal, bias=bias)
+    torch.testing.assert_close(got, reference(q, k, v, P, r, top_k, causal, bias), atol=1e-12, rtol=1e-12)
 
 
 def test_full_rank_and_all_keys_is_dense_attention():
@@ -129,7 +136,7 @@ def test_decode_on_rotated_cache_matches_prefill_last_row():
     q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     P = random_orthonormal(2, 8, gen)
     prefill = loki_attention(q, k, v, P, 3, 7, causal=True)
-    step = loki_decode(q[:, :, -1:], rotate_keys(k, P), v, P, 3, 7)
+    step = loki_decode(q[:, :, -1:], *split_rotated_keys(k, P, 3), v, P, 7)
     torch.testing.assert_close(step, prefill[:, :, -1:], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(step, reference(q[:, :, -1:], k, v, P, 3, 7, False), atol=1e-12, rtol=1e-12)
 
@@ -172,7 +179,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="transforms q/k inside its core"):
         LokiAttention(rope, KeyBasis(P, torch.ones(2, 4)), 2, 2)
     with pytest.raises(ValueError, match="q: expected one query"):
-        loki_decode(q, q, q, P, 2, 2)
+        loki_decode(q, q[..., :2], q[..., 2:], q, P, 2)
+    with pytest.raises(ValueError, match="keys_rest: expected shape"):
+        loki_decode(q[:, :, :1], q[..., :2], q[..., 1:], q, P, 2)
 
 
 def test_registered():
