@@ -379,8 +379,11 @@ def _solve_unit_lower(system: Tensor, rhs: Tensor) -> Tensor:
     return out.reshape(rhs.shape).to(rhs.dtype)
 
 
-def _causal_delta(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor, c: int) -> Tensor:
-    """S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ in chunks.
+def _causal_delta(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Tensor, c: int, initial: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ in chunks, from S_0 = `initial` (zero if None):
+    (out, the end state S_n).
 
     With γ_t the decay since the chunk start and S_0 the state entering it, the written values
     u_t = β_t (v_t − α_t S_{t−1}ᵀ k_t) solve (I + L) U = diag(β) V − diag(β γ) K S_0 with
@@ -402,13 +405,13 @@ def _causal_delta(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, bet
         t.movedim(2, 0).contiguous().unbind(0)
         for t in (w_v, w_k, qc * gamma[..., None], scores, kc * to_end[..., None], gamma[..., -1, None, None])
     )
-    state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+    state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1]) if initial is None else initial
     outs = []
     for wv, wk, q_in, block, k_out, carry in zip(*per_chunk):
         u = wv - wk @ state
         outs.append(q_in @ state + block @ u)
         state = carry * state + k_out.transpose(-1, -2) @ u
-    return _unchunk(torch.stack(outs, dim=2), n)
+    return _unchunk(torch.stack(outs, dim=2), n), state
 
 
 # -- the compiled path of the causal Hebbian form -------------------------------------------------
@@ -509,7 +512,27 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, beta: Ten
     c = fit_block(c, q.shape[2])
     if beta is None:
         return _causal_hebbian(q, k, v, log_decay, c)
-    return _causal_delta(q, k, v, log_decay, beta, c)
+    return _causal_delta(q, k, v, log_decay, beta, c)[0]
+
+
+def causal_delta_from(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Tensor, *, log_decay: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """The causal delta rule on feature-mapped q, k (b, h, n, d_k), v (b, h, n, d_v) entering with the state
+    S_0 = `initial_state` (b, h, d_k, d_v) instead of zero: (out (b, h, n, d_v), end state S_n). n >= 1,
+    no padding, no normalisation (a sequence-parallel rank's share of `linear_attention`)."""
+    check_chunk_size(chunk_size)
+    if q.dim() == 4 and q.shape[2] == 0:
+        raise ShapeError("q: expected at least one position, got 0")
+    k, v, log_decay, beta = _prepare(
+        q, k, v, causal=True, attention_mask=None, log_decay=log_decay, beta=beta, normalize=False
+    )
+    assert beta is not None  # checked and expanded by _prepare
+    want = (*k.shape[:2], k.shape[-1], v.shape[-1])
+    if tuple(initial_state.shape) != want:
+        raise ShapeError(f"initial_state: expected shape {want}, got {tuple(initial_state.shape)}")
+    return _causal_delta(q, k, v, log_decay, beta, fit_block(chunk_size, q.shape[2]), initial_state.to(q.dtype))
 
 
 def _flip(t: Tensor | None) -> Tensor | None:

@@ -338,11 +338,13 @@ def _memory_flops(retention: str, bias: str) -> Callable[[int, int, int, bool], 
     return flops
 
 
-def register_memory(*, cross: bool = False, materialize: bool = True, **entry: Any) -> Callable[[type], type]:
+def register_memory(*, cross: bool = False, materialize: bool = True, sharding: tuple[str, ...] = (),
+                    **entry: Any) -> Callable[[type], type]:
     """`register` for a memory entry: family A, O(Nd²), causal, key padding, decoding and (unless told otherwise)
-    `materialize`, no attention mask; cross-attention only where `cross`. `entry` holds the rest (name, paper, …)."""
+    `materialize`, no attention mask; cross-attention only where `cross`; `sharding`: its sequence-parallel
+    strategies (`attnlab.distributed`). `entry` holds the rest (name, paper, …)."""
     supports = Supports(causal=True, key_padding=True, attn_mask=False, cross=cross, decode=True,
-                        materialize=materialize)
+                        materialize=materialize, sharding=sharding)
     return register(family="A", cost="O(Nd²)", exponent=1.0, supports=supports, **entry)
 
 
@@ -358,6 +360,7 @@ _GAMMA = Param("gamma", float, None, "decay of every head (default RetNet's 1 �
 
 @register_memory(
     name="miras",
+    sharding=("state",),
     paper=MIRAS,
     params=(
         Param("bias", str, "dot", "attentional bias: 'dot' (Hebbian), 'l2' (delta rule), 'lp', 'huber'",
@@ -571,6 +574,7 @@ class MemoryAttention(LinearAttention):
 
 @register_memory(
     name="linear",
+    sharding=("state",),
     paper=KATHAROPOULOS,
     cross=True,
     params=(_CHUNK,),
@@ -599,6 +603,7 @@ class EluLinearAttention(MemoryAttention):
 
 @register_memory(
     name="delta",
+    sharding=("state",),
     paper=SCHLAG,
     params=(_CHUNK, _GATE_SOURCE),
     summary="Delta rule (DeltaNet): M_t = M_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, L2-normalised SiLU q, k.",
@@ -628,6 +633,7 @@ class DeltaRuleAttention(MemoryAttention):
 
 @register_memory(
     name="retention",
+    sharding=("state",),
     paper=RETNET,
     params=(_GAMMA, _CHUNK),
     summary="Retention (RetNet): (QKᵀ/√d ⊙ D)V, D_ij = γ_h^(i−j), fixed decay per head.",
@@ -658,6 +664,7 @@ class RetentionAttention(MemoryAttention):
 
 @register_memory(
     name="gated-linear",
+    sharding=("state",),
     paper=GLA,
     params=(_TEMPERATURE, _CHUNK, _GATE_SOURCE),
     summary="Gated linear attention (GLA): M_t = M_{t−1} diag(α_t) + v_t k_tᵀ, α_t = σ(x_t W₁W₂ + b)^(1/τ) per channel.",

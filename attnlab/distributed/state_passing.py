@@ -1,0 +1,230 @@
+"""State passing: the linear family sequence-parallel, exact, forward and backward (strategy "state").
+
+Every mechanism built on the engine of `attnlab.kernels.linear_scan` runs one recurrence,
+
+    S_t = T_t S_{t−1} + w_t φ(k_t) v_tᵀ,    out_t = S_tᵀ φ(q_t)  [ / φ(q_t)ᵀ z_t ]
+
+    Hebbian:     T_t = diag(α_t)                      (α_t = 1, a scalar or one per channel)
+    delta rule:  T_t = α_t (I − β_t φ(k_t) φ(k_t)ᵀ)
+
+and it is linear in the state: the tokens of rank r map an entering state S_in to
+S_out = A_r S_in + E_r, with E_r the end state of the rank's tokens from a zero state and A_r
+their total transition (a diagonal Π α_t for the Hebbian form, carried as its log; the matrix
+product T_n ⋯ T_1 for the delta rule, read as the end state of the recurrence started from the
+identity with zero values). So rank r
+
+1. computes its terms (`module.terms` on its own tokens: feature maps, decays, β — token-local)
+   and its summary (E_r, A_r), the normaliser z riding along as one more value column;
+2. all-gathers the summaries (one collective of p·d_k·(d_v + d_k) numbers per head) and
+   composes the ones before it, S_in = A_{r−1}(⋯(A_0·0 + E_0)⋯) + E_{r−1};
+3. reads its outputs with that entering state: the engine from S_in for the delta rule
+   (`causal_delta_from`), or the engine from zero plus the correction (φ(q_t) ⊙ e^{g_t})ᵀ S_in
+   (g_t the log decay since the rank's first token) for the Hebbian form; then normalises.
+
+Why an all-gather and not a send to the next rank: the composition costs p small matrix
+products, the same on every rank, in one round instead of p − 1 sequential ones (a log-depth
+prefix scan would save nothing at this size), and its backward is one all-reduce: the gradient
+of the gathered summaries summed over the ranks, every rank keeping its own — exactly
+d loss / d(E_r, A_r), so the gradients of the inputs are the unsharded module's. Gradients of
+the parameters are this rank's share: their sum over the ranks (what DistributedDataParallel
+all-reduces) is the unsharded module's gradient.
+
+Bidirectional: without decay or delta rule the global sums Σ φ(k_j)[v_j, 1]ᵀ, all-reduced
+(backward: the gradient all-reduced); with them, the engine's A→ + A← − diag, the backward
+scan passing states from the last rank down (both directions in the same all-gather).
+
+Served: every `LinearAttention` whose terms are token-local and whose memory is linear in
+the values — "linear", "delta", "retention", "gated-linear" and "miras" with the dot or L2
+bias. Refused with an error: Miras' ℓp / Huber memories (not linear in v: no transition to
+compose), and attention masks (padding would have to be passed too; not implemented).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..core.errors import ParameterError, ShapeError
+from ..kernels.linear_scan import LinearTerms, causal_delta_from, linear_attention, normalizer_floor
+from ..mechanisms.linear.base import LinearAttention
+from . import register_strategy
+from .partition import Partition
+
+__all__ = ["state_passing"]
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's `t` stacked (p, *t.shape); backward: the gradient summed over the ranks, this rank's row."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        ctx.group = group
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+class _AllReduce(torch.autograd.Function):
+    """The sum of `t` over the ranks; backward: the gradient summed over the ranks."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _channel_log_decay(t: LinearTerms) -> Tensor | None:
+    """log α as (b, h, n, d_k) (a scalar decay broadcast over the channels), or None."""
+    if t.log_decay is None:
+        return None
+    return t.log_decay[..., None].expand_as(t.k) if t.log_decay.dim() == 3 else t.log_decay
+
+
+class _Direction:
+    """One scan direction of a rank's tokens: terms (b, h, n, ·) and the values (with the ones column)."""
+
+    def __init__(self, t: LinearTerms, values: Tensor, chunk_size: int) -> None:
+        self.t, self.values, self.chunk_size = t, values, chunk_size
+        b, h, _, dk = t.k.shape
+        self.shape = (b, h, dk, values.shape[-1])  # E_r
+        self.delta = t.beta is not None
+        self.trans_shape = (b, h, dk, dk) if self.delta else (b, h, dk)  # A_r, or log of its diagonal
+
+    def summary_width(self) -> int:
+        """Length of the last axis of `summary`."""
+        return self.shape[2] * self.shape[3] + int(torch.Size(self.trans_shape[2:]).numel())
+
+    def summary(self) -> Tensor:
+        """(E_r, A_r) flattened into one (b, h, ·) tensor: the end state from zero and the total transition."""
+        t, v = self.t, self.values
+        b, h, n, dk = t.k.shape
+        if n == 0:  # no token: E = 0 (written as an empty sum, in the graph like every rank's), A = identity
+            eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(b, h, dk, dk)
+            end, trans = t.k.transpose(-1, -2) @ v, eye if self.delta else v.new_zeros(self.trans_shape)
+        elif self.delta:
+            assert t.beta is not None
+            start = torch.cat([v.new_zeros(self.shape), torch.eye(dk, dtype=v.dtype, device=v.device).expand(b, h, dk, dk)], -1)
+            both = causal_delta_from(t.q, t.k, torch.cat([v, v.new_zeros(b, h, n, dk)], -1), t.beta, start,
+                                     log_decay=t.log_decay, chunk_size=self.chunk_size)[1]
+            end, trans = both[..., : v.shape[-1]], both[..., v.shape[-1]:]
+        else:
+            g = _channel_log_decay(t)
+            if g is None:
+                end, trans = t.k.transpose(-1, -2) @ v, v.new_zeros(self.trans_shape)
+            else:
+                g = g.cumsum(dim=2)
+                last = g[:, :, -1]
+                end, trans = (t.k * torch.exp(last[:, :, None] - g)).transpose(-1, -2) @ v, last
+        return torch.cat([end.flatten(2), trans.flatten(2)], dim=-1)
+
+    def compose(self, summaries: Tensor, ranks: list[int]) -> Tensor:
+        """The state entering after the ranks `ranks` in order, from zero: S ← A_s S + E_s.
+
+        The zero start is written 0·E of the first summary, so that the gathered tensor is in every
+        rank's graph (its backward is a collective every rank must join)."""
+        split = self.shape[2] * self.shape[3]
+        ends = summaries[..., :split].unflatten(-1, self.shape[2:])
+        trans = summaries[..., split:].unflatten(-1, self.trans_shape[2:])
+        state = ends[0] * 0.0
+        for s in ranks:
+            state = (trans[s] @ state if self.delta else torch.exp(trans[s])[..., None] * state) + ends[s]
+        return state
+
+    def read(self, incoming: Tensor) -> Tensor:
+        """Unnormalised outputs (b, h, n, d_v') of the rank's tokens entering with `incoming`."""
+        t, v = self.t, self.values
+        if t.q.shape[2] == 0:
+            return t.q @ incoming
+        if self.delta:
+            assert t.beta is not None
+            return causal_delta_from(t.q, t.k, v, t.beta, incoming, log_decay=t.log_decay, chunk_size=self.chunk_size)[0]
+        local = linear_attention(t.q, t.k, v, causal=True, log_decay=t.log_decay, normalize=False,
+                                 chunk_size=self.chunk_size)
+        g = _channel_log_decay(t)
+        q = t.q if g is None else t.q * torch.exp(g.cumsum(dim=2))
+        return local + q @ incoming
+
+
+def _flipped(t: LinearTerms) -> LinearTerms:
+    flip = lambda x: None if x is None else x.flip(2)  # noqa: E731
+    return LinearTerms(t.q.flip(2), t.k.flip(2), t.v.flip(2), flip(t.log_decay), flip(t.beta))
+
+
+def _check(module: Any, x_local: Tensor, partition: Partition, rank: int) -> None:
+    if not isinstance(module, LinearAttention):
+        raise ParameterError(f"module: state passing serves the linear family (LinearAttention), got {type(module).__name__}")
+    if getattr(module, "bias", "dot") not in ("dot", "l2"):
+        raise ParameterError(f"bias: state passing needs a memory linear in the values ('dot' or 'l2'), got "
+                             f"{module.bias!r} (its update has no transition to compose across ranks)")
+    if x_local.dim() != 3 or x_local.shape[-1] != module.dim:
+        raise ShapeError(f"x_local: expected (batch, n_local, {module.dim}), got shape {tuple(x_local.shape)}")
+    if x_local.shape[1] != partition.sizes[rank]:
+        raise ShapeError(f"x_local: rank {rank} holds {partition.sizes[rank]} tokens by the partition "
+                         f"{partition.sizes}, got {x_local.shape[1]}")
+
+
+def _project(module: LinearAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """q, k, v (b, h, n, ·) and the side input of the tokens x; a rank holding no token projects one zero
+    token and keeps none (splitting zero tokens into heads cannot infer the head width)."""
+    n = x.shape[1]
+    src = x if n else torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+    q, k, v = module.project(src)
+    side = module.side_input(src)
+    if n:
+        return q, k, v, side
+    return q[:, :, :0], k[:, :, :0], v[:, :, :0], None if side is None else side.narrow(-2, 0, 0)
+
+
+@register_strategy("state")
+def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dist.ProcessGroup | None = None,
+                  **kwargs: Any) -> Tensor:
+    """This rank's slice (batch, n_local, dim) of `module`'s output on the whole sequence, by state passing.
+
+    x_local: this rank's tokens (batch-major), rank r holding the tokens of `partition.bounds(r)`."""
+    if kwargs:
+        raise ParameterError(f"kwargs: state passing takes no further arguments (no attention masks), "
+                             f"got {sorted(kwargs)}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _check(module, x_local, partition, rank)
+    if getattr(module, "batch_first", True) is False:
+        raise ParameterError("module: state passing expects batch_first=True, got batch_first=False")
+    q, k, v, side = _project(module, x_local)
+    t = module.terms(q, k, v, None) if side is None else module.terms(q, k, v, None, side)
+    values = torch.cat([t.v, t.v.new_ones(*t.v.shape[:-1], 1)], -1) if module.normalize else t.v
+    gated = t.log_decay is not None or t.beta is not None
+    if not module.causal and not gated:  # one pass: the global sums
+        total = _AllReduce.apply(t.k.transpose(-1, -2) @ values, group)
+        out = t.q @ total
+    else:
+        forward = _Direction(t, values, module.chunk_size)
+        directions = [forward]
+        if not module.causal:
+            directions.append(_Direction(_flipped(t), values.flip(2), module.chunk_size))
+        gathered = _AllGather.apply(torch.cat([d.summary() for d in directions], dim=-1), group)
+        widths = [d.summary_width() for d in directions]
+        parts = gathered.split(widths, dim=-1)
+        out = forward.read(forward.compose(parts[0], list(range(rank))))
+        if not module.causal:
+            backward = directions[1]
+            out = out + backward.read(backward.compose(parts[1], list(range(world - 1, rank, -1)))).flip(2)
+            diag = (t.q * t.k).sum(-1, keepdim=True)
+            out = out - (diag if t.beta is None else diag * t.beta[..., None]) * values
+    if module.normalize:
+        out = out[..., :-1] / out[..., -1:].clamp_min(normalizer_floor(out.dtype))
+    return module.out_proj(module.merge_heads(out))
