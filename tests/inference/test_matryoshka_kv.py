@@ -125,6 +125,11 @@ def test_pca_init_is_the_top_principal_directions():
             for r in (1, 4, 7):
                 top = vh[:r].T
                 torch.testing.assert_close(basis[h, :, :r] @ basis[h, :, :r].T, top @ top.T, rtol=0, atol=1e-10)
+    keep = torch.ones(3, 20, dtype=torch.bool)
+    keep[0, 12:] = False  # padded keys are left out of the PCA
+    padded = mkv.compress(base, [x], call=lambda m, b: m(b, attention_mask=keep))
+    real = k.transpose(1, 2)[keep].detach()  # (tokens, heads, d)
+    torch.testing.assert_close(padded.projection.mean_k, real.mean(0), rtol=0, atol=1e-12)
 
 
 def test_nested_ranks_use_the_first_columns(case):
