@@ -44,11 +44,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.errors import ParameterError, ShapeError
 from ..kernels.linear_scan import LinearTerms, causal_delta_from, linear_attention, normalizer_floor
 from ..mechanisms.linear.base import LinearAttention
+from ..mechanisms.linear.selective_ssm import SelectiveSSM, selective_scan
 from . import register_strategy
 from .partition import Partition
 
@@ -168,10 +170,15 @@ def _flipped(t: LinearTerms) -> LinearTerms:
 
 def _check(module: Any, x_local: Tensor, partition: Partition, rank: int) -> None:
     if not isinstance(module, LinearAttention):
-        raise ParameterError(f"module: state passing serves the linear family (LinearAttention), got {type(module).__name__}")
+        raise ParameterError("module: state passing serves the linear family (LinearAttention) and Mamba "
+                             f"(SelectiveSSM), got {type(module).__name__}")
     if getattr(module, "bias", "dot") not in ("dot", "l2"):
         raise ParameterError(f"bias: state passing needs a memory linear in the values ('dot' or 'l2'), got "
                              f"{module.bias!r} (its update has no transition to compose across ranks)")
+    _check_tokens(module, x_local, partition, rank)
+
+
+def _check_tokens(module: Any, x_local: Tensor, partition: Partition, rank: int) -> None:
     if x_local.dim() != 3 or x_local.shape[-1] != module.dim:
         raise ShapeError(f"x_local: expected (batch, n_local, {module.dim}), got shape {tuple(x_local.shape)}")
     if x_local.shape[1] != partition.sizes[rank]:
@@ -191,6 +198,39 @@ def _project(module: LinearAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor
     return q[:, :, :0], k[:, :, :0], v[:, :, :0], None if side is None else side.narrow(-2, 0, 0)
 
 
+def _selective_ssm(module: SelectiveSSM, x_local: Tensor, partition: Partition, group: dist.ProcessGroup | None,
+                   rank: int) -> Tensor:
+    """Mamba: the conv's d_conv − 1 previous tokens from the ranks before (a halo, all-gathered), then the
+    diagonal state h passed like the linear family's (E_r read off by d_state probe positions appended to
+    the rank's scan: Δ = 0, u = 0, B = 0, C = e_j, so y = h_n[:, :, j]; A_r = exp(A Σ Δ) as its log)."""
+    b, n, dim = x_local.shape
+    reach = module.d_conv - 1
+    tails = _AllGather.apply(torch.cat([x_local.new_zeros(b, reach, dim), x_local], 1).narrow(1, n, reach), group)
+    held = [min(reach, size) for size in partition.sizes]
+    context = torch.cat([tails[0][:, :0]] + [tails[s].narrow(1, reach - held[s], held[s]) for s in range(rank)], 1)
+    seen = min(reach, partition.offsets[rank])  # the tokens before this rank's that its conv reads
+    context = context.narrow(1, context.shape[1] - seen, seen)
+    p = module.ssm_inputs(torch.cat([context, x_local], 1))
+    u, delta, B, C, z = (t[:, seen:] for t in (p.x, p.delta, p.B, p.C, p.z))
+    A, states = module.A, module.d_state
+    probes = torch.eye(states, dtype=u.dtype, device=u.device).expand(b, states, states)
+    pad = lambda t: torch.cat([t, t.new_zeros(b, states, t.shape[-1])], 1)  # noqa: E731
+    end = selective_scan(pad(u), pad(delta), A, pad(B), torch.cat([C, probes], 1), module.D,
+                         chunk_size=module.chunk_size)[:, n:].transpose(1, 2)  # (b, d_inner, d_state)
+    log_transition = delta.sum(1)[..., None] * A
+    shape = end.shape
+    summaries = _AllGather.apply(torch.cat([end.flatten(1), log_transition.flatten(1)], -1), group)
+    ends, logs = summaries[:, :, : end[0].numel()].unflatten(-1, shape[1:]), summaries[:, :, end[0].numel():]
+    incoming = ends[0] * 0.0  # in the graph on every rank: the all-gather's backward is a collective
+    for s in range(rank):
+        incoming = torch.exp(logs[s].unflatten(-1, shape[1:])) * incoming + ends[s]
+    if n == 0:  # nothing to scan; the empty read keeps `incoming` in the graph
+        y = u * module.D + torch.einsum("bns,bds->bnd", C, incoming)
+    else:
+        y = selective_scan(u, delta, A, B, C, module.D, chunk_size=module.chunk_size, initial_state=incoming)
+    return module.out_proj(y * F.silu(z))
+
+
 @register_strategy("state")
 def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dist.ProcessGroup | None = None,
                   **kwargs: Any) -> Tensor:
@@ -201,6 +241,9 @@ def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dis
         raise ParameterError(f"kwargs: state passing takes no further arguments (no attention masks), "
                              f"got {sorted(kwargs)}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if isinstance(module, SelectiveSSM):
+        _check_tokens(module, x_local, partition, rank)
+        return _selective_ssm(module, x_local, partition, group, rank)
     _check(module, x_local, partition, rank)
     if getattr(module, "batch_first", True) is False:
         raise ParameterError("module: state passing expects batch_first=True, got batch_first=False")

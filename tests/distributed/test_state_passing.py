@@ -12,12 +12,13 @@ import torch.distributed as dist
 
 import attnlab
 from attnlab.core.errors import ParameterError
+from attnlab.core.registry import get
 from attnlab.distributed import Partition, shardable
 from attnlab.distributed import state_passing as sp
 from attnlab.testing_distributed import run_ranks
 
 DIM, HEADS, BATCH = 8, 2, 2
-# (entry, build kwargs); every entry declaring "state" appears at least once, causal and not
+# (entry, build kwargs); every entry declaring "state" appears at least once, causal and (unless causal-only) not
 CASES: tuple[tuple[str, dict], ...] = (
     ("linear", {}),
     ("delta", {}),
@@ -27,6 +28,7 @@ CASES: tuple[tuple[str, dict], ...] = (
     ("miras", {"bias": "l2", "retention": "scalar", "feature_map": "silu", "normalize": False}),
     ("miras", {"retention": "scalar"}),  # normalised, with a decay: z passed like the state
     ("miras", {"retention": "channel", "feature_map": "identity", "normalize": False}),
+    ("mamba", {"d_state": 4, "d_conv": 3}),  # causal only
 )
 
 
@@ -51,6 +53,8 @@ def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[st
     out = []
     for name, kwargs in cases:
         for causal in (True, False):
+            if not causal and get(name).supports.causal_only:
+                continue
             torch.manual_seed(0)
             module = attnlab.build(name, dim=DIM, heads=HEADS, causal=causal, chunk_size=4, **kwargs).to(dtype)
             x = torch.randn(BATCH, partition.total, DIM, dtype=dtype, requires_grad=True)
@@ -85,7 +89,9 @@ def _assert_close(results: list[list[tuple[str, float, float, float]]], tol: flo
 
 
 PLANTED_CASES = (("retention", {}), ("delta", {}))
-FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}))
+FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}))
+# the conv of rank 2 reads 3 tokens back: one of rank 1's and two of rank 0's
+HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}),)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +105,8 @@ def two_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
 @pytest.fixture(scope="module")
 def four_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
     """As `two_ranks` on 4 ranks: uneven sizes in float64, then float32 with a rank holding no token."""
-    jobs = [((5, 3, 7, 1), CASES, "float64", False), ((6, 0, 5, 4), FLOAT32_CASES, "float32", False)]
+    jobs = [((5, 3, 7, 1), CASES, "float64", False), ((6, 0, 5, 4), FLOAT32_CASES, "float32", False),
+            ((2, 1, 6, 3), HALO_CASES, "float64", False)]
     per_rank = run_ranks(_jobs, 4, args=(jobs,), timeout=240)
     return [[rows[j] for rows in per_rank] for j in range(len(jobs))]
 
@@ -121,6 +128,10 @@ def test_float32_with_a_rank_holding_no_token(four_ranks):
     _assert_close(four_ranks[1], 1e-5)
 
 
+def test_mamba_conv_reads_across_two_ranks(four_ranks):
+    _assert_close(four_ranks[2], 1e-10)
+
+
 def test_a_rank_dropping_its_last_token_from_the_passed_state_fails(two_ranks):
     results = two_ranks[1]
     with pytest.raises(AssertionError, match="rank 0"):
@@ -133,7 +144,52 @@ def test_a_rank_dropping_its_last_token_from_the_passed_state_fails(two_ranks):
 def test_refusals():
     with pytest.raises(ParameterError, match="bias: state passing needs a memory linear in the values"):
         sp._check(attnlab.build("miras-lp", dim=DIM, heads=HEADS, causal=True), torch.zeros(1, 3, DIM), Partition((3,)), 0)
-    with pytest.raises(ParameterError, match="module: state passing serves the linear family"):
+    with pytest.raises(ParameterError, match="module: state passing serves the linear family .* and Mamba"):
         sp._check(attnlab.build("softmax", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(Exception, match="x_local: rank 0 holds 4 tokens"):
         sp._check(attnlab.build("linear", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((4,)), 0)
+
+
+def _grads(out: torch.Tensor, weight: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (out, *torch.autograd.grad((out * weight).sum(), inputs))
+
+
+def test_the_engines_entering_state_matches_the_recurrence_written_out():
+    """causal_delta_from and selective_scan(initial_state=): outputs and gradients (the entering state's too)
+    against S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ and h_t = e^{Δ_t A} h_{t−1} + Δ_t u_t B_t."""
+    from attnlab.kernels.linear_scan import causal_delta_from
+    from attnlab.mechanisms.linear.selective_ssm import selective_scan
+
+    torch.manual_seed(1)
+    f64 = {"dtype": torch.float64}
+    b, h, n, dk, dv = 2, 2, 7, 3, 4
+    q, k = torch.randn(b, h, n, dk, **f64), torch.nn.functional.normalize(torch.randn(b, h, n, dk, **f64), dim=-1)
+    v, beta, log_decay = torch.randn(b, h, n, dv, **f64), torch.rand(b, h, n, **f64), -torch.rand(b, h, n, **f64)
+    s0 = torch.randn(b, h, dk, dv, **f64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, beta, log_decay, s0))
+    weight = torch.randn(b, h, n, dv, **f64)
+    out, end = causal_delta_from(q, k, v, beta, s0, log_decay=log_decay, chunk_size=3)
+    state, rows = s0, []
+    for t in range(n):
+        kt = k[:, :, t, :, None]
+        transition = torch.exp(log_decay[:, :, t, None, None]) * (torch.eye(dk, **f64) - beta[:, :, t, None, None] * kt * kt.mT)
+        state = transition @ state + beta[:, :, t, None, None] * kt * v[:, :, t, None, :]
+        rows.append((q[:, :, t, None, :] @ state)[:, :, 0])
+    expected = torch.stack(rows, dim=2)
+    for got, want in zip(_grads(out, weight, inputs), _grads(expected, weight, inputs)):
+        assert (got - want).abs().max() < 1e-12
+    assert (end - state).abs().max() < 1e-12
+
+    d, s = 3, 4
+    u, delta = torch.randn(b, n, d, **f64), torch.rand(b, n, d, **f64)
+    a, bb, c = -torch.rand(d, s, **f64), torch.randn(b, n, s, **f64), torch.randn(b, n, s, **f64)
+    skip, h0 = torch.randn(d, **f64), torch.randn(b, d, s, **f64)
+    inputs = tuple(t.requires_grad_() for t in (u, delta, a, bb, c, skip, h0))
+    weight = torch.randn(b, n, d, **f64)
+    hidden, rows = h0, []
+    for t in range(n):
+        hidden = torch.exp(delta[:, t, :, None] * a) * hidden + (delta[:, t] * u[:, t])[..., None] * bb[:, t, None, :]
+        rows.append((hidden * c[:, t, None, :]).sum(-1) + skip * u[:, t])
+    got = _grads(selective_scan(u, delta, a, bb, c, skip, chunk_size=3, initial_state=h0), weight, inputs)
+    for g, w in zip(got, _grads(torch.stack(rows, dim=1), weight, inputs)):
+        assert (g - w).abs().max() < 1e-12

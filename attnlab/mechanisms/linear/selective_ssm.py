@@ -132,7 +132,8 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, t: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, t: int,  # type: ignore[override]
+                h0: Tensor) -> Tensor:
         b, n, d = u.shape
         dc, xc, bc, cc = _chunked(delta, t), _chunked(delta * u, t), _chunked(B, t), _chunked(C, t)
         m, r = dc.shape[1], math.isqrt(t - 1) + 1
@@ -144,7 +145,7 @@ class _ChunkedScan(torch.autograd.Function):
         for i in range(t):
             h = step(h, i)
         across = torch.exp(dc.sum(2)[..., None] * A)  # Ā over a whole chunk
-        entering = [torch.zeros_like(h[:, 0])]
+        entering = [h0]  # the state entering the first chunk (zero but for a sequence-parallel rank)
         for c in range(m - 1):
             entering.append(across[:, c] * entering[-1] + h[:, c])
         h = torch.stack(entering, dim=1)
@@ -205,13 +206,16 @@ class _ChunkedScan(torch.autograd.Function):
         g_x = unchunk(g_x)
         g_u = g_x * delta + gy * D
         g_delta = unchunk(g_log) + g_x * u
-        return g_u, g_delta, g_a, unchunk(g_b), unchunk(g_c), (gy * u).sum((0, 1)), None
+        return g_u, g_delta, g_a, unchunk(g_b), unchunk(g_c), (gy * u).sum((0, 1)), None, carry[:, 0]
 
 
 def selective_scan(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, *, chunk_size: int | None = None
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, *, chunk_size: int | None = None,
+    initial_state: Tensor | None = None,
 ) -> Tensor:
     """y_t = C_t · h_t + D ⊙ u_t with h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) B_t, h_0 = 0, by a chunked scan.
+
+    initial_state: h_0 (batch, d_inner, d_state) instead of zero (a sequence-parallel rank's entering state).
 
     u, delta (batch, n, d_inner); A (d_inner, d_state) (≤ 0); B, C (batch, n, d_state);
     D (d_inner,). Returns y (batch, n, d_inner). chunk_size None = ⌈√n⌉. Padded steps of the
@@ -220,7 +224,12 @@ def selective_scan(
     _check_scan(u, delta, A, B, C, D)
     if u.shape[1] == 0:
         return u * D
-    return _ChunkedScan.apply(u, delta, A, B, C, D, _chunk_size(chunk_size, u.shape[1]))
+    want = (u.shape[0], u.shape[2], A.shape[1])
+    if initial_state is None:
+        initial_state = u.new_zeros(want)
+    elif tuple(initial_state.shape) != want:
+        raise ShapeError(f"initial_state: expected (batch, d_inner, d_state) = {want}, got {tuple(initial_state.shape)}")
+    return _ChunkedScan.apply(u, delta, A, B, C, D, _chunk_size(chunk_size, u.shape[1]), initial_state.to(u.dtype))
 
 
 def _sequential_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
@@ -274,7 +283,8 @@ def _inverse_softplus(x: Tensor) -> Tensor:
     family="B",
     cost="O(N d N_s)",
     exponent=1.0,
-    supports=Supports(causal=True, causal_only=True, key_padding=True, decode=True, materialize=True),
+    supports=Supports(causal=True, causal_only=True, key_padding=True, decode=True, materialize=True,
+                      sharding=("state",)),
     params=(
         Param("d_state", int, 16, "state size N_s per channel", low=1),
         Param("d_conv", int, 4, "kernel of the causal depthwise conv", low=1),
