@@ -122,6 +122,7 @@ class ALiBi(ScoreTerm):
 
 @register_dense(
     name="alibi",
+    sharding=("ring", "tree"),
     paper=ALIBI,
     family="C",
     summary="Softmax attention with ALiBi's per-head linear distance penalty (no position embedding); slopes "

@@ -142,6 +142,7 @@ def coca_attention_reference(
 
 @register_dense(
     name="coca",
+    sharding=("ring", "tree"),
     paper=COCA,
     family="C",
     params=(BASE_PARAM,),

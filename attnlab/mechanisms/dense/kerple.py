@@ -245,6 +245,7 @@ class KerpleLog(_Kerple):
 
 @register_dense(
     name="kerple",
+    sharding=("ring", "tree"),
     paper=KERPLE,
     family="C",
     params=(

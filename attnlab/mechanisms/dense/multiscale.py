@@ -125,6 +125,7 @@ def multiscale_attention_reference(
 
 @register_dense(
     name="multiscale",
+    sharding=("ring", "tree"),
     paper=MULTISCALE,
     family="A",
     params=(

@@ -158,6 +158,7 @@ def rope_attention_reference(
 
 @register_dense(
     name="rope",
+    sharding=("ring", "tree"),
     paper=ROFORMER,
     family="C",
     params=(BASE_PARAM,),

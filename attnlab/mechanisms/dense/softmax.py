@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -74,11 +75,15 @@ def softmax_attention_reference(
     return _reference(q, k, v, mask=_mask(q, k, causal, attention_mask, attn_mask), bias=bias, scale=scale)
 
 
-def register_dense(*, name: str, paper: Paper, family: str, summary: str, **entry: Any) -> Callable[[type], type]:
+def register_dense(
+    *, name: str, paper: Paper, family: str, summary: str, sharding: tuple[str, ...] = (), **entry: Any
+) -> Callable[[type], type]:
     """`register` for exact (dense) softmax attention: cost O(N²d), exponent 2, `DENSE_SUPPORTS` (causal,
-    every mask, cross-attention, decoding); `entry` holds the rest (params, test_params, flops)."""
+    every mask, cross-attention, decoding) with `sharding` (its attnlab.distributed strategies); `entry` holds
+    the rest (params, test_params, flops)."""
+    supports = replace(DENSE_SUPPORTS, sharding=tuple(sharding))
     return register(
-        name=name, paper=paper, family=family, cost="O(N²d)", exponent=2.0, supports=DENSE_SUPPORTS, summary=summary,
+        name=name, paper=paper, family=family, cost="O(N²d)", exponent=2.0, supports=supports, summary=summary,
         **entry,
     )
 
@@ -96,6 +101,7 @@ class ScoreTerm(nn.Module, ABC):
 
 @register_dense(
     name="softmax",
+    sharding=("ring", "tree"),
     paper=VASWANI,
     family="A",
     summary="Scaled dot-product softmax attention (SDPA fast path).",
