@@ -337,7 +337,8 @@ def _rank_of(value: object) -> int | None:
     family="A",
     cost="O(N k^r d)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, grids=(1, 2, 3), decode=True, materialize=True),
+    supports=Supports(causal=True, key_padding=True, grids=(1, 2, 3), decode=True, materialize=True,
+                      sharding=("halo",)),
     params=(
         Param("kernel_size", (int, tuple), KERNEL_SIZE, "window per axis: one int or one per axis (odd unless causal)",
               low=1),

@@ -118,7 +118,7 @@ def backend_line() -> str:
     family="A",
     cost="O(N r d)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
+    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True, sharding=("halo",)),
     params=(
         Param("radius", int, 256, "r: keys with |i − j| ≤ r are seen (j ≤ i when causal)", low=0),
         Param("block_size", int, 64, "tokens per block B of the block-sparse engine", low=1, knob=True),
