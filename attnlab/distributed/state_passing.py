@@ -33,10 +33,21 @@ Bidirectional: without decay or delta rule the global sums Σ φ(k_j)[v_j, 1]ᵀ
 (backward: the gradient all-reduced); with them, the engine's A→ + A← − diag, the backward
 scan passing states from the last rank down (both directions in the same all-gather).
 
-Served: every `LinearAttention` whose terms are token-local and whose memory is linear in
-the values — "linear", "delta", "retention", "gated-linear" and "miras" with the dot or L2
-bias. Refused with an error: Miras' ℓp / Huber memories (not linear in v: no transition to
-compose), and attention masks (padding would have to be passed too; not implemented).
+Terms that are not token-local are made global first (`_global_terms`): Galerkin's and Efficient
+'scaling''s 1/n from the global positions; Efficient 'softmax''s per-channel softmax over the
+(prefix of the) sequence from the all-gathered log-sum-exp of every rank's keys.
+
+Mamba ("mamba", `SelectiveSSM`): its causal conv reads the d_conv − 1 tokens before a rank's first
+(all-gathered tails, so a rank shorter than that reach is crossed), and its diagonal state
+h_t = e^{Δ_t A} ⊙ h_{t−1} + Δ_t u_t B_t passes like the Hebbian one, read by
+`selective_scan(initial_state=)`.
+
+Served (their entries declare "state"): "linear", "delta", "retention", "gated-linear", "miras"
+(dot or L2 bias), "galerkin", "efficient", "mamba". Refused with an error: Miras' ℓp / Huber memories
+(not linear in v: no transition to compose; a sequential pass of M would be exact but is not written),
+modules whose entry does not declare the strategy, and attention masks (the padding would have to be
+passed too; not implemented). Every rank must join the backward (the collectives are in its graph),
+as with DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -50,6 +61,8 @@ from torch import Tensor
 from ..core.errors import ParameterError, ShapeError
 from ..kernels.linear_scan import LinearTerms, causal_delta_from, linear_attention, normalizer_floor
 from ..mechanisms.linear.base import LinearAttention
+from ..mechanisms.linear.efficient import EfficientAttention
+from ..mechanisms.linear.galerkin import GalerkinAttention
 from ..mechanisms.linear.selective_ssm import SelectiveSSM, selective_scan
 from . import register_strategy
 from .partition import Partition
@@ -172,6 +185,11 @@ def _check(module: Any, x_local: Tensor, partition: Partition, rank: int) -> Non
     if not isinstance(module, LinearAttention):
         raise ParameterError("module: state passing serves the linear family (LinearAttention) and Mamba "
                              f"(SelectiveSSM), got {type(module).__name__}")
+    spec = getattr(module, "spec", None)
+    if spec is None or spec.supports is None or "state" not in spec.supports.sharding:
+        name = getattr(spec, "name", type(module).__name__)
+        raise ParameterError(f"module: {name} does not declare the 'state' strategy (its terms are not computed "
+                             "here from a rank's own tokens), so state passing would not be exact")
     if getattr(module, "bias", "dot") not in ("dot", "l2"):
         raise ParameterError(f"bias: state passing needs a memory linear in the values ('dot' or 'l2'), got "
                              f"{module.bias!r} (its update has no transition to compose across ranks)")
@@ -231,6 +249,37 @@ def _selective_ssm(module: SelectiveSSM, x_local: Tensor, partition: Partition, 
     return module.out_proj(y * F.silu(z))
 
 
+def _global_terms(module: LinearAttention, x: Tensor, partition: Partition, group: dist.ProcessGroup | None,
+                  rank: int) -> LinearTerms:
+    """The terms of this rank's tokens as the unsharded module computes them on the whole sequence.
+
+    Token-local for most entries. Galerkin and Efficient 'scaling' divide by the number of keys a query sees
+    (causal: its global position + 1; else the sequence length). Efficient 'softmax' normalises every key
+    channel over the tokens (causal: over the prefix, L_i = log Σ_{j<=i} e^{k_j}): each rank's log-sum-exp is
+    all-gathered and the ones before it (or all) folded in, L_i = log(e^{L_in} + Σ_{rank's j<=i} e^{k_j})."""
+    q, k, v, side = _project(module, x)
+    n = q.shape[2]
+    offset, total = partition.offsets[rank], partition.total
+    counted = isinstance(module, GalerkinAttention) or (
+        isinstance(module, EfficientAttention) and module.normalization == "scaling")
+    if counted:
+        if module.causal:
+            return LinearTerms(q / torch.arange(offset + 1, offset + n + 1, dtype=q.dtype, device=q.device)[:, None], k, v)
+        return LinearTerms(q / total, k, v) if isinstance(module, GalerkinAttention) else LinearTerms(q, k / total, v)
+    if isinstance(module, EfficientAttention):
+        every = _AllGather.apply(torch.logsumexp(k, dim=2), group)  # (p, b, h, d_k); −inf for a rank without tokens
+        rho_q = torch.softmax(q, dim=-1)
+        if not module.causal:
+            return LinearTerms(rho_q, torch.exp(k - torch.logsumexp(every, dim=0)[:, :, None]), v)
+        before = torch.logsumexp(every[:rank], dim=0)[:, :, None]  # −inf on rank 0
+        log_norm = torch.logaddexp(before, torch.logcumsumexp(k, dim=2))
+        previous = torch.cat([before, log_norm[:, :, :-1]], dim=2)
+        seen = torch.isfinite(previous)  # where() twice: no value and no NaN gradient from the −inf branch
+        log_decay = torch.where(seen, torch.where(seen, previous, 0.0) - log_norm, 0.0).clamp_max(0.0)
+        return LinearTerms(rho_q, torch.exp(k - log_norm), v, log_decay=log_decay)
+    return module.terms(q, k, v, None) if side is None else module.terms(q, k, v, None, side)
+
+
 @register_strategy("state")
 def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dist.ProcessGroup | None = None,
                   **kwargs: Any) -> Tensor:
@@ -247,8 +296,7 @@ def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dis
     _check(module, x_local, partition, rank)
     if getattr(module, "batch_first", True) is False:
         raise ParameterError("module: state passing expects batch_first=True, got batch_first=False")
-    q, k, v, side = _project(module, x_local)
-    t = module.terms(q, k, v, None) if side is None else module.terms(q, k, v, None, side)
+    t = _global_terms(module, x_local, partition, group, rank)
     values = torch.cat([t.v, t.v.new_ones(*t.v.shape[:-1], 1)], -1) if module.normalize else t.v
     gated = t.log_decay is not None or t.beta is not None
     if not module.causal and not gated:  # one pass: the global sums

@@ -29,6 +29,9 @@ CASES: tuple[tuple[str, dict], ...] = (
     ("miras", {"retention": "scalar"}),  # normalised, with a decay: z passed like the state
     ("miras", {"retention": "channel", "feature_map": "identity", "normalize": False}),
     ("mamba", {"d_state": 4, "d_conv": 3}),  # causal only
+    ("galerkin", {}),  # 1/n with n the global count
+    ("efficient", {}),  # softmax over the (prefix of the) sequence
+    ("efficient", {"normalization": "scaling"}),
 )
 
 
@@ -89,7 +92,8 @@ def _assert_close(results: list[list[tuple[str, float, float, float]]], tol: flo
 
 
 PLANTED_CASES = (("retention", {}), ("delta", {}))
-FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}))
+FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}),
+                 ("efficient", {}))
 # the conv of rank 2 reads 3 tokens back: one of rank 1's and two of rank 0's
 HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}),)
 
@@ -143,9 +147,12 @@ def test_a_rank_dropping_its_last_token_from_the_passed_state_fails(two_ranks):
 
 def test_refusals():
     with pytest.raises(ParameterError, match="bias: state passing needs a memory linear in the values"):
-        sp._check(attnlab.build("miras-lp", dim=DIM, heads=HEADS, causal=True), torch.zeros(1, 3, DIM), Partition((3,)), 0)
+        lp = attnlab.build("miras", dim=DIM, heads=HEADS, bias="lp", feature_map="silu", normalize=False)
+        sp._check(lp, torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(ParameterError, match="module: state passing serves the linear family .* and Mamba"):
         sp._check(attnlab.build("softmax", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
+    with pytest.raises(ParameterError, match="module: based does not declare the 'state' strategy"):
+        sp._check(attnlab.build("based", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(Exception, match="x_local: rank 0 holds 4 tokens"):
         sp._check(attnlab.build("linear", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((4,)), 0)
 

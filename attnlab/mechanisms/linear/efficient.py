@@ -173,7 +173,8 @@ def efficient_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     family="A",
     cost="O(Nd²)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, attn_mask=False, cross=True, decode=True, materialize=True),
+    supports=Supports(causal=True, key_padding=True, attn_mask=False, cross=True, decode=True, materialize=True,
+                      sharding=("state",)),
     params=(
         Param("normalization", str, "softmax", "ρ: 'softmax' (features of q, tokens of k) or 'scaling' (1/√n each)",
               choices=NORMALIZATIONS),
