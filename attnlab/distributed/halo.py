@@ -220,9 +220,11 @@ def halo_attention(module: nn.Module, x_local: Tensor, partition: Partition, gro
     unknown = sorted(set(kwargs) - set(MASK_KEYWORDS))
     if unknown:
         raise ParameterError(f"kwargs: halo exchange takes {' or '.join(MASK_KEYWORDS)}, got {', '.join(unknown)}")
+    if not getattr(module, "batch_first", True):
+        raise ParameterError("module: halo exchange takes batch-first tokens (batch, n_local, dim), the sizes per rank "
+                             "along axis 1; got a module built with batch_first=False")
     rank = dist.get_rank(group)
-    batch_first = getattr(module, "batch_first", True)
-    x = x_local if batch_first else x_local.transpose(0, 1)
+    x = x_local  # (batch, rows, …, dim)
     _check_x(module, x, partition, rank)
     grid_rank = x.dim() - 2
     plan = halo_plan(key_range(module, grid_rank, partition.total), partition, rank)
@@ -245,5 +247,4 @@ def halo_attention(module: nn.Module, x_local: Tensor, partition: Partition, gro
         out = module.attend(q_ext, k_ext, v_ext, attention_mask=keep_ext).narrow(2, plan.left, plan.stop - plan.start)
     else:  # no tokens here: the empty output, still a function of the parameters
         out = v
-    y = module.out_proj(out.movedim(1, -2).flatten(-2))
-    return y if batch_first else y.transpose(0, 1)
+    return module.out_proj(out.movedim(1, -2).flatten(-2))

@@ -17,7 +17,7 @@ import attnlab
 from attnlab.core.errors import ParameterError, ShapeError
 from attnlab.distributed import Partition, shard
 from attnlab.distributed import halo as halo_module
-from attnlab.distributed.halo import halo_plan, key_range, neighborhood_range, sliding_window_range
+from attnlab.distributed.halo import halo_attention, halo_plan, key_range, neighborhood_range, sliding_window_range
 from attnlab.kernels import compiled
 from attnlab.testing_distributed import run_ranks
 
@@ -159,3 +159,13 @@ def test_a_dilated_sharded_axis_and_a_kernel_longer_than_it_are_refused():
         key_range(attnlab.build("neighborhood", dim=8, heads=2, kernel_size=7), 1, 5)
     with pytest.raises(ShapeError, match="x_local: sliding-window takes a sequence"):
         key_range(attnlab.build("sliding-window", dim=8, heads=2, radius=2), 2, 12)
+
+
+def test_unknown_keywords_and_sequence_first_modules_are_refused():
+    x = torch.zeros(1, 4, 8)
+    with pytest.raises(ParameterError, match="kwargs: halo exchange takes attention_mask or key_padding_mask, got impl"):
+        halo_attention(attnlab.build("sliding-window", dim=8, heads=2, radius=1), x, Partition((4,)), None, impl="fast")
+    seq_first = attnlab.build("sliding-window", dim=8, heads=2, radius=1)
+    seq_first.batch_first = False  # (n, batch, dim) in and out, as nn.MultiheadAttention
+    with pytest.raises(ParameterError, match="module: halo exchange takes batch-first tokens"):
+        halo_attention(seq_first, x, Partition((4,)), None)
