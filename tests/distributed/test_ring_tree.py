@@ -1,10 +1,11 @@
 """Ring and tree attention (softmax family) on real gloo processes against the single-process module.
 
 Each case: a module (its state_dict sent to every rank), a random input and output cotangent; every rank runs
-the strategy on its slice, backpropagates its slice of the cotangent and returns its output, input gradient
-and parameter gradients. The parent checks: outputs and input gradients concatenated in rank order, parameter
-gradients summed over the ranks, equal the unsharded module's forward and backward (float64: 1e-10,
-float32: 1e-5). Several cases share one spawn (processes cost seconds to start on this machine).
+the strategy on its slice, backpropagates its slice of the cotangent, sums the parameter gradients over the
+ranks (`sum_parameter_grads`) and returns its output, input gradient and parameter gradients. The parent
+checks: outputs and input gradients concatenated in rank order, and every rank's parameter gradients, equal
+the unsharded module's forward and backward (float64: 1e-10, float32: 1e-5). Several cases share one spawn
+(processes cost seconds to start on this machine).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def _planted_drop(strategy: str, rank: int, world: int) -> None:
 def _run_cases(rank: int, world: int, cases: list[Case],
                states: list[dict[str, torch.Tensor]]) -> list[tuple[Any, Any, dict[str, Any]]]:
     from attnlab.distributed import STRATEGIES, ring, tree  # importing registers the strategies
+    from attnlab.distributed.softmax_blocks import sum_parameter_grads
 
     honest = ring.block_partials, tree.block_partials
     results = []
@@ -76,6 +78,7 @@ def _run_cases(rank: int, world: int, cases: list[Case],
             (y * part.local(g, rank)).sum().backward()
         finally:
             ring.block_partials, tree.block_partials = honest
+        sum_parameter_grads(module)  # every rank then holds the unsharded module's parameter gradients
         grads = {k: p.grad.numpy() for k, p in module.named_parameters() if p.grad is not None}
         results.append((y.detach().numpy(), x_local.grad.numpy(), grads))  # numpy: tensors would travel by fd
     return results
@@ -104,9 +107,8 @@ def _errors(world: int, cases: list[Case], per_rank: list[Any] | None = None) ->
         for pname, p in module.named_parameters():
             if p.grad is None:
                 continue
-            summed = sum(torch.from_numpy(r[i][2][pname]) if pname in r[i][2] else torch.zeros_like(p)
-                         for r in per_rank)
-            err = max(err, float((summed - p.grad).abs().max()))
+            for r in per_rank:
+                err = max(err, float((torch.from_numpy(r[i][2][pname]) - p.grad).abs().max()))
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         out.append((f"{strategy}/{name}/causal={causal}/{sizes}/{dtype_name}" + "/planted" * planted, err, tol))
     return out
