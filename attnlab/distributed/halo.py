@@ -156,11 +156,12 @@ def halo_plan(keys: KeyRange, partition: Partition, rank: int) -> HaloPlan:
 
 def _exchange(outgoing: list[tuple[int, Tensor]], incoming: list[tuple[int, Tensor]],
               group: dist.ProcessGroup | None) -> None:
-    """Post every send and receive (group ranks), then wait for all of them."""
-    works = [dist.isend(t.contiguous(), group=group, group_dst=peer) for peer, t in outgoing]
-    works += [dist.irecv(t, group=group, group_src=peer) for peer, t in incoming]
-    for work in works:
-        if work is not None:
+    """Post every send and receive (peers are group ranks) as one batch (as NCCL needs to avoid ordering
+    deadlocks), then wait for all of them."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer) for peer, t in outgoing]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for peer, t in incoming]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
             work.wait()
 
 

@@ -69,7 +69,7 @@ def _errors(rank: int, case: tuple) -> tuple[float, float, float]:
 
     x_local = partition.local(x, rank).clone().requires_grad_()
     kwargs = {} if mask is None else {"attention_mask": partition.local(mask, rank)}
-    y_local = shard(module, strategy="halo")(x_local, sizes=sizes, **kwargs)
+    y_local = shard(module, strategy="halo")(x_local, **kwargs)  # the sizes gathered from the ranks
     (y_local * partition.local(grad_out, rank)).sum().backward()
     got_params = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
     for g in got_params:
