@@ -31,7 +31,8 @@ owner adds them to the gradients of its keys and values.
 
 Gradients w.r.t. the inputs are exact on every rank. A parameter's gradient on a rank is its share
 from that rank's tokens: summed over the ranks (all_reduce, as data-parallel training does anyway)
-it is the unsharded module's. Every rank must run the backward (the exchange is collective among
+it is the unsharded module's (`softmax_blocks.sum_parameter_grads`; a rank without tokens holds zeros, not
+None, so that it joins the all-reduce). Every rank must run the backward (the exchange is collective among
 neighbours); all ranks must hold the same trailing grid axes.
 """
 from __future__ import annotations
