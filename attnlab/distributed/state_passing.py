@@ -43,7 +43,8 @@ h_t = e^{Δ_t A} ⊙ h_{t−1} + Δ_t u_t B_t passes like the Hebbian one, read 
 `selective_scan(initial_state=)`.
 
 Served (their entries declare "state"): "linear", "delta", "retention", "gated-linear", "miras"
-(dot or L2 bias), "galerkin", "efficient", "mamba". Refused with an error: Miras' ℓp / Huber memories
+(dot or L2 bias), "galerkin", "efficient", "focused-linear" (sequences; its 2-D grid form is refused),
+"mamba". Refused with an error: Miras' ℓp / Huber memories
 (not linear in v: no transition to compose; a sequential pass of M would be exact but is not written),
 modules whose entry does not declare the strategy, and attention masks (the padding would have to be
 passed too; not implemented). Every rank must join the backward (the collectives are in its graph),
@@ -62,6 +63,7 @@ from ..core.errors import ParameterError, ShapeError
 from ..kernels.linear_scan import LinearTerms, causal_delta_from, linear_attention, normalizer_floor
 from ..mechanisms.linear.base import LinearAttention
 from ..mechanisms.linear.efficient import EfficientAttention
+from ..mechanisms.linear.focused import FocusedLinearAttention, depthwise_conv
 from ..mechanisms.linear.galerkin import GalerkinAttention
 from ..mechanisms.linear.selective_ssm import SelectiveSSM, selective_scan
 from . import register_strategy
@@ -216,18 +218,33 @@ def _project(module: LinearAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor
     return q[:, :, :0], k[:, :, :0], v[:, :, :0], None if side is None else side.narrow(-2, 0, 0)
 
 
+def _halo(x: Tensor, partition: Partition, group: dist.ProcessGroup | None, rank: int, before: int,
+          after: int) -> tuple[Tensor, Tensor]:
+    """The `before` tokens preceding this rank's and the `after` following them (fewer at the ends of the
+    sequence), across ranks shorter than that: every rank's last `before` and first `after` tokens,
+    all-gathered in one collective."""
+    b, n, dim = x.shape
+    edges = torch.cat([torch.cat([x.new_zeros(b, before, dim), x], 1).narrow(1, n, before),
+                       torch.cat([x, x.new_zeros(b, after, dim)], 1).narrow(1, 0, after)], 1)
+    every = _AllGather.apply(edges, group)  # (p, b, before + after, dim)
+    sizes, start = partition.sizes, partition.offsets[rank]
+    none = every[rank][:, :0]  # an empty piece from the gathered tensor: every rank's graph holds the collective
+    left = torch.cat([none] + [every[s].narrow(1, before - min(before, sizes[s]), min(before, sizes[s]))
+                               for s in range(rank)], 1)
+    right = torch.cat([none] + [every[s].narrow(1, before, min(after, sizes[s]))
+                                for s in range(rank + 1, partition.world)], 1)
+    seen_before, seen_after = min(before, start), min(after, partition.total - start - n)
+    return left.narrow(1, left.shape[1] - seen_before, seen_before), right.narrow(1, 0, seen_after)
+
+
 def _selective_ssm(module: SelectiveSSM, x_local: Tensor, partition: Partition, group: dist.ProcessGroup | None,
                    rank: int) -> Tensor:
     """Mamba: the conv's d_conv − 1 previous tokens from the ranks before (a halo, all-gathered), then the
     diagonal state h passed like the linear family's (E_r read off by d_state probe positions appended to
     the rank's scan: Δ = 0, u = 0, B = 0, C = e_j, so y = h_n[:, :, j]; A_r = exp(A Σ Δ) as its log)."""
-    b, n, dim = x_local.shape
-    reach = module.d_conv - 1
-    tails = _AllGather.apply(torch.cat([x_local.new_zeros(b, reach, dim), x_local], 1).narrow(1, n, reach), group)
-    held = [min(reach, size) for size in partition.sizes]
-    context = torch.cat([tails[0][:, :0]] + [tails[s].narrow(1, reach - held[s], held[s]) for s in range(rank)], 1)
-    seen = min(reach, partition.offsets[rank])  # the tokens before this rank's that its conv reads
-    context = context.narrow(1, context.shape[1] - seen, seen)
+    b, n, _ = x_local.shape
+    context = _halo(x_local, partition, group, rank, module.d_conv - 1, 0)[0]  # the tokens its conv reads
+    seen = context.shape[1]
     p = module.ssm_inputs(torch.cat([context, x_local], 1))
     u, delta, B, C, z = (t[:, seen:] for t in (p.x, p.delta, p.B, p.C, p.z))
     A, states = module.A, module.d_state
@@ -250,13 +267,27 @@ def _selective_ssm(module: SelectiveSSM, x_local: Tensor, partition: Partition, 
 
 
 def _global_terms(module: LinearAttention, x: Tensor, partition: Partition, group: dist.ProcessGroup | None,
-                  rank: int) -> LinearTerms:
-    """The terms of this rank's tokens as the unsharded module computes them on the whole sequence.
+                  rank: int) -> tuple[LinearTerms, Tensor | None]:
+    """The terms of this rank's tokens as the unsharded module computes them on the whole sequence, and what
+    the module adds to the attention's output outside the engine (Focused's DWC(V)), or None.
 
     Token-local for most entries. Galerkin and Efficient 'scaling' divide by the number of keys a query sees
     (causal: its global position + 1; else the sequence length). Efficient 'softmax' normalises every key
     channel over the tokens (causal: over the prefix, L_i = log Σ_{j<=i} e^{k_j}): each rank's log-sum-exp is
-    all-gathered and the ones before it (or all) folded in, L_i = log(e^{L_in} + Σ_{rank's j<=i} e^{k_j})."""
+    all-gathered and the ones before it (or all) folded in, L_i = log(e^{L_in} + Σ_{rank's j<=i} e^{k_j}).
+    Focused: its depthwise conv on V reads a halo of tokens from the neighbouring ranks (`_halo`); the
+    rank's q, k, v are sliced from the projection of the extended tokens, so the halo's collective comes
+    before the state's in every rank's graph (their backwards run in one order everywhere)."""
+    if isinstance(module, FocusedLinearAttention):
+        if module.grid != 1:
+            raise ParameterError(f"grid: state passing splits a sequence (grid=1), got grid={module.grid}")
+        width = module.kernel_size
+        left, right = _halo(x, partition, group, rank, width - 1 if module.causal else width // 2,
+                            0 if module.causal else width // 2)
+        q, k, v, _ = _project(module, torch.cat([left, x, right], 1))
+        mine = slice(left.shape[1], left.shape[1] + x.shape[1])
+        conv = depthwise_conv(v, module.dwc.weight, module.dwc.bias, causal=module.causal)[:, :, mine]
+        return module.terms(q[:, :, mine], k[:, :, mine], v[:, :, mine], None), conv
     q, k, v, side = _project(module, x)
     n = q.shape[2]
     offset, total = partition.offsets[rank], partition.total
@@ -264,20 +295,22 @@ def _global_terms(module: LinearAttention, x: Tensor, partition: Partition, grou
         isinstance(module, EfficientAttention) and module.normalization == "scaling")
     if counted:
         if module.causal:
-            return LinearTerms(q / torch.arange(offset + 1, offset + n + 1, dtype=q.dtype, device=q.device)[:, None], k, v)
-        return LinearTerms(q / total, k, v) if isinstance(module, GalerkinAttention) else LinearTerms(q, k / total, v)
+            return LinearTerms(q / torch.arange(offset + 1, offset + n + 1, dtype=q.dtype, device=q.device)[:, None],
+                               k, v), None
+        return (LinearTerms(q / total, k, v) if isinstance(module, GalerkinAttention)
+                else LinearTerms(q, k / total, v)), None
     if isinstance(module, EfficientAttention):
         every = _AllGather.apply(torch.logsumexp(k, dim=2), group)  # (p, b, h, d_k); −inf for a rank without tokens
         rho_q = torch.softmax(q, dim=-1)
         if not module.causal:
-            return LinearTerms(rho_q, torch.exp(k - torch.logsumexp(every, dim=0)[:, :, None]), v)
+            return LinearTerms(rho_q, torch.exp(k - torch.logsumexp(every, dim=0)[:, :, None]), v), None
         before = torch.logsumexp(every[:rank], dim=0)[:, :, None]  # −inf on rank 0
         log_norm = torch.logaddexp(before, torch.logcumsumexp(k, dim=2))
         previous = torch.cat([before, log_norm[:, :, :-1]], dim=2)
         seen = torch.isfinite(previous)  # where() twice: no value and no NaN gradient from the −inf branch
         log_decay = torch.where(seen, torch.where(seen, previous, 0.0) - log_norm, 0.0).clamp_max(0.0)
-        return LinearTerms(rho_q, torch.exp(k - log_norm), v, log_decay=log_decay)
-    return module.terms(q, k, v, None) if side is None else module.terms(q, k, v, None, side)
+        return LinearTerms(rho_q, torch.exp(k - log_norm), v, log_decay=log_decay), None
+    return (module.terms(q, k, v, None) if side is None else module.terms(q, k, v, None, side)), None
 
 
 @register_strategy("state")
@@ -296,7 +329,7 @@ def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dis
     _check(module, x_local, partition, rank)
     if getattr(module, "batch_first", True) is False:
         raise ParameterError("module: state passing expects batch_first=True, got batch_first=False")
-    t = _global_terms(module, x_local, partition, group, rank)
+    t, extra = _global_terms(module, x_local, partition, group, rank)
     values = torch.cat([t.v, t.v.new_ones(*t.v.shape[:-1], 1)], -1) if module.normalize else t.v
     gated = t.log_decay is not None or t.beta is not None
     if not module.causal and not gated:  # one pass: the global sums
@@ -318,4 +351,6 @@ def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dis
             out = out - (diag if t.beta is None else diag * t.beta[..., None]) * values
     if module.normalize:
         out = out[..., :-1] / out[..., -1:].clamp_min(normalizer_floor(out.dtype))
+    if extra is not None:
+        out = out + extra
     return module.out_proj(module.merge_heads(out))

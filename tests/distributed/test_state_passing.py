@@ -32,6 +32,7 @@ CASES: tuple[tuple[str, dict], ...] = (
     ("galerkin", {}),  # 1/n with n the global count
     ("efficient", {}),  # softmax over the (prefix of the) sequence
     ("efficient", {"normalization": "scaling"}),
+    ("focused-linear", {"kernel_size": 3}),  # DWC(V) over a halo of one token each side (causal: two before)
 )
 
 
@@ -94,8 +95,8 @@ def _assert_close(results: list[list[tuple[str, float, float, float]]], tol: flo
 PLANTED_CASES = (("retention", {}), ("delta", {}))
 FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}),
                  ("efficient", {}))
-# the conv of rank 2 reads 3 tokens back: one of rank 1's and two of rank 0's
-HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}),)
+# the convs of rank 2 read 3 tokens back: one of rank 1's and two of rank 0's (focused's also 3 ahead)
+HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}), ("focused-linear", {"kernel_size": 7}))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_float32_with_a_rank_holding_no_token(four_ranks):
     _assert_close(four_ranks[1], 1e-5)
 
 
-def test_mamba_conv_reads_across_two_ranks(four_ranks):
+def test_convs_read_across_two_ranks(four_ranks):
     _assert_close(four_ranks[2], 1e-10)
 
 

@@ -235,7 +235,8 @@ def focused_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     family="A",
     cost="O(N d²)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, grids=(1, 2), decode=True, materialize=True),
+    supports=Supports(causal=True, key_padding=True, grids=(1, 2), decode=True, materialize=True,
+                      sharding=("state",)),
     params=(
         Param("power", float, 3.0, "focusing power p of f_p (1 = plain ReLU linear attention)", low=1.0),
         Param("kernel_size", int, 5, "kernel of the depthwise conv on V (odd)", low=1),
