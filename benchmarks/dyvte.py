@@ -1,6 +1,6 @@
 """Benchmark: DyVTE (P231) on a toy multimodal model — how much compute does visual-token exit save, at what accuracy?
 
-    .venv/bin/python benchmarks/dyvte.py --out attnlab-results/dyvte [--steps 800] [--seed 0]
+    .venv/bin/python benchmarks/dyvte.py --out attnlab-results/dyvte [--steps 800] [--exit-weight 1.0] [--seed 0]
 
 The toy MLLM: an sklearn digit (8 × 8) cut into 16 patches of 2 × 2 pixels (16 visual tokens, a linear patch
 embedding), followed by 3 text tokens "question <kind> answer" with kind ∈ {which digit, is it even, is it > 4};
@@ -118,27 +118,30 @@ def train_model(out: Path, steps: int, seed: int) -> tuple[DigitVQA, dict[str, f
     return model, stats
 
 
-def train_routers(model: DigitVQA, images: Tensor, kinds: Tensor, steps: int, seed: int) -> dict[str, object]:
-    """Each router on the text states after its block, targets from `exit_labels`, the model frozen."""
+def train_routers(model: DigitVQA, images: Tensor, kinds: Tensor, steps: int, seed: int,
+                  exit_weight: float) -> dict[str, object]:
+    """Each router on the text states after its block, targets from `exit_labels`, the model frozen; the class
+    "exit" weighs `exit_weight` in the cross-entropy (1: plain; < 1: a more cautious router)."""
     stack = model.stack
     with torch.no_grad():
         x = model.tokens(images, kinds)
         states = stack.trace(x)
     labels = exit_labels(stack, x, N_VISUAL, model.predict)
     torch.manual_seed(seed)
-    for router in stack.routers:
-        for p in router.parameters():
-            nn.init.normal_(p, std=0.02)
+    for p in stack.routers.parameters():
+        nn.init.normal_(p, std=0.02)
+        p.requires_grad_(True)
     opt = torch.optim.Adam(stack.routers.parameters(), lr=3e-3)
+    weight = torch.tensor([1.0, exit_weight])
     for _ in range(steps):
-        loss = sum(nn.functional.cross_entropy(router(states[i][:, N_VISUAL:]), labels[:, i])
+        loss = sum(nn.functional.cross_entropy(router(states[i][:, N_VISUAL:]), labels[:, i], weight=weight)
                    for i, router in enumerate(stack.routers))
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
         opt.step()
     for p in stack.routers.parameters():
         p.requires_grad_(False)
-    return {"label_rate_per_layer": labels.float().mean(0).tolist(), "router_steps": steps}
+    return {"label_rate_per_layer": labels.float().mean(0).tolist(), "router_steps": steps, "exit_weight": exit_weight}
 
 
 def main() -> None:
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--router-steps", type=int, default=300)
+    parser.add_argument("--exit-weight", type=float, default=1.0, help="weight of the class exit in the routers' loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -156,7 +160,8 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     tr_images, tr_digits, te_images, te_digits = data(args.seed)
-    routers = train_routers(model, *all_questions(tr_images, tr_digits)[:2], args.router_steps, args.seed)
+    routers = train_routers(model, *all_questions(tr_images, tr_digits)[:2], args.router_steps, args.seed,
+                            args.exit_weight)
     images, kinds, target = all_questions(te_images, te_digits)
     n, layers, dim = len(target), model.stack.layers, model.stack.dim
 

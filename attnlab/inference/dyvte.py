@@ -85,13 +85,13 @@ class VisualTokenExit(nn.Module):
 
     def forward(self, x: Tensor, n_visual: int, exit_layers: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (batch, n, dim) with the visual tokens first -> (final text states (batch, n − n_visual, dim), the exit
-        layer of each sample (batch,), -1 = none). Without `exit_layers` the routers decide: the first block l < L−1
-        after which the router reads logit 1 > logit 0 on the text states."""
+        layer of each sample (batch,), -1 = none). Without `exit_layers` the routers decide (`routed`): the first block
+        l < L−1 after which the router reads logit 1 > logit 0 on the text states."""
         check_tensor("x", x)
         check_rank("x", x, 3, "(batch, n, dim)")
         check_int("n_visual", n_visual, 0, x.shape[1] - 1, meaning="(visual tokens first; at least one text token)")
         if exit_layers is None:
-            exit_layers = self.route(x, n_visual)
+            return self.routed(x, n_visual)
         check_tensor("exit_layers", exit_layers)
         if exit_layers.shape != (x.shape[0],) or exit_layers.dtype != torch.long:
             raise ShapeError(f"exit_layers: expected a long tensor of shape {(x.shape[0],)}, got "
@@ -104,15 +104,28 @@ class VisualTokenExit(nn.Module):
             out[rows] = self.run(x[rows], n_visual, layer)[0]
         return out, exit_layers
 
-    def route(self, x: Tensor, n_visual: int) -> Tensor:
-        """The routers' exit layers for x, computed on the way: block l's router reads the text states after it."""
-        fired = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            for i, (block, router) in enumerate(zip(self.blocks, self.routers, strict=False)):
-                x = block(x)
-                fire = (router(x[:, n_visual:]).argmax(-1) == 1) & (fired < 0)
-                fired = torch.where(fire, torch.full_like(fired, i), fired)
-        return fired
+    def routed(self, x: Tensor, n_visual: int) -> tuple[Tensor, Tensor]:
+        """One pass with the routers deciding on the way: after block l the samples whose router fires (and that
+        still hold their visual tokens) continue as a text-only group. Returns (final text states, exit layers)."""
+        exits = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        rows, h = torch.arange(x.shape[0], device=x.device), x  # the samples still holding visual tokens
+        exited: list[tuple[Tensor, Tensor]] = []  # (samples, their text states) per exit layer
+        for i, block in enumerate(self.blocks):
+            exited = [(r, block(t)) for r, t in exited]
+            if len(rows) == 0:
+                continue
+            h = block(h)
+            if i < self.layers - 1:
+                fire = self.routers[i](h[:, n_visual:]).argmax(-1) == 1
+                if bool(fire.any()):
+                    exits[rows[fire]] = i
+                    exited.append((rows[fire], h[fire][:, n_visual:]))
+                    rows, h = rows[~fire], h[~fire]
+        out = x.new_empty(x.shape[0], x.shape[1] - n_visual, x.shape[2])
+        out[rows] = h[:, n_visual:]
+        for r, t in exited:
+            out[r] = t
+        return out, exits
 
 
 def exit_labels(stack: VisualTokenExit, x: Tensor, n_visual: int, predict: nn.Module) -> Tensor:

@@ -118,3 +118,20 @@ def test_bad_inputs():
 def test_registered():
     spec = attnlab.get("dyvte", "inference")
     assert spec.paper.id == "P231" and spec.factory is VisualTokenExit
+
+
+def test_routed_single_pass_equals_running_with_its_exit_layers():
+    stack = make_stack()
+    torch.manual_seed(3)
+    for r in stack.routers:
+        nn.init.normal_(r.net[0].weight, std=2.0)
+        nn.init.normal_(r.net[2].weight, std=2.0)
+    x = torch.randn(16, N_VISUAL + N_TEXT, DIM, dtype=torch.float64)
+    out, exits = stack(x, N_VISUAL)
+    assert len(set(exits.tolist())) >= 3  # a mixed batch: several groups leave at different layers
+    torch.testing.assert_close(out, stack(x, N_VISUAL, exits)[0], atol=1e-14, rtol=0)
+    # each sample's exit is the first layer whose router fires on its own full-model text states
+    states = stack.trace(x)
+    fires = torch.stack([r(h[:, N_VISUAL:]).argmax(-1) == 1 for r, h in zip(stack.routers, states, strict=False)], 1)
+    want = [row.nonzero().min().item() if row.any() else -1 for row in fires]
+    assert exits.tolist() == want
