@@ -15,6 +15,15 @@ Writes DIR/loki.json and DIR/loki.png (the trained LM is cached in DIR/cache/, k
    no more than k keys are left out (every method is exact there). MiniLM: recall and mass (no values captured).
 3. Decode time of one query against a cache of N = 32,768 keys (8 heads, d = 64): dense softmax (matmul and SDPA)
    vs `loki_decode` at r = d/4 with k = N/64, N/16, N/8, N/4; interleaved, median of 7, one thread.
+
+Measured (2026-12-07, defaults, one thread on the shared 2-core machine, load ~10):
+  rank for 90% key variance (d = 32): MiniLM per layer mean 21.2, 19.1, 18.5, 20.0, 20.5, 19.8 (heads 10–25);
+  char LM (300 steps, held-out 2.59 nats/char) layer 0: 16–18, layer 1: 9–12.
+  char LM, N = 256, k = N/8 = 32: recall of the exact top-k at r = 4, 8, 16, 32: 0.83, 0.90, 0.95, 1.00 (random 0.30,
+  recent 0.32); output error 0.37, 0.33, 0.32, 0.31 (random 0.80, recent 0.74). MiniLM (bidirectional, k ≈ N/8 = 7):
+  recall 0.79, 0.86, 0.91, 1.00 (random 0.22).
+  decode N = 32,768, 8 heads, d = 64, r = 16: dense matmul 21.3 ms, SDPA 20.7 ms; Loki k = N/64 8.6 ms, N/16 14.5 ms,
+  N/8 17.2 ms, N/4 29.9 ms (the top-k over N and the row gathers, not the rank-r pass, dominate on this CPU).
 """
 from __future__ import annotations
 
