@@ -107,21 +107,19 @@ def test_loops_exp(dtype, rtol):
 
 def test_the_rule_and_its_errors(monkeypatch):
     q = torch.zeros(1, 2, 9, 4)
-    assert nb.choose_backend(None, q, q, q, None, (3,)) == "numba"
-    assert nb.choose_backend(None, q.double(), q.double(), q.double(), None, (3,)) == "numba"
-    long_1d = nb.LONG_WINDOW_1D + 1
-    assert nb.choose_backend(None, q, q, q, None, (long_1d,)) == "torch"
-    assert nb.choose_backend(None, q, q, q, None, (long_1d, 3)) == "numba"
-    assert nb.choose_backend("numba", q, q, q, None, (long_1d,)) == "numba"
+    assert nb.choose_backend(None, q, q, q, None) == "numba"
+    assert nb.choose_backend(None, q.double(), q.double(), q.double(), None) == "numba"
+    assert nb.choose_backend("torch", q, q, q, None) == "torch"
     half = q.bfloat16()
-    assert nb.choose_backend(None, half, half, half, None, (3,)) == "torch"
+    assert nb.choose_backend(None, half, half, half, None) == "torch"
+    assert nb.choose_backend(None, q, q, q, torch.zeros(2, 5, dtype=torch.float64)) == "torch"  # rpb of another dtype
     assert nb.backend_line().startswith("numba loops (numba ")
     with pytest.raises(ParameterError, match=r"backend: 'numba' cannot serve here: .*got torch.bfloat16 on cpu"):
         neighborhood_attention(half, half, half, kernel_size=3, backend="numba")
     with pytest.raises(ParameterError, match=r"backend: expected 'numba', 'torch' or None, got 'cuda'"):
         neighborhood_attention(q, q, q, kernel_size=3, backend="cuda")
     monkeypatch.setattr(compiled, "numba_module", lambda: None)  # as without numba
-    assert nb.choose_backend(None, q, q, q, None, (3,)) == "torch"
+    assert nb.choose_backend(None, q, q, q, None) == "torch"
     assert nb.backend_line().startswith("the tiled PyTorch path: numba is not installed")
     with pytest.raises(ParameterError, match=r"backend: 'numba' cannot serve here: numba is not installed"):
         neighborhood_attention(q, q, q, kernel_size=3, backend="numba")

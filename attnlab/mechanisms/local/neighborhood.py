@@ -27,10 +27,10 @@ k real keys, where without the padding it would be shifted onto k real ones (att
 Two engines serve the fast path (attnlab.kernels.neighborhood), both with a backward that recomputes
 the weights: direct loops over each query's keys compiled with numba, and the tiled GEMM formulation in
 PyTorch. The rule (`backend=None`): the numba loops where they serve (numba installed, CPU tensors of
-float32 or float64: attnlab.kernels.compiled.serves), except on a sequence with a window longer than
-LONG_WINDOW_1D keys; the tiles otherwise (CUDA, half precision, no numba, those long 1-D windows, where
-a tile's halo wastes little and its matrix products beat the loops: fwd+bwd 0.83× at k = 129, 0.82×
-causal k = 256, against 1.4× at k = 65 and 1.4–2.1× on 2-D/3-D windows of 49–343 keys, one thread).
+float32 or float64: attnlab.kernels.compiled.serves); the tiles otherwise (CUDA, half precision, no
+numba). Long 1-D windows went to the tiles until the loops' register-blocked forward: measured at
+N = 16,384, one thread, loops / tiles forward 61/146 ms (k = 65), 84/140 (k = 97), 81/148 (k = 129),
+262/491 (causal 256); forward + backward 364/411, 546/529, 920/1043, 2165/2792 ms.
 `attnlab info neighborhood` says which serves here. `backend="numba"` or `"torch"` forces one.
 """
 from __future__ import annotations
@@ -58,7 +58,6 @@ KERNEL_SIZE = 7
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 BACKENDS = ("numba", "torch")
-LONG_WINDOW_1D = 96  # on a sequence, longer windows go to the tiles (see the module docstring)
 
 
 def neighborhood_flops(
@@ -150,12 +149,11 @@ def backend_line() -> str:
     tiles = "the tiled PyTorch path"
     if compiled.numba_module() is None:
         return f"{tiles}: {compiled.numba_status()}"
-    return (f"numba loops ({compiled.numba_status()}) for CPU float32/float64 except 1-D windows over "
-            f"{LONG_WINDOW_1D} keys; {tiles} otherwise (those, CUDA, half precision)")
+    return f"numba loops ({compiled.numba_status()}) for CPU float32/float64; {tiles} otherwise (CUDA, half precision)"
 
 
 def choose_backend(
-    backend: str | None, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: tuple[int, ...]
+    backend: str | None, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None
 ) -> str:
     """"numba" or "torch" by the rule of the module docstring; a forced "numba" that cannot serve raises."""
     if backend is not None and backend not in BACKENDS:
@@ -166,8 +164,7 @@ def choose_backend(
                else f"its loops take CPU float32/float64 tensors, got {q.dtype} on {q.device}")
         raise ParameterError(f"backend: 'numba' cannot serve here: {why}")
     if backend is None:
-        long_1d = len(kernel) == 1 and kernel[0] > LONG_WINDOW_1D
-        return "numba" if compiled.serves(*tensors) and not long_1d else "torch"
+        return "numba" if compiled.serves(*tensors) else "torch"
     return backend
 
 
@@ -200,7 +197,7 @@ def neighborhood_attention(
     docstring). Both recompute in the backward (memory O(N·window), never N×N).
     """
     grid, kernel, dil, caus, kpm = _check(q, k, v, kernel_size, dilation, causal, rpb, attention_mask)
-    engine = choose_backend(backend, q, k, v, rpb, kernel)
+    engine = choose_backend(backend, q, k, v, rpb)
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     flat = (q.reshape(b, h, -1, d), k.reshape(b, h, -1, d), v.reshape(b, h, -1, v.shape[-1]))
