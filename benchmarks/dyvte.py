@@ -11,6 +11,12 @@ images with the labels of `exit_labels` (exit after l keeps the full model's ans
 (all three questions each): accuracy of the full model, of DyVTE, and of a fixed exit after every layer; the exit
 layers chosen; block FLOPs saved (`compute_saved`); measured forward time (interleaved, median of 7, one thread).
 Writes DIR/dyvte.json and DIR/dyvte.png.
+
+Measured (2026-12-07, seed 0, 800 steps, shared 2-core machine), 1,491 held-out questions (497 digits × 3):
+  full model 95.5%. Fixed exit after block 0 / 1 / 2: 68.5% / 79.8% / 90.7% at 63.6% / 42.4% / 21.2% FLOPs saved.
+  DyVTE (exit weight 1): 87.2% at 56.0% saved (exits after 0/1/2/none: 1091/302/59/39; which digit 82.1%, even
+  90.7%, > 4 88.7%: the easier yes/no questions exit earliest); --exit-weight 0.3: 89.8% at 52.9% saved.
+  Forward of the 1,491 questions: 809 ms full, 315 ms DyVTE with the routers deciding (one pass).
 """
 from __future__ import annotations
 
