@@ -44,7 +44,7 @@ h_t = e^{Δ_t A} ⊙ h_{t−1} + Δ_t u_t B_t passes like the Hebbian one, read 
 
 Served (their entries declare "state"): "linear", "delta", "retention", "gated-linear", "miras"
 (dot or L2 bias), "galerkin", "efficient", "focused-linear" (sequences; its 2-D grid form is refused),
-"mamba". Refused with an error: Miras' ℓp / Huber memories
+"based" (its sliding window through a halo of window_size − 1 tokens), "mamba". Refused with an error: Miras' ℓp / Huber memories
 (not linear in v: no transition to compose; a sequential pass of M would be exact but is not written),
 modules whose entry does not declare the strategy, and attention masks (the padding would have to be
 passed too; not implemented). Every rank must join the backward (the collectives are in its graph),
@@ -62,6 +62,7 @@ from torch import Tensor
 from ..core.errors import ParameterError, ShapeError
 from ..kernels.linear_scan import LinearTerms, causal_delta_from, linear_attention, normalizer_floor
 from ..mechanisms.linear.base import LinearAttention
+from ..mechanisms.linear.based import BasedAttention, sliding_window_attention
 from ..mechanisms.linear.efficient import EfficientAttention
 from ..mechanisms.linear.focused import FocusedLinearAttention, depthwise_conv
 from ..mechanisms.linear.galerkin import GalerkinAttention
@@ -275,9 +276,10 @@ def _global_terms(module: LinearAttention, x: Tensor, partition: Partition, grou
     (causal: its global position + 1; else the sequence length). Efficient 'softmax' normalises every key
     channel over the tokens (causal: over the prefix, L_i = log Σ_{j<=i} e^{k_j}): each rank's log-sum-exp is
     all-gathered and the ones before it (or all) folded in, L_i = log(e^{L_in} + Σ_{rank's j<=i} e^{k_j}).
-    Focused: its depthwise conv on V reads a halo of tokens from the neighbouring ranks (`_halo`); the
-    rank's q, k, v are sliced from the projection of the extended tokens, so the halo's collective comes
-    before the state's in every rank's graph (their backwards run in one order everywhere)."""
+    Focused's depthwise conv on V and Based's sliding-window softmax read a halo of tokens from the
+    neighbouring ranks (`_halo`); the rank's q, k, v are sliced from the projection of the extended tokens,
+    so the halo's collective comes before the state's in every rank's graph (their backwards run in one
+    order everywhere)."""
     if isinstance(module, FocusedLinearAttention):
         if module.grid != 1:
             raise ParameterError(f"grid: state passing splits a sequence (grid=1), got grid={module.grid}")
@@ -288,6 +290,14 @@ def _global_terms(module: LinearAttention, x: Tensor, partition: Partition, grou
         mine = slice(left.shape[1], left.shape[1] + x.shape[1])
         conv = depthwise_conv(v, module.dwc.weight, module.dwc.bias, causal=module.causal)[:, :, mine]
         return module.terms(q[:, :, mine], k[:, :, mine], v[:, :, mine], None), conv
+    if isinstance(module, BasedAttention):  # its sliding-window softmax reads window_size − 1 tokens each way
+        reach = module.window_size - 1
+        left, right = _halo(x, partition, group, rank, reach, 0 if module.causal else reach)
+        q, k, v, _ = _project(module, torch.cat([left, x, right], 1))
+        mine = slice(left.shape[1], left.shape[1] + x.shape[1])
+        d = module.head_dim  # q, k: the window part's channels, then the Taylor part's
+        window = sliding_window_attention(q[..., :d], k[..., :d], v, window_size=module.window_size, causal=module.causal)
+        return module.terms(q[:, :, mine], k[:, :, mine], v[:, :, mine], None), window[:, :, mine]
     q, k, v, side = _project(module, x)
     n = q.shape[2]
     offset, total = partition.offsets[rank], partition.total

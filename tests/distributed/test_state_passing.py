@@ -33,6 +33,7 @@ CASES: tuple[tuple[str, dict], ...] = (
     ("efficient", {}),  # softmax over the (prefix of the) sequence
     ("efficient", {"normalization": "scaling"}),
     ("focused-linear", {"kernel_size": 3}),  # DWC(V) over a halo of one token each side (causal: two before)
+    ("based", {"feature_dim": 3, "window_size": 3}),  # the sliding window over a halo of 2 tokens
 )
 
 
@@ -96,7 +97,8 @@ PLANTED_CASES = (("retention", {}), ("delta", {}))
 FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}),
                  ("efficient", {}))
 # the convs of rank 2 read 3 tokens back: one of rank 1's and two of rank 0's (focused's also 3 ahead)
-HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}), ("focused-linear", {"kernel_size": 7}))
+HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}), ("focused-linear", {"kernel_size": 7}),
+              ("based", {"feature_dim": 3, "window_size": 4}))
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +154,8 @@ def test_refusals():
         sp._check(lp, torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(ParameterError, match="module: state passing serves the linear family .* and Mamba"):
         sp._check(attnlab.build("softmax", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
-    with pytest.raises(ParameterError, match="module: based does not declare the 'state' strategy"):
-        sp._check(attnlab.build("based", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
+    with pytest.raises(ParameterError, match="module: miras-lp does not declare the 'state' strategy"):
+        sp._check(attnlab.build("miras-lp", dim=DIM, heads=HEADS, causal=True), torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(Exception, match="x_local: rank 0 holds 4 tokens"):
         sp._check(attnlab.build("linear", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((4,)), 0)
 

@@ -236,7 +236,7 @@ def based_flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
     family="A",
     cost="O(N d_f² d + N w d)",
     exponent=1.0,
-    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True),
+    supports=Supports(causal=True, key_padding=True, decode=True, materialize=True, sharding=("state",)),
     params=(
         Param("feature_dim", int, FEATURE_DIM, "width d' of the q, k projections fed to the Taylor map", low=1),
         Param("window_size", int, WINDOW_SIZE, "keys a query sees in the sliding-window softmax (causal: itself and window_size − 1 before)", low=1),
