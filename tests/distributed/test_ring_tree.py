@@ -17,7 +17,8 @@ import torch
 import attnlab
 from attnlab.core.errors import ParameterError
 from attnlab.distributed import Partition
-from attnlab.distributed.ring import balanced_causal_sizes
+from attnlab.distributed.ring import RingLayout, _span_pairs, balanced_causal_sizes
+from attnlab.distributed.softmax_blocks import SoftmaxForm
 from attnlab.testing_distributed import run_ranks
 
 DIM, HEADS, BATCH = 16, 4, 2
@@ -74,7 +75,8 @@ def _run_cases(rank: int, world: int, cases: list[Case],
         if planted:
             _planted_drop(strategy, rank, world)
         try:
-            y = STRATEGIES[strategy](module, x_local, part, None)
+            name_, _, layout = strategy.partition(":")  # "ring:zigzag": the ring's zig-zag layout
+            y = STRATEGIES[name_](module, x_local, part, None, **({"layout": layout} if layout else {}))
             (y * part.local(g, rank)).sum().backward()
         finally:
             ring.block_partials, tree.block_partials = honest
@@ -134,6 +136,9 @@ CASES4: list[Case] = [
     ("tree", "coca", True, UNEVEN4, "float64", {}, False),
     ("tree", "multiscale", False, UNEVEN4, "float64", {}, False),
     ("ring", "rope", True, (4, 0, 3, 2), "float64", {}, False),  # a rank without tokens
+    ("ring:zigzag", "softmax", True, UNEVEN4, "float64", {}, False),
+    ("ring:zigzag", "kerple", True, (4, 0, 3, 2), "float64", {}, False),
+    ("ring:zigzag", "multiscale", False, (2, 9, 1, 6), "float64", {}, False),
     ("tree", "alibi", False, (4, 0, 3, 2), "float64", {}, False),
 ]
 CASES2: list[Case] = [
@@ -145,6 +150,8 @@ CASES2: list[Case] = [
     ("tree", "kerple", True, (2, 7), "float64", {}, False),
     ("ring", "alibi", True, (6, 3), "float32", {}, False),
     ("tree", "rope", True, (6, 3), "float32", {}, False),
+    ("ring:zigzag", "alibi", True, (6, 3), "float32", {}, False),
+    ("ring:zigzag", "coca", True, (2, 7), "float64", {}, False),
     ("ring", "softmax", True, (4, 3), "float64", {}, True),
     ("tree", "alibi", False, (4, 3), "float64", {}, True),
 ]
@@ -189,7 +196,8 @@ def _peer_outputs(rank: int, world: int) -> dict[bool, tuple[Any, Any]]:
     out = {}
     for causal in (False, True):
         form = SoftmaxForm.of(attnlab.build("softmax", dim=8, heads=2, causal=causal), "ring")
-        ours = RingAttention.apply(*(t.transpose(1, 2) for t in (q, k, v)), None, form, part, rank, None)
+        ours = RingAttention.apply(*(t.transpose(1, 2) for t in (q, k, v)), None, form, RingLayout.contiguous(part),
+                                   rank, None)
         theirs = ring_flash_attn(q, k, v, causal=causal, bucket_size=2, ring_reduce_col=True)
         out[causal] = (ours.transpose(1, 2).numpy(), theirs.numpy())
     return out
@@ -197,6 +205,18 @@ def _peer_outputs(rank: int, world: int) -> dict[bool, tuple[Any, Any]]:
 
 def _two_rank_main(rank: int, world: int, cases: list[Case], states: list[dict[str, torch.Tensor]]) -> Any:
     return _run_cases(rank, world, cases, states), _peer_outputs(rank, world)
+
+
+def test_zigzag_layout_gives_every_rank_the_same_causal_work():
+    layout = RingLayout.zigzag(16, 4)
+    assert layout.spans == (((0, 2), (14, 16)), ((2, 4), (12, 14)), ((4, 6), (10, 12)), ((6, 8), (8, 10)))
+    assert layout.positions(1, torch.device("cpu")).tolist() == [2, 3, 12, 13]
+    form = SoftmaxForm.of(attnlab.build("softmax", dim=DIM, heads=HEADS, causal=True), "ring")
+    pairs = [sum(len(_span_pairs(form, layout, r, j)) for j in range(4)) for r in range(4)]
+    assert pairs == [9, 9, 9, 9]  # chunk pairs (query chunk, key chunk not after it): 36 of 64 over 4 ranks
+    contiguous = RingLayout.contiguous(Partition.even(16, 4))
+    assert [sum(len(_span_pairs(form, contiguous, r, j)) for j in range(4)) for r in range(4)] == [1, 2, 3, 4]
+    assert RingLayout.zigzag(3, 2).spans == (((0, 1),), ((1, 2), (2, 3)))  # empty chunks dropped
 
 
 @pytest.fixture(scope="module")
