@@ -13,7 +13,7 @@ import torch.distributed as dist
 import attnlab
 from attnlab.core.errors import ParameterError
 from attnlab.core.registry import get
-from attnlab.distributed import Partition, shardable
+from attnlab.distributed import Partition, shard, shardable
 from attnlab.distributed import state_passing as sp
 from attnlab.testing_distributed import run_ranks
 
@@ -38,8 +38,9 @@ CASES: tuple[tuple[str, dict], ...] = (
 
 
 def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[str, dict], ...], dtype_name: str,
-            plant: bool) -> list[tuple[str, float, float, float]]:
-    """(case, max |Δ output|, max |Δ input grad|, max |Δ parameter grad|) of this rank, for every case, both causal."""
+            plant: bool, via_shard: bool = False) -> list[tuple[str, float, float, float]]:
+    """(case, max |Δ output|, max |Δ input grad|, max |Δ parameter grad|) of this rank, for every case, both causal
+    (unless causal-only); via_shard: through the public `shard(module)` (sizes gathered from the ranks)."""
     dtype = getattr(torch, dtype_name)
     if plant and rank == 0:  # the planted bug: rank 0 drops its last token from the state it passes on
         summary = sp._Direction.summary
@@ -69,7 +70,7 @@ def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[st
             reference = {n: p.grad.clone() for n, p in module.named_parameters()}
             module.zero_grad()
             x_local = partition.local(x.detach(), rank).clone().requires_grad_(True)
-            y_local = sp.state_passing(module, x_local, partition, None)
+            y_local = shard(module)(x_local) if via_shard else sp.state_passing(module, x_local, partition, None)
             (y_local * partition.local(weight, rank)).sum().backward()
             d_param = 0.0
             for n, p in module.named_parameters():
@@ -83,7 +84,7 @@ def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[st
 
 
 def _jobs(rank: int, world: int, jobs: list[tuple]) -> list[list[tuple[str, float, float, float]]]:
-    """`_errors` for several (sizes, cases, dtype, plant) in one spawn (the planted bug last: it patches the class)."""
+    """`_errors` for several (sizes, cases, dtype, plant[, via_shard]) in one spawn (the planted bug last: it patches the class)."""
     return [_errors(rank, world, *job) for job in jobs]
 
 
@@ -113,7 +114,7 @@ def two_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
 def four_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
     """As `two_ranks` on 4 ranks: uneven sizes in float64, then float32 with a rank holding no token."""
     jobs = [((5, 3, 7, 1), CASES, "float64", False), ((6, 0, 5, 4), FLOAT32_CASES, "float32", False),
-            ((2, 1, 6, 3), HALO_CASES, "float64", False)]
+            ((2, 1, 6, 3), HALO_CASES, "float64", False, True)]
     per_rank = run_ranks(_jobs, 4, args=(jobs,), timeout=240)
     return [[rows[j] for rows in per_rank] for j in range(len(jobs))]
 
@@ -135,7 +136,7 @@ def test_float32_with_a_rank_holding_no_token(four_ranks):
     _assert_close(four_ranks[1], 1e-5)
 
 
-def test_convs_read_across_two_ranks(four_ranks):
+def test_halos_across_two_ranks_through_shard(four_ranks):
     _assert_close(four_ranks[2], 1e-10)
 
 
