@@ -4,17 +4,19 @@
     .venv/bin/python benchmarks/distributed_decode.py --json out/distributed_decode.json
     .venv/bin/python benchmarks/distributed_decode.py --worlds 2 4 --tokens 4096 --rounds 5   # quick look
 
-One query (batch 1, 8 heads, head dim 64, float32 by default) against a cache of N positions split evenly over
-p processes (one thread each), for p in --worlds, and against the same cache unsharded in one process (SDPA).
-Per p, measured on every rank: the communication steps, messages and bytes each sends (the `CommCounter` of
-`attnlab.distributed.decode`) beside the cost model's prediction (`attnlab.distributed.cost_model`); wall time
-per decoded token, the slowest rank's, median over --rounds interleaved rounds (tree and ring alternate, which
-goes first alternating too; a barrier before each call); peak memory per rank as the rise of the resident set
-during one call (`attnlab.bench.timing.peak_memory`, glibc's mmap threshold at 64 KiB) beside the buffers the
-model says the call allocates. The outputs of tree and ring are checked equal first. Then the cost model's
-rounds, bytes per rank and α-β time at p = 64 … 1024 (--extrapolate-tokens N, even split) under the network
-of --alpha-us and --beta-gbs. All processes share this machine's cores and talk over loopback, so measured
-times show the schedule's overhead here, not a cluster's; the counts do not depend on the machine.
+One query (batch 1, 8 heads, head dim 64, float32 by default) against a cache of N positions split evenly
+over p processes (one thread each), for p in --worlds, and against the same cache unsharded in one process
+(SDPA). Three schedules: "tree" (tree_decode, butterfly all-reduce), "ring" (ring_decode, K/V blocks around
+the ring) and "allreduce" (tree_decode through gloo's own all-reduce, which gloo runs as a ring). Per p:
+the steps, messages and bytes each rank sends (`CommCounter`; for "allreduce" the textbook counts of gloo's
+ring all-reduce, not observed) beside the cost model's prediction (`attnlab.distributed.cost_model`); wall
+time per decoded token, the slowest rank's, median over --rounds rounds (the three schedules interleaved,
+each going first in turn, a barrier before each call); peak memory per rank as the rise of the resident set
+during one call (`attnlab.bench.timing.peak_memory`, glibc's mmap threshold at 64 KiB) beside the buffers
+the model says the call allocates. The three outputs are checked equal first. Then the cost model's rounds,
+bytes per rank and α-β time at p = 64 … 1024 (--extrapolate-tokens N, even split) under the network of
+--alpha-us and --beta-gbs. All processes share this machine's cores and talk over loopback, so measured
+times show the schedules' overhead here, not a cluster's; the counts do not depend on the machine.
 """
 from __future__ import annotations
 
@@ -31,11 +33,18 @@ import torch.distributed as dist
 
 from attnlab.bench.timing import MMAP_THRESHOLD_ENV, peak_memory
 from attnlab.distributed import Partition
-from attnlab.distributed.cost_model import Network, buffer_bytes, ring_decode_cost, step_time_s, tree_decode_cost
+from attnlab.distributed.cost_model import (
+    Network,
+    allreduce_decode_cost,
+    buffer_bytes,
+    ring_decode_cost,
+    step_time_s,
+    tree_decode_cost,
+)
 from attnlab.distributed.decode import CommCounter, ring_decode, tree_decode
 from attnlab.testing_distributed import run_ranks
 
-STRATEGIES = ("tree", "ring")
+STRATEGIES = ("tree", "ring", "allreduce")  # allreduce: tree_decode by gloo's own all-reduce (a ring)
 
 
 def _cache(config: dict[str, Any], sizes: tuple[int, ...], rank: int
@@ -54,13 +63,16 @@ def _sharded_rank(rank: int, world: int, config: dict[str, Any]) -> dict[str, An
     sizes = Partition.even(config["tokens"], world).sizes
     q, k, v = _cache(config, sizes, rank)
     calls = {"tree": lambda counter=None: tree_decode(q, k, v, counter=counter),
-             "ring": lambda counter=None: ring_decode(q, k, v, sizes=sizes, counter=counter)}
+             "ring": lambda counter=None: ring_decode(q, k, v, sizes=sizes, counter=counter),
+             "allreduce": lambda counter=None: tree_decode(q, k, v, reduce="allreduce", counter=counter)}
     counters = {name: CommCounter() for name in STRATEGIES}
     outs = {name: calls[name](counters[name]) for name in STRATEGIES}  # also the warm-up
     torch.testing.assert_close(outs["tree"], outs["ring"])
+    torch.testing.assert_close(outs["tree"], outs["allreduce"])
     times: dict[str, list[float]] = {name: [] for name in STRATEGIES}
     for r in range(config["rounds"]):
-        for name in (STRATEGIES if r % 2 == 0 else STRATEGIES[::-1]):
+        shift = r % len(STRATEGIES)  # each strategy goes first in turn
+        for name in STRATEGIES[shift:] + STRATEGIES[:shift]:
             dist.barrier()
             t0 = time.perf_counter()
             calls[name]()
@@ -93,10 +105,11 @@ def _unsharded_rank(rank: int, world: int, config: dict[str, Any]) -> dict[str, 
 def _predicted(config: dict[str, Any], sizes: tuple[int, ...], network: Network) -> dict[str, Any]:
     dtype = getattr(torch, config["dtype"])
     dims = (config["batch"], config["heads"], config["head_dim"], dtype)
-    costs = {"tree": tree_decode_cost(len(sizes), *dims), "ring": ring_decode_cost(sizes, *dims)}
+    costs = {"tree": tree_decode_cost(len(sizes), *dims), "ring": ring_decode_cost(sizes, *dims),
+             "allreduce": allreduce_decode_cost(len(sizes), *dims)}
     return {name: {"rounds": [c.rounds for c in cost], "messages": [c.messages for c in cost],
                    "bytes_sent": [c.bytes_sent for c in cost], "time_s": step_time_s(cost, network),
-                   "buffer_bytes": list(buffer_bytes(name, sizes, *dims))}
+                   "buffer_bytes": list(buffer_bytes("ring" if name == "ring" else "tree", sizes, *dims))}
             for name, cost in costs.items()}
 
 
@@ -132,7 +145,8 @@ def measure(config: dict[str, Any], network: Network) -> dict[str, Any]:
     for world in config["extrapolate_worlds"]:
         sizes = Partition.even(config["extrapolate_tokens"], world).sizes
         row: dict[str, Any] = {"world": world, "tokens": config["extrapolate_tokens"]}
-        for name, cost in (("tree", tree_decode_cost(world, *dims)), ("ring", ring_decode_cost(sizes, *dims))):
+        for name, cost in (("tree", tree_decode_cost(world, *dims)), ("ring", ring_decode_cost(sizes, *dims)),
+                           ("allreduce", allreduce_decode_cost(world, *dims))):
             row[name] = {"rounds": max(c.rounds for c in cost), "bytes_sent": max(c.bytes_sent for c in cost),
                          "time_s": step_time_s(cost, network)}
         extrapolated.append(row)
@@ -153,7 +167,7 @@ def print_tables(result: dict[str, Any]) -> None:
           f"peak rise {_mib(un['peak_bytes'])} MiB (model {_mib(un['buffer_bytes'])}), held {_mib(held)} MiB")
     print("per p: the largest over ranks; rise = resident set rise during one call, held = cache + rise; "
           "ms/token = the slowest rank's, all processes on this machine's cores over loopback")
-    head = (f"{'p':>3} {'':5} {'rounds':>7} {'pred':>5} {'msgs':>5} {'KiB sent/rank':>14} {'pred KiB':>10} "
+    head = (f"{'p':>3} {'':9} {'rounds':>7} {'pred':>5} {'msgs':>5} {'KiB sent/rank':>14} {'pred KiB':>10} "
             f"{'ms/token':>9} {'rise MiB/rank':>14} {'model MiB':>10} {'cache MiB/rank':>15} {'held MiB/rank':>14}")
     print(head)
     for w in result["worlds"]:
@@ -161,7 +175,7 @@ def print_tables(result: dict[str, Any]) -> None:
             s = w[name]
             peaks = [p for p in s["peak_bytes"] if p is not None]
             held = max(c + p for c, p in zip(w["cache_bytes_per_rank"], s["peak_bytes"])) if len(peaks) == w["world"] else None
-            print(f"{w['world']:>3} {name:5} {max(s['rounds']):>7} {max(s['predicted']['rounds']):>5} "
+            print(f"{w['world']:>3} {name:9} {max(s['rounds']):>7} {max(s['predicted']['rounds']):>5} "
                   f"{max(s['messages']):>5} {max(s['bytes_sent']) / 1024:>14.1f} "
                   f"{max(s['predicted']['bytes_sent']) / 1024:>10.1f} {s['median_s'] * 1e3:>9.2f} "
                   f"{_mib(max(peaks) if peaks else None):>14} {_mib(max(s['predicted']['buffer_bytes'])):>10} "
@@ -170,11 +184,12 @@ def print_tables(result: dict[str, Any]) -> None:
     print(f"\ncost model, N = {cfg['extrapolate_tokens']} even split, α = {net['alpha_s'] * 1e6:g} µs per step, "
           f"β = {net['beta_bytes_per_s'] / 1e9:g} GB/s per link (no contention, full duplex)")
     print(f"{'p':>5} {'tree rounds':>11} {'tree KiB':>9} {'tree µs':>8} {'ring rounds':>11} {'ring MiB':>9} "
-          f"{'ring µs':>9}")
+          f"{'ring µs':>9} {'allreduce rounds':>16} {'allreduce µs':>12}")
     for row in result["extrapolated"]:
-        t, r = row["tree"], row["ring"]
+        t, r, a = row["tree"], row["ring"], row["allreduce"]
         print(f"{row['world']:>5} {t['rounds']:>11} {t['bytes_sent'] / 1024:>9.2f} {t['time_s'] * 1e6:>8.1f} "
-              f"{r['rounds']:>11} {r['bytes_sent'] / 2**20:>9.2f} {r['time_s'] * 1e6:>9.1f}")
+              f"{r['rounds']:>11} {r['bytes_sent'] / 2**20:>9.2f} {r['time_s'] * 1e6:>9.1f} "
+              f"{a['rounds']:>16} {a['time_s'] * 1e6:>12.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ sizes n_r (N = Σ n_r over p ranks), batch b, heads h, head_dim d and the elemen
   ranks r < q take log2 q steps, plus one when rank r + q exists (it receives that rank's state, and sends the
   result back: two steps, one send); ranks r >= q take two steps and send once.
   For p a power of two: rounds = log2 p, bytes = log2 p · b·h·(d + 2)·e — independent of N.
+* tree by the backend's all-reduce (`reduce="allreduce"`, gloo: a ring all-reduce, `allreduce_decode_cost`):
+  2·2(p − 1) steps, about 2·b·h·(d + 2)·e bytes — O(p) steps, which is why the butterfly is the default.
 * ring (K/V blocks around the ring): in step t = 1 … p − 1 rank r sends the block of rank r − t + 1
   (2·b·h·n_(r−t+1)·d·e bytes) and receives that of rank r − t; a step counts when either is non-empty.
   For an even split: rounds = p − 1, bytes = (p − 1)·2·b·h·(N/p)·d·e ≈ 2·b·h·N·d·e — grows with N.
@@ -29,7 +31,7 @@ import torch
 from ..core.errors import ParameterError
 from .partition import Partition
 
-__all__ = ["Network", "RankCost", "buffer_bytes", "ring_decode_cost", "step_time_s", "tree_decode_cost"]
+__all__ = ["Network", "RankCost", "allreduce_decode_cost", "buffer_bytes", "ring_decode_cost", "step_time_s", "tree_decode_cost"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,22 @@ def tree_decode_cost(world: int, batch: int, heads: int, head_dim: int, dtype: t
         else:
             out.append(RankCost(steps, steps, steps * message))
     return tuple(out)
+
+
+def allreduce_decode_cost(world: int, batch: int, heads: int, head_dim: int,
+                          dtype: torch.dtype) -> tuple[RankCost, ...]:
+    """Per rank: `tree_decode(reduce="allreduce")` on gloo, whose all-reduce is a ring (reduce-scatter, then
+    all-gather): per call 2(p − 1) steps, each sending ⌈n/p⌉ of the n payload elements; two calls, the max
+    (b·h elements) and the rescaled (l, o) (b·h·(d + 1)). Textbook counts: gloo also splits a chunk into
+    segments for pipelining, which adds messages, not bytes."""
+    if not isinstance(world, int) or world < 1:
+        raise ParameterError(f"world: expected a positive int, got {world!r}")
+    _check_dims(batch, heads, head_dim)
+    e = _element_size(dtype)
+    steps = 2 * (world - 1)
+    payloads = (batch * heads, batch * heads * (head_dim + 1))
+    sent = sum(steps * -(-n // world) * e for n in payloads)
+    return tuple(RankCost(2 * steps, 2 * steps, sent) for _ in range(world))
 
 
 def ring_decode_cost(sizes: Sequence[int], batch: int, heads: int, head_dim: int,

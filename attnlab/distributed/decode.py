@@ -49,6 +49,7 @@ from ..core.errors import ParameterError, ShapeError
 from ..core.module import KVCache
 from ..core.registry import Paper, Spec, add
 from ..core.validate import check_qkv
+from .cost_model import allreduce_decode_cost
 from .partition import Partition, check_sizes
 
 __all__ = ["CommCounter", "decode_partials", "decode_step", "merge_partials", "ring_decode", "tree_decode"]
@@ -173,11 +174,12 @@ def _backend_allreduce(state: Tensor, group: dist.ProcessGroup | None, counter: 
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     rest = state[..., 1:] * torch.exp(state[..., :1] - _finite(m))
     dist.all_reduce(rest, op=dist.ReduceOp.SUM, group=group)
-    if counter is not None and world > 1:
-        for payload in (m, rest):  # the ring all-reduce gloo runs: 2(p−1) steps, 2(p−1)/p of the payload sent
-            counter.rounds += 2 * (world - 1)
-            counter.messages += 2 * (world - 1)
-            counter.bytes_sent += 2 * (world - 1) * math.ceil(payload.numel() / world) * payload.element_size()
+    if counter is not None and world > 1:  # the ring all-reduce gloo runs, by the textbook count
+        b, h, d = state.shape[0], state.shape[1], state.shape[2] - 2
+        cost = allreduce_decode_cost(world, b, h, d, state.dtype)[dist.get_rank(group)]
+        counter.rounds += cost.rounds
+        counter.messages += cost.messages
+        counter.bytes_sent += cost.bytes_sent
         counter.modelled = True
     return torch.cat([m, rest], dim=-1)
 

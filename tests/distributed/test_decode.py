@@ -125,12 +125,27 @@ def _assert_counters_match_the_model(results: list[dict], sizes: tuple[int, ...]
 TWO_RANK_SIZES = (9, 0)
 
 
+def _peer_checks(rank: int, world: int, sizes: tuple[int, ...]) -> dict | None:
+    """ring-attention-pytorch's tree_attn_decode (the peer) on the same shards, beside ours (float64)."""
+    try:
+        from ring_attention_pytorch import tree_attn_decode
+    except ImportError:
+        return None
+    partition = Partition(sizes)
+    q, k, v = _cache(partition.total, torch.float64)
+    k_r, v_r = partition.local(k, rank, dim=2), partition.local(v, rank, dim=2)
+    peer = tree_attn_decode(q, k_r, v_r, shard_kv_seq=False)
+    return {label: float((ours - peer).abs().max())
+            for label, ours in (("tree", tree_decode(q, k_r, v_r)), ("ring", ring_decode(q, k_r, v_r, sizes=sizes)))}
+
+
 def _two_rank_checks(rank: int, world: int) -> dict:
     """Every two-rank check in one spawn (processes are slow to start): exactness and counters on (9, 0),
-    the planted bug (rank 1 drops its last two positions of (6, 5)), and the module form on (5, 0)."""
+    the planted bug (rank 1 drops its last two positions of (6, 5)), the module form on (5, 0), the peer."""
     return {"exact": _decode_checks(rank, world, TWO_RANK_SIZES, None),
             "planted": _decode_checks(rank, world, (6, 5), 1),
-            "step": _step_checks(rank, world, (5, 0))}
+            "step": _step_checks(rank, world, (5, 0)),
+            "peer": _peer_checks(rank, world, (6, 5))}
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +173,12 @@ def test_module_step_over_a_sharded_cache_equals_the_whole_cache(two_ranks):
     for r in two_ranks:
         assert r["step"]["tree"] < 1e-10 and r["step"]["ring"] < 1e-10, r["step"]
         assert r["step"]["tree_cache"] and r["step"]["ring_cache"], r["step"]
+
+
+def test_tree_and_ring_equal_the_peer_tree_decode(two_ranks):
+    pytest.importorskip("ring_attention_pytorch")
+    for r in two_ranks:
+        assert r["peer"]["tree"] < 1e-12 and r["peer"]["ring"] < 1e-12, r["peer"]
 
 
 def test_four_ranks_uneven_exact_and_counted():
