@@ -14,6 +14,10 @@ in its registry entry (`Supports.sharding`, shown by `attnlab info`):
   then a local correction; bidirectional forms by an all-reduce of the global sums;
 * "halo"          — local windows: the boundary keys and values exchanged with the neighbouring ranks.
 
+Decoding one token against a KV cache sharded over the ranks: `attnlab.distributed.decode` (`tree_decode`,
+P128's tree reduction in log2 p steps; `ring_decode`, the ring baseline; `decode_step` on a module), with
+`attnlab.distributed.cost_model` predicting each rank's steps and bytes (checked equal to the counted ones).
+
 The group is any torch.distributed process group (gloo on CPU, NCCL on GPUs: the code is the same).
 A mechanism whose entry declares no strategy is refused by `shard`, naming what can be sharded.
 """

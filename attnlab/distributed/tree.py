@@ -6,8 +6,9 @@ num_r = Σ_j exp(s_j − m_r) v_j; then
 
     M = max_r m_r,   out = Σ_r e^(m_r − M) num_r / Σ_r e^(m_r − M) l_r
 
-two all-reduces (a max, then one sum of the packed (l, num)), each O(log p) steps on a tree
-(`combine_partials`, reusable by decoding over a sharded KV cache). For a sharded sequence every rank's
+two all-reduces (a max, then one sum of the packed (l, num)): O(log p) steps where the backend reduces
+on a tree (NCCL's tree algorithm); gloo runs every all-reduce as a ring, 2(p − 1) steps (see
+attnlab.distributed.decode, which also has a log2 p recursive-doubling combine) (`combine_partials`, reusable by decoding over a sharded KV cache). For a sharded sequence every rank's
 queries must meet every rank's keys: the queries are all-gathered (padded to the longest slice, which
 gloo needs), every rank computes its partials for all N queries against its own K/V, and the combined rows
 of its own queries are its output. Communication per rank: the gathered queries plus the all-reduce of
