@@ -44,10 +44,12 @@ h_t = e^{Δ_t A} ⊙ h_{t−1} + Δ_t u_t B_t passes like the Hebbian one, read 
 
 Served (their entries declare "state"): "linear", "delta", "retention", "gated-linear", "miras"
 (dot or L2 bias), "galerkin", "efficient", "focused-linear" (sequences; its 2-D grid form is refused),
-"based" (its sliding window through a halo of window_size − 1 tokens), "mamba". Refused with an error: Miras' ℓp / Huber memories
-(not linear in v: no transition to compose; a sequential pass of M would be exact but is not written),
-modules whose entry does not declare the strategy, and attention masks (the padding would have to be
-passed too; not implemented). Every rank must join the backward (the collectives are in its graph),
+"based" (its sliding window through a halo of window_size − 1 tokens), "mamba", and Miras' ℓp / Huber
+memories ("miras-lp", "miras-huber", "miras" with those biases), causal: their update is not linear in v,
+so there is no transition to compose; the memory is handed rank to rank instead (p − 1 sequential steps
+forward and backward, differentiable send / recv). Refused with an error: those memories' bidirectional
+form (every query reads the final memory), modules whose entry does not declare the strategy, and
+attention masks (the padding would have to be passed too; not implemented). Every rank must join the backward (the collectives are in its graph),
 as with DistributedDataParallel.
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ from ..mechanisms.linear.based import BasedAttention, sliding_window_attention
 from ..mechanisms.linear.efficient import EfficientAttention
 from ..mechanisms.linear.focused import FocusedLinearAttention, depthwise_conv
 from ..mechanisms.linear.galerkin import GalerkinAttention
+from ..mechanisms.linear.miras import NONLINEAR_BIASES, MemoryAttention, memory_scan
 from ..mechanisms.linear.selective_ssm import SelectiveSSM, selective_scan
 from . import register_strategy
 from .partition import Partition
@@ -105,6 +108,71 @@ class _AllReduce(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def _peer(group: dist.ProcessGroup | None, rank: int) -> int:
+    """The global rank of `rank` in `group` (what send and recv take)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class _Receive(torch.autograd.Function):
+    """The state rank − 1 hands on (forward: recv); its gradient sent back to rank − 1 (backward).
+    `anchor`: an empty tensor that requires grad when the rank's parameters or tokens do."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, shape: tuple[int, ...], source: int,  # type: ignore[override]
+                group: dist.ProcessGroup | None) -> Tensor:
+        state = anchor.new_empty(shape)
+        dist.recv(state, src=_peer(group, source), group=group)
+        ctx.source, ctx.group = source, group
+        return state
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None, None]:  # type: ignore[override]
+        dist.send(grad.contiguous(), dst=_peer(ctx.group, ctx.source), group=ctx.group)
+        return None, None, None, None
+
+
+class _Send(torch.autograd.Function):
+    """Hand `state` on to rank + 1 (forward: send; returns a zero to add to the output, which puts this node
+    in the graph); backward: the state's gradient received from rank + 1."""
+
+    @staticmethod
+    def forward(ctx, state: Tensor, dest: int, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        dist.send(state.contiguous(), dst=_peer(group, dest), group=group)
+        ctx.dest, ctx.group, ctx.like = dest, group, state
+        return state.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        grad = torch.empty_like(ctx.like)
+        dist.recv(grad, src=_peer(ctx.group, ctx.dest), group=ctx.group)
+        return grad, None, None
+
+
+def _sequential_memory(module: MemoryAttention, x: Tensor, rank: int, world: int,
+                       group: dist.ProcessGroup | None) -> Tensor:
+    """Miras' ℓp / Huber memories (not linear in v): the memory handed rank to rank, p − 1 steps each way.
+    Rank r receives rank r − 1's end memory, scans its tokens from it (`memory_scan`) and sends its own on."""
+    if not module.causal:
+        raise ParameterError(f"causal: the bidirectional {module.bias!r} memory reads the final memory M_N at every "
+                             "query; state passing serves its causal form only, got causal=False")
+    q, k, v, side = _project(module, x)
+    t = module.terms(q, k, v, None, side)
+    b, h, n, dk = t.k.shape
+    if rank == 0:
+        incoming = t.k.new_zeros(b, h, dk, t.v.shape[-1])
+    else:
+        anchor = torch.cat([p.reshape(-1)[:0].to(x.dtype) for p in module.parameters()] + [x.reshape(-1)[:0]])
+        incoming = _Receive.apply(anchor, (b, h, dk, t.v.shape[-1]), rank - 1, group)
+    if n == 0:  # the empty kᵀv keeps `end` in the graph on every rank (its _Send must run in the backward)
+        out, end = t.q @ incoming, incoming + t.k.transpose(-1, -2) @ t.v
+    else:
+        out, end = memory_scan(t.q, t.k, t.v, bias=module.bias, beta=t.beta, p=module.p, delta=module.delta,
+                               log_decay=t.log_decay, causal=True, memory=incoming)
+    if rank + 1 < world:
+        out = out + _Send.apply(end, rank + 1, group)
+    return module.out_proj(module.merge_heads(out))
 
 
 def _channel_log_decay(t: LinearTerms) -> Tensor | None:
@@ -193,9 +261,6 @@ def _check(module: Any, x_local: Tensor, partition: Partition, rank: int) -> Non
         name = getattr(spec, "name", type(module).__name__)
         raise ParameterError(f"module: {name} does not declare the 'state' strategy (its terms are not computed "
                              "here from a rank's own tokens), so state passing would not be exact")
-    if getattr(module, "bias", "dot") not in ("dot", "l2"):
-        raise ParameterError(f"bias: state passing needs a memory linear in the values ('dot' or 'l2'), got "
-                             f"{module.bias!r} (its update has no transition to compose across ranks)")
     _check_tokens(module, x_local, partition, rank)
 
 
@@ -246,8 +311,9 @@ def _selective_ssm(module: SelectiveSSM, x_local: Tensor, partition: Partition, 
     b, n, _ = x_local.shape
     context = _halo(x_local, partition, group, rank, module.d_conv - 1, 0)[0]  # the tokens its conv reads
     seen = context.shape[1]
-    p = module.ssm_inputs(torch.cat([context, x_local], 1))
-    u, delta, B, C, z = (t[:, seen:] for t in (p.x, p.delta, p.B, p.C, p.z))
+    spare = [x_local.new_zeros(b, 1, x_local.shape[2])] if n == 0 else []  # the conv refuses an empty sequence
+    p = module.ssm_inputs(torch.cat([context, x_local, *spare], 1))
+    u, delta, B, C, z = (t[:, seen:seen + n] for t in (p.x, p.delta, p.B, p.C, p.z))
     A, states = module.A, module.d_state
     probes = torch.eye(states, dtype=u.dtype, device=u.device).expand(b, states, states)
     pad = lambda t: torch.cat([t, t.new_zeros(b, states, t.shape[-1])], 1)  # noqa: E731
@@ -339,6 +405,8 @@ def state_passing(module: Any, x_local: Tensor, partition: Partition, group: dis
     _check(module, x_local, partition, rank)
     if getattr(module, "batch_first", True) is False:
         raise ParameterError("module: state passing expects batch_first=True, got batch_first=False")
+    if isinstance(module, MemoryAttention) and module.bias in NONLINEAR_BIASES:
+        return _sequential_memory(module, x_local, rank, world, group)
     t, extra = _global_terms(module, x_local, partition, group, rank)
     values = torch.cat([t.v, t.v.new_ones(*t.v.shape[:-1], 1)], -1) if module.normalize else t.v
     gated = t.log_decay is not None or t.beta is not None

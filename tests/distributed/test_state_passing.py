@@ -34,7 +34,10 @@ CASES: tuple[tuple[str, dict], ...] = (
     ("efficient", {"normalization": "scaling"}),
     ("focused-linear", {"kernel_size": 3}),  # DWC(V) over a halo of one token each side (causal: two before)
     ("based", {"feature_dim": 3, "window_size": 3}),  # the sliding window over a halo of 2 tokens
+    ("miras-lp", {}),  # handed rank to rank, causal only
+    ("miras-huber", {"delta": 0.3}),
 )
+SEQUENTIAL = ("miras-lp", "miras-huber")  # their bidirectional form is refused (test_refusals)
 
 
 def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[str, dict], ...], dtype_name: str,
@@ -59,10 +62,11 @@ def _errors(rank: int, world: int, sizes: tuple[int, ...], cases: tuple[tuple[st
     out = []
     for name, kwargs in cases:
         for causal in (True, False):
-            if not causal and get(name).supports.causal_only:
+            if not causal and (get(name).supports.causal_only or name in SEQUENTIAL):
                 continue
             torch.manual_seed(0)
-            module = attnlab.build(name, dim=DIM, heads=HEADS, causal=causal, chunk_size=4, **kwargs).to(dtype)
+            chunked = {"chunk_size": 4} if any(p.name == "chunk_size" for p in get(name).params) else {}
+            module = attnlab.build(name, dim=DIM, heads=HEADS, causal=causal, **chunked, **kwargs).to(dtype)
             x = torch.randn(BATCH, partition.total, DIM, dtype=dtype, requires_grad=True)
             weight = torch.randn(BATCH, partition.total, DIM, dtype=dtype)
             y = module(x)
@@ -96,7 +100,7 @@ def _assert_close(results: list[list[tuple[str, float, float, float]]], tol: flo
 
 PLANTED_CASES = (("retention", {}), ("delta", {}))
 FLOAT32_CASES = (("delta", {}), ("linear", {}), ("gated-linear", {}), ("mamba", {"d_state": 4, "d_conv": 4}),
-                 ("efficient", {}))
+                 ("efficient", {}), ("miras-huber", {}))
 # the convs of rank 2 read 3 tokens back: one of rank 1's and two of rank 0's (focused's also 3 ahead)
 HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}), ("focused-linear", {"kernel_size": 7}),
               ("based", {"feature_dim": 3, "window_size": 4}))
@@ -114,7 +118,9 @@ def two_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
 def four_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
     """As `two_ranks` on 4 ranks: uneven sizes in float64, then float32 with a rank holding no token."""
     jobs = [((5, 3, 7, 1), CASES, "float64", False), ((6, 0, 5, 4), FLOAT32_CASES, "float32", False),
-            ((2, 1, 6, 3), HALO_CASES, "float64", False, True)]
+            ((2, 1, 6, 3), HALO_CASES, "float64", False, True),
+            ((0, 5, 2, 4), (("miras-lp", {}), ("retention", {}), ("mamba", {"d_state": 2, "d_conv": 2})), "float64",
+             False)]
     per_rank = run_ranks(_jobs, 4, args=(jobs,), timeout=240)
     return [[rows[j] for rows in per_rank] for j in range(len(jobs))]
 
@@ -140,6 +146,10 @@ def test_halos_across_two_ranks_through_shard(four_ranks):
     _assert_close(four_ranks[2], 1e-10)
 
 
+def test_first_rank_holding_no_token(four_ranks):
+    _assert_close(four_ranks[3], 1e-10)
+
+
 def test_a_rank_dropping_its_last_token_from_the_passed_state_fails(two_ranks):
     results = two_ranks[1]
     with pytest.raises(AssertionError, match="rank 0"):
@@ -150,13 +160,12 @@ def test_a_rank_dropping_its_last_token_from_the_passed_state_fails(two_ranks):
 
 
 def test_refusals():
-    with pytest.raises(ParameterError, match="bias: state passing needs a memory linear in the values"):
-        lp = attnlab.build("miras", dim=DIM, heads=HEADS, bias="lp", feature_map="silu", normalize=False)
-        sp._check(lp, torch.zeros(1, 3, DIM), Partition((3,)), 0)
+    with pytest.raises(ParameterError, match="causal: the bidirectional 'lp' memory reads the final memory"):
+        sp._sequential_memory(attnlab.build("miras-lp", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), 0, 1, None)
     with pytest.raises(ParameterError, match="module: state passing serves the linear family .* and Mamba"):
         sp._check(attnlab.build("softmax", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
-    with pytest.raises(ParameterError, match="module: miras-lp does not declare the 'state' strategy"):
-        sp._check(attnlab.build("miras-lp", dim=DIM, heads=HEADS, causal=True), torch.zeros(1, 3, DIM), Partition((3,)), 0)
+    with pytest.raises(ParameterError, match="module: state passing serves the linear family .* and Mamba"):
+        sp._check(attnlab.build("memora", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((3,)), 0)
     with pytest.raises(Exception, match="x_local: rank 0 holds 4 tokens"):
         sp._check(attnlab.build("linear", dim=DIM, heads=HEADS), torch.zeros(1, 3, DIM), Partition((4,)), 0)
 

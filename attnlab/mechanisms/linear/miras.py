@@ -696,6 +696,7 @@ class GatedLinearAttention(MemoryAttention):
 
 @register_memory(
     name="miras-lp",
+    sharding=("state",),
     paper=MIRAS,
     params=(_P, _GATE_SOURCE),
     summary="Miras ℓp memory (matrix Moneta): M_t = M_{t−1} − β_t p (Sign(e)⊙|e|^(p−1)) k_tᵀ, e = M_{t−1}k_t − v_t.",
@@ -725,6 +726,7 @@ class LpMemoryAttention(MemoryAttention):
 
 @register_memory(
     name="miras-huber",
+    sharding=("state",),
     paper=MIRAS,
     params=(_DELTA, _GATE_SOURCE),
     summary="Miras Huber memory (matrix Yaad): the delta rule's step where ‖M k − v‖ <= δ, δ·Sign(M k − v) kᵀ beyond.",
