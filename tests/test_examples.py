@@ -47,6 +47,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
     "compare_patterns.py": (["softmax", "alibi", "retention"], ["entropy", "softmax ", "alibi ", "retention "]),
 }
 SLOW_EXAMPLES = {"explain_minilm.py"}
+# examples run by another test, with how
+RUN_ELSEWHERE = {"torchrun_sharded_attention.py": "under torchrun by tests/distributed/test_torchrun_example.py"}
 
 # commands of the docs that are checked by the parser only, with the reason
 NOT_RUN: dict[str, str] = {
@@ -69,6 +71,11 @@ NOT_RUN: dict[str, str] = {
     '--out /tmp/own': "a placeholder for your module (tests/test_plugins.py and tests/analysis/test_explain.py run this path)",
     "attnlab bench speed --import my_attention.py --mechanisms my-softmax --lengths 256,512,1024":
         "a placeholder for your module (tests/test_plugins.py runs this path)",
+    "attnlab bench limits --rows neighborhood-2d-7,efficient-4k":
+        "two worker processes time rows at N = 4,096 (half a minute); tests/bench/test_limits.py runs a real limits run",
+    "attnlab bench limits": "every row of issue 14's table (about 5 minutes on a quiet machine)",
+    "attnlab bench limits --rows neighborhood-2d-7,efficient-4k --rounds 7 --json limits.json":
+        "as the README's limits command, with more rounds",
 }
 
 # the output a command that runs must print (first matching prefix)
@@ -117,7 +124,7 @@ def test_the_pages_exist_and_hold_code():
 
 # -- examples ---------------------------------------------------------------------------------------
 def test_every_example_is_run_here():
-    assert sorted(EXAMPLES) == sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    assert sorted([*EXAMPLES, *RUN_ELSEWHERE]) == sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 
 
 def _run_example(name: str, tmp_path: Path) -> None:
@@ -200,6 +207,9 @@ def test_shell_commands_are_valid():
             for name in names.split(",") if isinstance(names, str) else names:  # recall keeps the text
                 if name != "all":
                     attnlab.get(name)  # an unknown name raises
+        elif words[0] == "torchrun":
+            script = next(w for w in words[1:] if w.endswith(".py"))
+            assert Path(script).name in RUN_ELSEWHERE and (ROOT / script).is_file(), f"{where}: no such example run here"
         elif words[0].endswith("python") and words[1].startswith("benchmarks/"):
             source = (ROOT / words[1]).read_text(encoding="utf-8")
             for option in (w for w in words[2:] if w.startswith("--")):
