@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .core.module import Attention
 from .core.registry import Spec
@@ -662,3 +664,19 @@ def run_all(spec: Spec) -> None:
     """Run every check on one entry; the first failure raises AssertionError."""
     for check in CHECKS.values():
         check(spec)
+
+
+class LargestStorage(TorchDispatchMode):
+    """While active, records the largest storage (bytes) any op returns: every allocation a call makes
+    (used to check that a kernel never builds an N × N tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out

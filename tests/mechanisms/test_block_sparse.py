@@ -5,8 +5,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from attnlab.core.errors import DTypeError, MaskError, ParameterError, ShapeError
 from attnlab.kernels import block_sparse
@@ -16,6 +14,7 @@ from attnlab.kernels.block_sparse import (
     block_sparse_attention_reference,
     flex_available,
 )
+from attnlab.testing import LargestStorage
 
 
 def hand_attention(q, k, v, blocks, block_size, mask_mod=None, kpm=None, scale=None):
@@ -234,19 +233,6 @@ def test_bad_calls_name_the_argument():
 
 
 # -- memory: no N × N tensor ---------------------------------------------------------------------
-class LargestStorage(TorchDispatchMode):
-    """Records the largest storage (bytes) any op returns: every allocation the call makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
 
 
 def largest_allocation(n, chunk=None):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import attnlab
 from attnlab.core.errors import ParameterError
@@ -23,6 +21,7 @@ from attnlab.mechanisms.sparse.sliding_window import (
     sliding_window_attention_reference,
     window_layout,
 )
+from attnlab.testing import LargestStorage
 
 TOL = {"atol": 1e-12, "rtol": 1e-10}
 
@@ -211,19 +210,6 @@ def test_relative_band_is_the_offset_mask_and_checks_its_offsets():
         RelativeBand(0.5, 1)  # type: ignore[arg-type]
 
 
-class LargestStorage(TorchDispatchMode):
-    """The largest tensor storage (bytes) any op returns while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
 
 
 def test_memory_is_order_n_times_d_forward_and_backward():
