@@ -210,8 +210,6 @@ def test_relative_band_is_the_offset_mask_and_checks_its_offsets():
         RelativeBand(0.5, 1)  # type: ignore[arg-type]
 
 
-
-
 def test_memory_is_order_n_times_d_forward_and_backward():
     """Recomputing backward: at N = 4096 with a radius of 64 the largest tensor is an O(N·d) input or
     gradient, not the N × (B + r) scores (8 MiB) and never the N × N matrix."""
