@@ -150,7 +150,7 @@ def _two_rank_checks(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    return run_ranks(_two_rank_checks, 2, timeout=150)
+    return run_ranks(_two_rank_checks, 2, timeout=600)
 
 
 def test_two_ranks_one_empty_exact_and_counted(two_ranks):
@@ -183,7 +183,7 @@ def test_tree_and_ring_equal_the_peer_tree_decode(two_ranks):
 
 def test_four_ranks_uneven_exact_and_counted():
     sizes = (3, 0, 7, 1)
-    results = run_ranks(_decode_checks, 4, args=(sizes, None), timeout=150)
+    results = run_ranks(_decode_checks, 4, args=(sizes, None), timeout=600)
     _assert_exact(results)
     _assert_counters_match_the_model(results, sizes)
     for r in results:  # log2 4 = 2 steps against p − 1 = 3
@@ -193,7 +193,7 @@ def test_four_ranks_uneven_exact_and_counted():
 @pytest.mark.slow
 def test_three_ranks_fold_into_the_butterfly():
     sizes = (4, 2, 5)
-    results = run_ranks(_decode_checks, 3, args=(sizes, None), timeout=150)
+    results = run_ranks(_decode_checks, 3, args=(sizes, None), timeout=600)
     _assert_exact(results)
     _assert_counters_match_the_model(results, sizes)
     assert [r["counters"]["tree"].rounds for r in results] == [3, 1, 2]

@@ -110,7 +110,7 @@ def _run_cases(rank: int, world: int, cases: dict, bug_cases: dict) -> dict[str,
 def results() -> dict[str, tuple[float, float, float]]:
     merged: dict[str, tuple[float, float, float]] = {}
     for world, cases, bugs in ((2, CASES_2, BUG_CASES), (4, CASES_4, {})):
-        per_rank = run_ranks(_run_cases, world, args=(cases, bugs), timeout=150)
+        per_rank = run_ranks(_run_cases, world, args=(cases, bugs), timeout=600)
         for name in per_rank[0]:
             merged[name] = tuple(max(r[name][i] for r in per_rank) for i in range(3))  # type: ignore[assignment]
     return merged

@@ -47,6 +47,6 @@ def _fails_on_rank_one(rank: int, world: int) -> int:
 
 
 def test_runner_gathers_sizes_and_reports_a_failing_rank():
-    assert run_ranks(_gathered_sizes, 3, timeout=120) == [(1, 2, 3)] * 3
+    assert run_ranks(_gathered_sizes, 3, timeout=600) == [(1, 2, 3)] * 3
     with pytest.raises(RuntimeError, match="(?s)rank 1:.*planted failure"):
-        run_ranks(_fails_on_rank_one, 2, timeout=120)
+        run_ranks(_fails_on_rank_one, 2, timeout=600)

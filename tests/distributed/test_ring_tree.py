@@ -94,7 +94,7 @@ def _errors(world: int, cases: list[Case], per_rank: list[Any] | None = None) ->
     """(case, largest error, tolerance) per case; the reference is the unsharded module in this process.
     `per_rank`: the ranks' results of `_run_cases` (default: run them here)."""
     if per_rank is None:
-        per_rank = run_ranks(_run_cases, world, (cases, _states(cases)), timeout=150)
+        per_rank = run_ranks(_run_cases, world, (cases, _states(cases)), timeout=600)
     out = []
     for i, (strategy, name, causal, sizes, dtype_name, over, planted) in enumerate(cases):
         dtype = getattr(torch, dtype_name)
@@ -222,7 +222,7 @@ def test_zigzag_layout_gives_every_rank_the_same_causal_work():
 @pytest.fixture(scope="module")
 def two_ranks() -> tuple[list[tuple[str, float, float]], list[Any]]:
     """One spawn for the honest cases, the planted ones and the peer: (errors per case, peer outputs per rank)."""
-    per_rank = run_ranks(_two_rank_main, 2, (CASES2, _states(CASES2)), timeout=150)
+    per_rank = run_ranks(_two_rank_main, 2, (CASES2, _states(CASES2)), timeout=600)
     return _errors(2, CASES2, [r[0] for r in per_rank]), [r[1] for r in per_rank]
 
 

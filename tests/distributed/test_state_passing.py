@@ -110,7 +110,7 @@ HALO_CASES = (("mamba", {"d_state": 3, "d_conv": 4}), ("focused-linear", {"kerne
 def two_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
     """Per job, per rank: the rows of `_errors` (2 gloo ranks, one spawn)."""
     jobs = [((5, 3), CASES, "float64", False), ((5, 3), PLANTED_CASES, "float64", True)]
-    per_rank = run_ranks(_jobs, 2, args=(jobs,), timeout=240)
+    per_rank = run_ranks(_jobs, 2, args=(jobs,), timeout=600)
     return [[rows[j] for rows in per_rank] for j in range(len(jobs))]
 
 
@@ -121,7 +121,7 @@ def four_ranks() -> list[list[list[tuple[str, float, float, float]]]]:
             ((2, 1, 6, 3), HALO_CASES, "float64", False, True),
             ((0, 5, 2, 4), (("miras-lp", {}), ("retention", {}), ("mamba", {"d_state": 2, "d_conv": 2})), "float64",
              False)]
-    per_rank = run_ranks(_jobs, 4, args=(jobs,), timeout=240)
+    per_rank = run_ranks(_jobs, 4, args=(jobs,), timeout=600)
     return [[rows[j] for rows in per_rank] for j in range(len(jobs))]
 
 
