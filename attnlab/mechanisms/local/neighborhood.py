@@ -28,9 +28,11 @@ Two engines serve the fast path (attnlab.kernels.neighborhood), both with a back
 the weights: direct loops over each query's keys compiled with numba, and the tiled GEMM formulation in
 PyTorch. The rule (`backend=None`): the numba loops where they serve (numba installed, CPU tensors of
 float32 or float64: attnlab.kernels.compiled.serves); the tiles otherwise (CUDA, half precision, no
-numba). Long 1-D windows went to the tiles until the loops' register-blocked forward: measured at
-N = 16,384, one thread, loops / tiles forward 61/146 ms (k = 65), 84/140 (k = 97), 81/148 (k = 129),
-262/491 (causal 256); forward + backward 364/411, 546/529, 920/1043, 2165/2792 ms.
+numba). Long 1-D windows went to the tiles until the loops' register-blocked forward; now the loops win
+there too: one thread, median of 5 interleaved rounds, load 1.0, loops / tiles forward 284/576 ms
+(N = 65,536, k = 65) and 144/307 ms (N = 16,384, causal 256); forward + backward 1.61/1.79 s and
+1.09/1.13 s. Rerun: taskset -c 1 python benchmarks/neighborhood.py --cases 1d-65,1d-causal-256
+--threads 1 --rounds 5 --no-memory [--forward].
 `attnlab info neighborhood` says which serves here. `backend="numba"` or `"torch"` forces one.
 """
 from __future__ import annotations
