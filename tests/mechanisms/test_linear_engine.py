@@ -4,8 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attnlab.core.errors import ParameterError, ShapeError
 from attnlab.kernels.linear_scan import (
@@ -19,6 +17,7 @@ from attnlab.kernels.linear_scan import (
     linear_flops,
     normalizer_floor,
 )
+from attnlab.testing import LargestStorage
 
 F64 = torch.float64
 MODES = ["none", "scalar", "channel", "delta", "gated-delta"]
@@ -300,27 +299,12 @@ def test_step_by_step_equals_the_causal_form_and_checks_its_state():
 
 
 # -- no N × N tensor -------------------------------------------------------------------------------
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest storage any op (forward or backward) allocates."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
-        return out
-
-
 def largest_allocation(mode, n, causal):
     q, k, v, ld, beta, tensors = inputs(mode, b=1, h=1, n=n, dk=8, dv=8, dtype=torch.float32, grad=True)
-    with LargestAllocation() as probe:
+    with LargestStorage() as probe:
         out = linear_attention(q, k, v, causal=causal, log_decay=ld, beta=beta, normalize=beta is None, chunk_size=64)
         torch.autograd.grad(out.sum(), tensors)
-    return probe.bytes
+    return probe.largest
 
 
 @pytest.mark.parametrize("causal", [False, True])
