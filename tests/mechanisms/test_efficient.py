@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from test_linear_engine import LargestAllocation
 
 import attnlab
 from attnlab import testing
@@ -148,11 +147,11 @@ def test_65k_tokens_run_without_any_n_by_n_tensor(causal):
     """Memory O(d n + d²): at n = 65,536 no allocation (forward or backward) comes near n² floats."""
     n = 65536
     q, k, v = (t.requires_grad_() for t in qkv(b=1, h=1, n=n, d=4, dv=4, dtype=torch.float32, seed=3))
-    with LargestAllocation() as probe:
+    with testing.LargestStorage() as probe:
         out = efficient_attention(q, k, v, causal=causal, chunk_size=64)
         torch.autograd.grad(out.sum(), (q, k, v))
     assert torch.isfinite(out).all()
-    assert probe.bytes <= 64 * 4 * n, f"largest allocation {probe.bytes} bytes"  # vs 4·n² = 16 GiB
+    assert probe.largest <= 64 * 4 * n, f"largest allocation {probe.largest} bytes"  # vs 4·n² = 16 GiB
 
 
 def test_scaling_variant_passes_the_conformance_suite():
