@@ -11,16 +11,20 @@ Each row of `ROWS` is one piece of work (batch 1, 8 heads, head_dim 64, float32:
 * "ms"     — the time <= bar milliseconds;
 * "ratio"  — the time / the time of a second case (causal / non-causal, fwd+bwd / fwd) <= bar.
 
-Every row also gets its limit: the larger of the time to stream its tensors at the measured memory
-bandwidth (q, k, v read and the output written: 4 tensors; fwd+bwd 12) and the time of its FLOPs at the
-measured matmul rate; "of limit" is that time over the measured one. And every row's attnlab case is
+Every row also gets its limit: the larger of the time to move its tensors and the time of its FLOPs at
+the measured matmul rate; "of limit" is that time over the measured one. Moving the tensors: the ones a
+call reads (q, k, v; fwd+bwd also the output and its gradient twice: 8) at the streaming rate, and the
+ones it returns (the output; fwd+bwd also dq, dk, dv: 4) at the first-touch rate — a call returns freshly
+allocated tensors, and writing memory the process has not touched yet costs the page faults too (on a
+virtual machine that can be several times a streaming write; the figure "fresh" measures it as
+`torch.empty(n).fill_(1)` over 128 MiB). And every row's attnlab case is
 timed on two threads too: "2 threads" is the one-thread time over the two-thread time, with the bar
 `TWO_THREADS` for the engines that parallelise (neighborhood, block-sparse, the linear scan).
 
 How it is measured: two worker processes, one pinned to one CPU running one thread (torch and numba),
 one pinned to two CPUs running two (the last CPUs this process may use; `taskset -c 1` and
-`taskset -c 0,1` on a 2-core machine). The machine's figures first — a 2048³ float32 matmul and a
-streaming add c = a + b over 3 × 128 MiB — then row after row: each round times the attnlab case, the
+`taskset -c 0,1` on a 2-core machine). The machine's figures first — a 2048³ float32 matmul, a
+streaming add c = a + b over 3 × 128 MiB and the first touch of a fresh 128 MiB tensor — then row after row: each round times the attnlab case, the
 peer's or second case, and the attnlab case on two threads once each (A B C A B C …, every timing the
 median of up to three calls within a second), and a row's figure is the median over `--rounds` rounds
 (at least 5). Ratios are taken within a round, then their median. Nothing else should run on the machine;
@@ -52,6 +56,7 @@ TWO_THREADS = 1.7  # the two-thread speed-up the parallel engines must reach
 MIN_ROUNDS = 5
 MATMUL_N = 2048
 STREAM_FLOATS = 1 << 25  # 128 MiB per float32 tensor: far beyond the caches
+MACHINE_FIGURES = ("matmul", "stream", "fresh")
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -127,8 +132,8 @@ ROWS: tuple[Row, ...] = (
 
 # -- the worker (child process) -------------------------------------------------------------------
 def _machine_call(name: str, size: int) -> tuple[Any, float]:
-    """(call, work) of a machine figure: "matmul" of size³ (work in FLOPs) or "stream", c = a + b over `size`
-    floats each (work in bytes moved)."""
+    """(call, work) of a machine figure: "matmul" of size³ (work in FLOPs), "stream", c = a + b over `size`
+    floats each (work in bytes moved), or "fresh", filling a newly allocated tensor of `size` floats (bytes)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -140,7 +145,9 @@ def _machine_call(name: str, size: int) -> tuple[Any, float]:
         a, b = (torch.randn(size, generator=gen) for _ in range(2))
         out = torch.empty(size)
         return (lambda: torch.add(a, b, out=out)), 3.0 * 4 * size
-    raise ValueError(f"machine figure: expected 'matmul' or 'stream', got {name!r}")
+    if name == "fresh":
+        return (lambda: torch.empty(size).fill_(1.0)), 4.0 * size
+    raise ValueError(f"machine figure: expected 'matmul', 'stream' or 'fresh', got {name!r}")
 
 
 class _Calls:
@@ -263,18 +270,19 @@ def _median(values: Sequence[float]) -> float | None:
 
 def machine_figures(one: Worker, two: Worker | None, rounds: int, sizes: Mapping[str, int] | None = None
                     ) -> dict[str, float | None]:
-    """GFLOP/s of the matmul and GB/s of the streaming add, on one thread and on two, interleaved; `sizes`:
-    the matmul's side and the stream's floats per tensor (default MATMUL_N, STREAM_FLOATS)."""
-    sizes = {"matmul": MATMUL_N, "stream": STREAM_FLOATS, **(sizes or {})}
+    """GFLOP/s of the matmul, GB/s of the streaming add and of the first touch, on one thread and on two,
+    interleaved; `sizes`: the matmul's side and the floats per tensor of the others (default MATMUL_N,
+    STREAM_FLOATS)."""
+    sizes = {"matmul": MATMUL_N, "stream": STREAM_FLOATS, "fresh": STREAM_FLOATS, **(sizes or {})}
     workers = {"1": one, "2": two}
     work: dict[str, float] = {}
     for w in (one, two):
         if w is not None:
-            for name in ("matmul", "stream"):
+            for name in MACHINE_FIGURES:
                 work[name] = w.ask(op="machine", name=name, size=sizes[name])["work"]
-    times: dict[str, list[float]] = {f"{name}_{t}": [] for name in ("matmul", "stream") for t in workers}
+    times: dict[str, list[float]] = {f"{name}_{t}": [] for name in MACHINE_FIGURES for t in workers}
     for _ in range(rounds):
-        for name in ("matmul", "stream"):
+        for name in MACHINE_FIGURES:
             for t, w in workers.items():
                 if w is not None:
                     times[f"{name}_{t}"].append(w.ask(op="time", id=name)["seconds"])
@@ -319,12 +327,14 @@ def _flops(case: Case) -> float | None:
 
 
 def limit_seconds(case: Case, machine: Mapping[str, float | None]) -> float | None:
-    """The larger of the streaming time of the case's tensors and the time of its FLOPs at the matmul rate."""
-    tensors = 12 if case.mode == "fwd+bwd" else 4
-    nbytes = tensors * SHAPE["batch"] * SHAPE["heads"] * case.n * SHAPE["head_dim"] * 4
-    stream, matmul = machine.get("stream_1_gbs"), machine.get("matmul_1_gflops")
+    """The larger of the time to move the case's tensors (those read at the streaming rate, those returned
+    fresh at the first-touch rate) and the time of its FLOPs at the matmul rate."""
+    read, returned = (8, 4) if case.mode == "fwd+bwd" else (3, 1)
+    tensor_bytes = SHAPE["batch"] * SHAPE["heads"] * case.n * SHAPE["head_dim"] * 4
+    stream, fresh = machine.get("stream_1_gbs"), machine.get("fresh_1_gbs")
+    matmul = machine.get("matmul_1_gflops")
     flops = _flops(case)
-    candidates = [nbytes / (stream * 1e9)] if stream else []
+    candidates = [read * tensor_bytes / (stream * 1e9) + returned * tensor_bytes / (fresh * 1e9)] if stream and fresh else []
     if flops and matmul:
         candidates.append(flops / (matmul * 1e9))
     return max(candidates) if candidates else None
@@ -428,7 +438,8 @@ def run_limits(rows: Sequence[Row], rounds: int = MIN_ROUNDS, *, machine_sizes: 
     try:
         machine = machine_figures(one, two, rounds, machine_sizes)
         say("limits: matmul " + ", ".join(f"{machine[f'matmul_{t}_gflops'] or 0:.0f} GFLOP/s ({t} thr)" for t in "12")
-            + "; stream " + ", ".join(f"{machine[f'stream_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12"))
+            + "; stream " + ", ".join(f"{machine[f'stream_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12")
+            + "; first touch " + ", ".join(f"{machine[f'fresh_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12"))
         for i, row in enumerate(rows, 1):
             start = time.perf_counter()
             results.append(measure_row(row, one, two, rounds, machine))
@@ -469,7 +480,8 @@ def table_text(env: Mapping[str, Any], results: Sequence[RowResult]) -> str:
     """The table as text: machine figures, then one line per row."""
     head = (f"machine: matmul {_num(env.get('matmul_1_gflops'), '.0f')} GFLOP/s on 1 thread, "
             f"{_num(env.get('matmul_2_gflops'), '.0f')} on 2; stream {_num(env.get('stream_1_gbs'), '.1f')} GB/s on 1 "
-            f"thread, {_num(env.get('stream_2_gbs'), '.1f')} on 2; medians of {env.get('rounds')} interleaved rounds; "
+            f"thread, {_num(env.get('stream_2_gbs'), '.1f')} on 2; first touch of fresh memory "
+            f"{_num(env.get('fresh_1_gbs'), '.1f')} GB/s on 1 thread, {_num(env.get('fresh_2_gbs'), '.1f')} on 2; medians of {env.get('rounds')} interleaved rounds; "
             f"load {env.get('load_1m')}")
     columns = ("row", "attnlab ms", "other ms", "value", "bar", "met", "of limit", "2 threads", "≥ 1.7×")
     cells = []

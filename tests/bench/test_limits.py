@@ -13,7 +13,7 @@ from attnlab.bench.report.html import Page
 from attnlab.bench.store import ResultStore
 from attnlab.core.errors import ParameterError
 
-MACHINE = {"matmul_1_gflops": 100.0, "stream_1_gbs": 10.0}
+MACHINE = {"matmul_1_gflops": 100.0, "stream_1_gbs": 10.0, "fresh_1_gbs": 2.5}
 
 
 def verdict(row: L.Row, ms: float, ratios=(), speedups=()) -> L.RowResult:
@@ -55,13 +55,15 @@ def test_ratio_and_backward_bars_take_the_median_of_round_ratios():
     assert verdict(peer, 10.0, ratios=[1.01, 1.2, 0.9]).passed is False
 
 
-def test_limit_is_the_longer_of_streaming_and_compute():
+def test_limit_is_the_longer_of_moving_the_tensors_and_compute():
     small = L.Case("neighborhood", 65536, params={"kernel_size": 7})  # memory bound
-    nbytes = 4 * 8 * 65536 * 64 * 4
-    assert L.limit_seconds(small, MACHINE) == pytest.approx(max(nbytes / 10e9, L._flops(small) / 100e9))
-    assert L.limit_seconds(small, MACHINE) == pytest.approx(nbytes / 10e9)
+    tensor = 8 * 65536 * 64 * 4
+    moved = 3 * tensor / 10e9 + tensor / 2.5e9  # q, k, v streamed; the output written to fresh memory
+    assert L._flops(small) / 100e9 < moved
+    assert L.limit_seconds(small, MACHINE) == pytest.approx(moved)
     backward = L.Case("neighborhood", 65536, "fwd+bwd", params={"kernel_size": 7})
-    assert L.limit_seconds(backward, MACHINE) == pytest.approx(3 * nbytes / 10e9)  # 12 tensors
+    assert L.limit_seconds(backward, MACHINE) == pytest.approx(8 * tensor / 10e9 + 4 * tensor / 2.5e9)
+    assert L.limit_seconds(small, {"stream_1_gbs": 10.0}) is None  # no first-touch figure: no limit claimed
     heavy = L.Case("linear", 65536, causal=True)  # compute bound
     assert L.limit_seconds(heavy, MACHINE) == pytest.approx(L._flops(heavy) / 100e9)
     assert L.limit_seconds(heavy, {}) is None
@@ -98,8 +100,8 @@ def test_a_real_run_in_worker_processes(tmp_path):
               L.Case("efficient", 128, "fwd+bwd", impl="linear-attention-transformer")),
         L.Row("broken", "no such kernel", L.Case("neighborhood", 4, params={"kernel_size": 7}), "ms", 1.0),
     ]
-    env, results = L.run_limits(rows, 5, machine_sizes={"matmul": 128, "stream": 1 << 16})
-    assert env["matmul_1_gflops"] > 0 and env["stream_2_gbs"] > 0 and env["rounds"] == 5
+    env, results = L.run_limits(rows, 5, machine_sizes={"matmul": 128, "stream": 1 << 16, "fresh": 1 << 16})
+    assert env["matmul_1_gflops"] > 0 and env["stream_2_gbs"] > 0 and env["fresh_1_gbs"] > 0 and env["rounds"] == 5
     tiny, peer, broken = results
     assert tiny.passed is True and tiny.ms > 0 and tiny.speedup > 0 and tiny.two_threads_passed is not None
     assert len(tiny.load) == 5
