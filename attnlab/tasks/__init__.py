@@ -1,5 +1,6 @@
 """Synthetic tasks (registered in the catalogue as kind "task")."""
+from .icl_linear_regression import ICLRegressionData, icl_linear_regression
 from .mqar import MQARData, mqar
 from .table_lookup import TableLookupData, table_lookup
 
-__all__ = ["MQARData", "TableLookupData", "mqar", "table_lookup"]
+__all__ = ["ICLRegressionData", "icl_linear_regression", "MQARData", "TableLookupData", "mqar", "table_lookup"]
