@@ -1,23 +1,43 @@
 """Initialisations and training recipes (family D), registered as kind "init" or "recipe".
 
 * `mimetic`: P001 mimetic initialisation (`mimetic_init_`, init "mimetic-init") and `mimeticity`;
-* `apla`: P021 APLA, train only W_o or r random columns of it (`apla`, recipe "apla"), `training_cost`.
+* `apla`: P021 APLA, train only W_o or r random columns of it (`apla`, recipe "apla"), `training_cost`;
+* `attention_to_identity`: P018 entropy-guided choice of attention layers to turn into identity
+  (`select_identity_layers`, recipe "attention-to-identity"), `convert_to_identity`, `dilute`.
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
 from .apla import APLA, TrainingCost, apla, training_cost
+from .attention_to_identity import (
+    DilutedAttention,
+    IdentityAttention,
+    attention_entropies,
+    convert_to_identity,
+    dilute,
+    dilution_lambda,
+    gaussian_entropy,
+    select_identity_layers,
+)
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
 from .projections import AttentionLayer, attention_layers
 
 __all__ = [
     "APLA",
     "AttentionLayer",
+    "DilutedAttention",
+    "IdentityAttention",
     "MimeticTargets",
     "Mimeticity",
     "TrainingCost",
     "apla",
+    "attention_entropies",
     "attention_layers",
+    "convert_to_identity",
+    "dilute",
+    "dilution_lambda",
+    "gaussian_entropy",
     "mimetic_init_",
     "mimeticity",
+    "select_identity_layers",
     "training_cost",
 ]
