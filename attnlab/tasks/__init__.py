@@ -1,9 +1,11 @@
 """Synthetic tasks (registered in the catalogue as kind "task")."""
 from .hierarchical_filtering import TreeData, filtered_tree_data
 from .icl_linear_regression import ICLRegressionData, icl_linear_regression
+from .implicit_update import ImplicitUpdateProblem, implicit_update_problem
 from .mqar import MQARData, mqar
 from .table_lookup import TableLookupData, table_lookup
 
 __all__ = [
     "TreeData", "filtered_tree_data", "ICLRegressionData", "icl_linear_regression",
+    "ImplicitUpdateProblem", "implicit_update_problem",
     "MQARData", "TableLookupData", "mqar", "table_lookup"]
