@@ -3,11 +3,14 @@
 * `mimetic`: P001 mimetic initialisation (`mimetic_init_`, init "mimetic-init") and `mimeticity`;
 * `apla`: P021 APLA, train only W_o or r random columns of it (`apla`, recipe "apla"), `training_cost`;
 * `attention_to_identity`: P018 entropy-guided choice of attention layers to turn into identity
-  (`select_identity_layers`, recipe "attention-to-identity"), `convert_to_identity`, `dilute`.
+  (`select_identity_layers`, recipe "attention-to-identity"), `convert_to_identity`, `dilute`;
+* `attention_map_distillation`: P146 MAE-Lite attention-map distillation with the head-count adapter
+  (`AttentionMapDistillation`, recipe "attention-map-distillation").
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
 from .apla import APLA, TrainingCost, apla, training_cost
+from .attention_map_distillation import AttentionMapDistillation, attention_kl
 from .attention_to_identity import (
     DilutedAttention,
     IdentityAttention,
@@ -24,6 +27,7 @@ from .projections import AttentionLayer, attention_layers
 __all__ = [
     "APLA",
     "AttentionLayer",
+    "AttentionMapDistillation",
     "DilutedAttention",
     "IdentityAttention",
     "MimeticTargets",
@@ -31,6 +35,7 @@ __all__ = [
     "TrainingCost",
     "apla",
     "attention_entropies",
+    "attention_kl",
     "attention_layers",
     "convert_to_identity",
     "dilute",
