@@ -1,8 +1,11 @@
 """Benchmark: Loki (P027) — are keys low-rank, and does ranking in few PCA dimensions find the right keys?
 
-    .venv/bin/python benchmarks/loki.py --out attnlab-results/loki [--steps 300] [--threads 1]
+    .venv/bin/python benchmarks/loki.py [--out attnlab-results/loki] [--steps 300] [--threads 1]
+        [--db attnlab-results/results.sqlite]
 
-Writes DIR/loki.json and DIR/loki.png (the trained LM is cached in DIR/cache/, keyed by its settings):
+Writes DIR/loki.json and DIR/loki.png (the trained LM is cached in DIR/cache/, keyed by its settings) and records
+the rows in the results store (--db, suite "kv-selection", `attnlab.bench.kv_cache`), where `attnlab report` shows
+the tables and the figure:
 
 1. Rank for 90% of the key variance per layer and head (PCA of the keys, `fit_key_basis`) against the head
    dimension d, on MiniLM (all-MiniLM-L6-v2, 6 × 12 heads, d = 32, keys taken with `attnlab.analysis.capture(qk=True)`
@@ -42,6 +45,9 @@ from torch import Tensor, nn
 
 import attnlab
 from attnlab.analysis import capture, load_minilm
+from attnlab.bench import kv_cache
+from attnlab.bench.env import run_environment
+from attnlab.bench.store import DEFAULT_DB, ResultStore
 from attnlab.inference.loki import fit_key_basis, loki_decode, loki_select, split_rotated_keys, visible_keys
 
 STDLIB = (
@@ -317,16 +323,21 @@ def plot(result: dict[str, object], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=DEFAULT_DB.parent / "loki",
+                        help="JSON, PNG and the trained LM go here (default %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the char LM (batch 16, N 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-n", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB, metavar="PATH",
+                        help=f"the results database, suite {kv_cache.SELECTION_SUITE!r} (default {DEFAULT_DB})")
     args = parser.parse_args()
+    store = ResultStore(args.db)  # checked writable before the run
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     texts = docstrings()
+    env = run_environment(matmul=False)
     result: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}, "corpus_chars": sum(map(len, texts))}
     result["minilm"] = minilm_part(texts)
     print("minilm rank90 per layer:", result["minilm"]["rank90"], flush=True)  # type: ignore[index]
@@ -339,6 +350,8 @@ def main() -> None:
     for part in ("minilm", "lm"):
         for row in result[part]["quality"]:  # type: ignore[index]
             print(part, row)
+    written = kv_cache.record_selection(store, result, env)
+    print(f"recorded {written} rows of suite {kv_cache.SELECTION_SUITE!r} in {args.db}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark: MatryoshkaKV (P004) — PCA vs trained (Cayley, distilled) projections of the KV cache, by compression.
 
-    .venv/bin/python benchmarks/matryoshka_kv.py --out attnlab-results/matryoshka_kv [--steps 1500] [--distill-steps 400]
+    .venv/bin/python benchmarks/matryoshka_kv.py [--out attnlab-results/matryoshka_kv] [--steps 1500] [--distill-steps 400]
+        [--db attnlab-results/results.sqlite]
 
 A small causal character LM (2 layers of attnlab "softmax" attention, d_model 64, 2 heads of d = 32, context 64)
 is trained here on the source text of a few standard-library modules (shipped with Python; the names and the
@@ -14,8 +15,9 @@ from {d/4, d/2, 3d/4}). For r/d in {1, 0.75, 0.5, 0.25}, every head at r, on hel
 - LM loss: cross-entropy (nats/char) of the compressed model, against the uncompressed model's.
 
 Also: the greedy per-head allocation (`head_errors`, `allocate_ranks`) at an average r/d = 0.5 against the uniform
-r/d = 0.5. Writes OUT/matryoshka_kv.json and OUT/matryoshka_kv.png. The paper's direction: the trained projections
-degrade less than PCA as r shrinks.
+r/d = 0.5. Writes OUT/matryoshka_kv.json and OUT/matryoshka_kv.png, and records the rows in the results store
+(--db, suite "kv-compression", `attnlab.bench.kv_cache`), where `attnlab report` shows the table and figure. The
+paper's direction: the trained projections degrade less than PCA as r shrinks.
 
 Measured (2026-12-07, shared 2-core CPU, one thread, defaults; LM trained 1,500 steps in 374 s, distillation 400
 steps in 83 s, distillation KL 0.177 -> 0.093 over the run), held-out loss of the uncompressed model 1.7062:
@@ -47,6 +49,9 @@ import torch
 from torch import Tensor, nn
 
 import attnlab
+from attnlab.bench import kv_cache
+from attnlab.bench.env import run_environment
+from attnlab.bench.store import DEFAULT_DB, ResultStore
 from attnlab.inference import matryoshka_kv as mkv
 
 MODULES = ("argparse", "textwrap", "difflib", "string")
@@ -189,7 +194,7 @@ def measure(out: Path, *, steps: int = 1500, distill_steps: int = 400) -> dict[s
         "command": f"python benchmarks/matryoshka_kv.py --out {out} --steps {steps} --distill-steps {distill_steps}",
         "corpus": {"modules": list(MODULES), "chars": len(text), "vocab": len(chars),
                    "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]},
-        "model": {"dim": DIM, "heads": HEADS, "head_dim": d, "layers": LAYERS, "context": CONTEXT, **info},
+        "model": {"dim": DIM, "heads": HEADS, "head_dim": d, "layers": LAYERS, "context": CONTEXT, "steps": steps, **info},
         "distill": {"steps": distill_steps, "levels": levels[:-1], "seconds": round(distill_seconds, 1),
                     "loss_first_20": sum(history[:20]) / 20, "loss_last_20": sum(history[-20:]) / 20},
         "uncompressed_lm_loss": base_loss,
@@ -226,10 +231,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=DEFAULT_DB.parent / "matryoshka_kv",
+                        help="JSON, PNG and the trained LM go here (default %(default)s)")
     parser.add_argument("--steps", type=int, default=1500, help="char LM training steps (batch 32)")
     parser.add_argument("--distill-steps", type=int, default=400, help="distillation steps (batch 16)")
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB, metavar="PATH",
+                        help=f"the results database, suite {kv_cache.COMPRESSION_SUITE!r} (default {DEFAULT_DB})")
     args = parser.parse_args()
+    store = ResultStore(args.db)  # checked writable before the run
+    env = run_environment(matmul=False)
     result = measure(args.out, steps=args.steps, distill_steps=args.distill_steps)
     print(f"uncompressed LM loss {result['uncompressed_lm_loss']:.4f}")
     print("r/d   pca_err  trained_err  pca_loss  trained_loss")
@@ -238,6 +248,8 @@ def main() -> None:
               f"{r['pca_lm_loss']:.4f}    {r['trained_lm_loss']:.4f}")
     for name, g in result["greedy_at_half"].items():
         print(f"greedy r/d=0.5 ({name}): ranks {g['ranks']} loss {g['lm_loss']:.4f}")
+    written = kv_cache.record_compression(store, result, env)
+    print(f"recorded {written} rows of suite {kv_cache.COMPRESSION_SUITE!r} in {args.db}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ PEER_MARKERS = "x+1*"
 REFERENCE = {"color": "black", "linewidth": 2.6, "marker": "_", "markersize": 10, "zorder": 1.8}  # under the series
 REFERENCE_BAND = "#bbbbbb"
 DODGE = 0.025  # octaves between neighbouring series' markers at one N
+REFERENCE_STYLES = (":", "-.", (0, (6, 2, 1, 2, 1, 2)))  # reference lines sharing a colour
 MAX_LABEL = 48  # legend and tick labels longer than this are cut with "…"
 
 
@@ -287,3 +288,86 @@ def heatmap(
     bar = fig.colorbar(image, cax=cax)
     bar.set_label(colorbar_label, parse_math=False)
     return png(fig)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One curve of a `curves_figure` panel: y against x. Curves with the same `key` share a colour and marker
+    (a measurement and its model); a dashed curve is a model or a baseline, not a measurement."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float | None]
+    key: str = ""
+    dashed: bool = False
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One axes of a `curves_figure`: its curves and horizontal reference lines (label, y, key)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    curves: Sequence[Curve]
+    references: Sequence[tuple[str, float, str]] = ()
+    log_x: bool = False
+    log_y: bool = False
+    invert_x: bool = False
+    seconds: bool = False  # the y axis is a time in seconds (labelled 2 ms, 500 µs)
+
+
+def curves_figure(title: str, panels: Sequence[CurvePanel], *, columns: int = 2) -> Figure:
+    """Panels side by side (`columns` per row), each with its own legend; every key one colour and marker across
+    the figure (the first len(PALETTE) keys differ in both), models dashed, references dotted (dash-dotted for a
+    second one of the same key)."""
+    keys = list(dict.fromkeys([c.key or c.label for p in panels for c in p.curves]
+                              + [key or label for p in panels for label, _, key in p.references]))
+    look = {key: (PALETTE[i % len(PALETTE)], MARKERS[(i % len(PALETTE) + i // len(PALETTE)) % len(MARKERS)])
+            for i, key in enumerate(keys)}
+    columns = max(1, min(columns, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig = Figure(figsize=(5.4 * columns, 3.9 * rows))
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.45 / (3.9 * rows), bottom=0.5 / (3.9 * rows),
+                        wspace=0.28, hspace=0.45)
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for curve in panel.curves:
+            points = sorted((x, y) for x, y in zip(curve.x, curve.y) if y is not None and math.isfinite(y)
+                            and (not panel.log_y or y > 0) and (not panel.log_x or x > 0))
+            if not points:
+                continue
+            colour, marker = look[curve.key or curve.label]
+            ax.plot([x for x, _ in points], [y for _, y in points], color=colour, marker=marker,
+                    linestyle="--" if curve.dashed else "-", markersize=5, linewidth=1.4, label=_short(curve.label),
+                    markerfacecolor="none" if curve.dashed else colour)
+        seen: dict[str, int] = {}
+        for label, y, key in panel.references:  # references of one key: dotted, then dash-dotted, ...
+            if panel.log_y and y <= 0:
+                continue
+            style = REFERENCE_STYLES[seen.get(key, 0) % len(REFERENCE_STYLES)]
+            seen[key] = seen.get(key, 0) + 1
+            ax.axhline(y, color=look[key or label][0] if key else "black", linestyle=style, linewidth=1.3,
+                       label=_short(label))
+        if panel.log_x:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if panel.log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        if panel.seconds:
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: seconds_text(value)))
+        if panel.invert_x:
+            ax.invert_xaxis()
+        ax.set_xlabel(panel.xlabel, parse_math=False)
+        ax.set_ylabel(panel.ylabel, parse_math=False)
+        ax.set_title(panel.title, parse_math=False, fontsize="medium", loc="left")
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_lines():
+            legend = ax.legend(fontsize="x-small", frameon=False)
+            for text in legend.get_texts():
+                text.set_parse_math(False)
+    fig.set_label(title)
+    return fig

@@ -13,11 +13,17 @@ N, SDPA drawn as the reference line on every panel, spreads as error bars; value
 flagged implausible (a 0 B peak, ...) are listed, not plotted; results reused from an
 earlier run and the load average at measurement are shown. The tables of every
 measurement, ratio and recall run, the registered mechanisms and the environments fold
-below. `results.json` (every result, plus the headline facts) and `summary.md` are
+below. When the store holds them, three inference sections: sharded decoding (suite
+"decode", `benchmarks/distributed_decode.py`: tree vs ring, measured rounds, bytes, time
+and memory per rank beside the cost model, a difference over 20% flagged, and its
+extrapolation to p = 64 … 1024), KV-cache compression (suite "kv-compression",
+`benchmarks/matryoshka_kv.py`, P004) and key selection (suite "kv-selection",
+`benchmarks/loki.py`, P027), each with its tables and a figure. `results.json` (every result, plus the headline facts) and `summary.md` are
 written beside it. All text from the store is escaped.
 
 Modules: `model` (series, points, panels, ratios, recall cells), `headline` (the
-headline facts), `html` and `markdown` (the two renderings), `fmt` (number formats).
+headline facts), `inference` (the inference suites' settings and tables) and
+`inference_figures`, `html` and `markdown` (the two renderings), `fmt` (number formats).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from ..progress import progress, say
 from ..store import DEFAULT_DB, ResultStore, StoreError, canonical
 from . import headline, markdown
 from .fmt import fmt_accuracy, fmt_mib, fmt_time
+from .inference import COST_MODEL_TOLERANCE
 from .model import Report
 
 DEFAULT_OUT = DEFAULT_DB.parent / "report"
@@ -68,6 +76,10 @@ def to_json(report: Report) -> dict[str, Any]:
         "ratios": report.ratio_rows(),
         "not_plotted": [{**s.fields(), "n": p.n, "flags": list(p.flags)} for s, p in report.flagged()],
         "recall": recall,
+        "decode": [{"shape": s.shape, "unsharded": s.unsharded, "timed_rounds": s.timed_rounds,
+                    "rows": [{**asdict(x), "off_model": x.off_model} for x in s.rows],
+                    "extrapolations": [asdict(e) for e in s.extrapolations]} for s in report.decode_settings],
+        "cost_model_tolerance": COST_MODEL_TOLERANCE,
     }
 
 
@@ -85,7 +97,8 @@ def page(report: Report, *, quiet: bool = True) -> str:
             raise
         raise ModuleNotFoundError(f"the report draws its figures with matplotlib: {MATPLOTLIB_HINT}",
                                   name="matplotlib") from err
-    count = sum(len({p.group for p in panels}) for _, panels in report.families()) + len(report.recall_cells())
+    count = (sum(len({p.group for p in panels}) for _, panels in report.families()) + len(report.recall_cells())
+             + len(report.decode_settings) + len(report.compression_settings) + len(report.selection_settings))
     figures = iter(progress(range(count), total=count, desc="report figures", quiet=quiet))
     return html.render(report, figures=figures)
 

@@ -2,7 +2,9 @@
 
 Order: the headline (against SDPA, cost exponents, MQAR leaderboards, peers, and what
 the numbers rest on), then the speed plots as small multiples per family and group,
-then the reference tables; every section after the headline folds (<details>). All
+then the reference tables, then the inference suites present in the store (sharded decoding,
+KV-cache compression, KV-cache key selection: `inference`); every section after the headline
+folds (<details>). All
 text from the store is escaped.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .. import plots
 from ..compare import comparable
 from ..limits import BAR_TEXT, TWO_THREADS, limit_value_text
 from ..store import canonical
-from . import headline
+from . import headline, inference
 from .fmt import (
     MEMORY_UNIT,
     NOT_MEASURED,
@@ -36,6 +38,7 @@ from .fmt import (
     mib,
     status_text,
 )
+from .inference_figures import compression_figure, decode_figure, selection_figure
 from .model import PEER_BASE, SHAPE_KEYS, Panel, Point, Report, SpeedSeries
 
 REFERENCE_LABEL = "SDPA (causal SDPA on causal rows)"
@@ -184,12 +187,17 @@ class Page:
         """The whole page; `figures` (an iterator) is advanced once per figure drawn (progress)."""
         r = self.r
         gen = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r.generated))
-        body = [f"<h1>attnlab results</h1><p class='meta'>{len(r.speed)} speed and {len(r.recall)} recall results "
+        more = "".join(f", {n} {suite}" for suite, n in r.inference_counts().items() if n)
+        body = [f"<h1>attnlab results</h1><p class='meta'>{len(r.speed)} speed and {len(r.recall)} recall results{more} "
                 f"from <code>{esc(r.database)}</code> · generated {esc(gen)} · attnlab {esc(__version__)}</p>",
                 "<nav><a href='#headline'>headline</a> · <a href='#speed'>speed and memory by family</a> · "
                 "<a href='#exponents'>exponents</a> · <a href='#sdpa'>ratios to SDPA</a> · "
-                "<a href='#peers'>peers</a> · <a href='#limits'>limits</a> · <a href='#recall'>recall</a> · <a href='#coverage'>mechanisms</a> · "
-                "<a href='#environment'>environment</a></nav>"]
+                "<a href='#peers'>peers</a> · <a href='#limits'>limits</a> · <a href='#recall'>recall</a> · "
+                + "".join(f"<a href='#{anchor}'>{esc(name)}</a> · " for anchor, name, present in (
+                    ("decode", "sharded decoding", r.decode_settings), ("kv-compression", "KV compression",
+                                                                         r.compression_settings),
+                    ("kv-selection", "KV selection", r.selection_settings)) if present)
+                + "<a href='#coverage'>mechanisms</a> · <a href='#environment'>environment</a></nav>"]
         body.append(self.headline())
         body.append(self.speed(figures))
         body.append(self.exponents())
@@ -197,6 +205,9 @@ class Page:
         body.append(self.peers())
         body.append(self.limits())
         body.append(self.recall(figures))
+        body.append(self.decode(figures))
+        body.append(self.kv_compression(figures))
+        body.append(self.kv_selection(figures))
         body.append(self.coverage())
         body.append(self.environment())
         return PAGE.format(title="attnlab results", css=CSS, body="\n".join(body))
@@ -560,6 +571,97 @@ class Page:
         if r.recall:
             body.append(self._recall_runs())
         return _fold("recall", "Multi-query associative recall (MQAR)", "".join(body))
+
+    # -- inference (present only with results) -----------------------------------------------------------
+    def decode(self, figures: Any) -> str:
+        """Sharded decoding (P128, `benchmarks/distributed_decode.py`): per setting, the measured table beside the
+        cost model (a difference beyond its tolerance flagged), the figure, and the model's extrapolation."""
+        settings = self.r.decode_settings
+        if not settings:
+            return ""
+        body = [f"<p>One query token against a KV cache sharded over p gloo processes on this machine: rounds, "
+                "messages and bytes each rank sent (the largest over ranks; <i>counts modelled</i>: gloo's own "
+                "all-reduce, whose sends attnlab cannot observe, counted as the textbook ring), the cost model's "
+                "prediction (<code>attnlab.distributed.cost_model</code>) and its relative difference, flagged "
+                f"{FLAG_MARK} beyond {inference.COST_MODEL_TOLERANCE:.0%}; time per token (the slowest rank's; all "
+                "processes share this machine's cores and talk over loopback) and peak memory per rank (the "
+                "resident set's rise during one call; held = the rank's cache + that rise) against the unsharded "
+                "run.</p>"]
+        for s in settings:
+            if figures is not None:
+                next(figures, None)
+            title = inference.decode_setting_text(s)
+            body.append(f"<h3>{esc(title)}</h3><p>{esc(inference.unsharded_text(s))}</p>")
+            off = s.off_model
+            body.append(f"<p class='flag'>{FLAG_MARK} The cost model misses the measured bytes by more than "
+                        f"{inference.COST_MODEL_TOLERANCE:.0%} at: "
+                        + esc(", ".join(f"{r.schedule} p={r.world}" for r in off)) + ".</p>" if off else
+                        f"<p>The cost model is within {inference.COST_MODEL_TOLERANCE:.0%} of the measured bytes "
+                        "at every measured p.</p>")
+            header, rows = inference.decode_table(s)
+            cells = [[esc(c) if i != 6 or not r.off_model else f"<span class='flag'>{FLAG_MARK} {esc(c)}</span>"
+                      for i, c in enumerate(row)] for row, r in zip(rows, s.rows)]
+            body.append(_table(header, cells, "decode"))
+            body.append(_img(plots.png(decode_figure(s)), title))
+            for e in s.extrapolations:
+                header, rows = inference.extrapolation_table(e)
+                body.append(f"<p>{esc(inference.network_text(e))}.</p>"
+                            + _table(header, [[esc(c) for c in row] for row in rows], "extrapolation"))
+        return _fold("decode", "Sharded decoding (P128): tree vs ring", "".join(body), open_=True)
+
+    def kv_compression(self, figures: Any) -> str:
+        """MatryoshkaKV (P004, `benchmarks/matryoshka_kv.py`): fidelity and LM loss against r/d, PCA vs trained."""
+        settings = self.r.compression_settings
+        if not settings:
+            return ""
+        body = ["<p>Keys and values of every head projected to their first r of d orthogonal directions: from "
+                "PCA of the cached K/V (<i>pca</i>) or trained by distillation to the uncompressed model "
+                "(<i>trained</i>). Relative error ‖o_r − o‖/‖o‖ of each attention layer's output (mean over "
+                "layers) and the held-out LM loss. The paper's direction: the trained projections degrade less "
+                "than PCA as r shrinks.</p>"]
+        for c in settings:
+            if figures is not None:
+                next(figures, None)
+            title = inference.compression_setting_text(c)
+            header, rows = inference.compression_table(c)
+            body.append(f"<h3>{esc(title)}</h3>" + _table(header, [[esc(x) for x in row] for row in rows],
+                                                          "compression"))
+            lines = inference.greedy_lines(c)
+            if lines:
+                body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
+            body.append(_img(plots.png(compression_figure(c)), title))
+        return _fold("kv-compression", "KV-cache compression (P004 MatryoshkaKV): fidelity vs r/d", "".join(body),
+                     open_=True)
+
+    def kv_selection(self, figures: Any) -> str:
+        """Loki (P027, `benchmarks/loki.py`): key rank, top-k recall and output error vs r and k, decode time."""
+        settings = self.r.selection_settings
+        if not settings:
+            return ""
+        body = ["<p>Keys ranked by their scores in the first r PCA dimensions, exact attention over the top k: "
+                "the rank that holds 90% of the key variance against the head dim; the recall of the exact top-k "
+                "and the relative output error against k random visible keys and the k most recent ones; the "
+                "decode time of one query against dense attention.</p>"]
+        for s in settings:
+            if figures is not None:
+                next(figures, None)
+            title = inference.selection_setting_text(s)
+            body.append(f"<h3>{esc(title)}</h3>")
+            header, rows = inference.rank90_table(s)
+            body.append("<h4>Rank for 90% of the key variance, per layer: mean over heads (min–max)</h4>"
+                        + _table(header, [[esc(x) for x in row] for row in rows], "rank90"))
+            for model in s.quality:
+                for metric, what in (("recall", "top-k recall"), ("output_error", "relative output error")):
+                    if inference.has_metric(s, model, metric):
+                        header, rows = inference.quality_table(s, model, metric)
+                        body.append(f"<h4>{esc(model)}: {esc(what)}</h4>"
+                                    + _table(header, [[esc(x) for x in row] for row in rows], "quality"))
+            for (n, heads, d), rows_ in s.decode.items():
+                header, rows = inference.decode_time_table(rows_)
+                body.append(f"<h4>Decode time, one query, N = {n:,}, {heads} heads, d = {d}</h4>"
+                            + _table(header, [[esc(x) for x in row] for row in rows], "decode-time"))
+            body.append(_img(plots.png(selection_figure(s)), title))
+        return _fold("kv-selection", "KV-cache key selection (P027 Loki): recall vs rank", "".join(body), open_=True)
 
     def _recall_runs(self) -> str:
         rows = []

@@ -5,7 +5,7 @@ import time
 from collections.abc import Sequence
 
 from ..limits import BAR_TEXT, limit_value_text
-from . import headline
+from . import headline, inference
 from .fmt import (
     MEMORY_UNIT,
     NOT_MEASURED,
@@ -71,7 +71,8 @@ def render(report: Report) -> str:
     """The Markdown summary of `report`."""
     r = report
     out = ["# attnlab results", ""]
-    out.append(f"{len(r.speed)} speed and {len(r.recall)} recall results from {md(r.database)}, "
+    more = "".join(f", {n} {suite}" for suite, n in r.inference_counts().items() if n)
+    out.append(f"{len(r.speed)} speed and {len(r.recall)} recall results{more} from {md(r.database)}, "
                f"{len(r.machines)} environment{'s' * (len(r.machines) != 1)} (ratios only within one run or one); "
                f"report generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(r.generated))}.")
     for i, (fp, results) in enumerate(r.machines.items(), 1):
@@ -148,6 +149,7 @@ def render(report: Report) -> str:
                            else status_text(cell["status"]))
             rows.append(row)
         out += _table(["mechanism", *(f"kv={md(kv)}" for kv in kvs)], rows)
+    out += _inference(r)
     if r.not_run:
         out += ["", "## Not run", ""]
         out += [f"- {md(r.label(s))}, {md(s.mode)}: {md('; '.join(why))}" for s, why in r.not_run.items()]
@@ -196,4 +198,46 @@ def _headline(r: Report) -> list[str]:
                  ", ".join(f"{fmt_ratio(x)} @{n}" for n, x in sorted(p.ratios.items())) or "-",
                  f"{p.agreed} agreed, {p.disagreed} disagreed"] for p in standing]
         out += _table(["peer", "mechanism", "mode", "attnlab / peer", "outputs"], rows)
+    return out
+
+
+def _md_table(table: inference.Table) -> list[str]:
+    header, rows = table
+    return _table([md(h) for h in header], [[md(c) for c in row] for row in rows])
+
+
+def _inference(r: Report) -> list[str]:
+    """The sections of the inference suites present in the store: decode (P128), kv-compression (P004),
+    kv-selection (P027)."""
+    out: list[str] = []
+    tolerance = f"{inference.COST_MODEL_TOLERANCE:.0%}"
+    for s in r.decode_settings:
+        out += ["", f"## Sharded decoding (P128): {md(inference.decode_setting_text(s))}", "",
+                md(inference.unsharded_text(s)) + ".", ""]
+        off = s.off_model
+        out += [f"**The cost model misses the measured bytes by more than {tolerance} at: "
+                + md(", ".join(f"{x.schedule} p={x.world}" for x in off)) + ".**" if off
+                else f"The cost model is within {tolerance} of the measured bytes at every measured p.", ""]
+        out += _md_table(inference.decode_table(s))
+        for e in s.extrapolations:
+            out += ["", md(inference.network_text(e)) + ".", ""]
+            out += _md_table(inference.extrapolation_table(e))
+    for c in r.compression_settings:
+        out += ["", f"## KV-cache compression (P004 MatryoshkaKV): {md(inference.compression_setting_text(c))}", ""]
+        out += _md_table(inference.compression_table(c))
+        lines = inference.greedy_lines(c)
+        if lines:
+            out += [""] + [f"- {md(x)}" for x in lines]
+    for sel in r.selection_settings:
+        out += ["", f"## KV-cache key selection (P027 Loki): {md(inference.selection_setting_text(sel))}", "",
+                "Rank for 90% of the key variance, per layer: mean over heads (min–max).", ""]
+        out += _md_table(inference.rank90_table(sel))
+        for model in sel.quality:
+            for metric, what in (("recall", "top-k recall"), ("output_error", "relative output error")):
+                if inference.has_metric(sel, model, metric):
+                    out += ["", f"{md(model)}: {what} by k (rows) and Loki's rank r, beside the baselines.", ""]
+                    out += _md_table(inference.quality_table(sel, model, metric))
+        for (n, heads, d), rows in sel.decode.items():
+            out += ["", f"Decode time, one query, N = {n:,}, {heads} heads, d = {d}.", ""]
+            out += _md_table(inference.decode_time_table(rows))
     return out

@@ -33,6 +33,14 @@ from ..recall import budget_text
 from ..speed import bench_params
 from ..store import Result, ResultStore, canonical
 from .fmt import fmt_params
+from .inference import (
+    COMPRESSION_SUITE,
+    DECODE_SUITE,
+    SELECTION_SUITE,
+    compression_settings,
+    decode_settings,
+    selection_settings,
+)
 
 PEER_BASE = "attnlab"  # impl of attnlab's own measurements; any other impl is a peer library
 SHAPE_KEYS = ("dtype", "batch", "heads", "head_dim", "threads")
@@ -183,6 +191,9 @@ class Report:
         self.speed = [r for r in self.results if r.suite == "speed"]
         self.recall = [r for r in self.results if r.suite == "recall"]
         self.limits = [r for r in self.results if r.suite == "limits"]  # `attnlab bench limits`, one per row
+        self.decode_settings = decode_settings(self.results)  # benchmarks/distributed_decode.py
+        self.compression_settings = compression_settings(self.results)  # benchmarks/matryoshka_kv.py
+        self.selection_settings = selection_settings(self.results)  # benchmarks/loki.py
         newest = max(self.speed, key=lambda r: r.created, default=None)
         self.latest_run = run_of(newest) if newest is not None else None  # rows of other runs are "reused"
         starts: dict[str | None, float] = {}  # run id -> its start (the env's time, else its first result's)
@@ -217,6 +228,11 @@ class Report:
                 self.environments.append(r.env)
             self.env_counts[self.env_of[key]] += 1
             self.machines[fingerprint(r.env)].append(r)
+
+    def inference_counts(self) -> dict[str, int]:
+        """Results per inference suite (decode, kv-compression, kv-selection)."""
+        return {suite: sum(r.suite == suite for r in self.results)
+                for suite in (DECODE_SUITE, COMPRESSION_SUITE, SELECTION_SUITE)}
 
     @classmethod
     def from_store(cls, store: ResultStore) -> Report:
