@@ -5,7 +5,9 @@
 * `attention_to_identity`: P018 entropy-guided choice of attention layers to turn into identity
   (`select_identity_layers`, recipe "attention-to-identity"), `convert_to_identity`, `dilute`;
 * `attention_map_distillation`: P146 MAE-Lite attention-map distillation with the head-count adapter
-  (`AttentionMapDistillation`, recipe "attention-map-distillation").
+  (`AttentionMapDistillation`, recipe "attention-map-distillation");
+* `relation_distillation`: P040 MiniLMv2 Q-Q, K-K, V-V relation distillation over A_r relation heads
+  (`relation_distillation_loss`, recipe "minilmv2-relations"), `projections_of` to record q, k, v.
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
@@ -23,6 +25,7 @@ from .attention_to_identity import (
 )
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
 from .projections import AttentionLayer, attention_layers
+from .relation_distillation import projections_of, relation_distillation_loss, relation_logits
 
 __all__ = [
     "APLA",
@@ -43,6 +46,9 @@ __all__ = [
     "gaussian_entropy",
     "mimetic_init_",
     "mimeticity",
+    "projections_of",
+    "relation_distillation_loss",
+    "relation_logits",
     "select_identity_layers",
     "training_cost",
 ]
