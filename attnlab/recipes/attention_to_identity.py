@@ -136,7 +136,6 @@ def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0) -> list[Di
     return wrapped
 
 
-@torch.no_grad()
 def attention_entropies(model: nn.Module, run: Callable[[nn.Module], Any]) -> Tensor:
     """The Gaussian entropy of each attention sublayer's output during `run(model)` (the calibration pass),
     (layers,) in `attention_layers` order."""
@@ -151,7 +150,8 @@ def attention_entropies(model: nn.Module, run: Callable[[nn.Module], Any]) -> Te
 
     hooks = [layer.module.register_forward_hook(keep(i)) for i, layer in enumerate(found)]
     try:
-        run(model)
+        with torch.no_grad():
+            run(model)
     finally:
         for h in hooks:
             h.remove()
@@ -161,7 +161,6 @@ def attention_entropies(model: nn.Module, run: Callable[[nn.Module], Any]) -> Te
     return torch.stack([gaussian_entropy(torch.cat([t.reshape(-1, t.shape[-1]) for t in seen])) for seen in outputs])
 
 
-@torch.no_grad()
 def select_identity_layers(
     model: nn.Module,
     run: Callable[[nn.Module], Tensor],
@@ -175,24 +174,25 @@ def select_identity_layers(
     pool = _check_layers(range(len(found)) if candidates is None else list(candidates), len(found), "candidates")
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(pool):
         raise ValueError(f"count: expected an int in [1, {len(pool)}] (the candidates), got {count!r}")
-    reference = gaussian_entropy(run(model))
-    chosen: list[int] = []
-    for _ in range(count):
-        best, best_gap = -1, math.inf
-        for i in pool:
-            if i in chosen:
-                continue
-            trial = chosen + [i]
-            originals = {j: _swap(model, found[j].name, IdentityAttention(not isinstance(found[j].module, Attention)))
-                         for j in trial}
-            try:
-                gap = abs(gaussian_entropy(run(model)) - reference).item()
-            finally:
-                for j, module in originals.items():
-                    _swap(model, found[j].name, module)
-            if gap < best_gap:
-                best, best_gap = i, gap
-        chosen.append(best)
+    with torch.no_grad():
+        reference = gaussian_entropy(run(model))
+        chosen: list[int] = []
+        for _ in range(count):
+            best, best_gap = -1, math.inf
+            for i in pool:
+                if i in chosen:
+                    continue
+                trial = chosen + [i]
+                originals = {j: _swap(model, found[j].name, IdentityAttention(not isinstance(found[j].module, Attention)))
+                             for j in trial}
+                try:
+                    gap = abs(gaussian_entropy(run(model)) - reference).item()
+                finally:
+                    for j, module in originals.items():
+                        _swap(model, found[j].name, module)
+                if gap < best_gap:
+                    best, best_gap = i, gap
+            chosen.append(best)
     return chosen
 
 

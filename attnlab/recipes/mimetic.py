@@ -61,7 +61,6 @@ def _check_factor(name: str, value: float) -> float:
     return float(value)
 
 
-@torch.no_grad()
 def mimetic_init_(
     model: nn.Module,
     *,
@@ -82,24 +81,25 @@ def mimetic_init_(
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     device = generator.device if generator is not None else torch.device("cpu")
     out: list[MimeticTargets] = []
-    for layer in attention_layers(model):
-        d = layer.dim
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        qk = []
-        for h in range(layer.heads):
-            target = alpha_qk * torch.randn(d, d, generator=generator, dtype=torch.float64, device=device) / math.sqrt(d)
-            target = target + beta_qk * eye
-            w_q, w_k = _factor(target, layer.head_dim)
-            rows = layer.head_rows(h)
-            layer.q.weight[rows] = w_q.T.to(layer.q.weight)
-            layer.k.weight[rows] = w_k.T.to(layer.k.weight)
-            qk.append(target)
-        vo = alpha_vo * torch.randn(d, d, generator=generator, dtype=torch.float64, device=device) / math.sqrt(d)
-        vo = vo - beta_vo * eye
-        w_v, w_o = _factor(vo, layer.heads * layer.head_dim)
-        layer.v.weight.copy_(w_v.T.to(layer.v.weight))
-        layer.o.weight.copy_(w_o.to(layer.o.weight))
-        out.append(MimeticTargets(layer.name, torch.stack(qk), vo))
+    with torch.no_grad():
+        for layer in attention_layers(model):
+            d = layer.dim
+            eye = torch.eye(d, dtype=torch.float64, device=device)
+            qk = []
+            for h in range(layer.heads):
+                target = alpha_qk * torch.randn(d, d, generator=generator, dtype=torch.float64, device=device) / math.sqrt(d)
+                target = target + beta_qk * eye
+                w_q, w_k = _factor(target, layer.head_dim)
+                rows = layer.head_rows(h)
+                layer.q.weight[rows] = w_q.T.to(layer.q.weight)
+                layer.k.weight[rows] = w_k.T.to(layer.k.weight)
+                qk.append(target)
+            vo = alpha_vo * torch.randn(d, d, generator=generator, dtype=torch.float64, device=device) / math.sqrt(d)
+            vo = vo - beta_vo * eye
+            w_v, w_o = _factor(vo, layer.heads * layer.head_dim)
+            layer.v.weight.copy_(w_v.T.to(layer.v.weight))
+            layer.o.weight.copy_(w_o.to(layer.o.weight))
+            out.append(MimeticTargets(layer.name, torch.stack(qk), vo))
     return out
 
 
@@ -124,15 +124,15 @@ def diagonal_ratio(matrix: Tensor) -> Tensor:
     return diagonal.mean() / off
 
 
-@torch.no_grad()
 def mimeticity(model: nn.Module) -> Mimeticity:
     """How mimetic the attention weights of `model` are (module docstring); any model `attention_layers` reads."""
     layers: list[AttentionLayer] = attention_layers(model)
     heads = {layer.heads for layer in layers}
     if len(heads) != 1:
         raise ValueError(f"model: expected the same number of heads in every layer, got {sorted(heads)}")
-    qk = torch.stack([torch.stack([diagonal_ratio(la.query_key(h)) for h in range(la.heads)]) for la in layers])
-    vo = torch.stack([torch.stack([-diagonal_ratio(la.value_output(h)) for h in range(la.heads)]) for la in layers])
+    with torch.no_grad():
+        qk = torch.stack([torch.stack([diagonal_ratio(la.query_key(h)) for h in range(la.heads)]) for la in layers])
+        vo = torch.stack([torch.stack([-diagonal_ratio(la.value_output(h)) for h in range(la.heads)]) for la in layers])
     return Mimeticity(tuple(la.name for la in layers), qk, vo)
 
 
