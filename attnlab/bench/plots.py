@@ -355,6 +355,7 @@ def curves_figure(title: str, panels: Sequence[CurvePanel], *, columns: int = 2)
             ax.xaxis.set_minor_formatter(NullFormatter())
         if panel.log_y:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         if panel.seconds:

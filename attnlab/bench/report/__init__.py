@@ -18,8 +18,9 @@ below. When the store holds them, three inference sections: sharded decoding (su
 and memory per rank beside the cost model, a difference over 20% flagged, and its
 extrapolation to p = 64 … 1024), KV-cache compression (suite "kv-compression",
 `benchmarks/matryoshka_kv.py`, P004) and key selection (suite "kv-selection",
-`benchmarks/loki.py`, P027), each with its tables and a figure. `results.json` (every result, plus the headline facts) and `summary.md` are
-written beside it. All text from the store is escaped.
+`benchmarks/loki.py`, P027), each with its tables and a figure. `results.json` (every
+result, plus the headline facts) and `summary.md` are written beside it. All text from
+the store is escaped.
 
 Modules: `model` (series, points, panels, ratios, recall cells), `headline` (the
 headline facts), `inference` (the inference suites' settings and tables) and

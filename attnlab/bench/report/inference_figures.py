@@ -6,7 +6,13 @@ from matplotlib.figure import Figure
 from .. import plots
 from ..decode import SCHEDULES
 from .fmt import mib
-from .inference import CompressionSetting, DecodeSetting, SelectionSetting, schedule_label
+from .inference import CompressionSetting, DecodeSetting, SelectionSetting
+
+LEGEND = {"tree": "tree (P128)", "ring": "ring", "allreduce": "gloo all-reduce"}  # short names for legends
+
+
+def kib(count: float | None) -> float | None:
+    return None if count is None else count / 1024
 
 
 def decode_figure(s: DecodeSetting) -> Figure:
@@ -18,7 +24,7 @@ def decode_figure(s: DecodeSetting) -> Figure:
         rows = [r for r in s.rows if r.schedule == name]
         if not rows:
             continue
-        label = schedule_label(rows[0])
+        label = LEGEND.get(name, name) + (" (modelled)" if rows[0].modelled else "")
         ps = [r.world for r in rows]
         rounds.append(plots.Curve(f"{label}, measured", ps, [r.rounds for r in rows], key=name))
         model_ps, model_rounds = list(ps), [r.predicted_rounds for r in rows]
@@ -26,8 +32,9 @@ def decode_figure(s: DecodeSetting) -> Figure:
             model_ps += [x["world"] for x in extra.rows if name in x]
             model_rounds += [x[name]["rounds"] for x in extra.rows if name in x]
         rounds.append(plots.Curve(f"{label}, cost model", model_ps, model_rounds, key=name, dashed=True))
-        sent.append(plots.Curve(f"{label}, measured", ps, [r.bytes_sent for r in rows], key=name))
-        sent.append(plots.Curve(f"{label}, cost model", ps, [r.predicted_bytes for r in rows], key=name, dashed=True))
+        sent.append(plots.Curve(f"{label}, measured", ps, [kib(r.bytes_sent) for r in rows], key=name))
+        sent.append(plots.Curve(f"{label}, cost model", ps, [kib(r.predicted_bytes) for r in rows], key=name,
+                                dashed=True))
         times.append(plots.Curve(label, ps, [r.median_s for r in rows], key=name))
         held.append(plots.Curve(label, ps, [mib(r.held_bytes) for r in rows], key=name))
     un = s.unsharded or {}
@@ -37,7 +44,7 @@ def decode_figure(s: DecodeSetting) -> Figure:
     panels = [
         plots.CurvePanel("communication rounds per rank" + (f" (model to p = {extra.rows[-1]['world']})" if extra and extra.rows else ""),
                          "p (processes)", "rounds", rounds, log_x=True, log_y=True),
-        plots.CurvePanel(f"bytes sent per rank, N = {tokens:,}", "p (processes)", "bytes", sent, log_x=True, log_y=True),
+        plots.CurvePanel(f"sent per rank, N = {tokens:,}", "p (processes)", "KiB", sent, log_x=True, log_y=True),
         plots.CurvePanel("time per decoded token (this machine, loopback)", "p (processes)", "median time", times,
                          [("unsharded (SDPA)", un["median_s"], "")] if un.get("median_s") else [],
                          log_x=True, log_y=True, seconds=True),
