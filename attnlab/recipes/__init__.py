@@ -7,7 +7,9 @@
 * `attention_map_distillation`: P146 MAE-Lite attention-map distillation with the head-count adapter
   (`AttentionMapDistillation`, recipe "attention-map-distillation");
 * `relation_distillation`: P040 MiniLMv2 Q-Q, K-K, V-V relation distillation over A_r relation heads
-  (`relation_distillation_loss`, recipe "minilmv2-relations"), `projections_of` to record q, k, v.
+  (`relation_distillation_loss`, recipe "minilmv2-relations"), `projections_of` to record q, k, v;
+* `illama`: P214 iLLaMA soft causal mask on softmax layers (`soft_causal`, recipe "illama-soft-causal"),
+  `soft_mask_rate` (its schedule), `PostSequenceClassToken`.
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
@@ -23,6 +25,14 @@ from .attention_to_identity import (
     gaussian_entropy,
     select_identity_layers,
 )
+from .illama import (
+    PostSequenceClassToken,
+    SoftCausalAttention,
+    set_soft_mask_rate,
+    soft_causal,
+    soft_causal_mask,
+    soft_mask_rate,
+)
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
 from .projections import AttentionLayer, attention_layers
 from .relation_distillation import projections_of, relation_distillation_loss, relation_logits
@@ -35,6 +45,8 @@ __all__ = [
     "IdentityAttention",
     "MimeticTargets",
     "Mimeticity",
+    "PostSequenceClassToken",
+    "SoftCausalAttention",
     "TrainingCost",
     "apla",
     "attention_entropies",
@@ -50,5 +62,9 @@ __all__ = [
     "relation_distillation_loss",
     "relation_logits",
     "select_identity_layers",
+    "set_soft_mask_rate",
+    "soft_causal",
+    "soft_causal_mask",
+    "soft_mask_rate",
     "training_cost",
 ]
