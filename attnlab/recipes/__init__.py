@@ -9,7 +9,9 @@
 * `relation_distillation`: P040 MiniLMv2 Q-Q, K-K, V-V relation distillation over A_r relation heads
   (`relation_distillation_loss`, recipe "minilmv2-relations"), `projections_of` to record q, k, v;
 * `illama`: P214 iLLaMA soft causal mask on softmax layers (`soft_causal`, recipe "illama-soft-causal"),
-  `soft_mask_rate` (its schedule), `PostSequenceClassToken`.
+  `soft_mask_rate` (its schedule), `PostSequenceClassToken`;
+* `subsampled_attention`: P074 SSA, locally biased key subsampling in training, dense at eval
+  (`subsample_attention`, recipe "subsampled-attention"), `dense_finetune`, `expected_keep_fraction`.
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
@@ -36,6 +38,14 @@ from .illama import (
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
 from .projections import AttentionLayer, attention_layers
 from .relation_distillation import projections_of, relation_distillation_loss, relation_logits
+from .subsampled_attention import (
+    SubsampledAttention,
+    dense_finetune,
+    expected_keep_fraction,
+    keep_probability,
+    subsample_attention,
+    subsample_mask,
+)
 
 __all__ = [
     "APLA",
@@ -47,15 +57,19 @@ __all__ = [
     "Mimeticity",
     "PostSequenceClassToken",
     "SoftCausalAttention",
+    "SubsampledAttention",
     "TrainingCost",
     "apla",
     "attention_entropies",
     "attention_kl",
     "attention_layers",
     "convert_to_identity",
+    "dense_finetune",
     "dilute",
     "dilution_lambda",
+    "expected_keep_fraction",
     "gaussian_entropy",
+    "keep_probability",
     "mimetic_init_",
     "mimeticity",
     "projections_of",
@@ -66,5 +80,7 @@ __all__ = [
     "soft_causal",
     "soft_causal_mask",
     "soft_mask_rate",
+    "subsample_attention",
+    "subsample_mask",
     "training_cost",
 ]
