@@ -21,8 +21,9 @@ times show the schedules' overhead here, not a cluster's; the counts do not depe
 
 The measurement is `attnlab.bench.decode.measure`; its rows go to the results store (--db, suite "decode":
 the unsharded run, each (schedule, p), the extrapolation), where `attnlab report` shows them beside the
-cost model, its % difference from the measured bytes and a figure. Quick setting (about 50 s here):
---worlds 2 4 8 --tokens 4096 --rounds 5.
+cost model, its % difference from the measured bytes and a figure. Quick setting: --worlds 2 4 8
+--tokens 4096 --rounds 5 (47 s on the shared 2-core machine at load 2, 122 s at load 8; the defaults took
+189 s at load 9).
 """
 from __future__ import annotations
 
