@@ -25,7 +25,7 @@ hidden leaf from the others). The Bayes-optimal predictors are exact on the tree
 upward messages μ_leaf = e_{x} (all ones for a hidden leaf), μ_a = Σ_{b,c} M[a, b, c] μ_left(b) μ_right(c)
 below level k, and P(x₀ = r | leaves) ∝ Π_i Σ_a P_i[r, a] μ_i(a) over the level-k nodes (`root_posterior`).
 The posterior of a hidden leaf is the evidence with that leaf clamped to each value, normalised
-(`masked_leaf_posterior`). The paper's model is an encoder-only transformer with learned positions
+(`masked_leaf_posterior`; `mask_one_leaf` hides one uniform position per tree with the token q). The paper's model is an encoder-only transformer with learned positions
 (`TreeEncoder`), whose accuracy is compared with BP's.
 """
 from __future__ import annotations
@@ -173,21 +173,42 @@ def root_posterior(data: TreeData, leaves: Tensor | None = None) -> Tensor:
     return _root_log_joint(m, _leaf_messages(leaves, m.shape[0], m.dtype), data.depth, data.filtering).softmax(-1)
 
 
-def masked_leaf_posterior(data: TreeData, position: int, leaves: Tensor | None = None) -> Tensor:
-    """Exact P(leaf `position` = v | the other leaves) under the data's model, (examples, q) float64:
-    the evidence P(leaf = v, others), summed over the root, for each v, normalised."""
+def masked_leaf_posterior(data: TreeData, position: int | Tensor, leaves: Tensor | None = None) -> Tensor:
+    """Exact P(hidden leaf = v | the other leaves) under the data's model, (examples, q) float64: the evidence
+    P(leaf = v, others), summed over the root, for each v, normalised. `position` one leaf index for every
+    example or a LongTensor (examples,) of them."""
     leaves = data.leaves if leaves is None else leaves
-    position = _int("position", position, 0, leaves.shape[1] - 1)
+    width = leaves.shape[1]
+    if isinstance(position, Tensor):
+        if position.shape != (leaves.shape[0],) or position.dtype != torch.long:
+            raise ValueError(f"position: expected a LongTensor of shape ({leaves.shape[0]},), got {position.dtype} {tuple(position.shape)}")
+        if bool(((position < 0) | (position >= width)).any()):
+            raise ValueError(f"position: expected indices in [0, {width - 1}], got some outside")
+        where = position
+    else:
+        where = torch.full((leaves.shape[0],), _int("position", position, 0, width - 1), dtype=torch.long)
     m = data.grammar
     q = m.shape[0]
     base = _leaf_messages(leaves, q, m.dtype)
+    rows = torch.arange(leaves.shape[0])
     evidence = []
     for v in range(q):
         msg = base.clone()
-        msg[:, position] = 0
-        msg[:, position, v] = 1
+        msg[rows, where] = 0
+        msg[rows, where, v] = 1
         evidence.append(torch.logsumexp(_root_log_joint(m, msg, data.depth, data.filtering), -1))
     return torch.stack(evidence, -1).softmax(-1)
+
+
+def mask_one_leaf(data: TreeData, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The masked-leaf task: one uniform position per example hidden by the mask token q;
+    (inputs (examples, 2^L), positions (examples,), targets (examples,))."""
+    rng = np.random.default_rng(seed)
+    positions = torch.from_numpy(rng.integers(0, data.leaves.shape[1], size=len(data)))
+    rows = torch.arange(len(data))
+    inputs = data.leaves.clone()
+    inputs[rows, positions] = data.grammar.shape[0]
+    return inputs, positions, data.leaves[rows, positions]
 
 
 def bp_accuracy(data: TreeData) -> float:

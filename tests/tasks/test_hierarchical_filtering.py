@@ -16,6 +16,7 @@ from attnlab.tasks.hierarchical_filtering import (
     bp_accuracy,
     filtered_tree_data,
     level_marginals,
+    mask_one_leaf,
     masked_leaf_posterior,
     random_grammar,
     root_posterior,
@@ -143,6 +144,20 @@ def test_masked_leaf_posterior_equals_enumeration(depth: int, k: int, position: 
         )
         assert np.allclose(got[i], evidence / evidence.sum(), atol=1e-12, rtol=0)
         assert got[i][leaves[position]] > 0, "the true leaf has mass"
+
+
+def test_masked_leaf_task_hides_one_leaf_and_bp_reads_each_position() -> None:
+    data = filtered_tree_data(300, depth=3, q=3, filtering=1, seed=4)
+    inputs, positions, targets = mask_one_leaf(data, seed=1)
+    rows = torch.arange(300)
+    assert (inputs[rows, positions] == 3).all() and (inputs == 3).sum() == 300
+    assert torch.equal(targets, data.leaves[rows, positions])
+    assert stats.chisquare(np.bincount(positions.numpy(), minlength=8)).pvalue > 1e-4
+    # per-example positions give, example by example, the single-position posteriors
+    batched = masked_leaf_posterior(data, positions)
+    for p in range(8):
+        chosen = positions == p
+        assert torch.allclose(batched[chosen], masked_leaf_posterior(data, p)[chosen], atol=1e-14)
 
 
 def test_bp_is_calibrated_and_filtering_leaves_root_information() -> None:

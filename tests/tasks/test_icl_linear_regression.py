@@ -17,6 +17,7 @@ from attnlab.tasks.icl_linear_regression import (
     optimal_gd_step,
     ridge_predict,
     train_icl_regressor,
+    weight_patterns,
 )
 
 
@@ -140,6 +141,28 @@ def test_training_beats_the_zero_predictor() -> None:
         mse = float((model(test.tokens) - test.y_query).pow(2).mean())
     # the zero predictor's risk is E y_q² = d = 2; one-step GD at its best step reaches d(1 − η*) ≈ 0.40
     assert mse < 0.6
+
+
+@torch.no_grad()
+def test_weight_patterns_are_zero_on_the_predicted_pattern() -> None:
+    model = SoftmaxICLRegressor(3, heads=2)
+    model.kq.zero_()
+    model.kq[0, :3, :3] = 0.7 * torch.eye(3)
+    model.kq[1, :3, :3] = -0.7 * torch.eye(3)
+    model.ov.zero_()
+    model.ov[:, 3] = torch.tensor([1.5, -1.5])
+    assert all(abs(v) < 1e-12 for v in weight_patterns(model).values())
+    # each measure sees its own departure
+    model.kq[1, 0, 1] = 0.7
+    model.kq[1, 2, 2] = -0.35
+    model.ov[0, 0] = 1.0
+    model.ov[1, 3] = -0.5
+    got = weight_patterns(model)
+    assert got["kq_offdiag"] == pytest.approx(0.7 / float(model.kq[:, :3, :3].norm()))
+    assert got["ov_not_last"] == pytest.approx(1.0 / float(model.ov.norm()))
+    assert got["ov_sum"] == pytest.approx(1.0 / 2.0)
+    scales = torch.tensor([0.7, (0.7 + 0.7 + 0.35) / 3])
+    assert got["kq_inhomogeneous"] == pytest.approx(float(scales.std(unbiased=False) / scales.mean()))
 
 
 def test_seeds_reproduce_and_differ() -> None:
