@@ -11,7 +11,9 @@
 * `illama`: P214 iLLaMA soft causal mask on softmax layers (`soft_causal`, recipe "illama-soft-causal"),
   `soft_mask_rate` (its schedule), `PostSequenceClassToken`;
 * `subsampled_attention`: P074 SSA, locally biased key subsampling in training, dense at eval
-  (`subsample_attention`, recipe "subsampled-attention"), `dense_finetune`, `expected_keep_fraction`.
+  (`subsample_attention`, recipe "subsampled-attention"), `dense_finetune`, `expected_keep_fraction`;
+* `lora_ensemble`: P121 LoRA-Ensemble, M rank-r adapter sets on the attention projections over one frozen
+  backbone (`LoRAEnsemble`, recipe "lora-ensemble"), `evaluate` (accuracy, NLL, ECE).
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
@@ -35,6 +37,15 @@ from .illama import (
     soft_causal_mask,
     soft_mask_rate,
 )
+from .lora_ensemble import (
+    Calibration,
+    EnsembleLoRALinear,
+    LoRAEnsemble,
+    MemberLinear,
+    ensemble_probabilities,
+    evaluate,
+    expected_calibration_error,
+)
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
 from .projections import AttentionLayer, attention_layers
 from .relation_distillation import projections_of, relation_distillation_loss, relation_logits
@@ -51,8 +62,12 @@ __all__ = [
     "APLA",
     "AttentionLayer",
     "AttentionMapDistillation",
+    "Calibration",
     "DilutedAttention",
+    "EnsembleLoRALinear",
     "IdentityAttention",
+    "LoRAEnsemble",
+    "MemberLinear",
     "MimeticTargets",
     "Mimeticity",
     "PostSequenceClassToken",
@@ -67,6 +82,9 @@ __all__ = [
     "dense_finetune",
     "dilute",
     "dilution_lambda",
+    "ensemble_probabilities",
+    "evaluate",
+    "expected_calibration_error",
     "expected_keep_fraction",
     "gaussian_entropy",
     "keep_probability",
