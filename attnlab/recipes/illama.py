@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..core.masks import to_additive
 from ..core.reference import masked_softmax
 from ..core.registry import Paper, Param, Spec, add
+from ..core.validate import check_finite, check_tensor, check_tokens
 from ..mechanisms.dense.softmax import SoftmaxAttention
 from .projections import attention_layers
 
@@ -127,7 +128,8 @@ class SoftCausalAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(A (batch, heads, n, n), v (batch, heads, n, head_dim)) for tokens x (batch, n, dim)."""
         att = self.attention
-        att._check_inputs(x, None)
+        check_tokens("x", check_tensor("x", x), att.dim)
+        check_finite("x", x)
         keep = att.keep_mask(x, None, attention_mask, key_padding_mask)
         q, k, v = att.project(x)
         dense = att.masks(q, k, keep, attn_mask).dense
