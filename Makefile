@@ -25,7 +25,7 @@ TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 
 BENCH_STAMP := $(VENV)/.bench-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 
-.PHONY: install browser test bench lint clean
+.PHONY: install browser test bench bench-inference lint clean
 
 install: $(TEST_STAMP)
 
@@ -62,6 +62,18 @@ test: $(TEST_STAMP) browser
 bench: $(BENCH_STAMP)
 	@echo "== make bench: attnlab bench (speed, peers, recall, report; docs/bench.md)"
 	$(VENV)/bin/attnlab bench
+
+# the inference and sharded-decoding measurements (docs/bench.md; Loki reads MiniLM from the hf extra): each
+# writes its rows to the results store, then the report shows them
+bench-inference: $(TEST_STAMP)
+	@echo "== make bench-inference [1/4]: tree vs ring decode over 2, 4, 8 gloo processes (benchmarks/distributed_decode.py)"
+	$(PY) benchmarks/distributed_decode.py
+	@echo "== make bench-inference [2/4]: P004 MatryoshkaKV fidelity vs compression (benchmarks/matryoshka_kv.py)"
+	$(PY) benchmarks/matryoshka_kv.py
+	@echo "== make bench-inference [3/4]: P027 Loki key rank and top-k recall (benchmarks/loki.py)"
+	$(PY) benchmarks/loki.py
+	@echo "== make bench-inference [4/4]: the report"
+	$(VENV)/bin/attnlab report
 
 # mypy on the core, the kernels and the family bases that drive them (pyproject.toml: the layers above are read, not reported)
 lint: $(TEST_STAMP)
