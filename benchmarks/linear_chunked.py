@@ -3,6 +3,7 @@
     taskset -c 1 .venv/bin/python benchmarks/linear_chunked.py                   # one thread, N = 16,384 and 65,536
     taskset -c 0,1 .venv/bin/python benchmarks/linear_chunked.py --threads 1 2   # two threads vs one
     .venv/bin/python benchmarks/linear_chunked.py --tokens 4096 --rounds 3        # quick look
+    taskset -c 0,1 .venv/bin/python benchmarks/linear_chunked.py --on-cpu         # two threads from on-CPU time
 
 On feature-mapped φ(q), φ(k) >= 0 and v (batch 1, 8 heads, head dim 64, float32), per N and thread
 count, timed interleaved (every variant once per round, --rounds rounds, medians): a 2048³ float32
@@ -13,6 +14,17 @@ the causal loops with φ = elu + 1 applied inside (feature_map="elu+1") and appl
 (`elu_plus_one`, two fresh tensors). Outputs (and, for fwd+bwd, gradients) are checked equal
 first. Printed: milliseconds, GFLOP/s of the forward by `linear_flops`, that rate as a fraction of
 the matmul rate, and causal / bidirectional fwd+bwd time (issue 14's bars: >= 0.30 and <= 1.5×).
+
+--on-cpu: the two-thread speed-up of the loops (φ = elu + 1 inside, the "linear" entry's core; fwd and
+fwd+bwd) from on-CPU times instead of wall times, so that other processes on a shared machine do not
+decide it (a wall-clock figure there mostly measures their load: a process's two threads then get
+about the CPU time its one thread got). Per call: one thread, the process's CPU time T1; two threads,
+the caller's own CPU time (the serial part: checks, allocation, autograd, freeing; it waits without
+CPU while the workers run the rows) and the rest of the process's CPU time (the rows, on the two
+workers). A quiet machine would take caller + rows × ⌈R/2⌉ / R for R equal rows, so the speed-up is T1
+over that. Stalls (page faults, memory) count as CPU time; idle OpenMP threads spinning would too, so
+the estimate errs low. It cannot see what the guest does not: a second vCPU on the host core's other
+hardware thread, or a lower clock with both cores busy.
 """
 from __future__ import annotations
 
@@ -70,6 +82,41 @@ def variants(n: int) -> dict[str, Callable[[], object]]:
     }
 
 
+def on_cpu_split(n: int, rounds: int) -> None:
+    """Print the loops' two-thread speed-up from on-CPU times (see --on-cpu in the module docstring)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_() for _ in range(3))
+    w = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            linear_attention(q, k, v, causal=True, chunk_size=CHUNK, feature_map="elu+1")
+
+    def fwd_bwd() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        linear_attention(q, k, v, causal=True, chunk_size=CHUNK, feature_map="elu+1").backward(w)
+
+    share = -(-HEADS // 2) / HEADS  # the rows (batch 1: one per head) the busier of two workers runs
+    for name, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        call()  # warm-up (compilation, the worker pool)
+        one, caller, rows = [], [], []
+        for _ in range(rounds):
+            torch.set_num_threads(1)
+            start = time.process_time()
+            call()
+            one.append(time.process_time() - start)
+            torch.set_num_threads(2)
+            start, own = time.process_time(), time.thread_time()
+            call()
+            caller.append(time.thread_time() - own)
+            rows.append(time.process_time() - start - caller[-1])
+        t1, serial, parallel = (statistics.median(x) for x in (one, caller, rows))
+        quiet = serial + parallel * share
+        print(f"  elu+1 inside {name:8s} CPU: 1 thread {t1 * 1e3:8.1f} ms; 2 threads: caller {serial * 1e3:6.1f} ms, "
+              f"rows {parallel * 1e3:8.1f} ms -> {quiet * 1e3:8.1f} ms, speed-up {t1 / quiet:.2f}x")
+
+
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call, timed A B C … A B C … over `rounds` rounds after one warm-up each."""
     for call in calls.values():
@@ -88,9 +135,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--on-cpu", action="store_true", help="two threads vs one from on-CPU times, not wall times")
     args = parser.parse_args()
     if compiled.numba_module() is None:
         raise SystemExit(f"numba is needed for the loops ({compiled.INSTALL})")
+    if args.on_cpu:
+        print(f"float32, batch 1, {HEADS} heads, head dim {HEAD_DIM}, chunk {CHUNK}; medians of {args.rounds} rounds; "
+              "two threads from on-CPU times (see --on-cpu)")
+        for n in args.tokens:
+            print(f"\nN = {n}")
+            on_cpu_split(n, args.rounds)
+        return
     print(f"float32, batch 1, {HEADS} heads, head dim {HEAD_DIM}, chunk {CHUNK}; medians of {args.rounds} interleaved rounds")
     for n in args.tokens:
         calls = variants(n)

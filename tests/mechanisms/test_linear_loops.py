@@ -7,8 +7,13 @@ import torch
 
 import attnlab
 from attnlab.core.errors import ParameterError
-from attnlab.kernels import compiled
+from attnlab.kernels import compiled, pool
 from attnlab.kernels.linear_scan import hebbian_backend, linear_attention, linear_attention_reference, loops_serve
+
+try:
+    import resource  # per-thread page-fault counts (Unix)
+except ImportError:
+    resource = None
 
 F64 = torch.float64
 needs_numba = pytest.mark.skipif(compiled.numba_module() is None, reason="numba is not installed")
@@ -217,3 +222,34 @@ def test_an_unknown_feature_map_is_refused():
     q, k, v, _ = features(1, 1, 4, 2, 2)
     with pytest.raises(ParameterError, match="feature_map"):
         linear_attention(q, k, v, causal=True, feature_map="relu")
+
+
+def faults(who):
+    return resource.getrusage(who).ru_minflt
+
+
+@needs_numba
+@pytest.mark.skipif(pool.cpus() < 2 or not hasattr(resource, "RUSAGE_THREAD"),
+                    reason="needs two CPUs and per-thread counters (Linux)")
+def test_on_two_threads_the_workers_not_the_caller_first_touch_the_fresh_outputs():
+    """The serial part of a two-thread call stays small: the outputs (out; dq, dk, dv; 33.6 MB each, so each is a
+    fresh mapping) are first written inside the rows, by the workers, so the caller itself takes almost none of
+    their page faults (a zero_() or a torch op over an output in the caller would take them all, serially)."""
+    q, k, v, w = raw_projections(1, 8, 16400, 64, 64, dtype=torch.float32, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        small = raw_projections(1, 8, 64, 64, 64, dtype=torch.float32)
+        linear_attention(*small[:3], causal=True, feature_map="elu+1").backward(small[3])  # first-use set-up
+        for backward in (False, True):
+            mine, every = faults(resource.RUSAGE_THREAD), faults(resource.RUSAGE_SELF)
+            out = linear_attention(q, k, v, causal=True, feature_map="elu+1")
+            if backward:
+                out.backward(w)
+            mine, every = faults(resource.RUSAGE_THREAD) - mine, faults(resource.RUSAGE_SELF) - every
+            if every < 16:
+                pytest.skip(f"{every} page faults in all: the memory was not fresh, nothing to tell apart")
+            assert mine <= 0.1 * every, f"backward={backward}: the caller took {mine} of {every} page faults"
+            del out
+    finally:
+        torch.set_num_threads(before)
