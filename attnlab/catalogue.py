@@ -42,6 +42,7 @@ def load_builtins() -> None:
     from . import analysis, mechanisms, tasks  # noqa: F401  (importing registers the built-in entries)
     from .distributed import decode  # noqa: F401  (P128 tree decoding)
     from .inference import dyvte, loki, matryoshka_kv  # noqa: F401
+    from .repro import claims  # noqa: F401  (the claims of `attnlab repro`, kind "repro")
 
 
 def load() -> None:

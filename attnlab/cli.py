@@ -36,7 +36,7 @@ from .core.errors import (  # UsageError: re-exported as attnlab.cli.UsageError
 )
 from .core.registry import BUILDABLE, FAMILIES, KINDS, Spec, entries, get, list_mechanisms, papers
 
-PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli")
+PLUGINS: tuple[str, ...] = ("attnlab.bench.cli", "attnlab.analysis.cli", "attnlab.repro.cli")
 EXAMPLE_SIZES: tuple[tuple[int, int], ...] = ((64, 4), (16, 2))  # (dim, heads) tried for `info`'s example
 WIDTH = 100  # columns of the text output (`list` without --wide, `papers`, `info`)
 

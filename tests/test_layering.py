@@ -21,10 +21,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attnlab.kernels",),
     ("attnlab.mechanisms",),
     ("attnlab.functional",),
-    ("attnlab.tasks", "attnlab.analysis", "attnlab.inference", "attnlab.distributed", "attnlab.testing"),
+    ("attnlab.tasks", "attnlab.analysis", "attnlab.inference", "attnlab.distributed", "attnlab.testing", "attnlab.repro"),
     ("attnlab.catalogue", "attnlab"),
-    ("attnlab.bench", "attnlab.catalogue_table"),
-    ("attnlab.cli", "attnlab.__main__", "attnlab.bench.cli", "attnlab.analysis.cli"),
+    ("attnlab.bench", "attnlab.catalogue_table", "attnlab.repro.runner", "attnlab.repro.section"),
+    ("attnlab.cli", "attnlab.__main__", "attnlab.bench.cli", "attnlab.analysis.cli", "attnlab.repro.cli"),
 )
 
 # Known edges that break the rules today, each with its reason; any other violation fails. Empty: none.
