@@ -38,8 +38,9 @@ class PluginError(ImportError):
 
 
 def load_builtins() -> None:
-    """Import attnlab's own entries (mechanisms, analysis methods, tasks, inference methods, distributed decoding)."""
-    from . import analysis, mechanisms, tasks  # noqa: F401  (importing registers the built-in entries)
+    """Import attnlab's own entries (mechanisms, analysis methods, tasks, initialisations and recipes, inference
+    methods, distributed decoding, reproductions)."""
+    from . import analysis, mechanisms, recipes, tasks  # noqa: F401  (importing registers the built-in entries)
     from .distributed import decode  # noqa: F401  (P128 tree decoding)
     from .inference import dyvte, loki, matryoshka_kv  # noqa: F401
     from .repro import claims  # noqa: F401  (the claims of `attnlab repro`, kind "repro")
