@@ -246,7 +246,7 @@ class TreeEncoder(nn.Module):
 
 add(
     Spec(
-        name="hierarchical_filtering",
+        name="hierarchical-filtering",
         kind="task",
         paper=HIERARCHICAL_FILTERING,
         factory=filtered_tree_data,

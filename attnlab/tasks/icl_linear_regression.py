@@ -224,7 +224,7 @@ def weight_patterns(model: SoftmaxICLRegressor) -> dict[str, float]:
 
 add(
     Spec(
-        name="icl_linear_regression",
+        name="icl-linear-regression",
         kind="task",
         paper=ICL_LINEAR,
         factory=icl_linear_regression,

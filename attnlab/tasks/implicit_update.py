@@ -124,7 +124,7 @@ def implicit_update_problem(
 
 add(
     Spec(
-        name="implicit_update",
+        name="implicit-update",
         kind="task",
         paper=IMPLICIT_DYNAMICS,
         factory=implicit_update_problem,

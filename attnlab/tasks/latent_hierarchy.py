@@ -260,7 +260,7 @@ def train_with_entropy(
 
 add(
     Spec(
-        name="latent_hierarchy",
+        name="latent-hierarchy",
         kind="task",
         paper=JOMA,
         factory=latent_hierarchy_data,

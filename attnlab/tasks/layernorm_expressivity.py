@@ -164,7 +164,7 @@ class MajorityModel(nn.Module):
 
 add(
     Spec(
-        name="layernorm_majority",
+        name="layernorm-majority",
         kind="task",
         paper=LAYERNORM_EXPRESSIVITY,
         factory=majority_data,
@@ -181,7 +181,7 @@ add(
 )
 add(
     Spec(
-        name="unselectable_keys",
+        name="unselectable-keys",
         kind="task",
         paper=LAYERNORM_EXPRESSIVITY,
         factory=random_key_sets,

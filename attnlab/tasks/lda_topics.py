@@ -218,7 +218,7 @@ def attention_topic_similarity(attention: Tensor, words: Tensor, topic_of_word: 
 
 add(
     Spec(
-        name="lda_topics",
+        name="lda-topics",
         kind="task",
         paper=TOPIC_STRUCTURE,
         factory=lda_documents,

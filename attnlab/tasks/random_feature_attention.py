@@ -171,7 +171,7 @@ class RandomFeatureMLP:
 
 add(
     Spec(
-        name="rf_attention_regression",
+        name="rf-attention-regression",
         kind="task",
         paper=RANDOM_FEATURE_ATTENTION,
         factory=rf_attention_regression,

@@ -139,7 +139,7 @@ def train_to_memorize(model: nn.Module, data: MemorizationData, max_steps: int =
 
 add(
     Spec(
-        name="rank_one_memorization",
+        name="rank-one-memorization",
         kind="task",
         paper=KAJITSUKA_SATO,
         factory=memorization_data,

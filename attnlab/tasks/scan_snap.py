@@ -217,7 +217,7 @@ def train_scan_snap(
 
 add(
     Spec(
-        name="scan_snap",
+        name="scan-snap",
         kind="task",
         paper=SCAN_AND_SNAP,
         factory=scan_snap_data,

@@ -60,7 +60,7 @@ def brute_joint(m: np.ndarray, depth: int, k: int, leaves: tuple[int, ...]) -> n
 
 
 def test_registered_as_a_task_of_p131() -> None:
-    spec = attnlab.get("hierarchical_filtering", kind="task")
+    spec = attnlab.get("hierarchical-filtering", kind="task")
     assert spec.kind == "task" and spec.family == "G"
     assert (spec.paper.id, spec.paper.arxiv) == ("P131", "2408.15138")
     data = spec.build(num_examples=5, depth=3, q=3, filtering=1)

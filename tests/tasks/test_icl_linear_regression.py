@@ -22,7 +22,7 @@ from attnlab.tasks.icl_linear_regression import (
 
 
 def test_registered_as_a_task_of_p075() -> None:
-    spec = attnlab.get("icl_linear_regression", kind="task")
+    spec = attnlab.get("icl-linear-regression", kind="task")
     assert spec.kind == "task" and spec.family == "G"
     assert (spec.paper.id, spec.paper.arxiv, spec.paper.year) == ("P075", "2503.12734", 2025)
     data = spec.build(num_examples=3, num_context=5, dim=2)

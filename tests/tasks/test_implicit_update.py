@@ -16,7 +16,7 @@ from attnlab.tasks.implicit_update import (
 
 
 def test_registered_as_a_task_of_p154() -> None:
-    spec = attnlab.get("implicit_update", kind="task")
+    spec = attnlab.get("implicit-update", kind="task")
     assert spec.kind == "task" and spec.family == "G"
     assert (spec.paper.id, spec.paper.arxiv) == ("P154", "2507.16003")
     assert isinstance(spec.build(batch=2, context_length=3, dim=4, hidden=5, heads=1), ImplicitUpdateProblem)

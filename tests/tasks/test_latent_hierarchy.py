@@ -42,7 +42,7 @@ def exact_token_sets(h: LatentHierarchy, cls: int, keep: float) -> dict[frozense
 
 
 def test_registered_as_a_task_of_p048() -> None:
-    spec = attnlab.get("latent_hierarchy", kind="task")
+    spec = attnlab.get("latent-hierarchy", kind="task")
     assert (spec.kind, spec.family, spec.paper.id, spec.paper.arxiv) == ("task", "G", "P048", "2310.00535")
     data = spec.build(num_examples=4)
     assert isinstance(data, HierarchyData) and data.tokens.shape == (4, 20)

@@ -27,8 +27,8 @@ from attnlab.tasks.layernorm_expressivity import (
 
 
 def test_registered_as_tasks_of_p037() -> None:
-    for name, kwargs, cls in (("layernorm_majority", {"num_examples": 3}, MajorityData),
-                              ("unselectable_keys", {"num_sets": 2}, KeySets)):
+    for name, kwargs, cls in (("layernorm-majority", {"num_examples": 3}, MajorityData),
+                              ("unselectable-keys", {"num_sets": 2}, KeySets)):
         spec = attnlab.get(name, kind="task")
         assert spec.kind == "task" and spec.family == "G"
         assert (spec.paper.id, spec.paper.arxiv) == ("P037", "2305.02582")

@@ -23,7 +23,7 @@ from attnlab.tasks.lda_topics import (
 
 
 def test_registered_as_a_task_of_p186() -> None:
-    spec = attnlab.get("lda_topics", kind="task")
+    spec = attnlab.get("lda-topics", kind="task")
     assert (spec.kind, spec.family, spec.paper.id, spec.paper.arxiv) == ("task", "G", "P186", "2303.04245")
     assert isinstance(spec.build(num_documents=2), LDAData)
 

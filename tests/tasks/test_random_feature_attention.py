@@ -19,7 +19,7 @@ from attnlab.tasks.random_feature_attention import (
 
 
 def test_registered_as_a_task_of_p032() -> None:
-    spec = attnlab.get("rf_attention_regression", kind="task")
+    spec = attnlab.get("rf-attention-regression", kind="task")
     assert spec.kind == "task" and spec.family == "G"
     assert (spec.paper.id, spec.paper.arxiv) == ("P032", "2307.11353")
     assert isinstance(spec.build(num_examples=4, target="cos"), KeyQueryData)

@@ -20,7 +20,7 @@ from attnlab.tasks.rank_one_memorization import (
 
 
 def test_registered_as_a_task_of_p180() -> None:
-    spec = attnlab.get("rank_one_memorization", kind="task")
+    spec = attnlab.get("rank-one-memorization", kind="task")
     assert spec.kind == "task" and spec.family == "G"
     assert (spec.paper.id, spec.paper.arxiv) == ("P180", "2307.14023")
     assert isinstance(spec.build(num_sequences=10), MemorizationData)

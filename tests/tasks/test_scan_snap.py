@@ -14,7 +14,7 @@ from attnlab.tasks.scan_snap import ScanSnapData, ScanSnapModel, attention_by_ty
 
 
 def test_registered_as_a_task_of_p020() -> None:
-    spec = attnlab.get("scan_snap", kind="task")
+    spec = attnlab.get("scan-snap", kind="task")
     assert (spec.kind, spec.family, spec.paper.id, spec.paper.arxiv) == ("task", "G", "P020", "2305.16380")
     assert isinstance(spec.build(num_examples=3), ScanSnapData)
 
