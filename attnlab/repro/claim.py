@@ -58,9 +58,9 @@ class Rule:
     def text(self) -> str:
         """The rule in words, e.g. "reproduced if the 95% interval lies in [0.9, 1.1]"."""
         if math.isinf(self.low):
-            band = f"below {self.high:g}"
+            band = f"at or below {self.high:g}"
         elif math.isinf(self.high):
-            band = f"above {self.low:g}"
+            band = f"at or above {self.low:g}"
         else:
             band = f"in [{self.low:g}, {self.high:g}]"
         return f"reproduced if the 95% interval lies {band}, not reproduced if it lies wholly outside, else inconclusive"

@@ -32,7 +32,7 @@ def test_one_sided_rule() -> None:
     assert below.verdict(-16.0, -14.0) == "reproduced"
     assert below.verdict(-3.0, -2.0) == "not reproduced"
     assert below.verdict(-11.0, -9.0) == "inconclusive"
-    assert "below -10" in below.text()
+    assert "at or below -10" in below.text()
     assert Rule(low=0.99).verdict(1.0, 1.0) == "reproduced"
 
 

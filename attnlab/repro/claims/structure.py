@@ -7,11 +7,13 @@ float64 on the same projected q, k, v.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ...core.registry import build as build_module
+from ...mechanisms.linear.focused import FLATTEN, depthwise_conv
 from ...mechanisms.local.aggregated import TRANSNEXT
 from ...mechanisms.local.circular_window import CLEAR
 from ...mechanisms.sparse.power import POWER
@@ -224,4 +226,63 @@ register_claim(Claim(
     statistic="log10 of the largest relative difference from dense softmax attention in float64 (N = 63, 255, 1023)",
     direction="at rounding level (< 1e-10)", rule=Rule(-math.inf, -10.0), run=neighborhood_identity, budget_s=60,
     ylabel="max relative difference", method="exact", note="the same projected q, k, v; no relative position bias",
+))
+
+
+# -- P034: linear attention has rank ≤ d; the depthwise conv on V restores full rank -----------------------------
+RANK_WIDTHS = (8, 16, 24)
+RANK_TOKENS = {"smoke": 24, "full": 96}
+
+
+@functools.lru_cache(maxsize=8)
+def mixing_ranks(seed: int, size: str) -> dict[str, float]:
+    """Ranks of the token-mixing matrices of channel c, ∂out[:, c]/∂v[:, c], in focused linear attention's fast
+    path: of the attention core alone, and of the core plus the depthwise conv on V (as the module's forward adds it)."""
+    d, n = RANK_WIDTHS[seed % len(RANK_WIDTHS)], RANK_TOKENS[size]
+    torch.manual_seed(seed)
+    module = build_module("focused-linear", dim=d, heads=1).double()
+    with torch.no_grad():
+        q, k, v = module.project(tokens(n, d, seed).double())
+
+    def core(values: torch.Tensor) -> torch.Tensor:
+        return module.attend(q, k, values)
+
+    def with_conv(values: torch.Tensor) -> torch.Tensor:
+        return core(values) + depthwise_conv(values, module.dwc.weight, module.dwc.bias, positions=(n,))
+
+    out = {}
+    for name, fn in (("core", core), ("core + DWC", with_conv)):
+        jac = torch.func.jacrev(fn)(v)[0, 0, :, :, 0, 0]  # (n, d, n, d)
+        ranks = [int(torch.linalg.matrix_rank(jac[:, c, :, c])) for c in range(d)]
+        out[name] = float(max(ranks) if name == "core" else min(ranks))
+    return {"head_dim": float(d), "tokens": float(n), **out}
+
+
+def linear_rank(seed: int, size: str) -> Measurement:
+    r = mixing_ranks(seed, size)
+    ratio = r["core"] / r["head_dim"]
+    return Measurement(ratio, (Series("core rank / d", (r["head_dim"],), (ratio,)),), r)
+
+
+def conv_rank(seed: int, size: str) -> Measurement:
+    r = mixing_ranks(seed, size)
+    return Measurement(r["core + DWC"] / r["tokens"],
+                       (Series("core + DWC rank / N", (r["head_dim"],), (r["core + DWC"] / r["tokens"],)),), r)
+
+
+P034_NOTE = ("token-mixing matrix of channel c = the Jacobian of the fast path's output channel c with respect to "
+             "the values' channel c, float64, 1-D sequence, DWC kernel 5; the seeds set head_dim = 8, 16, 24 (N = 96)")
+register_claim(Claim(
+    id="P034-linear-rank", paper=FLATTEN,
+    statement="Linear attention's attention matrix has rank at most d (the head width)",
+    statistic="largest rank over channels of the attention core's token-mixing matrix, divided by head_dim",
+    direction="≤ 1", rule=Rule(-math.inf, 1.0), run=linear_rank, budget_s=30, xlabel="head_dim", ylabel="rank / d",
+    logx=False, logy=False, method="exact", note=P034_NOTE,
+))
+register_claim(Claim(
+    id="P034-dwc-full-rank", paper=FLATTEN,
+    statement="The depthwise convolution on V restores a full-rank token mixing to focused linear attention",
+    statistic="smallest rank over channels of the token-mixing matrix of core + DWC, divided by N",
+    direction="= 1 (full rank; the core alone: d/N)", rule=Rule(0.99, math.inf), run=conv_rank, budget_s=30,
+    xlabel="head_dim", ylabel="rank / N", logx=False, logy=False, method="exact", note=P034_NOTE,
 ))
