@@ -103,8 +103,8 @@ def write_markdown(path: Path, claim: Claim, seeds: Sequence[int], measured: Seq
     path.write_text("\n".join(rows))
 
 
-def draw(path: Path, claim: Claim, measured: Sequence[Measurement], mean: float, low: float, high: float,
-         verdict: str) -> None:
+def draw(path: Path, claim: Claim, seeds: Sequence[int], measured: Sequence[Measurement], mean: float, low: float,
+         high: float, verdict: str) -> None:
     """Left: every seed's curves (one colour per label); right: the per-seed values, the interval, the rule's band."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -137,6 +137,7 @@ def draw(path: Path, claim: Claim, measured: Sequence[Measurement], mean: float,
     if math.isfinite(low) and math.isfinite(high):
         judged.errorbar([len(values)], [mean], yerr=[[mean - low], [high - mean]], fmt="s", color="tab:blue",
                         capsize=4, label="mean, 95% interval")
+    judged.set_xticks(range(len(values) + 1), [*map(str, seeds), "mean"])
     judged.set_xlabel("seed")
     judged.set_ylabel("statistic")
     judged.set_title(f"{verdict}", fontsize=9)
@@ -178,7 +179,7 @@ def run_claim(claim: Claim, store: ResultStore, *, size: str = "full", seeds: Se
     seconds = time.perf_counter() - start
     line = verdict_line(claim, mean, low, high, len(chosen), verdict)
     figure, table = folder / f"{stem}.png", folder / f"{stem}.csv"
-    draw(figure, claim, measured, mean, low, high, verdict)
+    draw(figure, claim, chosen, measured, mean, low, high, verdict)
     write_table(table, claim, chosen, measured)
     write_markdown(folder / f"{stem}.md", claim, chosen, measured, line)
     (folder / f"{stem}.txt").write_text(line + "\n")

@@ -93,7 +93,7 @@ def power_reach(seed: int, size: str) -> Measurement:
     slope = float(torch.tensor([math.log2(f) for f in fields]).diff().mean()) if depth > 1 else 0.0
     slide = contiguous_reach(support(window, x), depth)
     return Measurement(slope, (Series("power-attention", depths, tuple(map(float, fields))),
-                               Series(f"sliding-window r={block}", depths, tuple(map(float, slide)))),
+                               Series("sliding-window (radius = block)", depths, tuple(map(float, slide)))),
                        {"block size": float(block), f"field at d={depth}": float(fields[-1])})
 
 
