@@ -43,14 +43,16 @@ class Outcome:
     verdict: str
     seconds: float
     line: str
-    figure: str
+    figure: str  # the paths of the PNG and the CSV
     table: str
     ran: bool  # False: read from the store
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, results_dir: Path) -> dict[str, Any]:
+        """What the store keeps; the files as paths relative to `results_dir` (the database's folder)."""
         return {"values": list(self.values), "mean": self.mean, "low": _finite(self.low), "high": _finite(self.high),
-                "verdict": self.verdict, "seconds": self.seconds, "line": self.line, "figure": self.figure,
-                "table": self.table, "paper": self.paper}
+                "verdict": self.verdict, "seconds": self.seconds, "line": self.line, "paper": self.paper,
+                "figure": Path(self.figure).relative_to(results_dir).as_posix(),
+                "table": Path(self.table).relative_to(results_dir).as_posix()}
 
 
 def _finite(value: float) -> float | str:
@@ -157,7 +159,8 @@ def run_claim(claim: Claim, store: ResultStore, *, size: str = "full", seeds: Se
     if known is not None:
         return Outcome(claim.id, claim.paper.id or "", size, tuple(known["values"]), known["mean"],
                        _number(known["low"]), _number(known["high"]), known["verdict"], known["seconds"],
-                       known["line"], known["figure"], known["table"], ran=False)
+                       known["line"], str(store.path.parent / known["figure"]), str(store.path.parent / known["table"]),
+                       ran=False)
     folder = output_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
     stem = claim.id + (".smoke" if size == "smoke" else "")
@@ -185,7 +188,7 @@ def run_claim(claim: Claim, store: ResultStore, *, size: str = "full", seeds: Se
     (folder / f"{stem}.txt").write_text(line + "\n")
     outcome = Outcome(claim.id, claim.paper.id or "", size, tuple(m.value for m in measured), mean, low, high,
                       verdict, seconds, line, str(figure), str(table), ran=True)
-    store.record(SUITE, config, "ok", outcome.metrics(), environment(), replace=True)
+    store.record(SUITE, config, "ok", outcome.metrics(store.path.parent), environment(), replace=True)
     say(f"{claim.id}: {verdict} ({seconds:.1f} s)", quiet=quiet)
     return outcome
 

@@ -3,7 +3,8 @@
     from attnlab.repro.section import claim_rows
     rows = claim_rows(ResultStore(db, readonly=True))   # every registered claim, in `attnlab repro list` order
 
-A claim without a full-size outcome in the store gets the verdict "not run" and no figure.
+A claim without a full-size outcome in the store gets the verdict "not run" and no figure. Figure paths are
+the database's folder joined with the stored relative path (`repro/<id>.png`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def claim_rows(store: ResultStore, claims: list[Claim] | None = None) -> list[Cl
             continue
         seeds = len(m["values"])
         measured = f"{m['mean']:.4g} {_interval(m['low'], m['high'])} ({seeds} seeds): {c.statistic}"
-        figure = Path(m["figure"])
+        figure = store.path.parent / m["figure"]  # stored relative to the database's folder
         rows.append(ClaimRow(title, c.paper.cite(), measured, m["verdict"], figure if figure.is_file() else None,
                              m["line"]))
     return rows

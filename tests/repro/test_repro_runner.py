@@ -72,6 +72,7 @@ def test_the_runner_resumes_from_the_store(store: ResultStore) -> None:
     again, left, failed = run_claims([claim(run)], store, quiet=True)
     assert run.calls == 3, "a claim with a stored outcome ran again"
     assert not again[0].ran and again[0].verdict == first[0].verdict and again[0].values == first[0].values
+    assert again[0].figure == first[0].figure and again[0].table == first[0].table
     assert (left, failed) == ([], [])
     run_claims([claim(run)], store, rerun=True, quiet=True)
     assert run.calls == 6
@@ -120,4 +121,5 @@ def test_the_report_rows_come_from_the_store(store: ResultStore) -> None:
     assert rows[0].measured.startswith("2.01 [") and "(3 seeds)" in rows[0].measured
     assert rows[0].figure is not None and rows[0].figure.name == "P999-done.png"
     assert rows[1].figure is None
+    assert store.results(SUITE)[0].metrics["figure"] == "repro/P999-done.png"  # relative: the folder may move
     assert rows[0].paper.startswith("P999 ")
