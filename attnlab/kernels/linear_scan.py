@@ -54,11 +54,11 @@ pass over the output), so it reaches only ~0.25 of the matmul rate.
 Two threads: the rows are all the loops' work, and the serial rest is small. The caller's own CPU time,
 measured on a loaded machine (`benchmarks/linear_chunked.py --on-cpu`), was ~1% of a forward at N = 16k
 (checks, allocation; the fresh outputs are first written inside the rows, so the workers take their page
-faults, concurrently: each thread's on-CPU time for its faults is the same alone or beside the other) and
-~3% of fwd+bwd at 65k (mostly freeing the previous call's 512 MiB of outputs and gradients): from on-CPU
-times a quiet machine would run two threads 1.9–2.0× faster than one. Wall-clock figures on a shared
-machine mostly measure the others' load: in runs here a process's two threads got about the CPU time its
-one thread got.
+faults: each thread's on-CPU time for them was the same alone or beside the other, with no waits on a
+lock) and ~3% of fwd+bwd at 65k (mostly freeing the previous call's 512 MiB of outputs and gradients):
+the on-CPU times give two threads 1.9–2.0× one (what the guest cannot see, such as the two vCPUs sharing
+a host core, is not in that figure). Wall-clock figures on a shared machine mostly measure the others'
+load: in runs here a process's two threads got about the CPU time its one thread got.
 
 Numerics. Decays enter only as exp of non-positive sums of log α within a chunk, so nothing
 overflows. A normaliser is clamped below at `normalizer_floor(dtype)` = √(finfo(dtype).tiny)
