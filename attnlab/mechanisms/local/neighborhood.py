@@ -1,6 +1,6 @@
-"""Neighborhood attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023) with
-dilation (Hassani & Shi, "Dilated Neighborhood Attention Transformer", 2022), on 1-D, 2-D and 3-D
-grids, as NATTEN defines it:
+"""Neighborhood attention on 1-D, 2-D and 3-D grids with dilation, as P019 (Hassani et al., "Faster
+Neighborhood Attention", 2024, NATTEN's paper) and NATTEN define it, after "Neighborhood Attention
+Transformer" (CVPR 2023) and "Dilated Neighborhood Attention Transformer" (2022):
 
     out_i = Σ_{j ∈ N(i)} softmax_j(q_i·k_j·scale + B[i, j]) v_j
 
@@ -54,7 +54,8 @@ from ...kernels.grid import check_grid_qkv, grid_padding
 from ...kernels.neighborhood import Windows, loop_attention, plan, tiled_attention, windows
 from .base import GridAttention
 
-NAT = Paper("P019", "Neighborhood Attention Transformer", 2023, "2204.07143")
+NAT = Paper("P019", "Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention at the Threadblock Level",
+            2024, "2403.04690")
 KERNEL_SIZE = 7
 
 IntOrTuple = int | Sequence[int]
