@@ -17,7 +17,7 @@ from attnlab.repro.claims import recipes as R
 from attnlab.repro.runner import run_claim
 
 CACHED = (R.mimetic_race, R.minilm_mimeticity, R.pretrained, R.apla_transfer, R.lora_transfer, R.illama_variants,
-          R.ssa_race)
+          R.ssa_race, R.identity_removal)
 
 
 @pytest.fixture(autouse=True)
@@ -204,3 +204,18 @@ def test_mimetic_init_changes_only_the_attention_weights() -> None:
     changed = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
     assert changed == {f"blocks.{i}.attn.{p}_proj.weight" for i in range(R.MIMETIC_MODEL["layers"])
                        for p in ("q", "k", "v", "out")}
+
+
+def test_identity_removal_statistics_and_a_planted_top_preference(monkeypatch: pytest.MonkeyPatch,
+                                                                  store: ResultStore) -> None:
+    r = R.identity_removal(0, "smoke")
+    assert {r["chosen first"], r["chosen second"]} <= {0.0, 1.0, 2.0, 3.0} and r["chosen first"] != r["chosen second"]
+    assert r["chosen mean index"] == (r["chosen first"] + r["chosen second"]) / 2
+    planted = {"accuracy trained": 0.95, "accuracy bottom removed": 0.70, "accuracy top removed": 0.90,
+               "accuracy bottom removed, before fine-tuning": 0.3, "accuracy top removed, before fine-tuning": 0.5,
+               "chosen mean index": 2.5, "chosen first": 3.0, "chosen second": 2.0}
+    monkeypatch.setattr(R, "identity_removal", lambda seed, size: dict(
+        planted, **{"accuracy top removed": 0.9 + 0.01 * seed, "chosen mean index": 2.5 - 0.5 * (seed == 1)}))
+    assert claim("P018-bottom-attention-removable")(0, "full").value == pytest.approx(-0.20)
+    assert run_claim(claim("P018-bottom-attention-removable"), store, quiet=True).verdict == "not reproduced"
+    assert run_claim(claim("P018-entropy-picks-bottom-layers"), store, quiet=True).verdict == "not reproduced"

@@ -1,4 +1,4 @@
-"""Claims of the family D initialisations and training recipes (P001, P021, P074, P121, P214) at laptop scale.
+"""Claims of the family D initialisations and training recipes (P001, P018, P021, P074, P121, P214) at laptop scale.
 
 Image tasks use scikit-learn's digits (1,797 images of 8 × 8 pixels in [0, 16], shipped with the package): each
 image is scaled to [0, 1] and cut into 16 patches of 2 × 2 pixels (the tokens), split per seed into 70 % training
@@ -9,6 +9,8 @@ position embedding and a class token placed first (or last, P214), trained with 
   `mimeticity` of the packaged MiniLM's weights;
 * P021: a model pretrained on digits 0–4 adapted to digits 5–9 by full fine-tuning or by APLA (W_o + head);
 * P121: the same backbone adapted to digits 5–9 by a LoRA-Ensemble of 4 members or a single LoRA model;
+* P018: the attention of the bottom or the top two layers of a trained 4-layer ViT turned into the identity, then
+  a short fine-tune; and the layers the entropy rule picks;
 * P214: bidirectional attention with a front class token against iLLaMA (post-sequence class token, soft mask
   from bidirectional to causal over the first quarter of the steps, the official "probabilities × mask" form);
 * P074: a character-level causal LM on the docstrings of Python's standard library (fixed module list; the text
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from ...core.registry import build as build_module
 from ...recipes.apla import APLA_PAPER, apla, training_cost
+from ...recipes.attention_to_identity import MLP_LEARNER, convert_to_identity, select_identity_layers
 from ...recipes.illama import ILLAMA, PostSequenceClassToken, set_soft_mask_rate, soft_causal, soft_mask_rate
 from ...recipes.lora_ensemble import LORA_ENSEMBLE, LoRAEnsemble, evaluate
 from ...recipes.mimetic import MIMETIC, mimetic_init_, mimeticity
@@ -569,4 +572,85 @@ register_claim(Claim(
     xlabel="0 dense, 1 SSA + dense fine-tune", ylabel="validation loss (nats/char)", logx=False, logy=False,
     note=SSA_NOTE + "; margin: 0.05 nats/char (≈ 2 % of the loss at this scale), 'equal or better' with slack "
     "for seed noise",
+))
+
+
+# ------------------------------------------------------------------------------------------------------- P018
+IDENTITY_MODEL = {"dim": 32, "heads": 4, "layers": 4}
+IDENTITY_RUN = {"smoke": {"train": 2, "finetune": 1}, "full": {"train": 200, "finetune": 50}}
+IDENTITY_SETS = {"bottom": (0, 1), "top": (2, 3)}
+
+
+@functools.lru_cache(maxsize=4)
+@single_thread
+def identity_removal(seed: int, size: str) -> dict[str, float]:
+    """Train a 4-layer ViT on digits; the layers the entropy rule picks (2 of 4, on 256 training images); test
+    accuracy of the trained model and, after turning the attention of the bottom or top two layers into the
+    identity and fine-tuning, of each converted model."""
+    run = IDENTITY_RUN[size]
+    xtr, ytr, xte, yte = digits(seed)
+    torch.manual_seed(seed)
+    model = ViT(**IDENTITY_MODEL)
+    train(model, xtr, ytr, run["train"], torch.Generator().manual_seed(seed))
+    model.eval()
+
+    def features(m: nn.Module) -> Tensor:
+        captured: list[Tensor] = []
+        hook = m.norm.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            m(xtr[:256])
+        finally:
+            hook.remove()
+        return captured[0]
+
+    chosen = select_identity_layers(model, features, 2)
+    out = {"accuracy trained": accuracy(model, xte, yte), "chosen mean index": float(np.mean(chosen)),
+           "chosen first": float(chosen[0]), "chosen second": float(chosen[1])}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, layers in IDENTITY_SETS.items():
+        converted = ViT(**IDENTITY_MODEL)
+        converted.load_state_dict(state)
+        convert_to_identity(converted, layers)
+        out[f"accuracy {name} removed, before fine-tuning"] = accuracy(converted, xte, yte)
+        train(converted, xtr, ytr, run["finetune"], torch.Generator().manual_seed(30_000 + seed), lr=1e-3)
+        out[f"accuracy {name} removed"] = accuracy(converted, xte, yte)
+    return out
+
+
+def identity_bottom_advantage(seed: int, size: str) -> Measurement:
+    r = identity_removal(seed, size)
+    names = ("trained", "bottom removed", "top removed")
+    series = (Series("after fine-tuning", (0.0, 1.0, 2.0), tuple(r[f"accuracy {n}"] for n in names)),
+              Series("before fine-tuning", (1.0, 2.0), (r["accuracy bottom removed, before fine-tuning"],
+                                                        r["accuracy top removed, before fine-tuning"])))
+    return Measurement(r["accuracy bottom removed"] - r["accuracy top removed"], series, r)
+
+
+def identity_choice(seed: int, size: str) -> Measurement:
+    r = identity_removal(seed, size)
+    return Measurement(r["chosen mean index"], (Series("chosen layers", (1.0, 2.0),
+                                                       (r["chosen first"], r["chosen second"])),), r)
+
+
+IDENTITY_NOTE = ("digits, ViT width 32, 4 heads, 4 layers trained 200 Adam steps (lr 3e-3, batch 64); the attention "
+                 "of layers {0, 1} (bottom) or {2, 3} (top) replaced by the identity at once, then 50 steps of "
+                 "fine-tuning (lr 1e-3) without distillation (deviation: the paper dilutes the branch gradually and "
+                 "distils); entropy rule on the final-norm features of 256 training images")
+register_claim(Claim(
+    id="P018-bottom-attention-removable", paper=MLP_LEARNER,
+    statement="Removing the attention of bottom blocks loses less accuracy than removing that of top blocks",
+    statistic="test accuracy after removing the attention of the 2 bottom layers minus after removing that of the "
+    "2 top layers (4-layer ViT, each fine-tuned)", direction="≥ 0", rule=Rule(0.0, math.inf),
+    run=identity_bottom_advantage, budget_s=180, method="train",
+    xlabel="0 trained, 1 bottom removed, 2 top removed", ylabel="test accuracy", logx=False, logy=False,
+    note=IDENTITY_NOTE + "; rule: bottom at least as good (the paper's direction, no margin)",
+))
+register_claim(Claim(
+    id="P018-entropy-picks-bottom-layers", paper=MLP_LEARNER,
+    statement="The entropy-based selection picks attention layers among the bottom blocks",
+    statistic="mean index of the 2 layers (of 0–3) the entropy rule picks first", direction="≤ 1.5 (bottom half)",
+    rule=Rule(-math.inf, 1.5), run=identity_choice, budget_s=180, method="train",
+    xlabel="pick", ylabel="layer index", logx=False, logy=False,
+    note=IDENTITY_NOTE + "; 0.5 = the two bottom layers, 2.5 = the two top layers; rule: in the bottom half "
+    "(mean index at most 1.5, the middle)",
 ))
