@@ -9,10 +9,11 @@ the database's folder joined with the stored relative path (`repro/<id>.png`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bench.store import ResultStore
+from ..bench.store import Result, ResultStore
 from .claim import Claim, all_claims
 from .runner import SUITE
 
@@ -36,10 +37,18 @@ def _interval(low: float | str, high: float | str) -> str:
 
 def claim_rows(store: ResultStore, claims: list[Claim] | None = None) -> list[ClaimRow]:
     """The section's rows: the latest full-size outcome of each claim (newest protocol version only)."""
+    return rows_of_results(store.results(SUITE), store.path.parent, claims)
+
+
+def rows_of_results(results: Iterable[Result], folder: Path, claims: list[Claim] | None = None) -> list[ClaimRow]:
+    """`claim_rows` from results already read (those of other suites are skipped); `folder`: the database's folder,
+    which the stored figure paths are relative to."""
     latest: dict[str, dict] = {}
     pool = all_claims() if claims is None else claims
     versions = {c.id: c.version for c in pool}
-    for result in store.results(SUITE):
+    for result in results:
+        if result.suite != SUITE:
+            continue
         cfg = result.config
         if result.status == "ok" and cfg.get("size") == "full" and versions.get(cfg.get("claim")) == cfg.get("version"):
             latest[cfg["claim"]] = result.metrics
@@ -52,7 +61,7 @@ def claim_rows(store: ResultStore, claims: list[Claim] | None = None) -> list[Cl
             continue
         seeds = len(m["values"])
         measured = f"{m['mean']:.4g} {_interval(m['low'], m['high'])} ({seeds} seeds): {c.statistic}"
-        figure = store.path.parent / m["figure"]  # stored relative to the database's folder
+        figure = folder / m["figure"]  # stored relative to the database's folder
         rows.append(ClaimRow(title, c.paper.cite(), measured, m["verdict"], figure if figure.is_file() else None,
                              m["line"]))
     return rows

@@ -123,3 +123,24 @@ def test_the_report_rows_come_from_the_store(store: ResultStore) -> None:
     assert rows[1].figure is None
     assert store.results(SUITE)[0].metrics["figure"] == "repro/P999-done.png"  # relative: the folder may move
     assert rows[0].paper.startswith("P999 ")
+
+
+def test_the_report_shows_the_claims_section(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`attnlab report`: the Claims section lists every claim with its measured interval, verdict and figure."""
+    from attnlab.bench.report import markdown
+    from attnlab.bench.report.html import Page
+    from attnlab.bench.report.model import Report
+    from attnlab.repro import section
+
+    done, never = claim(Counted(2.0), "done"), claim(Counted(1.0), "never")
+    monkeypatch.setattr(section, "all_claims", lambda: [done, never])
+    empty = Report.from_store(ResultStore(store.path, readonly=True))
+    assert empty.claims == [] and "Claims" not in markdown.render(empty)  # nothing run: no section
+    run_claim(done, store, quiet=True)
+    report = Report.from_store(ResultStore(store.path, readonly=True))
+    page, summary = Page(report).render(), markdown.render(report)
+    assert "1 not reproduced, 1 not run of 2 claims" in page and "1 not reproduced, 1 not run of 2 claims" in summary
+    assert "<span class='verdict not-reproduced'>not reproduced</span>" in page
+    assert page.count("<img class='claim'") == 1  # the run claim's figure, embedded; none for the other
+    row = next(line for line in summary.splitlines() if line.startswith("| P999-done"))
+    assert "2.01 \\[1.985, 2.035\\]" in row and "**not reproduced**" in row and "P999-done.png" in row

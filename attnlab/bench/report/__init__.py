@@ -13,7 +13,8 @@ N, SDPA drawn as the reference line on every panel, spreads as error bars; value
 flagged implausible (a 0 B peak, ...) are listed, not plotted; results reused from an
 earlier run and the load average at measurement are shown. The tables of every
 measurement, ratio and recall run, the registered mechanisms and the environments fold
-below. When the store holds them, three inference sections: sharded decoding (suite
+below. When the store holds them, the Claims of `attnlab repro` (claim | paper | measured | verdict |
+figure, every registered claim once any has run), and three inference sections: sharded decoding (suite
 "decode", `benchmarks/distributed_decode.py`: tree vs ring, measured rounds, bytes, time
 and memory per rank beside the cost model, a difference over 20% flagged, and its
 extrapolation to p = 64 … 1024), KV-cache compression (suite "kv-compression",
@@ -81,6 +82,8 @@ def to_json(report: Report) -> dict[str, Any]:
                     "rows": [{**asdict(x), "off_model": x.off_model} for x in s.rows],
                     "extrapolations": [asdict(e) for e in s.extrapolations]} for s in report.decode_settings],
         "cost_model_tolerance": COST_MODEL_TOLERANCE,
+        "claims": [{"claim": c.claim, "paper": c.paper, "measured": c.measured, "verdict": c.verdict,
+                    "figure": str(c.figure) if c.figure else None, "line": c.line} for c in report.claims],
     }
 
 

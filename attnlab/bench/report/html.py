@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,7 +195,7 @@ class Page:
                 "<a href='#exponents'>exponents</a> · <a href='#sdpa'>ratios to SDPA</a> · "
                 "<a href='#peers'>peers</a> · <a href='#limits'>limits</a> · <a href='#recall'>recall</a> · "
                 + "".join(f"<a href='#{anchor}'>{esc(name)}</a> · " for anchor, name, present in (
-                    ("decode", "sharded decoding", r.decode_settings), ("kv-compression", "KV compression",
+                    ("claims", "claims", r.claims), ("decode", "sharded decoding", r.decode_settings), ("kv-compression", "KV compression",
                                                                          r.compression_settings),
                     ("kv-selection", "KV selection", r.selection_settings)) if present)
                 + "<a href='#coverage'>mechanisms</a> · <a href='#environment'>environment</a></nav>"]
@@ -205,6 +206,7 @@ class Page:
         body.append(self.peers())
         body.append(self.limits())
         body.append(self.recall(figures))
+        body.append(self.claims())
         body.append(self.decode(figures))
         body.append(self.kv_compression(figures))
         body.append(self.kv_selection(figures))
@@ -572,6 +574,32 @@ class Page:
             body.append(self._recall_runs())
         return _fold("recall", "Multi-query associative recall (MQAR)", "".join(body))
 
+    # -- claims (present once `attnlab repro` has run) ------------------------------------------------
+    def claims(self) -> str:
+        """Every registered claim: the paper's statement, the measured statistic with its 95% interval, the verdict
+        of its pre-stated rule and its figure."""
+        rows_ = self.r.claims
+        if not rows_:
+            return ""
+        counts = Counter(c.verdict for c in rows_)
+        text = ", ".join(f"{n} {v}" for v, n in counts.most_common()) + f" of {len(rows_)} claims"
+        rows = []
+        for c in rows_:
+            figure = "-"
+            if c.figure is not None:
+                data = base64.b64encode(c.figure.read_bytes()).decode("ascii")
+                figure = (f"<a href='data:image/png;base64,{data}'><img class='claim' alt='{esc(c.claim)}' "
+                          f"src='data:image/png;base64,{data}'></a>")
+            rows.append([esc(c.claim), esc(c.paper), esc(c.measured) + (f"<br><small>{esc(c.line)}</small>" if c.line else ""),
+                         f"<span class='verdict {c.verdict.replace(' ', '-')}'>{esc(c.verdict)}</span>", figure])
+        intro = ("<p>Each claim as its paper states it, measured at laptop scale over at least 3 seeds "
+                 "(<code>attnlab repro</code>): the statistic's mean and 95% t-interval, and the verdict of the rule "
+                 "stated before the run — reproduced if the interval lies inside the rule's band, not reproduced if it "
+                 "lies wholly outside, inconclusive if it straddles an end. <code>attnlab repro list</code> gives every "
+                 "rule.</p>")
+        return _fold("claims", "Claims of the papers, reproduced", intro + _table(
+            ["claim", "paper", "measured", "verdict", "figure"], rows, "claims"), open_=True, summary=text)
+
     # -- inference (present only with results) -----------------------------------------------------------
     def decode(self, figures: Any) -> str:
         """Sharded decoding (P128, `benchmarks/distributed_decode.py`): per setting, the measured table beside the
@@ -783,6 +811,8 @@ th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: left; vertical
 th { background: #f4f4f4; } tbody tr:nth-child(even) { background: #fafafa; }
 table.headline td { padding: .3em .6em; }
 .scroll { overflow-x: auto; } img.plot { max-width: 100%; display: block; margin: .5em 0; }
+img.claim { width: 260px; } .verdict.reproduced { color: #1a7f37; font-weight: bold; }
+.verdict.not-reproduced { color: #b3261e; font-weight: bold; } .verdict.inconclusive { color: #9a6700; }
 .status { padding: 0 .3em; border-radius: 3px; background: #eee; white-space: nowrap; }
 .s-over_time, .s-over_memory { background: #fff1c2; } .s-error, .s-disagree { background: #ffd6d6; }
 .s-none { color: #777; } .empty { color: #777; font-style: italic; } .warn { color: #a15c00; }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from ..limits import BAR_TEXT, limit_value_text
@@ -149,6 +150,7 @@ def render(report: Report) -> str:
                            else status_text(cell["status"]))
             rows.append(row)
         out += _table(["mechanism", *(f"kv={md(kv)}" for kv in kvs)], rows)
+    out += _claims(r)
     out += _inference(r)
     if r.not_run:
         out += ["", "## Not run", ""]
@@ -199,6 +201,18 @@ def _headline(r: Report) -> list[str]:
                  f"{p.agreed} agreed, {p.disagreed} disagreed"] for p in standing]
         out += _table(["peer", "mechanism", "mode", "attnlab / peer", "outputs"], rows)
     return out
+
+
+def _claims(r: Report) -> list[str]:
+    """The claims of `attnlab repro`, each with its verdict (figures: the path beside the database)."""
+    if not r.claims:
+        return []
+    counts = Counter(c.verdict for c in r.claims)
+    out = ["", "## Claims (`attnlab repro`)", "",
+           ", ".join(f"{n} {verdict}" for verdict, n in counts.most_common()) + f" of {len(r.claims)} claims.", ""]
+    rows = [[md(c.claim), md(c.paper), md(c.measured), f"**{md(c.verdict)}**", md(str(c.figure)) if c.figure else "-"]
+            for c in r.claims]
+    return out + _table(["claim", "paper", "measured", "verdict", "figure"], rows)
 
 
 def _md_table(table: inference.Table) -> list[str]:

@@ -15,9 +15,11 @@ import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ...core.registry import FAMILIES, Spec, list_mechanisms
+from ...repro.section import ClaimRow, rows_of_results
 from ..compare import (
     ABOVE_MATMUL,
     BASELINE,
@@ -194,6 +196,9 @@ class Report:
         self.decode_settings = decode_settings(self.results)  # benchmarks/distributed_decode.py
         self.compression_settings = compression_settings(self.results)  # benchmarks/matryoshka_kv.py
         self.selection_settings = selection_settings(self.results)  # benchmarks/loki.py
+        # `attnlab repro`: every registered claim, once any has an outcome in the store (figures beside the database)
+        ran = any(r.suite == "repro" for r in self.results)
+        self.claims: list[ClaimRow] = rows_of_results(self.results, Path(self.database).parent) if ran else []
         newest = max(self.speed, key=lambda r: r.created, default=None)
         self.latest_run = run_of(newest) if newest is not None else None  # rows of other runs are "reused"
         starts: dict[str | None, float] = {}  # run id -> its start (the env's time, else its first result's)
