@@ -74,6 +74,7 @@ NOT_RUN: dict[str, str] = {
     "attnlab bench limits --rows neighborhood-2d-7,efficient-4k":
         "two worker processes time rows at N = 4,096 (half a minute); tests/bench/test_limits.py runs a real limits run",
     "attnlab bench limits": "every row of issue 14's table (about 5 minutes on a quiet machine)",
+    "attnlab repro --all --budget-minutes 120": "every claim (tens of minutes); tests/repro/ runs each claim's smoke size",
     "attnlab bench limits --rows neighborhood-2d-7,efficient-4k --rounds 7 --json limits.json":
         "as the README's limits command, with more rounds",
 }
@@ -88,6 +89,8 @@ KEY_OUTPUT: list[tuple[str, str]] = [
     ("attnlab list", "neighborhood"),
     ("attnlab info", "parameters:"),
     ("attnlab papers", "P223"),  # the output keeps its last 6000 characters
+    ("attnlab repro list", "rule: reproduced if the 95% interval"),  # in every entry (the output is cut)
+    ("attnlab repro P010", "Verdict: reproduced."),
     ("attnlab --version", attnlab.__version__),
 ]
 

@@ -89,7 +89,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "repro", help="reproduce the papers' claims at laptop scale (figure, table, verdict by a pre-stated rule)",
         description=f"Reproduce the claims of the papers ({len(ids)} registered; `attnlab repro list`). Each runs over "
-        "3 seeds; its statistic's 95%% t-interval is judged by the claim's rule: reproduced / not reproduced / "
+        "3 seeds; its statistic's 95% t-interval is judged by the claim's rule: reproduced / not reproduced / "
         "inconclusive. Outcomes go to the results store (suite 'repro'): a claim done is not run again.",
     )
     p.add_argument("target", nargs="?", metavar="list|PAPER|CLAIM",
