@@ -40,6 +40,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +77,16 @@ def corpus(modules: tuple[str, ...] = STDLIB_MODULES) -> str:
         raise ParameterError(f"modules: expected a non-empty tuple of module names, got {modules!r}")
     seen: set[str] = set()
     texts: list[str] = []
-    for name in modules:
-        module = importlib.import_module(name)
-        members = [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
-        for obj in [module, *(m for m in members if getattr(m, "__module__", None) == module.__name__)]:
-            doc = inspect.getdoc(obj)
-            if doc and doc not in seen:
-                seen.add(doc)
-                texts.append(doc)
+    with warnings.catch_warnings():  # reading typing.io / typing.re (deprecated aliases) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in modules:
+            module = importlib.import_module(name)
+            members = [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
+            for obj in [module, *(m for m in members if getattr(m, "__module__", None) == module.__name__)]:
+                doc = inspect.getdoc(obj)
+                if doc and doc not in seen:
+                    seen.add(doc)
+                    texts.append(doc)
     return "\n\n".join(texts)
 
 
@@ -352,11 +355,13 @@ def char_lm(
 ) -> TrainedCharLM:
     """The char LM of preset `name` (PRESETS) or of the given settings, from the cache, else trained and cached.
 
+    The file is <cache_dir>/<preset name, or "custom">-<key>.pt (`cache_path`).
+
     cache_dir: default attnlab-results/char_lm (relative to the working directory). retrain: train and overwrite
     even on a hit. progress: training progress on stderr. threads: torch's CPU threads while training.
     """
-    if isinstance(name, CharLMSettings):
-        label, settings = "custom", name
+    if isinstance(name, CharLMSettings):  # a preset's settings keep the preset's file name
+        label, settings = next((k for k, v in PRESETS.items() if v == name), "custom"), name
     elif isinstance(name, str) and name in PRESETS:
         label, settings = name, PRESETS[name]
     else:
