@@ -133,8 +133,9 @@ def draw(path: Path, claim: Claim, seeds: Sequence[int], measured: Sequence[Meas
     curves.set_title(claim.id, fontsize=9)
     values = [m.value for m in measured]
     judged.plot(range(len(values)), values, "ko", label="per seed")
-    lo_band = claim.rule.low if math.isfinite(claim.rule.low) else min(values + [mean]) - 1
-    hi_band = claim.rule.high if math.isfinite(claim.rule.high) else max(values + [mean]) + 1
+    # a one-sided rule's band runs from its finite end past every value (below it, or above it)
+    lo_band = claim.rule.low if math.isfinite(claim.rule.low) else min(values + [mean, claim.rule.high]) - 1
+    hi_band = claim.rule.high if math.isfinite(claim.rule.high) else max(values + [mean, claim.rule.low]) + 1
     judged.axhspan(lo_band, hi_band, color="tab:green", alpha=0.15, label="rule: reproduced")
     if math.isfinite(low) and math.isfinite(high):
         judged.errorbar([len(values)], [mean], yerr=[[mean - low], [high - mean]], fmt="s", color="tab:blue",
