@@ -6,7 +6,7 @@ from transformers models (through a registered attention implementation), batche
 Everything else reads its result, `Attentions`, or plain maps (batch, heads, n_q, n_k) per layer:
 
     from attnlab.analysis import capture, load_minilm, rollout, attention_flow, attention_entropy
-    model, tok = load_minilm()
+    model, tok = load_minilm()          # or char_lm(): a small causal LM trained here, cached (P068, P248)
     batch = tok(["The cat sat on the mat.", "It was tired."], return_tensors="pt", padding=True)
     with capture(model) as att:
         model(**batch)
@@ -19,6 +19,7 @@ Padded tokens carry no mass in any result. Methods are listed in the catalogue a
 "analysis" (`attnlab papers`). `transformers` is imported only when a transformers model is used.
 """
 from .capture import Attentions, Record, capture
+from .char_lm import CharLM, CharLMSettings, char_lm
 from .explain import Explanation, explain
 from .heads import (
     attention_entropy,
@@ -54,6 +55,9 @@ __all__ = [
     "calibrate",
     "calibration",
     "capture",
+    "char_lm",
+    "CharLM",
+    "CharLMSettings",
     "duplicate_token_score",
     "explain",
     "Explanation",
