@@ -474,11 +474,11 @@ def stdlib_text() -> Tensor:
         module = importlib.import_module(name)
         parts.append(module.__doc__ or "")
         for member in sorted(dir(module)):
-            with warnings.catch_warnings():  # typing's deprecated aliases warn when read
+            with warnings.catch_warnings():  # typing's deprecated aliases (typing.io, typing.re) warn when read
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj = getattr(module, member)
-            if not member.startswith("_") and getattr(obj, "__module__", None) == name and obj.__doc__:
-                parts.append(obj.__doc__)
+                if not member.startswith("_") and getattr(obj, "__module__", None) == name and obj.__doc__:
+                    parts.append(obj.__doc__)
     data = "\n\n".join(parts).encode("ascii", "replace")
     return torch.tensor(list(data), dtype=torch.long)
 
