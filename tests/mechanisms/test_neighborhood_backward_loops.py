@@ -1,0 +1,165 @@
+"""The numba backward of neighborhood attention (attnlab.kernels._neighborhood_backward_loops), called directly
+on the loops' forward (out, logsumexp): dq, dk, dv and the bias gradient equal autograd of the float64
+reference on 1-D, 2-D and 3-D grids (dilation, causal axes, a bias table, a padding mask with windows left
+without a real key, a value width other than the head dim, last axes shorter than a block, float32), bit for
+bit the same on one and two threads; its tables (the windows seen from the keys, the blocks' unions) against
+the windows written out; and neighborhood_attention's numba path runs it."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab.kernels import neighborhood as engines
+from attnlab.mechanisms.local import neighborhood as nb
+from attnlab.mechanisms.local.neighborhood import axis_windows, neighborhood_attention, neighborhood_attention_reference
+
+bwd = pytest.importorskip("attnlab.kernels._neighborhood_backward_loops")
+
+CASES = [  # grid, kernel, dilation, causal, head dim, value width, bias, padding ("some", "last": only the last 3 real)
+    ((200,), 5, 2, False, 4, 4, True, "some"),
+    ((45,), 13, 1, True, 8, 8, False, "last"),
+    ((40, 12), 3, (1, 2), False, 4, 4, True, "some"),
+    ((7, 9), (5, 3), (1, 2), False, 6, 5, False, None),
+    ((6, 7), (3, 5), 1, False, 4, 4, False, "last"),
+    ((9, 3), (3, 3), 1, (True, False), 4, 4, False, "some"),  # a last axis shorter than a block
+    ((3, 4, 5), 3, 1, True, 4, 4, False, "last"),
+    ((4, 6, 7), (3, 3, 5), (1, 2, 1), False, 8, 4, True, "some"),
+]
+
+
+def problem(grid, kernel, dil, causal, d, e, bias, padding, dtype=torch.float64, b=2, h=3, seed=0, spread=1.0):
+    """Inputs (float64 leaves for the reference), the reference's keyword arguments and the loops' windows."""
+    rank, n = len(grid), math.prod(grid)
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    ds = dil if isinstance(dil, tuple) else (dil,) * rank
+    cs = causal if isinstance(causal, tuple) else (causal,) * rank
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (spread * torch.randn(b, h, *grid, x, generator=gen, dtype=torch.float64) for x in (d, d, e))
+    kw = dict(kernel_size=ks, dilation=ds, causal=cs)
+    if bias:
+        kw["rpb"] = torch.randn(h, *(2 * x - 1 for x in ks), generator=gen, dtype=torch.float64)
+    if padding == "some":
+        kw["attention_mask"] = torch.rand(b, n, generator=gen) > 0.25
+    elif padding == "last":
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        mask[:, -3:] = True
+        kw["attention_mask"] = mask
+    grad = torch.randn(b, h, *grid, e, generator=gen, dtype=torch.float64)
+    q, k, v, grad = (t.to(dtype) for t in (q, k, v, grad))
+    if bias:
+        kw["rpb"] = kw["rpb"].to(dtype)
+    return (q, k, v), grad, kw, nb.loop_windows(tuple(grid), ks, ds, cs)
+
+
+def loops_gradients(tensors, grad, kw, w, threads=1):
+    """(dq, dk, dv, drpb or None) by the loops' forward then the new backward, on `threads` threads."""
+    q, k, v = tensors
+    b, h, d, e = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+    n, rows = math.prod(q.shape[2:-1]), b * h
+    lib = engines.loops()
+    dtype = np.dtype(np.float32 if q.dtype == torch.float32 else np.float64)
+    consts = lib.constants(dtype, 1.0 / math.sqrt(d))
+    mask = kw.get("attention_mask")
+    keep = np.zeros((1, 0), np.uint8) if mask is None else mask.to(torch.uint8).numpy()
+    rpb = np.zeros((h, 0), dtype) if kw.get("rpb") is None else kw["rpb"].reshape(h, -1).numpy()
+    flat = [t.reshape(rows, n, -1).numpy() for t in (q, k, v, grad)]
+    out, lse = np.empty((rows, n, e), dtype), np.empty((rows, n), dtype)
+    dq, dk, dv = np.full((rows, n, d), np.nan, dtype), np.full((rows, n, d), np.nan, dtype), np.full((rows, n, e), np.nan, dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with engines.numba_threads(threads):
+            lib.forward(*flat[:3], *w.pos, *w.rel, keep, h, rpb, consts, out, lse)
+            drpb = bwd.backward(h, *flat[:3], out, flat[3], lse, w.pos, w.rel, keep, rpb, consts, dq, dk, dv)
+    finally:
+        torch.set_num_threads(before)
+    grads = [torch.from_numpy(x).view(t.shape) for x, t in zip((dq, dk, dv), tensors)]
+    if kw.get("rpb") is not None:
+        grads.append(torch.from_numpy(drpb.reshape(b, h, -1, drpb.shape[1]).sum(axis=(0, 2))).view(kw["rpb"].shape))
+    return grads
+
+
+def reference_gradients(tensors, grad, kw):
+    """Autograd of the float64 reference on float64 copies of the inputs."""
+    leaves = [t.detach().double().requires_grad_(True) for t in tensors]
+    kw64 = dict(kw)
+    if kw.get("rpb") is not None:
+        kw64["rpb"] = kw["rpb"].detach().double().requires_grad_(True)
+        leaves.append(kw64["rpb"])
+    out = neighborhood_attention_reference(*leaves[:3], **kw64)[0]
+    return list(torch.autograd.grad((out * grad.double()).sum(), leaves))
+
+
+@pytest.mark.parametrize("grid,kernel,dil,causal,d,e,bias,padding", CASES)
+def test_backward_equals_the_float64_reference_on_one_and_two_threads(grid, kernel, dil, causal, d, e, bias, padding):
+    tensors, grad, kw, w = problem(grid, kernel, dil, causal, d, e, bias, padding)
+    one = loops_gradients(tensors, grad, kw, w, threads=1)
+    two = loops_gradients(tensors, grad, kw, w, threads=2)
+    for a, b_ in zip(one, two):
+        assert torch.equal(a, b_)
+    want = reference_gradients(tensors, grad, kw)
+    for i, (got, ref) in enumerate(zip(one, want)):
+        torch.testing.assert_close(got, ref.view(got.shape), atol=1e-10, rtol=1e-8, msg=f"gradient {i} (dq, dk, dv, drpb)")
+    if padding == "last":  # queries without a real key: zero dq; keys masked out: zero dk, dv
+        n = math.prod(grid)
+        dead_keys = (~kw["attention_mask"])[:, None].expand(2, 3, n)
+        assert (one[1].reshape(2, 3, n, -1)[dead_keys] == 0).all() and (one[2].reshape(2, 3, n, -1)[dead_keys] == 0).all()
+        assert (one[0] == 0).any() and torch.isfinite(one[0]).all()
+
+
+def test_float32_and_large_scores():
+    """float32 inputs with scores of ±tens: close to the float64 reference on the same values."""
+    tensors, grad, kw, w = problem((12, 13), (5, 7), 1, False, 16, 16, True, "some", dtype=torch.float32, spread=4.0)
+    got = loops_gradients(tensors, grad, kw, w)
+    want = reference_gradients(tensors, grad, kw)
+    for i, (a, ref) in enumerate(zip(got, want)):
+        assert a.dtype == torch.float32
+        scale = ref.abs().max()
+        torch.testing.assert_close(a.double() / scale, ref.view(a.shape) / scale, atol=2e-5, rtol=0, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("length,kernel,dil,causal", [(12, 5, 1, False), (13, 3, 2, False), (11, 4, 1, True),
+                                                      (2, 1, 1, False)])
+def test_tables_against_the_windows_written_out(length, kernel, dil, causal):
+    """mirror: key a's (query, slot) pairs are exactly those with pos[query, slot] = a, in increasing query
+    order; blocks: each block's union is the sorted set of its positions' entries and `which` gives the slot
+    through which each position has each member."""
+    pos, real, _ = axis_windows(length, kernel, dil, causal)
+    pos = torch.where(real, pos, -1).numpy()
+    count, query, slot = bwd.mirror(pos)
+    for a in range(length):
+        want = [(c, t) for c in range(length) for t in range(kernel) if pos[c, t] == a]
+        assert [(int(query[a, u]), int(slot[a, u])) for u in range(count[a])] == want
+        assert (query[a, count[a]:] == -1).all()
+    slots = np.ascontiguousarray(np.broadcast_to(np.arange(kernel), pos.shape))
+    for table, slot_of in ((pos, slots), (query, slot)):
+        bcount, member, which = bwd.blocks(table, slot_of)
+        assert len(bcount) == -(-length // bwd.BLOCK)
+        for blk in range(len(bcount)):
+            first = blk * bwd.BLOCK
+            entries = {(z - first, int(table[z, t]), int(slot_of[z, t])) for z in range(first, min(first + bwd.BLOCK, length))
+                       for t in range(table.shape[1]) if table[z, t] >= 0}
+            union = sorted({m for _, m, _ in entries})
+            assert member[blk, : bcount[blk]].tolist() == union
+            got = {(r, int(member[blk, u]), int(which[blk, u, r])) for u in range(bcount[blk]) for r in range(bwd.BLOCK)
+                   if which[blk, u, r] >= 0}
+            assert got == entries
+
+
+def test_neighborhood_attention_runs_this_backward(monkeypatch):
+    """The numba path's backward is this module's (counted), and its gradients are the reference's."""
+    calls = []
+    run = bwd.backward
+    monkeypatch.setattr(bwd, "backward", lambda *a: calls.append(1) or run(*a))
+    tensors, grad, kw, _ = problem((10, 11), 3, 1, False, 4, 4, True, "some")
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    rpb = kw["rpb"].clone().requires_grad_(True)
+    out = neighborhood_attention(*leaves, **{**kw, "rpb": rpb}, backend="numba")
+    got = torch.autograd.grad((out * grad).sum(), [*leaves, rpb])
+    assert calls == [1]
+    want = reference_gradients(tensors, grad, kw)
+    for a, ref in zip(got, want):
+        torch.testing.assert_close(a, ref.view(a.shape), atol=1e-10, rtol=1e-8)
