@@ -49,6 +49,13 @@ forward, per-query loops → blocked (median ms, the same run): 1d-65 446 → 25
 not used there); then the weights over whole rows, against that (A/B): 2d-13 53 → 45, 1d-65 261 → 250.
 N = 16,384, numba / torch (ms): k = 65 fwd 61 / 146, fwd+bwd 364 / 411; k = 97 84 / 140, 546 / 529;
 k = 129 81 / 148, 920 / 1043; causal 256 262 / 491, 2165 / 2792 (one run each, 3 rounds).
+
+2026-12-07 afternoon: the loops' output in transparent huge pages (attnlab.kernels.neighborhood.fresh)
+and the diagonal forward for last-axis kernels below 9 on lines of >= 64 (DIAGONAL_MIN_LINE). Forward
+alone through neighborhood_attention(backend="numba") under no_grad, one thread, pinned (taskset -c 1),
+processes of the commit before and after alternating, 3 pairs of 5 calls each, a shared machine (load
+2.9–3.9), median ms CPU time (before → after): 1d-7 182 → 116, 1d-65 304 → 213, 2d-13 40 → 34, 2d-7
+19 → 17 (wall time on the quietest pair: 1d-7 205 → 119, 1d-65 247 → 235).
 """
 from __future__ import annotations
 

@@ -43,6 +43,15 @@ FMA rate (Zen 4: one zmm FMA a cycle): 1-D k = 65 computes 80 keys a query (the 
 registers), 59 ms of FMAs for N = 65,536 × 8 heads; the softmax ~45 ms, the outputs ~42 ms, k's
 transposition and the output stores ~30 ms (one thread, measured by removing each phase).
 
+Diagonal forward (forward_diagonal, for shorter kernels on the last axis): a block is one register's lanes
+(16 float32) of consecutive queries z0 + l of a line, and the key at offset δ of query z is z + δ. So for a
+window row and an offset, one vector holds the scores of the block's 16 queries, Σ_f qᵀ[f, :] · kᵀ[f, z0 + δ
+: z0 + δ + 16]: q and k transposed (per block, per unit into small buffers: no full-size temporary), 8
+vector accumulators over 8 offsets. A query computes only its own offsets (the blocked form computes 16
+keys a query for k = 7), the softmax runs down the offsets in vectors (vmax, vexp: exp as above on LLVM
+vectors, degree 7 in float32), and each query's output is the sum of its own v rows, vectorised over the
+value width. Blocks at a line's ends (windows clamped) span more offsets, masked per lane.
+
 Why numba: the loops fuse scores, softmax and the weighted sum over each query's own keys (no halo, no
 gathered copies) with no build step. The per-query loops (`forward`, and the backward) vectorise over
 the head dim, so each key's dot product ends in a horizontal sum; on long 1-D windows the tiles' matrix
@@ -590,6 +599,93 @@ def transpose(k, pad, kt):  # type: ignore[no-untyped-def]
             ktr[f, n : n + pad] = 0.0
 
 
+# -- vector operations of the softmax (both forms), then the register-blocked forward ---------------
+@intrinsic
+def vmuladd(typingctx, acc, x, y):  # type: ignore[no-untyped-def]
+    """acc + x · y, lane by lane (vectors of one type)."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fadd(builder.fmul(args[1], args[2], flags=("contract",)), args[0], flags=("contract",))
+
+    return acc(acc, x, y), codegen
+
+
+@intrinsic
+def vsplat(typingctx, width, x):  # type: ignore[no-untyped-def]
+    """A vector of `width` copies of the scalar x."""
+    vty = Vector(x, width.count)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        lt = context.get_value_type(vty)
+        one = builder.insert_element(ir.Constant(lt, ir.Undefined), args[1], ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(lt, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), width.count), None))
+
+    return vty(width, x), codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """max(a, b) lane by lane (a where a > b, else b)."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """a + b lane by lane."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+# Terms of exp's Taylor polynomial in vexp: degree 7 in float32 (remainder r^8/8! <= 5e-9 of exp on
+# |r| <= ln 2 / 2, below float32's 6e-8), 13 in float64 (as _exp).
+VEXP_DEGREE = {32: 7, 64: 13}
+
+
+@intrinsic
+def vexp(typingctx, x, m):  # type: ignore[no-untyped-def]
+    """exp(x − m) lane by lane where x > −inf, else 0 (masked scores): _exp's range reduction and
+    polynomial on vectors (x − m <= 0; clamped below at exp's lowest argument)."""
+    if not isinstance(x, Vector):
+        return None
+    bits = x.dtype.bitwidth
+    degree = VEXP_DEGREE[bits]
+    c = constants(np.dtype(np.float32 if bits == 32 else np.float64), 1.0)
+    poly = list(c[POLY + 13 - degree :])  # 1/degree!, …, 1/0!
+    int_type = ir.IntType(bits)
+    bias, shift = (127, 23) if bits == 32 else (1023, 52)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vt = context.get_value_type(x)
+        it = ir.VectorType(int_type, x.width)
+
+        def splat(value):  # type: ignore[no-untyped-def]
+            return ir.Constant(vt, [ir.Constant(vt.element, float(value))] * x.width)
+
+        fast = ("nsz", "arcp", "contract", "afn", "reassoc")
+        y = builder.fsub(args[0], args[1], flags=fast)
+        y = builder.select(builder.fcmp_ordered("<", y, splat(c[LOW])), splat(c[LOW]), y)
+        name = f"llvm.floor.v{x.width}f{bits}"
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), name)
+        n = builder.call(floor, [builder.fadd(builder.fmul(y, splat(c[LOG2E]), flags=fast), splat(c[HALF]), flags=fast)])
+        r = builder.fsub(builder.fsub(y, builder.fmul(n, splat(c[LN2_HI]), flags=fast), flags=fast),
+                         builder.fmul(n, splat(c[LN2_LO]), flags=fast), flags=fast)
+        p = splat(poly[0])
+        for coef in poly[1:]:
+            p = builder.fadd(builder.fmul(p, r, flags=("contract",)), splat(coef), flags=("contract",))
+        exponent = builder.add(builder.fptosi(n, it), ir.Constant(it, [ir.Constant(int_type, bias)] * x.width))
+        scale = builder.bitcast(builder.shl(exponent, ir.Constant(it, [ir.Constant(int_type, shift)] * x.width)), vt)
+        value = builder.fmul(p, scale, flags=fast)
+        real = builder.fcmp_ordered(">", args[0], splat(-np.inf))
+        return builder.select(real, value, ir.Constant(vt, None))
+
+    return x(x, m), codegen
+
+
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
 def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, rpb, c, out, lse,  # type: ignore[no-untyped-def]
                     wa, wl, we):
@@ -642,6 +738,7 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
         hi = np.empty(QUERIES, np.int64)
         rel_lo = np.empty(QUERIES, np.int64)
         inv = np.empty(QUERIES, q.dtype)
+        stats = np.empty((2, nl), q.dtype)  # a query's max score and sum of weights, lane by lane
         line_start = line * l2
         for z0 in range(start, min(start + CHUNK, l2), QUERIES):
             # the block: queries z0 … z0 + 3, moved back to end at the line's end (l2 >= QUERIES; the
@@ -675,16 +772,12 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
                     for tail in range(1, tails):
                         _tile1(wl, qr, qb, ktr, bases[u] + u0 - koff + na + tail * nl, c, s, u * QUERIES,
                                na + tail * nl)
-            # softmax of each query over its own keys; weights 0 elsewhere in the run. The bias and the
-            # padding mask and the max touch the window's slice (a loop from a possibly negative index keeps
-            # numba's wraparound test in the loop and stops LLVM from vectorising it); the weights run over
-            # whole rows of the run with the window as a mask (trip counts in whole registers: on 13-key rows
-            # the slices' exp ran in its scalar remainder). LLVM vectorises no max without "no NaNs", even
-            # compiled apart with it: _max's four chains over the slice (a masked max over whole rows, one
-            # chain, made 1-D k = 65 257 → 326 ms)
+            # softmax of each query over its own keys: the bias and the padding mask on the window's slice,
+            # −inf written outside it in the run, then the max, the weights (vexp: 0 for −inf) and their sum
+            # over whole registers of the run (a scalar max does not vectorise without "no NaNs")
             for r in range(QUERIES):
                 a, z_hi = lo[r] - u0, hi[r] - u0 + 1
-                m = c[NEG_INF]
+                mv = vsplat(wl, e[NEG_INF])
                 for u in range(g):
                     sr = s[u * QUERIES + r]
                     seg = sr[a:z_hi]
@@ -696,7 +789,12 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
                         kept = keep_row[bases[u] + lo[r] : bases[u] + lo[r] + seg.shape[0]]
                         for j in range(seg.shape[0]):
                             seg[j] = seg[j] if kept[j] else e[NEG_INF]
-                    m = max(m, _max(seg, e))
+                    sr[:a] = e[NEG_INF]
+                    sr[z_hi:] = e[NEG_INF]
+                    for j in range(0, span, nl):
+                        mv = vmax(mv, vload(wl, s, u * QUERIES + r, j))
+                vstore(stats, 0, 0, mv)
+                m = _max(stats[0], e)
                 i = qb + r
                 if m == c[NEG_INF]:
                     for u in range(g):
@@ -704,15 +802,17 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
                     inv[r] = c[ZERO]
                     lse[row, i] = c[NEG_INF]
                     continue
-                total = c[ZERO]
+                ms = vsplat(wl, m)
+                tv = vzero(wl, c[ZERO])
                 for u in range(g):
-                    sr = s[u * QUERIES + r]
-                    for j in range(span):
-                        sc = sr[j]
-                        p = _exp(sc - m, e)
-                        p = p if (j >= a and j < z_hi and sc > e[NEG_INF]) else e[ZERO]
-                        sr[j] = p
-                        total += p
+                    for j in range(0, span, nl):
+                        p = vexp(vload(wl, s, u * QUERIES + r, j), ms)
+                        vstore(s, u * QUERIES + r, j, p)
+                        tv = vadd(tv, p)
+                vstore(stats, 1, 0, tv)
+                total = c[ZERO]
+                for j in range(nl):
+                    total += stats[1, j]
                 inv[r] = c[ONE] / total
                 lse[row, i] = m + np.log(total)
             # outputs: the weighted sums of v rows, four queries at a time
@@ -731,3 +831,198 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
             vstore(orow, qb + 1, 0, vfma(zero, inv[1], o1))
             vstore(orow, qb + 2, 0, vfma(zero, inv[2], o2))
             vstore(orow, qb + 3, 0, vfma(zero, inv[3], o3))
+
+
+# -- the diagonal forward ------------------------------------------------------------------------
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _diag8(wl, qt, kb, col, c, s, row):  # type: ignore[no-untyped-def]
+    """s[row + t, l] = scale · Σ_f qt[f, l] · kb[f, col + t + l] for t < 8 and the lanes l of a register:
+    query l (of a block of consecutive queries) against the key t places after its diagonal, eight
+    vector accumulators, one load of q and eight of k per f."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero(wl, c[ZERO])
+    for f in range(qt.shape[0]):
+        x = vload(wl, qt, f, 0)
+        a0 = vmuladd(a0, x, vload(wl, kb, f, col))
+        a1 = vmuladd(a1, x, vload(wl, kb, f, col + 1))
+        a2 = vmuladd(a2, x, vload(wl, kb, f, col + 2))
+        a3 = vmuladd(a3, x, vload(wl, kb, f, col + 3))
+        a4 = vmuladd(a4, x, vload(wl, kb, f, col + 4))
+        a5 = vmuladd(a5, x, vload(wl, kb, f, col + 5))
+        a6 = vmuladd(a6, x, vload(wl, kb, f, col + 6))
+        a7 = vmuladd(a7, x, vload(wl, kb, f, col + 7))
+    zero = vzero(wl, c[ZERO])
+    vstore(s, row, 0, vfma(zero, c[SCALE], a0))
+    vstore(s, row + 1, 0, vfma(zero, c[SCALE], a1))
+    vstore(s, row + 2, 0, vfma(zero, c[SCALE], a2))
+    vstore(s, row + 3, 0, vfma(zero, c[SCALE], a3))
+    vstore(s, row + 4, 0, vfma(zero, c[SCALE], a4))
+    vstore(s, row + 5, 0, vfma(zero, c[SCALE], a5))
+    vstore(s, row + 6, 0, vfma(zero, c[SCALE], a6))
+    vstore(s, row + 7, 0, vfma(zero, c[SCALE], a7))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _diag4(wl, qt, kb, col, c, s, row):  # type: ignore[no-untyped-def]
+    """_diag8 for t < 4."""
+    a0 = a1 = a2 = a3 = vzero(wl, c[ZERO])
+    for f in range(qt.shape[0]):
+        x = vload(wl, qt, f, 0)
+        a0 = vmuladd(a0, x, vload(wl, kb, f, col))
+        a1 = vmuladd(a1, x, vload(wl, kb, f, col + 1))
+        a2 = vmuladd(a2, x, vload(wl, kb, f, col + 2))
+        a3 = vmuladd(a3, x, vload(wl, kb, f, col + 3))
+    zero = vzero(wl, c[ZERO])
+    vstore(s, row, 0, vfma(zero, c[SCALE], a0))
+    vstore(s, row + 1, 0, vfma(zero, c[SCALE], a1))
+    vstore(s, row + 2, 0, vfma(zero, c[SCALE], a2))
+    vstore(s, row + 3, 0, vfma(zero, c[SCALE], a3))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _transpose_rows(src, first, count, dst, col):  # type: ignore[no-untyped-def]
+    """dst[f, col + j] = src[first + j, f] for j < count (16 × 16 blocks in registers where d allows)."""
+    d = dst.shape[0]
+    lanes = 64 // src.itemsize
+    blocks = count // lanes if d % lanes == 0 else 0
+    for jb in range(blocks):
+        for fb in range(d // lanes):
+            transpose_block(src, first + jb * lanes, fb * lanes, dst, fb * lanes, col + jb * lanes)
+    for j in range(blocks * lanes, count):
+        row = src[first + j]
+        for f in range(d):
+            dst[f, col + j] = row[f]
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
+def forward_diagonal(q, k, v, pos0, pos1, rel0, rel1, runs, k2, offsets, keep, heads, rpb, c, out, lse, wl, we):  # type: ignore[no-untyped-def]
+    """forward's out and lse for windows whose keys on the last axis are a contiguous run (runs (L_2, 3):
+    each last-axis position's first key, last key and the bias index of the first), L_2 >= the lanes of
+    a register (wl: Width). A block is `lanes` consecutive queries of a line, one per lane; the key at
+    offset δ from query z is z + δ, so for every window row and every δ of the block's range, one
+    vector of scores (one per query) is Σ_f qᵀ[f, :] · kᵀ[f, z0 + δ : z0 + δ + lanes] with k transposed
+    (per unit, the keys of its chunk, into a small buffer); lanes outside a query's own window are
+    masked. k2: the last axis's kernel; offsets: at least the largest offset range of a block (max_z
+    (last key − z) − min_z (first key − z) + 1) + 3; we: the value width (Width)."""
+    rows, d = q.shape[0], q.shape[2]
+    l0, l1, l2 = pos0.shape[0], pos1.shape[0], runs.shape[0]
+    k0, k1 = pos0.shape[1], pos1.shape[1]
+    r1 = 2 * k1 - 1
+    lanes = width_of(wl)
+    e = (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
+         c[16], c[17], c[18], c[19], c[20], c[21], c[22])
+    r2 = 2 * k2 - 1
+    lines = l0 * l1
+    chunks = (l2 + CHUNK - 1) // CHUNK
+    use_keep, use_rpb = keep.shape[1] > 0, rpb.shape[1] > 0
+    for unit in prange(rows * lines * chunks):
+        row = unit // (lines * chunks)
+        line = (unit // chunks) % lines
+        x, y = line // l1, line % l1
+        b, h = row // heads, row % heads
+        keep_row = keep[b if use_keep else 0]
+        qr, kr, vr, orow = q[row], k[row], v[row], out[row]
+        start = (unit % chunks) * CHUNK
+        stop = min(start + CHUNK, l2)
+        bases = np.empty(k0 * k1, np.int64)
+        rels = np.empty(k0 * k1, np.int64)
+        g = 0  # the window's real rows (outer axes), the same for every query of the line
+        for t0 in range(k0):
+            a0 = pos0[x, t0]
+            for t1 in range(k1):
+                a1 = pos1[y, t1]
+                if a0 >= 0 and a1 >= 0:
+                    bases[g] = (a0 * l1 + a1) * l2
+                    rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
+                    g += 1
+        # the chunk's keys on the last axis, first … last, transposed with `lanes` zero columns either side
+        first, last = runs[max(0, min(start, l2 - lanes)), 0], runs[stop - 1, 1]
+        for z in range(max(0, min(start, l2 - lanes)), stop):
+            first, last = min(first, runs[z, 0]), max(last, runs[z, 1])
+        width = last - first + 1 + 2 * lanes
+        kb = np.empty((max(g, 1), d, width), q.dtype)
+        for u in range(g):
+            kb[u, :, :lanes] = 0.0
+            kb[u, :, width - lanes :] = 0.0
+            _transpose_rows(kr, bases[u] + first, last - first + 1, kb[u], lanes)
+        qt = np.empty((d, lanes), q.dtype)
+        s = np.empty((max(g, 1) * offsets, lanes), q.dtype)
+        lo = np.empty(lanes, np.int64)
+        hi = np.empty(lanes, np.int64)
+        rb = np.empty(lanes, np.int64)
+        stats = np.empty((2, lanes), q.dtype)  # each query's max score and sum of weights
+        line_start = line * l2
+        for z_next in range(start, stop, lanes):
+            z0 = min(z_next, l2 - lanes)  # the last block moved back to end at the line's end
+            low, high = runs[z0, 0] - z0, runs[z0, 1] - z0
+            for lane in range(lanes):
+                z = z0 + lane
+                low, high = min(low, runs[z, 0] - z), max(high, runs[z, 1] - z)
+            span = high - low + 1
+            regular = True  # every query's window is the block's whole offset range
+            for lane in range(lanes):  # each query's window as offsets t: key z + low + t
+                z = z0 + lane
+                lo[lane], hi[lane] = runs[z, 0] - z - low, runs[z, 1] - z - low
+                rb[lane] = runs[z, 2] - runs[z, 0] + z + low
+                regular = regular and lo[lane] == 0 and hi[lane] == span - 1
+            col = z0 + low - first + lanes  # kb's column of the block's first lane at offset 0
+            qb = line_start + z0
+            for lane in range(lanes):  # q of the block transposed (a plain loop: LLVM's shuffles beat transpose_block's here)
+                qrow = qr[qb + lane]
+                for f in range(d):
+                    qt[f, lane] = qrow[f]
+            for u in range(g):
+                t = 0
+                while t + 8 <= span:
+                    _diag8(wl, qt, kb[u], col + t, c, s, u * offsets + t)
+                    t += 8
+                while t < span:
+                    _diag4(wl, qt, kb[u], col + t, c, s, u * offsets + t)
+                    t += 4
+            # the softmax of each lane over its own offsets: scores outside a query's window (a block at a
+            # line's ends), of masked keys, and the bias, written in scalar loops where there are any; then
+            # the max, the weights (vexp: 0 for −inf) and their sum in vectors
+            if use_rpb or use_keep or not regular:
+                for u in range(g):
+                    for t in range(span):
+                        sr = s[u * offsets + t]
+                        key = bases[u] + z0 + low + t
+                        for lane in range(lanes):
+                            inside = t >= lo[lane] and t <= hi[lane]
+                            if use_rpb and inside:
+                                sr[lane] += rpb[h, rels[u] + rb[lane] + t]
+                            if use_keep and inside:
+                                inside = keep_row[key + lane] != 0
+                            if not inside:
+                                sr[lane] = e[NEG_INF]
+            mv = vsplat(wl, e[NEG_INF])
+            for u in range(g):
+                for t in range(span):
+                    mv = vmax(mv, vload(wl, s, u * offsets + t, 0))
+            tv = vzero(wl, c[ZERO])
+            for u in range(g):
+                for t in range(span):
+                    p = vexp(vload(wl, s, u * offsets + t, 0), mv)
+                    vstore(s, u * offsets + t, 0, p)
+                    tv = vadd(tv, p)
+            vstore(stats, 0, 0, mv)
+            vstore(stats, 1, 0, tv)
+            # outputs: each query's weighted sum of its own keys' v rows
+            for lane in range(lanes):
+                i = qb + lane
+                if stats[0, lane] == e[NEG_INF]:
+                    lse[row, i] = e[NEG_INF]
+                    orow[i, :] = 0.0
+                    continue
+                lse[row, i] = stats[0, lane] + np.log(stats[1, lane])
+                oa = ob = vzero(we, c[ZERO])
+                for u in range(g):
+                    key = bases[u] + z0 + lane + low
+                    t = lo[lane]
+                    while t + 2 <= hi[lane] + 1:
+                        oa = vfma(oa, s[u * offsets + t, lane], vload(we, vr, key + t, 0))
+                        ob = vfma(ob, s[u * offsets + t + 1, lane], vload(we, vr, key + t + 1, 0))
+                        t += 2
+                    if t <= hi[lane]:
+                        oa = vfma(oa, s[u * offsets + t, lane], vload(we, vr, key + t, 0))
+                inv = c[ONE] / stats[1, lane]
+                vstore(orow, i, 0, vfma(vfma(vzero(we, c[ZERO]), inv, oa), inv, ob))

@@ -24,12 +24,16 @@ sequence, tiles of 32 compute 38 keys a query), reads each input row from cache 
 gathering copies, and fuses scores, softmax and the weighted sum, so it is 2–5× faster than the
 tiles on the CPU (benchmarks/neighborhood.py). Its forward is register-blocked (four queries against a
 run of keys, GEMM-style, `_blocked`) where the last axis is undilated with a kernel of at least
-BLOCKED_MIN_KERNEL. It serves CPU float32/float64 tensors when numba is installed
+BLOCKED_MIN_KERNEL, diagonal (a register's lanes of consecutive queries against each key offset,
+`_diagonal`) where it is undilated with a smaller kernel on lines of at least DIAGONAL_MIN_LINE, per query
+otherwise (`forward_path`). It serves CPU float32/float64 tensors when numba is installed
 (attnlab.kernels.compiled.serves); the tiles serve the rest (CUDA, half precision).
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -50,14 +54,22 @@ CHUNK_BYTES = 2 << 20
 # The backward splits its work into at least this many units when it can (a constant, not the thread
 # count, so that the sums of partial gradients, and so the result, do not depend on the threads).
 UNITS = 8
-# The loops' forward is register-blocked (`_blocked`) where the windows allow it and the last axis's
-# kernel is at least BLOCKED_MIN_KERNEL: a block's union of keys is rounded up to whole registers (16 float32
-# keys for QUERIES + k − 1), so short rows waste FMAs. Measured one thread, 8 heads of 64, float32, forward
-# (per-query loops → blocked, ms): 2-D 64×64 7×7 26 → 39, 9×9 28 → 24, 11×11 45 → 34, 13×13 78 → 58;
-# 16³ 5³ 45 → 60, 7³ 112 → 126; N = 65,536 k = 13 196 → 178, 33 266 → 204, 65 446 → 257.
+# The loops' forward has three forms, by the windows (forward_path): register-blocked (`_blocked`, four
+# queries against a run of keys, GEMM-style) where the last axis is undilated with a kernel of at least
+# BLOCKED_MIN_KERNEL; diagonal (`_diagonal`, a register's lanes of consecutive queries against each key
+# offset) where the last axis is undilated with a smaller kernel and lines of at least DIAGONAL_MIN_LINE
+# positions; the per-query loops otherwise. The blocked form rounds a block's union of keys up to whole
+# registers (16 float32 keys for QUERIES + k − 1), so short rows waste FMAs; the diagonal form computes
+# each query's own offsets only, but a block at a line's end spans more offsets (its queries' windows are
+# clamped), so short lines (mostly ends) go to the per-query loops. Measured one thread, 8 heads of 64,
+# float32, forward (per-query loops → blocked, ms): 2-D 64×64 9×9 28 → 24, 11×11 45 → 34, 13×13 78 → 58;
+# N = 65,536 k = 13 196 → 178, 33 266 → 204, 65 446 → 257. Diagonal / blocked / per-query, CPU time of the
+# loops alone, same process, interleaved, 9 rounds, a shared machine (load 6–7): N = 65,536 k = 7
+# 112 / 118 / 135, 2-D 64×64 7×7 21 / 25 / 26, 13×13 56 / 41 / 82; 5×5 15 / 19 / 15; 16³ 5³ 86 / 67 / 72.
 # BLOCKED = False: the per-query loops everywhere (for tests and measurements).
 BLOCKED = True
 BLOCKED_MIN_KERNEL = 9
+DIAGONAL_MIN_LINE = 64
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -483,13 +495,62 @@ def _numpy(t: Tensor, rows: int) -> np.ndarray:
     return t.detach().contiguous().view(rows, t.shape[2], t.shape[3]).numpy()
 
 
-def blocked_serves(w: Windows) -> bool:
-    """The register-blocked forward serves these windows: consecutive keys on the last axis, a kernel of
-    at least BLOCKED_MIN_KERNEL there and lines of at least QUERIES positions (and BLOCKED is on)."""
+# A large output of the loops is advised into transparent huge pages before its first write: a fresh
+# 128 MiB tensor costs ~50 ms of page faults in 4 KiB pages (32,768 faults, each zeroing a page), 15–20 ms in
+# 2 MiB pages (torch.empty + fill_, one thread, CPU time, this 2-core AMD EPYC VM; the 1-D N = 65,536
+# output is 128 MiB; the whole forward there, CPU time, same process, A/B: 226 → 156 ms k = 7, 313 → 241
+# ms k = 65 with a shared machine's load of 7). madvise(MADV_HUGEPAGE) is a hint on that one mapping (no
+# allocator or process setting); where the kernel does not take it (another OS, THP "never") the tensor
+# stays in small pages.
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+@lru_cache(maxsize=1)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's madvise, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def fresh(like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised tensor of like's dtype and device; on the CPU, if it spans at least two huge pages,
+    its whole huge pages advised into transparent huge pages (before anything touches them)."""
+    out = like.new_empty(shape)
+    madvise = _madvise()
+    size = out.numel() * out.element_size()
+    if madvise is not None and out.device.type == "cpu" and size >= 2 * HUGE_PAGE:
+        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        stop = (out.data_ptr() + size) // HUGE_PAGE * HUGE_PAGE
+        if stop > start:
+            madvise(start, stop - start, MADV_HUGEPAGE)  # a hint: failure leaves small pages
+    return out
+
+
+def forward_path(w: Windows) -> str:
+    """Which form of the loops' forward serves these windows: "blocked" (consecutive keys on the last axis,
+    a kernel there of at least BLOCKED_MIN_KERNEL, lines of at least QUERIES positions), "diagonal"
+    (consecutive keys on the last axis, a smaller kernel, lines of at least DIAGONAL_MIN_LINE positions)
+    or "per-query" (the rest, or BLOCKED off)."""
     from ._neighborhood_loops import QUERIES
 
-    return (BLOCKED and w.runs is not None and w.pos[2].shape[1] >= BLOCKED_MIN_KERNEL
-            and w.runs.shape[0] >= QUERIES)
+    if not BLOCKED or w.runs is None:
+        return "per-query"
+    if w.pos[2].shape[1] >= BLOCKED_MIN_KERNEL:
+        return "blocked" if w.runs.shape[0] >= QUERIES else "per-query"
+    return "diagonal" if w.runs.shape[0] >= DIAGONAL_MIN_LINE else "per-query"
+
+
+def _array(dtype: np.dtype, *shape: int) -> np.ndarray:
+    """An uninitialised array (fresh: in huge pages if large)."""
+    like = torch.empty(0, dtype=torch.float32 if dtype == np.float32 else torch.float64)
+    return fresh(like, *shape).numpy()
 
 
 def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
@@ -507,10 +568,22 @@ def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Wi
     if w.pos[0].shape[0] * w.pos[1].shape[0] == 1:
         kt = np.empty((rows, d, 0), q.dtype)
     else:
-        kt = np.empty((rows, d, n + span), q.dtype)
+        kt = _array(q.dtype, rows, d, n + span)
         lib.transpose(k, span, kt)
     lib.forward_blocked(q, k, kt, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, kernel, keep, heads, rpb, consts,
                         out, lse, lib.Width(main), lib.Width(lanes), lib.Width(v.shape[2]))
+
+
+def _diagonal(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
+              rpb: np.ndarray, consts: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+    """The diagonal forward (w.runs is set, lines of at least a register's lanes): the scores' rows a block
+    needs per window row (its offset range, at most the widest over the line's positions, + 3 for the last
+    group of four), the lanes of a 512-bit register and the value width."""
+    assert w.runs is not None
+    z = np.arange(w.runs.shape[0])
+    offsets = int((w.runs[:, 1] - z).max() - (w.runs[:, 0] - z).min()) + 1 + 3
+    lib.forward_diagonal(q, k, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, w.pos[2].shape[1], offsets, keep,
+                         heads, rpb, consts, out, lse, lib.Width(64 // q.itemsize), lib.Width(v.shape[2]))
 
 
 class LoopAttention(torch.autograd.Function):
@@ -533,15 +606,17 @@ class LoopAttention(torch.autograd.Function):
         rows, e = b * h, v.shape[-1]
         lib = loops()
         dtype = np.dtype(np.float32 if q.dtype == torch.float32 else np.float64)
-        out = q.new_empty(b, h, n, e)
+        out = fresh(q, b, h, n, e)
         lse = q.new_empty(rows, n)
         keep_np = np.zeros((1, 0), np.uint8) if keep is None else keep.to(torch.uint8).contiguous().numpy()
         rpb_np = np.zeros((h, 0), dtype) if rpb is None else rpb.detach().contiguous().numpy()
         consts = lib.constants(dtype, scale)
         with numba_threads(torch.get_num_threads()):
-            if blocked_serves(w):
-                _blocked(lib, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), w, keep_np, h, rpb_np, consts,
-                         out.view(rows, n, e).numpy(), lse.numpy())
+            path = forward_path(w)
+            if path != "per-query":
+                form = _blocked if path == "blocked" else _diagonal
+                form(lib, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), w, keep_np, h, rpb_np, consts,
+                     out.view(rows, n, e).numpy(), lse.numpy())
             else:
                 lib.forward(_numpy(q, rows), _numpy(k, rows), _numpy(v, rows), *w.pos, *w.rel, keep_np, h, rpb_np,
                             consts, out.view(rows, n, e).numpy(), lse.numpy())
@@ -556,18 +631,19 @@ class LoopAttention(torch.autograd.Function):
         w: Windows = ctx.windows  # type: ignore[attr-defined]
         b, h, n, d = q.shape
         rows, e = b * h, v.shape[-1]
-        from . import _neighborhood_backward_loops as backward_loops
-
-        dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        stripes = _stripes(rows, n, w.reach)
+        dq, dk, dv = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        rpb_np = ctx.rpb_np  # type: ignore[attr-defined]
+        drpb = np.zeros((rows * stripes, rpb_np.shape[1]), rpb_np.dtype)
         with numba_threads(torch.get_num_threads()):
-            drpb = backward_loops.backward(h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
-                                           _numpy(grad, rows), lse.numpy(), w.pos, w.rel, ctx.keep_np,  # type: ignore[attr-defined]
-                                           ctx.rpb_np, ctx.consts, dq.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
-                                           dk.view(rows, n, d).numpy(), dv.view(rows, n, e).numpy())
+            loops().backward(stripes, h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
+                             _numpy(grad, rows), lse.numpy(), *w.pos, *w.rel, ctx.keep_np, rpb_np,  # type: ignore[attr-defined]
+                             ctx.consts, dq.view(rows, n, d).numpy(), dk.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
+                             dv.view(rows, n, e).numpy(), drpb)
         grad_rpb = None
         if rpb is not None and ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
             # the partials of each head summed in one fixed order (numpy, one thread)
-            grad_rpb = torch.from_numpy(drpb.reshape(b, h, -1, drpb.shape[1]).sum(axis=(0, 2))).view(rpb.shape)
+            grad_rpb = torch.from_numpy(drpb.reshape(b, h, stripes, -1).sum(axis=(0, 2))).view(rpb.shape)
         return dq, dk, dv, grad_rpb, None, None, None
 
 

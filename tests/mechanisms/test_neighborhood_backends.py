@@ -1,7 +1,8 @@
 """Neighborhood attention's two engines, forced with `backend=`: the numba loops' backward in stripes
 (bit-for-bit the same on one or two threads, equal to the float64 reference), windows with no real key,
-a value width other than the head dim, large scores, the loops' exp, and the rule that picks the
-engine (numba loops for CPU float32/float64 where numba is installed, except long windows on a sequence;
+a value width other than the head dim, large scores, the loops' exp, the three forms of the loops' forward
+(register-blocked, diagonal, per query) against the reference and each other with their rule, and the rule
+that picks the engine (numba loops for CPU float32/float64 where numba is installed, except long windows on a sequence;
 tiles otherwise) with its errors."""
 from __future__ import annotations
 
@@ -125,22 +126,29 @@ def test_the_rule_and_its_errors(monkeypatch):
         neighborhood_attention(q, q, q, kernel_size=3, backend="numba")
 
 
-BLOCKED_CASES = [  # (grid, kernel, dilation, causal, dtype, head dim, value width, bias, padding)
-    ((40,), 9, 1, False, torch.float64, 8, 8, True, True),  # one line: each unit transposes its keys
-    ((45,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal: the first queries see fewer keys
-    ((70,), 65, 1, False, torch.float64, 8, 8, True, False),  # a run of keys wider than four registers
-    ((7, 23), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),  # dilated rows, two rows at once
-    ((3, 4, 14), (3, 3, 11), 1, (False, True, False), torch.float64, 8, 8, False, True),
-    ((6, 30), (5, 13), 1, False, torch.float32, 16, 32, True, True),
+FORMS = [  # (form, grid, kernel, dilation, causal, dtype, head dim, value width, bias, padding)
+    ("blocked", (40,), 9, 1, False, torch.float64, 8, 8, True, True),  # one line: each unit transposes its keys
+    ("blocked", (45,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal: the first queries see fewer keys
+    ("blocked", (70,), 65, 1, False, torch.float64, 8, 8, True, False),  # a run of keys wider than four registers
+    ("blocked", (7, 23), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),  # dilated rows, two rows at once
+    ("blocked", (3, 4, 14), (3, 3, 11), 1, (False, True, False), torch.float64, 8, 8, False, True),
+    ("blocked", (6, 30), (5, 13), 1, False, torch.float32, 16, 32, True, True),
+    # diagonal: lines of at least DIAGONAL_MIN_LINE; blocks at a line's ends (clamped windows) and the last
+    # block moved back (a line not a multiple of the lanes)
+    ("diagonal", (100,), 7, 1, False, torch.float64, 8, 8, True, True),
+    ("diagonal", (90,), 5, 1, True, torch.float64, 8, 16, False, True),  # causal
+    ("diagonal", (7, 70), (3, 7), (2, 1), False, torch.float32, 16, 8, True, True),  # dilated rows, 16 lanes
+    ("diagonal", (3, 4, 66), (3, 3, 5), 1, (False, True, False), torch.float64, 8, 8, False, True),
+    ("diagonal", (75,), 3, 1, False, torch.float32, 6, 5, False, True),  # head dims not a multiple of the lanes
 ]
 
 
-@pytest.mark.parametrize("grid,kernel,dil,causal,dtype,d,e,bias,padding", BLOCKED_CASES)
-def test_blocked_forward_reference_and_per_query_loops(monkeypatch, grid, kernel, dil, causal, dtype, d, e, bias,
-                                                       padding):
-    """The register-blocked forward serves (counted), equals the float64 reference forward and backward (the
-    backward recomputes from its logsumexp), the per-query loops, and is bit-for-bit the same on 1 and 2
-    threads; a padding mask leaves some windows without a real key (zeros)."""
+@pytest.mark.parametrize("form,grid,kernel,dil,causal,dtype,d,e,bias,padding", FORMS)
+def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, kernel, dil, causal, dtype, d, e, bias,
+                                                     padding):
+    """The register-blocked or the diagonal forward serves (counted), equals the float64 reference forward and
+    backward (the backward recomputes from its logsumexp), the per-query loops, and is bit-for-bit the same
+    on 1 and 2 threads; a padding mask leaves some windows without a real key (zeros)."""
     rank = len(grid)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, *grid, x, generator=gen, dtype=dtype).requires_grad_(True) for x in (d, d, e))
@@ -156,8 +164,9 @@ def test_blocked_forward_reference_and_per_query_loops(monkeypatch, grid, kernel
     grad = torch.randn(*v.shape, generator=gen, dtype=dtype)
     calls = []
     lib = engines.loops()
-    blocked = lib.forward_blocked
-    monkeypatch.setattr(lib, "forward_blocked", lambda *a: calls.append(1) or blocked(*a))
+    name = f"forward_{form}"
+    kernel_fn = getattr(lib, name)
+    monkeypatch.setattr(lib, name, lambda *a: calls.append(1) or kernel_fn(*a))
     before = torch.get_num_threads()
     runs = []
     try:
@@ -185,18 +194,57 @@ def test_blocked_forward_reference_and_per_query_loops(monkeypatch, grid, kernel
     assert len(calls) == 2  # the per-query loops took that call
 
 
-def test_blocked_forward_rule():
-    """Consecutive keys on the last axis, a kernel there of at least BLOCKED_MIN_KERNEL, lines of at least
-    QUERIES positions; each position's run of keys is its window on that axis."""
-    small = engines.BLOCKED_MIN_KERNEL - 2
-    assert engines.blocked_serves(nb.loop_windows((30,), (9,), (1,), (False,)))
-    assert engines.blocked_serves(nb.loop_windows((5, 30), (3, 9), (2, 1), (False, True)))
-    assert not engines.blocked_serves(nb.loop_windows((30,), (9,), (2,), (False,)))  # dilated last axis
-    assert not engines.blocked_serves(nb.loop_windows((30,), (small,), (1,), (False,)))
-    assert not engines.blocked_serves(nb.loop_windows((30, 3), (9, 3), (1, 1), (False, False)))  # lines of 3
+def test_diagonal_forward_large_scores():
+    """Scores of ±hundreds on the diagonal forward: each query's softmax taken from its own maximum (a
+    maximum over the block would underflow every weight of some queries)."""
+    q, k, v = inputs((80,), b=1, h=2, d=8, seed=6, spread=12.0)
+    q.data[0, 0, :40] *= 4  # queries of very different score ranges in one block
+    assert engines.forward_path(nb.loop_windows((80,), (7,), (1,), (False,))) == "diagonal"
+    grad = torch.randn(v.shape, dtype=torch.float64)
+    got = fwd_bwd(lambda *t: neighborhood_attention(*t, kernel_size=7, backend="numba"), [q, k, v], grad)
+    agree(got, fwd_bwd(lambda *t: neighborhood_attention_reference(*t, kernel_size=7)[0], [q, k, v], grad))
+
+
+def test_forward_forms_rule(monkeypatch):
+    """Consecutive keys on the last axis: blocked for a kernel there of at least BLOCKED_MIN_KERNEL (lines
+    of at least QUERIES positions), diagonal for a smaller one on lines of at least DIAGONAL_MIN_LINE; the
+    per-query loops otherwise or with BLOCKED off. Each position's run of keys is its window on that axis."""
+    small, line = engines.BLOCKED_MIN_KERNEL - 2, engines.DIAGONAL_MIN_LINE
+
+    def path(*args):
+        return engines.forward_path(nb.loop_windows(*args))
+
+    assert path((30,), (9,), (1,), (False,)) == "blocked"
+    assert path((5, 30), (3, 9), (2, 1), (False, True)) == "blocked"
+    assert path((30,), (9,), (2,), (False,)) == "per-query"  # dilated last axis
+    assert path((30, 3), (9, 3), (1, 1), (False, False)) == "per-query"  # lines of 3
+    assert path((line,), (small,), (1,), (False,)) == "diagonal"
+    assert path((5, line), (9, small), (1, 1), (False, True)) == "diagonal"
+    assert path((line - 1,), (small,), (1,), (False,)) == "per-query"  # short lines
+    assert path((3 * line,), (small,), (2,), (False,)) == "per-query"  # dilated last axis
+    monkeypatch.setattr(engines, "BLOCKED", False)
+    assert path((30,), (9,), (1,), (False,)) == path((line,), (small,), (1,), (False,)) == "per-query"
     w = nb.loop_windows((12,), (5,), (1,), (True,))
     assert w.runs[:, 0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]  # causal: first real key
     assert w.runs[:, 1].tolist() == list(range(12)) and w.runs[:3, 2].tolist() == [4, 3, 2]
     w = nb.loop_windows((12,), (5,), (1,), (False,))
     assert w.runs[:, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7] and (w.runs[:, 1] == w.runs[:, 0] + 4).all()
     assert w.runs[:, 2].tolist() == [4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 0]
+
+
+def test_fresh_output_advises_its_whole_huge_pages(monkeypatch):
+    """The loops' large outputs: madvise(MADV_HUGEPAGE) on exactly the whole 2 MiB pages inside the tensor;
+    none for a tensor under two huge pages or where there is no madvise (another OS)."""
+    calls = []
+    monkeypatch.setattr(engines, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)) or 0)
+    like = torch.zeros(1, dtype=torch.float32)
+    out = engines.fresh(like, 3, 1000, 1001)
+    assert out.shape == (3, 1000, 1001) and out.dtype == torch.float32
+    (start, length, advice), = calls
+    page, begin, end = engines.HUGE_PAGE, out.data_ptr(), out.data_ptr() + out.numel() * 4
+    assert advice == engines.MADV_HUGEPAGE and start % page == 0 and length % page == 0
+    assert begin <= start < begin + page and end - page < start + length <= end
+    engines.fresh(like, 2 * page // 4 - 1)
+    assert len(calls) == 1  # under two huge pages: no advice
+    monkeypatch.setattr(engines, "_madvise", lambda: None)
+    assert engines.fresh(like.double(), 3, 1000, 1001).dtype == torch.float64 and len(calls) == 1
