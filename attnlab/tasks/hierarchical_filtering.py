@@ -38,22 +38,16 @@ from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
 from ..mechanisms.blocks.pre_norm import PreNormBlock
+from ._checks import check_count
 
 HIERARCHICAL_FILTERING = Paper(
     "P131", "How transformers learn structured data: insights from hierarchical filtering", 2024, "2408.15138"
 )
 
 
-def _int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
-        want = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
-    return int(value)
-
-
 def random_grammar(q: int, sigma: float = 1.0, seed: int = 0) -> np.ndarray:
     """M (q, q, q): each parent owns q of the q² child pairs (a random partition), softmax of N(0, σ²) logits."""
-    q = _int("q", q, 2)
+    q = check_count("q", q, 2)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma: expected a finite float >= 0, got {sigma!r}")
     rng = np.random.default_rng(seed)
@@ -125,9 +119,9 @@ def filtered_tree_data(
     The grammar is `random_grammar(q, sigma, grammar_seed)` unless `grammar` M (q, q, q) is given; the
     trees are deterministic in `seed` (a numpy Generator).
     """
-    n = _int("num_examples", num_examples, 1)
-    depth = _int("depth", depth, 1)
-    k = _int("filtering", filtering, 0, depth)
+    n = check_count("num_examples", num_examples, 1)
+    depth = check_count("depth", depth, 1)
+    k = check_count("filtering", filtering, 0, depth)
     if grammar is None:
         m = random_grammar(q, sigma, grammar_seed)
     else:
@@ -186,7 +180,7 @@ def masked_leaf_posterior(data: TreeData, position: int | Tensor, leaves: Tensor
             raise ValueError(f"position: expected indices in [0, {width - 1}], got some outside")
         where = position
     else:
-        where = torch.full((leaves.shape[0],), _int("position", position, 0, width - 1), dtype=torch.long)
+        where = torch.full((leaves.shape[0],), check_count("position", position, 0, width - 1), dtype=torch.long)
     m = data.grammar
     q = m.shape[0]
     base = _leaf_messages(leaves, q, m.dtype)
@@ -223,10 +217,10 @@ class TreeEncoder(nn.Module):
 
     def __init__(self, q: int, length: int, dim: int = 64, heads: int = 4, layers: int = 4) -> None:
         super().__init__()
-        self.q = _int("q", q, 2)
+        self.q = check_count("q", q, 2)
         self.embed = nn.Embedding(self.q + 1, dim)
-        self.position = nn.Parameter(0.02 * torch.randn(_int("length", length, 1), dim))
-        self.blocks = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(_int("layers", layers, 1)))
+        self.position = nn.Parameter(0.02 * torch.randn(check_count("length", length, 1), dim))
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(check_count("layers", layers, 1)))
         self.norm = nn.LayerNorm(dim)
         self.root_head = nn.Linear(dim, self.q)
         self.leaf_head = nn.Linear(dim, self.q)

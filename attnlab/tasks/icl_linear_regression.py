@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 ICL_LINEAR = Paper(
     "P075",
@@ -74,12 +75,6 @@ class ICLRegressionData:
         return torch.cat([context, query[:, None]], 1)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
 def icl_linear_regression(
     num_examples: int,
     num_context: int,
@@ -94,9 +89,9 @@ def icl_linear_regression(
     Deterministic in `seed` (a numpy Generator); `covariance` Σ (dim, dim) symmetric positive definite,
     default I; `dtype` the floating dtype of the tensors.
     """
-    n = _positive_int("num_examples", num_examples)
-    m = _positive_int("num_context", num_context)
-    d = _positive_int("dim", dim)
+    n = check_count("num_examples", num_examples)
+    m = check_count("num_context", num_context)
+    d = check_count("dim", dim)
     if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not np.isfinite(noise_std) or noise_std < 0:
         raise ValueError(f"noise_std: expected a finite float >= 0, got {noise_std!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -169,8 +164,8 @@ class SoftmaxICLRegressor(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, init_std: float = 0.1, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        d = _positive_int("dim", dim) + 1
-        h = _positive_int("heads", heads)
+        d = check_count("dim", dim) + 1
+        h = check_count("heads", heads)
         self.kq = nn.Parameter(init_std * torch.randn(h, d, d, generator=generator, dtype=torch.float64))
         self.ov = nn.Parameter(init_std * torch.randn(h, d, generator=generator, dtype=torch.float64))
 
@@ -195,7 +190,7 @@ def train_icl_regressor(
     dim = next(model.parameters()).shape[-1] - 1
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    for step in range(_positive_int("steps", steps)):
+    for step in range(check_count("steps", steps)):
         data = icl_linear_regression(batch, num_context, dim, noise_std, seed=seed * 1_000_003 + step)
         loss = (model(data.tokens) - data.y_query).pow(2).mean()
         opt.zero_grad()

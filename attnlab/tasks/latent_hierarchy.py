@@ -36,16 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 JOMA = Paper(
     "P048", "JoMA: Demystifying Multilayer Transformers via JOint Dynamics of MLP and Attention", 2023, "2310.00535"
 )
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _probability(name: str, value: object) -> float:
@@ -79,13 +74,13 @@ def random_hierarchy(
 ) -> LatentHierarchy:
     """Latents of level l + 1 own distinct random `combinations[l]`-subsets of level l (official defaults:
     M = 19 tokens, 20 latents then 10 classes, each owning 3)."""
-    m = _int("num_tokens", num_tokens, 1)
+    m = check_count("num_tokens", num_tokens, 1)
     if len(layer_sizes) != len(combinations) or not layer_sizes:
         raise ValueError(f"combinations: expected one per level of layer_sizes {tuple(layer_sizes)}, got {tuple(combinations)}")
     rng = np.random.default_rng(seed)
     below, children = m, []
     for size, p in zip(layer_sizes, combinations):
-        size, p = _int("layer_sizes", size, 1), _int("combinations", p, 1)
+        size, p = check_count("layer_sizes", size, 1), check_count("combinations", p, 1)
         if p > below or math.comb(below, p) < size:
             raise ValueError(f"layer_sizes: expected at most C({below}, {p}) distinct sets of {p}, got {size}")
         sets: list[tuple[int, ...]] = []
@@ -128,7 +123,7 @@ class HierarchyData:
 
 def sample_sequences(hierarchy: LatentHierarchy, num_examples: int, length: int, keep: float = 1.0, seed: int = 0) -> HierarchyData:
     """`num_examples` sequences of the hierarchy (module doc), deterministic in `seed`."""
-    n, length, keep = _int("num_examples", num_examples, 1), _int("length", length, 1), _probability("keep", keep)
+    n, length, keep = check_count("num_examples", num_examples, 1), check_count("length", length, 1), _probability("keep", keep)
     longest = max(len(hierarchy.reachable_tokens(c)) for c in range(hierarchy.num_classes))
     if length < longest:
         raise ValueError(f"length: expected at least {longest} (the largest token set of a class), got {length}")
@@ -208,12 +203,12 @@ class HierarchyTransformer(nn.Module):
         super().__init__()
         if activation not in ("relu", "gelu", "linear"):
             raise ValueError(f"activation: expected 'relu', 'gelu' or 'linear', got {activation!r}")
-        dim, heads = _int("dim", dim, 1), _int("heads", heads, 1)
+        dim, heads = check_count("dim", dim, 1), check_count("heads", heads, 1)
         if dim % heads:
             raise ValueError(f"heads: expected a divisor of dim = {dim}, got {heads}")
-        self.embed = nn.Embedding(_int("num_tokens", num_tokens, 1) + 1, dim)  # + PAD
-        self.blocks = nn.ModuleList(_Block(dim, heads, activation) for _ in range(_int("layers", layers, 1)))
-        self.classify = nn.Linear(dim, _int("num_classes", num_classes, 1))
+        self.embed = nn.Embedding(check_count("num_tokens", num_tokens, 1) + 1, dim)  # + PAD
+        self.blocks = nn.ModuleList(_Block(dim, heads, activation) for _ in range(check_count("layers", layers, 1)))
+        self.classify = nn.Linear(dim, check_count("num_classes", num_classes, 1))
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
         x, maps = self.embed(tokens), []
@@ -238,7 +233,7 @@ def train_with_entropy(
     """SGD (momentum 0.9, the official recipe) on fresh batches of the hierarchy; every `log_every` steps
     (and at step 0) {"step", "loss", "entropy_0", "entropy_1", …}: the loss and each layer's attention
     entropy on that step's batch, before the update."""
-    steps, log_every = _int("steps", steps, 1), _int("log_every", log_every, 1)
+    steps, log_every = check_count("steps", steps, 1), check_count("log_every", log_every, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     device = model.classify.weight.device
     log = []

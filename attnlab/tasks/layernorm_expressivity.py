@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
 from ..mechanisms.dense.softmax import SoftmaxAttention
+from ._checks import check_count
 
 LAYERNORM_EXPRESSIVITY = Paper("P037", "On the Expressivity Role of LayerNorm in Transformers' Attention", 2023, "2305.02582")
 NORMS = ("layernorm", "scale_only", "none")
@@ -49,12 +50,6 @@ def scale(x: Tensor) -> Tensor:
     """√d · x / ‖x‖ along the last axis (zero vectors stay zero)."""
     norm = x.norm(dim=-1, keepdim=True)
     return torch.where(norm > 0, math.sqrt(x.shape[-1]) * x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def unselectable_keys(keys: Tensor | np.ndarray) -> np.ndarray:
@@ -93,7 +88,7 @@ class KeySets:
 def random_key_sets(num_sets: int, num_keys: int = 16, dim: int = 3, seed: int = 0) -> KeySets:
     """`num_sets` sets of `num_keys` i.i.d. N(0, I_dim) keys, seeded (numpy)."""
     rng = np.random.default_rng(seed)
-    shape = (_int("num_sets", num_sets, 1), _int("num_keys", num_keys, 1), _int("dim", dim, 1))
+    shape = (check_count("num_sets", num_sets, 1), check_count("num_keys", num_keys, 1), check_count("dim", dim, 1))
     return KeySets(torch.from_numpy(rng.standard_normal(shape)))
 
 
@@ -110,10 +105,10 @@ class MajorityData:
 
 def majority_data(num_examples: int, seq_len: int = 50, num_classes: int = 20, min_margin: int = 6, seed: int = 0) -> MajorityData:
     """Sequences whose class counts are uniform over the count vectors with a majority margin >= `min_margin`."""
-    n = _int("num_examples", num_examples, 1)
-    length = _int("seq_len", seq_len, 1)
-    c = _int("num_classes", num_classes, 2)
-    margin = _int("min_margin", min_margin, 1)
+    n = check_count("num_examples", num_examples, 1)
+    length = check_count("seq_len", seq_len, 1)
+    c = check_count("num_classes", num_classes, 2)
+    margin = check_count("min_margin", min_margin, 1)
     if margin > length:
         raise ValueError(f"min_margin: expected <= seq_len={length}, got {margin}")
     rng = np.random.default_rng(seed)
@@ -145,7 +140,7 @@ class MajorityModel(nn.Module):
         if norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
         self.norm = norm
-        self.embed = nn.Embedding(_int("num_classes", num_classes, 2), dim)
+        self.embed = nn.Embedding(check_count("num_classes", num_classes, 2), dim)
         self.attention = SoftmaxAttention(dim, heads, qkv_bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 

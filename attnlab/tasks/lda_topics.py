@@ -34,21 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 TOPIC_STRUCTURE = Paper(
     "P186", "How Do Transformers Learn Topic Structure: Towards a Mechanistic Understanding", 2023, "2303.04245"
 )
 
 
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def block_topics(num_topics: int, num_words: int) -> np.ndarray:
     """β (T, V): topic t uniform on its own block of V/T words (the official topic-word matrix)."""
-    t, v = _int("num_topics", num_topics, 1), _int("num_words", num_words, 1)
+    t, v = check_count("num_topics", num_topics, 1), check_count("num_words", num_words, 1)
     if v % t:
         raise ValueError(f"num_words: expected a multiple of num_topics = {t}, got {v}")
     return np.kron(np.eye(t), np.full((1, v // t), t / v))
@@ -94,7 +89,7 @@ def lda_documents(
     topic_word: np.ndarray | Tensor | None = None,
 ) -> LDAData:
     """`num_documents` LDA documents (module doc); β = `block_topics(T, V)` unless `topic_word` (T, V) is given."""
-    n = _int("num_documents", num_documents, 1)
+    n = check_count("num_documents", num_documents, 1)
     if topic_word is None:
         beta = block_topics(num_topics, num_words)
     else:
@@ -104,8 +99,8 @@ def lda_documents(
     t, v = beta.shape
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha: expected a finite float > 0, got {alpha!r}")
-    low = _int("min_length", min_length, 1)
-    high = _int("max_length", max_length, low)
+    low = check_count("min_length", min_length, 1)
+    high = check_count("max_length", max_length, low)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(low, high + 1, size=n)
     theta = rng.dirichlet(np.full(t, float(alpha)), size=n)
@@ -147,8 +142,8 @@ class TopicMLM(nn.Module):
 
     def __init__(self, num_words: int, dim: int = 32) -> None:
         super().__init__()
-        self.num_words = _int("num_words", num_words, 1)
-        dim = _int("dim", dim, 1)
+        self.num_words = check_count("num_words", num_words, 1)
+        dim = check_count("dim", dim, 1)
         self.embed = nn.Embedding(self.num_words + 2, dim)
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
@@ -170,7 +165,7 @@ def train_topic_mlm(
     model: TopicMLM, data: LDAData, steps: int, lr: float = 0.01, batch_size: int = 32, seed: int = 0
 ) -> list[float]:
     """Adam (the official optimiser, lr 0.01) on the masked-LM loss, fresh masks per step; the losses."""
-    steps, batch_size = _int("steps", steps, 1), _int("batch_size", batch_size, 1)
+    steps, batch_size = check_count("steps", steps, 1), check_count("batch_size", batch_size, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     device = model.decoder.weight.device

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 RANDOM_FEATURE_ATTENTION = Paper(
     "P032", "What can a Single Attention Layer Learn? A Study Through the Random Features Lens", 2023, "2307.11353"
@@ -63,12 +64,6 @@ class KeyQueryData:
         return self.query.shape[0]
 
 
-def _int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def target_values(query: Tensor, keys: Tensor, target: str) -> Tensor:
     """(1/N) Σ_i g(⟨x₀, x_i⟩) for g = TARGETS[target], (examples,)."""
     if target not in TARGETS:
@@ -81,7 +76,7 @@ def rf_attention_regression(
     dtype: torch.dtype = torch.float64,
 ) -> KeyQueryData:
     """Query and keys uniform on S^{d−1}, target (1/N) Σ g(⟨x₀, x_i⟩) (see the module doc); seeded (numpy)."""
-    n, m, d = _int("num_examples", num_examples), _int("num_keys", num_keys), _int("dim", dim, 2)
+    n, m, d = check_count("num_examples", num_examples), check_count("num_keys", num_keys), check_count("dim", dim, 2)
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {sorted(TARGETS)}, got {target!r}")
     rng = np.random.default_rng(seed)
@@ -114,7 +109,7 @@ class RandomFeatureAttention:
                  dtype: torch.dtype = torch.float64) -> None:
         if activation not in ("softmax", "relu"):
             raise ValueError(f"activation: expected 'softmax' or 'relu', got {activation!r}")
-        d, m = _int("dim", dim), _int("heads", heads)
+        d, m = check_count("dim", dim), check_count("heads", heads)
         if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
             raise ValueError(f"mean: expected a finite float, got {mean!r}")
         rng = np.random.default_rng(seed)
@@ -150,7 +145,7 @@ class RandomFeatureMLP:
 
     def __init__(self, dim: int, num_keys: int, num_features: int = 512, seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> None:
-        d, n, k = _int("dim", dim), _int("num_keys", num_keys), _int("num_features", num_features)
+        d, n, k = check_count("dim", dim), check_count("num_keys", num_keys), check_count("num_features", num_features)
         rng = np.random.default_rng(seed)
         self.w = torch.from_numpy(rng.standard_normal(((n + 1) * d, k)) / math.sqrt(n + 1)).to(dtype)
         self.values: Tensor | None = None

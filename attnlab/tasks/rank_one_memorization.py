@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 KAJITSUKA_SATO = Paper(
     "P180",
@@ -52,20 +53,14 @@ class MemorizationData:
         return self.inputs.shape[0]
 
 
-def _positive(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def memorization_data(
     num_sequences: int, seq_len: int = 8, vocab_size: int = 16, num_classes: int = 2, seed: int = 0
 ) -> MemorizationData:
     """N sequences, uniform tokens, distinct as (multiset, last token), with uniform independent labels; seeded."""
-    n = _positive("num_sequences", num_sequences)
-    length = _positive("seq_len", seq_len)
-    v = _positive("vocab_size", vocab_size, 2)
-    c = _positive("num_classes", num_classes, 2)
+    n = check_count("num_sequences", num_sequences)
+    length = check_count("seq_len", seq_len)
+    v = check_count("vocab_size", vocab_size, 2)
+    c = check_count("num_classes", num_classes, 2)
     distinct = math.comb(v + length - 2, length - 1) * v  # multisets of the first n − 1 tokens × the last token
     if n > distinct // 2:
         raise ValueError(
@@ -90,16 +85,16 @@ class RankOneTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 64) -> None:
         super().__init__()
-        d = _positive("dim", dim)
-        h = _positive("hidden", hidden)
-        self.embed = nn.Embedding(_positive("vocab_size", vocab_size, 2), d)
+        d = check_count("dim", dim)
+        h = check_count("hidden", hidden)
+        self.embed = nn.Embedding(check_count("vocab_size", vocab_size, 2), d)
         self.ff1 = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
         self.w_q = nn.Parameter(torch.randn(d) / math.sqrt(d))
         self.w_k = nn.Parameter(torch.randn(d) / math.sqrt(d))
         self.value = nn.Linear(d, d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
         self.ff2 = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
-        self.classifier = nn.Linear(d, _positive("num_classes", num_classes, 2))
+        self.classifier = nn.Linear(d, check_count("num_classes", num_classes, 2))
 
     def score_matrix(self) -> Tensor:
         """W_Q W_Kᵀ = w_q w_kᵀ, (dim, dim), of rank 1."""
@@ -124,7 +119,7 @@ def train_to_memorize(model: nn.Module, data: MemorizationData, max_steps: int =
     (steps taken, final training accuracy)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     acc = 0.0
-    for step in range(1, _positive("max_steps", max_steps) + 1):
+    for step in range(1, check_count("max_steps", max_steps) + 1):
         logits = model(data.inputs)
         loss = nn.functional.cross_entropy(logits, data.labels)
         opt.zero_grad()

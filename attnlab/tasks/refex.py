@@ -31,17 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 GROUND_AND_COMPOSE = Paper(
     "P053", "When Can Transformers Ground and Compose: Insights from Compositional Generalization Benchmarks", 2022,
     "2210.12786",
 )
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class RefExData:
 def held_out_combinations(attribute_sizes: tuple[int, ...], held_out: int, seed: int = 0) -> list[tuple[int, ...]]:
     """`held_out` random attribute tuples such that every value of every kind remains in some other tuple."""
     tuples = list(itertools.product(*(range(s) for s in attribute_sizes)))
-    held_out = _int("held_out", held_out, 1)
+    held_out = check_count("held_out", held_out, 1)
     if held_out >= len(tuples):
         raise ValueError(f"held_out: expected fewer than the {len(tuples)} attribute tuples, got {held_out}")
     rng = np.random.default_rng(seed)
@@ -137,12 +132,12 @@ def refex_split(
     seed: int = 0,
 ) -> tuple[RefExData, RefExData, list[tuple[int, ...]]]:
     """(train, test, held-out tuples) of the RefEx task (module doc), deterministic in `seed`."""
-    n_train, n_test = _int("num_train", num_train, 1), _int("num_test", num_test, 1)
-    grid = _int("grid", grid, 1)
-    sizes = tuple(_int("attribute_sizes", s, 1) for s in attribute_sizes)
+    n_train, n_test = check_count("num_train", num_train, 1), check_count("num_test", num_test, 1)
+    grid = check_count("grid", grid, 1)
+    sizes = tuple(check_count("attribute_sizes", s, 1) for s in attribute_sizes)
     if not sizes:
         raise ValueError("attribute_sizes: expected at least one attribute kind, got none")
-    num_objects = _int("num_objects", num_objects, 1)
+    num_objects = check_count("num_objects", num_objects, 1)
     if num_objects > grid * grid:
         raise ValueError(f"num_objects: expected at most grid² = {grid * grid}, got {num_objects}")
     hidden = held_out_combinations(sizes, held_out, seed)
@@ -160,13 +155,13 @@ class RefExAttention(nn.Module):
 
     def __init__(self, attribute_sizes: tuple[int, ...] = (3, 3), heads: int = 1, layers: int = 1) -> None:
         super().__init__()
-        self.attribute_sizes = tuple(_int("attribute_sizes", s, 1) for s in attribute_sizes)
+        self.attribute_sizes = tuple(check_count("attribute_sizes", s, 1) for s in attribute_sizes)
         dim = sum(self.attribute_sizes)
-        heads = _int("heads", heads, 1)
+        heads = check_count("heads", heads, 1)
         if dim % heads:
             raise ValueError(f"heads: expected a divisor of the model dimension {dim}, got {heads}")
         self.layers = nn.ModuleList(
-            nn.MultiheadAttention(dim, heads, bias=False, batch_first=True) for _ in range(_int("layers", layers, 1))
+            nn.MultiheadAttention(dim, heads, bias=False, batch_first=True) for _ in range(check_count("layers", layers, 1))
         )
 
     def forward(self, data: RefExData) -> Tensor:
@@ -187,7 +182,7 @@ def refex_accuracy(model: RefExAttention, data: RefExData) -> float:
 def train_refex(model: RefExAttention, data: RefExData, steps: int, lr: float = 0.01, batch_size: int = 64,
                 seed: int = 0) -> list[float]:
     """Adam on the cross-entropy over cells, seeded minibatches; the losses."""
-    steps, batch_size = _int("steps", steps, 1), _int("batch_size", batch_size, 1)
+    steps, batch_size = check_count("steps", steps, 1), check_count("batch_size", batch_size, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses = []

@@ -37,17 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
+from ._checks import check_count
 
 SCAN_AND_SNAP = Paper(
     "P020", "Scan and Snap: Understanding Training Dynamics and Token Composition in 1-layer Transformer", 2023,
     "2305.16380",
 )
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _weight(name: str, value: object) -> float:
@@ -100,13 +95,13 @@ def scan_snap_data(
 
     Defaults are the official config (`decoder_only.yaml`: L = 6, so 5 context tokens).
     """
-    n = _int("num_examples", num_examples, 1)
-    length = _int("context_length", context_length, 1)
-    k = _int("num_last", num_last, 1)
-    j = _int("num_next_per_last", num_next_per_last, 1)
-    c = _int("num_common", num_common, 0)
-    cm = _int("num_common_per_last", num_common_per_last, 0)
-    d = _int("num_distinct", num_distinct, 1)
+    n = check_count("num_examples", num_examples, 1)
+    length = check_count("context_length", context_length, 1)
+    k = check_count("num_last", num_last, 1)
+    j = check_count("num_next_per_last", num_next_per_last, 1)
+    c = check_count("num_common", num_common, 0)
+    cm = check_count("num_common_per_last", num_common_per_last, 0)
+    d = check_count("num_distinct", num_distinct, 1)
     w_common = _weight("common_weight", common_weight)
     lo, hi = _weight("distinct_min", distinct_min), _weight("distinct_max", distinct_max)
     if hi < lo:
@@ -148,7 +143,7 @@ class ScanSnapModel(nn.Module):
 
     def __init__(self, vocab_size: int, zero_init: bool = True, init_std: float = 0.1) -> None:
         super().__init__()
-        self.vocab_size = _int("vocab_size", vocab_size, 2)
+        self.vocab_size = check_count("vocab_size", vocab_size, 2)
         scale = 0.0 if zero_init else _weight("init_std", init_std)
         self.attention = nn.Parameter(scale * torch.randn(self.vocab_size, self.vocab_size))  # Z[query, key]
         self.decoder = nn.Parameter(scale * torch.randn(self.vocab_size, self.vocab_size))  # Y[output, input]
@@ -190,9 +185,9 @@ def train_scan_snap(
     """Plain SGD (the paper's analysis; the official config defaults to Adam) on the cross-entropy with separate learning rates η_Y = `lr_decoder`, η_Z = `lr_attention`
     (minibatches drawn from `data` with a seeded torch.Generator). Returns the log: every `log_every`
     steps (and at step 0), {"step", "loss", "common", "common_per_last", "distinct"}."""
-    steps = _int("steps", steps, 1)
-    batch_size = _int("batch_size", batch_size, 1)
-    log_every = _int("log_every", log_every, 1)
+    steps = check_count("steps", steps, 1)
+    batch_size = check_count("batch_size", batch_size, 1)
+    log_every = check_count("log_every", log_every, 1)
     for name, lr in (("lr_decoder", lr_decoder), ("lr_attention", lr_attention)):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr < 0:
             raise ValueError(f"{name}: expected a finite float >= 0, got {lr!r}")
