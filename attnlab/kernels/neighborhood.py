@@ -631,19 +631,18 @@ class LoopAttention(torch.autograd.Function):
         w: Windows = ctx.windows  # type: ignore[attr-defined]
         b, h, n, d = q.shape
         rows, e = b * h, v.shape[-1]
-        stripes = _stripes(rows, n, w.reach)
-        dq, dk, dv = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-        rpb_np = ctx.rpb_np  # type: ignore[attr-defined]
-        drpb = np.zeros((rows * stripes, rpb_np.shape[1]), rpb_np.dtype)
+        from . import _neighborhood_backward_loops as backward_loops
+
+        dq, dk, dv = fresh(q, *q.shape), fresh(k, *k.shape), fresh(v, *v.shape)
         with numba_threads(torch.get_num_threads()):
-            loops().backward(stripes, h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
-                             _numpy(grad, rows), lse.numpy(), *w.pos, *w.rel, ctx.keep_np, rpb_np,  # type: ignore[attr-defined]
-                             ctx.consts, dq.view(rows, n, d).numpy(), dk.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
-                             dv.view(rows, n, e).numpy(), drpb)
+            drpb = backward_loops.backward(h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
+                                           _numpy(grad, rows), lse.numpy(), w.pos, w.rel, ctx.keep_np,  # type: ignore[attr-defined]
+                                           ctx.rpb_np, ctx.consts, dq.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
+                                           dk.view(rows, n, d).numpy(), dv.view(rows, n, e).numpy())
         grad_rpb = None
         if rpb is not None and ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
             # the partials of each head summed in one fixed order (numpy, one thread)
-            grad_rpb = torch.from_numpy(drpb.reshape(b, h, stripes, -1).sum(axis=(0, 2))).view(rpb.shape)
+            grad_rpb = torch.from_numpy(drpb.reshape(b, h, -1, drpb.shape[1]).sum(axis=(0, 2))).view(rpb.shape)
         return dq, dk, dv, grad_rpb, None, None, None
 
 
