@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ...analysis.rollout import PAPER as P008
 from ...analysis.rollout import attention_flow, rollout
-from ...core.registry import build as build_module
 from ..claim import Claim, Measurement, Rule, Series, register_claim
+from ._blocks import PreNormBlock
 
 CLS, MASK, FIRST, SYMBOLS = 0, 1, 2, 8  # token ids: class, mask, then the symbols FIRST … FIRST + SYMBOLS − 1
 A, B = FIRST, FIRST + 1
@@ -35,19 +35,6 @@ def sequences(count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     return torch.cat([torch.full((count, 1), CLS), body], 1), labels
 
 
-class Layer(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = build_module("softmax", dim=dim, heads=heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        normed = self.norm1(h)
-        h = h + self.attn(normed)
-        return h + self.mlp(self.norm2(h)), self.attn.materialize(normed)
-
-
 class Classifier(nn.Module):
     """Embeddings, pre-norm layers, a linear head on the class token; also returns each layer's attention."""
 
@@ -55,7 +42,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(FIRST + SYMBOLS, dim)
         self.position = nn.Parameter(torch.randn(1 + LENGTH, dim) * 0.02)
-        self.layers = nn.ModuleList(Layer(dim, heads) for _ in range(layers))
+        self.layers = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 2)
 
     def forward(self, tokens: Tensor, *, attentions: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -63,12 +50,10 @@ class Classifier(nn.Module):
         maps = []
         for layer in self.layers:
             if attentions:
-                h, a = layer(h)
+                h, a = layer.forward_with_map(h)
                 maps.append(a)
             else:
-                normed = layer.norm1(h)
-                h = h + layer.attn(normed)
-                h = h + layer.mlp(layer.norm2(h))
+                h = layer(h)
         return self.head(self.norm(h[:, 0])), maps
 
 

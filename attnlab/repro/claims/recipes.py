@@ -37,6 +37,7 @@ from ...recipes.lora_ensemble import LORA_ENSEMBLE, LoRAEnsemble, evaluate
 from ...recipes.mimetic import MIMETIC, mimetic_init_, mimeticity
 from ...recipes.subsampled_attention import INFORMATION_PATHWAYS, dense_finetune, subsample_attention
 from ..claim import Claim, Measurement, Rule, Series, register_claim
+from ._blocks import PreNormBlock
 
 T = TypeVar("T")
 
@@ -85,18 +86,6 @@ def digits(seed: int, classes: tuple[int, ...] = tuple(range(10))) -> tuple[Tens
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = build_module("softmax", dim=dim, heads=heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, h: Tensor) -> Tensor:
-        h = h + self.attn(self.norm1(h))
-        return h + self.mlp(self.norm2(h))
-
-
 class ViT(nn.Module):
     """Patch embedding + positions, a class token first ("front") or last ("last"), pre-norm blocks, linear head."""
 
@@ -108,7 +97,7 @@ class ViT(nn.Module):
         self.embed = nn.Linear(4, dim)
         self.position = nn.Parameter(torch.randn(16, dim) * 0.02)
         self.cls = PostSequenceClassToken(dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -488,7 +477,7 @@ class CharLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(128, dim)
         self.position = nn.Parameter(torch.randn(CONTEXT, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(layers))
         for block in self.blocks:
             block.attn = build_module("softmax", dim=dim, heads=heads, causal=True)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 128)
