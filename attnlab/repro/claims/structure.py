@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -175,20 +176,30 @@ register_claim(Claim(
 IDENTITY_LENGTHS = {"smoke": (16,), "full": (64, 256, 1024)}
 
 
+def identity_gap(lengths: Sequence[int], label: str,
+                 pair: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> Measurement:
+    """log10 of the largest max |got − want| / max |want| over `lengths`, (got, want) = `pair(n)`; the
+    relative differences (0 drawn as 1e-300) against n as the curve `label`."""
+    errors = []
+    for n in lengths:
+        got, want = pair(n)
+        errors.append(float((got - want).abs().max() / want.abs().max()))
+    xs = tuple(map(float, lengths))
+    return Measurement(log10_floor(max(errors)), (Series(label, xs, tuple(max(e, 1e-300) for e in errors)),))
+
+
 def scaling_identity(seed: int, size: str) -> Measurement:
     """max |efficient(scaling) − (QKᵀ/N)V| / max |(QKᵀ/N)V|, in float64, over the lengths."""
-    errors = []
-    for n in IDENTITY_LENGTHS[size]:
+
+    def pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
         module = build_module("efficient", dim=32, heads=2, normalization="scaling").double()
         with torch.no_grad():
             q, k, v = module.project(tokens(n, 32, seed).double())
-            got = module.attend(q, k, v)
-            want = (q @ k.transpose(-1, -2) / n) @ v  # the dot-product form with scaling normalisation
-        errors.append(float((got - want).abs().max() / want.abs().max()))
-    xs = tuple(map(float, IDENTITY_LENGTHS[size]))
-    return Measurement(log10_floor(max(errors)), (Series("efficient (scaling)", xs, tuple(max(e, 1e-300)
-                                                                                          for e in errors)),))
+            # the dot-product form with scaling normalisation
+            return module.attend(q, k, v), (q @ k.transpose(-1, -2) / n) @ v
+
+    return identity_gap(IDENTITY_LENGTHS[size], "efficient (scaling)", pair)
 
 
 register_claim(Claim(
@@ -205,19 +216,16 @@ ODD_LENGTHS = {"smoke": (15,), "full": (63, 255, 1023)}
 
 def neighborhood_identity(seed: int, size: str) -> Measurement:
     """max |neighborhood(k = N) − softmax| / max |softmax| in float64: a window as long as the sequence."""
-    errors = []
-    for n in ODD_LENGTHS[size]:
+
+    def pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
         nbh = build_module("neighborhood", dim=32, heads=2, kernel_size=n).double()
         dense = build_module("softmax", dim=32, heads=2).double()
         with torch.no_grad():
             q, k, v = nbh.project(tokens(n, 32, seed).double())
-            got = nbh.attend(q, k, v)
-            want = dense.attend(q, k, v)
-        errors.append(float((got - want).abs().max() / want.abs().max()))
-    xs = tuple(map(float, ODD_LENGTHS[size]))
-    return Measurement(log10_floor(max(errors)), (Series("neighborhood, k = N", xs, tuple(max(e, 1e-300)
-                                                                                         for e in errors)),))
+            return nbh.attend(q, k, v), dense.attend(q, k, v)
+
+    return identity_gap(ODD_LENGTHS[size], "neighborhood, k = N", pair)
 
 
 register_claim(Claim(
