@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import torch
@@ -102,7 +103,26 @@ def _augment(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
 
 
-class RandomFeatureAttention:
+class RidgeReadout:
+    """A fixed random feature map Φ(query, keys) (`features`, in the subclass) and a linear readout, the values,
+    fitted by ridge regression: f = ⟨V, Φ⟩."""
+
+    values: Tensor | None
+
+    def features(self, query: Tensor, keys: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fit(self, data: KeyQueryData, lam: float = 1e-3) -> Self:
+        self.values = ridge(self.features(data.query, data.keys), data.y, lam)
+        return self
+
+    def predict(self, query: Tensor, keys: Tensor) -> Tensor:
+        if self.values is None:
+            raise ValueError("values: expected a fitted model (call fit first), got None")
+        return self.features(query, keys) @ self.values
+
+
+class RandomFeatureAttention(RidgeReadout):
     """M frozen heads W_m = μI + G_m and ridge-fitted values v_m (see the module doc)."""
 
     def __init__(self, dim: int, heads: int = 64, mean: float = 0.0, activation: str = "relu", seed: int = 0,
@@ -130,17 +150,8 @@ class RandomFeatureAttention:
         phi = torch.einsum("nmi,nid->nmd", self.weights(query, keys), _augment(keys)) / self.w.shape[0]
         return phi.reshape(phi.shape[0], -1)
 
-    def fit(self, data: KeyQueryData, lam: float = 1e-3) -> RandomFeatureAttention:
-        self.values = ridge(self.features(data.query, data.keys), data.y, lam)
-        return self
 
-    def predict(self, query: Tensor, keys: Tensor) -> Tensor:
-        if self.values is None:
-            raise ValueError("values: expected a fitted model (call fit first), got None")
-        return self.features(query, keys) @ self.values
-
-
-class RandomFeatureMLP:
+class RandomFeatureMLP(RidgeReadout):
     """The two-layer random-feature baseline: relu(w_kᵀ X) / √K on X = (x₀, …, x_N) flattened, ridge readout."""
 
     def __init__(self, dim: int, num_keys: int, num_features: int = 512, seed: int = 0,
@@ -153,15 +164,6 @@ class RandomFeatureMLP:
     def features(self, query: Tensor, keys: Tensor) -> Tensor:
         flat = torch.cat([query[:, None], keys], 1).reshape(query.shape[0], -1)
         return (flat @ self.w).relu() / math.sqrt(self.w.shape[1])
-
-    def fit(self, data: KeyQueryData, lam: float = 1e-3) -> RandomFeatureMLP:
-        self.values = ridge(self.features(data.query, data.keys), data.y, lam)
-        return self
-
-    def predict(self, query: Tensor, keys: Tensor) -> Tensor:
-        if self.values is None:
-            raise ValueError("values: expected a fitted model (call fit first), got None")
-        return self.features(query, keys) @ self.values
 
 
 add(
