@@ -29,6 +29,7 @@ query rows) first falls and then rises when σ is nonlinear, and only falls when
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
 from ._checks import check_count
+from ._training import train_logged
 
 JOMA = Paper(
     "P048", "JoMA: Demystifying Multilayer Transformers via JOint Dynamics of MLP and Attention", 2023, "2310.00535"
@@ -236,21 +238,14 @@ def train_with_entropy(
     steps, log_every = check_count("steps", steps, 1), check_count("log_every", log_every, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     device = model.classify.weight.device
-    log = []
-    for step in range(steps + 1):
+
+    def step_loss(step: int) -> tuple[Tensor, Callable[[], dict[str, float]]]:
         batch = sample_sequences(hierarchy, batch_size, length, keep, seed=seed * 1_000_003 + step)
         logits, maps = model(batch.tokens.to(device))
         loss = nn.functional.cross_entropy(logits, batch.labels.to(device))
-        if step % log_every == 0 or step == steps:
-            entry = {"step": float(step), "loss": float(loss.detach())}
-            entry.update({f"entropy_{i}": float(attention_entropy(w.detach())) for i, w in enumerate(maps)})
-            log.append(entry)
-        if step == steps:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return log
+        return loss, lambda: {f"entropy_{i}": float(attention_entropy(w.detach())) for i, w in enumerate(maps)}
+
+    return train_logged(optimizer, steps, log_every, step_loss)
 
 
 add(

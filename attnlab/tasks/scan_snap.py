@@ -30,6 +30,7 @@ attention weight per token type over training.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
 from ._checks import check_count
+from ._training import train_logged
 
 SCAN_AND_SNAP = Paper(
     "P020", "Scan and Snap: Understanding Training Dynamics and Token Composition in 1-layer Transformer", 2023,
@@ -195,19 +197,14 @@ def train_scan_snap(
                                  {"params": [model.attention], "lr": lr_attention}])
     generator = torch.Generator().manual_seed(seed)
     device = model.attention.device
-    log = []
-    for step in range(steps + 1):
+
+    def step_loss(step: int) -> tuple[Tensor, Callable[[], dict[str, float]]]:
         rows = torch.randint(0, len(data), (batch_size,), generator=generator)
         logits = model(data.context[rows].to(device), data.last[rows].to(device))
         loss = nn.functional.cross_entropy(logits, data.next_token[rows].to(device))
-        if step % log_every == 0 or step == steps:
-            log.append({"step": float(step), "loss": float(loss.detach()), **attention_by_type(model, data)})
-        if step == steps:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return log
+        return loss, lambda: attention_by_type(model, data)
+
+    return train_logged(optimizer, steps, log_every, step_loss)
 
 
 add(
