@@ -6,29 +6,15 @@ import copy
 
 import pytest
 import torch
+from tiny_classifier import Tiny  # tests/recipes/tiny_classifier.py
 from torch import nn
 
-import attnlab
 from attnlab.recipes.lora_ensemble import (
     LoRAEnsemble,
     ensemble_probabilities,
     evaluate,
     expected_calibration_error,
 )
-
-
-class Tiny(nn.Module):
-    """Two pre-norm blocks (softmax mixers) and a classifier head on the mean token."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([attnlab.build("pre-norm-block", dim=dim, heads=heads) for _ in range(2)])
-        self.head = nn.Linear(dim, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(1))
 
 
 def _data(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
