@@ -7,23 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from claim_lookup import claim, verdict_of  # tests/repro/claim_lookup.py
 
-from attnlab.repro.claim import all_claims, t_interval
 from attnlab.repro.claims import learning_dynamics as ld
 from attnlab.tasks.lda_topics import attention_topic_similarity, block_topics, embedding_topic_similarity, word_topics
 from attnlab.tasks.scan_snap import scan_snap_data
 
 IDS = ("P020-scan-to-distinct", "P048-entropy-u-shape", "P053-held-out-combinations", "P131-root-near-bp",
        "P186-embedding-topics", "P186-attention-topics")
-
-
-def claim(claim_id: str):  # noqa: ANN201
-    return next(c for c in all_claims() if c.id == claim_id)
-
-
-def verdict_of(claim_id: str, values: list[float]) -> str:
-    _, low, high = t_interval(values)
-    return claim(claim_id).rule.verdict(low, high)
 
 
 def test_every_claim_is_registered_with_a_training_budget_that_fits() -> None:

@@ -6,21 +6,12 @@ import math
 
 import pytest
 import torch
+from claim_lookup import claim, verdict_of  # tests/repro/claim_lookup.py
 
 from attnlab.analysis.char_lm import PRESETS, CharLM
-from attnlab.repro.claim import all_claims, t_interval
 from attnlab.repro.claims import sinks as S
 
 IDS = ("P068-early-sinks", "P248-late-sinks")
-
-
-def claim(claim_id: str):  # noqa: ANN201
-    return next(c for c in all_claims() if c.id == claim_id)
-
-
-def verdict_of(claim_id: str, values: list[float]) -> str:
-    _, low, high = t_interval(values)
-    return claim(claim_id).rule.verdict(low, high)
 
 
 def uniform_causal(batch: int, heads: int, n: int) -> torch.Tensor:

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from claim_lookup import claim  # tests/repro/claim_lookup.py
 from torch import nn
 
 import attnlab.repro.claims.synthetic_tasks as st
-from attnlab.repro.claim import Claim, all_claims, t_interval
+from attnlab.repro.claim import t_interval
 from attnlab.tasks.icl_linear_regression import gd_predict, icl_linear_regression, optimal_gd_step
 from attnlab.tasks.layernorm_expressivity import KeySets
 from attnlab.tasks.random_feature_attention import rf_attention_regression, ridge, target_values
@@ -17,10 +18,6 @@ from attnlab.tasks.random_feature_attention import rf_attention_regression, ridg
 IDS = ("P075-multihead-beats-single", "P075-reaches-debiased-gd", "P154-rank-one-identity", "P154-online-gd",
        "P180-memorization", "P032-attention-beats-mlp", "P032-nonzero-mean", "P037-scaling-all-selectable",
        "P037-projection-majority")
-
-
-def claim(claim_id: str) -> Claim:
-    return next(c for c in all_claims() if c.id == claim_id)
 
 
 def verdict(claim_id: str, values: list[float]) -> str:
