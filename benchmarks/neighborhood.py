@@ -55,7 +55,12 @@ and the diagonal forward for last-axis kernels below 9 on lines of >= 64 (DIAGON
 alone through neighborhood_attention(backend="numba") under no_grad, one thread, pinned (taskset -c 1),
 processes of the commit before and after alternating, 3 pairs of 5 calls each, a shared machine (load
 2.9–3.9), median ms CPU time (before → after): 1d-7 182 → 116, 1d-65 304 → 213, 2d-13 40 → 34, 2d-7
-19 → 17 (wall time on the quietest pair: 1d-7 205 → 119, 1d-65 247 → 235).
+19 → 17 (wall time on the quietest pair: 1d-7 205 → 119, 1d-65 247 → 235). `attnlab bench limits --rows
+neighborhood-1d-7,neighborhood-1d-65,neighborhood-2d-13,neighborhood-2d-7 --rounds 5`, before / after runs
+alternating (before, after, after, before, after; load 1.95–2.4), ms: 1d-7 166, 164 / 101, 103, 107;
+1d-65 241, 240 / 179, 184, 182; 2d-13 33, 34 / 33, 32, 36; 2d-7 18, 19 / 17, 21, 17. Two threads vary
+with the other core's load (after: 1d-7 1.89, 1.01, 2.06×; 1d-65 0.97, 1.73, 1.98×; 2d-13 0.81, 1.85,
+1.85×; 2d-7 0.77, 0.88, 1.71×; the last run, load 1.95, meets 1.7× on all four).
 """
 from __future__ import annotations
 
