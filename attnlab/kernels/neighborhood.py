@@ -449,13 +449,12 @@ class Windows:
     """Each query's keys as the loops take them: three axes (leading axes of length 1, kernel 1, for
     grids of lower rank), per axis (L_a, k_a) int64 tables `pos` (the key's position on the axis,
     −1 where the window slot holds no real key) and `rel` (c' − c + k − 1, the bias index);
-    `reach`: the largest raster distance between a query and one of its keys; `runs` (L_3, 3), where
+    `runs` (L_3, 3), where
     each position's keys on the last axis are consecutive (no dilation there): its first key, last key
     and the bias index of the first (the register-blocked forward's table), else None."""
 
     pos: tuple[np.ndarray, np.ndarray, np.ndarray]
     rel: tuple[np.ndarray, np.ndarray, np.ndarray]
-    reach: int
     runs: np.ndarray | None
 
 
@@ -464,11 +463,6 @@ def windows(axes: list[tuple[Tensor, Tensor, Tensor]]) -> Windows:
     windows' definition (attnlab.mechanisms.local.neighborhood.axis_windows)."""
     one = (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long))
     full = [one] * (3 - len(axes)) + list(axes)
-    lengths = [pos.shape[0] for pos, _, _ in full]
-    reach = 0
-    for a, (pos, real, _) in enumerate(full):
-        offset = (pos - torch.arange(lengths[a])[:, None]).abs()
-        reach += int(offset[real].max()) * math.prod(lengths[a + 1 :])
     pos, real, rel = full[2]
     first = real.to(torch.int8).argmax(dim=1, keepdim=True)  # real slots come last (causal) or all are
     lo, hi = pos.gather(1, first), pos[:, -1:]
@@ -477,17 +471,8 @@ def windows(axes: list[tuple[Tensor, Tensor, Tensor]]) -> Windows:
     return Windows(
         pos=tuple(np.ascontiguousarray(torch.where(real, pos, -1).numpy(), dtype=np.int64) for pos, real, _ in full),
         rel=tuple(np.ascontiguousarray(rel.numpy(), dtype=np.int64) for _, _, rel in full),
-        reach=reach,
         runs=runs,
     )  # type: ignore[arg-type]
-
-
-def _stripes(rows: int, n: int, reach: int) -> int:
-    """Stripes per (batch·head) row for the backward: at least 2·reach queries each (so that every other
-    stripe can run at once), about 2·UNITS / rows of them (a constant, so the result does not depend
-    on the thread count)."""
-    want = 2 * -(-UNITS // rows)
-    return max(1, min(want, n // max(2 * reach, 1)))
 
 
 def _numpy(t: Tensor, rows: int) -> np.ndarray:
