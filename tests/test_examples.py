@@ -32,7 +32,7 @@ import attnlab
 from attnlab.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("mechanisms", "bench", "analysis", "explain", "architecture")
+PAGES = ("mechanisms", "bench", "analysis", "explain", "repro", "architecture")
 DOCS = [ROOT / "README.md", *(ROOT / "docs" / f"{page}.md" for page in PAGES)]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 TIMEOUT = 600
@@ -75,6 +75,7 @@ NOT_RUN: dict[str, str] = {
         "two worker processes time rows at N = 4,096 (half a minute); tests/bench/test_limits.py runs a real limits run",
     "attnlab bench limits": "every row of issue 14's table (about 5 minutes on a quiet machine)",
     "attnlab repro --all --budget-minutes 120": "every claim (tens of minutes); tests/repro/ runs each claim's smoke size",
+    "attnlab repro --all --smoke": "tests/repro/test_repro_cli.py runs exactly this (every claim at its smoke size)",
     "attnlab bench limits --rows neighborhood-2d-7,efficient-4k --rounds 7 --json limits.json":
         "as the README's limits command, with more rounds",
 }
@@ -91,6 +92,7 @@ KEY_OUTPUT: list[tuple[str, str]] = [
     ("attnlab papers", "P223"),  # the output keeps its last 6000 characters
     ("attnlab repro list", "rule: reproduced if the 95% interval"),  # in every entry (the output is cut)
     ("attnlab repro P010", "Verdict: reproduced."),
+    ("attnlab repro P228", "Verdict: reproduced."),
     ("attnlab --version", attnlab.__version__),
 ]
 
