@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..core.errors import ShapeError
 from ..core.registry import Paper, Param, Spec, add
 from ..mechanisms.dense.softmax import SoftmaxAttention
+from ._checks import check_count
 
 IMPLICIT_DYNAMICS = Paper("P154", "Learning without training: The implicit dynamics of in-context learning", 2025, "2507.16003")
 
@@ -108,9 +109,10 @@ def implicit_update_problem(
     dtype: torch.dtype = torch.float64,
 ) -> ImplicitUpdateProblem:
     """A random block (attnlab softmax attention + GELU MLP) and Gaussian context and query tokens, seeded."""
-    for name, value in (("batch", batch), ("context_length", context_length), ("dim", dim), ("hidden", hidden), ("heads", heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "context_length" else 1):
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    for name, value in (("batch", batch), ("dim", dim), ("hidden", hidden), ("heads", heads)):
+        check_count(name, value)
+    check_count("context_length", context_length, low=0)
+    check_count("seed", seed, low=0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     generator = torch.Generator().manual_seed(seed)

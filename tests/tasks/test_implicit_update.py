@@ -105,3 +105,7 @@ def test_bad_inputs_raise() -> None:
         rank_one_update(p.block.first.weight, torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="dim"):
         implicit_update_problem(dim=0)
+    with pytest.raises(ValueError, match="seed: expected an int >= 0, got 'x'"):
+        implicit_update_problem(seed="x")
+    with pytest.raises(ValueError, match="context_length: expected an int >= 0, got -1"):
+        implicit_update_problem(context_length=-1)
