@@ -17,7 +17,8 @@ call reads (q, k, v; fwd+bwd also the output and its gradient twice: 8) at the s
 ones it returns (the output; fwd+bwd also dq, dk, dv: 4) at the first-touch rate — a call returns freshly
 allocated tensors, and writing memory the process has not touched yet costs the page faults too (on a
 virtual machine that can be several times a streaming write; the figure "fresh" measures it as
-`torch.empty(n).fill_(1)` over 128 MiB). And every row's attnlab case is
+`torch.empty(n).fill_(1)` over 128 MiB; "fresh_huge" the same advised into transparent huge pages, as the
+neighborhood loops allocate their outputs). And every row's attnlab case is
 timed on two threads too: "2 threads" is the one-thread time over the two-thread time, with the bar
 `TWO_THREADS` for the engines that parallelise (neighborhood, block-sparse, the linear scan).
 
@@ -56,7 +57,7 @@ TWO_THREADS = 1.7  # the two-thread speed-up the parallel engines must reach
 MIN_ROUNDS = 5
 MATMUL_N = 2048
 STREAM_FLOATS = 1 << 25  # 128 MiB per float32 tensor: far beyond the caches
-MACHINE_FIGURES = ("matmul", "stream", "fresh")
+MACHINE_FIGURES = ("matmul", "stream", "fresh", "fresh_huge")
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -147,7 +148,12 @@ def _machine_call(name: str, size: int) -> tuple[Any, float]:
         return (lambda: torch.add(a, b, out=out)), 3.0 * 4 * size
     if name == "fresh":
         return (lambda: torch.empty(size).fill_(1.0)), 4.0 * size
-    raise ValueError(f"machine figure: expected 'matmul', 'stream' or 'fresh', got {name!r}")
+    if name == "fresh_huge":  # the same in transparent huge pages, as the neighborhood loops allocate outputs
+        from ..kernels.neighborhood import fresh
+
+        like = torch.empty(0)
+        return (lambda: fresh(like, size).fill_(1.0)), 4.0 * size
+    raise ValueError(f"machine figure: expected 'matmul', 'stream', 'fresh' or 'fresh_huge', got {name!r}")
 
 
 class _Calls:
@@ -273,7 +279,8 @@ def machine_figures(one: Worker, two: Worker | None, rounds: int, sizes: Mapping
     """GFLOP/s of the matmul, GB/s of the streaming add and of the first touch, on one thread and on two,
     interleaved; `sizes`: the matmul's side and the floats per tensor of the others (default MATMUL_N,
     STREAM_FLOATS)."""
-    sizes = {"matmul": MATMUL_N, "stream": STREAM_FLOATS, "fresh": STREAM_FLOATS, **(sizes or {})}
+    sizes = {"matmul": MATMUL_N, "stream": STREAM_FLOATS, "fresh": STREAM_FLOATS, "fresh_huge": STREAM_FLOATS,
+             **(sizes or {})}
     workers = {"1": one, "2": two}
     work: dict[str, float] = {}
     for w in (one, two):
@@ -293,7 +300,7 @@ def machine_figures(one: Worker, two: Worker | None, rounds: int, sizes: Mapping
     for key, values in times.items():
         median = _median(values)
         out[f"{key}_{'gflops' if key.startswith('matmul') else 'gbs'}"] = (
-            work[key.split("_")[0]] / median / 1e9 if median else None)
+            work[key.rsplit("_", 1)[0]] / median / 1e9 if median else None)
     return out
 
 
@@ -439,7 +446,8 @@ def run_limits(rows: Sequence[Row], rounds: int = MIN_ROUNDS, *, machine_sizes: 
         machine = machine_figures(one, two, rounds, machine_sizes)
         say("limits: matmul " + ", ".join(f"{machine[f'matmul_{t}_gflops'] or 0:.0f} GFLOP/s ({t} thr)" for t in "12")
             + "; stream " + ", ".join(f"{machine[f'stream_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12")
-            + "; first touch " + ", ".join(f"{machine[f'fresh_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12"))
+            + "; first touch " + ", ".join(f"{machine[f'fresh_{t}_gbs'] or 0:.1f} GB/s ({t} thr)" for t in "12")
+            + f" ({machine['fresh_huge_1_gbs'] or 0:.1f} GB/s in huge pages, 1 thr)")
         for i, row in enumerate(rows, 1):
             start = time.perf_counter()
             results.append(measure_row(row, one, two, rounds, machine))
@@ -481,7 +489,8 @@ def table_text(env: Mapping[str, Any], results: Sequence[RowResult]) -> str:
     head = (f"machine: matmul {_num(env.get('matmul_1_gflops'), '.0f')} GFLOP/s on 1 thread, "
             f"{_num(env.get('matmul_2_gflops'), '.0f')} on 2; stream {_num(env.get('stream_1_gbs'), '.1f')} GB/s on 1 "
             f"thread, {_num(env.get('stream_2_gbs'), '.1f')} on 2; first touch of fresh memory "
-            f"{_num(env.get('fresh_1_gbs'), '.1f')} GB/s on 1 thread, {_num(env.get('fresh_2_gbs'), '.1f')} on 2; medians of {env.get('rounds')} interleaved rounds; "
+            f"{_num(env.get('fresh_1_gbs'), '.1f')} GB/s on 1 thread, {_num(env.get('fresh_2_gbs'), '.1f')} on 2 "
+            f"({_num(env.get('fresh_huge_1_gbs'), '.1f')} in transparent huge pages); medians of {env.get('rounds')} interleaved rounds; "
             f"load {env.get('load_1m')}")
     columns = ("row", "attnlab ms", "other ms", "value", "bar", "met", "of limit", "2 threads", "≥ 1.7×")
     cells = []

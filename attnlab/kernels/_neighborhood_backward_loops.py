@@ -22,10 +22,11 @@ positions of it) with no shared writes:
 
 So no key row is written by two threads (the loops of _neighborhood_loops scatter into dk, dv from each
 query, in stripes run in two phases), each sum is taken in one fixed order whatever the thread count, and
-the dot products are computed once. Measured (one thread, 8 heads of 64, float32, fwd+bwd / fwd − 1,
-medians of interleaved rounds against the striped backward in one process, same forward, a shared
-machine at load 3–12): 2-D 64×64 7×7 2.7–3.1 → 2.0–2.25; N = 65,536 k = 7 3.7–4.2 → 2.1 with dq, dk, dv
-in transparent huge pages, 3.8 without, as the striped one (their page faults, 3 × 128 MiB, were ~45% of it).
+the dot products are computed once. Measured by `attnlab bench limits --rows
+neighborhood-1d-7-bwd,neighborhood-2d-7-bwd` (fwd+bwd / fwd − 1, one thread pinned, 8 heads of 64,
+float32, medians of 5 interleaved rounds, load 1.3): 2-D 64×64 7×7 1.84, N = 65,536 k = 7 2.51, with
+dq, dk, dv in transparent huge pages (their page faults, 3 × 128 MiB in 4 KiB pages, take ~45% of the
+1-D backward without them).
 """
 from __future__ import annotations
 

@@ -61,11 +61,10 @@ UNITS = 8
 # positions; the per-query loops otherwise. The blocked form rounds a block's union of keys up to whole
 # registers (16 float32 keys for QUERIES + k − 1), so short rows waste FMAs; the diagonal form computes
 # each query's own offsets only, but a block at a line's end spans more offsets (its queries' windows are
-# clamped), so short lines (mostly ends) go to the per-query loops. Measured one thread, 8 heads of 64,
-# float32, forward (per-query loops → blocked, ms): 2-D 64×64 9×9 28 → 24, 11×11 45 → 34, 13×13 78 → 58;
-# N = 65,536 k = 13 196 → 178, 33 266 → 204, 65 446 → 257. Diagonal / blocked / per-query, CPU time of the
-# loops alone, same process, interleaved, 9 rounds, a shared machine (load 6–7): N = 65,536 k = 7
-# 112 / 118 / 135, 2-D 64×64 7×7 21 / 25 / 26, 13×13 56 / 41 / 82; 5×5 15 / 19 / 15; 16³ 5³ 86 / 67 / 72.
+# clamped), so short lines (mostly ends) go to the per-query loops. The thresholds were chosen by A/B
+# timings of the three forms during development; what they give is measured by `attnlab bench limits
+# --rows neighborhood-1d-7,neighborhood-1d-65,neighborhood-2d-7,neighborhood-2d-13` (one thread pinned,
+# 8 heads of 64, float32, 5 interleaved rounds, load 1.3: 106, 219, 18.5 and 33.9 ms).
 # BLOCKED = False: the per-query loops everywhere (for tests and measurements).
 BLOCKED = True
 BLOCKED_MIN_KERNEL = 9
@@ -480,11 +479,10 @@ def _numpy(t: Tensor, rows: int) -> np.ndarray:
     return t.detach().contiguous().view(rows, t.shape[2], t.shape[3]).numpy()
 
 
-# A large output of the loops is advised into transparent huge pages before its first write: a fresh
-# 128 MiB tensor costs ~50 ms of page faults in 4 KiB pages (32,768 faults, each zeroing a page), 15–20 ms in
-# 2 MiB pages (torch.empty + fill_, one thread, CPU time, this 2-core AMD EPYC VM; the 1-D N = 65,536
-# output is 128 MiB; the whole forward there, CPU time, same process, A/B: 226 → 156 ms k = 7, 313 → 241
-# ms k = 65 with a shared machine's load of 7). madvise(MADV_HUGEPAGE) is a hint on that one mapping (no
+# A large output of the loops is advised into transparent huge pages before its first write: writing a
+# fresh 128 MiB tensor (the 1-D N = 65,536 output) costs its page faults, one per 4 KiB page, zeroing each;
+# `attnlab bench limits` measures both as machine figures ("fresh", "fresh_huge": torch.empty + fill_, in
+# the same run as its rows). madvise(MADV_HUGEPAGE) is a hint on that one mapping (no
 # allocator or process setting); where the kernel does not take it (another OS, THP "never") the tensor
 # stays in small pages.
 HUGE_PAGE = 2 << 20

@@ -100,8 +100,8 @@ def test_a_real_run_in_worker_processes(tmp_path):
               L.Case("efficient", 128, "fwd+bwd", impl="linear-attention-transformer")),
         L.Row("broken", "no such kernel", L.Case("neighborhood", 4, params={"kernel_size": 7}), "ms", 1.0),
     ]
-    env, results = L.run_limits(rows, 5, machine_sizes={"matmul": 128, "stream": 1 << 16, "fresh": 1 << 16})
-    assert env["matmul_1_gflops"] > 0 and env["stream_2_gbs"] > 0 and env["fresh_1_gbs"] > 0 and env["rounds"] == 5
+    env, results = L.run_limits(rows, 5, machine_sizes={"matmul": 128, "stream": 1 << 16, "fresh": 1 << 16, "fresh_huge": 1 << 20})
+    assert env["matmul_1_gflops"] > 0 and env["stream_2_gbs"] > 0 and env["fresh_1_gbs"] > 0 and env["fresh_huge_1_gbs"] > 0 and env["rounds"] == 5
     tiny, peer, broken = results
     assert tiny.passed is True and tiny.ms > 0 and tiny.speedup > 0 and tiny.two_threads_passed is not None
     assert len(tiny.load) == 5
