@@ -50,7 +50,11 @@ previous-token / duplicate-token / induction scores), sink-scores (P068 scores, 
 qk-embedding (P093 joint query–key embedding per head, PCA over all texts; points only for real
 tokens, `position` = index among the real tokens of its text). rollout, attention-flow and the two
 relevances also give `matrix` (batch, n, n): row i explains output token i (the page recolours the
-tokens for any row); a relevance's matrix is R − I, as its scores.
+tokens for any row); a relevance's matrix is R − I, as its scores. layer-similarity (P025): per text the linear
+CKA between every pair of layers (`cka`, (batch, layers, layers)) of the hidden states each attention layer reads
+(one more forward pass, pre-hooks on the captured modules), or of the attention representations when the
+modules' inputs are not at hand (`source` says which). head-classes (P137): each head's NMI and class (local /
+hybrid / global) per text, the layers' mean NMI and `hybrid_layer`, the layer NMI-HAD would distil.
 
 Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
 
@@ -90,10 +94,12 @@ from torch import Tensor, nn
 from ..core.errors import ParameterError
 from ..core.registry import Spec, get
 from .capture import Attentions, capture
+from .head_classes import HYBRID_TARGET, head_classes
 from .heads import HEAD_STATISTICS, head_statistics
 from .qk_embedding import qk_embedding
 from .relevance import generic_relevance, lrp_relevance
 from .rollout import attention_flow, rollout
+from .similarity import layer_similarity
 from .sinks import sink_scores, sink_tokens
 
 MINILM = "minilm"
@@ -299,6 +305,67 @@ def _qk_embedding(ctx: Context) -> dict[str, Any]:
             row.append({"x": x, "y": y, "kind": e.kind, "sequence": e.sequence, "position": e.position, "scale": e.scale})
         heads.append(row)
     return {"method": "pca", "heads": heads}
+
+
+def _attention_inputs(ctx: Context) -> list[Tensor] | None:
+    """The hidden states (batch, n, dim) each captured attention layer reads (its first input), in the capture's
+    order, from one more forward pass; None when a layer's module is not found (maps taken from the model's outputs)
+    or its input is not (batch, n, dim) over the tokens."""
+    try:
+        modules = [ctx.model.get_submodule(name) for name in ctx.att.names]
+    except AttributeError:
+        return None
+    seen: dict[int, list[Any]] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.setdefault(id(module), []).append(args[0] if args else kwargs.get("hidden_states", kwargs.get("x")))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in dict.fromkeys(modules)]
+    try:
+        with torch.no_grad():
+            ctx.model(**ctx.inputs) if isinstance(ctx.inputs, Mapping) else ctx.model(ctx.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for module in modules:
+        calls = seen.get(id(module), [])
+        x = calls.pop(0) if calls else None
+        if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(ctx.mask.shape):
+            return None
+        out.append(x)
+    return out
+
+
+@method("layer-similarity", "linear CKA between every pair of layers, per text: of the hidden states each attention "
+        "layer reads, or of the attention representations when those are not at hand (P025)",
+        lambda s: s.forward + (s.layers * s.batch * s.n**2 * 64 * s.heads + s.layers**2 * s.batch * s.n**2)
+        / RATES["matmul"] + s.maps / RATES["maps"])
+def _layer_similarity(ctx: Context) -> dict[str, Any]:
+    inputs = _attention_inputs(ctx)
+    matrices = []
+    for b, keep in enumerate(ctx.mask):
+        if inputs is not None:
+            matrices.append(layer_similarity([x[b][keep.to(x.device)] for x in inputs], "cka"))
+        else:
+            matrices.append(layer_similarity([a[b : b + 1] for a in ctx.att.layers], "cka", attention_mask=keep[None]))
+    source = ("hidden states: the input of each attention layer" if inputs is not None else
+              "attention representations: each visible (query, key) pair a sample, each head a neuron")
+    return {"measure": "linear CKA", "source": source, "cka": torch.stack(matrices)}  # (batch, layers, layers)
+
+
+@method("head-classes", "local / hybrid / global pattern of each head from its query-key NMI (P137 UNIP)",
+        lambda s: s.maps / RATES["maps"])
+def _head_classes(ctx: Context) -> dict[str, Any]:
+    hc = head_classes(ctx.att)
+    layer_nmi = hc.nmi.mean(-1)  # (layers, batch)
+    return {
+        "nmi": hc.nmi,  # (layers, batch, heads)
+        "classes": hc.labels(),  # (layers, batch, heads) "global" / "hybrid" / "local"
+        "layer_nmi": layer_nmi,
+        "hybrid_layer": (layer_nmi - HYBRID_TARGET).abs().argmin(0).tolist(),  # per text: NMI-HAD's teacher layer
+        "global_below": hc.global_below, "local_above": hc.local_above, "hybrid_target": HYBRID_TARGET,
+    }
 
 
 DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)  # methods=None: every one, in this order

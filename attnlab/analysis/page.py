@@ -5,7 +5,8 @@ attention-flow, relevance-generic, relevance-lrp, sink-scores — click a token 
 with a matrix for that output token instead of the target); the layer × head grid of attention
 maps (canvases drawn by the inline script from the embedded data; click one to enlarge it with
 token labels); head-statistics as layer × head tables (keyed by the catalogue names of the
-statistics); the sink table of sink-scores. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
+statistics); the sink table of sink-scores; layer-similarity's layer × layer CKA table; head-classes' layer ×
+head table of classes (local / hybrid / global) and NMI, with each layer's mean NMI. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
 with the reason at the top. Then the QK embedding scatter per head (all texts jointly), the PNG figures
 (inline base64). Text from users and tokenizers is escaped by `html.escape` where the page is
 written, and the script puts it in the DOM only as text (`textContent`, canvas `fillText`). The
@@ -107,6 +108,45 @@ def _sinks_section(ex: Explanation, t: int) -> str:
             "5/N (N real tokens).</p>" + _table(["position", "token", "heads", "share of heads", "mean score", "layer/head"], rows, "sinks"))
 
 
+def _similarity_section(ex: Explanation, t: int) -> str:
+    data = ex.methods["layer-similarity"]
+    grid = data["cka"][t]  # (layers, layers)
+    flat = [v for row in grid for v in row]
+    low, high = min(flat), max(flat)
+    rows = []
+    for l_, row in enumerate(grid):
+        cells = [f"<b>{l_}</b>"]
+        for v in row:
+            share = (v - low) / (high - low) if high > low else 0.0
+            cells.append(f"<span class='cell' style='background:rgba(8,81,156,{share:.3f});color:{'#fff' if share > 0.55 else '#000'}'>{v:.3f}</span>")
+        rows.append(cells)
+    return (f"<p class='meta'>{_e(data['measure'])} between every pair of layers over the real tokens of this text, of the "
+            f"{_e(data['source'])}; 1 = the same up to rotation and scale. Colour from the smallest ({low:.3f}) to the "
+            f"largest value.</p>" + _table(["layer \\ layer", *map(str, range(len(grid)))], rows, "similarity"))
+
+
+CLASS_COLOURS = {"local": "#fdae6b", "hybrid": "#74c476", "global": "#9ecae1"}  # head-classes: class -> background
+
+
+def _classes_section(ex: Explanation, t: int) -> str:
+    data = ex.methods["head-classes"]
+    rows = []
+    for l_, (nmi, classes) in enumerate(zip(data["nmi"], data["classes"])):
+        cells = [f"<b>{l_}</b>"]
+        for v, c in zip(nmi[t], classes[t]):
+            colour = CLASS_COLOURS.get(c, "#fff")
+            cells.append(f"<span class='cell' style='background:{colour}' title='{_e(c)}, NMI {v:.4f}'>{_e(c[:1].upper())} {v:.2f}</span>")
+        mark = " ★" if data["hybrid_layer"][t] == l_ else ""
+        cells.append(f"{data['layer_nmi'][l_][t]:.3f}{mark}")
+        rows.append(cells)
+    legend = " ".join(f"<span class='cell' style='display:inline;background:{colour}'>{_e(name)}</span>"
+                      for name, colour in CLASS_COLOURS.items())
+    return (f"<p class='meta'>{legend} — by the NMI of each head's map over this text: local above "
+            f"{data['local_above']:g}, global below {data['global_below']:g}, hybrid in between. ★ the layer whose "
+            f"mean NMI is closest to s = {data['hybrid_target']:g}, the one NMI-HAD distils.</p>"
+            + _table(["layer \\ head", *map(str, range(ex.heads)), "mean NMI"], rows, "classes"))
+
+
 def _text_section(ex: Explanation, t: int) -> str:
     idx, toks = real_tokens(ex, t)
     target = ex.targets[t]
@@ -131,6 +171,10 @@ def _text_section(ex: Explanation, t: int) -> str:
         parts.append("<h3>Head statistics</h3>" + _heads_section(ex, t))
     if "sink-scores" in ex.methods:
         parts.append("<h3>Attention sinks</h3>" + _sinks_section(ex, t))
+    if "layer-similarity" in ex.methods:
+        parts.append("<h3>Layer similarity</h3>" + _similarity_section(ex, t))
+    if "head-classes" in ex.methods:
+        parts.append("<h3>Head classes</h3>" + _classes_section(ex, t))
     parts.append("</section>")
     return "".join(parts)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import attnlab
+import attnlab.analysis.feature_geometry  # noqa: F401  (registers the P179 entries named below)
 from attnlab.analysis.capture import capture
 from attnlab.analysis.explain import METHODS, RENAMED, estimate_seconds, explain, method_for, resolve_methods
 from attnlab.analysis.heads import HEAD_STATISTICS
@@ -31,6 +32,16 @@ NOT_IN_EXPLAIN = {
     "rank-residual": "a property of token matrices, not of attention maps",
     "unified-implicit-attention": "the implicit attention of a gated selective-SSM layer, not a captured map",
     "attention-mass-by-distance": "a locality profile over image grids (P012); explain's pages are about text",
+    "neuronsim": "compares two representations; layer-similarity reports linear CKA between the layers",
+    "mixedsim": "compares two representations; layer-similarity reports linear CKA between the layers",
+    "svcca": "compares two representations over more samples than one text's tokens",
+    "pwcca": "compares two representations over more samples than one text's tokens",
+    "linear-cka": "layer-similarity reports it for every pair of layers",
+    "attnsim": "compares two layers' maps; layer-similarity reports linear CKA",
+    "attncorr": "compares two layers' maps; layer-similarity reports linear CKA",
+    "crystal-quality": "a metric of SAE decoder directions (P179), not of one text",
+    "spatial-modularity": "a metric of SAE features and their co-occurrences (P179), not of one text",
+    "eigenvalue-power-law": "a metric of point clouds per layer (P179), not of one text",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
@@ -54,6 +65,7 @@ def test_papers_come_from_the_entries_and_those_they_cover():
     assert {name: m.papers for name, m in METHODS.items()} == {
         "rollout": ("P008",), "attention-flow": ("P008",), "relevance-generic": ("P035",), "relevance-lrp": ("P111",),
         "head-statistics": ("P051", "P058"), "sink-scores": ("P068", "P248"), "qk-embedding": ("P093",),
+        "layer-similarity": ("P025",), "head-classes": ("P137",),
     }
 
 
@@ -138,6 +150,7 @@ CODE = {  # the function of each method's catalogue entry
     "relevance-generic": ("relevance.py", "generic_relevance"), "relevance-lrp": ("relevance.py", "lrp_relevance"),
     "head-statistics": ("heads.py", "head_statistics"), "sink-scores": ("sinks.py", "sink_scores"),
     "qk-embedding": ("qk_embedding.py", "qk_embedding"),
+    "layer-similarity": ("similarity.py", "layer_similarity"), "head-classes": ("head_classes.py", "head_classes"),
 }
 
 
