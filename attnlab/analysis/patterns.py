@@ -53,13 +53,14 @@ visibility there is padding and the module's `is_causal`. A pattern (bool or non
     with capture(model) as att:
         model(**batch)
     panel = pattern_scores(att, batch["input_ids"], sentence_ends=sentence_end_ids(tok))
-    panel["best"][2][5]                                     # e.g. "neighbours": layer 2, head 5
+    panel["best"][0][2]                                     # "previous": MiniLM's layer 0, head 2
     P = token_patterns(batch["input_ids"], names=("matching-token",))["matching-token"]
     with inject_patterns(model, {(0, 3): P}), capture(model) as att:
         model(**batch)                                      # att.layers[0][:, 3] == normalise_pattern(P)
 
 Deviations: the paper finds its patterns by looking at maps in a visual interface and injects them before
-fine-tuning; here the four patterns are fixed predicates, discovery is the score, and injection changes a trained
+fine-tuning; here the six patterns are fixed predicates (no official code was found: the score follows the
+paper's description, the mean attention on the pattern), discovery is the score, and injection changes a trained
 model's heads at run time (training with them injected is the caller's loop inside the context).
 """
 from __future__ import annotations

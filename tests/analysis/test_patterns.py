@@ -27,6 +27,12 @@ def _matrix(rows):
     return torch.tensor(rows, dtype=torch.bool)
 
 
+def _rows(pattern, dtype):
+    """Each row of a 0/1 pattern divided by its number of ones (empty rows 0), written out here."""
+    p = pattern.to(dtype)
+    return p / p.sum(-1, keepdim=True).clamp(min=1)
+
+
 def test_patterns_from_tokens_by_hand():
     assert torch.equal(matching_token_pattern(TOKENS), _matrix([
         [0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 1, 0],
@@ -87,8 +93,8 @@ def test_injected_heads_read_back_as_the_normalised_pattern(mechanism):
     with torch.no_grad(), inject_patterns(model, {(1, 1): match, (0, 0): prev[0]}) as names, capture(model) as att:
         after = model(ids)
     assert names == ["blocks.0.attn", "blocks.1.attn"]
-    assert torch.equal(att.layers[1][:, 1], normalise_pattern(match, att.layers[1].dtype))
-    assert torch.equal(att.layers[0][:, 0], normalise_pattern(prev, att.layers[0].dtype))
+    assert torch.equal(att.layers[1][:, 1], _rows(match, att.layers[1].dtype))
+    assert torch.equal(att.layers[0][:, 0], _rows(prev, att.layers[0].dtype))
     torch.testing.assert_close(att.layers[0][:, 1], plain.layers[0][:, 1])  # the other head of layer 0 is untouched
     assert not torch.allclose(after, before, atol=1e-3)
     # the output is the pattern times v: layer 0 with both heads injected is out_proj(merge_heads(P̂ v)) by hand
@@ -97,7 +103,7 @@ def test_injected_heads_read_back_as_the_normalised_pattern(mechanism):
         update = model.trace(ids).attention[0]
     with torch.no_grad():
         v = attn.project(model.blocks[0].norm1(model.trace(ids).residual[0]))[2]
-        heads = torch.stack([normalise_pattern(prev, v.dtype), normalise_pattern(match, v.dtype)], 1) @ v
+        heads = torch.stack([_rows(prev, v.dtype), _rows(match, v.dtype)], 1) @ v
         torch.testing.assert_close(update, attn.out_proj(attn.merge_heads(heads)))
     if mechanism == "softmax":  # rows of A sum to 1: injecting each head's own attention gives the model's output back
         own = {(layer, head): plain.layers[layer][:, head] for layer in range(2) for head in range(2)}
@@ -150,7 +156,7 @@ def test_minilm_injection_reads_back_through_capture(minilm):
     with torch.no_grad(), inject_patterns(model, {(3, 4): same}) as names, capture(model) as att:
         changed = model(**batch).last_hidden_state
     assert names == ["encoder.layer.3.attention.self"]
-    torch.testing.assert_close(att.layers[3][:, 4], normalise_pattern(same, torch.float32), atol=0, rtol=0)
+    torch.testing.assert_close(att.layers[3][:, 4], _rows(same, torch.float32), atol=0, rtol=0)
     torch.testing.assert_close(att.layers[3][:, 5:], plain.layers[3][:, 5:])
     torch.testing.assert_close(att.layers[2], plain.layers[2])
     assert (changed - out).abs().max() > 1e-2
