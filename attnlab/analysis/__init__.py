@@ -20,7 +20,24 @@ Padded tokens carry no mass in any result. Methods are listed in the catalogue a
 """
 from .capture import Attentions, Record, capture
 from .char_lm import CharLM, CharLMSettings, char_lm
+from .concept_attention import ConceptSaliency, concept_attention
+from .cross_attention_heads import (
+    HeadRelevance,
+    head_relevance_from_maps,
+    head_relevance_vectors,
+    ordered_weakening,
+    weakened_heads,
+)
 from .explain import Explanation, explain
+from .feature_geometry import (
+    Modularity,
+    PowerLaw,
+    crystal_quality,
+    eigenvalue_power_law,
+    power_law_slopes,
+    spatial_modularity,
+)
+from .head_classes import HeadClasses, classify_nmi, head_classes, hybrid_layer
 from .heads import (
     attention_entropy,
     duplicate_token_score,
@@ -34,6 +51,7 @@ from .implicit import unified_implicit_attention
 from .locality import attention_mass_by_distance
 from .lookback import LookbackDetector, lookback_features, lookback_ratio
 from .models import load_minilm, minilm_path, tiny_llama
+from .patterns import inject_patterns, pattern_match, pattern_scores, sentence_end_ids, token_patterns
 from .qk_embedding import QKEmbedding, normalize_qk, qk_embedding, qk_vectors
 from .rank_collapse import rank_collapse_experiment, relative_residual, residual, residual_norm
 from .relevance import (
@@ -45,26 +63,44 @@ from .relevance import (
     weighted_attention,
 )
 from .rollout import attention_flow, fuse_heads, max_flow_layered, residual_attention, rollout
+from .similarity import attncorr, attnsim, layer_similarity, linear_cka, mixedsim, neuronsim, pwcca, svcca
 from .sinks import calibrate, calibration, sink_scores, sink_tokens
+from .vocabulary_maps import relation_scores, salient_mappings, successor_lm, vocabulary_maps
 
 __all__ = [
     "attention_entropy",
     "attention_flow",
     "attention_mass_by_distance",
     "Attentions",
+    "attncorr",
+    "attnsim",
     "calibrate",
     "calibration",
     "capture",
     "char_lm",
     "CharLM",
     "CharLMSettings",
+    "classify_nmi",
+    "concept_attention",
+    "ConceptSaliency",
+    "crystal_quality",
     "duplicate_token_score",
+    "eigenvalue_power_law",
     "explain",
     "Explanation",
     "fuse_heads",
     "generic_relevance",
     "generic_relevance_from",
+    "head_classes",
+    "head_relevance_from_maps",
+    "head_relevance_vectors",
+    "HeadClasses",
+    "HeadRelevance",
+    "hybrid_layer",
     "induction_score",
+    "inject_patterns",
+    "layer_similarity",
+    "linear_cka",
     "load_minilm",
     "lookback_features",
     "lookback_ratio",
@@ -73,25 +109,43 @@ __all__ = [
     "max_flow_layered",
     "mean_attention_distance",
     "minilm_path",
+    "mixedsim",
+    "Modularity",
+    "neuronsim",
     "normalize_qk",
     "offset_attention",
+    "ordered_weakening",
+    "pattern_match",
+    "pattern_scores",
+    "power_law_slopes",
+    "PowerLaw",
     "previous_token_score",
     "propagate_relevance",
+    "pwcca",
     "qk_embedding",
     "qk_vectors",
     "QKEmbedding",
     "query_key_nmi",
     "rank_collapse_experiment",
     "Record",
+    "relation_scores",
     "relative_residual",
     "Relevance",
     "residual",
     "residual_attention",
     "residual_norm",
     "rollout",
+    "salient_mappings",
+    "sentence_end_ids",
     "sink_scores",
     "sink_tokens",
+    "spatial_modularity",
+    "successor_lm",
+    "svcca",
     "tiny_llama",
+    "token_patterns",
     "unified_implicit_attention",
+    "vocabulary_maps",
+    "weakened_heads",
     "weighted_attention",
 ]

@@ -55,6 +55,9 @@ CKA between every pair of layers (`cka`, (batch, layers, layers)) of the hidden 
 (one more forward pass, pre-hooks on the captured modules), or of the attention representations when the
 modules' inputs are not at hand (`source` says which). head-classes (P137): each head's NMI and class (local /
 hybrid / global) per text, the layers' mean NMI and `hybrid_layer`, the layer NMI-HAD would distil.
+attention-patterns (P156): per text, layer and head the pattern of `patterns.PATTERNS` the head's map is closest to
+(`best`; similarity = 1 − total variation between its rows and the normalised pattern, `best_similarity`) and the
+share of its attention on that pattern (`best_match`); sentence ends are the tokenizer's ".", "!", "?".
 
 Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
 
@@ -96,6 +99,7 @@ from ..core.registry import Spec, get
 from .capture import Attentions, capture
 from .head_classes import HYBRID_TARGET, head_classes
 from .heads import HEAD_STATISTICS, head_statistics
+from .patterns import pattern_scores, sentence_end_ids
 from .qk_embedding import qk_embedding
 from .relevance import generic_relevance, lrp_relevance
 from .rollout import attention_flow, rollout
@@ -365,6 +369,32 @@ def _head_classes(ctx: Context) -> dict[str, Any]:
         "layer_nmi": layer_nmi,
         "hybrid_layer": (layer_nmi - HYBRID_TARGET).abs().argmin(0).tolist(),  # per text: NMI-HAD's teacher layer
         "global_below": hc.global_below, "local_above": hc.local_above, "hybrid_target": HYBRID_TARGET,
+    }
+
+
+def _token_ids(ctx: Context) -> Tensor:
+    """The token ids (batch, n) of the explained call."""
+    ids = ctx.att.tokens if ctx.att.tokens is not None else (
+        ctx.inputs.get("input_ids") if isinstance(ctx.inputs, Mapping) else ctx.inputs)
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("tokens: expected the model to be called with token ids, got inputs without them")
+    return ids
+
+
+@method("attention-patterns", "the human-readable pattern each head follows best: matching token, same sentence, "
+        "neighbours, previous, next or first token (P156)",
+        lambda s: 12 * s.maps / RATES["maps"])
+def _attention_patterns(ctx: Context) -> dict[str, Any]:
+    ids, ends = _token_ids(ctx), sentence_end_ids(ctx.tokenizer) if ctx.tokenizer is not None else set()
+    texts = [pattern_scores([a[b : b + 1] for a in ctx.att.layers], ids[b : b + 1].cpu(),
+                            attention_mask=ctx.mask[b : b + 1], sentence_ends=ends, causal=ctx.causal)
+             for b in range(ctx.mask.shape[0])]
+    return {  # best, best_similarity, best_match: (batch, layers, heads)
+        "patterns": texts[0]["patterns"],
+        "best": [t["best"] for t in texts],
+        "best_similarity": [t["best_similarity"] for t in texts],
+        "best_match": [t["best_match"] for t in texts],
+        "sentence_ends": sorted(ends),
     }
 
 

@@ -6,7 +6,8 @@ with a matrix for that output token instead of the target); the layer × head gr
 maps (canvases drawn by the inline script from the embedded data; click one to enlarge it with
 token labels); head-statistics as layer × head tables (keyed by the catalogue names of the
 statistics); the sink table of sink-scores; layer-similarity's layer × layer CKA table; head-classes' layer ×
-head table of classes (local / hybrid / global) and NMI, with each layer's mean NMI. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
+head table of classes (local / hybrid / global) and NMI, with each layer's mean NMI; attention-patterns' layer ×
+head table of each head's closest pattern. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
 with the reason at the top. Then the QK embedding scatter per head (all texts jointly), the PNG figures
 (inline base64). Text from users and tokenizers is escaped by `html.escape` where the page is
 written, and the script puts it in the DOM only as text (`textContent`, canvas `fillText`). The
@@ -147,6 +148,25 @@ def _classes_section(ex: Explanation, t: int) -> str:
             + _table(["layer \\ head", *map(str, range(ex.heads)), "mean NMI"], rows, "classes"))
 
 
+PATTERN_COLOURS = {"matching-token": "#fdd0a2", "same-sentence": "#c7e9c0", "neighbours": "#dadaeb",
+                   "previous": "#fcbba1", "next": "#c6dbef", "first-token": "#d9d9d9"}  # attention-patterns
+
+
+def _patterns_section(ex: Explanation, t: int) -> str:
+    data = ex.methods["attention-patterns"]
+    rows = []
+    for l_, (names, sims, shares) in enumerate(zip(data["best"][t], data["best_similarity"][t], data["best_match"][t])):
+        cells = [f"<b>{l_}</b>"]
+        for name, sim, share in zip(names, sims, shares):
+            cells.append(f"<span class='cell' style='background:{PATTERN_COLOURS.get(name, '#fff')}' "
+                         f"title='{_e(name)}: similarity {sim:.3f}, {share:.0%} of the attention on it'>"
+                         f"{_e(name)} {sim:.2f}</span>")
+        rows.append(cells)
+    return ("<p class='meta'>For each head, the pattern its map is closest to (1 − total variation between its rows "
+            "and the normalised pattern; 1 = it is that pattern); hover for the share of attention on it.</p>"
+            + _table(["layer \\ head", *map(str, range(ex.heads))], rows, "patterns"))
+
+
 def _text_section(ex: Explanation, t: int) -> str:
     idx, toks = real_tokens(ex, t)
     target = ex.targets[t]
@@ -175,6 +195,8 @@ def _text_section(ex: Explanation, t: int) -> str:
         parts.append("<h3>Layer similarity</h3>" + _similarity_section(ex, t))
     if "head-classes" in ex.methods:
         parts.append("<h3>Head classes</h3>" + _classes_section(ex, t))
+    if "attention-patterns" in ex.methods:
+        parts.append("<h3>Attention patterns</h3>" + _patterns_section(ex, t))
     parts.append("</section>")
     return "".join(parts)
 

@@ -30,7 +30,7 @@ from analysis.conftest import SENTENCES  # noqa: E402
 from browser import open_page  # noqa: E402  (tests/browser.py)
 
 ALL = ("rollout", "attention-flow", "relevance-generic", "relevance-lrp", "head-statistics", "sink-scores",
-       "qk-embedding", "layer-similarity", "head-classes")
+       "qk-embedding", "layer-similarity", "head-classes", "attention-patterns")
 EVIL = ['<script>window.__pwned=1</script>', '"><img src=x onerror="window.__pwned=2">']
 PROBE = """
 window.addEventListener('load', () => {
@@ -554,7 +554,7 @@ def test_cli_explains_a_module_model_from_token_strings(tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out / "index.html")
-    assert "[1/9] rollout" in captured.err  # every method applies to softmax layers
+    assert "[1/10] rollout" in captured.err  # every method applies to softmax layers
     data = load_json(out / "explain.json")
     assert data["model"] == f"{path}:make_model" and data["tokens"] == [TOKENS[0], ["a", "cat", "", "", "", ""]]
     assert data["layer_names"] == ["attn.0", "attn.1"] and data["skipped"] == {}

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import attnlab
-import attnlab.analysis.feature_geometry  # noqa: F401  (registers the P179 entries named below)
 from attnlab.analysis.capture import capture
 from attnlab.analysis.explain import METHODS, RENAMED, estimate_seconds, explain, method_for, resolve_methods
 from attnlab.analysis.heads import HEAD_STATISTICS
@@ -42,6 +41,13 @@ NOT_IN_EXPLAIN = {
     "crystal-quality": "a metric of SAE decoder directions (P179), not of one text",
     "spatial-modularity": "a metric of SAE features and their co-occurrences (P179), not of one text",
     "eigenvalue-power-law": "a metric of point clouds per layer (P179), not of one text",
+    "pattern-injection": "changes the model while it runs",
+    "vocabulary-maps": "reads a head's weights through a model's own embedding and unembedding, not one text",
+    "maps-relation-scores": "needs a relation (pairs of tokens) and a causal LM's unembedding",
+    "maps-salient-mappings": "reads a head's weights through a model's own embedding and unembedding, not one text",
+    "head-relevance-vectors": "needs a text-to-image model's cross-attention over many prompts",
+    "ordered-weakening": "changes the model while it runs",
+    "concept-attention": "needs an MM-DiT image stream",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
@@ -65,7 +71,7 @@ def test_papers_come_from_the_entries_and_those_they_cover():
     assert {name: m.papers for name, m in METHODS.items()} == {
         "rollout": ("P008",), "attention-flow": ("P008",), "relevance-generic": ("P035",), "relevance-lrp": ("P111",),
         "head-statistics": ("P051", "P058"), "sink-scores": ("P068", "P248"), "qk-embedding": ("P093",),
-        "layer-similarity": ("P025",), "head-classes": ("P137",),
+        "layer-similarity": ("P025",), "head-classes": ("P137",), "attention-patterns": ("P156",),
     }
 
 
@@ -151,6 +157,7 @@ CODE = {  # the function of each method's catalogue entry
     "head-statistics": ("heads.py", "head_statistics"), "sink-scores": ("sinks.py", "sink_scores"),
     "qk-embedding": ("qk_embedding.py", "qk_embedding"),
     "layer-similarity": ("similarity.py", "layer_similarity"), "head-classes": ("head_classes.py", "head_classes"),
+    "attention-patterns": ("patterns.py", "pattern_scores"),
 }
 
 
