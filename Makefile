@@ -16,12 +16,15 @@ BENCH_PEERS := einops local-attention==1.11.2 linear-attention-transformer==0.19
 # the other peers, for `attnlab bench speed --peers` and their tests (NATTEN builds pure Python on CPU; timm's
 # layers import with the torchvision stand-in of tests/conftest.py; labml-nn's Primer, dual-attention's relational
 # attention; torch-geometric's pure-Python convolutions and point-transformer-pytorch for sets and graphs;
-# perceiver-pytorch and slot-attention for latents), then the imports they need that nothing else installs
+# perceiver-pytorch and slot-attention for latents; transformer-lens for the MAPS and QK-decomposition checks, with
+# the imports `import transformer_lens` needs), then the imports they need that nothing else installs
 TEST_PEERS := natten==0.21.7 timm==1.0.31 dual-attention==0.0.7 labml-nn==0.5.1 labml==0.5.3 \
   torch-geometric==2.8.1 point-transformer-pytorch==0.1.5 perceiver-pytorch==0.11.0 slot-attention==1.5.2 \
   xxhash==4.1.0 psutil==7.2.2 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 idna==3.21 \
   einx==0.4.3 frozendict==2.5.1 vector-quantize-pytorch==1.32.0 loguru==0.7.3 \
-  ring-attention-pytorch==0.5.20 beartype==0.23.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
+  ring-attention-pytorch==0.5.20 beartype==0.23.1 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
+  transformer-lens==4.3.0 accelerate==1.15.0 datasets==5.2.0 multiprocess==0.70.19 dill==0.4.1 pandas==3.1.1 \
+  pyarrow==26.0.1
 BENCH_STAMP := $(VENV)/.bench-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 
