@@ -28,6 +28,7 @@ from .cross_attention_heads import (
     ordered_weakening,
     weakened_heads,
 )
+from .deception import attention_in_graph, deception_penalty, impermissible_mass
 from .explain import Explanation, explain
 from .feature_geometry import (
     Modularity,
@@ -48,6 +49,8 @@ from .heads import (
     query_key_nmi,
 )
 from .implicit import unified_implicit_attention
+from .knockout import WindowKnockout, group_keep, knockout, window_knockout
+from .last_token_circuit import AllForOne, all_for_one, cama, context_aware_means, peeking_masks
 from .locality import attention_mass_by_distance
 from .lookback import LookbackDetector, lookback_features, lookback_ratio
 from .models import load_minilm, minilm_path, tiny_llama
@@ -68,14 +71,18 @@ from .sinks import calibrate, calibration, sink_scores, sink_tokens
 from .vocabulary_maps import relation_scores, salient_mappings, successor_lm, vocabulary_maps
 
 __all__ = [
+    "all_for_one",
+    "AllForOne",
     "attention_entropy",
     "attention_flow",
+    "attention_in_graph",
     "attention_mass_by_distance",
     "Attentions",
     "attncorr",
     "attnsim",
     "calibrate",
     "calibration",
+    "cama",
     "capture",
     "char_lm",
     "CharLM",
@@ -83,7 +90,9 @@ __all__ = [
     "classify_nmi",
     "concept_attention",
     "ConceptSaliency",
+    "context_aware_means",
     "crystal_quality",
+    "deception_penalty",
     "duplicate_token_score",
     "eigenvalue_power_law",
     "explain",
@@ -91,14 +100,17 @@ __all__ = [
     "fuse_heads",
     "generic_relevance",
     "generic_relevance_from",
+    "group_keep",
     "head_classes",
     "head_relevance_from_maps",
     "head_relevance_vectors",
     "HeadClasses",
     "HeadRelevance",
     "hybrid_layer",
+    "impermissible_mass",
     "induction_score",
     "inject_patterns",
+    "knockout",
     "layer_similarity",
     "linear_cka",
     "load_minilm",
@@ -117,6 +129,7 @@ __all__ = [
     "ordered_weakening",
     "pattern_match",
     "pattern_scores",
+    "peeking_masks",
     "power_law_slopes",
     "PowerLaw",
     "previous_token_score",
@@ -148,4 +161,6 @@ __all__ = [
     "vocabulary_maps",
     "weakened_heads",
     "weighted_attention",
+    "window_knockout",
+    "WindowKnockout",
 ]

@@ -48,6 +48,13 @@ NOT_IN_EXPLAIN = {
     "head-relevance-vectors": "needs a text-to-image model's cross-attention over many prompts",
     "ordered-weakening": "changes the model while it runs",
     "concept-attention": "needs an MM-DiT image stream",
+    "attention-knockout": "changes the model while it runs",
+    "window-knockout": "changes the model while it runs, and needs an answer to score",
+    "attention-based-peeking": "changes the model while it runs",
+    "context-aware-mean-ablation": "changes the model while it runs, and needs a set of reference prompts",
+    "all-for-one": "a circuit test over many prompts with an answer each",
+    "deception-penalty": "a training loss over labelled data",
+    "impermissible-mass": "needs a mask of impermissible tokens from the task",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
