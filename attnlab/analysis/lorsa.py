@@ -28,6 +28,7 @@ No rotary embeddings (the models here have absolute positions) and no virtual ke
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from ..core.errors import ParameterError
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
 from .heads import induction_score, previous_token_score
+from .induction_model import head_scores, induction_batch, induction_model, repeated_tokens
 from .toy_lm import ToyLM, lr_factor
 
 P187 = Paper("P187", "Towards Understanding the Nature of Attention with Low-Rank Sparse Decomposition", 2025, "2504.20938")
@@ -228,6 +230,37 @@ def lorsa_head_scores(lorsa: Lorsa, x: Tensor, ids: Tensor, *, attention_mask: T
         "induction": induction_score(maps, ids, attention_mask=attention_mask).mean(0),
         "active": active.cpu()[real].double().mean(0),
     }
+
+
+def lorsa_induction_demo(recipe: Any = None, *, cache_dir: str | Path | None = None, sizes: tuple[int, ...] = (8, 32, 128),
+                         group: int = 4, top_k: int = 8, steps: int = 600, seed: int = 0) -> dict[str, Any]:
+    """P187's two claims on the cached full-size induction model (`induction_model.induction_model(recipe)`): for each
+    layer, the fraction of variance unexplained by Lorsas of `sizes` heads (same budget: `steps`, K = `top_k`, groups of
+    `group` heads, qk_dim = the model's head_dim), and the best previous-token / induction scores among the active heads
+    of the largest one next to the model's own heads. Minutes on one core (not for tests)."""
+    trained = induction_model(recipe, cache_dir=cache_dir)
+    model = trained.model
+    assert isinstance(model, ToyLM)
+    s = model.settings
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.cat([induction_batch(generator, batch=192, length=s.context, vocab=s.vocab)[0],
+                     repeated_tokens(generator, batch=64, half=s.context // 2, vocab=s.vocab)])
+    probe = repeated_tokens(generator, batch=32, half=s.context // 2, vocab=s.vocab)
+    layers = []
+    for layer in range(s.layers):
+        x, y = attention_layer_io(model, ids, layer)
+        x_probe = attention_layer_io(model, probe, layer)[0]
+        fvu = []
+        for heads in sizes:
+            torch.manual_seed(seed)
+            lorsa = Lorsa(s.dim, heads, qk_heads=max(1, heads // group), qk_dim=s.dim // s.heads, top_k=min(top_k, heads))
+            fvu.append(fit_lorsa(lorsa, x, y, steps=steps, batch=32, lr=0.01, seed=seed)["fvu"])
+        scores = lorsa_head_scores(lorsa, x_probe, probe)
+        active = scores["active"] > 0.01
+        layers.append({"layer": layer, "heads": list(sizes), "fvu": fvu,
+                       "best_previous_token": float(scores["previous_token"][active].max()),
+                       "best_induction": float(scores["induction"][active].max())})
+    return {"model": str(trained.path), "model_heads": head_scores(model, probe), "layers": layers}
 
 
 add(Spec(name="lorsa", kind="analysis", paper=P187, factory=Lorsa, family="E",

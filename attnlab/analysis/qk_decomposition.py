@@ -28,9 +28,9 @@ the largest entry of u_t is positive (a term's value does not depend on it).
 
 Models (`head_forms`, `decompose`, `score_decomposition_summary`):
 
-* attnlab modules of the softmax family whose scores are scale·q·k of their own q_proj / k_proj ("softmax", and
-  "alibi", "kerple", "decoupled-attention": their positional score terms b(i, j) are added outside the bilinear part
-  and reported as `bias`). Refused, with the reason: mechanisms that rotate q/k by position (rope: the form depends
+* attnlab modules of the softmax family whose scores are scale·q·k of their own q_proj / k_proj: "softmax",
+  "decoupled-attention" (q and k from its `embeddings` input when given), and "alibi", "kerple", whose positional
+  score terms b(i, j) are added outside the bilinear part and reported as `bias`. Refused, with the reason: mechanisms that rotate q/k by position (rope: the form depends
   on the query–key offset), mix neighbouring tokens into q/k (primer's depthwise convolutions: q is not a function of
   one token), or change the scores otherwise (selective, multiscale), and every mechanism whose map is not a softmax
   of q·k (linear, kernel, sparse, recurrent, ...).
@@ -299,6 +299,8 @@ def _recorder(store: dict[str, list[tuple[Tensor, Tensor]]], name: str) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if isinstance(module, Attention):
             x = args[0] if args else kwargs["x"]
+            if kwargs.get("embeddings") is not None:  # decoupled-attention: q and k are projected from the embeddings
+                x = kwargs["embeddings"]
             x, context = module.batch_major(x, kwargs.get("context"))
             keys = x if context is None else context
         else:

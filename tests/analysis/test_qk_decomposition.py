@@ -87,7 +87,7 @@ def test_terms_needed_is_the_smallest_set_reaching_the_share():
         assert torch.equal(terms_needed(terms, share), expected)
 
 
-@pytest.mark.parametrize("mechanism", ["softmax", "alibi"])
+@pytest.mark.parametrize("mechanism", ["softmax", "alibi", "kerple", "decoupled-attention"])
 def test_decompose_reproduces_an_attnlab_models_scores_and_maps(mechanism):
     model = _toy(mechanism)
     ids = torch.randint(0, 13, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -100,15 +100,37 @@ def test_decompose_reproduces_an_attnlab_models_scores_and_maps(mechanism):
     assert [c.name for c in calls] == att.names == ["blocks.0.attn", "blocks.1.attn"]
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     for i, (call, record) in enumerate(zip(calls, att.records)):
-        assert (call.bias is None) == (mechanism == "softmax")
+        assert (call.bias is None) == (mechanism in ("softmax", "decoupled-attention"))  # no positional score terms
         for h in range(2):
             scores = call.scores(h)
-            if mechanism == "softmax":  # the scores the module computed: scale · q·k of its own projections
+            if call.bias is None:  # the scores the module computed: scale · q·k of its own projections
                 torch.testing.assert_close(scores, record.scale * record.query[:, h] @ record.key[:, h].transpose(-1, -2),
                                            rtol=0, atol=1e-10)
             visible = causal & mask[:, None, :]
             probs = torch.softmax(scores.masked_fill(~visible, -math.inf), -1) * mask[:, :, None]
             torch.testing.assert_close(probs, att.layers[i][:, h], rtol=0, atol=1e-10)
+
+
+def test_decoupled_attention_is_decomposed_from_its_embeddings():
+    from attnlab.core.registry import build
+
+    class Decoupled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = build("decoupled-attention", dim=16, heads=2, causal=True).double()
+
+        def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, embeddings=e)
+
+    torch.manual_seed(0)
+    model = Decoupled()
+    x, e = torch.randn(2, 6, 16, dtype=torch.float64), torch.randn(2, 6, 16, dtype=torch.float64)
+    (call,) = decompose(model, {"x": x, "e": e})
+    maps = model.attn.materialize(x, embeddings=e)  # softmax((W_q e)(W_k e)ᵀ/√d + causal)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for h in range(2):
+        torch.testing.assert_close(torch.softmax(call.scores(h).masked_fill(~causal, -math.inf), -1), maps[:, h],
+                                   rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mechanism, reason", [("rope", "offset"), ("linear", "not softmax"), ("primer", "project")])
