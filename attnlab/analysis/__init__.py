@@ -49,12 +49,16 @@ from .heads import (
     query_key_nmi,
 )
 from .implicit import unified_implicit_attention
+from .induction_model import induction_model
 from .knockout import WindowKnockout, group_keep, knockout, window_knockout
 from .last_token_circuit import AllForOne, all_for_one, cama, context_aware_means, peeking_masks
 from .locality import attention_mass_by_distance
 from .lookback import LookbackDetector, lookback_features, lookback_ratio
+from .lorsa import Lorsa, fit_lorsa, lorsa_head_scores
 from .models import load_minilm, minilm_path, tiny_llama
+from .multimodal_neurons import ablation_check, decode_neurons, neuron_attribution
 from .patterns import inject_patterns, pattern_match, pattern_scores, sentence_end_ids, token_patterns
+from .qk_decomposition import decompose, qk_form, score_decomposition_summary, terms_needed, trace_score
 from .qk_embedding import QKEmbedding, normalize_qk, qk_embedding, qk_vectors
 from .rank_collapse import rank_collapse_experiment, relative_residual, residual, residual_norm
 from .relevance import (
@@ -68,9 +72,11 @@ from .relevance import (
 from .rollout import attention_flow, fuse_heads, max_flow_layered, residual_attention, rollout
 from .similarity import attncorr, attnsim, layer_similarity, linear_cka, mixedsim, neuronsim, pwcca, svcca
 from .sinks import calibrate, calibration, sink_scores, sink_tokens
+from .sparse_autoencoder import SparseAutoencoder, reconstruction_metrics, separation_scores, steer_residual, train_sae
 from .vocabulary_maps import relation_scores, salient_mappings, successor_lm, vocabulary_maps
 
 __all__ = [
+    "ablation_check",
     "all_for_one",
     "AllForOne",
     "attention_entropy",
@@ -93,10 +99,13 @@ __all__ = [
     "context_aware_means",
     "crystal_quality",
     "deception_penalty",
+    "decode_neurons",
+    "decompose",
     "duplicate_token_score",
     "eigenvalue_power_law",
     "explain",
     "Explanation",
+    "fit_lorsa",
     "fuse_heads",
     "generic_relevance",
     "generic_relevance_from",
@@ -108,6 +117,7 @@ __all__ = [
     "HeadRelevance",
     "hybrid_layer",
     "impermissible_mass",
+    "induction_model",
     "induction_score",
     "inject_patterns",
     "knockout",
@@ -117,12 +127,15 @@ __all__ = [
     "lookback_features",
     "lookback_ratio",
     "LookbackDetector",
+    "Lorsa",
+    "lorsa_head_scores",
     "lrp_relevance",
     "max_flow_layered",
     "mean_attention_distance",
     "minilm_path",
     "mixedsim",
     "Modularity",
+    "neuron_attribution",
     "neuronsim",
     "normalize_qk",
     "offset_attention",
@@ -136,10 +149,12 @@ __all__ = [
     "propagate_relevance",
     "pwcca",
     "qk_embedding",
+    "qk_form",
     "qk_vectors",
     "QKEmbedding",
     "query_key_nmi",
     "rank_collapse_experiment",
+    "reconstruction_metrics",
     "Record",
     "relation_scores",
     "relative_residual",
@@ -149,14 +164,21 @@ __all__ = [
     "residual_norm",
     "rollout",
     "salient_mappings",
+    "score_decomposition_summary",
     "sentence_end_ids",
+    "separation_scores",
     "sink_scores",
     "sink_tokens",
+    "SparseAutoencoder",
     "spatial_modularity",
+    "steer_residual",
     "successor_lm",
     "svcca",
+    "terms_needed",
     "tiny_llama",
     "token_patterns",
+    "trace_score",
+    "train_sae",
     "unified_implicit_attention",
     "vocabulary_maps",
     "weakened_heads",

@@ -58,6 +58,10 @@ hybrid / global) per text, the layers' mean NMI and `hybrid_layer`, the layer NM
 attention-patterns (P156): per text, layer and head the pattern of `patterns.PATTERNS` the head's map is closest to
 (`best`; similarity = 1 − total variation between its rows and the normalised pattern, `best_similarity`) and the
 share of its attention on that pattern (`best_match`); sentence ends are the tokenizer's ".", "!", "?".
+qk-decomposition (P190): per layer and head the rank of W_Q W_Kᵀ (biases in homogeneous coordinates), its singular
+values and, for each text's three strongest query–key pairs, how many singular terms reach 90% of the score and the
+largest terms (`qk_decomposition.score_decomposition_summary`); `terms_needed_by_text` (batch, layers, heads). Models
+whose scores are not a bilinear form of one token each (rope, linear attention) are skipped with the reason.
 
 Limits (`Explanation.notes` says what was cut; a `UserWarning` too):
 
@@ -100,6 +104,7 @@ from .capture import Attentions, capture
 from .head_classes import HYBRID_TARGET, head_classes
 from .heads import HEAD_STATISTICS, head_statistics
 from .patterns import pattern_scores, sentence_end_ids
+from .qk_decomposition import score_decomposition_summary
 from .qk_embedding import qk_embedding
 from .relevance import generic_relevance, lrp_relevance
 from .rollout import attention_flow, rollout
@@ -396,6 +401,21 @@ def _attention_patterns(ctx: Context) -> dict[str, Any]:
         "best_match": [t["best_match"] for t in texts],
         "sentence_ends": sorted(ends),
     }
+
+
+@method("qk-decomposition", "each head's score as a sum of singular terms of W_Q W_Kᵀ: how many terms carry 90% of "
+        "the score of its strongest query–key pairs (P190)",
+        lambda s: 2 * s.forward + s.layers * s.heads * s.batch * s.n**2 * 64 * 4 / RATES["matmul"] + s.maps / RATES["maps"])
+def _qk_decomposition(ctx: Context) -> dict[str, Any]:
+    summary = score_decomposition_summary(ctx.model, ctx.inputs)
+    batch = ctx.mask.shape[0]
+    by_text = [[[0.0] * len(layer["heads"]) for layer in summary["layers"]] for _ in range(batch)]
+    for l_, layer in enumerate(summary["layers"]):
+        for h, head in enumerate(layer["heads"]):
+            for b in range(batch):
+                needed = [p["terms_needed"] for p in head["pairs"] if p["text"] == b]
+                by_text[b][l_][h] = sum(needed) / max(1, len(needed))
+    return {**summary, "terms_needed_by_text": by_text}  # (batch, layers, heads): mean over the text's top pairs
 
 
 DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)  # methods=None: every one, in this order

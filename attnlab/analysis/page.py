@@ -7,7 +7,7 @@ maps (canvases drawn by the inline script from the embedded data; click one to e
 token labels); head-statistics as layer × head tables (keyed by the catalogue names of the
 statistics); the sink table of sink-scores; layer-similarity's layer × layer CKA table; head-classes' layer ×
 head table of classes (local / hybrid / global) and NMI, with each layer's mean NMI; attention-patterns' layer ×
-head table of each head's closest pattern. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
+head table of each head's closest pattern; qk-decomposition's layer × head table of the singular terms needed. Methods and their JSON keys are the catalogue's names. Methods left out because they do not apply to the model are listed
 with the reason at the top. Then the QK embedding scatter per head (all texts jointly), the PNG figures
 (inline base64). Text from users and tokenizers is escaped by `html.escape` where the page is
 written, and the script puts it in the DOM only as text (`textContent`, canvas `fillText`). The
@@ -167,6 +167,26 @@ def _patterns_section(ex: Explanation, t: int) -> str:
             + _table(["layer \\ head", *map(str, range(ex.heads))], rows, "patterns"))
 
 
+def _decomposition_section(ex: Explanation, t: int) -> str:
+    data = ex.methods["qk-decomposition"]
+    rows = []
+    for l_, (layer, needed) in enumerate(zip(data["layers"], data["terms_needed_by_text"][t])):
+        cells = [f"<b>{l_}</b>"]
+        for head, k in zip(layer["heads"], needed):
+            pair = next((p for p in head["pairs"] if p["text"] == t), None)
+            tip = "" if pair is None else (
+                f"{ex.tokens[t][pair['query']]} → {ex.tokens[t][pair['key']]} (weight {pair['weight']:.2f}): "
+                + ", ".join(f"term {x['term']} σ={x['sigma']:.2f} {x['share']:.0%}" for x in pair["top_terms"]))
+            share = min(1.0, k / max(1, head["rank"]))
+            cells.append(f"<span class='cell' style='background:rgba(165,15,21,{share:.3f});color:{'#fff' if share > 0.55 else '#000'}' "
+                         f"title='{_e(tip)}'>{k:.1f}/{head['rank']}</span>")
+        rows.append(cells)
+    return (f"<p class='meta'>Terms of the SVD of W_Q W_Kᵀ needed to reach {data['share']:.0%} of the score, averaged over "
+            "the (up to 3) strongest query–key pairs of this text, out of the rank; few terms = sparsely coded "
+            "(hover for the strongest pair's largest terms).</p>"
+            + _table(["layer \\ head", *map(str, range(ex.heads))], rows, "decomposition"))
+
+
 def _text_section(ex: Explanation, t: int) -> str:
     idx, toks = real_tokens(ex, t)
     target = ex.targets[t]
@@ -197,6 +217,8 @@ def _text_section(ex: Explanation, t: int) -> str:
         parts.append("<h3>Head classes</h3>" + _classes_section(ex, t))
     if "attention-patterns" in ex.methods:
         parts.append("<h3>Attention patterns</h3>" + _patterns_section(ex, t))
+    if "qk-decomposition" in ex.methods:
+        parts.append("<h3>Score decomposition</h3>" + _decomposition_section(ex, t))
     parts.append("</section>")
     return "".join(parts)
 

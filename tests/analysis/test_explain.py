@@ -30,7 +30,8 @@ from analysis.conftest import SENTENCES  # noqa: E402
 from browser import open_page  # noqa: E402  (tests/browser.py)
 
 ALL = ("rollout", "attention-flow", "relevance-generic", "relevance-lrp", "head-statistics", "sink-scores",
-       "qk-embedding", "layer-similarity", "head-classes", "attention-patterns")
+       "qk-embedding", "layer-similarity", "head-classes", "attention-patterns",
+       "qk-decomposition")
 EVIL = ['<script>window.__pwned=1</script>', '"><img src=x onerror="window.__pwned=2">']
 PROBE = """
 window.addEventListener('load', () => {
@@ -491,11 +492,12 @@ def test_embeddings_given_as_inputs():
 def test_methods_that_do_not_apply_are_left_out_with_the_reason(tmp_path):
     model = TinyLM(name="linear").double().eval()
     ex = explain(model=model, tokens=TOKENS)
-    assert list(ex.skipped) == ["relevance-lrp"] and "softmax" in ex.skipped["relevance-lrp"]
-    assert list(ex.methods) == [m for m in ALL if m != "relevance-lrp"]
+    assert list(ex.skipped) == ["relevance-lrp", "qk-decomposition"] and "softmax" in ex.skipped["relevance-lrp"]
+    assert "TypeError" in ex.skipped["qk-decomposition"] and "linear" in ex.skipped["qk-decomposition"]
+    assert list(ex.methods) == [m for m in ALL if m not in ex.skipped]
     assert list(ex.method_info) == list(ex.methods)
     page = write_page(ex, tmp_path / "index.html", figures(ex)).read_text(encoding="utf-8")
-    assert "Left out" in page and "<b>relevance-lrp</b>" in page
+    assert "Left out" in page and "<b>relevance-lrp</b>" in page and "<b>qk-decomposition</b>" in page
     with pytest.raises(ValueError, match="softmax"):  # named explicitly: an error, not a skip
         explain(model=model, tokens=TOKENS, methods=("rollout", "relevance-lrp"))
 
@@ -554,7 +556,7 @@ def test_cli_explains_a_module_model_from_token_strings(tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out / "index.html")
-    assert "[1/10] rollout" in captured.err  # every method applies to softmax layers
+    assert "[1/11] rollout" in captured.err  # every method applies to softmax layers
     data = load_json(out / "explain.json")
     assert data["model"] == f"{path}:make_model" and data["tokens"] == [TOKENS[0], ["a", "cat", "", "", "", ""]]
     assert data["layer_names"] == ["attn.0", "attn.1"] and data["skipped"] == {}

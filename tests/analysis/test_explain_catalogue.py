@@ -55,6 +55,14 @@ NOT_IN_EXPLAIN = {
     "all-for-one": "a circuit test over many prompts with an answer each",
     "deception-penalty": "a training loss over labelled data",
     "impermissible-mass": "needs a mask of impermissible tokens from the task",
+    "qk-term-trace": "traces a ToyLM's terms through its residual stream; qk-decomposition shows the terms",
+    "lorsa": "a replacement model trained for minutes on one attention layer's inputs and outputs",
+    "sparse-autoencoder": "trained on many texts' residual streams, not on one text",
+    "sae-separation-score": "needs known and unknown entities and a trained SAE",
+    "residual-steering": "changes the model while it runs",
+    "neuron-decoding": "reads MLP neurons through the unembedding of a causal LM, not attention over one text",
+    "multimodal-neuron-attribution": "scores MLP neurons for an image caption, not attention over one text",
+    "neuron-ablation-check": "changes the model while it runs",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
@@ -79,6 +87,7 @@ def test_papers_come_from_the_entries_and_those_they_cover():
         "rollout": ("P008",), "attention-flow": ("P008",), "relevance-generic": ("P035",), "relevance-lrp": ("P111",),
         "head-statistics": ("P051", "P058"), "sink-scores": ("P068", "P248"), "qk-embedding": ("P093",),
         "layer-similarity": ("P025",), "head-classes": ("P137",), "attention-patterns": ("P156",),
+        "qk-decomposition": ("P190",),
     }
 
 
@@ -165,6 +174,7 @@ CODE = {  # the function of each method's catalogue entry
     "qk-embedding": ("qk_embedding.py", "qk_embedding"),
     "layer-similarity": ("similarity.py", "layer_similarity"), "head-classes": ("head_classes.py", "head_classes"),
     "attention-patterns": ("patterns.py", "pattern_scores"),
+    "qk-decomposition": ("qk_decomposition.py", "score_decomposition_summary"),
 }
 
 

@@ -19,7 +19,8 @@ from attnlab.cli import main
 SHORT = ["The cat sat on the mat.", "It was tired."]
 SENTENCES_PADDED = ["The cat sat on the mat.", "Because it was tired, the small cat slept all afternoon."]  # conftest's
 ALL = ("rollout", "attention-flow", "relevance-generic", "relevance-lrp", "head-statistics", "sink-scores",
-       "qk-embedding", "layer-similarity", "head-classes", "attention-patterns")
+       "qk-embedding", "layer-similarity", "head-classes", "attention-patterns",
+       "qk-decomposition")
 LONG = " ".join(["word"] * 5000)  # 5,002 MiniLM tokens with [CLS] and [SEP]
 
 
