@@ -20,6 +20,13 @@ Padded tokens carry no mass in any result. Methods are listed in the catalogue a
 """
 from .capture import Attentions, Record, capture
 from .char_lm import CharLM, CharLMSettings, char_lm
+from .class_lens import (
+    class_identifiability,
+    class_lens,
+    identifiability_profile,
+    sublayer_attribution,
+    token_importance,
+)
 from .concept_attention import ConceptSaliency, concept_attention
 from .cross_attention_heads import (
     HeadRelevance,
@@ -29,7 +36,9 @@ from .cross_attention_heads import (
     weakened_heads,
 )
 from .deception import attention_in_graph, deception_penalty, impermissible_mass
+from .digits import CNNSettings, DigitCNN, DigitViT, ViTSettings, digit_cnn, digit_vit, load_digits_split
 from .explain import Explanation, explain
+from .faithful_masks import FaithfulMaskViT, FaithfulSettings, faithful_masks, masked_patch_invariance
 from .feature_geometry import (
     Modularity,
     PowerLaw,
@@ -57,6 +66,7 @@ from .lookback import LookbackDetector, lookback_features, lookback_ratio
 from .lorsa import Lorsa, fit_lorsa, lorsa_head_scores
 from .models import load_minilm, minilm_path, tiny_llama
 from .multimodal_neurons import ablation_check, decode_neurons, neuron_attribution
+from .normgrad import class_sensitivity, grad_cam, normgrad, pointing_game, saliency
 from .patterns import inject_patterns, pattern_match, pattern_scores, sentence_end_ids, token_patterns
 from .qk_decomposition import decompose, qk_form, score_decomposition_summary, terms_needed, trace_score
 from .qk_embedding import QKEmbedding, normalize_qk, qk_embedding, qk_vectors
@@ -73,6 +83,7 @@ from .rollout import attention_flow, fuse_heads, max_flow_layered, residual_atte
 from .similarity import attncorr, attnsim, layer_similarity, linear_cka, mixedsim, neuronsim, pwcca, svcca
 from .sinks import calibrate, calibration, sink_scores, sink_tokens
 from .sparse_autoencoder import SparseAutoencoder, reconstruction_metrics, separation_scores, steer_residual, train_sae
+from .spatial_shuffle import disrt_score, representation_shift, shuffle_patches
 from .vocabulary_maps import relation_scores, salient_mappings, successor_lm, vocabulary_maps
 
 __all__ = [
@@ -93,7 +104,11 @@ __all__ = [
     "char_lm",
     "CharLM",
     "CharLMSettings",
+    "class_identifiability",
+    "class_lens",
+    "class_sensitivity",
     "classify_nmi",
+    "CNNSettings",
     "concept_attention",
     "ConceptSaliency",
     "context_aware_means",
@@ -101,14 +116,23 @@ __all__ = [
     "deception_penalty",
     "decode_neurons",
     "decompose",
+    "digit_cnn",
+    "digit_vit",
+    "DigitCNN",
+    "DigitViT",
+    "disrt_score",
     "duplicate_token_score",
     "eigenvalue_power_law",
     "explain",
     "Explanation",
+    "faithful_masks",
+    "FaithfulMaskViT",
+    "FaithfulSettings",
     "fit_lorsa",
     "fuse_heads",
     "generic_relevance",
     "generic_relevance_from",
+    "grad_cam",
     "group_keep",
     "head_classes",
     "head_relevance_from_maps",
@@ -116,6 +140,7 @@ __all__ = [
     "HeadClasses",
     "HeadRelevance",
     "hybrid_layer",
+    "identifiability_profile",
     "impermissible_mass",
     "induction_model",
     "induction_score",
@@ -123,6 +148,7 @@ __all__ = [
     "knockout",
     "layer_similarity",
     "linear_cka",
+    "load_digits_split",
     "load_minilm",
     "lookback_features",
     "lookback_ratio",
@@ -130,6 +156,7 @@ __all__ = [
     "Lorsa",
     "lorsa_head_scores",
     "lrp_relevance",
+    "masked_patch_invariance",
     "max_flow_layered",
     "mean_attention_distance",
     "minilm_path",
@@ -138,11 +165,13 @@ __all__ = [
     "neuron_attribution",
     "neuronsim",
     "normalize_qk",
+    "normgrad",
     "offset_attention",
     "ordered_weakening",
     "pattern_match",
     "pattern_scores",
     "peeking_masks",
+    "pointing_game",
     "power_law_slopes",
     "PowerLaw",
     "previous_token_score",
@@ -159,27 +188,33 @@ __all__ = [
     "relation_scores",
     "relative_residual",
     "Relevance",
+    "representation_shift",
     "residual",
     "residual_attention",
     "residual_norm",
     "rollout",
+    "saliency",
     "salient_mappings",
     "score_decomposition_summary",
     "sentence_end_ids",
     "separation_scores",
+    "shuffle_patches",
     "sink_scores",
     "sink_tokens",
     "SparseAutoencoder",
     "spatial_modularity",
     "steer_residual",
+    "sublayer_attribution",
     "successor_lm",
     "svcca",
     "terms_needed",
     "tiny_llama",
+    "token_importance",
     "token_patterns",
     "trace_score",
     "train_sae",
     "unified_implicit_attention",
+    "ViTSettings",
     "vocabulary_maps",
     "weakened_heads",
     "weighted_attention",

@@ -63,6 +63,18 @@ NOT_IN_EXPLAIN = {
     "neuron-decoding": "reads MLP neurons through the unembedding of a causal LM, not attention over one text",
     "multimodal-neuron-attribution": "scores MLP neurons for an image caption, not attention over one text",
     "neuron-ablation-check": "changes the model while it runs",
+    "class-lens": "reads an image classifier, not a text",
+    "class-identifiability": "reads an image classifier, not a text",
+    "class-lens-attribution": "reads an image classifier, not a text",
+    "faithful-mask-invariance": "reads an image classifier, not a text",
+    "disrt-score": "reads an image classifier, not a text",
+    "patch-shuffle": "reads an image classifier, not a text",
+    "representation-shift": "reads an image classifier, not a text",
+    "normgrad": "saliency of a convolutional network, not attention",
+    "grad-cam": "saliency of a convolutional network, not attention",
+    "saliency-class-sensitivity": "saliency of a convolutional network, not attention",
+    "pointing-game": "saliency of a convolutional network, not attention",
+    "faithful-masks": "a two-stage model trained on images",
 }
 OLD_NAMES = ("flow", "relevance", "lrp", "heads", "sinks", "qk")  # explain's names before it took the catalogue's
 
