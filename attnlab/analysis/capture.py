@@ -20,7 +20,8 @@ Two sources are recorded, both at once when a model mixes them:
 * attnlab mechanisms — every submodule whose `spec` is a catalogue mechanism that supports
   `materialize` (the outermost one when they nest). A forward hook calls
   `module.materialize(x, context=..., attention_mask=..., key_padding_mask=..., attn_mask=...)` on the same inputs
-  and masks as the forward. Cost: a second projection of the inputs and the reference path of the
+  and masks as the forward: every argument of the forward call that `materialize` takes by name is passed on
+  (so also a mechanism's own extra inputs, e.g. decoupled-attention's `embeddings`). Cost: a second projection of the inputs and the reference path of the
   mechanism, i.e. O(n_q·n_k) memory per layer and head whatever the fast path costs. Mechanisms
   without `materialize` are listed in `Attentions.skipped`. With `grads=True` the matrix A must
   reach the loss: the recorded A is a fresh leaf and the hook adds
@@ -262,8 +263,9 @@ def _is_mechanism(module: nn.Module) -> bool:
     return isinstance(spec, Spec) and spec.kind == "mechanism"
 
 
-def _attnlab_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Outermost attnlab mechanisms in `model` (a mechanism inside another is not hooked twice)."""
+def attnlab_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the outermost attnlab mechanisms in `model`, in `named_modules` order (a mechanism inside
+    another is left out, so that it is not hooked twice); those without `materialize` included."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not _is_mechanism(module):
@@ -291,11 +293,39 @@ def _attnlab_qk(module: nn.Module, x: Tensor, context: Tensor | None, batch: int
     return q.detach(), k.detach(), float(scale) if isinstance(scale, (int, float)) else None
 
 
+def _materialize_parameters(module: nn.Module) -> set[str]:
+    """Names of the keywords `module.materialize` takes after x: those of the first definition along the class's
+    method resolution order that names them (a `materialize(x, **kwargs)` that hands them on is looked through)."""
+    for cls in type(module).__mro__:
+        method = cls.__dict__.get("materialize")
+        if method is None:
+            continue
+        parameters = list(inspect.signature(method).parameters.values())[2:]  # after self and x
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return set()
+
+
+def _materialize_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """x and, by name, every other argument of this forward call that `module.materialize` takes and that is not None
+    (masks, context, and the module's own extra inputs such as decoupled-attention's `embeddings`)."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    first, *rest = bound.signature.parameters.values()
+    given: dict[str, Any] = {}
+    for p in rest:
+        if p.name not in bound.arguments:
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(bound.arguments[p.name])
+        elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
+            given[p.name] = bound.arguments[p.name]
+    accepted = _materialize_parameters(module)
+    return bound.arguments[first.name], {k: v for k, v in given.items() if k in accepted and v is not None}
+
+
 def _attnlab_hook(att: Attentions, name: str, grads: bool) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
-        x = args[0] if args else kwargs["x"]
-        names = ("context", "attention_mask", "key_padding_mask", "attn_mask")
-        given = {k: kwargs[k] for k in names if kwargs.get(k) is not None}
+        x, given = _materialize_arguments(module, args, kwargs)
         with torch.no_grad():
             weights = module.materialize(x, **given)  # type: ignore[operator]
         batch, _, n_q, n_k = weights.shape
@@ -341,7 +371,10 @@ def _find_capture(module: nn.Module) -> tuple[Attentions, str] | None:
     return None
 
 
-def _is_cross(module: nn.Module, name: str) -> bool:
+def is_cross_attention(module: nn.Module, name: str) -> bool:
+    """True when the transformers attention module `module`, named `name` in its model, is cross-attention: it says
+    so (`is_cross_attention`), or a part of its name contains "cross" or is "encoder_attn" / "EncDecAttention" /
+    "encoder_decoder_attention"."""
     if getattr(module, "is_cross_attention", False) is True:
         return True
     parts = name.split(".")
@@ -367,7 +400,7 @@ def _record(module: nn.Module, probs: Tensor, attention_mask: Tensor | None, que
     att, name = found
     batch, _, n_q, n_k = probs.shape
     key_mask = _visible_keys(attention_mask, batch, n_k, probs.device)
-    if _is_cross(module, name):
+    if is_cross_attention(module, name):
         query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=probs.device)
     else:
         query_mask = key_mask[:, n_k - n_q :]
@@ -508,9 +541,17 @@ def _register_with_transformers() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
+    """True when `model` is a Hugging Face `transformers.PreTrainedModel` (transformers is not imported to decide:
+    a model of that class can only exist once it is)."""
     tf = sys.modules.get("transformers")
     return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def transformers_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the attention modules of a transformers model, in `named_modules` order: those with
+    `scaling` and `is_causal`, as its attention classes have (cross-attention included)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "is_causal")]
 
 
 def dispatches(model: nn.Module) -> bool:
@@ -794,12 +835,12 @@ def capture(model: nn.Module, *, grads: bool = False, qk: bool = False) -> Itera
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     att = Attentions(grads_requested=grads, qk_requested=qk)
-    hf = _is_transformers_model(model)
+    hf = is_transformers_model(model)
     recorder = hf and dispatches(model)
     longt5_local = _longt5_local_modules(model) if hf else []
     blocked_records: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Record]] = {}
     hooked: list[tuple[str, nn.Module]] = []  # checked before any hook is registered: an error leaves none behind
-    mechanisms = _attnlab_modules(model)
+    mechanisms = attnlab_modules(model)
     for name, module in mechanisms:
         spec = module.spec  # type: ignore[union-attr]
         if spec.supports is None or not spec.supports.materialize:

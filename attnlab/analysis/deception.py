@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
-from .capture import Attentions, _attnlab_modules, _is_transformers_model, capture
+from .capture import Attentions, attnlab_modules, capture, is_transformers_model
 
 P046 = Paper("P046", "Learning to Deceive with Attention-Based Explanations", 2020, "1909.07913")
 REDUCTIONS = ("mean", "max")
@@ -68,11 +68,11 @@ def attention_in_graph(model: nn.Module) -> Iterator[GraphMaps]:
     the yielded `GraphMaps` (module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         with capture(model, grads=True) as att:
             yield GraphMaps(capture=att)
         return
-    found = _attnlab_modules(model)
+    found = attnlab_modules(model)
     if not found:
         raise TypeError(f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model")
     for name, module in found:

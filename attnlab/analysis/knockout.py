@@ -49,8 +49,13 @@ from torch import Tensor, nn
 from ..core.masks import restrict
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
-from .capture import _attnlab_modules, _is_transformers_model, dispatches, transformers_implementation
-from .sinks import _transformers_attention_modules
+from .capture import (
+    attnlab_modules,
+    dispatches,
+    is_transformers_model,
+    transformers_attention_modules,
+    transformers_implementation,
+)
 
 P033 = Paper("P033", "What's in the Image? A Deep-Dive into the Vision of Vision Language Models", 2024, "2411.17491")
 
@@ -63,9 +68,9 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     the outermost attnlab mechanisms, in module order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if _is_transformers_model(model):
-        return _transformers_attention_modules(model)
-    found = _attnlab_modules(model)
+    if is_transformers_model(model):
+        return transformers_attention_modules(model)
+    found = attnlab_modules(model)
     if not found:
         raise TypeError(f"model: {type(model).__name__} holds no attnlab mechanism and is not a transformers model")
     return found
@@ -241,7 +246,7 @@ def knockout(model: nn.Module, keep: Mapping[int, Tensor]) -> Iterator[list[str]
     Layers: `attention_layers(model)` (module docstring). Rows left without any key give zeros."""
     found = attention_layers(model)
     chosen = _checked_keep(keep, len(found))
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         with _knockout_transformers(model, found, chosen) as names:
             yield names
         return

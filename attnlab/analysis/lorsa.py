@@ -17,10 +17,13 @@ raw activations); b_O starts at the mean target; Adam with a warm-up-then-cosine
 linearly from `heads` to `top_k` over the first `k_warmup` share of the steps; the loss is the MSE of the scaled
 output. Deviation: at initialisation only w_V and b_V are rescaled so that the mean output norm matches the
 target's (the official code rescales W_Q, W_K too, which also sharpens the patterns; the output is linear in w_V).
-No rotary embeddings (the models here have absolute positions) and no virtual keys.
+No rotary embeddings (the ToyLMs and MiniLM have absolute positions; fitted to a RoPE model's layer, its patterns
+see no positions) and no virtual keys. `attention_layer_io` reads x, y from a ToyLM or, through forward hooks, from
+a transformers model's self-attention layer (input hidden states, output after W_O; padding zero).
 
     from attnlab.analysis.lorsa import Lorsa, attention_layer_io, fit_lorsa, lorsa_head_scores
     x, y = attention_layer_io(toy_lm, ids, layer=1)      # (batch, n, d) each
+    x, y = attention_layer_io(minilm, batch["input_ids"], 0, attention_mask=batch["attention_mask"])  # transformers
     lorsa = Lorsa(dim=64, heads=128, qk_heads=32, qk_dim=8, top_k=8)
     record = fit_lorsa(lorsa, x, y, steps=500)             # {"losses": [...], "fvu": ...}
     scores = lorsa_head_scores(lorsa, x_probe, ids_probe)  # previous-token / induction score of every Lorsa head
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from ..core.errors import ParameterError
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
+from .capture import is_cross_attention, is_transformers_model, transformers_attention_modules
 from .heads import induction_score, previous_token_score
 from .induction_model import head_scores, induction_batch, induction_model, repeated_tokens
 from .toy_lm import ToyLM, lr_factor
@@ -138,15 +142,83 @@ class Lorsa(nn.Module):
         return (z @ self.w_o + self.b_o) / self.out_scale
 
 
-def attention_layer_io(model: ToyLM, ids: Tensor, layer: int, *, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(x, y) of `layer` of a ToyLM on ids: x = its attention's input LN(residual), y = the update it adds; (batch, n, dim)."""
+def attention_layer_io(model: nn.Module, ids: Tensor, layer: int, *, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x, y) of the attention of `layer` on token ids (batch, n), each (batch, n, dim): x its input, y its output.
+
+    ToyLM: x = LN(residual) entering the layer's attention, y = the update the attention adds to the residual.
+    transformers model: the layer-th self-attention module (`transformers_attention_modules` in order, cross-attention
+    left out), read through forward hooks during model(input_ids=ids, attention_mask=attention_mask): x = the hidden
+    states it gets, y = the output of its output projection W_O — the module's own output when it holds the
+    projection (o_proj, out_proj, dense, ...; Llama-style), else the sibling `output.dense` (BERT family, where
+    `output` then adds the residual and normalises). Padded positions (attention_mask False) are 0 in x and y: pass
+    the same mask to `fit_lorsa`. Run the model in eval mode for deterministic activations (dropout)."""
+    if is_transformers_model(model):
+        return _transformers_layer_io(model, ids, layer, attention_mask)
     if not isinstance(model, ToyLM):
-        raise TypeError(f"model: expected a ToyLM, got {type(model).__name__}")
+        raise TypeError(f"model: expected a ToyLM or a transformers model, got {type(model).__name__}")
     if not is_int(layer) or not 0 <= layer < model.settings.layers:
         raise ParameterError(f"layer: expected an int in [0, {model.settings.layers}), got {layer!r}")
     with torch.no_grad():
         t = model.trace(ids, attention_mask=attention_mask)
         return model.blocks[layer].norm1(t.residual[layer]), t.attention[layer]
+
+
+_OWN_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out")
+
+
+def _output_projection(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """The module whose output is W_O applied to the heads of attention `module` (named `name` in `model`)."""
+    if any(isinstance(getattr(module, child, None), nn.Module) for child in _OWN_OUTPUT_PROJECTIONS):
+        return module
+    parent = model.get_submodule(name.rpartition(".")[0])
+    dense = getattr(getattr(parent, "output", None), "dense", None)
+    if isinstance(dense, nn.Linear):
+        return dense
+    raise TypeError(f"model: attention module {name!r} ({type(module).__name__}) has no output projection of its own "
+                    f"({', '.join(_OWN_OUTPUT_PROJECTIONS)}) nor a sibling output.dense; its attention output is unknown")
+
+
+def _transformers_layer_io(model: nn.Module, ids: Tensor, layer: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    found = [(n, m) for n, m in transformers_attention_modules(model) if not is_cross_attention(m, n)]
+    if not is_int(layer) or not 0 <= layer < len(found):
+        raise ParameterError(f"layer: expected an int in [0, {len(found)}) (the model's self-attention layers), got {layer!r}")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise TypeError(f"ids: expected token ids (batch, n) of an integer dtype, got "
+                        f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}"
+                        f"{' of ' + str(ids.dtype) if isinstance(ids, Tensor) else ''}")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != ids.shape):
+        raise ValueError(f"attention_mask: expected a mask {tuple(ids.shape)} (as ids), got "
+                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__}")
+    name, module = found[layer]
+    projection = _output_projection(model, name, module)
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+
+    def take_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def take_output(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [module.register_forward_pre_hook(take_input, with_kwargs=True), projection.register_forward_hook(take_output)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise TypeError(f"model: expected one call of {name!r} and of its output projection per forward, got "
+                        f"{len(inputs)} and {len(outputs)}")
+    x, y = inputs[0], outputs[0]
+    if x.shape != y.shape or tuple(x.shape[:2]) != tuple(ids.shape):
+        raise TypeError(f"model: expected the input and the projected output of {name!r} to be (batch, n, dim) "
+                        f"{tuple(ids.shape)} + (dim,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if attention_mask is None:
+        return x, y
+    real = attention_mask.to(device=x.device, dtype=torch.bool)[..., None]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(real, x, zero), torch.where(real, y, zero)
 
 
 def _check_pair(x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from ..core.errors import ParameterError
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
-from .capture import MODIFIERS, Attentions, _attnlab_modules, _is_transformers_model, transformers_implementation
+from .capture import MODIFIERS, Attentions, attnlab_modules, is_transformers_model, transformers_implementation
 from .heads import _prepare
 
 P156 = Paper("P156", "Human Guided Exploitation of Interpretable Attention Patterns in Summarization and Topic "
@@ -519,10 +519,10 @@ def inject_patterns(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     by_module = _check_injection(patterns, mode, strength)
     with ExitStack() as stack:
-        if _is_transformers_model(model):
+        if is_transformers_model(model):
             yield stack.enter_context(_inject_transformers(model, by_module, mode, strength))
             return
-        found = [(n, m) for n, m in _attnlab_modules(model) if m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
+        found = [(n, m) for n, m in attnlab_modules(model) if m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
         if not found:
             raise TypeError(f"model: {type(model).__name__} holds no attnlab mechanism with `materialize` and is not a "
                             "transformers model; nothing to inject into")

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
-from .capture import Attentions, _is_cross, capture
+from .capture import Attentions, capture, is_cross_attention
 
 P035 = Paper(
     "P035",
@@ -174,7 +174,7 @@ def _named_cross(name: str) -> bool:
 
 def _calls(att: Attentions, model: nn.Module | None, streams: Streams | None) -> list[tuple[str, str]]:
     modules = dict(model.named_modules()) if model is not None else {}
-    cross = [_is_cross(modules[n], n) if n in modules else _named_cross(n) for n in att.names]
+    cross = [is_cross_attention(modules[n], n) if n in modules else _named_cross(n) for n in att.names]
     if streams is not None:
         out = []
         for n, c in zip(att.names, cross):

@@ -26,7 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from ..core.registry import Paper, Param, Spec, add
-from .capture import MODIFIERS, Attentions, _attnlab_modules, _is_transformers_model, transformers_implementation
+from .capture import (
+    MODIFIERS,
+    Attentions,
+    attnlab_modules,
+    is_transformers_model,
+    transformers_attention_modules,
+    transformers_implementation,
+)
 from .heads import _finish, _prepare
 
 P068 = Paper("P068", "Geometric View of Attention Sinks (reference frames)", 2025, None)
@@ -118,11 +125,6 @@ def _visible_keys(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
     return vis.any(-2).any(1)
 
 
-def _transformers_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules of a transformers model: those with `scaling` and `is_causal`, as its classes have."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "is_causal")]
-
-
 def _chosen_heads(heads: Collection[tuple[int, int]] | None, index: int) -> set[int] | None:
     return None if heads is None else {hd for m, hd in heads if m == index}
 
@@ -159,7 +161,7 @@ def _calibrate_attnlab(found: list[tuple[str, nn.Module]], heads: Collection[tup
 @contextmanager
 def _calibrate_transformers(model: nn.Module, heads: Collection[tuple[int, int]] | None,
                             **act: float | None) -> Iterator[list[str]]:
-    found = _transformers_attention_modules(model)
+    found = transformers_attention_modules(model)
     if not found:
         raise TypeError(f"model: {type(model).__name__} has no attention module (with `scaling` and `is_causal`) to calibrate")
     chosen = {id(m): (n, _chosen_heads(heads, idx)) for idx, (n, m) in enumerate(found)}
@@ -194,11 +196,11 @@ def calibration(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     act = {"beta": beta, "alpha": alpha, "threshold": threshold}
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         with _calibrate_transformers(model, heads, **act) as names:
             yield names
         return
-    found = [(n, m) for n, m in _attnlab_modules(model) if m.spec.normalized and m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
+    found = [(n, m) for n, m in attnlab_modules(model) if m.spec.normalized and m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
     if not found:
         raise TypeError(f"model: {type(model).__name__} holds no softmax-normalised attnlab mechanism to calibrate")
     with _calibrate_attnlab(found, heads, **act) as names:

@@ -63,7 +63,7 @@ from ..core.errors import ParameterError
 from ..core.module import Attention
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
-from .capture import _attnlab_modules
+from .capture import attnlab_modules
 from .patterns import inject_patterns
 from .toy_lm import Cached, ToyLM, ToyLMSettings, cached, settings_key, train_toy_lm
 
@@ -136,7 +136,7 @@ def model_weights(
     `blocks[l].norm1`) and U through the final norm (`final_norm`, default a ToyLM's `norm`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    modules = [m for _, m in _attnlab_modules(model)]
+    modules = [m for _, m in attnlab_modules(model)]
     if not modules:
         raise TypeError(f"model: {type(model).__name__} holds no attnlab attention module")
     fold = isinstance(model, ToyLM) if fold_norms is None else fold_norms
@@ -258,7 +258,7 @@ def head_ablation_effects(model: nn.Module, ids: Tensor, targets: Tensor, *, pos
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
     if not is_int(position) or not -ids.shape[1] <= position < ids.shape[1]:
         raise ParameterError(f"position: expected a position of the prompts (n = {ids.shape[1]}), got {position!r}")
-    modules = [m for _, m in _attnlab_modules(model) if m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
+    modules = [m for _, m in attnlab_modules(model) if m.spec.supports and m.spec.supports.materialize]  # type: ignore[union-attr]
     if not modules:
         raise TypeError(f"model: {type(model).__name__} holds no attnlab attention module to ablate")
 

@@ -153,6 +153,35 @@ def test_attnlab_padding_and_grads():
     torch.testing.assert_close(att.grads[0], leaf.grad * keep, rtol=1e-4, atol=1e-6)
 
 
+
+def test_decoupled_attention_maps_come_from_its_embeddings():
+    """decoupled-attention's q, k come from its forward's `embeddings`: capture must hand them to materialize."""
+    from attnlab.mechanisms.mixers.deconstructed_attention import InterleavedStack
+
+    torch.manual_seed(2)
+    model = InterleavedStack("decoupled-attention", dim=16, heads=2, layers=2, softmax_every=0)
+    x = torch.randn(2, 5, 16)
+    real = torch.tensor([[True, True, True, False, False], [True] * 5])
+    with torch.no_grad():
+        with capture(model) as att:
+            model(x, attention_mask=real)
+        h = x + model.mixers[0](model.norms1[0](x), attention_mask=real, embeddings=model.norms1[0](x))
+        h = h + model.mlps[0](model.norms2[0](h))
+        layer, e = model.mixers[1], model.norms1[1](x)  # layer 1: x = LN(h) differs from its embeddings LN(x)
+        own = layer.materialize(model.norms1[1](h), embeddings=e, attention_mask=real)
+        # the formula in float64: softmax((W_q e)(W_k e)ᵀ/√d) over the real keys, padded rows and columns 0
+        q = layer.split_heads(layer.q_proj(e)).double()
+        k = layer.split_heads(layer.k_proj(e)).double()
+        scores = (q @ k.transpose(-1, -2) / layer.head_dim**0.5).masked_fill(~real[:, None, None, :], -torch.inf)
+        keep = real[:, None, :, None] & real[:, None, None, :]
+        formula = scores.softmax(-1) * keep
+        without = layer.materialize(model.norms1[1](h), attention_mask=real)  # q, k from x instead
+    assert att.names == ["mixers.0", "mixers.1"]
+    torch.testing.assert_close(att.layers[1], own * keep, rtol=0, atol=1e-6)
+    torch.testing.assert_close(att.layers[1].double(), formula, rtol=0, atol=1e-5)
+    assert (att.layers[1] - without * keep).abs().max() > 1e-2  # the test can tell the two apart
+
+
 def test_nothing_to_capture_is_an_error():
     with pytest.raises(TypeError, match="nothing to capture"):
         with capture(nn.Linear(3, 3)):

@@ -14,14 +14,6 @@ from attnlab.core.registry import get
 DIM, VOCAB, GRID, HEADS = 16, 10, 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(mechanism="softmax", seed=0, layers=2):
     torch.manual_seed(seed)
     return MMDiT(channels=3, vocab=VOCAB, tokens=GRID * GRID, dim=DIM, heads=HEADS, layers=layers,

@@ -23,15 +23,6 @@ TASK = ConceptTask(concepts=3, words=4, width=4, grid=4, seed=0)
 PLANTED = {(0, 0): 0, (1, 1): 0, (0, 2): 1, (2, 3): 1, (1, 0): 2, (2, 1): 2}  # (layer, head) -> concept
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _words(model):
     table = model.words.weight.detach()
     return [[table[c * TASK.words + w] for w in range(TASK.words)] for c in range(TASK.concepts)]
