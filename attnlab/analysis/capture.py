@@ -282,11 +282,15 @@ def _flat_mask(mask: Tensor | None, batch: int, n: int, device: torch.device) ->
     return mask.reshape(batch, -1).to(torch.bool)
 
 
-def _attnlab_qk(module: nn.Module, x: Tensor, context: Tensor | None, batch: int) -> tuple[Tensor, Tensor, float | None]:
+def _attnlab_qk(module: nn.Module, x: Tensor, context: Tensor | None, batch: int,
+                given: dict[str, Any]) -> tuple[Tensor, Tensor, float | None]:
     """Per-head q, k of an attnlab module from its own `project` (k from `key_values` when its keys are
-    summaries of the tokens), and its `scale` when it has one."""
+    summaries of the tokens), with the call's other inputs that `project` takes by name (decoupled-attention's
+    `embeddings`), and its `scale` when it has one."""
+    takes = inspect.signature(module.project).parameters  # type: ignore[arg-type]
+    extra = {k: v for k, v in given.items() if k in takes and k not in ("x", "context")}
     with torch.no_grad():
-        q, k, _ = module.project(x.reshape(batch, -1, x.shape[-1]), context)  # type: ignore[operator]
+        q, k, _ = module.project(x.reshape(batch, -1, x.shape[-1]), context, **extra)  # type: ignore[operator]
         if module.spec.supports.summary_keys:  # type: ignore[union-attr]
             k = module.key_values(x)[0]  # type: ignore[operator]
     scale = getattr(module, "scale", None)
@@ -339,7 +343,7 @@ def _attnlab_hook(att: Attentions, name: str, grads: bool) -> Callable[..., Any]
         if att.qk_requested:  # project from batch-major tokens (a module built with batch_first=False takes (n, batch, dim))
             major = getattr(module, "batch_major", None)
             xb, cb = major(x, given.get("context")) if major is not None else (x, given.get("context"))
-            qk = _attnlab_qk(module, xb, cb, batch)
+            qk = _attnlab_qk(module, xb, cb, batch, given)
         else:
             qk = (None, None, None)
         if not grads:

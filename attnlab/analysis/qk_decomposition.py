@@ -61,6 +61,7 @@ from ..core.module import Attention
 from ..core.registry import Paper, Param, Spec, add
 from ..core.validate import is_int
 from ..mechanisms.dense.softmax import SoftmaxAttention
+from ..mechanisms.mixers.deconstructed_attention import DecoupledAttention
 from .capture import capture
 from .induction_model import head_scores, induction_model, repeated_tokens
 from .toy_lm import ToyLM
@@ -169,7 +170,7 @@ def refusal(module: nn.Module) -> str | None:
         if not isinstance(module, SoftmaxAttention):
             return (f"{name}: its map is not softmax(scale·q·k) of its q/k projections (feature maps, kernels, "
                     f"sparse or recurrent cores), so its scores are no bilinear form of the tokens")
-        if kind.project is not Attention.project:
+        if kind.project is not Attention.project and not isinstance(module, DecoupledAttention):  # its q, k: of e
             return f"{name}: q and k are not projections of one token each (it overrides project, e.g. convolutions over positions)"
         if kind.attend_reference is not SoftmaxAttention.attend_reference or kind.scale is not SoftmaxAttention.scale:
             return (f"{name}: its core changes q, k or the scores beyond scale·q·k + a positional bias (e.g. a rotation "

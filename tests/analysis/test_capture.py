@@ -163,7 +163,7 @@ def test_decoupled_attention_maps_come_from_its_embeddings():
     x = torch.randn(2, 5, 16)
     real = torch.tensor([[True, True, True, False, False], [True] * 5])
     with torch.no_grad():
-        with capture(model) as att:
+        with capture(model, qk=True) as att:
             model(x, attention_mask=real)
         h = x + model.mixers[0](model.norms1[0](x), attention_mask=real, embeddings=model.norms1[0](x))
         h = h + model.mlps[0](model.norms2[0](h))
@@ -180,6 +180,9 @@ def test_decoupled_attention_maps_come_from_its_embeddings():
     torch.testing.assert_close(att.layers[1], own * keep, rtol=0, atol=1e-6)
     torch.testing.assert_close(att.layers[1].double(), formula, rtol=0, atol=1e-5)
     assert (att.layers[1] - without * keep).abs().max() > 1e-2  # the test can tell the two apart
+    # capture(qk=True) records the queries and keys the scores came from: those of the embeddings
+    torch.testing.assert_close(att.queries[1].double(), q * real[:, None, :, None], rtol=0, atol=1e-6)
+    torch.testing.assert_close(att.keys[1].double(), k * real[:, None, :, None], rtol=0, atol=1e-6)
 
 
 def test_nothing_to_capture_is_an_error():

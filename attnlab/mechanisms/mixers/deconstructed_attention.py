@@ -374,10 +374,12 @@ class DecoupledAttention(SoftmaxAttention):
     ) -> None:
         super().__init__(dim, heads, head_dim=head_dim, qkv_bias=qkv_bias, causal=causal, batch_first=batch_first)
 
-    def decoupled_qkv(self, x: Tensor, embeddings: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k from the embeddings (batch-major, checked as x), v from x: each (batch, heads, n, head_dim)."""
-        if embeddings is None:
-            return self.project(x)
+    def project(self, x: Tensor, context: Tensor | None = None, *,
+                embeddings: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k from the embeddings (batch-major, checked as x), v from x: each (batch, heads, n, head_dim); without
+        embeddings (or with a context) as `Attention.project`."""
+        if embeddings is None or context is not None:
+            return super().project(x, context)
         e = self.batch_major(embeddings)[0]
         check_tokens("embeddings", e, self.dim)
         check_finite("embeddings", e)
@@ -401,7 +403,7 @@ class DecoupledAttention(SoftmaxAttention):
         x, context = self.batch_major(x, context)
         self._check_inputs(x, context)
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
-        q, k, v = self.decoupled_qkv(x, embeddings)
+        q, k, v = self.project(x, context, embeddings=embeddings)
         out = self.out_proj(self.merge_heads(self.attend(q, k, v, attention_mask=keep, attn_mask=attn_mask, impl=impl)))
         return out if self.batch_first else out.transpose(0, 1)
 
@@ -419,7 +421,7 @@ class DecoupledAttention(SoftmaxAttention):
         x, context = self.batch_major(x, context)
         self._check_inputs(x, context)
         keep = self.keep_mask(x, context, attention_mask, key_padding_mask)
-        q, k, v = self.decoupled_qkv(x, embeddings)
+        q, k, v = self.project(x, context, embeddings=embeddings)
         self.check_dense_memory("materialize", q, k)
         return self.attend_reference(q, k, v, self.combined_mask(q, k, keep, attn_mask))[1]
 
