@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ..core.errors import DTypeError, ParameterError, ShapeError
 from ..core.registry import build as build_entry
 from ..core.validate import check_finite, check_floating, check_tensor, is_int
-from .char_lm import lr_factor
+from .toy_lm import train_toy_lm
 
 DIGIT_SIZE = 8
 CLASSES = 10
@@ -411,27 +411,10 @@ def train_classifier(
     progress: bool = False,
 ) -> tuple[float, ...]:
     """`steps` AdamW steps (weight decay 0.01, `char_lm.lr_factor` schedule) on the batches
-    `batches(generator)` draws (generator seeded with `seed`); loss(model, inputs, labels) defaults to the
-    cross-entropy of model(inputs). Returns the loss of each step; the model is left in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps))
-    losses: list[float] = []
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        inputs, labels = batches(generator)
-        value = nn.functional.cross_entropy(model(inputs), labels) if loss is None else loss(model, inputs, labels)
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(value.detach()))
-        if progress and (step % max(1, steps // 10) == 0 or step == steps):
-            print(f"{label}: step {step}/{steps}  loss {losses[-1]:.3f}  {time.perf_counter() - start:.0f} s",
-                  file=sys.stderr, flush=True)
-    model.eval()
-    return tuple(losses)
+    `batches(generator)` draws (generator seeded with `seed`; `toy_lm.train_toy_lm`); loss(model, inputs, labels)
+    defaults to the cross-entropy of model(inputs). Returns the loss of each step; the model is left in eval mode."""
+    return tuple(train_toy_lm(model, batches, steps=steps, lr=lr, seed=seed, loss=loss,
+                              progress=label if progress else None))
 
 
 def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor) -> float:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..core.errors import ParameterError
 from ..core.registry import build as build_entry
 from ..core.validate import is_int
+from .char_lm import lr_factor
 
 DEFAULT_RESULTS = Path("attnlab-results")  # the folder of attnlab.bench.store.DEFAULT_DB
 CACHE_FORMAT = 1
@@ -162,12 +163,6 @@ class ToyLM(nn.Module):
         return self.trace(ids, prefix=prefix, attention_mask=attention_mask, attn_masks=attn_masks).logits
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Share of the peak learning rate at step `step` of `steps`: linear warm-up over 5% of the steps, cosine to 0."""
-    warmup = max(1, round(0.05 * steps))
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
 def train_toy_lm(
     model: nn.Module,
     sample: Sampler,
@@ -178,10 +173,13 @@ def train_toy_lm(
     weight_decay: float = 0.01,
     progress: str | None = None,
     forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    loss: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
 ) -> list[float]:
-    """Fit `model` to `sample(generator) -> (ids, targets)` by cross-entropy over positions with target != -100.
+    """Fit `model` to `sample(generator) -> (ids, targets)` by cross-entropy over positions with target != -100,
+    with AdamW and `char_lm.lr_factor`'s warm-up and cosine.
 
-    forward(model, ids) -> logits (default `model(ids)`; logits (batch, n, vocab) line up with targets (batch, n)).
+    forward(model, ids) -> logits (default `model(ids)`; logits (batch, n, vocab) line up with targets (batch, n),
+    or (batch, classes) with (batch,)); loss(model, ids, targets) -> the loss, instead of that cross-entropy.
     progress: a label to print ten progress lines on stderr with (None: quiet). Returns the loss of every step;
     the model is left in eval mode."""
     if not is_int(steps) or steps < 1:
@@ -199,13 +197,15 @@ def train_toy_lm(
     model.train()
     for step in range(1, steps + 1):
         ids, targets = sample(generator)
-        logits = run(model, ids)
-        loss = nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+        if loss is None:
+            value = nn.functional.cross_entropy(run(model, ids).flatten(0, -2), targets.flatten(), ignore_index=-100)
+        else:
+            value = loss(model, ids, targets)
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
         if progress and (step % max(1, steps // 10) == 0 or step == steps):
             print(f"{progress}: step {step}/{steps}  loss {losses[-1]:.4f}  {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
