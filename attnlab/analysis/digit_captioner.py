@@ -2,9 +2,10 @@
 sklearn's 8×8 digits, a trained linear projection of them into a ToyLM's embedding space (the image prefix), and
 the ToyLM, which "captions" a digit with its word token.
 
-    from attnlab.analysis.digit_captioner import digit_captioner, load_digits_tensors, CAPTION
+    from attnlab.analysis.digit_captioner import digit_captioner, CAPTION
+    from attnlab.analysis.digits import load_digits_split
     cap = digit_captioner()                       # cached under attnlab-results/digit_captioner
-    images, labels = load_digits_tensors()        # (1797, 8, 8) in [0, 1], (1797,)
+    images = load_digits_split().test_images      # (359, 8, 8) in [0, 1]
     prefix = cap.model.prefix(images[:4])         # (4, 4, dim): the projected visual features, one per patch
     logits = cap.model.lm(cap.model.prompt(4), prefix=prefix)[:, -1]   # caption logits; word of digit d = d
 
@@ -15,15 +16,14 @@ ToyLM (attnlab.analysis.toy_lm), followed by one text token, CAPTION; the logits
 "zero" … "nine" (token ids 0 … 9). Vocabulary: the ten words and CAPTION.
 
 The recipe (`train_captioner`): seeded init, AdamW (weight decay 0.01) on the projection and the ToyLM together,
-the warm-up-then-cosine learning rate of toy_lm.lr_factor, `steps` steps of `batch` random training images,
-cross-entropy of the digit's word. The data: the 1797 digits / 16 split by a fixed permutation (seed 0) into
-the first 80% for training and the rest for testing. Deviation from P119: there the LM (GPT-J) is pretrained on
+the warm-up-then-cosine learning rate of char_lm.lr_factor (`toy_lm.train_toy_lm`), `steps` steps of `batch` random training images,
+cross-entropy of the digit's word. The data: `digits.load_digits_split()` (the 1797 digits / 16 split by a
+fixed permutation, seed 0, 80% for training). Deviation from P119: there the LM (GPT-J) is pretrained on
 text and frozen and only the projection is trained; here both are trained together on captions (there is no
 text-only pretraining to keep), so the "text-only" part is simply the model's token pathway.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,30 +33,14 @@ from torch import Tensor, nn
 
 from ..core.errors import ParameterError, ShapeError
 from ..core.validate import check_int, is_int
-from .toy_lm import Cached, ToyLM, ToyLMSettings, cached, lr_factor, settings_key
+from .digits import load_digits_split
+from .toy_lm import Cached, ToyLM, ToyLMSettings, cached, settings_key, train_toy_lm
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION = len(WORDS)  # the prompt token after the image prefix
 VOCAB = CAPTION + 1
 PATCH = 4
 PATCHES = (8 // PATCH) ** 2
-
-
-@functools.lru_cache(maxsize=1)
-def load_digits_tensors() -> tuple[Tensor, Tensor]:
-    """sklearn's 1797 digits as float32 (n, 8, 8) in [0, 1] and int64 labels (n,). Shared: do not modify."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return torch.tensor(data.images / 16.0, dtype=torch.float32), torch.tensor(data.target, dtype=torch.int64)
-
-
-def digits_split(test_share: float = 0.2) -> tuple[Tensor, Tensor]:
-    """Indices (train, test) into `load_digits_tensors`: a fixed permutation (seed 0), the last share for testing."""
-    n = load_digits_tensors()[0].shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    cut = n - round(test_share * n)
-    return order[:cut], order[cut:]
 
 
 class PatchFeatures(nn.Module):
@@ -131,27 +115,18 @@ class Captioner(nn.Module):
 
 def train_captioner(settings: CaptionerSettings = CaptionerSettings()) -> tuple[Captioner, dict[str, Any]]:
     """A `Captioner` trained by the recipe (module docstring) and its record: losses' tail, test accuracy."""
-    images, labels = load_digits_tensors()
-    train, test = digits_split()
+    data = load_digits_split()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = Captioner(settings)
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, settings.steps))
-    losses = []
-    model.train()
-    for _ in range(settings.steps):
-        rows = train[torch.randint(0, len(train), (settings.batch,), generator=generator)]
-        loss = nn.functional.cross_entropy(model(images[rows]), labels[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+
+    def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        rows = torch.randint(0, len(data.train_labels), (settings.batch,), generator=generator)
+        return data.train_images[rows], data.train_labels[rows]
+
+    losses = train_toy_lm(model, sample, steps=settings.steps, lr=settings.lr, seed=settings.seed)
     with torch.no_grad():
-        accuracy = float((model(images[test]).argmax(-1) == labels[test]).double().mean())
+        accuracy = float((model(data.test_images).argmax(-1) == data.test_labels).double().mean())
     return model, {"test_accuracy": accuracy, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
@@ -182,11 +157,11 @@ def multimodal_neuron_demo(settings: CaptionerSettings = CaptionerSettings(), *,
 
     cap = digit_captioner(settings, cache_dir=cache_dir)
     model = cap.model
-    all_images, labels = load_digits_tensors()
-    test = digits_split()[1][:images]
+    data = load_digits_split()
+    test_images, target = data.test_images[:images], data.test_labels[:images]
     with torch.no_grad():
-        prefix = model.prefix(all_images[test])
-    ids, target = model.prompt(len(test)), labels[test]
+        prefix = model.prefix(test_images)
+    ids = model.prompt(len(target))
     att = neuron_attribution(model.lm, ids, target, prefix=prefix)
     on_image, at_caption = att.over(range(PATCHES)), att.over([PATCHES])  # (batch, layers, hidden)
     layers, hidden = on_image.shape[1:]
@@ -195,7 +170,7 @@ def multimodal_neuron_demo(settings: CaptionerSettings = CaptionerSettings(), *,
         check = ablation_check(model.lm, ids, target, prefix=prefix, k=k, seed=settings.seed)
         ablation[k] = {"base": float(check.base.mean()), "top_drop": check.top_drop, "random_drop": check.random_drop,
                        "top_log_drop": check.top_log_drop, "random_log_drop": check.random_log_drop}
-    top16 = on_image.reshape(len(test), -1).topk(16, dim=-1).indices // hidden
+    top16 = on_image.reshape(len(target), -1).topk(16, dim=-1).indices // hidden
     layer_share = torch.bincount(top16.reshape(-1), minlength=layers).double() / top16.numel()
     decoded: dict[str, dict[str, Any]] = {}
     for digit, word in enumerate(WORDS):

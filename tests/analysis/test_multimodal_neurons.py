@@ -8,10 +8,9 @@ from attnlab.analysis.digit_captioner import (
     PATCHES,
     CaptionerSettings,
     PatchFeatures,
-    digits_split,
-    load_digits_tensors,
     train_captioner,
 )
+from attnlab.analysis.digits import load_digits_split
 from attnlab.analysis.multimodal_neurons import ablate_neurons, ablation_check, decode_neurons, neuron_attribution
 from attnlab.analysis.toy_lm import ToyLM, ToyLMSettings
 from attnlab.core.errors import ParameterError, ShapeError
@@ -132,11 +131,10 @@ def test_the_tiny_captioner_captions_digits(captioner):
 
 def test_ablating_top_attributed_neurons_hurts_the_caption_more_than_random_ones(captioner):
     model, _ = captioner
-    images, labels = load_digits_tensors()
-    test = digits_split()[1][:64]
+    data = load_digits_split()
     with torch.no_grad():
-        prefix = model.prefix(images[test])
-    check = ablation_check(model.lm, model.prompt(64), labels[test], prefix=prefix, k=8, seed=0)
+        prefix = model.prefix(data.test_images[:64])
+    check = ablation_check(model.lm, model.prompt(64), data.test_labels[:64], prefix=prefix, k=8, seed=0)
     assert check.top_drop > 0.05
     assert check.top_drop > check.random_drop + 0.05
     assert check.top_drop > 4 * abs(check.random_drop)

@@ -41,13 +41,7 @@ from torch import Tensor
 from ...analysis.class_lens import P064, class_lens, identifiability_profile
 from ...analysis.cross_attention_heads import P077, HeadRelevance, head_relevance_vectors, ordered_weakening
 from ...analysis.deception import P046, DeceptionRun, MarkedTokenSettings, evaluate_deception, train_deceptive
-from ...analysis.digit_captioner import (
-    CaptionerSettings,
-    digit_captioner,
-    digits_split,
-    load_digits_tensors,
-    train_captioner,
-)
+from ...analysis.digit_captioner import CaptionerSettings, digit_captioner, train_captioner
 from ...analysis.digits import ViTSettings, digit_vit, load_digits_split, train_digit_vit
 from ...analysis.entity_lm import (
     DEMO_RECIPE,
@@ -459,11 +453,11 @@ def ablation_gap_statistic(top_log_drop: float, random_log_drop: float) -> float
 def neuron_ablation(seed: int, size: str) -> Measurement:
     settings = replace(CAPTIONER[size], seed=seed)
     model = train_captioner(settings)[0] if size == "smoke" else digit_captioner(settings).model
-    images, labels = load_digits_tensors()
-    test = digits_split()[1][:CAPTION_IMAGES[size]]
+    data = load_digits_split()
+    target = data.test_labels[:CAPTION_IMAGES[size]]
     with torch.no_grad():
-        prefix = model.prefix(images[test])  # type: ignore[operator]
-    ids, target = model.prompt(len(test)), labels[test]  # type: ignore[operator]
+        prefix = model.prefix(data.test_images[:CAPTION_IMAGES[size]])  # type: ignore[operator]
+    ids = model.prompt(len(target))  # type: ignore[operator]
     checks = [ablation_check(model.lm, ids, target, prefix=prefix, k=k, seed=seed) for k in ABLATED[size]]  # type: ignore[arg-type]
     ks = tuple(float(k) for k in ABLATED[size])
     last = checks[-1]
