@@ -13,7 +13,9 @@
 * `subsampled_attention`: P074 SSA, locally biased key subsampling in training, dense at eval
   (`subsample_attention`, recipe "subsampled-attention"), `dense_finetune`, `expected_keep_fraction`;
 * `lora_ensemble`: P121 LoRA-Ensemble, M rank-r adapter sets on the attention projections over one frozen
-  backbone (`LoRAEnsemble`, recipe "lora-ensemble"), `evaluate` (accuracy, NLL, ECE).
+  backbone (`LoRAEnsemble`, recipe "lora-ensemble"), `evaluate` (accuracy, NLL, ECE);
+* `nmi_hybrid_distillation`: P137 NMI-HAD, attention-map distillation from the teacher layer whose mean query-key
+  NMI is closest to the hybrid target (`nmi_hybrid_distillation`, recipe "nmi-hybrid-distillation").
 
 `projections.attention_layers` finds the q, k, v, o projections of attnlab and transformers models.
 """
@@ -47,6 +49,7 @@ from .lora_ensemble import (
     expected_calibration_error,
 )
 from .mimetic import Mimeticity, MimeticTargets, mimetic_init_, mimeticity
+from .nmi_hybrid_distillation import HybridTarget, nmi_hybrid_distillation
 from .projections import AttentionLayer, attention_layers
 from .relation_distillation import projections_of, relation_distillation_loss, relation_logits
 from .subsampled_attention import (
@@ -60,36 +63,35 @@ from .subsampled_attention import (
 
 __all__ = [
     "APLA",
-    "AttentionLayer",
-    "AttentionMapDistillation",
-    "Calibration",
-    "DilutedAttention",
-    "EnsembleLoRALinear",
-    "IdentityAttention",
-    "LoRAEnsemble",
-    "MemberLinear",
-    "MimeticTargets",
-    "Mimeticity",
-    "PostSequenceClassToken",
-    "SoftCausalAttention",
-    "SubsampledAttention",
-    "TrainingCost",
     "apla",
     "attention_entropies",
     "attention_kl",
     "attention_layers",
+    "AttentionLayer",
+    "AttentionMapDistillation",
+    "Calibration",
     "convert_to_identity",
     "dense_finetune",
     "dilute",
+    "DilutedAttention",
     "dilution_lambda",
     "ensemble_probabilities",
+    "EnsembleLoRALinear",
     "evaluate",
     "expected_calibration_error",
     "expected_keep_fraction",
     "gaussian_entropy",
+    "HybridTarget",
+    "IdentityAttention",
     "keep_probability",
+    "LoRAEnsemble",
+    "MemberLinear",
     "mimetic_init_",
     "mimeticity",
+    "Mimeticity",
+    "MimeticTargets",
+    "nmi_hybrid_distillation",
+    "PostSequenceClassToken",
     "projections_of",
     "relation_distillation_loss",
     "relation_logits",
@@ -98,7 +100,10 @@ __all__ = [
     "soft_causal",
     "soft_causal_mask",
     "soft_mask_rate",
+    "SoftCausalAttention",
     "subsample_attention",
     "subsample_mask",
+    "SubsampledAttention",
     "training_cost",
+    "TrainingCost",
 ]
