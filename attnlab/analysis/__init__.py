@@ -15,6 +15,14 @@ Everything else reads its result, `Attentions`, or plain maps (batch, heads, n_q
     h = attention_entropy(att)        # (layers, batch, heads)
     rel = generic_relevance(model, batch).scores   # (batch, n): P035 relevance for [CLS]
 
+Beyond maps: layer and model similarity (P025 `similarity`), head classes by NMI (P137), token patterns and their
+injection (P156), a head's weights read through the vocabulary (P173 `vocabulary_maps`) or as singular terms of
+W_Q W_Kᵀ (P190 `qk_decomposition`), sparse dictionaries of attention (P187 `lorsa`) and of the residual stream
+(P103 `sparse_autoencoder`, P179 `feature_geometry`), interventions (P033 `knockout`, P042 `last_token_circuit`,
+P046 `deception`), neuron attribution (P119), cross- and joint-attention saliency (P077, P109) and vision (P064
+`class_lens`, P047 `faithful_masks`, P055 `spatial_shuffle`, P250 `normgrad`), with the small models trained here
+that they are shown on (`toy_lm`, `induction_model`, `digits`, `toy_diffusion`, `entity_lm`, `digit_captioner`).
+
 Padded tokens carry no mass in any result. Methods are listed in the catalogue as kind
 "analysis" (`attnlab papers`). `transformers` is imported only when a transformers model is used.
 """
