@@ -8,9 +8,21 @@ import sys
 import types
 from typing import Any
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A test that changes torch's thread count must restore it: the next test on this worker (and the
+    configurations the bench derives from the count) would see it. Restored here, and the test errors."""
+    yield
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+        pytest.fail(f"torch.get_num_threads() is {threads} after this test: expected it restored to 1", pytrace=False)
 
 
 class _StubClass(type):

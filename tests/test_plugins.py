@@ -125,7 +125,8 @@ def test_explain_a_model_of_the_imported_mechanism(user_module, tmp_path):
     assert data["tokens"] == [["the", "cat", "sat", "on", "the", "mat"], ["a", "cat", "sat", "on", "a", "hat"]]
     assert data["vocabulary"] == ["<pad>", "the", "cat", "sat", "on", "mat", "a", "hat"]
     assert sorted(data["methods"]) == sorted(["rollout", "attention-flow", "relevance-generic", "relevance-lrp",
-                                              "head-statistics", "sink-scores", "qk-embedding"])
+                                              "head-statistics", "sink-scores", "qk-embedding", "layer-similarity",
+                                              "head-classes", "attention-patterns"])
     page = (out / "index.html").read_text()
     assert page.count("class='strip'") == 2 * 5  # rollout, attention-flow, the 2 relevances, sink-scores per sequence
     # the maps on the page are those of the temperature softmax: softmax(q kᵀ / (√d · 2)), layer by layer
