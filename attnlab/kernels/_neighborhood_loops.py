@@ -17,10 +17,7 @@ Backward (recomputing p_ij = exp(s_ij − lse_i)):  D_i = dO_i·out_i,  dS_ij = 
     dq_i = scale Σ_j dS_ij k_j,   dk_j += scale dS_ij q_i,   dv_j += p_ij dO_i,   drpb[h, rel] += dS_ij.
 
 Work is split into units of one (batch·head) row and a run of queries. The forward's units are
-independent. In the backward, dk and dv are scattered: a query's keys lie within R raster positions
-of it (R = Σ_a (k_a − 1)·δ_a·stride_a), so runs ("stripes") of at least 2R queries only touch the
-keys of their neighbours; the even stripes run in parallel, then the odd ones, and no two threads
-ever write the same row. Each key's sum is so taken in one fixed order whatever the thread count.
+independent; the backward is attnlab.kernels._neighborhood_backward_loops (two race-free passes).
 
 Inner loops run over the head dim (contiguous rows, vectorised by LLVM with fastmath), four keys at a
 time: a window is padded to a multiple of four slots by repeating its last key with weight 0. exp is
@@ -41,21 +38,28 @@ LLVM vectors wider than four registers or not a power of two in registers spill 
 stack accesses), so a run longer than 64 keys is 64 + whole registers. The scores cost is then at the
 FMA rate (Zen 4: one zmm FMA a cycle): 1-D k = 65 computes 80 keys a query (the union rounded up to
 registers), 59 ms of FMAs for N = 65,536 × 8 heads; the softmax ~45 ms, the outputs ~42 ms, k's
-transposition and the output stores ~30 ms (one thread, measured by removing each phase).
+transposition and the output stores ~30 ms (one thread, measured by removing each phase). Lines of at least a
+register's lanes now take the lanes form (below); this one serves shorter lines with kernels of 9 or more.
 
-Diagonal forward (forward_diagonal, for shorter kernels on the last axis): a block is one register's lanes
-(16 float32) of consecutive queries z0 + l of a line, and the key at offset δ of query z is z + δ. So for a
-window row and an offset, one vector holds the scores of the block's 16 queries, Σ_f qᵀ[f, :] · kᵀ[f, z0 + δ
-: z0 + δ + 16]: q and k transposed (per block, per unit into small buffers: no full-size temporary), 8
-vector accumulators over 8 offsets. A query computes only its own offsets (the blocked form computes 16
-keys a query for k = 7), the softmax runs down the offsets in vectors (vmax, vexp: exp as above on LLVM
-vectors, degree 7 in float32), and each query's output is the sum of its own v rows, vectorised over the
-value width. Blocks at a line's ends (windows clamped) span more offsets, masked per lane.
+Lanes forward (forward_lanes, where a window's keys on the last axis are a contiguous run moving by at most one
+key from a position to the next, on lines of at least a register's lanes): a block is one register's lanes (16
+float32, 8 float64) of consecutive queries z0 + l of a line, whose windows on the last axis together are one
+union of at most lanes + k − 1 keys. With q transposed per unit (d × queries, a small buffer), one vector holds
+the scores of the block's queries against one key j, Σ_f k[j, f] · qᵀ[f, z0 : z0 + lanes], each k[j, f]
+broadcast into the FMA (vfmadd231ps with a {1to16} operand; k read as it is, never transposed), eight keys at a
+time (`_keys8`: one load of q and eight FMAs an f, at the FMA rate). Lanes outside a query's window are masked
+(vwithin), the softmax runs down the keys in vectors (vmax, vexp; the logsumexp by vlse, its log a series on
+vectors), and the outputs take four lanes at a time over the union of their keys (`_weighted4`: each v row
+loaded once for four FMAs). 1-D k = 65, N = 65,536 × 8 heads, one thread, outputs preallocated, CPU time on a
+shared machine, by removing or doubling each phase: scores ~58 ms (80 keys a query, 47 ms at the FMA rate),
+softmax ~15 ms, outputs ~40 ms (68 keys a query), q's transposition and the first reads of q, k, v from memory
+~40 ms. It replaced a diagonal form (queries in lanes against each key offset, q and k both transposed: a
+vector of kᵀ at every offset is an unaligned load, mostly split over two cache lines, one a cycle) and, on
+long lines, the register-blocked form: benchmarks/neighborhood_forms.py.
 
 Why numba: the loops fuse scores, softmax and the weighted sum over each query's own keys (no halo, no
 gathered copies) with no build step. The per-query loops (`forward`, and the backward) vectorise over
-the head dim, so each key's dot product ends in a horizontal sum; on long 1-D windows the tiles' matrix
-products beat them (the rule in attnlab.mechanisms.local.neighborhood sends those to the tiles).
+the head dim, so each key's dot product ends in a horizontal sum.
 """
 from __future__ import annotations
 
@@ -522,7 +526,7 @@ def transpose(k, pad, kt):  # type: ignore[no-untyped-def]
             ktr[f, n : n + pad] = 0.0
 
 
-# -- vector operations of the softmax (both forms), then the register-blocked forward ---------------
+# -- vector operations of the softmax (both vector forms), then the register-blocked forward --------
 @intrinsic
 def vmuladd(typingctx, acc, x, y):  # type: ignore[no-untyped-def]
     """acc + x · y, lane by lane (vectors of one type)."""
@@ -562,6 +566,7 @@ def vadd(typingctx, a, b):  # type: ignore[no-untyped-def]
         return builder.fadd(args[0], args[1])
 
     return a(a, b), codegen
+
 
 
 # Terms of exp's Taylor polynomial in vexp: degree 7 in float32 (remainder r^8/8! <= 5e-9 of exp on
@@ -756,49 +761,128 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
             vstore(orow, qb + 3, 0, vfma(zero, inv[3], o3))
 
 
-# -- the diagonal forward ------------------------------------------------------------------------
-@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
-def _diag8(wl, qt, kb, col, c, s, row):  # type: ignore[no-untyped-def]
-    """s[row + t, l] = scale · Σ_f qt[f, l] · kb[f, col + t + l] for t < 8 and the lanes l of a register:
-    query l (of a block of consecutive queries) against the key t places after its diagonal, eight
-    vector accumulators, one load of q and eight of k per f."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero(wl, c[ZERO])
-    for f in range(qt.shape[0]):
-        x = vload(wl, qt, f, 0)
-        a0 = vmuladd(a0, x, vload(wl, kb, f, col))
-        a1 = vmuladd(a1, x, vload(wl, kb, f, col + 1))
-        a2 = vmuladd(a2, x, vload(wl, kb, f, col + 2))
-        a3 = vmuladd(a3, x, vload(wl, kb, f, col + 3))
-        a4 = vmuladd(a4, x, vload(wl, kb, f, col + 4))
-        a5 = vmuladd(a5, x, vload(wl, kb, f, col + 5))
-        a6 = vmuladd(a6, x, vload(wl, kb, f, col + 6))
-        a7 = vmuladd(a7, x, vload(wl, kb, f, col + 7))
-    zero = vzero(wl, c[ZERO])
-    vstore(s, row, 0, vfma(zero, c[SCALE], a0))
-    vstore(s, row + 1, 0, vfma(zero, c[SCALE], a1))
-    vstore(s, row + 2, 0, vfma(zero, c[SCALE], a2))
-    vstore(s, row + 3, 0, vfma(zero, c[SCALE], a3))
-    vstore(s, row + 4, 0, vfma(zero, c[SCALE], a4))
-    vstore(s, row + 5, 0, vfma(zero, c[SCALE], a5))
-    vstore(s, row + 6, 0, vfma(zero, c[SCALE], a6))
-    vstore(s, row + 7, 0, vfma(zero, c[SCALE], a7))
+# -- the lanes forward ---------------------------------------------------------------------------
+@intrinsic
+def vwithin(typingctx, x, j, lo, hi, fill):  # type: ignore[no-untyped-def]
+    """x where lo <= j <= hi, lane by lane (j a scalar, lo and hi vectors of x's type), else fill."""
+    if not isinstance(x, Vector):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        lt = context.get_value_type(x)
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), x.width), None)
+
+        def splat(value):  # type: ignore[no-untyped-def]
+            one = builder.insert_element(ir.Constant(lt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(lt, ir.Undefined), mask)
+
+        at = splat(args[1])
+        inside = builder.and_(builder.fcmp_ordered(">=", at, args[2]), builder.fcmp_ordered("<=", at, args[3]))
+        return builder.select(inside, args[0], splat(args[4]))
+
+    return x(x, x.dtype, x, x, x.dtype), codegen
+
+
+# Terms of log's series in vlse: log m = 2 Σ_n r^(2n+1)/(2n+1), r = (m − 1)/(m + 1), |r| <= (√2 − 1)/(√2 + 1)
+# for m in [√½, √2): through r^9 in float32 (the next term <= 7e-10), r^19 in float64 (<= 4e-16).
+VLOG_TERMS = {32: 5, 64: 10}
+
+
+@intrinsic
+def vlse(typingctx, m, total):  # type: ignore[no-untyped-def]
+    """m + log(total) lane by lane, −inf where m is −inf (a query without a real key; total > 0 elsewhere):
+    total = 2^e · f with f in [√½, √2) from its bits, log total = e ln 2 + log f by the series of VLOG_TERMS."""
+    if not isinstance(m, Vector):
+        return None
+    bits = m.dtype.bitwidth
+    int_type = ir.IntType(bits)
+    bias, shift = (127, 23) if bits == 32 else (1023, 52)
+    ln2_hi, ln2_lo = 0.693145751953125, 1.4286068203094172321e-6
+    terms = [2.0 / (2 * n + 1) for n in range(VLOG_TERMS[bits])]
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vt = context.get_value_type(m)
+        it = ir.VectorType(int_type, m.width)
+
+        def splat(value):  # type: ignore[no-untyped-def]
+            return ir.Constant(vt, [ir.Constant(vt.element, float(value))] * m.width)
+
+        def isplat(value):  # type: ignore[no-untyped-def]
+            return ir.Constant(it, [ir.Constant(int_type, value)] * m.width)
+
+        word = builder.bitcast(args[1], it)
+        exponent = builder.sub(builder.lshr(word, isplat(shift)), isplat(bias))
+        f = builder.bitcast(builder.or_(builder.and_(word, isplat((1 << shift) - 1)), isplat(bias << shift)), vt)
+        big = builder.fcmp_ordered(">", f, splat(np.sqrt(2.0)))  # f in [1, 2) → [√½, √2)
+        f = builder.select(big, builder.fmul(f, splat(0.5)), f)
+        e = builder.sitofp(builder.add(exponent, builder.zext(big, it)), vt)
+        r = builder.fdiv(builder.fsub(f, splat(1.0)), builder.fadd(f, splat(1.0)))
+        r2 = builder.fmul(r, r)
+        p = splat(terms[-1])
+        for coef in terms[-2::-1]:
+            p = builder.fadd(builder.fmul(p, r2), splat(coef))
+        log = builder.fadd(builder.fmul(e, splat(ln2_hi)), builder.fadd(builder.fmul(e, splat(ln2_lo)), builder.fmul(p, r)))
+        real = builder.fcmp_ordered(">", args[0], splat(-np.inf))
+        return builder.select(real, builder.fadd(args[0], log), splat(-np.inf))
+
+    return m(m, total), codegen
+
+
+@intrinsic
+def vinv(typingctx, x):  # type: ignore[no-untyped-def]
+    """1 / x lane by lane where x > 0, else 0."""
+    if not isinstance(x, Vector):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vt = context.get_value_type(x)
+        one = ir.Constant(vt, [ir.Constant(vt.element, 1.0)] * x.width)
+        positive = builder.fcmp_ordered(">", args[0], ir.Constant(vt, None))
+        return builder.select(positive, builder.fdiv(one, args[0]), ir.Constant(vt, None))
+
+    return x(x), codegen
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
-def _diag4(wl, qt, kb, col, c, s, row):  # type: ignore[no-untyped-def]
-    """_diag8 for t < 4."""
-    a0 = a1 = a2 = a3 = vzero(wl, c[ZERO])
+def _keys8(wl, qt, qc, kr, key, limit, scale, s, row):  # type: ignore[no-untyped-def]
+    """s[row + i, l] = scale · Σ_f k[min(key + i, limit), f] · qt[f, qc + l] for i < 8 and the lanes l: a block of
+    queries (one per lane) against eight keys, each k value broadcast into an FMA (k as it is, rows of d)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero(wl, scale)
+    k0, k1, k2, k3 = kr[min(key, limit)], kr[min(key + 1, limit)], kr[min(key + 2, limit)], kr[min(key + 3, limit)]
+    k4, k5, k6, k7 = kr[min(key + 4, limit)], kr[min(key + 5, limit)], kr[min(key + 6, limit)], kr[min(key + 7, limit)]
     for f in range(qt.shape[0]):
-        x = vload(wl, qt, f, 0)
-        a0 = vmuladd(a0, x, vload(wl, kb, f, col))
-        a1 = vmuladd(a1, x, vload(wl, kb, f, col + 1))
-        a2 = vmuladd(a2, x, vload(wl, kb, f, col + 2))
-        a3 = vmuladd(a3, x, vload(wl, kb, f, col + 3))
-    zero = vzero(wl, c[ZERO])
-    vstore(s, row, 0, vfma(zero, c[SCALE], a0))
-    vstore(s, row + 1, 0, vfma(zero, c[SCALE], a1))
-    vstore(s, row + 2, 0, vfma(zero, c[SCALE], a2))
-    vstore(s, row + 3, 0, vfma(zero, c[SCALE], a3))
+        x = vload(wl, qt, f, qc)
+        a0 = vfma(a0, k0[f], x)
+        a1 = vfma(a1, k1[f], x)
+        a2 = vfma(a2, k2[f], x)
+        a3 = vfma(a3, k3[f], x)
+        a4 = vfma(a4, k4[f], x)
+        a5 = vfma(a5, k5[f], x)
+        a6 = vfma(a6, k6[f], x)
+        a7 = vfma(a7, k7[f], x)
+    zero = vzero(wl, scale)
+    vstore(s, row, 0, vfma(zero, scale, a0))
+    vstore(s, row + 1, 0, vfma(zero, scale, a1))
+    vstore(s, row + 2, 0, vfma(zero, scale, a2))
+    vstore(s, row + 3, 0, vfma(zero, scale, a3))
+    vstore(s, row + 4, 0, vfma(zero, scale, a4))
+    vstore(s, row + 5, 0, vfma(zero, scale, a5))
+    vstore(s, row + 6, 0, vfma(zero, scale, a6))
+    vstore(s, row + 7, 0, vfma(zero, scale, a7))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _weighted4(we, rows, key, s, row, lane, first, last, o0, o1, o2, o3):  # type: ignore[no-untyped-def]
+    """o_r += Σ_{first <= j <= last} s[row + j, lane + r] · rows[key + j] for r < 4: four lanes' sums over the union of
+    their keys, each row loaded once for four FMAs."""
+    for j in range(first, last + 1):
+        x = vload(we, rows, key + j, 0)
+        w = s[row + j]
+        o0 = vfma(o0, w[lane], x)
+        o1 = vfma(o1, w[lane + 1], x)
+        o2 = vfma(o2, w[lane + 2], x)
+        o3 = vfma(o3, w[lane + 3], x)
+    return o0, o1, o2, o3
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
@@ -817,15 +901,14 @@ def _transpose_rows(src, first, count, dst, col):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
-def forward_diagonal(q, k, v, pos0, pos1, rel0, rel1, runs, k2, offsets, keep, heads, rpb, c, out, lse, wl, we):  # type: ignore[no-untyped-def]
-    """forward's out and lse for windows whose keys on the last axis are a contiguous run (runs (L_2, 3):
-    each last-axis position's first key, last key and the bias index of the first), L_2 >= the lanes of
-    a register (wl: Width). A block is `lanes` consecutive queries of a line, one per lane; the key at
-    offset δ from query z is z + δ, so for every window row and every δ of the block's range, one
-    vector of scores (one per query) is Σ_f qᵀ[f, :] · kᵀ[f, z0 + δ : z0 + δ + lanes] with k transposed
-    (per unit, the keys of its chunk, into a small buffer); lanes outside a query's own window are
-    masked. k2: the last axis's kernel; offsets: at least the largest offset range of a block (max_z
-    (last key − z) − min_z (first key − z) + 1) + 3; we: the value width (Width)."""
+def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads, rpb, c, out, lse, wl, we):  # type: ignore[no-untyped-def]
+    """forward's out and lse for windows whose keys on the last axis are a contiguous run (runs (L_2, 3): each
+    last-axis position's first key, last key and the bias index of the first), L_2 >= the lanes of a register
+    (wl: Width). A block is `lanes` consecutive queries of a line, one per lane, against the union of their
+    keys on the last axis (at most lanes + k2 − 1: `union`, rounded up to 8, is the scores' rows per window
+    row): one vector of scores per key, Σ_f k[j, f] · qᵀ[f, :] (q transposed per unit, k as it is); lanes
+    outside a query's own window are masked (−inf, weight 0), the softmax runs down the keys in vectors, and
+    the outputs take four lanes at a time over the union of their keys. we: the value width (Width)."""
     rows, d = q.shape[0], q.shape[2]
     l0, l1, l2 = pos0.shape[0], pos1.shape[0], runs.shape[0]
     k0, k1 = pos0.shape[1], pos1.shape[1]
@@ -857,95 +940,65 @@ def forward_diagonal(q, k, v, pos0, pos1, rel0, rel1, runs, k2, offsets, keep, h
                     bases[g] = (a0 * l1 + a1) * l2
                     rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
                     g += 1
-        # the chunk's keys on the last axis, first … last, transposed with `lanes` zero columns either side
-        first, last = runs[max(0, min(start, l2 - lanes)), 0], runs[stop - 1, 1]
-        for z in range(max(0, min(start, l2 - lanes)), stop):
-            first, last = min(first, runs[z, 0]), max(last, runs[z, 1])
-        width = last - first + 1 + 2 * lanes
-        kb = np.empty((max(g, 1), d, width), q.dtype)
-        for u in range(g):
-            kb[u, :, :lanes] = 0.0
-            kb[u, :, width - lanes :] = 0.0
-            _transpose_rows(kr, bases[u] + first, last - first + 1, kb[u], lanes)
-        qt = np.empty((d, lanes), q.dtype)
-        s = np.empty((max(g, 1) * offsets, lanes), q.dtype)
-        lo = np.empty(lanes, np.int64)
-        hi = np.empty(lanes, np.int64)
-        rb = np.empty(lanes, np.int64)
-        stats = np.empty((2, lanes), q.dtype)  # each query's max score and sum of weights
+        # the chunk's queries zq … stop − 1 (the last block moved back to end at the line's end), transposed
         line_start = line * l2
+        zq = max(0, min(start, l2 - lanes))
+        qt = np.empty((d, stop - zq), q.dtype)
+        _transpose_rows(qr, line_start + zq, stop - zq, qt, 0)
+        s = np.empty((max(g, 1) * union, lanes), q.dtype)  # the scores, then weights, by window row and key
+        window = np.empty((2, lanes), q.dtype)  # each lane's first and last key in the union
+        stats = np.empty((2, lanes), q.dtype)  # each query's 1 / sum of weights, then its logsumexp
         for z_next in range(start, stop, lanes):
-            z0 = min(z_next, l2 - lanes)  # the last block moved back to end at the line's end
-            low, high = runs[z0, 0] - z0, runs[z0, 1] - z0
+            z0 = min(z_next, l2 - lanes)
+            first, last = runs[z0, 0], runs[z0, 1]  # the block's union of keys on the last axis
             for lane in range(lanes):
-                z = z0 + lane
-                low, high = min(low, runs[z, 0] - z), max(high, runs[z, 1] - z)
-            span = high - low + 1
-            regular = True  # every query's window is the block's whole offset range
-            for lane in range(lanes):  # each query's window as offsets t: key z + low + t
-                z = z0 + lane
-                lo[lane], hi[lane] = runs[z, 0] - z - low, runs[z, 1] - z - low
-                rb[lane] = runs[z, 2] - runs[z, 0] + z + low
-                regular = regular and lo[lane] == 0 and hi[lane] == span - 1
-            col = z0 + low - first + lanes  # kb's column of the block's first lane at offset 0
-            qb = line_start + z0
-            for lane in range(lanes):  # q of the block transposed (a plain loop: LLVM's shuffles beat transpose_block's here)
-                qrow = qr[qb + lane]
-                for f in range(d):
-                    qt[f, lane] = qrow[f]
+                first, last = min(first, runs[z0 + lane, 0]), max(last, runs[z0 + lane, 1])
+            width = last - first + 1
+            for lane in range(lanes):
+                window[0, lane], window[1, lane] = runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first
             for u in range(g):
-                t = 0
-                while t + 8 <= span:
-                    _diag8(wl, qt, kb[u], col + t, c, s, u * offsets + t)
-                    t += 8
-                while t < span:
-                    _diag4(wl, qt, kb[u], col + t, c, s, u * offsets + t)
-                    t += 4
-            # the softmax of each lane over its own offsets: scores outside a query's window (a block at a
-            # line's ends), of masked keys, and the bias, written in scalar loops where there are any; then
-            # the max, the weights (vexp: 0 for −inf) and their sum in vectors
-            if use_rpb or use_keep or not regular:
+                for j in range(0, width, 8):  # keys past the union (up to 7) take the line's last key: masked below
+                    _keys8(wl, qt, z0 - zq, kr, bases[u] + first + j, bases[u] + l2 - 1, c[SCALE], s, u * union + j)
+            if use_rpb or use_keep:  # the bias on each lane's window; a masked key's row −inf
                 for u in range(g):
-                    for t in range(span):
-                        sr = s[u * offsets + t]
-                        key = bases[u] + z0 + low + t
-                        for lane in range(lanes):
-                            inside = t >= lo[lane] and t <= hi[lane]
-                            if use_rpb and inside:
-                                sr[lane] += rpb[h, rels[u] + rb[lane] + t]
-                            if use_keep and inside:
-                                inside = keep_row[key + lane] != 0
-                            if not inside:
-                                sr[lane] = e[NEG_INF]
+                    for lane in range(lanes):
+                        rb = rels[u] + runs[z0 + lane, 2] - (runs[z0 + lane, 0] - first)
+                        for j in range(runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first + 1):
+                            if use_rpb:
+                                s[u * union + j, lane] += rpb[h, rb + j]
+                    if use_keep:
+                        for j in range(width):
+                            if not keep_row[bases[u] + first + j]:
+                                s[u * union + j, :] = e[NEG_INF]
+            # the softmax of each lane over its own window: −inf outside it, the max, the weights (vexp: 0 for
+            # −inf) and their sum, in vectors down the keys
+            lo, hi = vload(wl, window, 0, 0), vload(wl, window, 1, 0)
             mv = vsplat(wl, e[NEG_INF])
             for u in range(g):
-                for t in range(span):
-                    mv = vmax(mv, vload(wl, s, u * offsets + t, 0))
+                at = e[ZERO]  # j, in the scores' type
+                for j in range(width):
+                    t = vwithin(vload(wl, s, u * union + j, 0), at, lo, hi, e[NEG_INF])
+                    vstore(s, u * union + j, 0, t)
+                    mv = vmax(mv, t)
+                    at += e[ONE]
             tv = vzero(wl, c[ZERO])
             for u in range(g):
-                for t in range(span):
-                    p = vexp(vload(wl, s, u * offsets + t, 0), mv)
-                    vstore(s, u * offsets + t, 0, p)
+                for j in range(width):
+                    p = vexp(vload(wl, s, u * union + j, 0), mv)
+                    vstore(s, u * union + j, 0, p)
                     tv = vadd(tv, p)
-            vstore(stats, 0, 0, mv)
-            vstore(stats, 1, 0, tv)
-            # outputs: each query's weighted sum of its own keys' v rows
-            for lane in range(lanes):
-                i = qb + lane
-                if stats[0, lane] == e[NEG_INF]:
-                    lse[row, i] = e[NEG_INF]
-                    orow[i, :] = 0.0
-                    continue
-                lse[row, i] = stats[0, lane] + np.log(stats[1, lane])
-                oa = ob = vzero(we, c[ZERO])
+            qb = line_start + z0
+            vstore(lse, row, qb, vlse(mv, tv))
+            vstore(stats, 0, 0, vinv(tv))
+            # outputs: four lanes at a time over the union of their windows
+            zero = vzero(we, c[ZERO])
+            for lane in range(0, lanes, QUERIES):
+                j0 = int(min(min(window[0, lane], window[0, lane + 1]), min(window[0, lane + 2], window[0, lane + 3])))
+                j1 = int(max(max(window[1, lane], window[1, lane + 1]), max(window[1, lane + 2], window[1, lane + 3])))
+                o0 = o1 = o2 = o3 = vzero(we, c[ZERO])
                 for u in range(g):
-                    key = bases[u] + z0 + lane + low
-                    t = lo[lane]
-                    while t + 2 <= hi[lane] + 1:
-                        oa = vfma(oa, s[u * offsets + t, lane], vload(we, vr, key + t, 0))
-                        ob = vfma(ob, s[u * offsets + t + 1, lane], vload(we, vr, key + t + 1, 0))
-                        t += 2
-                    if t <= hi[lane]:
-                        oa = vfma(oa, s[u * offsets + t, lane], vload(we, vr, key + t, 0))
-                inv = c[ONE] / stats[1, lane]
-                vstore(orow, i, 0, vfma(vfma(vzero(we, c[ZERO]), inv, oa), inv, ob))
+                    o0, o1, o2, o3 = _weighted4(we, vr, bases[u] + first, s, u * union, lane, j0, j1, o0, o1, o2, o3)
+                vstore(orow, qb + lane, 0, vfma(zero, stats[0, lane], o0))
+                vstore(orow, qb + lane + 1, 0, vfma(zero, stats[0, lane + 1], o1))
+                vstore(orow, qb + lane + 2, 0, vfma(zero, stats[0, lane + 2], o2))
+                vstore(orow, qb + lane + 3, 0, vfma(zero, stats[0, lane + 3], o3))

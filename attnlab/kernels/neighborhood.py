@@ -22,12 +22,12 @@ q, k, v, the output and one chunk per worker thread, never N × N.
 logsumexp. It does no work on keys outside a window (a tile's halo does: with a window of 7 on a
 sequence, tiles of 32 compute 38 keys a query), reads each input row from cache instead of
 gathering copies, and fuses scores, softmax and the weighted sum, so it is 2–5× faster than the
-tiles on the CPU (benchmarks/neighborhood.py). Its forward is register-blocked (four queries against a
-run of keys, GEMM-style, `_blocked`) where the last axis is undilated with a kernel of at least
-BLOCKED_MIN_KERNEL, diagonal (a register's lanes of consecutive queries against each key offset,
-`_diagonal`) where it is undilated with a smaller kernel on lines of at least DIAGONAL_MIN_LINE, per query
-otherwise (`forward_path`). It serves CPU float32/float64 tensors when numba is installed
-(attnlab.kernels.compiled.serves); the tiles serve the rest (CUDA, half precision).
+tiles on the CPU (benchmarks/neighborhood.py). Its forward takes a register's lanes of consecutive queries
+against each key of their union (`_lanes`) where the last axis is undilated with lines of at least
+LANES_MIN_LINE, is register-blocked (four queries against a run of keys, GEMM-style, `_blocked`) on shorter
+such lines with a kernel there of at least BLOCKED_MIN_KERNEL, per query otherwise (`forward_path`). It
+serves CPU float32/float64 tensors when numba is installed (attnlab.kernels.compiled.serves); the tiles
+serve the rest (CUDA, half precision).
 """
 from __future__ import annotations
 
@@ -54,21 +54,16 @@ CHUNK_BYTES = 2 << 20
 # The backward splits its work into at least this many units when it can (a constant, not the thread
 # count, so that the sums of partial gradients, and so the result, do not depend on the threads).
 UNITS = 8
-# The loops' forward has three forms, by the windows (forward_path): register-blocked (`_blocked`, four
-# queries against a run of keys, GEMM-style) where the last axis is undilated with a kernel of at least
-# BLOCKED_MIN_KERNEL; diagonal (`_diagonal`, a register's lanes of consecutive queries against each key
-# offset) where the last axis is undilated with a smaller kernel and lines of at least DIAGONAL_MIN_LINE
-# positions; the per-query loops otherwise. The blocked form rounds a block's union of keys up to whole
-# registers (16 float32 keys for QUERIES + k − 1), so short rows waste FMAs; the diagonal form computes
-# each query's own offsets only, but a block at a line's end spans more offsets (its queries' windows are
-# clamped), so short lines (mostly ends) go to the per-query loops. The thresholds were chosen by A/B
-# timings of the three forms during development; what they give is measured by `attnlab bench limits
-# --rows neighborhood-1d-7,neighborhood-1d-65,neighborhood-2d-7,neighborhood-2d-13` (one thread pinned,
-# 8 heads of 64, float32, 5 interleaved rounds, load 1.3: 106, 219, 18.5 and 33.9 ms).
+# The loops' forward has three forms, by the windows (forward_path): lanes (`_lanes`, a register's lanes of
+# consecutive queries against each key of their union on the last axis, GEMM-style with k broadcast) where
+# the last axis is undilated with lines of at least LANES_MIN_LINE positions (a register's lanes in float32);
+# register-blocked (`_blocked`, four queries against a run of keys) where it is undilated with a kernel of at
+# least BLOCKED_MIN_KERNEL on shorter lines; the per-query loops otherwise. What they give is measured by
+# `attnlab bench limits --rows neighborhood-1d-7,neighborhood-1d-65,neighborhood-2d-7,neighborhood-2d-13`.
 # BLOCKED = False: the per-query loops everywhere (for tests and measurements).
 BLOCKED = True
 BLOCKED_MIN_KERNEL = 9
-DIAGONAL_MIN_LINE = 64
+LANES_MIN_LINE = 16
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -448,9 +443,9 @@ class Windows:
     """Each query's keys as the loops take them: three axes (leading axes of length 1, kernel 1, for
     grids of lower rank), per axis (L_a, k_a) int64 tables `pos` (the key's position on the axis,
     −1 where the window slot holds no real key) and `rel` (c' − c + k − 1, the bias index);
-    `runs` (L_3, 3), where
-    each position's keys on the last axis are consecutive (no dilation there): its first key, last key
-    and the bias index of the first (the register-blocked forward's table), else None."""
+    `runs` (L_3, 3), where each position's keys on the last axis are consecutive (no dilation there) and
+    move by at most one key from a position to the next (as every window of axis_windows does): its first
+    key, last key and the bias index of the first (the lanes and register-blocked forms' table), else None."""
 
     pos: tuple[np.ndarray, np.ndarray, np.ndarray]
     rel: tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -466,6 +461,8 @@ def windows(axes: list[tuple[Tensor, Tensor, Tensor]]) -> Windows:
     first = real.to(torch.int8).argmax(dim=1, keepdim=True)  # real slots come last (causal) or all are
     lo, hi = pos.gather(1, first), pos[:, -1:]
     consecutive = bool((torch.where(real, pos - lo, torch.arange(pos.shape[1]) - first) == torch.arange(pos.shape[1]) - first).all())
+    steps = torch.cat([lo, hi], 1).diff(dim=0)
+    consecutive = consecutive and bool(((steps >= 0) & (steps <= 1)).all())
     runs = np.ascontiguousarray(torch.cat([lo, hi, rel.gather(1, first)], 1).numpy(), dtype=np.int64) if consecutive else None
     return Windows(
         pos=tuple(np.ascontiguousarray(torch.where(real, pos, -1).numpy(), dtype=np.int64) for pos, real, _ in full),
@@ -517,17 +514,19 @@ def fresh(like: Tensor, *shape: int) -> Tensor:
 
 
 def forward_path(w: Windows) -> str:
-    """Which form of the loops' forward serves these windows: "blocked" (consecutive keys on the last axis,
-    a kernel there of at least BLOCKED_MIN_KERNEL, lines of at least QUERIES positions), "diagonal"
-    (consecutive keys on the last axis, a smaller kernel, lines of at least DIAGONAL_MIN_LINE positions)
-    or "per-query" (the rest, or BLOCKED off)."""
+    """Which form of the loops' forward serves these windows: "lanes" (consecutive keys on the last axis, lines
+    of at least LANES_MIN_LINE positions), "blocked" (consecutive keys on the last axis, shorter lines of at
+    least QUERIES positions, a kernel there of at least BLOCKED_MIN_KERNEL) or "per-query" (the rest, or
+    BLOCKED off)."""
     from ._neighborhood_loops import QUERIES
 
     if not BLOCKED or w.runs is None:
         return "per-query"
-    if w.pos[2].shape[1] >= BLOCKED_MIN_KERNEL:
-        return "blocked" if w.runs.shape[0] >= QUERIES else "per-query"
-    return "diagonal" if w.runs.shape[0] >= DIAGONAL_MIN_LINE else "per-query"
+    if w.runs.shape[0] >= LANES_MIN_LINE:
+        return "lanes"
+    if w.pos[2].shape[1] >= BLOCKED_MIN_KERNEL and w.runs.shape[0] >= QUERIES:
+        return "blocked"
+    return "per-query"
 
 
 def _array(dtype: np.dtype, *shape: int) -> np.ndarray:
@@ -557,16 +556,16 @@ def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Wi
                         out, lse, lib.Width(main), lib.Width(lanes), lib.Width(v.shape[2]))
 
 
-def _diagonal(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
-              rpb: np.ndarray, consts: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
-    """The diagonal forward (w.runs is set, lines of at least a register's lanes): the scores' rows a block
-    needs per window row (its offset range, at most the widest over the line's positions, + 3 for the last
-    group of four), the lanes of a 512-bit register and the value width."""
+def _lanes(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
+           rpb: np.ndarray, consts: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+    """The lanes forward (w.runs is set, lines of at least a register's lanes): the lanes of a 512-bit register,
+    the scores' rows per window row (a block's union of keys on the last axis: the lanes' windows move by at
+    most one key per position (Windows.runs), so at most lanes + k − 1 keys; rounded up to 8) and the value width."""
     assert w.runs is not None
-    z = np.arange(w.runs.shape[0])
-    offsets = int((w.runs[:, 1] - z).max() - (w.runs[:, 0] - z).min()) + 1 + 3
-    lib.forward_diagonal(q, k, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, w.pos[2].shape[1], offsets, keep,
-                         heads, rpb, consts, out, lse, lib.Width(64 // q.itemsize), lib.Width(v.shape[2]))
+    lanes = 64 // q.itemsize
+    union = -(-(lanes + w.pos[2].shape[1] - 1) // 8) * 8
+    lib.forward_lanes(q, k, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, w.pos[2].shape[1], union, keep, heads,
+                      rpb, consts, out, lse, lib.Width(lanes), lib.Width(v.shape[2]))
 
 
 class LoopAttention(torch.autograd.Function):
@@ -597,7 +596,7 @@ class LoopAttention(torch.autograd.Function):
         with numba_threads(torch.get_num_threads()):
             path = forward_path(w)
             if path != "per-query":
-                form = _blocked if path == "blocked" else _diagonal
+                form = _blocked if path == "blocked" else _lanes
                 form(lib, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), w, keep_np, h, rpb_np, consts,
                      out.view(rows, n, e).numpy(), lse.numpy())
             else:

@@ -1,7 +1,7 @@
 """Neighborhood attention's two engines, forced with `backend=`: the numba loops with a bias and padding
 (bit-for-bit the same on one or two threads, equal to the float64 reference forward and backward), windows with no real key,
 a value width other than the head dim, large scores, the loops' exp, the three forms of the loops' forward
-(register-blocked, diagonal, per query) against the reference and each other with their rule, and the rule
+(lanes, register-blocked, per query) against the reference and each other with their rule, and the rule
 that picks the engine (numba loops for CPU float32/float64 where numba is installed;
 tiles otherwise) with its errors."""
 from __future__ import annotations
@@ -124,26 +124,30 @@ def test_the_rule_and_its_errors(monkeypatch):
 
 
 FORMS = [  # (form, grid, kernel, dilation, causal, dtype, head dim, value width, bias, padding)
-    ("blocked", (40,), 9, 1, False, torch.float64, 8, 8, True, True),  # one line: each unit transposes its keys
-    ("blocked", (45,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal: the first queries see fewer keys
-    ("blocked", (70,), 65, 1, False, torch.float64, 8, 8, True, False),  # a run of keys wider than four registers
-    ("blocked", (7, 23), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),  # dilated rows, two rows at once
+    # lanes: lines of at least LANES_MIN_LINE; blocks at a line's ends (clamped windows) and the last block
+    # moved back (a line not a multiple of the lanes); unions of keys not a multiple of 8
+    ("lanes", (100,), 7, 1, False, torch.float64, 8, 8, True, True),
+    ("lanes", (90,), 5, 1, True, torch.float64, 8, 16, False, True),  # causal
+    ("lanes", (7, 70), (3, 7), (2, 1), False, torch.float32, 16, 8, True, True),  # dilated rows, 16 lanes
+    ("lanes", (3, 4, 66), (3, 3, 5), 1, (False, True, False), torch.float64, 8, 8, False, True),
+    ("lanes", (75,), 3, 1, False, torch.float32, 6, 5, False, True),  # head dims not a multiple of the lanes
+    ("lanes", (45,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal: the first queries see fewer keys
+    ("lanes", (70,), 65, 1, False, torch.float64, 8, 8, True, False),  # a union of keys wider than four registers
+    ("lanes", (6, 30), (5, 13), 1, False, torch.float32, 16, 32, True, True),
+    ("lanes", (7, 23), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),
+    # blocked: lines shorter than LANES_MIN_LINE, kernels there of at least BLOCKED_MIN_KERNEL
+    ("blocked", (12,), 9, 1, False, torch.float64, 8, 8, True, True),  # one line: each unit transposes its keys
+    ("blocked", (15,), 13, 1, True, torch.float64, 8, 16, False, True),  # causal
+    ("blocked", (7, 14), (3, 9), (2, 1), False, torch.float64, 16, 8, True, True),  # dilated rows, two rows at once
     ("blocked", (3, 4, 14), (3, 3, 11), 1, (False, True, False), torch.float64, 8, 8, False, True),
-    ("blocked", (6, 30), (5, 13), 1, False, torch.float32, 16, 32, True, True),
-    # diagonal: lines of at least DIAGONAL_MIN_LINE; blocks at a line's ends (clamped windows) and the last
-    # block moved back (a line not a multiple of the lanes)
-    ("diagonal", (100,), 7, 1, False, torch.float64, 8, 8, True, True),
-    ("diagonal", (90,), 5, 1, True, torch.float64, 8, 16, False, True),  # causal
-    ("diagonal", (7, 70), (3, 7), (2, 1), False, torch.float32, 16, 8, True, True),  # dilated rows, 16 lanes
-    ("diagonal", (3, 4, 66), (3, 3, 5), 1, (False, True, False), torch.float64, 8, 8, False, True),
-    ("diagonal", (75,), 3, 1, False, torch.float32, 6, 5, False, True),  # head dims not a multiple of the lanes
+    ("blocked", (6, 13), (5, 13), 1, False, torch.float32, 16, 32, True, True),
 ]
 
 
 @pytest.mark.parametrize("form,grid,kernel,dil,causal,dtype,d,e,bias,padding", FORMS)
 def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, kernel, dil, causal, dtype, d, e, bias,
                                                      padding):
-    """The register-blocked or the diagonal forward serves (counted), equals the float64 reference forward and
+    """The lanes or the register-blocked forward serves (counted), equals the float64 reference forward and
     backward (the backward recomputes from its logsumexp), the per-query loops, and is bit-for-bit the same
     on 1 and 2 threads; a padding mask leaves some windows without a real key (zeros)."""
     rank = len(grid)
@@ -191,42 +195,47 @@ def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, ke
     assert len(calls) == 2  # the per-query loops took that call
 
 
-def test_diagonal_forward_large_scores():
-    """Scores of ±hundreds on the diagonal forward: each query's softmax taken from its own maximum (a
-    maximum over the block would underflow every weight of some queries)."""
+def test_lanes_forward_large_scores():
+    """Scores of ±hundreds on the lanes forward: each query's softmax taken from its own maximum (a maximum over
+    the block would underflow every weight of some queries)."""
     q, k, v = inputs((80,), b=1, h=2, d=8, seed=6, spread=12.0)
     q.data[0, 0, :40] *= 4  # queries of very different score ranges in one block
-    assert engines.forward_path(nb.loop_windows((80,), (7,), (1,), (False,))) == "diagonal"
+    assert engines.forward_path(nb.loop_windows((80,), (7,), (1,), (False,))) == "lanes"
     grad = torch.randn(v.shape, dtype=torch.float64)
     got = fwd_bwd(lambda *t: neighborhood_attention(*t, kernel_size=7, backend="numba"), [q, k, v], grad)
     agree(got, fwd_bwd(lambda *t: neighborhood_attention_reference(*t, kernel_size=7)[0], [q, k, v], grad))
 
 
 def test_forward_forms_rule(monkeypatch):
-    """Consecutive keys on the last axis: blocked for a kernel there of at least BLOCKED_MIN_KERNEL (lines
-    of at least QUERIES positions), diagonal for a smaller one on lines of at least DIAGONAL_MIN_LINE; the
-    per-query loops otherwise or with BLOCKED off. Each position's run of keys is its window on that axis."""
-    small, line = engines.BLOCKED_MIN_KERNEL - 2, engines.DIAGONAL_MIN_LINE
+    """Consecutive keys on the last axis: lanes on lines of at least LANES_MIN_LINE, blocked on shorter lines
+    (of at least QUERIES positions) with a kernel there of at least BLOCKED_MIN_KERNEL; the per-query loops
+    otherwise or with BLOCKED off. Each position's run of keys is its window on that axis; windows whose runs
+    move by more than one key from a position to the next have no runs."""
+    small, line = engines.BLOCKED_MIN_KERNEL - 2, engines.LANES_MIN_LINE
 
     def path(*args):
         return engines.forward_path(nb.loop_windows(*args))
 
-    assert path((30,), (9,), (1,), (False,)) == "blocked"
-    assert path((5, 30), (3, 9), (2, 1), (False, True)) == "blocked"
+    assert path((line,), (small,), (1,), (False,)) == "lanes"
+    assert path((line,), (line,), (1,), (True,)) == "lanes"
+    assert path((5, line), (9, small), (1, 1), (False, True)) == "lanes"
+    assert path((line - 1,), (9,), (1,), (False,)) == "blocked"
+    assert path((5, line - 2), (3, 9), (2, 1), (False, True)) == "blocked"
+    assert path((line - 1,), (small,), (1,), (False,)) == "per-query"  # short lines, small kernels
     assert path((30,), (9,), (2,), (False,)) == "per-query"  # dilated last axis
     assert path((30, 3), (9, 3), (1, 1), (False, False)) == "per-query"  # lines of 3
-    assert path((line,), (small,), (1,), (False,)) == "diagonal"
-    assert path((5, line), (9, small), (1, 1), (False, True)) == "diagonal"
-    assert path((line - 1,), (small,), (1,), (False,)) == "per-query"  # short lines
-    assert path((3 * line,), (small,), (2,), (False,)) == "per-query"  # dilated last axis
     monkeypatch.setattr(engines, "BLOCKED", False)
-    assert path((30,), (9,), (1,), (False,)) == path((line,), (small,), (1,), (False,)) == "per-query"
+    assert path((line - 1,), (9,), (1,), (False,)) == path((line,), (small,), (1,), (False,)) == "per-query"
     w = nb.loop_windows((12,), (5,), (1,), (True,))
     assert w.runs[:, 0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]  # causal: first real key
     assert w.runs[:, 1].tolist() == list(range(12)) and w.runs[:3, 2].tolist() == [4, 3, 2]
     w = nb.loop_windows((12,), (5,), (1,), (False,))
     assert w.runs[:, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7] and (w.runs[:, 1] == w.runs[:, 0] + 4).all()
     assert w.runs[:, 2].tolist() == [4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 0]
+    pos = torch.arange(10)[:, None] + torch.arange(2)  # [0, 1], [1, 2], …: one key further on at each position
+    real, rel = torch.ones(10, 2, dtype=torch.bool), torch.zeros(10, 2, dtype=torch.long)
+    assert engines.windows([(pos, real, rel)]).runs[:, :2].tolist() == pos.tolist()
+    assert engines.windows([(pos + torch.arange(10)[:, None], real, rel)]).runs is None  # two further on
 
 
 def test_fresh_output_advises_its_whole_huge_pages(monkeypatch):

@@ -1,9 +1,10 @@
 """The numba backward of neighborhood attention (attnlab.kernels._neighborhood_backward_loops), called directly
 on the loops' forward (out, logsumexp): dq, dk, dv and the bias gradient equal autograd of the float64
 reference on 1-D, 2-D and 3-D grids (dilation, causal axes, a bias table, a padding mask with windows left
-without a real key, a value width other than the head dim, last axes shorter than a block, float32), bit for
-bit the same on one and two threads; its tables (the windows seen from the keys, the blocks' unions) against
-the windows written out; and neighborhood_attention's numba path runs it."""
+without a real key, a value width other than the head dim, last axes shorter than a block, long lines,
+float32), bit for bit the same on one and two threads; its tables (the windows seen from the keys, the blocks'
+unions) against the windows written out; and neighborhood_attention's numba path runs it (after either form of
+the forward)."""
 from __future__ import annotations
 
 import math
@@ -27,6 +28,12 @@ CASES = [  # grid, kernel, dilation, causal, head dim, value width, bias, paddin
     ((9, 3), (3, 3), 1, (True, False), 4, 4, False, "some"),  # a last axis shorter than a block
     ((3, 4, 5), 3, 1, True, 4, 4, False, "last"),
     ((4, 6, 7), (3, 3, 5), (1, 2, 1), False, 8, 4, True, "some"),
+    # long lines (the forward's lanes form)
+    ((100,), 7, 1, False, 8, 8, True, "some"),
+    ((70,), 65, 1, False, 8, 8, True, "some"),
+    ((7, 40), (3, 5), (2, 1), (False, True), 4, 6, False, "last"),
+    ((20, 17), (3, 9), 1, False, 6, 5, True, "last"),
+    ((2, 3, 33), (1, 3, 7), 1, (False, False, True), 4, 4, False, "some"),
 ]
 
 
@@ -55,7 +62,7 @@ def problem(grid, kernel, dil, causal, d, e, bias, padding, dtype=torch.float64,
 
 
 def loops_gradients(tensors, grad, kw, w, threads=1):
-    """(dq, dk, dv, drpb or None) by the loops' forward then the new backward, on `threads` threads."""
+    """(dq, dk, dv, drpb or None) by the loops' forward then the backward, on `threads` threads."""
     q, k, v = tensors
     b, h, d, e = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     n, rows = math.prod(q.shape[2:-1]), b * h
@@ -149,12 +156,15 @@ def test_tables_against_the_windows_written_out(length, kernel, dil, causal):
             assert got == entries
 
 
-def test_neighborhood_attention_runs_this_backward(monkeypatch):
-    """The numba path's backward is this module's (counted), and its gradients are the reference's."""
+@pytest.mark.parametrize("grid", [(10, 11), (3, 20)])
+def test_neighborhood_attention_runs_this_backward(monkeypatch, grid):
+    """The numba path's backward is this module's (counted) after the per-query or the lanes forward, and its
+    gradients are the reference's."""
     calls = []
     run = bwd.backward
     monkeypatch.setattr(bwd, "backward", lambda *a: calls.append(1) or run(*a))
-    tensors, grad, kw, _ = problem((10, 11), 3, 1, False, 4, 4, True, "some")
+    tensors, grad, kw, w = problem(grid, 3, 1, False, 4, 4, True, "some")
+    assert engines.forward_path(w) == ("lanes" if grid == (3, 20) else "per-query")
     leaves = [t.clone().requires_grad_(True) for t in tensors]
     rpb = kw["rpb"].clone().requires_grad_(True)
     out = neighborhood_attention(*leaves, **{**kw, "rpb": rpb}, backend="numba")
