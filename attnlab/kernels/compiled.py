@@ -52,12 +52,15 @@ def serves(*tensors: Tensor) -> bool:
 
 @contextlib.contextmanager
 def numba_threads(workers: int) -> Iterator[None]:
-    """numba's thread count set to `workers` (capped by its pool) for the duration, restored after."""
+    """numba's thread count set to `workers` (capped by its pool) for the duration, restored after; torch's count is
+    restored too, since numba's OpenMP layer shares the OpenMP runtime with torch and setting one sets the other."""
     numba = numba_module()
     assert numba is not None
+    torch_before = torch.get_num_threads()  # first: numba's first call may start its OpenMP layer, which sets torch's
     before = numba.get_num_threads()
     numba.set_num_threads(max(1, min(workers, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         numba.set_num_threads(before)
+        torch.set_num_threads(torch_before)
