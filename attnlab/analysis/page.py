@@ -76,20 +76,27 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table class='{_e(cls)}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _heat_rows(grid: list[list[float]], rgb: str, fmt: str) -> tuple[list[list[str]], float, float]:
+    """Table rows "<b>row index</b>, cells" of `grid`, each cell coloured rgba(rgb, share of the grid's range) and
+    written with `fmt`; and the grid's smallest and largest value."""
+    flat = [v for row in grid for v in row]
+    low, high = min(flat), max(flat)
+    rows = []
+    for l_, row in enumerate(grid):
+        cells = [f"<b>{l_}</b>"]
+        for v in row:
+            share = (v - low) / (high - low) if high > low else 0.0
+            cells.append(f"<span class='cell' style='background:rgba({rgb},{share:.3f});"
+                         f"color:{'#fff' if share > 0.55 else '#000'}'>{v:{fmt}}</span>")
+        rows.append(cells)
+    return rows, low, high
+
+
 def _heads_section(ex: Explanation, t: int) -> str:
     data = ex.methods["head-statistics"]
     parts = []
     for name, values in data["stats"].items():
-        grid = [row[t] for row in values]  # (layers, heads)
-        flat = [v for row in grid for v in row]
-        low, high = min(flat), max(flat)
-        rows = []
-        for l_, row in enumerate(grid):
-            cells = [f"<b>{l_}</b>"]
-            for v in row:
-                share = (v - low) / (high - low) if high > low else 0.0
-                cells.append(f"<span class='cell' style='background:rgba(68,1,84,{share:.3f});color:{'#fff' if share > 0.55 else '#000'}'>{v:.2f}</span>")
-            rows.append(cells)
+        rows, _, _ = _heat_rows([row[t] for row in values], "68,1,84", ".2f")  # (layers, heads)
         table = _table(["layer \\ head", *map(str, range(ex.heads))], rows, "stats")
         parts.append(f"<details open><summary><b>{_e(name)}</b>: {_e(data['descriptions'][name])}</summary>{table}</details>")
     return "".join(parts)
@@ -112,15 +119,7 @@ def _sinks_section(ex: Explanation, t: int) -> str:
 def _similarity_section(ex: Explanation, t: int) -> str:
     data = ex.methods["layer-similarity"]
     grid = data["cka"][t]  # (layers, layers)
-    flat = [v for row in grid for v in row]
-    low, high = min(flat), max(flat)
-    rows = []
-    for l_, row in enumerate(grid):
-        cells = [f"<b>{l_}</b>"]
-        for v in row:
-            share = (v - low) / (high - low) if high > low else 0.0
-            cells.append(f"<span class='cell' style='background:rgba(8,81,156,{share:.3f});color:{'#fff' if share > 0.55 else '#000'}'>{v:.3f}</span>")
-        rows.append(cells)
+    rows, low, high = _heat_rows(grid, "8,81,156", ".3f")
     return (f"<p class='meta'>{_e(data['measure'])} between every pair of layers over the real tokens of this text, of the "
             f"{_e(data['source'])}; 1 = the same up to rotation and scale. Colour from the smallest ({low:.3f}) to the "
             f"largest value.</p>" + _table(["layer \\ layer", *map(str, range(len(grid)))], rows, "similarity"))
