@@ -135,6 +135,23 @@ def _exp(x, c):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels):  # type: ignore[no-untyped-def]
+    """The real rows (outer axes) of the windows of line (x, y), the same for every query of the line: each row's
+    first raster index into bases and its bias index (times r2) into rels; return how many."""
+    l1 = pos1.shape[0]
+    g = 0
+    for t0 in range(pos0.shape[1]):
+        a0 = pos0[x, t0]
+        for t1 in range(pos1.shape[1]):
+            a1 = pos1[y, t1]
+            if a0 >= 0 and a1 >= 0:
+                bases[g] = (a0 * l1 + a1) * l2
+                rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
+                g += 1
+    return g
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
 def _window(i, pos0, pos1, pos2, rel0, rel1, rel2, keep_row, use_keep, keys, rel):  # type: ignore[no-untyped-def]
     """Write query i's real keys (raster index) and bias indices into keys, rel; return how many."""
     l1, l2 = pos1.shape[0], pos2.shape[0]
@@ -652,15 +669,7 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
             koff, ktr = 0, kt[row]
         bases = np.empty(k0 * k1, np.int64)
         rels = np.empty(k0 * k1, np.int64)
-        g = 0  # the window's real rows (outer axes), the same for every query of the line
-        for t0 in range(k0):
-            a0 = pos0[x, t0]
-            for t1 in range(k1):
-                a1 = pos1[y, t1]
-                if a0 >= 0 and a1 >= 0:
-                    bases[g] = (a0 * l1 + a1) * l2
-                    rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
-                    g += 1
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels)
         s = np.empty((QUERIES * max(g, 1), span), q.dtype)
         lo = np.empty(QUERIES, np.int64)
         hi = np.empty(QUERIES, np.int64)
@@ -931,15 +940,7 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
         stop = min(start + CHUNK, l2)
         bases = np.empty(k0 * k1, np.int64)
         rels = np.empty(k0 * k1, np.int64)
-        g = 0  # the window's real rows (outer axes), the same for every query of the line
-        for t0 in range(k0):
-            a0 = pos0[x, t0]
-            for t1 in range(k1):
-                a1 = pos1[y, t1]
-                if a0 >= 0 and a1 >= 0:
-                    bases[g] = (a0 * l1 + a1) * l2
-                    rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
-                    g += 1
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels)
         # the chunk's queries zq … stop − 1 (the last block moved back to end at the line's end), transposed
         line_start = line * l2
         zq = max(0, min(start, l2 - lanes))
