@@ -13,12 +13,13 @@ Each row of `ROWS` is one piece of work (batch 1, 8 heads, head_dim 64, float32:
 
 Every row also gets its limit: the larger of the time to move its tensors and the time of its FLOPs at
 the measured matmul rate; "of limit" is that time over the measured one. Moving the tensors: the ones a
-call reads (q, k, v; fwd+bwd also the output and its gradient twice: 8) at the streaming rate, and the
-ones it returns (the output; fwd+bwd also dq, dk, dv: 4) at the first-touch rate — a call returns freshly
-allocated tensors, and writing memory the process has not touched yet costs the page faults too (on a
-virtual machine that can be several times a streaming write; the figure "fresh" measures it as
-`torch.empty(n).fill_(1)` over 128 MiB; "fresh_huge" the same advised into transparent huge pages, as the
-neighborhood loops allocate their outputs). And every row's attnlab case is
+call reads (q, k, v; fwd+bwd also the output and its gradient twice: 8) and the ones it returns (the
+output; fwd+bwd also dq, dk, dv: 4), all at the streaming rate — what memory the process holds already
+takes. A fresh allocation costs more: writing memory the process has not touched yet costs a page fault
+per page too (on a virtual machine several times a streaming write); the figure "fresh" measures it as
+`torch.empty(n).fill_(1)` over 128 MiB, "fresh_huge" the same advised into transparent huge pages. The
+neighborhood loops avoid it by recycling their large buffers (attnlab.kernels.buffers), as PyTorch's
+caching allocator does on CUDA. And every row's attnlab case is
 timed on two threads too: "2 threads" is the one-thread time over the two-thread time, with the bar
 `TWO_THREADS` for the engines that parallelise (neighborhood, block-sparse, the linear scan).
 
@@ -149,7 +150,7 @@ def _machine_call(name: str, size: int) -> tuple[Any, float]:
     if name == "fresh":
         return (lambda: torch.empty(size).fill_(1.0)), 4.0 * size
     if name == "fresh_huge":  # the same in transparent huge pages, as the neighborhood loops allocate outputs
-        from ..kernels.neighborhood import fresh
+        from ..kernels.buffers import fresh
 
         like = torch.empty(0)
         return (lambda: fresh(like, size).fill_(1.0)), 4.0 * size
@@ -334,14 +335,13 @@ def _flops(case: Case) -> float | None:
 
 
 def limit_seconds(case: Case, machine: Mapping[str, float | None]) -> float | None:
-    """The larger of the time to move the case's tensors (those read at the streaming rate, those returned
-    fresh at the first-touch rate) and the time of its FLOPs at the matmul rate."""
-    read, returned = (8, 4) if case.mode == "fwd+bwd" else (3, 1)
+    """The larger of the time to move the case's tensors (those read and those returned, at the streaming
+    rate) and the time of its FLOPs at the matmul rate."""
+    moved = 12 if case.mode == "fwd+bwd" else 4
     tensor_bytes = SHAPE["batch"] * SHAPE["heads"] * case.n * SHAPE["head_dim"] * 4
-    stream, fresh = machine.get("stream_1_gbs"), machine.get("fresh_1_gbs")
-    matmul = machine.get("matmul_1_gflops")
+    stream, matmul = machine.get("stream_1_gbs"), machine.get("matmul_1_gflops")
     flops = _flops(case)
-    candidates = [read * tensor_bytes / (stream * 1e9) + returned * tensor_bytes / (fresh * 1e9)] if stream and fresh else []
+    candidates = [moved * tensor_bytes / (stream * 1e9)] if stream else []
     if flops and matmul:
         candidates.append(flops / (matmul * 1e9))
     return max(candidates) if candidates else None

@@ -24,18 +24,18 @@ So no key row is written by two threads (the loops of _neighborhood_loops scatte
 query, in stripes run in two phases), each sum is taken in one fixed order whatever the thread count, and
 the dot products are computed once. Measured by `attnlab bench limits --rows
 neighborhood-1d-7-bwd,neighborhood-2d-7-bwd` (fwd+bwd / fwd − 1, one thread pinned, 8 heads of 64,
-float32, medians of 5 interleaved rounds, load 1.3): 2-D 64×64 7×7 1.84, N = 65,536 k = 7 2.51, with
-dq, dk, dv in transparent huge pages (their page faults, 3 × 128 MiB in 4 KiB pages, take ~45% of the
-1-D backward without them).
+float32, medians of 5 interleaved rounds, load 1.5): 2-D 64×64 7×7 2.39, N = 65,536 k = 7 2.06, with
+dq, dk, dv and the p, dS buffers recycled between calls (attnlab.kernels.buffers); in freshly allocated
+memory, even in transparent huge pages, their page faults made the 1-D figure 5.4 in the same hour.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
+import torch
 from numba import njit, prange
 
 from ._neighborhood_loops import FAST, ONE, SCALE, ZERO, _dots, _exp, _pad, vfma, vload, vstore, vzero
+from .buffers import recycled
 
 # Queries (pass 1) or keys (pass 2) per unit of work; a constant, so that the bias gradient's partial
 # sums, and so the result, do not depend on the thread count.
@@ -320,42 +320,21 @@ def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nd
     window = pos[0].shape[1] * pos[1].shape[1] * pos[2].shape[1]
     l2 = pos[2].shape[0]
     units = rows * (n // l2) * ((l2 + CHUNK - 1) // CHUNK)
-    spare = _take(2 * rows * n * window, q.dtype)
-    probs, dscores = spare.reshape(2, rows, n, window)
+    probs, dscores = _scratch(q.dtype, 2, rows, n, window)
     drpb = np.zeros((units, rpb.shape[1]), rpb.dtype)
     wd, we = Width(d), Width(v.shape[2])
     ahead, m0, m1, behind = tables(pos)
     _by_query(heads, q, k, v, out, grad, lse, *pos, *rel, *ahead, keep, rpb, c, dq, probs, dscores, drpb, wd)
     _by_key(q, grad, *m0, *m1, *behind, pos[1].shape[1], pos[2].shape[1], c, probs, dscores, dk, dv, wd, we)
-    _give_back(spare)
     return drpb
 
 
-# The p, dS buffers (2·BH·N·W values, 12.8 MB for 8 heads on a 64 × 64 grid with 7 × 7 windows) are kept for
-# the next call up to SPARE_BYTES: a fresh one costs its page faults, measured 15–25 ms a call for 2 × 6.4 MB
-# (one thread, this 2-core AMD EPYC VM), a third of the backward. A call takes the spare out (a concurrent
-# call allocates its own) and puts back the larger of its buffer and the spare.
-SPARE_BYTES = 64 << 20
-_SPARE: list[np.ndarray] = []
-_SPARE_LOCK = threading.Lock()
-
-
-def _take(size: int, dtype: np.dtype) -> np.ndarray:
-    """A buffer of `size` values of dtype: the spare if it is large enough, else a new one."""
-    with _SPARE_LOCK:
-        if _SPARE and _SPARE[0].dtype == dtype and _SPARE[0].size >= size:
-            return _SPARE.pop()[:size]
-    return np.empty(size, dtype)
-
-
-def _give_back(buffer: np.ndarray) -> None:
-    """Keep the buffer (its whole allocation) as the spare if it is within SPARE_BYTES and larger than the spare."""
-    base = buffer if buffer.base is None else buffer.base
-    if base.nbytes > SPARE_BYTES:
-        return
-    with _SPARE_LOCK:
-        if not _SPARE or _SPARE[0].nbytes < base.nbytes:
-            _SPARE[:] = [base]
+def _scratch(dtype: np.dtype, *shape: int) -> np.ndarray:
+    """The p, dS buffers (2·BH·N·W values, 12.8 MB for 8 heads on a 64 × 64 grid with 7 × 7 windows), recycled
+    between calls (attnlab.kernels.buffers): fresh ones cost their page faults, measured 15–25 ms a call for
+    2 × 6.4 MB (one thread, this 2-core AMD EPYC VM), a third of the backward."""
+    like = torch.empty(0, dtype=torch.float32 if dtype == np.float32 else torch.float64)
+    return recycled(like, *shape).numpy()
 
 
 Tables = tuple[tuple[np.ndarray, ...], ...]

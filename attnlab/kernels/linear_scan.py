@@ -92,6 +92,7 @@ from torch.autograd.function import once_differentiable
 from ..core.errors import DTypeError, ParameterError, ShapeError
 from ..core.validate import check_attention_mask, check_finite, check_int, check_qkv, check_tensor
 from . import compiled
+from .buffers import recycled, recycling_line
 from .pool import cpus, run_parallel
 from .sizes import fit_block
 
@@ -435,7 +436,8 @@ def hebbian_backend() -> str:
         return f"chunked PyTorch path: {compiled.numba_status()}"
     return (
         f"causal: fused chunk loops ({compiled.numba_status()}) for CPU float32/float64, φ = elu + 1 applied "
-        "inside them; the chunked PyTorch path otherwise (CUDA, bfloat16); bidirectional: two matmuls"
+        f"inside them; the chunked PyTorch path otherwise (CUDA, bfloat16); bidirectional: two matmuls; the loops' "
+        f"{recycling_line()}"
     )
 
 
@@ -484,7 +486,7 @@ class _CausalLoops(torch.autograd.Function):
     ) -> Tensor:
         loops = _loops()
         qr, kr, vr = _rows(q), _rows(k), _rows(v)
-        out, den = torch.empty_like(vr), q.new_empty(qr.shape[:2])
+        out, den = recycled(vr, *vr.shape), q.new_empty(qr.shape[:2])
         dtype = qr.numpy().dtype
         fmap = loops.IDENTITY if feature_map is None else loops.ELU1
         keep_rows = (keep if keep is not None and feature_map is not None else q.new_ones(1, 0)).to(torch.uint8)
@@ -501,7 +503,7 @@ class _CausalLoops(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         qr, kr, vr, out, den = ctx.saved_tensors
         g = _rows(grad)
-        dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)
+        dq, dk, dv = recycled(qr, *qr.shape), recycled(kr, *kr.shape), recycled(vr, *vr.shape)
         floor = qr.numpy().dtype.type(normalizer_floor(qr.dtype))
         arrays = (qr, kr, vr, out, den, g, dq, dk, dv)
         _over_rows(_loops().causal_backward, qr.shape[0], *(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor,

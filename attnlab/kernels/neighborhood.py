@@ -31,9 +31,7 @@ serve the rest (CUDA, half precision).
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -44,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .buffers import recycled
 from .compiled import numba_threads
 from .pool import run_parallel
 
@@ -476,43 +475,6 @@ def _numpy(t: Tensor, rows: int) -> np.ndarray:
     return t.detach().contiguous().view(rows, t.shape[2], t.shape[3]).numpy()
 
 
-# A large output of the loops is advised into transparent huge pages before its first write: writing a
-# fresh 128 MiB tensor (the 1-D N = 65,536 output) costs its page faults, one per 4 KiB page, zeroing each;
-# `attnlab bench limits` measures both as machine figures ("fresh", "fresh_huge": torch.empty + fill_, in
-# the same run as its rows). madvise(MADV_HUGEPAGE) is a hint on that one mapping (no
-# allocator or process setting); where the kernel does not take it (another OS, THP "never") the tensor
-# stays in small pages.
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
-
-
-@lru_cache(maxsize=1)
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc's madvise, or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-def fresh(like: Tensor, *shape: int) -> Tensor:
-    """An uninitialised tensor of like's dtype and device; on the CPU, if it spans at least two huge pages,
-    its whole huge pages advised into transparent huge pages (before anything touches them)."""
-    out = like.new_empty(shape)
-    madvise = _madvise()
-    size = out.numel() * out.element_size()
-    if madvise is not None and out.device.type == "cpu" and size >= 2 * HUGE_PAGE:
-        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        stop = (out.data_ptr() + size) // HUGE_PAGE * HUGE_PAGE
-        if stop > start:
-            madvise(start, stop - start, MADV_HUGEPAGE)  # a hint: failure leaves small pages
-    return out
-
-
 def forward_path(w: Windows) -> str:
     """Which form of the loops' forward serves these windows: "lanes" (consecutive keys on the last axis, lines
     of at least LANES_MIN_LINE positions), "blocked" (consecutive keys on the last axis, shorter lines of at
@@ -530,9 +492,9 @@ def forward_path(w: Windows) -> str:
 
 
 def _array(dtype: np.dtype, *shape: int) -> np.ndarray:
-    """An uninitialised array (fresh: in huge pages if large)."""
+    """An uninitialised array (recycled if large)."""
     like = torch.empty(0, dtype=torch.float32 if dtype == np.float32 else torch.float64)
-    return fresh(like, *shape).numpy()
+    return recycled(like, *shape).numpy()
 
 
 def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
@@ -588,7 +550,7 @@ class LoopAttention(torch.autograd.Function):
         rows, e = b * h, v.shape[-1]
         lib = loops()
         dtype = np.dtype(np.float32 if q.dtype == torch.float32 else np.float64)
-        out = fresh(q, b, h, n, e)
+        out = recycled(q, b, h, n, e)
         lse = q.new_empty(rows, n)
         keep_np = np.zeros((1, 0), np.uint8) if keep is None else keep.to(torch.uint8).contiguous().numpy()
         rpb_np = np.zeros((h, 0), dtype) if rpb is None else rpb.detach().contiguous().numpy()
@@ -615,7 +577,7 @@ class LoopAttention(torch.autograd.Function):
         rows, e = b * h, v.shape[-1]
         from . import _neighborhood_backward_loops as backward_loops
 
-        dq, dk, dv = fresh(q, *q.shape), fresh(k, *k.shape), fresh(v, *v.shape)
+        dq, dk, dv = recycled(q, *q.shape), recycled(k, *k.shape), recycled(v, *v.shape)
         with numba_threads(torch.get_num_threads()):
             drpb = backward_loops.backward(h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
                                            _numpy(grad, rows), lse.numpy(), w.pos, w.rel, ctx.keep_np,  # type: ignore[attr-defined]

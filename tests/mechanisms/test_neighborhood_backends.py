@@ -236,21 +236,3 @@ def test_forward_forms_rule(monkeypatch):
     real, rel = torch.ones(10, 2, dtype=torch.bool), torch.zeros(10, 2, dtype=torch.long)
     assert engines.windows([(pos, real, rel)]).runs[:, :2].tolist() == pos.tolist()
     assert engines.windows([(pos + torch.arange(10)[:, None], real, rel)]).runs is None  # two further on
-
-
-def test_fresh_output_advises_its_whole_huge_pages(monkeypatch):
-    """The loops' large outputs: madvise(MADV_HUGEPAGE) on exactly the whole 2 MiB pages inside the tensor;
-    none for a tensor under two huge pages or where there is no madvise (another OS)."""
-    calls = []
-    monkeypatch.setattr(engines, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)) or 0)
-    like = torch.zeros(1, dtype=torch.float32)
-    out = engines.fresh(like, 3, 1000, 1001)
-    assert out.shape == (3, 1000, 1001) and out.dtype == torch.float32
-    (start, length, advice), = calls
-    page, begin, end = engines.HUGE_PAGE, out.data_ptr(), out.data_ptr() + out.numel() * 4
-    assert advice == engines.MADV_HUGEPAGE and start % page == 0 and length % page == 0
-    assert begin <= start < begin + page and end - page < start + length <= end
-    engines.fresh(like, 2 * page // 4 - 1)
-    assert len(calls) == 1  # under two huge pages: no advice
-    monkeypatch.setattr(engines, "_madvise", lambda: None)
-    assert engines.fresh(like.double(), 3, 1000, 1001).dtype == torch.float64 and len(calls) == 1

@@ -49,7 +49,7 @@ from ...core.module import KVCache
 from ...core.reference import masked_softmax
 from ...core.registry import Paper, Param, Supports, register
 from ...core.validate import check_bools, check_ints, check_tensor
-from ...kernels import compiled
+from ...kernels import buffers, compiled
 from ...kernels.grid import check_grid_qkv, grid_padding
 from ...kernels.neighborhood import Windows, loop_attention, plan, tiled_attention, windows
 from .base import GridAttention
@@ -152,7 +152,8 @@ def backend_line() -> str:
     tiles = "the tiled PyTorch path"
     if compiled.numba_module() is None:
         return f"{tiles}: {compiled.numba_status()}"
-    return f"numba loops ({compiled.numba_status()}) for CPU float32/float64; {tiles} otherwise (CUDA, half precision)"
+    return (f"numba loops ({compiled.numba_status()}) for CPU float32/float64; {tiles} otherwise (CUDA, half "
+            f"precision); {buffers.recycling_line()}")
 
 
 def choose_backend(
