@@ -50,7 +50,7 @@ not used there); then the weights over whole rows, against that (A/B): 2d-13 53 
 N = 16,384, numba / torch (ms): k = 65 fwd 61 / 146, fwd+bwd 364 / 411; k = 97 84 / 140, 546 / 529;
 k = 129 81 / 148, 920 / 1043; causal 256 262 / 491, 2165 / 2792 (one run each, 3 rounds).
 
-2026-12-07 afternoon: the loops' output in transparent huge pages (attnlab.kernels.neighborhood.fresh)
+2026-12-07 afternoon: the loops' output in transparent huge pages (now attnlab.kernels.buffers.fresh)
 and the diagonal forward for last-axis kernels below 9 on lines of >= 64 (DIAGONAL_MIN_LINE). Forward
 alone through neighborhood_attention(backend="numba") under no_grad, one thread, pinned (taskset -c 1),
 processes of the commit before and after alternating, 3 pairs of 5 calls each, a shared machine (load
@@ -61,6 +61,11 @@ alternating (before, after, after, before, after; load 1.95–2.4), ms: 1d-7 166
 1d-65 241, 240 / 179, 184, 182; 2d-13 33, 34 / 33, 32, 36; 2d-7 18, 19 / 17, 21, 17. Two threads vary
 with the other core's load (after: 1d-7 1.89, 1.01, 2.06×; 1d-65 0.97, 1.73, 1.98×; 2d-13 0.81, 1.85,
 1.85×; 2d-7 0.77, 0.88, 1.71×; the last run, load 1.95, meets 1.7× on all four).
+
+2026-12-07 evening: the loops' outputs, gradients and scratch recycled between calls
+(attnlab.kernels.buffers), so a call after the first takes no page faults. `attnlab bench limits --rows
+neighborhood-1d-7,neighborhood-1d-65,neighborhood-1d-7-bwd --rounds 5`, the commit before and after
+(load 0.6–0.9): 1d-7 fwd 94 → 86 ms, 1d-65 156 → 155 ms, 1d-7 fwd+bwd 627 → 275 ms (bwd/fwd 5.43 → 2.03).
 """
 from __future__ import annotations
 
