@@ -1,4 +1,6 @@
-"""Efficient Attention (P228): the paper's closed forms, row sums, causal prefix softmax, decoding, memory."""
+"""Efficient Attention (P228): the paper's closed forms, row sums, causal prefix softmax, decoding, memory, the
+bidirectional fast path (fwd and bwd against the float64 reference, one gradient alone, strided inputs, no second
+derivative, recycled buffers)."""
 from __future__ import annotations
 
 import copy
@@ -105,6 +107,76 @@ def test_causal_chunked_equals_reference_forward_and_backward(normalization, chu
         sums = a.sum(-1)
         close(sums[0, :, 3:], torch.ones(2, 9, dtype=F64))
         assert sums[0, :, :3].abs().max() == 0
+
+
+# -- the bidirectional softmax fast path (a Function with its backward written out) ------------------------
+def _grads(out, w, inputs):
+    return torch.autograd.grad((out * w).sum(), inputs)
+
+
+def _made_by_fast_path(out):
+    node = out.grad_fn
+    while type(node).__name__ == "ViewBackward0":  # `attend` reshapes its result
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "_SoftmaxBidirectionalBackward"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("m", [10, 13])  # self- and cross-attention
+def test_bidirectional_softmax_fast_path_equals_reference_forward_and_backward(padded, m):
+    q, k, v = (t.requires_grad_() for t in qkv(b=3, n=10, m=m, seed=4))
+    keep = None
+    if padded:
+        keep = torch.ones(3, m, dtype=torch.bool)
+        keep[0, [0, 4, m - 1]] = False
+        keep[2] = False  # a sample with no real key: zeros, zero gradients, no NaN
+    w = torch.randn(3, 2, 10, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ref, _ = efficient_attention_reference(q, k, v, attention_mask=keep)
+    expected = _grads(ref, w, (q, k, v))
+    module = EfficientAttention(8, 2, head_dim=4)
+    for fast in (efficient_attention(q, k, v, attention_mask=keep), module.attend(q, k, v, attention_mask=keep)):
+        assert _made_by_fast_path(fast)
+        close(fast, ref)
+        for got, want in zip(_grads(fast, w, (q, k, v)), expected):
+            close(got, want)
+    if padded:
+        assert efficient_attention(q, k, v, attention_mask=keep)[2].abs().max() == 0
+
+
+def test_bidirectional_fast_path_gradient_of_one_input_and_strided_inputs():
+    """Each gradient alone (the others not required) and transposed views as inputs and output gradient."""
+    q0, k0, v0 = qkv(n=9, m=11, seed=6)
+    w = torch.randn(2, 2, 3, 9, generator=torch.Generator().manual_seed(7), dtype=F64).transpose(-1, -2)
+    for i in range(3):
+        leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((q0, k0, v0))]
+        q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in leaves)  # column-major views
+        (got,) = _grads(efficient_attention(q, k, v), w, (leaves[i],))
+        (want,) = _grads(efficient_attention_reference(q, k, v)[0], w, (leaves[i],))
+        close(got, want)
+
+
+def test_bidirectional_fast_path_refuses_a_second_derivative():
+    q, k, v = (t.requires_grad_() for t in qkv(n=6, seed=8))
+    (dq,) = torch.autograd.grad(efficient_attention(q, k, v).square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # never a silently wrong second derivative
+        dq.sum().backward()
+
+
+def test_bidirectional_fast_path_recycled_buffers_do_not_alias_live_results():
+    """Large enough for the recycler (4 MiB per tensor): a second call leaves the first call's output and
+    gradients as they were; each equals the closed form ρ_q(Q)(ρ_k(K)ᵀV) written with torch's autograd."""
+    n = 8192  # 1 × 1 × 8192 × 64 float64 = 4 MiB
+    results = []
+    for seed in (9, 10):
+        q, k, v = (t.requires_grad_() for t in qkv(b=1, h=1, n=n, d=64, dv=64, seed=seed))
+        out = efficient_attention(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        results.append((q, k, v, out, grads))
+    for q, k, v, out, grads in results:
+        closed = torch.softmax(q, -1) @ (torch.softmax(k, 2).transpose(-1, -2) @ v)
+        close(out, closed)
+        for got, want in zip(grads, torch.autograd.grad(closed.sum(), (q, k, v))):
+            close(got, want)
 
 
 @pytest.mark.parametrize("normalization", ["softmax", "scaling"])
