@@ -21,8 +21,9 @@ decide it (a wall-clock figure there mostly measures their load: a process's two
 about the CPU time its one thread got). Per call: one thread, the process's CPU time T1; two threads,
 the caller's own CPU time (the serial part: checks, allocation, autograd, freeing; it waits without
 CPU while the workers run the rows) and the rest of the process's CPU time (the rows, on the two
-workers). A quiet machine would take caller + rows × ⌈R/2⌉ / R for R equal rows, so the speed-up is T1
-over that. Stalls (page faults, memory) count as CPU time; idle OpenMP threads spinning would too, so
+workers). A quiet machine would take caller + rows × ⌈R/2⌉ / R for R equal rows (the backward's units are each
+row's key pass and query pass, R of each), so the speed-up is T1 over that. Stalls (page faults, memory) count
+as CPU time; idle OpenMP threads spinning would too, so
 the estimate errs low. It cannot see what the guest does not: a second vCPU on the host core's other
 hardware thread, or a lower clock with both cores busy.
 """

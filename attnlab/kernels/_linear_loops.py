@@ -6,16 +6,17 @@ once, so each intermediate (scores, chunk states, their prefix sums) is a full t
 and read from memory, and torch's batched matmul on 64 × 64 blocks out of cache reaches about a
 third of a large matmul's rate. Here one (batch·head) row is one unit: its state S (d_k × e) stays
 in cache while the chunks stream past, nothing of size N × d² is ever built, the causal triangle is
-skipped (a C × C block costs half a product), and the rows run in parallel (each kernel call is one row;
-the caller's worker threads take rows from a shared counter, see `linear_scan._over_rows`).
+skipped (a C × C block costs half a product), and the rows run in parallel (each kernel call is one row, or
+in the backward one of its two passes; the caller's worker threads take them from a shared counter, see
+`linear_scan._over_rows`).
 
 Per chunk (queries Q, keys K, values V of its L <= C tokens; e = d_v + 1 when normalising, the extra
 value column being 1 so that the same products give the denominator):
 
     forward:   P = tril(Q Kᵀ),  O = Q S + P V,  out = O[:, :d_v] / max(O[:, d_v], floor),  S += Kᵀ V
     backward:  dO = [g / D, −(g·out) / D] (D = max(den, floor); the last column 0 where den < floor)
-               first pass, chunks in order:    dP = tril(dO Vᵀ),  dQ = dO Sᵀ + dP K,  S += Kᵀ V
-               second pass, chunks reversed:   dK = V Gᵀ + dPᵀ Q,  dV = K G + Pᵀ dO,  G += Qᵀ dO
+               query pass, chunks in order:    dP = tril(dO Vᵀ),  dQ = dO Sᵀ + dP K,  S += Kᵀ V
+               key pass, chunks reversed:      dK = V Gᵀ + dPᵀ Q,  dV = K G + Pᵀ dO,  G += Qᵀ dO
 
 (G = Σ over later chunks of Qᵀ dO.) Every product is one helper, `_gemm_nt` (C = A Bᵀ over rows
 that are contiguous), in 4 × 4 register tiles whose sums vectorise along the reduction; its
@@ -293,30 +294,24 @@ def causal_forward(r, q, k, v, out, den, chunk, normalize, floor, fmap, keep, he
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def causal_backward(r, q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
-    """Row r's gradients of `causal_forward` for the output gradient g (R, n, d_v): dq, dk, dv_out in place
-    (with respect to the inputs of the feature map: dq = φ'(q) ⊙ dφ(q), dk likewise)."""
+def causal_backward_queries(r, q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
+    """Row r's dq of `causal_forward` for the output gradient g (R, n, d_v), in place (with respect to the input
+    of the feature map: dq = φ'(q) ⊙ dφ(q)): the first pass of the backward, chunks in order. Independent of
+    `causal_backward_keys` (dk, dv_out untouched), so the two run as separate units of work."""
     n, d = q.shape[1], q.shape[2]
     dv = v.shape[2]
     ext = dv + 1 if normalize else dv
-    last = ((n - 1) // chunk) * chunk
     keep_row = keep[(r // heads) % keep.shape[0]]
     state = np.zeros((d, ext), q.dtype)  # S[c, j]
-    carry = np.zeros((d, ext), q.dtype)  # G[c, j] = Σ_(later chunks) q[t, c] dO[t, j]
-    carry_t = np.empty((ext, d), q.dtype)
     qc = np.empty((chunk, d), q.dtype)
     kc = np.empty((chunk, d), q.dtype)
     k_t = np.empty((d, chunk), q.dtype)
-    q_t = np.empty((d, chunk), q.dtype)
     ve = np.empty((chunk, ext), q.dtype)
     ve_t = np.empty((ext, chunk), q.dtype)
     go = np.empty((chunk, ext), q.dtype)
-    go_t = np.empty((ext, chunk), q.dtype)
     block = np.empty((chunk, chunk), q.dtype)
-    block2 = np.empty((chunk, chunk), q.dtype)
     acc = np.empty((chunk, d), q.dtype)
-    acc_v = np.empty((chunk, dv), q.dtype)
-    for t0 in range(0, n, chunk):  # dQ, chunks in order
+    for t0 in range(0, n, chunk):
         size = min(chunk, n - t0)
         _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)
         _transpose(kc, k_t, size, d)
@@ -330,7 +325,30 @@ def causal_backward(r, q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, f
             _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
         _times_map_slope(acc, qc, size, d, fmap, dq[r], t0)
         _gemm_nt(k_t, ve_t, state, d, ext, size, NONE, NONE, True)  # S += Kᵀ V
-    for t0 in range(last, -1, -chunk):  # dK, dV, chunks reversed
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def causal_backward_keys(r, q, k, v, out, den, g, dq, dk, dv_out, chunk, normalize, floor, fmap, keep, heads, cst):  # type: ignore[no-untyped-def]
+    """Row r's dk, dv_out of `causal_forward` for the output gradient g, in place (dk with respect to the input of
+    the feature map): the second pass of the backward, chunks reversed; dq untouched."""
+    n, d = q.shape[1], q.shape[2]
+    dv = v.shape[2]
+    ext = dv + 1 if normalize else dv
+    last = ((n - 1) // chunk) * chunk
+    keep_row = keep[(r // heads) % keep.shape[0]]
+    carry = np.zeros((d, ext), q.dtype)  # G[c, j] = Σ_(later chunks) q[t, c] dO[t, j]
+    carry_t = np.empty((ext, d), q.dtype)
+    qc = np.empty((chunk, d), q.dtype)
+    kc = np.empty((chunk, d), q.dtype)
+    q_t = np.empty((d, chunk), q.dtype)
+    ve = np.empty((chunk, ext), q.dtype)
+    go = np.empty((chunk, ext), q.dtype)
+    go_t = np.empty((ext, chunk), q.dtype)
+    block = np.empty((chunk, chunk), q.dtype)
+    block2 = np.empty((chunk, chunk), q.dtype)
+    acc = np.empty((chunk, d), q.dtype)
+    acc_v = np.empty((chunk, dv), q.dtype)
+    for t0 in range(last, -1, -chunk):
         size = min(chunk, n - t0)
         _map_chunk(q[r], t0, size, d, fmap, keep_row[:0], cst, qc)
         _map_chunk(k[r], t0, size, d, fmap, keep_row, cst, kc)

@@ -51,14 +51,19 @@ outside first cost 0.27. The
 bidirectional form stays two matmuls: it is bound by memory, not FLOPs (4·d² = 16k FLOPs per token
 and head against reading q, k, v and writing out, plus the ones column's copy of v and the division's
 pass over the output), so it reaches only ~0.25 of the matmul rate.
-Two threads: the rows are all the loops' work, and the serial rest is small. The caller's own CPU time,
-measured on a loaded machine (`benchmarks/linear_chunked.py --on-cpu`), was ~1% of a forward at N = 16k
-(checks, allocation; the fresh outputs are first written inside the rows, so the workers take their page
-faults: each thread's on-CPU time for them was the same alone or beside the other, with no waits on a
-lock) and ~3% of fwd+bwd at 65k (mostly freeing the previous call's 512 MiB of outputs and gradients):
-the on-CPU times give two threads 1.9–2.0× one (what the guest cannot see, such as the two vCPUs sharing
-a host core, is not in that figure). Wall-clock figures on a shared machine mostly measure the others'
-load: in runs here a process's two threads got about the CPU time its one thread got.
+Two threads: the rows are all the loops' work, and the serial rest is small. At N = 65,536, fwd+bwd with
+φ = elu + 1 inside, 8 heads of 64, per-thread on-CPU times (/proc schedstat and time.thread_time per unit; load
+1–3, `benchmarks/linear_chunked.py --on-cpu` is the method): the caller's own CPU time 3–5 ms of ~2.4 s (checks,
+autograd; outputs and gradients are recycled, so no page faults and no frees), the units' CPU time the same
+within ~3% on one thread and two, and their measured times list-scheduled on two workers 1.87× one thread (the
+guest cannot see a second vCPU on the host core's other hardware thread, or a lower clock with both busy). What
+a shared machine takes is wall time: a worker descheduled or slowed by another process holds the end of the call
+by up to one unit, so the backward's units are each row's two independent passes (16 at 8 heads; the key pass
+~2/3 of a row's backward, the query pass ~1/3: 206 and 97 ms at N = 65,536, one thread) rather than its rows:
+in an in-process A/B (two threads, load ~3, 6 rounds) the longest wait of one worker for the other at the end
+of the backward fell from 76 to 30 ms, bit for bit the same result.
+Wall-clock figures on a shared machine mostly measure the others' load: in runs here a process's two threads
+often got about the CPU time its one thread got.
 
 Numerics. Decays enter only as exp of non-positive sums of log α within a chunk, so nothing
 overflows. A normaliser is clamped below at `normalizer_floor(dtype)` = √(finfo(dtype).tiny)
@@ -81,7 +86,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -452,22 +457,26 @@ def _rows(t: Tensor) -> Tensor:
     return t.detach().reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous()
 
 
-def _over_rows(kernel: Callable[..., None], rows: int, *args: object) -> None:
-    """kernel(r, *args) for every (batch·head) row r, on min(torch.get_num_threads(), CPUs, rows) worker threads
-    (`pool`) that take the rows one at a time from a shared counter: a worker on a core that another process
-    also runs takes fewer rows instead of holding up the call (numba's `prange` splits them evenly in advance:
-    two threads measured 0.95–1.0× one with the other core busy). The kernels release the GIL (nogil)."""
+def _over_rows(kernels: Sequence[Callable[..., None]], rows: int, *args: object) -> None:
+    """kernel(r, *args) for every kernel of `kernels` and every (batch·head) row r, on min(torch.get_num_threads(),
+    CPUs, units) worker threads (`pool`) that take the units (kernel, row) one at a time from a shared counter,
+    the first kernel's rows first (give the longest first). Dynamic, not split in advance: a worker on a core that
+    another process also runs takes fewer units instead of holding up the call (numba's `prange` splits them evenly
+    in advance: two threads measured 0.95–1.0× one with the other core busy). The kernels release the GIL (nogil)
+    and write disjoint parts of their outputs, so the result does not depend on which worker ran what."""
+    units = [(kernel, r) for kernel in kernels for r in range(rows)]
     taken, lock = itertools.count(), threading.Lock()
 
     def worker() -> None:
         while True:
             with lock:
-                r = next(taken)
-            if r >= rows:
+                i = next(taken)
+            if i >= len(units):
                 return
+            kernel, r = units[i]
             kernel(r, *args)
 
-    run_parallel([worker] * min(torch.get_num_threads(), cpus(), rows))
+    run_parallel([worker] * min(torch.get_num_threads(), cpus(), len(units)))
 
 
 class _CausalLoops(torch.autograd.Function):
@@ -477,7 +486,9 @@ class _CausalLoops(torch.autograd.Function):
     φ(q), φ(k) tensors; keep (batch, n) marks real keys, whose φ(k) the loops zero otherwise), and
     the gradients are with respect to the raw q, k. Saves q, k, v, the output and the (b·h, n)
     denominators; the backward rebuilds each chunk's C × C blocks (and φ) instead of storing them.
-    Threads: torch.get_num_threads() (`_over_rows`).
+    Threads: torch.get_num_threads() (`_over_rows`); the forward's units are the rows, the backward's each row's
+    two independent passes (key pass dk, dv right to left; query pass dq left to right), so with 8 rows on two
+    threads the last unit a worker takes is about 1/16 of the backward instead of 1/8.
     """
 
     @staticmethod
@@ -492,7 +503,7 @@ class _CausalLoops(torch.autograd.Function):
         keep_rows = (keep if keep is not None and feature_map is not None else q.new_ones(1, 0)).to(torch.uint8)
         extra = (fmap, keep_rows.contiguous().numpy(), q.shape[1], loops.exp_constants(dtype))
         floor = dtype.type(normalizer_floor(q.dtype))
-        _over_rows(loops.causal_forward, qr.shape[0], qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(),
+        _over_rows([loops.causal_forward], qr.shape[0], qr.numpy(), kr.numpy(), vr.numpy(), out.numpy(), den.numpy(),
                    chunk, normalize, floor, *extra)
         ctx.save_for_backward(qr, kr, vr, out, den)
         ctx.normalize, ctx.chunk, ctx.extra = normalize, chunk, extra
@@ -506,8 +517,9 @@ class _CausalLoops(torch.autograd.Function):
         dq, dk, dv = recycled(qr, *qr.shape), recycled(kr, *kr.shape), recycled(vr, *vr.shape)
         floor = qr.numpy().dtype.type(normalizer_floor(qr.dtype))
         arrays = (qr, kr, vr, out, den, g, dq, dk, dv)
-        _over_rows(_loops().causal_backward, qr.shape[0], *(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor,
-                   *ctx.extra)
+        loops = _loops()  # two units a row: its key pass (dk, dv; the longer) and its query pass (dq)
+        _over_rows([loops.causal_backward_keys, loops.causal_backward_queries], qr.shape[0],
+                   *(t.numpy() for t in arrays), ctx.chunk, ctx.normalize, floor, *ctx.extra)
         shape = grad.shape[:2]
         grads = (dq.view(*shape, *qr.shape[1:]), dk.view(*shape, *kr.shape[1:]), dv.view(*shape, *vr.shape[1:]))
         return (*grads, None, None, None, None)

@@ -1,13 +1,15 @@
 """The causal Hebbian form's two paths (numba loops, chunked PyTorch) against the float64 reference, and the path rule."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 import attnlab
 from attnlab.core.errors import ParameterError
-from attnlab.kernels import compiled, pool
+from attnlab.kernels import compiled, linear_scan, pool
 from attnlab.kernels.linear_scan import hebbian_backend, linear_attention, linear_attention_reference, loops_serve
 
 try:
@@ -79,6 +81,29 @@ def test_fully_padded_rows_give_zeros_and_finite_gradients_through_the_loops():
     # the same as the PyTorch path, which clamps the same denominators at the same floor
     ref = linear_attention(q, k, v, causal=True, attention_mask=keep, backend="torch")
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_over_rows_runs_every_kernel_on_every_row_once_the_first_kernel_first(threads):
+    """The units of `_over_rows` are (kernel, row) pairs: each runs once, with the arguments; the first kernel's rows
+    are handed out before the second's (so its units start first, in row order)."""
+    started, lock = [], threading.Lock()
+
+    def kernel(name):
+        def run(r, *args):
+            with lock:
+                started.append((name, r, args))
+        return run
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        linear_scan._over_rows([kernel("keys"), kernel("queries")], 5, "x", 7)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(started) == sorted((name, r, ("x", 7)) for name in ("keys", "queries") for r in range(5))
+    if threads == 1:
+        assert [(name, r) for name, r, _ in started] == [("keys", r) for r in range(5)] + [("queries", r) for r in range(5)]
 
 
 @needs_numba

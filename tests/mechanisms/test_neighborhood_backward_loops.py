@@ -2,7 +2,8 @@
 on the loops' forward (out, logsumexp): dq, dk, dv and the bias gradient equal autograd of the float64
 reference on 1-D, 2-D and 3-D grids (dilation, causal axes, a bias table, a padding mask with windows left
 without a real key, a value width other than the head dim, last axes shorter than a block, long lines,
-float32), bit for bit the same on one and two threads; its tables (the windows seen from the keys, the blocks'
+float32), bit for bit the same on one and two threads and with gradient rows written by non-temporal stores
+(rows on 64 bytes) or plain ones; its tables (the windows seen from the keys, the blocks'
 unions) against the windows written out; and neighborhood_attention's numba path runs it (after either form of
 the forward)."""
 from __future__ import annotations
@@ -61,8 +62,17 @@ def problem(grid, kernel, dil, causal, d, e, bias, padding, dtype=torch.float64,
     return (q, k, v), grad, kw, nb.loop_windows(tuple(grid), ks, ds, cs)
 
 
-def loops_gradients(tensors, grad, kw, w, threads=1):
-    """(dq, dk, dv, drpb or None) by the loops' forward then the backward, on `threads` threads."""
+def rows_at(shape, dtype, offset):
+    """A NaN-filled C-contiguous array of `shape` whose data start `offset` bytes past a 64-byte boundary."""
+    count = math.prod(shape)
+    raw = np.full(count + 128 // dtype.itemsize, np.nan, dtype)
+    skip = (-raw.ctypes.data % 64 + offset) // dtype.itemsize
+    return raw[skip : skip + count].reshape(shape)
+
+
+def loops_gradients(tensors, grad, kw, w, threads=1, offset=None):
+    """(dq, dk, dv, drpb or None) by the loops' forward then the backward, on `threads` threads; dq, dk, dv written
+    into NaN-filled arrays (starting `offset` bytes past a 64-byte boundary, or wherever numpy puts them: None)."""
     q, k, v = tensors
     b, h, d, e = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     n, rows = math.prod(q.shape[2:-1]), b * h
@@ -74,7 +84,10 @@ def loops_gradients(tensors, grad, kw, w, threads=1):
     rpb = np.zeros((h, 0), dtype) if kw.get("rpb") is None else kw["rpb"].reshape(h, -1).numpy()
     flat = [t.reshape(rows, n, -1).numpy() for t in (q, k, v, grad)]
     out, lse = np.empty((rows, n, e), dtype), np.empty((rows, n), dtype)
-    dq, dk, dv = np.full((rows, n, d), np.nan, dtype), np.full((rows, n, d), np.nan, dtype), np.full((rows, n, e), np.nan, dtype)
+    if offset is None:
+        dq, dk, dv = (np.full((rows, n, x), np.nan, dtype) for x in (d, d, e))
+    else:
+        dq, dk, dv = (rows_at((rows, n, x), dtype, offset) for x in (d, d, e))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -126,6 +139,29 @@ def test_float32_and_large_scores():
         assert a.dtype == torch.float32
         scale = ref.abs().max()
         torch.testing.assert_close(a.double() / scale, ref.view(a.shape) / scale, atol=2e-5, rtol=0, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("grid,kernel,dtype,d", [((300,), 7, torch.float32, 16), ((9, 20), (3, 5), torch.float64, 8)])
+def test_rows_on_64_bytes_are_streamed_and_equal_plain_stores_and_the_reference(monkeypatch, grid, kernel, dtype, d):
+    """Gradient rows that start on 64 bytes are written by non-temporal stores (`streamable` says so); the gradients
+    are bit for bit those written by plain stores into rows off the boundary (one and two threads), and the
+    reference's."""
+    tensors, grad, kw, w = problem(grid, kernel, 1, False, d, d, True, "some", dtype=dtype)
+    said = []
+    check = bwd.streamable
+    monkeypatch.setattr(bwd, "streamable", lambda *a: said.append(check(*a)) or said[-1])
+    itemsize = np.dtype(np.float32 if dtype == torch.float32 else np.float64).itemsize
+    streamed = [loops_gradients(tensors, grad, kw, w, threads=t, offset=0) for t in (1, 2)]
+    plain = loops_gradients(tensors, grad, kw, w, threads=2, offset=itemsize)
+    assert said == [True, True, False]
+    for got in streamed:
+        for a, b_ in zip(got, plain):
+            assert torch.equal(a, b_)
+    want = reference_gradients(tensors, grad, kw)
+    for i, (a, ref) in enumerate(zip(plain, want)):
+        scale = ref.abs().max()
+        torch.testing.assert_close(a.double() / scale, ref.view(a.shape) / scale, atol=2e-6 if itemsize == 4 else 1e-12,
+                                   rtol=0, msg=f"gradient {i}")
 
 
 @pytest.mark.parametrize("length,kernel,dil,causal", [(12, 5, 1, False), (13, 3, 2, False), (11, 4, 1, True),
