@@ -28,24 +28,22 @@ float32, medians of 5 interleaved rounds, load 1.5): 2-D 64×64 7×7 2.39, N = 6
 dq, dk, dv and the p, dS buffers recycled between calls (attnlab.kernels.buffers); in freshly allocated
 memory, even in transparent huge pages, their page faults made the 1-D figure 5.4 in the same hour.
 
-Threads: the workers take each pass's units from a shared counter, TAKE consecutive units at a time (`_take`, an
-atomic add), instead of `prange` splitting them evenly in advance: a worker on a core that another process also
-runs takes fewer. Each unit's sums are unchanged, so the result is bit for bit that of any thread count. 1-D
-N = 65,536, k = 7, 8 heads of 64, float32, in-process A/B of the backward (medians of 7–9, interleaved): with one
-core half taken by a pinned spinner, two threads 155 → 138 ms (one thread 162 ms); on two free cores the same
-within noise (95 vs 99 ms, one thread 156 ms). Two threads take ~12% more CPU time than one for the same work
-(156 → 175 ms over both passes; the key pass +14%): memory, not computation. The key pass moves q, grad, p, dS in
-and dk, dv out (~570 MB here) at 20–27 GB/s on two threads, against ~29 GB/s streaming, so the backward's
-two-thread speed-up is 1.65–1.77 by wall and busiest-thread CPU time where the forward's is ~1.9. Rows of dq,
+Two threads (1-D N = 65,536, k = 7, 8 heads of 64, float32; per-thread on-CPU times from /proc schedstat and
+in-process A/B runs, interleaved, on a shared machine): two threads take ~12% more CPU time than one for the same
+work (156 → 175 ms over both passes; the key pass +14%): memory, not computation. The key pass moves q, grad, p,
+dS in and dk, dv out (~570 MB here) at 20–27 GB/s on two threads, against ~29 GB/s streaming, so the backward's
+two-thread speed-up is 1.65–1.8 by wall and by busiest-thread CPU time where the forward's is ~1.9. Rows of dq,
 dk, dv that start on 64 bytes (`streamable`: the recycled buffers, d · itemsize a multiple of 64) are written by
 non-temporal stores, which skip reading each line before overwriting it: ~7% less CPU time for the two passes on
-one thread (A/B, load ~4.7), a little less on two. What would cut the bytes further, on 1-D grids: the key pass
-fused into the query pass unit by unit (a unit's keys need the p, dS of its own queries and of k − 1
-neighbours, recomputed), so q and grad are read once and p, dS never leave the cache.
+one thread (load ~4.7), 2-D 64 × 64 7 × 7 24.7 → 23.7 ms (query pass) and 9.3 → 8.6 ms (key pass). Tried and
+dropped: units taken from a shared counter (an atomic add, 8 at a time) instead of prange's even split — with
+one core half taken by a pinned spinner two threads went 155 → 138 ms, but on free cores it cost 1–8% (2-D one
+thread 31.7 → 34.0 ms, two 16.7 → 18.1). What would cut the bytes, on 1-D grids: the key pass fused into the
+query pass unit by unit (a unit's keys need the p, dS of its own queries and of k − 1 neighbours, recomputed), so
+q and grad are read once and p, dS never leave the cache.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -59,9 +57,6 @@ from .buffers import recycled
 # Queries (pass 1) or keys (pass 2) per unit of work; a constant, so that the bias gradient's partial
 # sums, and so the result, do not depend on the thread count.
 CHUNK = 256
-# Units a worker takes at a time from a pass's counter: consecutive units, so a worker's reads stay runs of
-# memory; few enough that the last ones balance the workers.
-TAKE = 8
 # Consecutive positions of the last axis whose gradient rows are summed together (four vector accumulators).
 BLOCK = 4
 
@@ -228,23 +223,6 @@ def _fence(typingctx):  # type: ignore[no-untyped-def]
     return types.none(), codegen
 
 
-@intrinsic
-def _take(typingctx, counter):  # type: ignore[no-untyped-def]
-    """The next unit of a pass: counter[0] += 1 atomically (counter: an int64 array), the value before it. Relaxed
-    order: the units' writes are disjoint, and the end of the parallel region orders them for the caller."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        aryty = signature.args[0]
-        array = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, array, [context.get_constant(types.intp, 0)],
-                                       wraparound=False)
-        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
-
-    return types.int64(counter), codegen
-
-
 def streamable(*arrays: np.ndarray) -> bool:
     """Whether every row (last axis) of the C-contiguous arrays starts on 64 bytes, so that `_stream_row` may
     write them."""
@@ -274,11 +252,11 @@ def _store(wv, dst, first, live, scale, acc0, acc1, acc2, acc3, stream):  # type
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
 def _by_query(heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2, bcount, bmember, bwhich, keep,  # type: ignore[no-untyped-def]
-              rpb, c, dq, probs, dscores, drpb, wd, stream, workers, counter):
+              rpb, c, dq, probs, dscores, drpb, wd, stream):
     """Pass 1: p, dS by window slot into probs, dscores (BH, N, W) (0 on the other slots), dq (BLOCK queries of
     a line at a time, the union of their keys on the last axis from bcount, bmember, bwhich: blocks of pos2);
-    drpb (units, R): each unit's sum of dS by bias index. Units: (row, line, CHUNK positions of the line), taken
-    TAKE at a time from `counter` (int64, [0]) by `workers` threads; `stream`: dq's rows by `_stream_row`."""
+    drpb (units, R): each unit's sum of dS by bias index. Units: (row, line, CHUNK positions of the line).
+    `stream`: dq's rows written by `_stream_row`."""
     rows = q.shape[0]
     e = v.shape[2]
     l0, l1, l2 = pos0.shape[0], pos1.shape[0], pos2.shape[0]
@@ -287,120 +265,110 @@ def _by_query(heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2
     lines = l0 * l1
     chunks = (l2 + CHUNK - 1) // CHUNK
     use_keep, use_rpb = keep.shape[1] > 0, rpb.shape[1] > 0
-    for _ in prange(workers):  # each worker takes units until none is left
+    for unit in prange(rows * lines * chunks):
+        row = unit // (lines * chunks)
+        line = (unit // chunks) % lines
+        x, y = line // l1, line % l1
+        b, h = row // heads, row % heads
+        keep_row = keep[b if use_keep else 0]
+        qr, kr, vr, orow, gr, dqr = q[row], k[row], v[row], out[row], grad[row], dq[row]
+        pr, sr, dr = probs[row], dscores[row], drpb[unit]
         keys = np.empty(window + 3, np.int64)
         rel = np.empty(window + 3, np.int64)
         slots = np.empty(window + 3, np.int64)
         s = np.empty(window + 3, q.dtype)
         dp = np.empty(window + 3, q.dtype)
-        while True:
-            taken = _take(counter) * TAKE
-            if taken >= rows * lines * chunks:
-                break
-            for unit in range(taken, min(taken + TAKE, rows * lines * chunks)):
-                row = unit // (lines * chunks)
-                line = (unit // chunks) % lines
-                x, y = line // l1, line % l1
-                b, h = row // heads, row % heads
-                keep_row = keep[b if use_keep else 0]
-                qr, kr, vr, orow, gr, dqr = q[row], k[row], v[row], out[row], grad[row], dq[row]
-                pr, sr, dr = probs[row], dscores[row], drpb[unit]
-                start = (unit % chunks) * CHUNK
-                for blk in range(start // BLOCK, (min(start + CHUNK, l2) + BLOCK - 1) // BLOCK):
-                    first = line * l2 + blk * BLOCK
-                    live = min(BLOCK, l2 - blk * BLOCK)
-                    for i in range(first, first + live):
-                        pi, si = pr[i], sr[i]
-                        m = lse[row, i]
-                        if m == -np.inf:  # no real key: out_i = 0, and no gradient
-                            pi[:] = 0.0
-                            si[:] = 0.0
-                            continue
-                        qi, gi = qr[i], gr[i]
-                        count = _window_slots(i, pos0, pos1, pos2, rel0, rel1, rel2, keep_row, use_keep, keys, rel, slots)
-                        if count < window:  # the slots without a (kept) key read as 0
-                            pi[:] = 0.0
-                            si[:] = 0.0
-                        delta = c[ZERO]
-                        for f in range(e):
-                            delta += gi[f] * orow[i, f]
-                        padded = _pad(keys, count)
-                        _dots(qi, kr, keys, padded, c, s)
-                        _dots(gi, vr, keys, padded, c, dp)
-                        for u in range(count):
-                            sc = s[u] * c[SCALE] - m
-                            if use_rpb:
-                                sc += rpb[h, rel[u]]
-                            s[u] = sc
-                        for u in range(count):
-                            p = _exp(s[u], c)
-                            s[u] = p
-                            dp[u] = p * (dp[u] - delta)
-                        for u in range(count):
-                            pi[slots[u]] = s[u]
-                            si[slots[u]] = dp[u]
-                        if use_rpb:
-                            for u in range(count):
-                                dr[rel[u]] += dp[u]
-                    a0 = a1 = a2 = a3 = vzero(wd, c[ZERO])
-                    for t0 in range(k0):
-                        p0 = pos0[x, t0]
-                        if p0 < 0:
-                            continue
-                        for t1 in range(k1):
-                            p1 = pos1[y, t1]
-                            if p1 < 0:
-                                continue
-                            a0, a1, a2, a3 = _block_sum(wd, kr, sr, first, live, (p0 * l1 + p1) * l2, (t0 * k1 + t1) * k2,
-                                                        bcount[blk], bmember[blk], bwhich[blk], c, a0, a1, a2, a3)
-                    _store(wd, dqr, first, live, c[SCALE], a0, a1, a2, a3, stream)
-            if stream:
-                _fence()
+        start = (unit % chunks) * CHUNK
+        for blk in range(start // BLOCK, (min(start + CHUNK, l2) + BLOCK - 1) // BLOCK):
+            first = line * l2 + blk * BLOCK
+            live = min(BLOCK, l2 - blk * BLOCK)
+            for i in range(first, first + live):
+                pi, si = pr[i], sr[i]
+                m = lse[row, i]
+                if m == -np.inf:  # no real key: out_i = 0, and no gradient
+                    pi[:] = 0.0
+                    si[:] = 0.0
+                    continue
+                qi, gi = qr[i], gr[i]
+                count = _window_slots(i, pos0, pos1, pos2, rel0, rel1, rel2, keep_row, use_keep, keys, rel, slots)
+                if count < window:  # the slots without a (kept) key read as 0
+                    pi[:] = 0.0
+                    si[:] = 0.0
+                delta = c[ZERO]
+                for f in range(e):
+                    delta += gi[f] * orow[i, f]
+                padded = _pad(keys, count)
+                _dots(qi, kr, keys, padded, c, s)
+                _dots(gi, vr, keys, padded, c, dp)
+                for u in range(count):
+                    sc = s[u] * c[SCALE] - m
+                    if use_rpb:
+                        sc += rpb[h, rel[u]]
+                    s[u] = sc
+                for u in range(count):
+                    p = _exp(s[u], c)
+                    s[u] = p
+                    dp[u] = p * (dp[u] - delta)
+                for u in range(count):
+                    pi[slots[u]] = s[u]
+                    si[slots[u]] = dp[u]
+                if use_rpb:
+                    for u in range(count):
+                        dr[rel[u]] += dp[u]
+            a0 = a1 = a2 = a3 = vzero(wd, c[ZERO])
+            for t0 in range(k0):
+                p0 = pos0[x, t0]
+                if p0 < 0:
+                    continue
+                for t1 in range(k1):
+                    p1 = pos1[y, t1]
+                    if p1 < 0:
+                        continue
+                    a0, a1, a2, a3 = _block_sum(wd, kr, sr, first, live, (p0 * l1 + p1) * l2, (t0 * k1 + t1) * k2,
+                                                bcount[blk], bmember[blk], bwhich[blk], c, a0, a1, a2, a3)
+            _store(wd, dqr, first, live, c[SCALE], a0, a1, a2, a3, stream)
+        if stream:
+            _fence()
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
 def _by_key(q, grad, count0, query0, slot0, count1, query1, slot1, bcount, bmember, bwhich, kernel1, kernel2, c,  # type: ignore[no-untyped-def]
-            probs, dscores, dk, dv, wd, we, stream, workers, counter):
+            probs, dscores, dk, dv, wd, we, stream):
     """Pass 2: dk, dv, BLOCK keys of a line at a time, from the stored p, dS of their queries: the product of
     the mirrors of the outer axes (count, query, slot) and of the union of the block's mirrors on the last
-    axis (bcount, bmember, bwhich). Units, `counter`, `workers` and `stream` (for dk, dv) as in `_by_query`."""
+    axis (bcount, bmember, bwhich). `stream`: dk's and dv's rows written by `_stream_row`."""
     rows = q.shape[0]
     l0, l1, l2 = count0.shape[0], count1.shape[0], q.shape[1] // (count0.shape[0] * count1.shape[0])
     lines = l0 * l1
     chunks = (l2 + CHUNK - 1) // CHUNK
-    for _ in prange(workers):  # each worker takes units until none is left
-        while True:
-            taken = _take(counter) * TAKE
-            if taken >= rows * lines * chunks:
-                break
-            for unit in range(taken, min(taken + TAKE, rows * lines * chunks)):
-                row = unit // (lines * chunks)
-                line = (unit // chunks) % lines
-                x, y = line // l1, line % l1
-                qr, gr, dkr, dvr, pr, sr = q[row], grad[row], dk[row], dv[row], probs[row], dscores[row]
-                start = (unit % chunks) * CHUNK
-                for blk in range(start // BLOCK, (min(start + CHUNK, l2) + BLOCK - 1) // BLOCK):
-                    first = line * l2 + blk * BLOCK
-                    live = min(BLOCK, l2 - blk * BLOCK)
-                    # dv then dk: the accumulators of both (32 registers of float32 with d = e = 64) spill
-                    v0 = v1 = v2 = v3 = vzero(we, c[ZERO])
-                    for u0 in range(count0[x]):
-                        c0, t0 = query0[x, u0], slot0[x, u0]
-                        for u1 in range(count1[y]):
-                            base, tb = (c0 * l1 + query1[y, u1]) * l2, (t0 * kernel1 + slot1[y, u1]) * kernel2
-                            v0, v1, v2, v3 = _key_sum(we, gr, pr, base, tb, bcount[blk], bmember[blk], bwhich[blk], c,
-                                                      v0, v1, v2, v3)
-                    _store(we, dvr, first, live, c[ONE], v0, v1, v2, v3, stream)
-                    k0 = k1 = k2 = k3 = vzero(wd, c[ZERO])
-                    for u0 in range(count0[x]):
-                        c0, t0 = query0[x, u0], slot0[x, u0]
-                        for u1 in range(count1[y]):
-                            base, tb = (c0 * l1 + query1[y, u1]) * l2, (t0 * kernel1 + slot1[y, u1]) * kernel2
-                            k0, k1, k2, k3 = _key_sum(wd, qr, sr, base, tb, bcount[blk], bmember[blk], bwhich[blk], c,
-                                                      k0, k1, k2, k3)
-                    _store(wd, dkr, first, live, c[SCALE], k0, k1, k2, k3, stream)
-            if stream:
-                _fence()
+    for unit in prange(rows * lines * chunks):
+        row = unit // (lines * chunks)
+        line = (unit // chunks) % lines
+        x, y = line // l1, line % l1
+        qr, gr, dkr, dvr, pr, sr = q[row], grad[row], dk[row], dv[row], probs[row], dscores[row]
+        start = (unit % chunks) * CHUNK
+        for blk in range(start // BLOCK, (min(start + CHUNK, l2) + BLOCK - 1) // BLOCK):
+            first = line * l2 + blk * BLOCK
+            live = min(BLOCK, l2 - blk * BLOCK)
+            # dv then dk: the accumulators of both (32 registers of float32 with d = e = 64) spill
+            v0 = v1 = v2 = v3 = vzero(we, c[ZERO])
+            for u0 in range(count0[x]):
+                c0, t0 = query0[x, u0], slot0[x, u0]
+                for u1 in range(count1[y]):
+                    base, tb = (c0 * l1 + query1[y, u1]) * l2, (t0 * kernel1 + slot1[y, u1]) * kernel2
+                    v0, v1, v2, v3 = _key_sum(we, gr, pr, base, tb, bcount[blk], bmember[blk], bwhich[blk], c,
+                                              v0, v1, v2, v3)
+            _store(we, dvr, first, live, c[ONE], v0, v1, v2, v3, stream)
+            k0 = k1 = k2 = k3 = vzero(wd, c[ZERO])
+            for u0 in range(count0[x]):
+                c0, t0 = query0[x, u0], slot0[x, u0]
+                for u1 in range(count1[y]):
+                    base, tb = (c0 * l1 + query1[y, u1]) * l2, (t0 * kernel1 + slot1[y, u1]) * kernel2
+                    k0, k1, k2, k3 = _key_sum(wd, qr, sr, base, tb, bcount[blk], bmember[blk], bwhich[blk], c,
+                                              k0, k1, k2, k3)
+            _store(wd, dkr, first, live, c[SCALE], k0, k1, k2, k3, stream)
+        if stream:
+            _fence()
 
 
 def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, grad: np.ndarray,
@@ -421,11 +389,9 @@ def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nd
     drpb = np.zeros((units, rpb.shape[1]), rpb.dtype)
     wd, we = Width(d), Width(v.shape[2])
     ahead, m0, m1, behind = tables(pos)
-    stream, workers = streamable(dq, dk, dv), numba.get_num_threads()
-    _by_query(heads, q, k, v, out, grad, lse, *pos, *rel, *ahead, keep, rpb, c, dq, probs, dscores, drpb, wd, stream,
-              workers, np.zeros(1, np.int64))
-    _by_key(q, grad, *m0, *m1, *behind, pos[1].shape[1], pos[2].shape[1], c, probs, dscores, dk, dv, wd, we, stream,
-            workers, np.zeros(1, np.int64))
+    stream = streamable(dq, dk, dv)
+    _by_query(heads, q, k, v, out, grad, lse, *pos, *rel, *ahead, keep, rpb, c, dq, probs, dscores, drpb, wd, stream)
+    _by_key(q, grad, *m0, *m1, *behind, pos[1].shape[1], pos[2].shape[1], c, probs, dscores, dk, dv, wd, we, stream)
     return drpb
 
 
