@@ -47,15 +47,29 @@ float32, 8 float64) of consecutive queries z0 + l of a line, whose windows on th
 union of at most lanes + k − 1 keys. With q transposed per unit (d × queries, a small buffer), one vector holds
 the scores of the block's queries against one key j, Σ_f k[j, f] · qᵀ[f, z0 : z0 + lanes], each k[j, f]
 broadcast into the FMA (vfmadd231ps with a {1to16} operand; k read as it is, never transposed), eight keys at a
-time (`_keys8`: one load of q and eight FMAs an f, at the FMA rate). Lanes outside a query's window are masked
-(vwithin), the softmax runs down the keys in vectors (vmax, vexp; the logsumexp by vlse, its log a series on
-vectors), and the outputs take four lanes at a time over the union of their keys (`_weighted4`: each v row
-loaded once for four FMAs). 1-D k = 65, N = 65,536 × 8 heads, one thread, outputs preallocated, CPU time on a
-shared machine, by removing or doubling each phase: scores ~58 ms (80 keys a query, 47 ms at the FMA rate),
-softmax ~15 ms, outputs ~40 ms (68 keys a query), q's transposition and the first reads of q, k, v from memory
-~40 ms. It replaced a diagonal form (queries in lanes against each key offset, q and k both transposed: a
-vector of kᵀ at every offset is an unaligned load, mostly split over two cache lines, one a cycle) and, on
-long lines, the register-blocked form: benchmarks/neighborhood_forms.py.
+time (`_keys8`: one load of q and eight FMAs an f, at the FMA rate), which also masks the lanes outside each
+query's window (vwithin) and keeps the running max lane by lane, so that the scores are written once. Eight keys
+that only one half of the lanes has in its windows (the union's first and last eight keys: windows start and end
+in order along the lanes) take half-width vectors (`_keys8_half`, ymm: the same FMA rate per lane on Zen 4, half
+the FMAs). The softmax then runs down the keys in vectors (vexp and the sum; the logsumexp by vlse, its log a
+series on vectors), and the outputs take four lanes at a time over the union of their keys (`_weighted4`: each v
+row loaded once for four FMAs), written by non-temporal stores when the output is larger than the caches
+(neighborhood.STREAM_BYTES: no read of each line before it is written). At each block, the first new row of q,
+k and v AHEAD blocks on is prefetched: a block's rows are about one 4 KiB page a stream, where the hardware's
+prefetch stops.
+
+1-D k = 65, N = 65,536 × 8 heads, float32, one thread, outputs preallocated (CPU ms, medians of 7–11
+interleaved rounds on this shared 2-core AMD EPYC, in one process against the previous form; the harness calls
+forward_lanes directly, as `_lanes` does, on N = 65,536 × 8 rows and on N = 1,024 × 1 row 512 times, whose q, k, v
+stay in cache): 150–160 → 135–150 (in cache 118–130 → 115–122): the non-temporal stores −12, the half-width eight
+keys and the fused mask and max −5 to −8 (in cache −3 to −5), the prefetch −3 to −6; prefetching whole rows ahead
+(192 lines a block) or transposing q per block instead of per unit did not help (+0 to +11 in cache). Where the
+time goes: FMAs (scores 72 keys a query in full vectors, outputs 68: 294 M zmm FMAs, ~100 ms at this machine's
+~3 G a second), the softmax ~10 ms (vexp: 17 vector operations, degree 7), the first reads of q, k, v from memory
+~25–30 ms (the gap between N = 65,536 and the in-cache run; inputs in transparent huge pages do not shorten it).
+It replaced a diagonal form (queries in lanes against each key offset, q and k both transposed: a vector of kᵀ at
+every offset is an unaligned load, mostly split over two cache lines, one a cycle) and, on long lines, the
+register-blocked form: benchmarks/neighborhood_forms.py.
 
 Why numba: the loops fuse scores, softmax and the weighted sum over each query's own keys (no halo, no
 gathered copies) with no build step. The per-query loops (`forward`, and the backward) vectorise over
@@ -385,6 +399,31 @@ def vstore(typingctx, ary, i, j, vec):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def vstream(typingctx, ary, i, j, vec):  # type: ignore[no-untyped-def]
+    """ary[i, j : j + vec.width] = vec by a non-temporal store (written to memory without reading the line
+    first, and not kept in cache): the caller has checked that the address is a multiple of 64 bytes and
+    ends the stores with `fence`."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _pointer(context, builder, signature.args[0], args[0], args[1], args[2], signature.args[3])
+        store = builder.store(args[3], ptr, align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.none(ary, i, j, vec), codegen
+
+
+@intrinsic
+def fence(typingctx):  # type: ignore[no-untyped-def]
+    """A sequentially consistent fence (mfence on x86): orders the non-temporal stores before it before
+    anything after it."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
 def vzero(typingctx, width, like):  # type: ignore[no-untyped-def]
     """A vector of `width` zeros of like's type."""
     vty = Vector(like, width.count)
@@ -442,6 +481,8 @@ def transpose_block(typingctx, src, i, j, dst, a, b):  # type: ignore[no-untyped
 
 # Queries per block of the register-blocked forward (consecutive on the last axis).
 QUERIES = 4
+# Blocks ahead of the lanes forward's current one whose first new row of q, k and v it asks for (prefetch).
+AHEAD = 3
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
@@ -852,10 +893,32 @@ def vinv(typingctx, x):  # type: ignore[no-untyped-def]
     return x(x), codegen
 
 
+@intrinsic
+def prefetch(typingctx, ary, i, j):  # type: ignore[no-untyped-def]
+    """Ask for the cache line of ary[i, j] (2-D, C order) ahead of its use: a hint (no effect on any value, no fault
+    at any address)."""
+    if not isinstance(ary, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        item = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1], args[2]], wraparound=False)
+        byte, int32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, int32, int32, int32]),
+                                            f"llvm.prefetch.{byte.intrinsic_name}")  # p0, or p0i8 with typed pointers
+        read, every_level, data = ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)
+        builder.call(fn, [builder.bitcast(item, byte), read, every_level, data])
+        return context.get_dummy_value()
+
+    return types.none(ary, i, j), codegen
+
+
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
-def _keys8(wl, qt, qc, kr, key, limit, scale, s, row):  # type: ignore[no-untyped-def]
-    """s[row + i, l] = scale · Σ_f k[min(key + i, limit), f] · qt[f, qc + l] for i < 8 and the lanes l: a block of
-    queries (one per lane) against eight keys, each k value broadcast into an FMA (k as it is, rows of d)."""
+def _keys8(wl, qt, qc, kr, key, limit, scale, s, row, sc, at, lo, hi, fill, mv):  # type: ignore[no-untyped-def]
+    """s[row + i, sc + l] = scale · Σ_f k[min(key + i, limit), f] · qt[f, qc + l] for i < 8 and the lanes l: a block of
+    queries (one per lane) against eight keys, each k value broadcast into an FMA (k as it is, rows of d); lanes
+    where the key's place in the union (at + i) is outside [lo, hi] get `fill` (−inf). Returns mv, lane by lane
+    the max of mv and the scores written."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero(wl, scale)
     k0, k1, k2, k3 = kr[min(key, limit)], kr[min(key + 1, limit)], kr[min(key + 2, limit)], kr[min(key + 3, limit)]
     k4, k5, k6, k7 = kr[min(key + 4, limit)], kr[min(key + 5, limit)], kr[min(key + 6, limit)], kr[min(key + 7, limit)]
@@ -870,14 +933,37 @@ def _keys8(wl, qt, qc, kr, key, limit, scale, s, row):  # type: ignore[no-untype
         a6 = vfma(a6, k6[f], x)
         a7 = vfma(a7, k7[f], x)
     zero = vzero(wl, scale)
-    vstore(s, row, 0, vfma(zero, scale, a0))
-    vstore(s, row + 1, 0, vfma(zero, scale, a1))
-    vstore(s, row + 2, 0, vfma(zero, scale, a2))
-    vstore(s, row + 3, 0, vfma(zero, scale, a3))
-    vstore(s, row + 4, 0, vfma(zero, scale, a4))
-    vstore(s, row + 5, 0, vfma(zero, scale, a5))
-    vstore(s, row + 6, 0, vfma(zero, scale, a6))
-    vstore(s, row + 7, 0, vfma(zero, scale, a7))
+    one = scale / scale
+    t0 = vwithin(vfma(zero, scale, a0), at, lo, hi, fill)
+    t1 = vwithin(vfma(zero, scale, a1), at + one, lo, hi, fill)
+    t2 = vwithin(vfma(zero, scale, a2), at + 2 * one, lo, hi, fill)
+    t3 = vwithin(vfma(zero, scale, a3), at + 3 * one, lo, hi, fill)
+    t4 = vwithin(vfma(zero, scale, a4), at + 4 * one, lo, hi, fill)
+    t5 = vwithin(vfma(zero, scale, a5), at + 5 * one, lo, hi, fill)
+    t6 = vwithin(vfma(zero, scale, a6), at + 6 * one, lo, hi, fill)
+    t7 = vwithin(vfma(zero, scale, a7), at + 7 * one, lo, hi, fill)
+    vstore(s, row, sc, t0)
+    vstore(s, row + 1, sc, t1)
+    vstore(s, row + 2, sc, t2)
+    vstore(s, row + 3, sc, t3)
+    vstore(s, row + 4, sc, t4)
+    vstore(s, row + 5, sc, t5)
+    vstore(s, row + 6, sc, t6)
+    vstore(s, row + 7, sc, t7)
+    return vmax(vmax(vmax(mv, t0), vmax(t1, t2)), vmax(vmax(t3, t4), vmax(vmax(t5, t6), t7)))
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _keys8_half(wl, wh, qt, qc, col, kr, key, limit, scale, s, row, at, window, fill, mv):  # type: ignore[no-untyped-def]
+    """_keys8 for the half of the lanes from col (0 or half the lanes; wh: their Width) where the other half's windows
+    miss the eight keys (half the FMAs), the other half `fill`; returns mv's max with the eight rows."""
+    lo, hi = vload(wh, window, 0, col), vload(wh, window, 1, col)
+    _keys8(wh, qt, qc + col, kr, key, limit, scale, s, row, col, at, lo, hi, fill, vsplat(wh, fill))
+    other = width_of(wh) - col
+    for i in range(8):
+        vstore(s, row + i, other, vsplat(wh, fill))
+        mv = vmax(mv, vload(wl, s, row + i, 0))
+    return mv
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
@@ -910,19 +996,22 @@ def _transpose_rows(src, first, count, dst, col):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
-def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads, rpb, c, out, lse, wl, we):  # type: ignore[no-untyped-def]
+def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads, rpb, c, out, lse, wl, wh, we, stream):  # type: ignore[no-untyped-def]
     """forward's out and lse for windows whose keys on the last axis are a contiguous run (runs (L_2, 3): each
     last-axis position's first key, last key and the bias index of the first), L_2 >= the lanes of a register
     (wl: Width). A block is `lanes` consecutive queries of a line, one per lane, against the union of their
     keys on the last axis (at most lanes + k2 − 1: `union`, rounded up to 8, is the scores' rows per window
-    row): one vector of scores per key, Σ_f k[j, f] · qᵀ[f, :] (q transposed per unit, k as it is); lanes
-    outside a query's own window are masked (−inf, weight 0), the softmax runs down the keys in vectors, and
-    the outputs take four lanes at a time over the union of their keys. we: the value width (Width)."""
+    row): one vector of scores per key, Σ_f k[j, f] · qᵀ[f, :] (q transposed per unit, k as it is; keys only half
+    the lanes need in half-width vectors, wh: half the lanes); lanes outside a query's own window are masked (−inf,
+    weight 0), the softmax runs down the keys in vectors, and the outputs take four lanes at a time over the union
+    of their keys. we: the value width (Width); stream: write out by non-temporal stores (the caller has checked
+    that out's rows start at multiples of 64 bytes)."""
     rows, d = q.shape[0], q.shape[2]
     l0, l1, l2 = pos0.shape[0], pos1.shape[0], runs.shape[0]
     k0, k1 = pos0.shape[1], pos1.shape[1]
     r1 = 2 * k1 - 1
     lanes = width_of(wl)
+    half = width_of(wh)
     e = (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
          c[16], c[17], c[18], c[19], c[20], c[21], c[22])
     r2 = 2 * k2 - 1
@@ -957,10 +1046,30 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
             width = last - first + 1
             for lane in range(lanes):
                 window[0, lane], window[1, lane] = runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first
+            # the first new row of q, k, v AHEAD blocks on (a block's rows are about a 4 KiB page, where the hardware's
+            # prefetch stops): asked for now, so that its page is found and its stream started before it is needed
+            ahead = min(bases[g - 1] + last + 1 + (AHEAD - 1) * lanes, bases[g - 1] + l2 - 1)
+            prefetch(kr, ahead, 0)
+            prefetch(vr, ahead, 0)
+            prefetch(qr, min(line_start + z0 + AHEAD * lanes, qr.shape[0] - 1), 0)
+            # the scores, −inf outside each lane's window, and their max lane by lane
+            lo, hi = vload(wl, window, 0, 0), vload(wl, window, 1, 0)
+            mv = vsplat(wl, e[NEG_INF])
             for u in range(g):
-                for j in range(0, width, 8):  # keys past the union (up to 7) take the line's last key: masked below
-                    _keys8(wl, qt, z0 - zq, kr, bases[u] + first + j, bases[u] + l2 - 1, c[SCALE], s, u * union + j)
-            if use_rpb or use_keep:  # the bias on each lane's window; a masked key's row −inf
+                at = e[ZERO]  # j, in the scores' type
+                for j in range(0, width, 8):  # keys past the union (up to 7) take the line's last key: masked
+                    key, limit = bases[u] + first + j, bases[u] + l2 - 1
+                    if window[0, half] > j + 7:  # only the first half of the lanes has any of the eight keys
+                        mv = _keys8_half(wl, wh, qt, z0 - zq, 0, kr, key, limit, e[SCALE], s, u * union + j, at, window,
+                                         e[NEG_INF], mv)
+                    elif window[1, half - 1] < j:  # only the second half
+                        mv = _keys8_half(wl, wh, qt, z0 - zq, half, kr, key, limit, e[SCALE], s, u * union + j, at,
+                                         window, e[NEG_INF], mv)
+                    else:
+                        mv = _keys8(wl, qt, z0 - zq, kr, key, limit, e[SCALE], s, u * union + j, 0, at, lo, hi,
+                                    e[NEG_INF], mv)
+                    at += 8 * e[ONE]
+            if use_rpb or use_keep:  # the bias on each lane's window; a masked key's row −inf; the max again
                 for u in range(g):
                     for lane in range(lanes):
                         rb = rels[u] + runs[z0 + lane, 2] - (runs[z0 + lane, 0] - first)
@@ -971,17 +1080,12 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
                         for j in range(width):
                             if not keep_row[bases[u] + first + j]:
                                 s[u * union + j, :] = e[NEG_INF]
-            # the softmax of each lane over its own window: −inf outside it, the max, the weights (vexp: 0 for
-            # −inf) and their sum, in vectors down the keys
-            lo, hi = vload(wl, window, 0, 0), vload(wl, window, 1, 0)
-            mv = vsplat(wl, e[NEG_INF])
-            for u in range(g):
-                at = e[ZERO]  # j, in the scores' type
-                for j in range(width):
-                    t = vwithin(vload(wl, s, u * union + j, 0), at, lo, hi, e[NEG_INF])
-                    vstore(s, u * union + j, 0, t)
-                    mv = vmax(mv, t)
-                    at += e[ONE]
+                mv = vsplat(wl, e[NEG_INF])
+                for u in range(g):
+                    for j in range(width):
+                        mv = vmax(mv, vload(wl, s, u * union + j, 0))
+            # the softmax of each lane over its own window: the weights (vexp: 0 for −inf) and their sum, in
+            # vectors down the keys
             tv = vzero(wl, c[ZERO])
             for u in range(g):
                 for j in range(width):
@@ -999,7 +1103,15 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
                 o0 = o1 = o2 = o3 = vzero(we, c[ZERO])
                 for u in range(g):
                     o0, o1, o2, o3 = _weighted4(we, vr, bases[u] + first, s, u * union, lane, j0, j1, o0, o1, o2, o3)
-                vstore(orow, qb + lane, 0, vfma(zero, stats[0, lane], o0))
-                vstore(orow, qb + lane + 1, 0, vfma(zero, stats[0, lane + 1], o1))
-                vstore(orow, qb + lane + 2, 0, vfma(zero, stats[0, lane + 2], o2))
-                vstore(orow, qb + lane + 3, 0, vfma(zero, stats[0, lane + 3], o3))
+                if stream:
+                    vstream(orow, qb + lane, 0, vfma(zero, stats[0, lane], o0))
+                    vstream(orow, qb + lane + 1, 0, vfma(zero, stats[0, lane + 1], o1))
+                    vstream(orow, qb + lane + 2, 0, vfma(zero, stats[0, lane + 2], o2))
+                    vstream(orow, qb + lane + 3, 0, vfma(zero, stats[0, lane + 3], o3))
+                else:
+                    vstore(orow, qb + lane, 0, vfma(zero, stats[0, lane], o0))
+                    vstore(orow, qb + lane + 1, 0, vfma(zero, stats[0, lane + 1], o1))
+                    vstore(orow, qb + lane + 2, 0, vfma(zero, stats[0, lane + 2], o2))
+                    vstore(orow, qb + lane + 3, 0, vfma(zero, stats[0, lane + 3], o3))
+        if stream:
+            fence()

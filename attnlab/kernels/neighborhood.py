@@ -63,6 +63,11 @@ UNITS = 8
 BLOCKED = True
 BLOCKED_MIN_KERNEL = 9
 LANES_MIN_LINE = 16
+# The lanes forward writes outputs of at least this many bytes (as this machine's L3: they leave the cache anyway)
+# by non-temporal stores, straight to memory without first reading each line (half the output's memory traffic;
+# 1-D N = 65,536 k = 65: −12 ms of 160, attnlab/kernels/_neighborhood_loops.py); smaller ones stay in cache for
+# whatever reads them next.
+STREAM_BYTES = 32 << 20
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -520,14 +525,21 @@ def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Wi
 
 def _lanes(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
            rpb: np.ndarray, consts: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
-    """The lanes forward (w.runs is set, lines of at least a register's lanes): the lanes of a 512-bit register,
-    the scores' rows per window row (a block's union of keys on the last axis: the lanes' windows move by at
-    most one key per position (Windows.runs), so at most lanes + k − 1 keys; rounded up to 8) and the value width."""
+    """The lanes forward (w.runs is set, lines of at least a register's lanes): the lanes of a 512-bit register and
+    half of them, the scores' rows per window row (a block's union of keys on the last axis: the lanes' windows move
+    by at most one key per position (Windows.runs), so at most lanes + k − 1 keys; rounded up to 8), the value width
+    and whether out is written by non-temporal stores (`streams`)."""
     assert w.runs is not None
     lanes = 64 // q.itemsize
     union = -(-(lanes + w.pos[2].shape[1] - 1) // 8) * 8
     lib.forward_lanes(q, k, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, w.pos[2].shape[1], union, keep, heads,
-                      rpb, consts, out, lse, lib.Width(lanes), lib.Width(v.shape[2]))
+                      rpb, consts, out, lse, lib.Width(lanes), lib.Width(lanes // 2), lib.Width(v.shape[2]), streams(out))
+
+
+def streams(out: np.ndarray) -> bool:
+    """Whether the lanes forward writes `out` (rows, n, e) by non-temporal stores: at least STREAM_BYTES (it would
+    not stay in cache anyway), its rows at multiples of 64 bytes (as those stores need)."""
+    return out.nbytes >= STREAM_BYTES and out.ctypes.data % 64 == 0 and out.strides[1] % 64 == 0
 
 
 class LoopAttention(torch.autograd.Function):

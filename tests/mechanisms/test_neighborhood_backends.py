@@ -149,7 +149,8 @@ def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, ke
                                                      padding):
     """The lanes or the register-blocked forward serves (counted), equals the float64 reference forward and
     backward (the backward recomputes from its logsumexp), the per-query loops, and is bit-for-bit the same
-    on 1 and 2 threads; a padding mask leaves some windows without a real key (zeros)."""
+    on 1 and 2 threads; a padding mask leaves some windows without a real key (zeros). The lanes form writes its
+    outputs by non-temporal stores here (STREAM_BYTES 0) where their rows are whole 64-byte lines."""
     rank = len(grid)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, *grid, x, generator=gen, dtype=dtype).requires_grad_(True) for x in (d, d, e))
@@ -167,7 +168,8 @@ def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, ke
     lib = engines.loops()
     name = f"forward_{form}"
     kernel_fn = getattr(lib, name)
-    monkeypatch.setattr(lib, name, lambda *a: calls.append(1) or kernel_fn(*a))
+    monkeypatch.setattr(lib, name, lambda *a: calls.append(a[-1] is True) or kernel_fn(*a))  # lanes: streamed
+    monkeypatch.setattr(engines, "STREAM_BYTES", 0)
     before = torch.get_num_threads()
     runs = []
     try:
@@ -176,7 +178,7 @@ def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, ke
             runs.append(fwd_bwd(lambda *t: neighborhood_attention(*t, **kw, backend="numba"), [q, k, v], grad))
     finally:
         torch.set_num_threads(before)
-    assert len(calls) == 2
+    assert calls == [form == "lanes" and e * q.element_size() % 64 == 0] * 2
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
     want = fwd_bwd(lambda *t: neighborhood_attention_reference(*t, **kw)[0], [q, k, v], grad)
@@ -193,6 +195,15 @@ def test_forward_forms_reference_and_per_query_loops(monkeypatch, form, grid, ke
     monkeypatch.setattr(engines, "BLOCKED", False)
     agree(fwd_bwd(lambda *t: neighborhood_attention(*t, **kw, backend="numba"), [q, k, v], grad), runs[0], **tol)
     assert len(calls) == 2  # the per-query loops took that call
+
+
+def test_streams_rule():
+    """Non-temporal output stores only for outputs of at least STREAM_BYTES whose rows start at multiples of 64 bytes."""
+    big = torch.empty(engines.STREAM_BYTES // 4 + 16)  # torch's CPU allocations start at multiples of 64 bytes
+    assert engines.streams(big[: engines.STREAM_BYTES // 4].view(1, -1, 16).numpy())
+    assert not engines.streams(big[4 : engines.STREAM_BYTES // 4 + 4].view(1, -1, 16).numpy())  # 16 bytes off
+    assert not engines.streams(big[: engines.STREAM_BYTES // 4].view(1, -1, 8).numpy())  # rows of 32 bytes
+    assert not engines.streams(big[: engines.STREAM_BYTES // 4 - 16].view(1, -1, 16).numpy())  # below the size
 
 
 def test_lanes_forward_large_scores():
