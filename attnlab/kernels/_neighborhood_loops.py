@@ -58,15 +58,23 @@ row loaded once for four FMAs), written by non-temporal stores when the output i
 k and v AHEAD blocks on is prefetched: a block's rows are about one 4 KiB page a stream, where the hardware's
 prefetch stops.
 
-1-D k = 65, N = 65,536 × 8 heads, float32, one thread, outputs preallocated (CPU ms, medians of 7–11
-interleaved rounds on this shared 2-core AMD EPYC, in one process against the previous form; the harness calls
-forward_lanes directly, as `_lanes` does, on N = 65,536 × 8 rows and on N = 1,024 × 1 row 512 times, whose q, k, v
-stay in cache): 150–160 → 135–150 (in cache 118–130 → 115–122): the non-temporal stores −12, the half-width eight
-keys and the fused mask and max −5 to −8 (in cache −3 to −5), the prefetch −3 to −6; prefetching whole rows ahead
-(192 lines a block) or transposing q per block instead of per unit did not help (+0 to +11 in cache). Where the
-time goes: FMAs (scores 72 keys a query in full vectors, outputs 68: 294 M zmm FMAs, ~100 ms at this machine's
-~3 G a second), the softmax ~10 ms (vexp: 17 vector operations, degree 7), the first reads of q, k, v from memory
-~25–30 ms (the gap between N = 65,536 and the in-cache run; inputs in transparent huge pages do not shorten it).
+1-D k = 65, N = 65,536 × 8 heads, float32, one thread, session 8 (CPU ms, this 2-core AMD EPYC shared with other
+jobs, load 1.4–2): in one process, forward_lanes called as `_lanes` calls it, against the form before these
+changes (the previous commit's module imported side by side), one output buffer for both (two buffers alone
+differed by 3–6 ms: where the pages fall), outputs equal bit for bit, medians of 9 interleaved rounds, both
+orders: 153–154 → 144–149 (k = 7: 83 → 75–77; 2-D 64 × 64 13 × 13: 27.6–27.9 → 26.7–27.1, 7 × 7 13.9 → 13.4). Each
+change alone (earlier runs with a buffer each, ±3–6 ms): the non-temporal stores −3 to −12 (more under load), the
+half-width keys and the fused mask and max −3 to −8, the prefetch −3 to −6. Did not help: prefetching every line
+of the rows AHEAD 2–24 blocks on (into L1 or L2), transposing q per block instead of per unit, q's transposed rows
+padded off the 4 KiB stride (within the buffers' placement noise), 8 float32 lanes (ymm) for the whole form (+22).
+Where the time goes (N = 1,024 × 1 row called 512 times, whose q, k, v stay in L2, against N = 65,536 × 8 rows, by
+removing phases): the outputs ~37 ms (68 keys a query, 143 M zmm FMAs: ~3.8 G a second, this core's FMA rate), the
+scores with the rest of each block (mask, sums, q's transposition, output stores) ~70 (72 keys a query in full
+vectors, 151 M FMAs, ~40 ms of them), vexp ~7, and reading q, k, v from memory ~28 (119 ms in L2 against 148;
+inputs in transparent huge pages do not shorten it; the same at N = 16,384 × 1 row, 12 MiB of inputs, against 124
+ms at 8,192). The forms against each other: `taskset -c 1 .venv/bin/python benchmarks/neighborhood_forms.py --rows
+1d-65`.
+
 It replaced a diagonal form (queries in lanes against each key offset, q and k both transposed: a vector of kᵀ at
 every offset is an unaligned load, mostly split over two cache lines, one a cycle) and, on long lines, the
 register-blocked form: benchmarks/neighborhood_forms.py.
