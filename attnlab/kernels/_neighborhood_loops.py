@@ -54,9 +54,11 @@ in order along the lanes) take half-width vectors (`_keys8_half`, ymm: the same 
 the FMAs). The softmax then runs down the keys in vectors (vexp and the sum; the logsumexp by vlse, its log a
 series on vectors), and the outputs take four lanes at a time over the union of their keys (`_weighted4`: each v
 row loaded once for four FMAs), written by non-temporal stores when the output is larger than the caches
-(neighborhood.STREAM_BYTES: no read of each line before it is written). At each block, the first new row of q,
-k and v AHEAD blocks on is prefetched: a block's rows are about one 4 KiB page a stream, where the hardware's
-prefetch stops.
+(neighborhood.STREAM_BYTES: no read of each line before it is written). At each block, the new rows of k and v
+AHEAD blocks on are asked for (every line into L2, their first line and the first q row AHEAD blocks on into L1
+too: a block's rows are about one 4 KiB page a stream, where the hardware's prefetch stops), and so is a block's
+share of the NEXT unit's q rows (into L2): the unit's transposition of q reads its CHUNK rows at once, and waited
+on memory for them (~11% of the samples of a profile, below).
 
 1-D k = 65, N = 65,536 × 8 heads, float32, one thread, session 8 (CPU ms, this 2-core AMD EPYC shared with other
 jobs, load 1.4–2): in one process, forward_lanes called as `_lanes` calls it, against the form before these
@@ -64,16 +66,32 @@ changes (the previous commit's module imported side by side), one output buffer 
 differed by 3–6 ms: where the pages fall), outputs equal bit for bit, medians of 9 interleaved rounds, both
 orders: 153–154 → 144–149 (k = 7: 83 → 75–77; 2-D 64 × 64 13 × 13: 27.6–27.9 → 26.7–27.1, 7 × 7 13.9 → 13.4). Each
 change alone (earlier runs with a buffer each, ±3–6 ms): the non-temporal stores −3 to −12 (more under load), the
-half-width keys and the fused mask and max −3 to −8, the prefetch −3 to −6. Did not help: prefetching every line
-of the rows AHEAD 2–24 blocks on (into L1 or L2), transposing q per block instead of per unit, q's transposed rows
-padded off the 4 KiB stride (within the buffers' placement noise), 8 float32 lanes (ymm) for the whole form (+22).
+half-width keys and the fused mask and max −3 to −8, the prefetch −3 to −6. Did not help: prefetching every line of
+the rows AHEAD 2–24 blocks on (into L1 or L2; then, not since: session 9 below), transposing q per block instead of
+per unit, q's transposed rows padded off the 4 KiB stride (within the buffers' placement noise), 8 float32 lanes
+(ymm) for the whole form (+22).
 Where the time goes (N = 1,024 × 1 row called 512 times, whose q, k, v stay in L2, against N = 65,536 × 8 rows, by
 removing phases): the outputs ~37 ms (68 keys a query, 143 M zmm FMAs: ~3.8 G a second, this core's FMA rate), the
 scores with the rest of each block (mask, sums, q's transposition, output stores) ~70 (72 keys a query in full
 vectors, 151 M FMAs, ~40 ms of them), vexp ~7, and reading q, k, v from memory ~28 (119 ms in L2 against 148;
 inputs in transparent huge pages do not shorten it; the same at N = 16,384 × 1 row, 12 MiB of inputs, against 124
-ms at 8,192). The forms against each other: `taskset -c 1 .venv/bin/python benchmarks/neighborhood_forms.py --rows
-1d-65`.
+ms at 8,192). A sampling profile (perf, cpu-clock, on the compiled code's addresses; session 9, before the
+prefetches below) split the 1-D k = 65 forward as: the scores' full-width loop ~30%, its half-width keys ~5%, vexp
+~8%, the outputs ~34% (51 ms against 37 at the FMA rate), q's transposition ~11% (nearly all of it on the loads of
+q's rows: a 64 KiB burst from memory at each unit), the rest ~12%.
+
+Session 9 (same harness, one buffer, medians of 9 interleaved rounds in alternating orders, outputs equal bit for
+bit, load 0.4–1.0, CPU ms): the next unit's q prefetched into L2 a block's share at a time, every line of k's and
+v's new rows AHEAD blocks on into L2, AHEAD 3 → 2: 1-D k = 65 141–143 → 128, k = 7 74–75 → 53–55, 2-D 7 × 7
+13.2–13.4 → 12.5–12.8, 13 × 13 27.0–27.7 → 26.5–26.8 (inputs from numpy, advised into transparent huge pages;
+without the advice k = 65 151 → 140); inputs from torch.randn (4 KiB pages, as `attnlab bench limits`): k = 65
+143–146 → 129–143, k = 7 75 → 62, the spread from one process to the next (where the pages fall; AHEAD 2 to 6 within
+it). `attnlab bench limits` (load 0.7–1.1, six runs): k = 65 129–144 ms, median 137.5 (before: 140–146), k = 7 54–65
+(74–77), two threads 1.8–2.0× (one run 1.3–1.5× on the k = 7 and 2-D rows, its two-thread stream 36 GB/s against 51:
+the other core busy). Steps (huge pages): q's next unit alone −9 (k = 7 −9; it needs the first-line L1 prefetch of q
+kept: without it k = 7 was +5), k's and v's every line then −5 (k = 7 −13; session 8 found no gain from it before
+q's burst was prefetched). Two threads (in-process): k = 65 71 → 69, k = 7 36 → 30, 2-D 7 × 7 6.7 → 6.7. The forms
+against each other: `taskset -c 1 .venv/bin/python benchmarks/neighborhood_forms.py --rows 1d-65`.
 
 It replaced a diagonal form (queries in lanes against each key offset, q and k both transposed: a vector of kᵀ at
 every offset is an unaligned load, mostly split over two cache lines, one a cycle) and, on long lines, the
@@ -489,8 +507,8 @@ def transpose_block(typingctx, src, i, j, dst, a, b):  # type: ignore[no-untyped
 
 # Queries per block of the register-blocked forward (consecutive on the last axis).
 QUERIES = 4
-# Blocks ahead of the lanes forward's current one whose first new row of q, k and v it asks for (prefetch).
-AHEAD = 3
+# Blocks ahead of the lanes forward's current one whose new rows of k and v (and first row of q) it asks for (prefetch).
+AHEAD = 2
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
@@ -901,24 +919,35 @@ def vinv(typingctx, x):  # type: ignore[no-untyped-def]
     return x(x), codegen
 
 
-@intrinsic
-def prefetch(typingctx, ary, i, j):  # type: ignore[no-untyped-def]
-    """Ask for the cache line of ary[i, j] (2-D, C order) ahead of its use: a hint (no effect on any value, no fault
-    at any address)."""
-    if not isinstance(ary, types.Array):
-        return None
+def _prefetcher(name: str, level: int, doc: str):  # type: ignore[no-untyped-def]
+    """An intrinsic (ary, i, j) asking for the cache line of ary[i, j] (2-D, C order) ahead of its use, into the caches
+    down from `level` (llvm.prefetch's locality: 3 every level, 2 the second and below): a hint (no effect on any
+    value, no fault at any address)."""
+    def typer(typingctx, ary, i, j):  # type: ignore[no-untyped-def]
+        if not isinstance(ary, types.Array):
+            return None
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        item = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1], args[2]], wraparound=False)
-        byte, int32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, int32, int32, int32]),
-                                            f"llvm.prefetch.{byte.intrinsic_name}")  # p0, or p0i8 with typed pointers
-        read, every_level, data = ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)
-        builder.call(fn, [builder.bitcast(item, byte), read, every_level, data])
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            array = context.make_array(signature.args[0])(context, builder, args[0])
+            item = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1], args[2]],
+                                            wraparound=False)
+            byte, int32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(ir.VoidType(), [byte, int32, int32, int32]),
+                                                f"llvm.prefetch.{byte.intrinsic_name}")  # p0, or p0i8 (typed pointers)
+            read, locality, data = ir.Constant(int32, 0), ir.Constant(int32, level), ir.Constant(int32, 1)
+            builder.call(fn, [builder.bitcast(item, byte), read, locality, data])
+            return context.get_dummy_value()
 
-    return types.none(ary, i, j), codegen
+        return types.none(ary, i, j), codegen
+
+    typer.__name__ = typer.__qualname__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+prefetch = _prefetcher("prefetch", 3, "Ask for the cache line of ary[i, j] into every level (a hint).")
+prefetch_l2 = _prefetcher("prefetch_l2", 2, "Ask for the cache line of ary[i, j] into L2 and below, not L1 (a hint).")
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
@@ -989,6 +1018,15 @@ def _weighted4(we, rows, key, s, row, lane, first, last, o0, o1, o2, o3):  # typ
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
+def _prefetch_rows(ary, first, last):  # type: ignore[no-untyped-def]
+    """Ask for every cache line of the rows first … last − 1 of ary (2-D, C order)."""
+    step = 64 // ary.itemsize
+    for i in range(first, last):
+        for f in range(0, ary.shape[1], step):
+            prefetch_l2(ary, i, f)
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, inline="always")
 def _transpose_rows(src, first, count, dst, col):  # type: ignore[no-untyped-def]
     """dst[f, col + j] = src[first + j, f] for j < count (16 × 16 blocks in registers where d allows)."""
     d = dst.shape[0]
@@ -1026,7 +1064,8 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
     lines = l0 * l1
     chunks = (l2 + CHUNK - 1) // CHUNK
     use_keep, use_rpb = keep.shape[1] > 0, rpb.shape[1] > 0
-    for unit in prange(rows * lines * chunks):
+    units = rows * lines * chunks
+    for unit in prange(units):
         row = unit // (lines * chunks)
         line = (unit // chunks) % lines
         x, y = line // l1, line % l1
@@ -1044,6 +1083,10 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
         qt = np.empty((d, stop - zq), q.dtype)
         _transpose_rows(qr, line_start + zq, stop - zq, qt, 0)
         s = np.empty((max(g, 1) * union, lanes), q.dtype)  # the scores, then weights, by window row and key
+        # the next unit's row of q and its first and last queries + 1 (as zq and stop are this unit's)
+        nrow, nline = (unit + 1) // (lines * chunks), ((unit + 1) // chunks) % lines
+        nstart = (unit + 1) % chunks * CHUNK
+        nfirst, nlast = nline * l2 + max(0, min(nstart, l2 - lanes)), nline * l2 + min(nstart + CHUNK, l2)
         window = np.empty((2, lanes), q.dtype)  # each lane's first and last key in the union
         stats = np.empty((2, lanes), q.dtype)  # each query's 1 / sum of weights, then its logsumexp
         for z_next in range(start, stop, lanes):
@@ -1059,7 +1102,12 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
             ahead = min(bases[g - 1] + last + 1 + (AHEAD - 1) * lanes, bases[g - 1] + l2 - 1)
             prefetch(kr, ahead, 0)
             prefetch(vr, ahead, 0)
+            _prefetch_rows(kr, ahead, min(ahead + lanes, bases[g - 1] + l2))
+            _prefetch_rows(vr, ahead, min(ahead + lanes, bases[g - 1] + l2))
             prefetch(qr, min(line_start + z0 + AHEAD * lanes, qr.shape[0] - 1), 0)
+            # the next unit's q, a block's share of its rows at each block: its transposition reads them all at once
+            if unit + 1 < units:
+                _prefetch_rows(q[nrow], nfirst + z_next - start, min(nfirst + z_next - start + lanes, nlast))
             # the scores, −inf outside each lane's window, and their max lane by lane
             lo, hi = vload(wl, window, 0, 0), vload(wl, window, 1, 0)
             mv = vsplat(wl, e[NEG_INF])
