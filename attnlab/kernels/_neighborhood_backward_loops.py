@@ -45,14 +45,13 @@ q and grad are read once and p, dS never leave the cache.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._neighborhood_loops import FAST, ONE, SCALE, ZERO, _dots, _exp, _pad, vfma, vload, vstore, vzero
-from .buffers import recycled
+from .buffers import recycled_array
 
 # Queries (pass 1) or keys (pass 2) per unit of work; a constant, so that the bias gradient's partial
 # sums, and so the result, do not depend on the thread count.
@@ -385,7 +384,10 @@ def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nd
     window = pos[0].shape[1] * pos[1].shape[1] * pos[2].shape[1]
     l2 = pos[2].shape[0]
     units = rows * (n // l2) * ((l2 + CHUNK - 1) // CHUNK)
-    probs, dscores = _scratch(q.dtype, 2, rows, n, window)
+    # p and dS (2·BH·N·W values, 12.8 MB for 8 heads on a 64 × 64 grid with 7 × 7 windows), recycled between calls:
+    # fresh ones cost their page faults, measured 15–25 ms a call for 2 × 6.4 MB (one thread, this 2-core AMD EPYC
+    # VM), a third of the backward
+    probs, dscores = recycled_array(q.dtype, 2, rows, n, window)
     drpb = np.zeros((units, rpb.shape[1]), rpb.dtype)
     wd, we = Width(d), Width(v.shape[2])
     ahead, m0, m1, behind = tables(pos)
@@ -394,13 +396,6 @@ def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nd
     _by_key(q, grad, *m0, *m1, *behind, pos[1].shape[1], pos[2].shape[1], c, probs, dscores, dk, dv, wd, we, stream)
     return drpb
 
-
-def _scratch(dtype: np.dtype, *shape: int) -> np.ndarray:
-    """The p, dS buffers (2·BH·N·W values, 12.8 MB for 8 heads on a 64 × 64 grid with 7 × 7 windows), recycled
-    between calls (attnlab.kernels.buffers): fresh ones cost their page faults, measured 15–25 ms a call for
-    2 × 6.4 MB (one thread, this 2-core AMD EPYC VM), a third of the backward."""
-    like = torch.empty(0, dtype=torch.float32 if dtype == np.float32 else torch.float64)
-    return recycled(like, *shape).numpy()
 
 
 Tables = tuple[tuple[np.ndarray, ...], ...]

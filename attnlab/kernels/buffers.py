@@ -105,6 +105,11 @@ def recycled(like: Tensor, *shape: int) -> Tensor:
     return torch.from_numpy(view).view(like.dtype).view(shape)
 
 
+def recycled_array(dtype: np.dtype, *shape: int) -> np.ndarray:
+    """`recycled` as an uninitialised numpy array of dtype (for the loops' own scratch)."""
+    return recycled(torch.from_numpy(np.empty(0, dtype)), *shape).numpy()
+
+
 def held_bytes() -> tuple[int, int]:
     """(bytes the recycler holds, of them idle)."""
     with _LOCK:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .buffers import recycled
+from .buffers import recycled, recycled_array
 from .compiled import numba_threads
 from .pool import run_parallel
 
@@ -496,12 +496,6 @@ def forward_path(w: Windows) -> str:
     return "per-query"
 
 
-def _array(dtype: np.dtype, *shape: int) -> np.ndarray:
-    """An uninitialised array (recycled if large)."""
-    like = torch.empty(0, dtype=torch.float32 if dtype == np.float32 else torch.float64)
-    return recycled(like, *shape).numpy()
-
-
 def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Windows, keep: np.ndarray, heads: int,
              rpb: np.ndarray, consts: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
     """The register-blocked forward (w.runs is set): the vector widths from the window, and k transposed
@@ -517,7 +511,7 @@ def _blocked(lib: ModuleType, q: np.ndarray, k: np.ndarray, v: np.ndarray, w: Wi
     if w.pos[0].shape[0] * w.pos[1].shape[0] == 1:
         kt = np.empty((rows, d, 0), q.dtype)
     else:
-        kt = _array(q.dtype, rows, d, n + span)
+        kt = recycled_array(q.dtype, rows, d, n + span)
         lib.transpose(k, span, kt)
     lib.forward_blocked(q, k, kt, v, w.pos[0], w.pos[1], w.rel[0], w.rel[1], w.runs, kernel, keep, heads, rpb, consts,
                         out, lse, lib.Width(main), lib.Width(lanes), lib.Width(v.shape[2]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,12 @@ def test_gradients_and_saved_outputs_hold_their_buffers(pool, monkeypatch):
     assert idle > 0  # the first step's output and gradients went back
     out3 = neighborhood_attention(q2.detach(), k2.detach(), v2.detach(), kernel_size=7, backend="numba")
     assert out3.data_ptr() in grads | {saved}
+
+
+def test_arrays_come_from_the_same_buffers(pool):
+    """recycled_array: a numpy array of the dtype and shape over a kept buffer, handed out again once freed."""
+    array = pool.recycled_array(np.dtype(np.float64), 4, MIB // 4)  # 8 MiB
+    assert array.dtype == np.float64 and array.shape == (4, MIB // 4) and pool.held_bytes() == (8 * MIB, 0)
+    address = array.ctypes.data
+    del array
+    assert pool.recycled_array(np.dtype(np.float32), 2, MIB).ctypes.data == address
