@@ -15,7 +15,12 @@ positions of it) with no shared writes:
    dS, stored by window slot in (BH, N, k_0·k_1·k_2) buffers (0 on slots without a kept key), dS summed
    into the unit's own row of bias-gradient partials; then dq for BLOCK consecutive queries of the line at
    once: per window row, the union of their keys on the last axis (`blocks` of the windows), each key row
-   loaded once into four vector accumulators (the weights 0 where a key is not in a query's window);
+   loaded once into four vector accumulators (the weights 0 where a key is not in a query's window).
+   Where the forward took its lanes form (`runs` given), this pass takes it too (`_by_query_lanes`): a
+   register's lanes of queries against each key of their union, one vector of s and one of dO·v per key (q
+   and dO transposed per unit, k and v rows broadcast into the FMAs: no horizontal sum per key, which
+   bounded the per-query form), exp in vectors, and D_i = Σ_j p_ij dO_i·v_j / Σ_j p_ij (equal to dO_i·out_i:
+   out is not read); dq four lanes at a time as the forward's outputs;
 2. by key: the queries of key j are the product over the axes of its *mirror* (the (query, slot) pairs of
    the axis whose window holds j's coordinate, `mirror`); dv and dk of BLOCK consecutive keys of a line
    at once, as dq, over the union of their mirrors on the last axis, with the stored p and dS as weights.
@@ -27,6 +32,13 @@ neighborhood-1d-7-bwd,neighborhood-2d-7-bwd` (fwd+bwd / fwd − 1, one thread pi
 float32, medians of 5 interleaved rounds, load 1.5): 2-D 64×64 7×7 2.39, N = 65,536 k = 7 2.06, with
 dq, dk, dv and the p, dS buffers recycled between calls (attnlab.kernels.buffers); in freshly allocated
 memory, even in transparent huge pages, their page faults made the 1-D figure 5.4 in the same hour.
+The lanes query pass (session 9; `benchmarks/neighborhood_backward_forms.py`, one thread, load 0.7): N =
+65,536 k = 7 122 → 103 ms, k = 65 522 → 252, 2-D 13 × 13 69 → 50, 7 × 7 22.1 → 22.6 (its blocks' unions
+of 22 keys against 7 a query cost what the horizontal sums saved); the same rows by `attnlab bench limits`
+(load 1.0): bwd/fwd 1-D 2.16 (2.57 with the per-query pass, after af9cb40 made the forward faster), 2-D 2.22.
+Its steps (in-process, 1-D k = 7): the forward's prefetches (k's and v's rows AHEAD blocks on, the next
+unit's q and dO) 173 → 103 ms, D from p and dO·v instead of dO·out 103 → 93. Tried and dropped: the key
+pass's q, dO, p, dS rows prefetched 16–128 rows ahead (42 → 44–53 ms).
 
 Two threads (1-D N = 65,536, k = 7, 8 heads of 64, float32; per-thread on-CPU times from /proc schedstat and
 in-process A/B runs, interleaved, on a shared machine): two threads take ~12% more CPU time than one for the same
@@ -50,7 +62,33 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._neighborhood_loops import FAST, ONE, SCALE, ZERO, _dots, _exp, _pad, vfma, vload, vstore, vzero
+from ._neighborhood_loops import (
+    AHEAD,
+    FAST,
+    NEG_INF,
+    ONE,
+    SCALE,
+    ZERO,
+    _dots,
+    _exp,
+    _keys8,
+    _keys8_half,
+    _line_rows,
+    _pad,
+    _prefetch_rows,
+    _transpose_rows,
+    _weighted4,
+    vadd,
+    vexp,
+    vfma,
+    vinv,
+    vload,
+    vmuladd,
+    vsplat,
+    vstore,
+    vzero,
+    width_of,
+)
 from .buffers import recycled_array
 
 # Queries (pass 1) or keys (pass 2) per unit of work; a constant, so that the bias gradient's partial
@@ -331,6 +369,157 @@ def _by_query(heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
+def _by_query_lanes(heads, q, k, v, grad, lse, pos0, pos1, rel0, rel1, runs, k2, union, keep, rpb, c, dq, probs,  # type: ignore[no-untyped-def]
+                    dscores, drpb, wl, wh, wd, stream):
+    """Pass 1 as _by_query, in the lanes forward's form (_neighborhood_loops.forward_lanes: runs (L_2, 3), each last-axis
+    position's first key, last key and the bias index of the first; L_2 >= the lanes of wl; `union` the scores' rows per
+    window row): a block is a register's lanes of consecutive queries of a line, against the union of their keys on the
+    last axis, one vector per key of s = scale q·k (+ bias; −inf outside each lane's window or on a masked key) and of
+    dO·v (`_keys8`, q and dO transposed per unit, k and v rows broadcast: no horizontal sum per key); then, down the keys
+    in vectors, p = exp(s − lse) (vexp) and dS = p (dO·v − D); p and dS copied by window slot into probs, dscores, dS
+    summed by bias index into the unit's drpb row, and dq four lanes at a time over the union of their keys
+    (_weighted4 with k's rows). The last block of a line is moved back to end at the line's end, as the forward's; its
+    lanes before the block's own first query (`skip`: queries of the block before) write nothing, so that each query's
+    p, dS, dq and bias terms come from one unit."""
+    rows, d, ev = q.shape[0], q.shape[2], grad.shape[2]
+    l0, l1, l2 = pos0.shape[0], pos1.shape[0], runs.shape[0]
+    k0, k1 = pos0.shape[1], pos1.shape[1]
+    r1, r2 = 2 * k1 - 1, 2 * k2 - 1
+    window_size = k0 * k1 * k2
+    lanes, half = width_of(wl), width_of(wh)
+    lines = l0 * l1
+    chunks = (l2 + CHUNK - 1) // CHUNK
+    use_keep, use_rpb = keep.shape[1] > 0, rpb.shape[1] > 0
+    for unit in prange(rows * lines * chunks):
+        row = unit // (lines * chunks)
+        line = (unit // chunks) % lines
+        x, y = line // l1, line % l1
+        b, h = row // heads, row % heads
+        keep_row = keep[b if use_keep else 0]
+        qr, kr, vr, gr, dqr = q[row], k[row], v[row], grad[row], dq[row]
+        pr, sr, dr = probs[row], dscores[row], drpb[unit]
+        start = (unit % chunks) * CHUNK
+        stop = min(start + CHUNK, l2)
+        bases = np.empty(k0 * k1, np.int64)
+        rels = np.empty(k0 * k1, np.int64)
+        slots = np.empty(k0 * k1, np.int64)
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels, slots)
+        line_start = line * l2
+        zq = max(0, min(start, l2 - lanes))
+        qt = np.empty((d, stop - zq), q.dtype)
+        gt = np.empty((ev, stop - zq), q.dtype)
+        _transpose_rows(qr, line_start + zq, stop - zq, qt, 0)
+        _transpose_rows(gr, line_start + zq, stop - zq, gt, 0)
+        s = np.empty((max(g, 1) * union, lanes), q.dtype)  # the scores, then p, by window row and key
+        t = np.empty((max(g, 1) * union, lanes), q.dtype)  # dO·v, then dS
+        window = np.empty((2, lanes), q.dtype)  # each lane's first and last key in the union
+        # the next unit's row of q and grad, its first and last queries + 1 (as zq and stop are this unit's)
+        nrow, nline = (unit + 1) // (lines * chunks), ((unit + 1) // chunks) % lines
+        nstart = (unit + 1) % chunks * CHUNK
+        nfirst, nlast = nline * l2 + max(0, min(nstart, l2 - lanes)), nline * l2 + min(nstart + CHUNK, l2)
+        for z_next in range(start, stop, lanes):
+            z0 = min(z_next, l2 - lanes)
+            skip = z_next - z0
+            qb = line_start + z0
+            first, last = runs[z0, 0], runs[z0, 1]
+            for lane in range(lanes):
+                first, last = min(first, runs[z0 + lane, 0]), max(last, runs[z0 + lane, 1])
+            width = last - first + 1
+            # as the forward: the new rows of k and v AHEAD blocks on; a block's share of the
+            # next unit's q and grad rows (read at once by its transpositions)
+            if g > 0:
+                ahead = min(bases[g - 1] + last + 1 + (AHEAD - 1) * lanes, bases[g - 1] + l2 - 1)
+                _prefetch_rows(kr, ahead, min(ahead + lanes, bases[g - 1] + l2))
+                _prefetch_rows(vr, ahead, min(ahead + lanes, bases[g - 1] + l2))
+            if unit + 1 < rows * lines * chunks:
+                _prefetch_rows(q[nrow], nfirst + z_next - start, min(nfirst + z_next - start + lanes, nlast))
+                _prefetch_rows(grad[nrow], nfirst + z_next - start, min(nfirst + z_next - start + lanes, nlast))
+            for lane in range(lanes):
+                window[0, lane], window[1, lane] = runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first
+            lo, hi = vload(wl, window, 0, 0), vload(wl, window, 1, 0)
+            for u in range(g):
+                at = c[ZERO]
+                for j in range(0, width, 8):  # keys past the union (up to 7) take the line's last key: masked
+                    key, limit, at_row = bases[u] + first + j, bases[u] + l2 - 1, u * union + j
+                    if window[0, half] > j + 7:  # only the first half of the lanes has any of the eight keys
+                        _keys8_half(wl, wh, qt, z0 - zq, 0, kr, key, limit, c[SCALE], s, at_row, at, window, c[NEG_INF], lo)
+                        _keys8_half(wl, wh, gt, z0 - zq, 0, vr, key, limit, c[ONE], t, at_row, at, window, c[ZERO], lo)
+                    elif window[1, half - 1] < j:  # only the second half
+                        _keys8_half(wl, wh, qt, z0 - zq, half, kr, key, limit, c[SCALE], s, at_row, at, window, c[NEG_INF],
+                                    lo)
+                        _keys8_half(wl, wh, gt, z0 - zq, half, vr, key, limit, c[ONE], t, at_row, at, window, c[ZERO], lo)
+                    else:
+                        _keys8(wl, qt, z0 - zq, kr, key, limit, c[SCALE], s, at_row, 0, at, lo, hi, c[NEG_INF], lo)
+                        _keys8(wl, gt, z0 - zq, vr, key, limit, c[ONE], t, at_row, 0, at, lo, hi, c[ZERO], lo)
+                    at += 8 * c[ONE]
+            if use_rpb or use_keep:  # the bias on each lane's window; a masked key's row −inf
+                for u in range(g):
+                    if use_rpb:
+                        for lane in range(lanes):
+                            rb = rels[u] + runs[z0 + lane, 2] - (runs[z0 + lane, 0] - first)
+                            for j in range(runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first + 1):
+                                s[u * union + j, lane] += rpb[h, rb + j]
+                    if use_keep:
+                        for j in range(width):
+                            if not keep_row[bases[u] + first + j]:
+                                s[u * union + j, :] = c[NEG_INF]
+            # p = exp(s − lse) (0 where s is −inf) and D = Σ_j p_ij dO_i·v_j / Σ_j p_ij (= dO_i·out_i, without reading
+            # out; divided by Σ_j p_ij, 1 but for the rounding of s and lse, whose error would otherwise reach dS as
+            # that of D, not of dO·v − D, which is small where one key takes nearly all the weight), then
+            # dS = p (dO·v − D), in vectors down the keys
+            m = vload(wl, lse, row, qb)
+            zero = vzero(wl, c[ZERO])
+            delta = total = zero
+            for u in range(g):
+                for j in range(width):
+                    p = vexp(vload(wl, s, u * union + j, 0), m)
+                    vstore(s, u * union + j, 0, p)
+                    delta = vmuladd(delta, p, vload(wl, t, u * union + j, 0))
+                    total = vadd(total, p)
+            md = vmuladd(zero, vmuladd(zero, delta, vinv(total)), vsplat(wl, -c[ONE]))  # −D (0 without a real key)
+            for u in range(g):
+                for j in range(width):
+                    at_row = u * union + j
+                    vstore(t, at_row, 0, vmuladd(zero, vload(wl, s, at_row, 0), vadd(vload(wl, t, at_row, 0), md)))
+            # p and dS by window slot (0 on slots without a real key), dS by bias index
+            for lane in range(skip, lanes):
+                i, lo_j, hi_j = qb + lane, runs[z0 + lane, 0] - first, runs[z0 + lane, 1] - first
+                offset = k2 - (hi_j - lo_j + 1) - lo_j  # slot of union key j: the real slots come last
+                if g * (hi_j - lo_j + 1) < window_size:
+                    pr[i, :] = 0.0
+                    sr[i, :] = 0.0
+                for u in range(g):
+                    tb = slots[u] * k2 + offset
+                    for j in range(lo_j, hi_j + 1):
+                        pr[i, tb + j] = s[u * union + j, lane]
+                        sr[i, tb + j] = t[u * union + j, lane]
+                if use_rpb:
+                    for u in range(g):
+                        rb = rels[u] + runs[z0 + lane, 2] - lo_j
+                        for j in range(lo_j, hi_j + 1):
+                            dr[rb + j] += t[u * union + j, lane]
+            # dq = scale Σ_j dS_ij k_j, four lanes at a time over the union of their windows
+            zd = vzero(wd, c[ZERO])
+            for lane in range(0, lanes, 4):
+                if lane + 4 <= skip:
+                    continue
+                j0 = int(min(min(window[0, lane], window[0, lane + 1]), min(window[0, lane + 2], window[0, lane + 3])))
+                j1 = int(max(max(window[1, lane], window[1, lane + 1]), max(window[1, lane + 2], window[1, lane + 3])))
+                a0 = a1 = a2 = a3 = zd
+                for u in range(g):
+                    a0, a1, a2, a3 = _weighted4(wd, kr, bases[u] + first, t, u * union, lane, j0, j1, a0, a1, a2, a3)
+                if lane >= skip:
+                    _put(dqr, qb + lane, vfma(zd, c[SCALE], a0), stream)
+                if lane + 1 >= skip:
+                    _put(dqr, qb + lane + 1, vfma(zd, c[SCALE], a1), stream)
+                if lane + 2 >= skip:
+                    _put(dqr, qb + lane + 2, vfma(zd, c[SCALE], a2), stream)
+                _put(dqr, qb + lane + 3, vfma(zd, c[SCALE], a3), stream)
+        if stream:
+            _fence()
+
+
+@njit(cache=True, fastmath=FAST, nogil=True, parallel=True)
 def _by_key(q, grad, count0, query0, slot0, count1, query1, slot1, bcount, bmember, bwhich, kernel1, kernel2, c,  # type: ignore[no-untyped-def]
             probs, dscores, dk, dv, wd, we, stream):
     """Pass 2: dk, dv, BLOCK keys of a line at a time, from the stored p, dS of their queries: the product of
@@ -373,14 +562,18 @@ def _by_key(q, grad, count0, query0, slot0, count1, query1, slot1, bcount, bmemb
 def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, grad: np.ndarray,
              lse: np.ndarray, pos: tuple[np.ndarray, np.ndarray, np.ndarray],
              rel: tuple[np.ndarray, np.ndarray, np.ndarray], keep: np.ndarray, rpb: np.ndarray, c: np.ndarray,
-             dq: np.ndarray, dk: np.ndarray, dv: np.ndarray) -> np.ndarray:
+             dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, runs: np.ndarray | None = None) -> np.ndarray:
     """Write dq, dk (BH, N, d), dv (BH, N, e) (any contents before) of q, k, v, out, grad (BH, N, ·) and the
     forward's lse (BH, N); keep (B, N) uint8 (N = 0: no mask); rpb (H, R) (R = 0: no bias); c: the
-    constants (_neighborhood_loops.constants). Returns drpb (units, R), the partial sums of the bias
+    constants (_neighborhood_loops.constants); runs: Windows.runs of windows the lanes forward serves (the query pass
+    then takes its form, `_by_query_lanes`), or None (the per-query form, `_by_query`). Returns drpb (units, R), the partial sums of the bias
     gradient by unit, rows of one batch·head row consecutive (the caller sums them by head, in a fixed order)."""
     from ._neighborhood_loops import Width
 
     rows, n, d = q.shape
+    lanes = 64 // q.itemsize  # a 512-bit register's
+    if runs is not None and runs.shape[0] < lanes:
+        raise ValueError(f"runs: expected a last axis of at least {lanes} positions (a register's lanes), got {runs.shape[0]}")
     window = pos[0].shape[1] * pos[1].shape[1] * pos[2].shape[1]
     l2 = pos[2].shape[0]
     units = rows * (n // l2) * ((l2 + CHUNK - 1) // CHUNK)
@@ -392,7 +585,13 @@ def backward(heads: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nd
     wd, we = Width(d), Width(v.shape[2])
     ahead, m0, m1, behind = tables(pos)
     stream = streamable(dq, dk, dv)
-    _by_query(heads, q, k, v, out, grad, lse, *pos, *rel, *ahead, keep, rpb, c, dq, probs, dscores, drpb, wd, stream)
+    if runs is None:
+        _by_query(heads, q, k, v, out, grad, lse, *pos, *rel, *ahead, keep, rpb, c, dq, probs, dscores, drpb, wd, stream)
+    else:  # the scores' rows per window row: the block's union of keys on the last axis, rounded up to 8 (as `_lanes`)
+        kernel = pos[2].shape[1]
+        union = -(-(lanes + kernel - 1) // 8) * 8
+        _by_query_lanes(heads, q, k, v, grad, lse, pos[0], pos[1], rel[0], rel[1], runs, kernel, union, keep, rpb, c,
+                        dq, probs, dscores, drpb, Width(lanes), Width(lanes // 2), wd, stream)
     _by_key(q, grad, *m0, *m1, *behind, pos[1].shape[1], pos[2].shape[1], c, probs, dscores, dk, dv, wd, we, stream)
     return drpb
 

@@ -175,9 +175,10 @@ def _exp(x, c):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, fastmath=FAST, nogil=True, inline="always")
-def _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels):  # type: ignore[no-untyped-def]
+def _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels, slots):  # type: ignore[no-untyped-def]
     """The real rows (outer axes) of the windows of line (x, y), the same for every query of the line: each row's
-    first raster index into bases and its bias index (times r2) into rels; return how many."""
+    first raster index into bases, its bias index (times r2) into rels and its window row t_0 k_1 + t_1 into slots;
+    return how many."""
     l1 = pos1.shape[0]
     g = 0
     for t0 in range(pos0.shape[1]):
@@ -187,6 +188,7 @@ def _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels):  # type: 
             if a0 >= 0 and a1 >= 0:
                 bases[g] = (a0 * l1 + a1) * l2
                 rels[g] = (rel0[x, t0] * r1 + rel1[y, t1]) * r2
+                slots[g] = t0 * pos1.shape[1] + t1
                 g += 1
     return g
 
@@ -736,7 +738,7 @@ def forward_blocked(q, k, kt, v, pos0, pos1, rel0, rel1, runs, k2, keep, heads, 
             koff, ktr = 0, kt[row]
         bases = np.empty(k0 * k1, np.int64)
         rels = np.empty(k0 * k1, np.int64)
-        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels)
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels, np.empty(k0 * k1, np.int64))
         s = np.empty((QUERIES * max(g, 1), span), q.dtype)
         lo = np.empty(QUERIES, np.int64)
         hi = np.empty(QUERIES, np.int64)
@@ -1076,7 +1078,7 @@ def forward_lanes(q, k, v, pos0, pos1, rel0, rel1, runs, k2, union, keep, heads,
         stop = min(start + CHUNK, l2)
         bases = np.empty(k0 * k1, np.int64)
         rels = np.empty(k0 * k1, np.int64)
-        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels)
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, r1, r2, bases, rels, np.empty(k0 * k1, np.int64))
         # the chunk's queries zq … stop − 1 (the last block moved back to end at the line's end), transposed
         line_start = line * l2
         zq = max(0, min(start, l2 - lanes))

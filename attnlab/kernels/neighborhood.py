@@ -25,7 +25,8 @@ gathering copies, and fuses scores, softmax and the weighted sum, so it is 2–5
 tiles on the CPU (benchmarks/neighborhood.py). Its forward takes a register's lanes of consecutive queries
 against each key of their union (`_lanes`) where the last axis is undilated with lines of at least
 LANES_MIN_LINE, is register-blocked (four queries against a run of keys, GEMM-style, `_blocked`) on shorter
-such lines with a kernel there of at least BLOCKED_MIN_KERNEL, per query otherwise (`forward_path`). It
+such lines with a kernel there of at least BLOCKED_MIN_KERNEL, per query otherwise (`forward_path`); the
+backward's query pass takes the lanes form after the lanes forward, the per-query form after the others. It
 serves CPU float32/float64 tensors when numba is installed (attnlab.kernels.compiled.serves); the tiles
 serve the rest (CUDA, half precision).
 """
@@ -588,7 +589,8 @@ class LoopAttention(torch.autograd.Function):
             drpb = backward_loops.backward(h, _numpy(q, rows), _numpy(k, rows), _numpy(v, rows), _numpy(out, rows),
                                            _numpy(grad, rows), lse.numpy(), w.pos, w.rel, ctx.keep_np,  # type: ignore[attr-defined]
                                            ctx.rpb_np, ctx.consts, dq.view(rows, n, d).numpy(),  # type: ignore[attr-defined]
-                                           dk.view(rows, n, d).numpy(), dv.view(rows, n, e).numpy())
+                                           dk.view(rows, n, d).numpy(), dv.view(rows, n, e).numpy(),
+                                           runs=w.runs if forward_path(w) == "lanes" else None)
         grad_rpb = None
         if rpb is not None and ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
             # the partials of each head summed in one fixed order (numpy, one thread)
