@@ -32,7 +32,7 @@ neighborhood-1d-7-bwd,neighborhood-2d-7-bwd` (fwd+bwd / fwd − 1, one thread pi
 float32, medians of 5 interleaved rounds, load 1.5): 2-D 64×64 7×7 2.39, N = 65,536 k = 7 2.06, with
 dq, dk, dv and the p, dS buffers recycled between calls (attnlab.kernels.buffers); in freshly allocated
 memory, even in transparent huge pages, their page faults made the 1-D figure 5.4 in the same hour.
-The lanes query pass (session 9; `benchmarks/neighborhood_backward_forms.py`, one thread, load 0.7): N =
+The lanes query pass (session 9; `benchmarks/neighborhood_forms.py --backward`, one thread, load 0.7): N =
 65,536 k = 7 122 → 103 ms, k = 65 522 → 252, 2-D 13 × 13 69 → 50, 7 × 7 22.1 → 22.6 (its blocks' unions
 of 22 keys against 7 a query cost what the horizontal sums saved); the same rows by `attnlab bench limits`
 (load 1.0): bwd/fwd 1-D 2.16 (2.57 with the per-query pass, after af9cb40 made the forward faster), 2-D 2.22.
