@@ -314,6 +314,11 @@ def _by_query(heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2
         rel = np.empty(window + 3, np.int64)
         slots = np.empty(window + 3, np.int64)
         s = np.empty(window + 3, q.dtype)
+        # the line's window rows (outer axes): first raster index and window row, for dq's sums
+        bases = np.empty(k0 * k1, np.int64)
+        rows_of = np.empty(k0 * k1, np.int64)
+        g = _line_rows(x, y, pos0, pos1, rel0, rel1, l2, 2 * k1 - 1, 2 * k2 - 1, bases, np.empty(k0 * k1, np.int64),
+                       rows_of)
         dp = np.empty(window + 3, q.dtype)
         start = (unit % chunks) * CHUNK
         for blk in range(start // BLOCK, (min(start + CHUNK, l2) + BLOCK - 1) // BLOCK):
@@ -353,16 +358,9 @@ def _by_query(heads, q, k, v, out, grad, lse, pos0, pos1, pos2, rel0, rel1, rel2
                     for u in range(count):
                         dr[rel[u]] += dp[u]
             a0 = a1 = a2 = a3 = vzero(wd, c[ZERO])
-            for t0 in range(k0):
-                p0 = pos0[x, t0]
-                if p0 < 0:
-                    continue
-                for t1 in range(k1):
-                    p1 = pos1[y, t1]
-                    if p1 < 0:
-                        continue
-                    a0, a1, a2, a3 = _block_sum(wd, kr, sr, first, live, (p0 * l1 + p1) * l2, (t0 * k1 + t1) * k2,
-                                                bcount[blk], bmember[blk], bwhich[blk], c, a0, a1, a2, a3)
+            for u in range(g):
+                a0, a1, a2, a3 = _block_sum(wd, kr, sr, first, live, bases[u], rows_of[u] * k2, bcount[blk], bmember[blk],
+                                            bwhich[blk], c, a0, a1, a2, a3)
             _store(wd, dqr, first, live, c[SCALE], a0, a1, a2, a3, stream)
         if stream:
             _fence()
